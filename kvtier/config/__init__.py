@@ -1,0 +1,45 @@
+"""Typed, frozen policy configs and their YAML loading.
+
+`load(path)` is the one way in: it returns one of the `PolicyConfig` models,
+chosen by the file's ``policy:`` tag. Deeper layers receive these objects,
+never dicts.
+"""
+
+from .loader import ConfigError, Problem, check_capacity, dump, from_mapping, load, loads
+from .policies import (
+    POLICY_CLASSES,
+    DenseConfig,
+    FluxionConfig,
+    GroupReduce,
+    HcattentionConfig,
+    HgcaConfig,
+    OffloadAllConfig,
+    PolicyConfig,
+    QuestConfig,
+    SpardaConfig,
+    TierConfig,
+)
+from .sections import (
+    AllBudget,
+    Budget,
+    EngineConfig,
+    FractionBudget,
+    HostStoreConfig,
+    Isa,
+    KeyFormat,
+    MassBudget,
+    OnFull,
+    TokensBudget,
+    ValueFormat,
+    WindowConfig,
+    budget_tokens,
+)
+from .shape import ModelShape, device_bytes_per_token, host_bytes_per_token
+
+__all__ = [
+    "AllBudget", "Budget", "ConfigError", "DenseConfig", "EngineConfig", "FluxionConfig", "FractionBudget",
+    "GroupReduce", "HcattentionConfig", "HgcaConfig", "HostStoreConfig", "Isa", "KeyFormat", "MassBudget",
+    "ModelShape", "OffloadAllConfig", "OnFull", "POLICY_CLASSES", "PolicyConfig", "Problem", "QuestConfig",
+    "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "budget_tokens",
+    "check_capacity", "device_bytes_per_token", "dump", "from_mapping", "host_bytes_per_token", "load", "loads",
+]

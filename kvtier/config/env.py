@@ -1,0 +1,27 @@
+"""The one table of environment variables kvtier reads.
+
+Nothing else in kvtier calls os.environ; add a row here instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+
+class EnvVar(NamedTuple):
+    name: str
+    meaning: str
+
+
+ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2 or avx512 (read by the C engine at load).")
+CONFIG = EnvVar("KVTIER_CONFIG", "Path of the resolved policy YAML handed to sglang's scheduler and worker processes.")
+RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks write JSON and tables (default: benchmarks/results).")
+
+TABLE = (ISA, CONFIG, RESULTS_DIR)
+
+
+def get(var: EnvVar) -> Optional[str]:
+    """The variable's value, or None when unset or empty."""
+    value = os.environ.get(var.name, "")
+    return value or None

@@ -1,0 +1,208 @@
+"""YAML in, typed policy out; every problem reported as `path: expected, found`.
+
+Parsing happens once, here, at the edge. Nothing deeper sees a dict.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, List, NamedTuple, Union
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from .policies import POLICY_CLASSES, PolicyConfig, TierConfig
+from .shape import GIB, ModelShape, host_bytes_per_token
+
+_ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a config file: where, and what."""
+
+    path: str  # dotted field path, or "" for the whole file
+    message: str  # "what was expected, what was found"
+
+    def render(self, source: str) -> str:
+        return f"{source}: {self.path}: {self.message}" if self.path else f"{source}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """A config file or mapping that does not describe a valid policy."""
+
+    def __init__(self, source: str, problems: List[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(p.render(source) for p in problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found the key '{key}' twice (first at line {seen[key] + 1})", key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text, raising ConfigError with the line of any syntax error."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem("", f"expected valid YAML, found a syntax error at {where}{what}")]) from None
+
+
+def _union_members(annotation: Any) -> dict:
+    """Tag -> model for a discriminated union annotation (empty if not one)."""
+    members = {}
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            for tag_field in ("policy", "kind"):
+                field = arg.model_fields.get(tag_field)
+                if field is not None and isinstance(field.default, str):
+                    members[field.default] = arg
+        else:
+            members.update(_union_members(arg))
+    return members
+
+
+def _walk(loc: List[Any]) -> "tuple[List[Any], Any]":
+    """Drop union tags from a pydantic location; return (path, owning model)."""
+    if not loc or loc[0] not in POLICY_CLASSES:
+        return loc, None
+    model: Any = POLICY_CLASSES[loc[0]]
+    path: List[Any] = []
+    rest = loc[1:]
+    i = 0
+    while i < len(rest):
+        part = rest[i]
+        path.append(part)
+        field = model.model_fields.get(part) if isinstance(part, str) and model is not None else None
+        if field is None:
+            if isinstance(part, int):
+                i += 1
+                continue
+            model = None
+            i += 1
+            continue
+        members = _union_members(field.annotation)
+        if members and i + 1 < len(rest) and rest[i + 1] in members:
+            model = members[rest[i + 1]]
+            i += 2
+            continue
+        model = _first_model(field.annotation)
+        i += 1
+    return path, model
+
+
+def _first_model(annotation: Any) -> Union[type, None]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _expected(msg: str) -> str:
+    if msg.startswith("Input should be "):
+        return "expected " + msg[len("Input should be "):]
+    return msg[0].lower() + msg[1:]
+
+
+def _problems(exc: ValidationError) -> List[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        kind, found = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            path, owner = _walk(loc[:-1])
+            path = path + [loc[-1]]
+            allowed = ", ".join(owner.model_fields) if owner is not None else "a documented key"
+            message = f"unknown key, expected one of: {allowed}; found '{loc[-1]}'"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            path, _ = _walk(loc)
+            tag = err.get("ctx", {}).get("discriminator", "'policy'").strip("'")
+            path = path + [tag]
+            tags = err.get("ctx", {}).get("expected_tags") or "'all', 'tokens', 'fraction', 'mass'"
+            if kind == "union_tag_invalid":
+                message = f"expected one of {tags}, found {err['ctx'].get('tag')!r}"
+            else:
+                message = f"required, expected one of {tags}, found nothing"
+        elif kind == "missing":
+            path, _ = _walk(loc)
+            message = "required, found nothing"
+        elif kind == "value_error":
+            path, _ = _walk(loc)
+            message = err["msg"].removeprefix("Value error, ")
+        else:
+            path, _ = _walk(loc)
+            message = f"{_expected(err['msg'])}, found {found!r}"
+        problems.append(Problem(".".join(str(p) for p in path), message))
+    return problems
+
+
+def from_mapping(data: Any, source: str = "<mapping>") -> TierConfig:
+    """Validate an already parsed mapping into the typed policy config."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", f"expected a mapping of settings, found {type(data).__name__}")])
+    data = {"policy": "hgca", **data}
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+
+
+def loads(text: str, source: str = "<string>") -> TierConfig:
+    """Parse and validate YAML text."""
+    return from_mapping(parse_yaml(text, source), source)
+
+
+def load(path: Union[str, os.PathLike]) -> TierConfig:
+    """Read a policy YAML file and return its typed, frozen config."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(source, [Problem("", f"expected a readable UTF-8 YAML file, found: {reason}")]) from None
+    return loads(text, source)
+
+
+def dump(config: TierConfig) -> str:
+    """The resolved config as YAML, defaults filled in, in field order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def check_capacity(config: TierConfig, shape: ModelShape, *, batch: int = 1, source: str = "<config>") -> None:
+    """Raise ConfigError when the host store cannot hold `batch` full-length requests."""
+    if not config.offloads:
+        return
+    need = host_bytes_per_token(config.host_store, shape) * config.max_context_tokens * batch
+    have = config.host_store.capacity_gib * GIB
+    if need > have:
+        raise ConfigError(source, [Problem(
+            "host_store.capacity_gib",
+            f"expected at least {need / GIB:.2f} GiB to hold {batch} request(s) of max_context_tokens="
+            f"{config.max_context_tokens} for {shape.n_layers} layers x {shape.kv_heads} kv-heads x "
+            f"head_dim {shape.head_dim}, found {config.host_store.capacity_gib} GiB",
+        )])

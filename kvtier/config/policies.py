@@ -1,0 +1,284 @@
+"""One model per policy: the common sections plus the policy's own knobs.
+
+`PolicyConfig` is the tagged union on ``policy:``; it is what
+`kvtier.config.load` returns.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Optional, Tuple, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .sections import (
+    AllBudget,
+    Budget,
+    EngineConfig,
+    Frozen,
+    HostStoreConfig,
+    KeyFormat,
+    TokensBudget,
+    WindowConfig,
+)
+
+
+class GroupReduce(str, Enum):
+    MAX = "max"
+    MEAN = "mean"
+    PER_QHEAD = "per_qhead"
+
+
+class TierConfig(Frozen):
+    """Sections every policy has."""
+
+    window: WindowConfig = Field(default_factory=WindowConfig, description="Device window.")
+    host_store: HostStoreConfig = Field(default_factory=HostStoreConfig, description="Host store.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="CPU engine.")
+    budget: Budget = Field(default_factory=TokensBudget, description="Host tokens attended per (request, kv-head).")
+    max_context_tokens: int = Field(131072, gt=0, description="Longest request the deployment admits; checked against host capacity for a model.")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _infer_budget_kind(cls, value: object) -> object:
+        # `budget: {tokens: 2048}` is unambiguous; spare users the tag.
+        if isinstance(value, dict) and "kind" not in value:
+            for key, kind in (("tokens", "tokens"), ("fraction", "fraction"), ("threshold", "mass")):
+                if key in value:
+                    return {"kind": kind, **value}
+        return value
+
+    @model_validator(mode="after")
+    def _check_common(self) -> "TierConfig":
+        store, window = self.host_store, self.window
+        if window.page_tokens % store.summary_tokens:
+            raise ValueError(
+                f"host_store.summary_tokens must divide window.page_tokens, found "
+                f"{window.page_tokens} % {store.summary_tokens} = {window.page_tokens % store.summary_tokens}"
+            )
+        if self.max_context_tokens < window.sink_tokens + window.window_tokens:
+            raise ValueError(
+                f"max_context_tokens must be >= window.sink_tokens + window.window_tokens "
+                f"({window.sink_tokens + window.window_tokens}), found {self.max_context_tokens}"
+            )
+        return self
+
+    @property
+    def offloads(self) -> bool:
+        """Whether this policy moves KV to the host at all."""
+        return True
+
+
+# --- HGCA -------------------------------------------------------------------
+
+
+class HgcaKnobs(Frozen):
+    group_reduce: GroupReduce = Field(
+        GroupReduce.MAX,
+        description="How a kv-head ranks tokens from its query heads: max or mean of logits, or per_qhead (each query head selects its own set).",
+    )
+    overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently.")
+
+
+class HgcaConfig(TierConfig):
+    """HGCA: dense GPU window + per-head fine-grained top-k on the CPU."""
+
+    policy: Literal["hgca"] = "hgca"
+    hgca: HgcaKnobs = Field(default_factory=HgcaKnobs)
+
+
+# --- Fluxion ----------------------------------------------------------------
+
+
+class HeadClass(Frozen):
+    name: str = Field(description="Label of the class, e.g. retrieval or streaming.")
+    block_tokens: int = Field(description="Block size scored by summary upper bound: 16, 32 or 64 tokens.")
+    budget_tokens: int = Field(gt=0, description="Host tokens this class attends per (request, kv-head).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeadClass":
+        if self.block_tokens not in (16, 32, 64):
+            raise ValueError(f"block_tokens must be 16, 32 or 64, found {self.block_tokens}")
+        if self.budget_tokens < self.block_tokens:
+            raise ValueError(
+                f"budget_tokens must be >= block_tokens ({self.block_tokens}), found {self.budget_tokens}"
+            )
+        return self
+
+
+def _default_classes() -> Tuple[HeadClass, ...]:
+    return (
+        HeadClass(name="retrieval", block_tokens=16, budget_tokens=2048),
+        HeadClass(name="mixed", block_tokens=32, budget_tokens=1024),
+        HeadClass(name="streaming", block_tokens=64, budget_tokens=256),
+    )
+
+
+class PredictorKnobs(Frozen):
+    source: Literal["prefill", "early_decode"] = Field("prefill", description="Where head statistics come from.")
+    calibration_steps: int = Field(8, gt=0, description="Decode steps observed when source is early_decode.")
+    streaming_window_mass: float = Field(0.9, gt=0, le=1, description="A head whose window holds at least this softmax mass is streaming.")
+    retrieval_entropy: float = Field(0.5, gt=0, le=1, description="Normalized attention entropy below which a head is retrieval.")
+
+
+class FluxionKnobs(Frozen):
+    head_classes: Tuple[HeadClass, ...] = Field(default_factory=_default_classes, description="Block size and budget per head class.")
+    predictor: PredictorKnobs = Field(default_factory=PredictorKnobs, description="Head-property predictor.")
+    output_epsilon: float = Field(0.02, gt=0, description="Output-aware budgeting: smallest budget whose estimated relative output change stays under this.")
+    gpu_share: Literal["auto", "off"] = Field("auto", description="Priority scheduler: auto splits selected blocks between CPU compute and GPU (after a PCIe fetch); off keeps all on the CPU.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FluxionKnobs":
+        names = [c.name for c in self.head_classes]
+        if not names:
+            raise ValueError("head_classes must name at least one class, found none")
+        if len(set(names)) != len(names):
+            raise ValueError(f"head_classes names must be unique, found {names}")
+        return self
+
+
+class FluxionConfig(TierConfig):
+    """Fluxion: per-head-class block-sparse attention with output-aware budgets."""
+
+    policy: Literal["fluxion"] = "fluxion"
+    fluxion: FluxionKnobs = Field(default_factory=FluxionKnobs)
+
+
+# --- SparDA -----------------------------------------------------------------
+
+
+class ForecastKnobs(Frozen):
+    source: Literal["trained", "next_query", "reuse"] = Field(
+        "next_query",
+        description="trained: a per-layer forecast projection from weights_path; next_query: the next layer's query projection on the current hidden state; reuse: the current layer's selection.",
+    )
+    weights_path: Optional[str] = Field(None, description="safetensors file of forecast projections (source: trained).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ForecastKnobs":
+        if self.source == "trained" and not self.weights_path:
+            raise ValueError("weights_path is required when source is 'trained', found none")
+        return self
+
+
+class SpardaKnobs(Frozen):
+    forecast: ForecastKnobs = Field(default_factory=ForecastKnobs)
+    block_tokens: int = Field(64, gt=0, description="Block size of selection and prefetch.")
+    prefetch_depth: int = Field(1, ge=1, le=4, description="Layers ahead the forecast prefetches.")
+    device_cache_blocks: int = Field(4096, gt=0, description="Blocks held in the device block cache.")
+    correction: Literal["fetch", "cpu"] = Field("cpu", description="Blocks the real query selects but the forecast missed: fetch to the GPU, or compute on the CPU.")
+
+
+class SpardaConfig(TierConfig):
+    """SparDA-style lookahead prefetch into a device block cache."""
+
+    policy: Literal["sparda"] = "sparda"
+    sparda: SpardaKnobs = Field(default_factory=SpardaKnobs)
+
+    @model_validator(mode="after")
+    def _check_blocks(self) -> "SpardaConfig":
+        page = self.window.page_tokens
+        if self.sparda.block_tokens % page:
+            raise ValueError(
+                f"sparda.block_tokens must be a multiple of window.page_tokens ({page}), found {self.sparda.block_tokens}"
+            )
+        return self
+
+
+# --- HCAttention ------------------------------------------------------------
+
+
+class CodebookKnobs(Frozen):
+    groups: int = Field(8, gt=0, description="Channel groups, each with its own codebook.")
+    entries: int = Field(256, gt=1, description="Codewords per group.")
+
+
+class EvictionKnobs(Frozen):
+    rule: Literal["none", "low_attention"] = Field("low_attention", description="Drop tokens whose approximate attention stays low under capacity pressure.")
+    decay: float = Field(0.9, gt=0, lt=1, description="Exponential decay of the per-token attention score.")
+    capacity_tokens: int = Field(1_048_576, gt=0, description="Tokens kept per request before eviction starts.")
+
+
+class HcattentionKnobs(Frozen):
+    key_bits: Optional[int] = Field(4, description="Scalar quantization of the device-resident keys: 2, 4 or 8 bits; null to use a codebook.")
+    codebook: Optional[CodebookKnobs] = Field(None, description="Grouped vector quantization of keys instead of key_bits.")
+    mass_threshold: float = Field(0.95, gt=0, le=1, description="Keep the smallest set of tokens reaching this approximate softmax mass.")
+    max_tokens: int = Field(4096, gt=0, description="Cap of that set per (request, kv-head).")
+    eviction: EvictionKnobs = Field(default_factory=EvictionKnobs)
+
+    @model_validator(mode="after")
+    def _check(self) -> "HcattentionKnobs":
+        if (self.key_bits is None) == (self.codebook is None):
+            raise ValueError("set exactly one of key_bits and codebook")
+        if self.key_bits is not None and self.key_bits not in (2, 4, 8):
+            raise ValueError(f"key_bits must be 2, 4 or 8, found {self.key_bits}")
+        return self
+
+
+class HcattentionConfig(TierConfig):
+    """HCAttention: compressed keys on the GPU, values on the host."""
+
+    policy: Literal["hcattention"] = "hcattention"
+    hcattention: HcattentionKnobs = Field(default_factory=HcattentionKnobs)
+
+
+# --- Baselines --------------------------------------------------------------
+
+
+class DenseConfig(TierConfig):
+    """All KV on the GPU, no tier: the accuracy and speed reference."""
+
+    policy: Literal["dense"] = "dense"
+
+    @property
+    def offloads(self) -> bool:
+        return False
+
+
+class OffloadAllConfig(TierConfig):
+    """All KV on the host, fetched over PCIe every step (FlexGen-like)."""
+
+    policy: Literal["offload_all"] = "offload_all"
+    host_store: HostStoreConfig = Field(
+        default_factory=lambda: HostStoreConfig(key_format=KeyFormat.BF16), description="Host store (exact keys)."
+    )
+    budget: Budget = Field(default_factory=AllBudget, description="Always all: every host token is fetched.")
+
+    @model_validator(mode="after")
+    def _check_all(self) -> "OffloadAllConfig":
+        if not isinstance(self.budget, AllBudget):
+            raise ValueError(f"offload_all attends everything: budget.kind must be 'all', found '{self.budget.kind}'")
+        if self.host_store.key_format is not KeyFormat.BF16:
+            raise ValueError("offload_all fetches exact keys: host_store.key_format must be 'bf16', found "
+                             f"'{self.host_store.key_format.value}'")
+        return self
+
+
+class QuestKnobs(Frozen):
+    block_tokens: int = Field(16, gt=0, description="Block scored by its key min/max summary.")
+
+
+class QuestConfig(TierConfig):
+    """Quest: top-k pages by summary upper bound, fetched to the GPU."""
+
+    policy: Literal["quest"] = "quest"
+    quest: QuestKnobs = Field(default_factory=QuestKnobs)
+
+
+PolicyConfig = Annotated[
+    Union[
+        HgcaConfig,
+        FluxionConfig,
+        SpardaConfig,
+        HcattentionConfig,
+        DenseConfig,
+        OffloadAllConfig,
+        QuestConfig,
+    ],
+    Field(discriminator="policy"),
+]
+
+POLICY_CLASSES = {
+    cls.model_fields["policy"].default: cls
+    for cls in (HgcaConfig, FluxionConfig, SpardaConfig, HcattentionConfig, DenseConfig, OffloadAllConfig, QuestConfig)
+}

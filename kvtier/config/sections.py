@@ -1,0 +1,148 @@
+"""Sections shared by every policy: device window, host store, CPU engine, budget.
+
+Every model is frozen and forbids unknown keys, so a typo in a YAML file is an
+error rather than a silently ignored setting. Units are in the field names.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Frozen(BaseModel):
+    """Base of every config model: immutable, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+class KeyFormat(str, Enum):
+    INT8 = "int8"
+    INT4 = "int4"
+    BF16 = "bf16"
+
+
+class ValueFormat(str, Enum):
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class OnFull(str, Enum):
+    REJECT = "reject"
+    EVICT = "evict"
+
+
+class Isa(str, Enum):
+    AUTO = "auto"
+    GENERIC = "generic"
+    AVX2 = "avx2"
+    AVX512 = "avx512"
+
+
+class WindowConfig(Frozen):
+    """What stays on the device: the first sink tokens and the recent window."""
+
+    sink_tokens: int = Field(64, ge=0, description="First tokens of each request, never evicted.")
+    window_tokens: int = Field(
+        1024, gt=0, description="Recent tokens kept on the device; whole pages leave once it is exceeded."
+    )
+    page_tokens: int = Field(
+        16, gt=0, description="Tokens per page, the unit of eviction and of the host store. Must divide window_tokens."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "WindowConfig":
+        if self.window_tokens < self.sink_tokens:
+            raise ValueError(
+                f"window_tokens must be >= sink_tokens, found window_tokens={self.window_tokens} "
+                f"< sink_tokens={self.sink_tokens}"
+            )
+        if self.window_tokens % self.page_tokens:
+            raise ValueError(
+                f"page_tokens must divide window_tokens, found {self.window_tokens} % {self.page_tokens} "
+                f"= {self.window_tokens % self.page_tokens}"
+            )
+        return self
+
+    @property
+    def device_tokens_max(self) -> int:
+        """Most tokens one request keeps on the device (window plus one page in flight)."""
+        return self.sink_tokens + self.window_tokens + self.page_tokens - 1
+
+
+class HostStoreConfig(Frozen):
+    """The host tier: a (pinned) arena of pages with compressed keys."""
+
+    capacity_gib: float = Field(16.0, gt=0, description="Size of the host arena in GiB, shared by all requests.")
+    key_format: KeyFormat = Field(KeyFormat.INT8, description="Key storage: int8 (per-token scale), int4 (per-group scale) or bf16 (exact).")
+    key_group_channels: int = Field(32, gt=0, description="Channels per int4 scale group; must divide head_dim.")
+    value_format: ValueFormat = Field(ValueFormat.BF16, description="Value storage: bf16 or int8 (per-token scale).")
+    pinned: bool = Field(True, description="Page-locked host memory (faster PCIe); ignored on machines without CUDA.")
+    summary_tokens: int = Field(16, gt=0, description="Tokens per key min/max summary chunk, the finest block for block scoring. Must divide page_tokens.")
+    on_full: OnFull = Field(OnFull.REJECT, description="When the arena is full: reject the new request, or evict by the policy's rule.")
+
+
+class EngineConfig(Frozen):
+    """The native CPU engine."""
+
+    threads: int = Field(0, ge=0, description="Worker threads of the CPU engine; 0 = all cores this process may use.")
+    isa: Isa = Field(Isa.AUTO, description="SIMD variant: auto (CPUID), generic, avx2 or avx512.")
+
+
+class AllBudget(Frozen):
+    """Attend every host token: exact attention, the reference for the tier."""
+
+    kind: Literal["all"] = "all"
+
+
+class TokensBudget(Frozen):
+    """A fixed number of host tokens per (request, kv-head)."""
+
+    kind: Literal["tokens"] = "tokens"
+    tokens: int = Field(2048, gt=0, description="Host tokens attended per (request, kv-head).")
+
+
+class FractionBudget(Frozen):
+    """A fraction of each request's context, clamped to [min_tokens, max_tokens]."""
+
+    kind: Literal["fraction"] = "fraction"
+    fraction: float = Field(0.1, gt=0, le=1, description="Fraction of the context attended from the host.")
+    min_tokens: int = Field(256, gt=0, description="Lower clamp of the per-head budget.")
+    max_tokens: int = Field(8192, gt=0, description="Upper clamp of the per-head budget.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FractionBudget":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens, found {self.min_tokens} > {self.max_tokens}")
+        return self
+
+
+class MassBudget(Frozen):
+    """The smallest set of top tokens reaching softmax mass `threshold`, capped."""
+
+    kind: Literal["mass"] = "mass"
+    threshold: float = Field(0.95, gt=0, le=1, description="Cumulative softmax mass over the host tokens to reach.")
+    max_tokens: int = Field(4096, gt=0, description="Cap of the per-head selection.")
+
+
+Budget = Annotated[
+    Union[AllBudget, TokensBudget, FractionBudget, MassBudget], Field(discriminator="kind")
+]
+
+
+def budget_tokens(budget: Budget, *, host_tokens: int, context_tokens: int) -> int:
+    """Per-head token cap that `budget` gives one request.
+
+    A fraction is of the whole context (device and host tokens), the way
+    papers state KV budgets; the engine clamps any cap to the host tokens.
+    """
+    if isinstance(budget, AllBudget):
+        return max(host_tokens, 1)
+    if isinstance(budget, TokensBudget):
+        return budget.tokens
+    if isinstance(budget, FractionBudget):
+        want = round(budget.fraction * context_tokens)
+        return min(max(want, budget.min_tokens), budget.max_tokens)
+    return budget.max_tokens

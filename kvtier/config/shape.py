@@ -1,0 +1,41 @@
+"""Model shape and the host bytes it costs per token under a store config."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .sections import HostStoreConfig, KeyFormat, ValueFormat
+
+GIB = 1 << 30
+
+
+class ModelShape(NamedTuple):
+    """The attention shape that sizes the tier (one rank's heads under TP)."""
+
+    n_layers: int
+    num_q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape) -> float:
+    """Host bytes one token occupies across all layers and kv-heads.
+
+    Counts keys with their scales, values with theirs, and the key min/max
+    summary (fp32, amortised over a summary chunk).
+    """
+    d = shape.head_dim
+    if store.key_format is KeyFormat.INT8:
+        key = d + 4
+    elif store.key_format is KeyFormat.INT4:
+        key = d / 2 + 4 * d / store.key_group_channels
+    else:
+        key = 2 * d
+    value = 2 * d if store.value_format is ValueFormat.BF16 else d + 4
+    summary = 2 * 4 * d / store.summary_tokens
+    return (key + value + summary) * shape.kv_heads * shape.n_layers
+
+
+def device_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:
+    """Device bytes of one token's K and V across all layers (bf16 by default)."""
+    return 2 * dtype_bytes * shape.head_dim * shape.kv_heads * shape.n_layers

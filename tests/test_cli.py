@@ -1,0 +1,49 @@
+"""The kvtier command: validate/show exit codes and messages."""
+
+import subprocess
+import sys
+
+from kvtier.cli import main
+from kvtier.config import loads
+
+
+def test_validate_all_shipped_files(root, capsys):
+    files = [str(p) for p in sorted((root / "policies").glob("*.yaml"))] + [str(root / "kvtier.yaml")]
+    assert main(["validate", *files]) == 0
+    assert capsys.readouterr().out.count(": ok (") == len(files)
+
+
+def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text("policy: dense\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: hgca\nwindow:\n  sink_tokens: 4\n  typo_tokens: 8\n")
+    assert main(["validate", str(good), str(bad), str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: window.typo_tokens: unknown key" in err
+    assert f"{tmp_path / 'nope.yaml'}: expected a readable UTF-8 YAML file" in err
+
+
+def test_show_fills_defaults(tmp_path, capsys):
+    f = tmp_path / "p.yaml"
+    f.write_text("policy: hgca\nbudget: {tokens: 99}\n")
+    assert main(["show", str(f)]) == 0
+    out = capsys.readouterr().out
+    config = loads(out)
+    assert config.budget.tokens == 99 and config.window.page_tokens == 16
+    assert "capacity_gib" in out
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: nope\n")
+    proc = subprocess.run([sys.executable, "-m", "kvtier", "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "policy: expected one of" in proc.stderr
+
+
+def test_policy_reference_is_current_in_readme(root):
+    from kvtier.config.reference import policy_reference
+
+    readme = (root / "README.md").read_text()
+    assert policy_reference() in readme, "README policy reference is stale: paste `kvtier policies` into it"
