@@ -1,0 +1,25 @@
+"""Python face of the native engine (``native/``). Importing this package loads
+the compiled extension and raises ImportError if it is missing or stale."""
+
+from ._loader import (
+    NativeError,
+    NativeHandleError,
+    NativeIndexError,
+    NativeMemoryError,
+    NativeStateError,
+    NativeUnsupportedError,
+    NativeValueError,
+    active_isa,
+    build_info,
+    isa_supported,
+    set_isa,
+)
+from ._store import HostStoreView, KeyFormat, StoreBuffers, ValueFormat
+from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, stream_read_gbps
+
+__all__ = [
+    "Engine", "EngineResult", "GroupReduce", "HostStoreView", "KeyFormat", "NativeError",
+    "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError",
+    "NativeUnsupportedError", "NativeValueError", "SelectMode", "StoreBuffers", "ValueFormat",
+    "active_isa", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
+]

@@ -1,0 +1,235 @@
+"""Engine: a persistent native thread pool with one batch plan at a time."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from typing import NamedTuple
+
+import torch
+
+from . import _checks as C
+from ._loader import NativeStateError, NativeValueError, check, ffi, lib
+from ._store import HostStoreView
+
+
+class SelectMode(str, enum.Enum):
+    TOPK = "topk"
+    MASS = "mass"
+    BLOCKS = "blocks"
+    ALL = "all"
+
+
+class GroupReduce(str, enum.Enum):
+    MAX = "max"
+    MEAN = "mean"
+    PER_QHEAD = "per_qhead"
+
+
+_MODE = {SelectMode.TOPK: lib.KVT_SELECT_TOPK, SelectMode.MASS: lib.KVT_SELECT_MASS,
+         SelectMode.BLOCKS: lib.KVT_SELECT_BLOCKS, SelectMode.ALL: lib.KVT_SELECT_ALL}
+_REDUCE = {GroupReduce.MAX: lib.KVT_REDUCE_MAX, GroupReduce.MEAN: lib.KVT_REDUCE_MEAN,
+           GroupReduce.PER_QHEAD: lib.KVT_PER_QHEAD}
+
+
+class EngineResult(NamedTuple):
+    out: torch.Tensor                 # [B, Hq, D] f32
+    lse: torch.Tensor                 # [B, Hq] f32, natural log; -inf for an empty request
+    n_selected: torch.Tensor          # [B, Hq] int32
+    sel_index: torch.Tensor | None    # [B, Hq, sel_cap] int32, -1 padded (return_selection=True)
+
+
+def _enum(cls, v, name):
+    try:
+        return cls(v)
+    except ValueError:
+        raise NativeValueError(f"{name}: expected one of {[m.value for m in cls]}, got {v!r}") from None
+
+
+def _finite(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise NativeValueError(f"{name}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+class Engine:
+    def __init__(self, n_threads: int = 0):
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 0:
+            raise NativeValueError(f"n_threads: expected an int >= 0 (0 = all CPUs), got {n_threads!r}")
+        h = ffi.new("int32_t *")
+        check(lib.kvt_engine_create(n_threads, h))
+        self.handle: int | None = int(h[0])
+        self.n_threads = int(lib.kvt_engine_threads(self.handle))
+        self._plan: dict | None = None
+
+    def _h(self) -> int:
+        if self.handle is None:
+            raise NativeValueError("Engine: the engine is closed")
+        return self.handle
+
+    def plan(self, store: HostStoreView, page_table: torch.Tensor, page_offsets: torch.Tensor,
+             n_tokens: torch.Tensor, num_q_heads: int, *, mode: SelectMode | str = SelectMode.TOPK,
+             group_reduce: GroupReduce | str = GroupReduce.MAX,
+             budget_tokens: torch.Tensor | None = None, block_tokens: torch.Tensor | None = None,
+             mass_threshold: float = 1.0, sm_scale: float, soft_cap: float = 0.0,
+             sel_cap: int = 0) -> None:
+        """Validate a batch and size all scratch; later run() calls allocate nothing in C."""
+        h = self._h()
+        if not isinstance(store, HostStoreView):
+            raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
+        sh = store._handle()
+        mode = _enum(SelectMode, mode, "mode")
+        reduce = _enum(GroupReduce, group_reduce, "group_reduce")
+        n_tok = C.int32_vector("n_tokens", n_tokens)
+        B = n_tok.numel()
+        if B == 0:
+            raise NativeValueError("n_tokens: expected at least one request, got 0")
+        offs = C.int32_vector("page_offsets", page_offsets, B + 1)
+        table = C.int32_vector("page_table", page_table)
+        if int(offs[-1]) > table.numel():
+            raise NativeValueError(
+                f"page_offsets: last offset {int(offs[-1])} exceeds page_table length {table.numel()}")
+        C.positive_int("num_q_heads", num_q_heads)
+        Hkv = store.kv_heads
+        budget = None
+        if mode is not SelectMode.ALL:
+            if budget_tokens is None:
+                raise NativeValueError(f"budget_tokens: expected an int tensor [{B}, {Hkv}] for mode {mode.value}")
+            if not isinstance(budget_tokens, torch.Tensor) or tuple(budget_tokens.shape) != (B, Hkv):
+                got = tuple(budget_tokens.shape) if isinstance(budget_tokens, torch.Tensor) else type(budget_tokens).__name__
+                raise NativeValueError(f"budget_tokens: expected shape ({B}, {Hkv}), got {got}")
+            budget = C.int32_vector("budget_tokens", budget_tokens.reshape(-1))
+        blocks = None
+        if mode is SelectMode.BLOCKS:
+            if block_tokens is None:
+                raise NativeValueError(f"block_tokens: expected an int tensor [{Hkv}] for mode blocks")
+            blocks = C.int32_vector("block_tokens", block_tokens, Hkv)
+        d = ffi.new("kvt_plan_desc *")
+        d.batch, d.num_q_heads = B, num_q_heads
+        d.page_table, d.page_offsets = C.ptr("int32_t *", table), C.ptr("int32_t *", offs)
+        d.n_tokens = C.ptr("int32_t *", n_tok)
+        d.mode, d.group_reduce = _MODE[mode], _REDUCE[reduce]
+        d.budget_tokens, d.block_tokens = C.ptr("int32_t *", budget), C.ptr("int32_t *", blocks)
+        d.mass_threshold = _finite("mass_threshold", mass_threshold)
+        d.sm_scale = _finite("sm_scale", sm_scale)
+        d.soft_cap = _finite("soft_cap", soft_cap)
+        check(lib.kvt_plan(h, sh, d))
+        n_max = int(n_tok.max())
+        if isinstance(sel_cap, bool) or not isinstance(sel_cap, int) or sel_cap < 0:
+            raise NativeValueError(f"sel_cap: expected an int >= 0 (0 = derive from the budget), got {sel_cap!r}")
+        if sel_cap == 0:
+            if mode is SelectMode.ALL:
+                sel_cap = n_max
+            elif mode is SelectMode.BLOCKS:
+                sel_cap = int(max(((budget.view(B, Hkv) + blocks - 1) // blocks * blocks).max(), 1))
+            else:
+                sel_cap = int(budget.max())
+            sel_cap = max(1, min(sel_cap, n_max) if n_max > 0 else 1)
+        self._plan = dict(store=store, B=B, Hq=num_q_heads, D=store.head_dim, n_max=n_max,
+                          sel_cap=sel_cap, mode=mode)
+
+    def _planned(self) -> dict:
+        if self._plan is None:
+            raise NativeStateError("Engine: expected plan() before run()")
+        return self._plan
+
+    def _q(self, q) -> torch.Tensor:
+        p = self._planned()
+        return C.tensor("q", q, (torch.float32,), (p["B"], p["Hq"], p["D"]))
+
+    def run(self, layer: int, q: torch.Tensor, *, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_selection: bool = False) -> EngineResult:
+        """Sparse attention of q [B, Hq, D] f32 over the planned host tokens of layer."""
+        h = self._h()
+        p = self._planned()
+        q = self._q(q)
+        B, Hq, D = p["B"], p["Hq"], p["D"]
+        out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
+            C.tensor("out", out, (torch.float32,), (B, Hq, D))
+        lse = torch.empty((B, Hq), dtype=torch.float32) if lse is None else \
+            C.tensor("lse", lse, (torch.float32,), (B, Hq))
+        nsel = torch.empty((B, Hq), dtype=torch.int32)
+        sel = torch.empty((B, Hq, p["sel_cap"]), dtype=torch.int32) if return_selection else None
+        check(lib.kvt_run(h, self._layer(layer), C.ptr("float *", q), C.ptr("float *", out),
+                          C.ptr("float *", lse), C.ptr("int32_t *", nsel), C.ptr("int32_t *", sel),
+                          p["sel_cap"]))
+        return EngineResult(out, lse, nsel, sel)
+
+    @staticmethod
+    def _layer(layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        return layer
+
+    def score(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Scaled (and soft-capped) logits [B, Hq, n_max] of every host token; -inf past n_tokens."""
+        h = self._h()
+        p = self._planned()
+        q = self._q(q)
+        n_max = max(p["n_max"], 1)
+        scores = torch.empty((p["B"], p["Hq"], n_max), dtype=torch.float32)
+        check(lib.kvt_score(h, self._layer(layer), C.ptr("float *", q), C.ptr("float *", scores), n_max))
+        return scores
+
+    def weighted_values(self, store: HostStoreView, layer: int, idx: torch.Tensor, p: torch.Tensor,
+                        *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_j p[b,h,j] * V[token idx[b,h,j]] over the planned batch; idx -1 = skip."""
+        h = self._h()
+        pl = self._planned()
+        if not isinstance(store, HostStoreView):
+            raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
+        B, Hq, D = pl["B"], pl["Hq"], pl["D"]
+        C.tensor("idx", idx, (torch.int32,), (B, Hq, None))
+        m = idx.shape[2]
+        C.tensor("p", p, (torch.float32,), (B, Hq, m))
+        out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
+            C.tensor("out", out, (torch.float32,), (B, Hq, D))
+        check(lib.kvt_weighted_values(h, store._handle(), self._layer(layer), C.ptr("int32_t *", idx),
+                                      C.ptr("float *", p), m, C.ptr("float *", out)))
+        return out
+
+    def stream_read(self, buf: torch.Tensor) -> int:
+        """Sum of the bytes of buf, read by the engine's pool (the bandwidth ceiling probe)."""
+        if not isinstance(buf, torch.Tensor) or buf.device.type != "cpu" or not buf.is_contiguous():
+            raise NativeValueError("buf: expected a contiguous CPU tensor")
+        s = ffi.new("uint64_t *")
+        check(lib.kvt_stream_read(self._h(), C.ptr("void *", buf), buf.numel() * buf.element_size(), s))
+        return int(s[0])
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            check(lib.kvt_engine_destroy(self.handle))
+            self.handle = None
+            self._plan = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def stream_read_gbps(nbytes: int, n_threads: int = 0, repeats: int = 5,
+                     engine: Engine | None = None) -> float:
+    """Best-of-repeats GB/s (1e9 bytes/s) of a pooled streaming read of nbytes."""
+    C.positive_int("nbytes", nbytes)
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    eng = engine if engine is not None else Engine(n_threads)
+    try:
+        eng.stream_read(buf)
+        best = math.inf
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            eng.stream_read(buf)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        if engine is None:
+            eng.close()
+    return nbytes / best / 1e9

@@ -1,0 +1,178 @@
+"""HostStoreView: torch-allocated store buffers plus the C store handle over them."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+
+from . import _checks as C
+from ._loader import NativeValueError, check, ffi, lib
+
+
+class KeyFormat(str, enum.Enum):
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class ValueFormat(str, enum.Enum):
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+_KEY_CODE = {KeyFormat.BF16: lib.KVT_KEY_BF16, KeyFormat.INT8: lib.KVT_KEY_INT8, KeyFormat.INT4: lib.KVT_KEY_INT4}
+_VAL_CODE = {ValueFormat.BF16: lib.KVT_VAL_BF16, ValueFormat.INT8: lib.KVT_VAL_INT8}
+
+
+def _enum(cls, v, name):
+    try:
+        return cls(v)
+    except ValueError:
+        raise NativeValueError(f"{name}: expected one of {[m.value for m in cls]}, got {v!r}") from None
+
+
+class StoreBuffers(NamedTuple):
+    keys: torch.Tensor
+    key_scales: torch.Tensor | None
+    values: torch.Tensor
+    value_scales: torch.Tensor | None
+    summary: torch.Tensor
+
+
+class HostStoreView:
+    """A per-layer paged KV store. Buffers (layer-major, contiguous):
+
+    keys        bf16 [L,P,H,T,D] | int8 [L,P,H,T,D] | uint8 [L,P,H,T,D/2] (int4 pairs)
+    key_scales  None | f32 [L,P,H,T] | f32 [L,P,H,T,D/key_group]
+    values      bf16 [L,P,H,T,D] | int8 [L,P,H,T,D];  value_scales None | f32 [L,P,H,T]
+    summary     f32 [L,P,H,T/summary_tokens,2,D] (per-channel min, max of the keys)
+
+    All five are in ``.buffers``; ``keys``, ``key_scales``, ``value_scales`` and
+    ``summary`` are also attributes, while ``values(layer, page_ids)`` dequantizes.
+    """
+
+    def __init__(self, *, n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format,
+                 value_format, key_group, summary_tokens, keys, key_scales, values, value_scales,
+                 summary):
+        self.n_layers, self.n_pages, self.kv_heads = n_layers, n_pages, kv_heads
+        self.page_tokens, self.head_dim = page_tokens, head_dim
+        self.key_format, self.value_format = key_format, value_format
+        self.key_group, self.summary_tokens = key_group, summary_tokens
+        self.buffers = StoreBuffers(keys, key_scales, values, value_scales, summary)
+        self.keys, self.key_scales = keys, key_scales
+        self.value_scales, self.summary = value_scales, summary
+        desc = ffi.new("kvt_store_desc *")
+        desc.n_layers, desc.n_pages, desc.kv_heads = n_layers, n_pages, kv_heads
+        desc.page_tokens, desc.head_dim = page_tokens, head_dim
+        desc.key_format, desc.value_format = _KEY_CODE[key_format], _VAL_CODE[value_format]
+        desc.key_group, desc.summary_tokens = key_group, summary_tokens
+        desc.keys = C.ptr("void *", keys)
+        desc.key_scales = C.ptr("float *", key_scales)
+        desc.values = C.ptr("void *", values)
+        desc.value_scales = C.ptr("float *", value_scales)
+        desc.summary = C.ptr("float *", summary)
+        h = ffi.new("int32_t *")
+        check(lib.kvt_store_open(desc, h))
+        self.handle = int(h[0])
+
+    @classmethod
+    def allocate(cls, *, n_layers: int, n_pages: int, kv_heads: int, page_tokens: int, head_dim: int,
+                 key_format: KeyFormat | str = KeyFormat.INT8,
+                 value_format: ValueFormat | str = ValueFormat.BF16, key_group: int = 32,
+                 summary_tokens: int = 16, pin_memory: bool = False) -> "HostStoreView":
+        for name, v in (("n_layers", n_layers), ("n_pages", n_pages), ("kv_heads", kv_heads),
+                        ("page_tokens", page_tokens), ("head_dim", head_dim),
+                        ("key_group", key_group), ("summary_tokens", summary_tokens)):
+            C.positive_int(name, v)
+        kf = _enum(KeyFormat, key_format, "key_format")
+        vf = _enum(ValueFormat, value_format, "value_format")
+        if head_dim % 16:
+            raise NativeValueError(f"head_dim: expected a multiple of 16, got {head_dim}")
+        if kf is KeyFormat.INT4 and (head_dim % key_group or key_group % 2):
+            raise NativeValueError(f"key_group: expected an even divisor of head_dim {head_dim}, got {key_group}")
+        if page_tokens % summary_tokens:
+            raise NativeValueError(
+                f"summary_tokens: expected a divisor of page_tokens {page_tokens}, got {summary_tokens}")
+        base = (n_layers, n_pages, kv_heads, page_tokens)
+
+        def z(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+
+        if kf is KeyFormat.BF16:
+            keys, kscales = z(base + (head_dim,), torch.bfloat16), None
+        elif kf is KeyFormat.INT8:
+            keys, kscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
+        else:
+            keys = z(base + (head_dim // 2,), torch.uint8)
+            kscales = z(base + (head_dim // key_group,), torch.float32)
+        if vf is ValueFormat.BF16:
+            values, vscales = z(base + (head_dim,), torch.bfloat16), None
+        else:
+            values, vscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
+        summary = z((n_layers, n_pages, kv_heads, page_tokens // summary_tokens, 2, head_dim), torch.float32)
+        return cls(n_layers=n_layers, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
+                   head_dim=head_dim, key_format=kf, value_format=vf, key_group=key_group,
+                   summary_tokens=summary_tokens, keys=keys, key_scales=kscales, values=values,
+                   value_scales=vscales, summary=summary)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers if t is not None)
+
+    def _handle(self) -> int:
+        if self.handle is None:
+            raise NativeValueError("HostStoreView: the store is closed")
+        return self.handle
+
+    def _layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        return layer
+
+    def append(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v [n, H, T, D] (f32 or bf16) into pages page_ids of layer."""
+        h = self._handle()
+        ids = C.int32_vector("page_ids", page_ids)
+        n = ids.numel()
+        shape = (n, self.kv_heads, self.page_tokens, self.head_dim)
+        C.tensor("k", k, (torch.float32, torch.bfloat16), shape)
+        C.tensor("v", v, (k.dtype,), shape)
+        src = lib.KVT_SRC_F32 if k.dtype == torch.float32 else lib.KVT_SRC_BF16
+        check(lib.kvt_append(h, self._layer(layer), n, C.ptr("int32_t *", ids), C.ptr("void *", k),
+                             C.ptr("void *", v), src))
+
+    def _dequant(self, fn, layer, page_ids) -> torch.Tensor:
+        h = self._handle()
+        ids = C.int32_vector("page_ids", page_ids)
+        out = torch.empty((ids.numel(), self.kv_heads, self.page_tokens, self.head_dim), dtype=torch.float32)
+        check(fn(h, self._layer(layer), ids.numel(), C.ptr("int32_t *", ids), C.ptr("float *", out)))
+        return out
+
+    def dequant_keys(self, layer: int, page_ids: torch.Tensor) -> torch.Tensor:
+        """Keys of page_ids as f32 [n, H, T, D], dequantized exactly as the engine scores them."""
+        return self._dequant(lib.kvt_dequant_keys, layer, page_ids)
+
+    def values(self, layer: int, page_ids: torch.Tensor) -> torch.Tensor:
+        """Values of page_ids as f32 [n, H, T, D]."""
+        return self._dequant(lib.kvt_dequant_values, layer, page_ids)
+
+    dequant_values = values
+
+    def close(self) -> None:
+        if getattr(self, "handle", None) is not None:
+            check(lib.kvt_store_close(self.handle))
+            self.handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

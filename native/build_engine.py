@@ -1,0 +1,86 @@
+"""cffi builder of ``kvtier._native._engine``.
+
+``setup.py`` picks up ``ffibuilder`` (``pip install -e .``); running this file
+directly compiles the extension in place into ``kvtier/_native/`` for
+development. The package version and a SHA-256 of the C sources are compiled
+in, so the loader can refuse a build that does not match the checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import re
+import sys
+
+import cffi
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+HEADER = HERE / "kvtier_engine.h"
+
+
+def source_files() -> list[pathlib.Path]:
+    """Every file whose content is hashed into the build (sorted for stability)."""
+    return sorted(p for p in HERE.iterdir() if p.suffix in (".c", ".h"))
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for p in source_files():
+        h.update(p.name.encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def package_version() -> str:
+    text = (ROOT / "kvtier" / "__init__.py").read_text()
+    m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.M)
+    if not m:
+        raise RuntimeError("kvtier/__init__.py: expected a __version__ = '...' line")
+    return m.group(1)
+
+
+def cdef_text() -> str:
+    """The header is the cdef: drop preprocessor lines and the C++ guard braces
+    (the only lines that are a bare 'extern "C" {' or '}')."""
+    keep = []
+    for line in HEADER.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#") or s in ('extern "C" {', "}"):
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(cdef_text())
+ffibuilder.set_source(
+    "kvtier._native._engine",
+    '#include "kvtier_engine.h"\n',
+    sources=[str(p) for p in source_files() if p.suffix == ".c"],
+    include_dirs=[str(HERE)],
+    define_macros=[
+        ("KVT_VERSION", f'"{package_version()}"'),
+        ("KVT_BUILD_HASH", f'"{source_hash()}"'),
+    ],
+    extra_compile_args=["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing"],
+    extra_link_args=["-pthread", "-lm"],
+)
+
+
+def build_in_place() -> pathlib.Path:
+    """Compile into kvtier/_native/ so a source checkout imports it without installing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kvtier-build-") as tmp:
+        so = ffibuilder.compile(tmpdir=tmp, verbose=False)
+        built = pathlib.Path(so)
+        dest = ROOT / "kvtier" / "_native" / built.name
+        dest.write_bytes(built.read_bytes())
+    return dest
+
+
+if __name__ == "__main__":
+    print(f"built {build_in_place()}", file=sys.stderr)

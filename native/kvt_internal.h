@@ -1,0 +1,95 @@
+/* Shared declarations of the engine's translation units (not part of the API). */
+#ifndef KVT_INTERNAL_H
+#define KVT_INTERNAL_H
+#include <stddef.h>
+#include <stdint.h>
+#include "kvtier_engine.h"
+
+/* Error reporting: records a thread-local message and returns code. */
+int32_t kvt_err(int32_t code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int32_t kvt_ensure_init(void);
+
+static inline float kvt_bf16_to_f32(uint16_t b) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)b << 16;
+    return x.f;
+}
+
+static inline uint16_t kvt_f32_to_bf16(float f) {
+    union { uint32_t u; float f; } x;
+    x.f = f;
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40);
+    x.u += 0x7fffu + ((x.u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(x.u >> 16);
+}
+
+/* ---- kernels, one table per ISA ------------------------------------------------
+ * score_*: out[g*ostride + t] = scale_t * dot(q[g*D:], key_t) for t < n, g < G.
+ * accum_*: acc[g*D + d] += p[g*pstride] * v[d] for g < G.                       */
+typedef struct kvt_kernels {
+    const char *name;
+    void (*score_bf16)(const uint16_t *k, int n, int D, const float *q, int G,
+                       float *out, int64_t ostride);
+    void (*score_i8)(const int8_t *k, const float *ks, int n, int D, const float *q, int G,
+                     float *out, int64_t ostride);
+    void (*score_i4)(const uint8_t *k, const float *ks, int n, int D, int grp, const float *q,
+                     int G, float *out, int64_t ostride);
+    void (*accum_bf16)(const uint16_t *v, int D, const float *p, int64_t pstride, int G,
+                       float *acc);
+    void (*accum_i8)(const int8_t *v, float scale, int D, const float *p, int64_t pstride,
+                     int G, float *acc);
+    uint64_t (*sum_bytes)(const uint8_t *buf, int64_t n);
+} kvt_kernels;
+
+extern const kvt_kernels *kvt_k; /* the active table */
+const kvt_kernels *kvt_kernels_for(const char *name); /* NULL if unknown/unsupported */
+int kvt_isa_name_known(const char *name);
+
+/* ---- thread pool ---------------------------------------------------------------- */
+typedef void (*kvt_task_fn)(void *ctx, int64_t item, int tid);
+typedef struct kvt_pool kvt_pool;
+kvt_pool *kvt_pool_create(int n_threads);
+void kvt_pool_destroy(kvt_pool *p);
+int kvt_pool_size(const kvt_pool *p);
+void kvt_pool_run(kvt_pool *p, int64_t n_items, kvt_task_fn fn, void *ctx);
+
+/* ---- store ---------------------------------------------------------------------- */
+typedef struct kvt_store {
+    kvt_store_desc d;
+    int64_t serial;      /* distinguishes a reopened handle slot from the planned store */
+    int64_t key_tok;     /* bytes of one token's key */
+    int64_t kscale_tok;  /* key scales per token (0, 1 or D/G) */
+    int64_t val_tok;     /* bytes of one token's value */
+    int64_t n_chunks;    /* summary chunks per page */
+} kvt_store;
+
+kvt_store *kvt_store_get(int32_t handle); /* NULL + error if invalid */
+
+/* (layer, page, head) -> flat index of the [T, ...] block */
+static inline int64_t kvt_lph(const kvt_store *s, int layer, int page, int head) {
+    return ((int64_t)layer * s->d.n_pages + page) * s->d.kv_heads + head;
+}
+static inline const uint8_t *kvt_key_ptr(const kvt_store *s, int64_t lph) {
+    return (const uint8_t *)s->d.keys + lph * s->d.page_tokens * s->key_tok;
+}
+static inline const float *kvt_kscale_ptr(const kvt_store *s, int64_t lph) {
+    return s->d.key_scales ? s->d.key_scales + lph * s->d.page_tokens * s->kscale_tok : NULL;
+}
+static inline const uint8_t *kvt_val_ptr(const kvt_store *s, int64_t lph) {
+    return (const uint8_t *)s->d.values + lph * s->d.page_tokens * s->val_tok;
+}
+static inline const float *kvt_vscale_ptr(const kvt_store *s, int64_t lph) {
+    return s->d.value_scales ? s->d.value_scales + lph * s->d.page_tokens : NULL;
+}
+static inline const float *kvt_summary_ptr(const kvt_store *s, int64_t lph) {
+    return s->d.summary + lph * s->n_chunks * 2 * s->d.head_dim;
+}
+
+/* Scores tokens [t0, t0+n) of one page/head for G query heads (dispatches on key format). */
+void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
+                    float *out, int64_t ostride);
+/* acc[g*D+d] += p[g*pstride] * v_t[d] for token t of one page/head. */
+void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t pstride,
+                     int G, float *acc);
+
+#endif

@@ -1,0 +1,300 @@
+/* Per-ISA kernels. Every variant computes the same sums as the generic one
+ * (only the summation order differs); the build has no -march flags, so the
+ * SIMD variants are compiled per function with target attributes and picked
+ * at run time from CPUID. */
+#include <string.h>
+#include <immintrin.h>
+#include "kvt_internal.h"
+
+/* int4: two signed nibbles per byte, low nibble = even channel. */
+static inline int i4_lo(uint8_t b) { return (int)((int8_t)(uint8_t)(b << 4) >> 4); }
+static inline int i4_hi(uint8_t b) { return (int)((int8_t)b >> 4); }
+
+static inline void i4_dequant_token(const uint8_t *k, const float *ks, int D, int grp, float *kf) {
+    for (int d = 0; d < D; d += 2) {
+        uint8_t b = k[d >> 1];
+        float sc = ks[d / grp];
+        kf[d] = (float)i4_lo(b) * sc;
+        kf[d + 1] = (float)i4_hi(b) * sc;
+    }
+}
+
+/* ------------------------------------------------------------------ generic */
+static void score_bf16_generic(const uint16_t *k, int n, int D, const float *q, int G,
+                               float *out, int64_t os) {
+    for (int t = 0; t < n; t++, k += D)
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int d = 0; d < D; d++) s += q[g * D + d] * kvt_bf16_to_f32(k[d]);
+            out[g * os + t] = s;
+        }
+}
+
+static void score_i8_generic(const int8_t *k, const float *ks, int n, int D, const float *q,
+                             int G, float *out, int64_t os) {
+    for (int t = 0; t < n; t++, k += D)
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int d = 0; d < D; d++) s += q[g * D + d] * (float)k[d];
+            out[g * os + t] = s * ks[t];
+        }
+}
+
+static void score_i4_generic(const uint8_t *k, const float *ks, int n, int D, int grp,
+                             const float *q, int G, float *out, int64_t os) {
+    float kf[1024];
+    for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
+        i4_dequant_token(k, ks, D, grp, kf);
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            for (int d = 0; d < D; d++) s += q[g * D + d] * kf[d];
+            out[g * os + t] = s;
+        }
+    }
+}
+
+static void accum_bf16_generic(const uint16_t *v, int D, const float *p, int64_t ps, int G,
+                               float *acc) {
+    for (int g = 0; g < G; g++) {
+        float w = p[g * ps];
+        for (int d = 0; d < D; d++) acc[g * D + d] += w * kvt_bf16_to_f32(v[d]);
+    }
+}
+
+static void accum_i8_generic(const int8_t *v, float scale, int D, const float *p, int64_t ps,
+                             int G, float *acc) {
+    for (int g = 0; g < G; g++) {
+        float w = p[g * ps] * scale;
+        for (int d = 0; d < D; d++) acc[g * D + d] += w * (float)v[d];
+    }
+}
+
+static uint64_t sum_bytes_generic(const uint8_t *buf, int64_t n) {
+    uint64_t s = 0;
+    for (int64_t i = 0; i < n; i++) s += buf[i];
+    return s;
+}
+
+static const kvt_kernels K_GENERIC = {
+    "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
+    accum_bf16_generic, accum_i8_generic, sum_bytes_generic,
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+/* ------------------------------------------------------------------- AVX2 */
+#define T_AVX2 __attribute__((target("avx2,fma")))
+
+T_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* kf holds the token as floats; one key load serves every query head of the group */
+T_AVX2 static inline void dot_group_avx2(const float *kf, int D, const float *q, int G,
+                                         float scale, float *out, int64_t os) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (int64_t)g * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int d = 0;
+        for (; d + 16 <= D; d += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kf + d), _mm256_loadu_ps(qg + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(kf + d + 8), _mm256_loadu_ps(qg + d + 8), a1);
+        }
+        for (; d < D; d += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kf + d), _mm256_loadu_ps(qg + d), a0);
+        out[g * os] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+    }
+}
+
+T_AVX2 static void score_bf16_avx2(const uint16_t *k, int n, int D, const float *q, int G,
+                                   float *out, int64_t os) {
+    float kf[1024] __attribute__((aligned(32)));
+    for (int t = 0; t < n; t++, k += D) {
+        for (int d = 0; d < D; d += 8) {
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(k + d)));
+            _mm256_store_ps(kf + d, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+        dot_group_avx2(kf, D, q, G, 1.f, out + t, os);
+    }
+}
+
+T_AVX2 static void score_i8_avx2(const int8_t *k, const float *ks, int n, int D, const float *q,
+                                 int G, float *out, int64_t os) {
+    float kf[1024] __attribute__((aligned(32)));
+    for (int t = 0; t < n; t++, k += D) {
+        for (int d = 0; d < D; d += 8) {
+            __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k + d)));
+            _mm256_store_ps(kf + d, _mm256_cvtepi32_ps(w));
+        }
+        dot_group_avx2(kf, D, q, G, ks[t], out + t, os);
+    }
+}
+
+T_AVX2 static void score_i4_avx2(const uint8_t *k, const float *ks, int n, int D, int grp,
+                                 const float *q, int G, float *out, int64_t os) {
+    float kf[1024] __attribute__((aligned(32)));
+    for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
+        i4_dequant_token(k, ks, D, grp, kf);
+        dot_group_avx2(kf, D, q, G, 1.f, out + t, os);
+    }
+}
+
+T_AVX2 static void accum_bf16_avx2(const uint16_t *v, int D, const float *p, int64_t ps, int G,
+                                   float *acc) {
+    for (int d = 0; d < D; d += 8) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + d)));
+        __m256 vf = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (int64_t)g * D + d;
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[g * ps]), vf, _mm256_loadu_ps(a)));
+        }
+    }
+}
+
+T_AVX2 static void accum_i8_avx2(const int8_t *v, float scale, int D, const float *p, int64_t ps,
+                                 int G, float *acc) {
+    for (int d = 0; d < D; d += 8) {
+        __m256 vf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + d))));
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (int64_t)g * D + d;
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[g * ps] * scale), vf, _mm256_loadu_ps(a)));
+        }
+    }
+}
+
+T_AVX2 static uint64_t sum_bytes_avx2(const uint8_t *buf, int64_t n) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256(), z = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm256_add_epi64(acc0, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(buf + i)), z));
+        acc1 = _mm256_add_epi64(acc1, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(buf + i + 32)), z));
+    }
+    uint64_t l[4];
+    _mm256_storeu_si256((__m256i *)l, _mm256_add_epi64(acc0, acc1));
+    uint64_t s = l[0] + l[1] + l[2] + l[3];
+    for (; i < n; i++) s += buf[i];
+    return s;
+}
+
+static const kvt_kernels K_AVX2 = {
+    "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
+    accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2,
+};
+
+/* ----------------------------------------------------------------- AVX-512 */
+#define T_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+T_512 static inline void dot_group_512(const __m512 *kf, int nv, const float *q, int D, int G,
+                                       float scale, float *out, int64_t os) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (int64_t)g * D;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 2 <= nv; j += 2) {
+            a0 = _mm512_fmadd_ps(kf[j], _mm512_loadu_ps(qg + 16 * j), a0);
+            a1 = _mm512_fmadd_ps(kf[j + 1], _mm512_loadu_ps(qg + 16 * j + 16), a1);
+        }
+        if (j < nv) a0 = _mm512_fmadd_ps(kf[j], _mm512_loadu_ps(qg + 16 * j), a0);
+        out[g * os] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+    }
+}
+
+T_512 static void score_bf16_512(const uint16_t *k, int n, int D, const float *q, int G,
+                                 float *out, int64_t os) {
+    __m512 kf[64];
+    int nv = D / 16;
+    for (int t = 0; t < n; t++, k += D) {
+        for (int j = 0; j < nv; j++) {
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + 16 * j)));
+            kf[j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        }
+        dot_group_512(kf, nv, q, D, G, 1.f, out + t, os);
+    }
+}
+
+T_512 static void score_i8_512(const int8_t *k, const float *ks, int n, int D, const float *q,
+                               int G, float *out, int64_t os) {
+    __m512 kf[64];
+    int nv = D / 16;
+    for (int t = 0; t < n; t++, k += D) {
+        if (t + 4 < n) _mm_prefetch((const char *)(k + 4 * D), _MM_HINT_T0);
+        for (int j = 0; j < nv; j++)
+            kf[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(k + 16 * j))));
+        dot_group_512(kf, nv, q, D, G, ks[t], out + t, os);
+    }
+}
+
+T_512 static void score_i4_512(const uint8_t *k, const float *ks, int n, int D, int grp,
+                               const float *q, int G, float *out, int64_t os) {
+    float kbuf[1024] __attribute__((aligned(64)));
+    __m512 kf[64];
+    int nv = D / 16;
+    for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
+        i4_dequant_token(k, ks, D, grp, kbuf);
+        for (int j = 0; j < nv; j++) kf[j] = _mm512_load_ps(kbuf + 16 * j);
+        dot_group_512(kf, nv, q, D, G, 1.f, out + t, os);
+    }
+}
+
+T_512 static void accum_bf16_512(const uint16_t *v, int D, const float *p, int64_t ps, int G,
+                                 float *acc) {
+    for (int d = 0; d < D; d += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + d)));
+        __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (int64_t)g * D + d;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * ps]), vf, _mm512_loadu_ps(a)));
+        }
+    }
+}
+
+T_512 static void accum_i8_512(const int8_t *v, float scale, int D, const float *p, int64_t ps,
+                               int G, float *acc) {
+    for (int d = 0; d < D; d += 16) {
+        __m512 vf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(v + d))));
+        for (int g = 0; g < G; g++) {
+            float *a = acc + (int64_t)g * D + d;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * ps] * scale), vf, _mm512_loadu_ps(a)));
+        }
+    }
+}
+
+T_512 static uint64_t sum_bytes_512(const uint8_t *buf, int64_t n) {
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512(), z = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        acc0 = _mm512_add_epi64(acc0, _mm512_sad_epu8(_mm512_loadu_si512(buf + i), z));
+        acc1 = _mm512_add_epi64(acc1, _mm512_sad_epu8(_mm512_loadu_si512(buf + i + 64), z));
+    }
+    uint64_t s = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1));
+    for (; i < n; i++) s += buf[i];
+    return s;
+}
+
+static const kvt_kernels K_AVX512 = {
+    "avx512", score_bf16_512, score_i8_512, score_i4_512,
+    accum_bf16_512, accum_i8_512, sum_bytes_512,
+};
+#endif
+
+const kvt_kernels *kvt_k = &K_GENERIC;
+
+int kvt_isa_name_known(const char *name) {
+    return name && (!strcmp(name, "generic") || !strcmp(name, "avx2") || !strcmp(name, "avx512"));
+}
+
+const kvt_kernels *kvt_kernels_for(const char *name) {
+    if (!name) return NULL;
+    if (!strcmp(name, "generic")) return &K_GENERIC;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!strcmp(name, "avx2")) return avx2 ? &K_AVX2 : NULL;
+    if (!strcmp(name, "avx512"))
+        return (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl")) ? &K_AVX512 : NULL;
+#endif
+    return NULL;
+}

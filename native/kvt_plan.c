@@ -1,0 +1,146 @@
+/* kvt_plan: validate a batch once and size every buffer that kvt_run needs,
+ * so that run itself never allocates. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kvt_engine_internal.h"
+
+/* Tokens per scoring work item: long contexts are split so that one request
+ * with few kv heads still keeps every thread busy. */
+#define SCORE_CHUNK_TOKENS 2048
+
+void kvt_plan_free(kvt_plan_state *p) {
+    free(p->page_table); free(p->page_off); free(p->ntok); free(p->budget); free(p->block);
+    free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
+    memset(p, 0, sizeof *p);
+}
+
+static int32_t *dup_i32(const int32_t *src, int64_t n) {
+    int32_t *d = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+    if (d && n > 0) memcpy(d, src, (size_t)n * sizeof(int32_t));
+    return d;
+}
+
+static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
+    const int Hkv = s->d.kv_heads, T = s->d.page_tokens, S = s->d.summary_tokens;
+    if (d->batch <= 0) return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected batch > 0, got %d", d->batch);
+    if (d->num_q_heads <= 0 || d->num_q_heads % Hkv != 0)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected num_q_heads a positive multiple of kv_heads %d, got %d",
+                       Hkv, d->num_q_heads);
+    if (!d->page_offsets || !d->n_tokens)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected page_offsets and n_tokens, got NULL");
+    if (d->page_offsets[0] < 0)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected page_offsets[0] >= 0, got %d", d->page_offsets[0]);
+    for (int b = 0; b < d->batch; b++) {
+        int32_t a = d->page_offsets[b], e = d->page_offsets[b + 1];
+        if (e < a)
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected non-decreasing page_offsets, got %d then %d at request %d",
+                           a, e, b);
+        if (d->n_tokens[b] < 0 || (int64_t)d->n_tokens[b] > (int64_t)(e - a) * T)
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: request %d: expected n_tokens in [0, %lld] (%d pages of %d), got %d",
+                           b, (long long)(e - a) * T, e - a, T, d->n_tokens[b]);
+    }
+    int32_t n_pages = d->page_offsets[d->batch];
+    if (n_pages > 0 && !d->page_table)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a page_table of %d entries, got NULL", n_pages);
+    for (int32_t i = d->page_offsets[0]; i < n_pages; i++)
+        if (d->page_table[i] < 0 || d->page_table[i] >= s->d.n_pages)
+            return kvt_err(KVT_ERR_RANGE, "kvt_plan: expected page ids in [0, %d), got %d at page_table[%d]",
+                           s->d.n_pages, d->page_table[i], i);
+    if (d->mode < KVT_SELECT_TOPK || d->mode > KVT_SELECT_ALL)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected mode 0..3 (topk, mass, blocks, all), got %d", d->mode);
+    if (d->group_reduce < KVT_REDUCE_MAX || d->group_reduce > KVT_PER_QHEAD)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected group_reduce 0..2 (max, mean, per_qhead), got %d",
+                       d->group_reduce);
+    if (!isfinite(d->sm_scale) || d->sm_scale <= 0.f)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite sm_scale > 0, got %g", (double)d->sm_scale);
+    if (!isfinite(d->soft_cap) || d->soft_cap < 0.f)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite soft_cap >= 0, got %g", (double)d->soft_cap);
+    if (d->mode == KVT_SELECT_ALL) return KVT_OK;
+    if (!d->budget_tokens)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens [batch * kv_heads], got NULL");
+    for (int i = 0; i < d->batch * Hkv; i++)
+        if (d->budget_tokens[i] <= 0)
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens > 0, got %d for request %d kv-head %d",
+                           d->budget_tokens[i], i / Hkv, i % Hkv);
+    if (d->mode == KVT_SELECT_MASS && !(d->mass_threshold > 0.f && d->mass_threshold <= 1.f))
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected mass_threshold in (0, 1], got %g",
+                       (double)d->mass_threshold);
+    if (d->mode == KVT_SELECT_BLOCKS) {
+        if (!d->block_tokens)
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: blocks mode expects block_tokens [kv_heads], got NULL");
+        for (int h = 0; h < Hkv; h++) {
+            int B = d->block_tokens[h];
+            if (B <= 0 || B % S != 0 || (T % B != 0 && B % T != 0))
+                return kvt_err(KVT_ERR_VALUE,
+                               "kvt_plan: kv-head %d: expected block_tokens a multiple of summary_tokens %d that "
+                               "divides or is a multiple of page_tokens %d, got %d", h, S, T, B);
+        }
+    }
+    return KVT_OK;
+}
+
+int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
+    kvt_engine *e = kvt_engine_get(eh);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_store *s = kvt_store_get(sh);
+    if (!s) return KVT_ERR_HANDLE;
+    if (!d) return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a plan descriptor, got NULL");
+    int32_t rc = validate(s, d);
+    if (rc) return rc;
+    pthread_mutex_lock(&e->mu);
+    kvt_plan_state *p = &e->plan;
+    kvt_plan_free(p);
+    const int B = d->batch, Hkv = s->d.kv_heads, T = s->d.page_tokens;
+    p->store = s; p->store_h = sh; p->serial = s->serial;
+    p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv;
+    p->mode = d->mode; p->reduce = d->group_reduce;
+    p->tau = d->mass_threshold; p->sm_scale = d->sm_scale; p->soft_cap = d->soft_cap;
+    int64_t total_pages = d->page_offsets[B];
+    p->page_table = dup_i32(d->page_table, total_pages);
+    p->page_off = dup_i32(d->page_offsets, B + 1);
+    p->ntok = dup_i32(d->n_tokens, B);
+    p->budget = dup_i32(d->mode == KVT_SELECT_ALL ? NULL : d->budget_tokens,
+                        d->mode == KVT_SELECT_ALL ? 0 : (int64_t)B * Hkv);
+    p->block = dup_i32(d->mode == KVT_SELECT_BLOCKS ? d->block_tokens : NULL,
+                       d->mode == KVT_SELECT_BLOCKS ? Hkv : 0);
+    p->score_off = malloc(sizeof(int64_t) * (size_t)B * Hkv);
+    int64_t total = 0, n_items = 0;
+    int chunk = ((SCORE_CHUNK_TOKENS + T - 1) / T) * T;
+    p->n_max = 0;
+    for (int b = 0; b < B; b++) {
+        int n = p->ntok ? p->ntok[b] : 0;
+        if (n > p->n_max) p->n_max = n;
+        for (int h = 0; h < Hkv && p->score_off; h++) {
+            p->score_off[b * Hkv + h] = total;
+            total += (int64_t)p->G * n;
+        }
+        n_items += (int64_t)Hkv * ((n + chunk - 1) / chunk);
+    }
+    p->scores = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
+    p->items = malloc(sizeof(int32_t) * 4 * (size_t)(n_items > 0 ? n_items : 1));
+    p->n_threads = kvt_pool_size(e->pool);
+    /* per thread: r, tmp, pairs(2n), sel ints, p [G, n], acc [G, D], block min/max [2D] */
+    int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
+    p->scratch_floats = n * (5 + p->G) + D * (p->G + 2) + 64;
+    p->scratch = malloc(sizeof(float) * (size_t)(p->scratch_floats * p->n_threads));
+    if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
+        !p->scores || !p->items || !p->scratch) {
+        kvt_plan_free(p);
+        pthread_mutex_unlock(&e->mu);
+        return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing scratch for %lld logits",
+                       (long long)total);
+    }
+    int64_t it = 0;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < Hkv; h++)
+            for (int t0 = 0; t0 < p->ntok[b]; t0 += chunk) {
+                int32_t *w = p->items + 4 * it++;
+                w[0] = b; w[1] = h; w[2] = t0;
+                w[3] = t0 + chunk < p->ntok[b] ? t0 + chunk : p->ntok[b];
+            }
+    p->n_items = it;
+    p->valid = 1;
+    pthread_mutex_unlock(&e->mu);
+    return KVT_OK;
+}

@@ -1,0 +1,78 @@
+/* Token selection: quickselect-based top-k (O(n), no full sort) and the
+ * softmax-mass cut. */
+#include <math.h>
+#include <stdlib.h>
+#include "kvt_engine_internal.h"
+
+static inline float med3(float a, float b, float c) {
+    if (a > b) { float t = a; a = b; b = t; }
+    if (b > c) b = c;
+    return a > b ? a : b;
+}
+
+/* k-th largest (1-based) of a[0..n); reorders a. */
+float kvt_kth_largest(float *a, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pv = med3(a[lo], a[lo + (hi - lo) / 2], a[hi]);
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pv) i++;
+            while (a[j] < pv) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
+    }
+    return a[want];
+}
+
+int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out) {
+    if (k >= n) {
+        for (int t = 0; t < n; t++) out[t] = t;
+        return n;
+    }
+    for (int t = 0; t < n; t++) tmp[t] = r[t];
+    float thr = kvt_kth_largest(tmp, n, k);
+    int above = 0;
+    for (int t = 0; t < n; t++) above += r[t] > thr;
+    int ties = k - above, c = 0;
+    for (int t = 0; t < n && c < k; t++) {
+        if (r[t] > thr) out[c++] = t;
+        else if (r[t] == thr && ties > 0) { out[c++] = t; ties--; }
+    }
+    return c;
+}
+
+typedef struct { float v; int32_t i; } pair_t;
+
+static int by_value_desc(const void *a, const void *b) {
+    float x = ((const pair_t *)a)->v, y = ((const pair_t *)b)->v;
+    return (x < y) - (x > y);
+}
+
+static int by_index(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {
+    if (count == 0) return 0;
+    float m = -INFINITY;
+    for (int t = 0; t < n; t++) m = fmaxf(m, r[t]);
+    double z = 0.0;
+    for (int t = 0; t < n; t++) z += exp((double)(r[t] - m));
+    pair_t *pr = (pair_t *)pairs;
+    for (int j = 0; j < count; j++) { pr[j].v = r[sel[j]]; pr[j].i = sel[j]; }
+    qsort(pr, (size_t)count, sizeof(pair_t), by_value_desc);
+    double need = (double)tau * z, cum = 0.0;
+    int keep = count;
+    for (int j = 0; j < count; j++) {
+        cum += exp((double)(pr[j].v - m));
+        if (cum >= need) { keep = j + 1; break; }
+    }
+    for (int j = 0; j < keep; j++) sel[j] = pr[j].i;
+    qsort(sel, (size_t)keep, sizeof(int32_t), by_index);
+    return keep;
+}

@@ -1,0 +1,266 @@
+/* Host store: handle table, append (quantize + summarize), dequantization.
+ * The store never owns memory: Python allocates the buffers and keeps them
+ * alive for as long as the handle is open. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kvt_internal.h"
+
+#define MAX_STORES 1024
+
+static kvt_store *g_stores[MAX_STORES];
+static int64_t g_serial;
+static pthread_mutex_t g_store_mu = PTHREAD_MUTEX_INITIALIZER;
+
+kvt_store *kvt_store_get(int32_t h) {
+    kvt_store *s = NULL;
+    if (h >= 1 && h <= MAX_STORES) {
+        pthread_mutex_lock(&g_store_mu);
+        s = g_stores[h - 1];
+        pthread_mutex_unlock(&g_store_mu);
+    }
+    if (!s) kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
+    return s;
+}
+
+static int32_t validate_desc(const kvt_store_desc *d) {
+    if (!d) return kvt_err(KVT_ERR_VALUE, "store desc: expected a descriptor, got NULL");
+    if (d->n_layers <= 0 || d->n_pages <= 0 || d->kv_heads <= 0 || d->page_tokens <= 0 ||
+        d->head_dim <= 0)
+        return kvt_err(KVT_ERR_VALUE,
+                       "store desc: expected n_layers, n_pages, kv_heads, page_tokens, head_dim > 0, "
+                       "got %d, %d, %d, %d, %d", d->n_layers, d->n_pages, d->kv_heads,
+                       d->page_tokens, d->head_dim);
+    if (d->head_dim % 16 != 0 || d->head_dim > 1024)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected head_dim a multiple of 16 and <= 1024, got %d",
+                       d->head_dim);
+    if (d->key_format < KVT_KEY_BF16 || d->key_format > KVT_KEY_INT4)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected key_format 0 (bf16), 1 (int8) or 2 (int4), got %d",
+                       d->key_format);
+    if (d->value_format < KVT_VAL_BF16 || d->value_format > KVT_VAL_INT8)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected value_format 0 (bf16) or 1 (int8), got %d",
+                       d->value_format);
+    if (d->key_format == KVT_KEY_INT4 &&
+        (d->key_group <= 0 || d->key_group % 2 != 0 || d->head_dim % d->key_group != 0))
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected an even key_group dividing head_dim %d, got %d",
+                       d->head_dim, d->key_group);
+    if (d->summary_tokens <= 0 || d->page_tokens % d->summary_tokens != 0)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected summary_tokens dividing page_tokens %d, got %d",
+                       d->page_tokens, d->summary_tokens);
+    if (!d->keys || !d->values || !d->summary)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected non-NULL keys, values and summary buffers");
+    if (d->key_format != KVT_KEY_BF16 && !d->key_scales)
+        return kvt_err(KVT_ERR_VALUE, "store desc: quantized keys need a key_scales buffer, got NULL");
+    if (d->value_format == KVT_VAL_INT8 && !d->value_scales)
+        return kvt_err(KVT_ERR_VALUE, "store desc: int8 values need a value_scales buffer, got NULL");
+    return KVT_OK;
+}
+
+int32_t kvt_store_open(const kvt_store_desc *desc, int32_t *handle) {
+    int32_t rc = kvt_ensure_init();
+    if (rc) return rc;
+    if (!handle) return kvt_err(KVT_ERR_VALUE, "kvt_store_open: expected a handle pointer, got NULL");
+    if ((rc = validate_desc(desc))) return rc;
+    kvt_store *s = calloc(1, sizeof *s);
+    if (!s) return kvt_err(KVT_ERR_NOMEM, "kvt_store_open: out of memory");
+    s->d = *desc;
+    int D = desc->head_dim;
+    switch (desc->key_format) {
+    case KVT_KEY_BF16: s->key_tok = 2 * D; s->kscale_tok = 0; s->d.key_scales = NULL; break;
+    case KVT_KEY_INT8: s->key_tok = D; s->kscale_tok = 1; break;
+    default: s->key_tok = D / 2; s->kscale_tok = D / desc->key_group; break;
+    }
+    s->val_tok = desc->value_format == KVT_VAL_BF16 ? 2 * D : D;
+    if (desc->value_format == KVT_VAL_BF16) s->d.value_scales = NULL;
+    s->n_chunks = desc->page_tokens / desc->summary_tokens;
+    pthread_mutex_lock(&g_store_mu);
+    int slot = -1;
+    for (int i = 0; i < MAX_STORES; i++)
+        if (!g_stores[i]) { slot = i; break; }
+    if (slot >= 0) { s->serial = ++g_serial; g_stores[slot] = s; }
+    pthread_mutex_unlock(&g_store_mu);
+    if (slot < 0) {
+        free(s);
+        return kvt_err(KVT_ERR_NOMEM, "kvt_store_open: all %d store handles are in use", MAX_STORES);
+    }
+    *handle = slot + 1;
+    return KVT_OK;
+}
+
+int32_t kvt_store_close(int32_t h) {
+    if (h < 1 || h > MAX_STORES) return kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
+    pthread_mutex_lock(&g_store_mu);
+    kvt_store *s = g_stores[h - 1];
+    g_stores[h - 1] = NULL;
+    pthread_mutex_unlock(&g_store_mu);
+    if (!s) return kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
+    free(s);
+    return KVT_OK;
+}
+
+static int32_t check_pages(const kvt_store *s, int32_t layer, int32_t n, const int32_t *ids,
+                           const char *fn) {
+    if (layer < 0 || layer >= s->d.n_layers)
+        return kvt_err(KVT_ERR_RANGE, "%s: expected layer in [0, %d), got %d", fn, s->d.n_layers, layer);
+    if (n < 0) return kvt_err(KVT_ERR_VALUE, "%s: expected n >= 0 pages, got %d", fn, n);
+    if (n > 0 && !ids) return kvt_err(KVT_ERR_VALUE, "%s: expected page_ids, got NULL", fn);
+    for (int32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= s->d.n_pages)
+            return kvt_err(KVT_ERR_RANGE, "%s: expected page ids in [0, %d), got %d at position %d",
+                           fn, s->d.n_pages, ids[i], i);
+    return KVT_OK;
+}
+
+/* Symmetric quantization: q = round(x / scale), scale = max|x| / qmax. */
+static float quant_sym(const float *x, int n, int qmax, int8_t *q) {
+    float m = 0.f;
+    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    float scale = m / (float)qmax;
+    float inv = scale > 0.f ? 1.f / scale : 0.f;
+    for (int i = 0; i < n; i++) {
+        long r = lrintf(x[i] * inv);
+        q[i] = (int8_t)(r > qmax ? qmax : (r < -qmax ? -qmax : r));
+    }
+    return scale;
+}
+
+static void load_row(const void *src, int32_t src_dtype, int64_t off, int D, float *dst) {
+    if (src_dtype == KVT_SRC_F32) {
+        memcpy(dst, (const float *)src + off, (size_t)D * sizeof(float));
+    } else {
+        const uint16_t *b = (const uint16_t *)src + off;
+        for (int d = 0; d < D; d++) dst[d] = kvt_bf16_to_f32(b[d]);
+    }
+}
+
+int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, const void *k,
+                   const void *v, int32_t src_dtype) {
+    kvt_store *s = kvt_store_get(h);
+    if (!s) return KVT_ERR_HANDLE;
+    int32_t rc = check_pages(s, layer, n, ids, "kvt_append");
+    if (rc) return rc;
+    if (src_dtype != KVT_SRC_F32 && src_dtype != KVT_SRC_BF16)
+        return kvt_err(KVT_ERR_VALUE, "kvt_append: expected src_dtype 0 (f32) or 1 (bf16), got %d", src_dtype);
+    if (n > 0 && (!k || !v)) return kvt_err(KVT_ERR_VALUE, "kvt_append: expected k and v, got NULL");
+    const int H = s->d.kv_heads, T = s->d.page_tokens, D = s->d.head_dim, S = s->d.summary_tokens;
+    float x[1024];
+    int8_t qb[1024];
+    for (int32_t i = 0; i < n; i++)
+        for (int hh = 0; hh < H; hh++) {
+            int64_t lph = kvt_lph(s, layer, ids[i], hh);
+            uint8_t *kp = (uint8_t *)kvt_key_ptr(s, lph);
+            float *ksp = (float *)kvt_kscale_ptr(s, lph);
+            uint8_t *vp = (uint8_t *)kvt_val_ptr(s, lph);
+            float *vsp = (float *)kvt_vscale_ptr(s, lph);
+            float *sum = (float *)kvt_summary_ptr(s, lph);
+            for (int t = 0; t < T; t++) {
+                int64_t off = (((int64_t)i * H + hh) * T + t) * D;
+                load_row(k, src_dtype, off, D, x);
+                float *mn = sum + (int64_t)(t / S) * 2 * D, *mx = mn + D;
+                if (t % S == 0)
+                    for (int d = 0; d < D; d++) { mn[d] = x[d]; mx[d] = x[d]; }
+                else
+                    for (int d = 0; d < D; d++) { mn[d] = fminf(mn[d], x[d]); mx[d] = fmaxf(mx[d], x[d]); }
+                if (s->d.key_format == KVT_KEY_BF16) {
+                    uint16_t *o = (uint16_t *)kp + (int64_t)t * D;
+                    for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
+                } else if (s->d.key_format == KVT_KEY_INT8) {
+                    ksp[t] = quant_sym(x, D, 127, (int8_t *)kp + (int64_t)t * D);
+                } else {
+                    int grp = s->d.key_group;
+                    for (int g0 = 0; g0 < D; g0 += grp)
+                        ksp[(int64_t)t * (D / grp) + g0 / grp] = quant_sym(x + g0, grp, 7, qb + g0);
+                    uint8_t *o = kp + (int64_t)t * (D / 2);
+                    for (int d = 0; d < D; d += 2)
+                        o[d / 2] = (uint8_t)((qb[d] & 0xf) | ((qb[d + 1] & 0xf) << 4));
+                }
+                load_row(v, src_dtype, off, D, x);
+                if (s->d.value_format == KVT_VAL_BF16) {
+                    uint16_t *o = (uint16_t *)vp + (int64_t)t * D;
+                    for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
+                } else {
+                    vsp[t] = quant_sym(x, D, 127, (int8_t *)vp + (int64_t)t * D);
+                }
+            }
+        }
+    return KVT_OK;
+}
+
+static void dequant_key_token(const kvt_store *s, int64_t lph, int t, float *o) {
+    const int D = s->d.head_dim;
+    const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)t * s->key_tok;
+    const float *ks = kvt_kscale_ptr(s, lph);
+    if (s->d.key_format == KVT_KEY_BF16) {
+        for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(((const uint16_t *)kp)[d]);
+    } else if (s->d.key_format == KVT_KEY_INT8) {
+        for (int d = 0; d < D; d++) o[d] = (float)((const int8_t *)kp)[d] * ks[t];
+    } else {
+        int grp = s->d.key_group;
+        const float *sc = ks + (int64_t)t * (D / grp);
+        for (int d = 0; d < D; d += 2) {
+            uint8_t b = kp[d / 2];
+            o[d] = (float)((int8_t)(uint8_t)(b << 4) >> 4) * sc[d / grp];
+            o[d + 1] = (float)((int8_t)b >> 4) * sc[d / grp];
+        }
+    }
+}
+
+static int32_t dequant(int32_t h, int32_t layer, int32_t n, const int32_t *ids, float *out, int keys) {
+    const char *fn = keys ? "kvt_dequant_keys" : "kvt_dequant_values";
+    kvt_store *s = kvt_store_get(h);
+    if (!s) return KVT_ERR_HANDLE;
+    int32_t rc = check_pages(s, layer, n, ids, fn);
+    if (rc) return rc;
+    if (n > 0 && !out) return kvt_err(KVT_ERR_VALUE, "%s: expected an output buffer, got NULL", fn);
+    const int H = s->d.kv_heads, T = s->d.page_tokens, D = s->d.head_dim;
+    for (int32_t i = 0; i < n; i++)
+        for (int hh = 0; hh < H; hh++) {
+            int64_t lph = kvt_lph(s, layer, ids[i], hh);
+            for (int t = 0; t < T; t++) {
+                float *o = out + (((int64_t)i * H + hh) * T + t) * D;
+                if (keys) {
+                    dequant_key_token(s, lph, t, o);
+                } else if (s->d.value_format == KVT_VAL_BF16) {
+                    const uint16_t *vp = (const uint16_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
+                    for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(vp[d]);
+                } else {
+                    const int8_t *vp = (const int8_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
+                    float sc = kvt_vscale_ptr(s, lph)[t];
+                    for (int d = 0; d < D; d++) o[d] = (float)vp[d] * sc;
+                }
+            }
+        }
+    return KVT_OK;
+}
+
+int32_t kvt_dequant_keys(int32_t h, int32_t layer, int32_t n, const int32_t *ids, float *out) {
+    return dequant(h, layer, n, ids, out, 1);
+}
+
+int32_t kvt_dequant_values(int32_t h, int32_t layer, int32_t n, const int32_t *ids, float *out) {
+    return dequant(h, layer, n, ids, out, 0);
+}
+
+void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
+                    float *out, int64_t os) {
+    const int D = s->d.head_dim;
+    const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)t0 * s->key_tok;
+    const float *ks = kvt_kscale_ptr(s, lph);
+    switch (s->d.key_format) {
+    case KVT_KEY_BF16: kvt_k->score_bf16((const uint16_t *)kp, n, D, q, G, out, os); break;
+    case KVT_KEY_INT8: kvt_k->score_i8((const int8_t *)kp, ks + t0, n, D, q, G, out, os); break;
+    default:
+        kvt_k->score_i4(kp, ks + (int64_t)t0 * s->kscale_tok, n, D, s->d.key_group, q, G, out, os);
+    }
+}
+
+void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t ps, int G,
+                     float *acc) {
+    const int D = s->d.head_dim;
+    const uint8_t *vp = kvt_val_ptr(s, lph) + (int64_t)t * s->val_tok;
+    if (s->d.value_format == KVT_VAL_BF16)
+        kvt_k->accum_bf16((const uint16_t *)vp, D, p, ps, G, acc);
+    else
+        kvt_k->accum_i8((const int8_t *)vp, kvt_vscale_ptr(s, lph)[t], D, p, ps, G, acc);
+}

@@ -1,0 +1,97 @@
+/* kvtier native engine: quantized host KV store + sparse CPU attention.
+ *
+ * This header doubles as the cffi cdef: build_engine.py drops the lines that
+ * start with '#', so everything else must stay plain C declarations.
+ * Every int32_t-returning function returns KVT_OK or an error code; the
+ * message for the calling thread is in kvt_last_error().
+ */
+#ifndef KVTIER_ENGINE_H
+#define KVTIER_ENGINE_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    KVT_OK = 0,
+    KVT_ERR_VALUE = 1,       /* bad size, format, mode, budget */
+    KVT_ERR_RANGE = 2,       /* page id, layer, token index out of range */
+    KVT_ERR_HANDLE = 3,      /* unknown or closed handle */
+    KVT_ERR_STATE = 4,       /* no plan, plan's store closed */
+    KVT_ERR_NOMEM = 5,
+    KVT_ERR_UNSUPPORTED = 6, /* ISA not available on this CPU */
+    KVT_ERR_INTERNAL = 7
+};
+
+enum { KVT_KEY_BF16 = 0, KVT_KEY_INT8 = 1, KVT_KEY_INT4 = 2 };
+enum { KVT_VAL_BF16 = 0, KVT_VAL_INT8 = 1 };
+enum { KVT_SRC_F32 = 0, KVT_SRC_BF16 = 1 };
+enum { KVT_SELECT_TOPK = 0, KVT_SELECT_MASS = 1, KVT_SELECT_BLOCKS = 2, KVT_SELECT_ALL = 3 };
+enum { KVT_REDUCE_MAX = 0, KVT_REDUCE_MEAN = 1, KVT_PER_QHEAD = 2 };
+
+typedef struct kvt_store_desc {
+    int32_t n_layers;
+    int32_t n_pages;
+    int32_t kv_heads;
+    int32_t page_tokens;
+    int32_t head_dim;
+    int32_t key_format;
+    int32_t value_format;
+    int32_t key_group;      /* INT4 keys: channels per scale */
+    int32_t summary_tokens; /* tokens per min/max summary chunk */
+    void *keys;             /* see native/README.md for shapes */
+    float *key_scales;      /* NULL for BF16 keys */
+    void *values;
+    float *value_scales;    /* NULL for BF16 values */
+    float *summary;         /* [L, P, H, T/S, 2, D] */
+} kvt_store_desc;
+
+typedef struct kvt_plan_desc {
+    int32_t batch;
+    int32_t num_q_heads;
+    const int32_t *page_table;
+    const int32_t *page_offsets;  /* [batch + 1] */
+    const int32_t *n_tokens;      /* [batch] */
+    int32_t mode;
+    int32_t group_reduce;
+    const int32_t *budget_tokens; /* [batch * kv_heads] */
+    const int32_t *block_tokens;  /* [kv_heads], BLOCKS mode only */
+    float mass_threshold;
+    float sm_scale;
+    float soft_cap;
+} kvt_plan_desc;
+
+int32_t kvt_init(void);
+const char *kvt_last_error(void);
+const char *kvt_active_isa(void);
+int32_t kvt_set_isa(const char *name);
+int32_t kvt_isa_supported(const char *name);
+const char *kvt_version(void);
+const char *kvt_build_hash(void);
+
+int32_t kvt_store_open(const kvt_store_desc *desc, int32_t *handle);
+int32_t kvt_store_close(int32_t store);
+int32_t kvt_append(int32_t store, int32_t layer, int32_t n, const int32_t *page_ids,
+                   const void *k, const void *v, int32_t src_dtype);
+int32_t kvt_dequant_keys(int32_t store, int32_t layer, int32_t n, const int32_t *page_ids,
+                         float *out);
+int32_t kvt_dequant_values(int32_t store, int32_t layer, int32_t n, const int32_t *page_ids,
+                           float *out);
+
+int32_t kvt_engine_create(int32_t n_threads, int32_t *handle);
+int32_t kvt_engine_destroy(int32_t engine);
+int32_t kvt_engine_threads(int32_t engine);
+int32_t kvt_plan(int32_t engine, int32_t store, const kvt_plan_desc *desc);
+int32_t kvt_plan_max_tokens(int32_t engine);
+int32_t kvt_run(int32_t engine, int32_t layer, const float *q, float *out, float *lse,
+                int32_t *n_selected, int32_t *sel_index, int32_t sel_cap);
+int32_t kvt_score(int32_t engine, int32_t layer, const float *q, float *scores,
+                  int32_t n_max);
+int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, const int32_t *idx,
+                            const float *p, int32_t m, float *out);
+int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
