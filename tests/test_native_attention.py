@@ -1,0 +1,254 @@
+"""Engine attention vs a float64 torch reference, and every ISA variant vs generic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvtier._native as N
+
+ISAS = [name for name in ("generic", "avx2", "avx512") if N.isa_supported(name)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    before = N.active_isa()
+    yield
+    N.set_isa(before)
+
+
+# ---------------------------------------------------------------- reference
+def ref_keys(store, layer, pages):
+    """Dequantize keys [np, H, T, D] in float64, independently of the C code."""
+    pages = pages.long()
+    if store.key_format is N.KeyFormat.BF16:
+        return store.keys[layer, pages].double()
+    if store.key_format is N.KeyFormat.INT8:
+        return store.keys[layer, pages].double() * store.key_scales[layer, pages].double()[..., None]
+    b = store.keys[layer, pages].to(torch.int16)
+    lo = ((b & 0xF) ^ 8) - 8
+    hi = ((b >> 4) ^ 8) - 8
+    q = torch.stack([lo, hi], dim=-1).flatten(-2).double()
+    sc = store.key_scales[layer, pages].double().repeat_interleave(store.key_group, dim=-1)
+    return q * sc
+
+
+def ref_values(store, layer, pages):
+    pages = pages.long()
+    if store.value_format is N.ValueFormat.BF16:
+        return store.buffers.values[layer, pages].double()
+    return store.buffers.values[layer, pages].double() * store.value_scales[layer, pages].double()[..., None]
+
+
+def flat(x, n):  # [np, H, T, D] -> [H, n, D]
+    return x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[3])[:, :n]
+
+
+def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, blocks, tau, sm, cap):
+    B, Hq, D = q.shape
+    Hkv = store.kv_heads
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), -math.inf, dtype=torch.float64)
+    sels = [[None] * Hq for _ in range(B)]
+    for b in range(B):
+        n = int(ntok[b])
+        pages = table[int(offs[b]):int(offs[b + 1])]
+        if n == 0:
+            for qh in range(Hq):
+                sels[b][qh] = []
+            continue
+        K, V = flat(ref_keys(store, layer, pages), n), flat(ref_values(store, layer, pages), n)
+        for h in range(Hkv):
+            qg = q[b, h * G:(h + 1) * G].double()
+            logit = (qg @ K[h].T) * sm
+            if cap > 0:
+                logit = cap * torch.tanh(logit / cap)
+            sets = [(g, g + 1) for g in range(G)] if reduce == "per_qhead" else [(0, G)]
+            k = n if mode == "all" else int(budget[b, h])
+            for g0, g1 in sets:
+                r = logit[g0:g1].amax(0) if reduce != "mean" else logit[g0:g1].mean(0)
+                if mode == "all":
+                    sel = torch.arange(n)
+                elif mode == "blocks":
+                    bt = int(blocks[h])
+                    S = store.summary_tokens
+                    summ = store.summary[layer, pages.long(), h].double()  # [np, T/S, 2, D]
+                    summ = summ.reshape(-1, 2, D)[: (n + S - 1) // S]
+                    nb = (n + bt - 1) // bt
+                    ub = []
+                    for bi in range(nb):
+                        c = summ[bi * bt // S: min((bi + 1) * bt, n + S - 1) // S]
+                        mn, mx = c[:, 0].amin(0), c[:, 1].amax(0)
+                        u = torch.maximum(qg[g0:g1] * mn, qg[g0:g1] * mx).sum(-1) * sm
+                        ub.append(u.mean() if reduce == "mean" else u.max())
+                    ub = torch.stack(ub)
+                    chosen = torch.topk(ub, min(nb, -(-k // bt))).indices
+                    sel = torch.cat([torch.arange(c * bt, min((c + 1) * bt, n)) for c in chosen.tolist()])
+                else:
+                    sel = torch.topk(r, min(k, n)).indices
+                    if mode == "mass":
+                        p = torch.softmax(r, 0)[sel]
+                        order = torch.argsort(p, descending=True)
+                        cum = torch.cumsum(p[order], 0)
+                        keep = int((cum < tau).sum()) + 1
+                        sel = sel[order[: min(keep, len(sel))]]
+                sel = torch.sort(sel).values
+                for g in range(g0, g1):
+                    x = logit[g, sel]
+                    lse[b, h * G + g] = torch.logsumexp(x, 0)
+                    out[b, h * G + g] = torch.softmax(x, 0) @ V[h, sel]
+                    sels[b][h * G + g] = sel.tolist()
+    return out, lse, sels
+
+
+# ---------------------------------------------------------------- harness
+def make_case(*, D=64, T=16, G=4, Hkv=2, lengths=(100,), kf="int8", vf="bf16", layers=2, seed=0,
+              S=None):
+    g = torch.Generator().manual_seed(seed)
+    npages = [max(1, -(-n // T)) for n in lengths]
+    P = sum(npages) + 3
+    S = S or min(16, T)
+    store = N.HostStoreView.allocate(n_layers=layers, n_pages=P, kv_heads=Hkv, page_tokens=T, head_dim=D,
+                                     key_format=kf, value_format=vf, summary_tokens=S)
+    perm = torch.randperm(P, generator=g).to(torch.int32)
+    for layer in range(layers):
+        k = torch.randn(P, Hkv, T, D, generator=g) * 2
+        v = torch.randn(P, Hkv, T, D, generator=g)
+        store.append(layer, torch.arange(P, dtype=torch.int32), k, v)
+    table = perm[: sum(npages)]
+    offs = torch.tensor([0] + list(torch.tensor(npages).cumsum(0)), dtype=torch.int32)
+    ntok = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), G * Hkv, D, generator=g)
+    return store, table, offs, ntok, q
+
+
+def run_both(store, table, offs, ntok, q, *, mode="topk", reduce="max", budget=None, blocks=None,
+             tau=1.0, cap=0.0, layer=1):
+    B, Hq, D = q.shape
+    sm = 1.0 / math.sqrt(D)
+    if budget is None:
+        budget = torch.full((B, store.kv_heads), 20, dtype=torch.int32)
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
+                 block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap)
+        res = eng.run(layer, q, return_selection=True)
+    ref = ref_attention(store, layer, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget,
+                        blocks=blocks, tau=tau, sm=sm, cap=cap)
+    return res, ref
+
+
+def assert_matches(res, ref, atol=2e-4):
+    out, lse, sels = ref
+    B, Hq, _ = out.shape
+    for b in range(B):
+        for qh in range(Hq):
+            n = int(res.n_selected[b, qh])
+            got = res.sel_index[b, qh, :n].tolist()
+            assert got == sels[b][qh], f"selection differs at request {b} head {qh}"
+            assert (res.sel_index[b, qh, n:] == -1).all()
+    torch.testing.assert_close(res.out.double(), out, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(res.lse.double(), lse, atol=atol, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("T", [16, 32, 64])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_shapes_topk_vs_reference(D, T, G):
+    kf = ["int8", "int4", "bf16"][(D // 64 + T // 16 + G) % 3]
+    case = make_case(D=D, T=T, G=G, lengths=(T * 3 + 5, 7), kf=kf, seed=D + T + G)
+    assert_matches(*run_both(*case, budget=torch.tensor([[17, 30], [3, 50]], dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("mode", ["topk", "mass", "blocks", "all"])
+@pytest.mark.parametrize("reduce", ["max", "mean", "per_qhead"])
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("kf,vf", [("int8", "bf16"), ("int4", "int8"), ("bf16", "int8")])
+def test_modes_vs_reference(mode, reduce, cap, kf, vf):
+    case = make_case(D=64, T=32, G=4, lengths=(150, 70, 0), kf=kf, vf=vf, seed=len(mode) + len(reduce))
+    budget = torch.tensor([[40, 64], [33, 12], [5, 5]], dtype=torch.int32)
+    blocks = torch.tensor([16, 64], dtype=torch.int32) if mode == "blocks" else None
+    assert_matches(*run_both(*case, mode=mode, reduce=reduce, budget=budget, blocks=blocks, tau=0.9, cap=cap))
+
+
+def test_budget_covers_everything_equals_exact_attention():
+    case = make_case(lengths=(77, 130))
+    budget = torch.full((2, 2), 10_000, dtype=torch.int32)
+    res, ref = run_both(*case, budget=budget)
+    assert_matches(res, ref)
+    res_all, ref_all = run_both(*case, mode="all")
+    torch.testing.assert_close(res.out, res_all.out)
+    assert (res.n_selected == torch.tensor([[77] * 8, [130] * 8], dtype=torch.int32)).all()
+
+
+def test_single_token_and_empty_request():
+    case = make_case(lengths=(1, 0, 2))
+    res, ref = run_both(*case)
+    assert_matches(res, ref)
+    assert torch.isneginf(res.lse[1]).all() and (res.out[1] == 0).all()
+    assert (res.n_selected[1] == 0).all() and (res.sel_index[1] == -1).all()
+
+
+def test_mass_threshold_small_selects_few():
+    case = make_case(lengths=(300,), G=1, seed=5)
+    res, ref = run_both(*case, mode="mass", tau=0.3, budget=torch.tensor([[200, 200]], dtype=torch.int32))
+    assert_matches(res, ref)
+    assert (res.n_selected < 200).all()
+
+
+def test_score_matches_reference_topk():
+    store, table, offs, ntok, q = make_case(D=128, T=16, G=4, lengths=(200, 90), seed=3)
+    sm = 1 / math.sqrt(128)
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, 8, budget_tokens=torch.full((2, 2), 32, dtype=torch.int32),
+                 sm_scale=sm)
+        sc = eng.score(0, q)
+    assert sc.shape == (2, 8, 200) and torch.isneginf(sc[1, :, 90:]).all()
+    K = flat(ref_keys(store, 0, table[offs[0]:offs[1]]), 200)
+    ref = torch.einsum("gd,gnd->gn", q[0].double(), K.repeat_interleave(4, 0)) * sm
+    torch.testing.assert_close(sc[0].double(), ref, atol=1e-4, rtol=1e-4)
+    assert set(torch.topk(sc[0, 0], 32).indices.tolist()) == set(torch.topk(ref[0], 32).indices.tolist())
+
+
+def test_weighted_values_matches_reference():
+    store, table, offs, ntok, q = make_case(lengths=(50, 20), vf="int8", seed=9)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(-1, 20, (2, 8, 12), generator=g, dtype=torch.int32)
+    p = torch.rand(2, 8, 12, generator=g)
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, 8, mode="all", sm_scale=0.1)
+        out = eng.weighted_values(store, 1, idx, p)
+    for b in range(2):
+        V = flat(ref_values(store, 1, table[offs[b]:offs[b + 1]]), int(ntok[b]))
+        for qh in range(8):
+            keep = idx[b, qh] >= 0
+            want = p[b, qh, keep].double() @ V[qh // 4, idx[b, qh, keep].long()]
+            torch.testing.assert_close(out[b, qh].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("kf,vf", [("int8", "bf16"), ("int4", "int8"), ("bf16", "bf16")])
+@pytest.mark.parametrize("mode", ["topk", "mass", "blocks", "all"])
+def test_isa_variants_match_generic(isa, kf, vf, mode):
+    case = make_case(D=128, T=16, G=4, Hkv=2, lengths=(333, 45), kf=kf, vf=vf, seed=11)
+    kw = dict(mode=mode, budget=torch.tensor([[64, 32], [16, 100]], dtype=torch.int32), tau=0.8,
+              blocks=torch.tensor([16, 32], dtype=torch.int32) if mode == "blocks" else None)
+    N.set_isa("generic")
+    base, _ = run_both(*case, **kw)
+    N.set_isa(isa)
+    got, ref = run_both(*case, **kw)
+    assert_matches(got, ref)
+    assert torch.equal(got.sel_index, base.sel_index)
+    torch.testing.assert_close(got.out, base.out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.lse, base.lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_stream_read_checksum(isa):
+    N.set_isa(isa)
+    buf = torch.randint(0, 255, (1_000_003,), dtype=torch.uint8)
+    with N.Engine(2) as eng:
+        assert eng.stream_read(buf) == int(buf.long().sum())
