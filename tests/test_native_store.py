@@ -1,0 +1,92 @@
+"""Store formats: quantization error bounds, summaries, append/dequant round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier._native as N
+
+
+def fill(kf, vf, *, D=128, T=32, H=2, P=5, src=torch.float32, seed=0, G=32):
+    g = torch.Generator().manual_seed(seed)
+    store = N.HostStoreView.allocate(n_layers=2, n_pages=P, kv_heads=H, page_tokens=T, head_dim=D,
+                                     key_format=kf, value_format=vf, key_group=G)
+    k = (torch.randn(3, H, T, D, generator=g) * 3).to(src)
+    v = torch.randn(3, H, T, D, generator=g).to(src)
+    ids = torch.tensor([4, 0, 2], dtype=torch.int32)
+    store.append(1, ids, k, v)
+    return store, ids, k.float(), v.float()
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_int8_keys_per_token_bound(src):
+    store, ids, k, _ = fill("int8", "bf16", src=src)
+    scale = store.key_scales[1, ids.long()]
+    assert torch.allclose(scale, k.abs().amax(-1) / 127)
+    err = (store.dequant_keys(1, ids) - k).abs()
+    assert (err <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("G", [16, 32, 64])
+def test_int4_keys_per_group_bound(G):
+    store, ids, k, _ = fill("int4", "bf16", G=G)
+    scale = store.key_scales[1, ids.long()]  # [n, H, T, D/G]
+    assert scale.shape[-1] == 128 // G
+    assert torch.allclose(scale, k.unflatten(-1, (-1, G)).abs().amax(-1) / 7)
+    err = (store.dequant_keys(1, ids) - k).abs()
+    assert (err <= scale.repeat_interleave(G, -1) / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+def test_int4_nibble_layout_low_is_even_channel():
+    store, ids, k, _ = fill("int4", "bf16")
+    b = store.keys[1, 4, 0, 0, 0].item()
+    sc = store.key_scales[1, 4, 0, 0, 0].item()
+    lo, hi = ((b & 0xF) ^ 8) - 8, ((b >> 4) ^ 8) - 8
+    assert lo == round(k[0, 0, 0, 0].item() / sc) and hi == round(k[0, 0, 0, 1].item() / sc)
+
+
+def test_bf16_relative_bound_and_values():
+    store, ids, k, v = fill("bf16", "bf16")
+    kd = store.dequant_keys(1, ids)
+    assert ((kd - k).abs() <= k.abs() * 2.0**-8).all()
+    assert torch.equal(kd, k.to(torch.bfloat16).float())  # round to nearest even, as torch
+    assert torch.equal(store.values(1, ids), v.to(torch.bfloat16).float())
+
+
+def test_int8_values_bound():
+    store, ids, _, v = fill("bf16", "int8")
+    scale = store.value_scales[1, ids.long()]
+    err = (store.values(1, ids) - v).abs()
+    assert (err <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+def test_summary_is_min_max_of_original_keys():
+    store, ids, k, _ = fill("int8", "bf16", T=32)
+    s = store.summary[1, ids.long()]  # [n, H, T/S, 2, D]
+    chunks = k.unflatten(2, (2, 16))
+    assert torch.equal(s[..., 0, :], chunks.amin(3)) and torch.equal(s[..., 1, :], chunks.amax(3))
+
+
+def test_layers_are_independent_and_untouched_pages_stay_zero():
+    store, ids, k, _ = fill("int8", "int8")
+    assert (store.dequant_keys(0, ids) == 0).all()
+    assert (store.dequant_keys(1, torch.tensor([1, 3])) == 0).all()
+
+
+def test_zero_keys_quantize_to_zero():
+    store = N.HostStoreView.allocate(n_layers=1, n_pages=1, kv_heads=1, page_tokens=16, head_dim=32,
+                                     key_format="int4", value_format="int8", key_group=16)
+    z = torch.zeros(1, 1, 16, 32)
+    store.append(0, torch.tensor([0]), z, z)
+    assert (store.dequant_keys(0, torch.tensor([0])) == 0).all()
+    assert (store.values(0, torch.tensor([0])) == 0).all()
+
+
+def test_nbytes_and_buffers():
+    store = N.HostStoreView.allocate(n_layers=2, n_pages=3, kv_heads=2, page_tokens=16, head_dim=64)
+    keys = 2 * 3 * 2 * 16 * 64
+    assert store.nbytes == keys + keys // 64 * 4 + keys * 2 + 2 * 3 * 2 * 1 * 2 * 64 * 4
+    assert store.buffers.keys is store.keys and store.buffers.value_scales is None
+    store.close()
+    store.close()  # idempotent
