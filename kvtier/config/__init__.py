@@ -34,10 +34,10 @@ from .sections import (
     WindowConfig,
     budget_tokens,
 )
-from .shape import ModelShape, device_bytes_per_token, host_bytes_per_token
+from .shape import GIB_BYTES, ModelShape, device_bytes_per_token, host_bytes_per_token
 
 __all__ = [
-    "AllBudget", "Budget", "ConfigError", "DenseConfig", "EngineConfig", "FluxionConfig", "FractionBudget",
+    "AllBudget", "Budget", "ConfigError", "GIB_BYTES", "DenseConfig", "EngineConfig", "FluxionConfig", "FractionBudget",
     "GroupReduce", "HcattentionConfig", "HgcaConfig", "HostStoreConfig", "Isa", "KeyFormat", "MassBudget",
     "ModelShape", "OffloadAllConfig", "OnFull", "POLICY_CLASSES", "PolicyConfig", "Problem", "QuestConfig",
     "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "budget_tokens",

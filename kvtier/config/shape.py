@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .sections import HostStoreConfig, KeyFormat, ValueFormat
 
 GIB = 1 << 30
+GIB_BYTES = GIB
 
 
 class ModelShape(NamedTuple):

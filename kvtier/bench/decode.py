@@ -1,0 +1,230 @@
+"""`kvtier bench decode`: Llama-3-8B-shaped decode, dense vs offload_all vs hgca.
+
+Each (context, batch, policy) cell fills the tiers with the same synthetic
+context, decodes a few steps through the stack, and reports ms per step,
+tokens/s, device and host KV bytes, and the attention error against dense
+attention over the same q and the full context (sampled layers). Cells that
+do not fit in memory are reported as such, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from ..config import ModelShape, from_mapping
+from ..config.shape import device_bytes_per_token, host_bytes_per_token
+from .results import machine, markdown_table, write
+from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, make_weights, output, project_qkv
+
+POLICIES = ("dense", "offload_all", "hgca")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
+    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 32768,131072")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,4,16")
+    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    parser.add_argument("--steps", type=int, default=0, help="timed decode steps per cell")
+    parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 80%% of RAM)")
+
+
+def _configs(window: int, sinks: int, budget: int) -> Dict[str, object]:
+    win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
+    return {
+        "dense": from_mapping({"policy": "dense", "window": win}),
+        "offload_all": from_mapping({"policy": "offload_all", "window": win, "budget": {"kind": "all"},
+                                     "host_store": {"key_format": "bf16"}}),
+        "hgca": from_mapping({"policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
+                              "host_store": {"key_format": "int8", "value_format": "bf16"}}),
+    }
+
+
+def _ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.standalone import StandaloneTier
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    quick = args.quick
+    shape = ModelShape(2, 32, 8, 128) if quick else LLAMA3_8B
+    hidden = 1024 if quick else HIDDEN
+    contexts = args.contexts or ([2048, 8192] if quick else [32768, 131072])
+    batches = args.batches or ([1, 2] if quick else [1, 4, 16])
+    steps = args.steps or (2 if quick else 8)
+    budget = args.budget_tokens or (256 if quick else 2048)
+    window, sinks = (256, 16) if quick else (1024, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    weights = make_weights(shape, hidden, device=device, dtype=dtype)
+    configs = _configs(window, sinks, budget)
+    host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.8 * _ram_bytes())
+    dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
+    print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
+          f"head_dim {shape.head_dim}, hidden {hidden}, device {device}, steps {steps}, hgca budget {budget}")
+    rows: List[Dict[str, object]] = []
+    for context in contexts:
+        for batch in batches:
+            for name in args.policies:
+                cfg = configs[name]
+                row = {"policy": name, "context": context, "batch": batch}
+                dev_tokens = batch * (context + steps + 8) if name == "dense" else \
+                    batch * (sinks + window + 16 + steps + 8)
+                need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
+                need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape)
+                if need_dev > dev_cap or need_host > host_cap:
+                    row["status"] = f"does not fit (device {need_dev / 2**30:.1f} GiB, host {need_host / 2**30:.1f} GiB)"
+                    print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
+                    rows.append(row)
+                    continue
+                row.update(_run_cell(StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
+                                                    host_tokens=batch * context),
+                                     weights, shape, hidden, context, batch, steps, device, dtype))
+                row["status"] = "ok"
+                print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
+                      f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
+                      f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
+                rows.append(row)
+    return _report(rows, quick, device, shape, budget)
+
+
+def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
+              device, dtype) -> Dict[str, object]:
+    rids = list(range(batch))
+    try:
+        for r in rids:
+            st.tier.add(r)
+            plan = st.tier.prefill(r, context)
+            for layer in range(shape.n_layers):
+                k, v = context_kv(shape, w, layer, context, seed=r, device=device, dtype=dtype)
+                st.tier.write_prefill_layer(plan, layer, k, v)
+        gen = torch.Generator(device="cpu").manual_seed(7)
+        x = torch.randn(batch, hidden, generator=gen).to(device, dtype)
+        new_k = [[] for _ in range(shape.n_layers)]
+        new_v = [[] for _ in range(shape.n_layers)]
+        sampled = sorted({0, shape.n_layers // 2, shape.n_layers - 1})
+        last_q = {}
+
+        def step(record: bool):
+            nonlocal x
+            slots = torch.cat([st.tier.extend(r, 1) for r in rids]).to(device)
+            st.attn.plan(rids)
+            for layer in range(shape.n_layers):
+                q, k, v = project_qkv(x, w, layer, shape)
+                st.pool.k[layer, slots] = k
+                st.pool.v[layer, slots] = v
+                new_k[layer].append(k.float())
+                new_v[layer].append(v.float())
+                attn = st.attn.run(q, layer)
+                if record and layer in sampled:
+                    last_q[layer] = (q.float(), attn.float())
+                x = output(x, attn, w, layer)
+            st.tier.evict()
+
+        step(False)  # warm-up: plans, FlashInfer JIT, engine threads
+        _sync(device)
+        st.attn.take_times()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(i == steps - 1)
+        _sync(device)
+        dt = (time.perf_counter() - t0) / steps
+        times = st.attn.take_times()
+        err = _attention_error(shape, w, last_q, new_k, new_v, context, batch, device)
+        stats = st.tier.stats()
+        return {
+            "ms_per_step": dt * 1e3, "tokens_per_s": batch / dt, "rel_err": err,
+            "device_kv_gib": st.device_kv_bytes() / 2**30, "host_kv_gib": st.host_kv_bytes() / 2**30,
+            "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
+            "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
+            "cpu_attn_ms_per_step": times.cpu_s / steps * 1e3, "gpu_attn_ms_per_step": times.gpu_s / steps * 1e3,
+        }
+    finally:
+        st.close()
+
+
+def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device) -> float:
+    """Relative error of the tier's attention output against dense over the full context."""
+    from ..runtime import dense_attention
+
+    num = den = 0.0
+    for layer, (q, got) in last_q.items():
+        for r in range(min(batch, 2)):
+            k, v = context_kv(shape, w, layer, context, seed=r, device=device, dtype=torch.float32)
+            k = torch.cat([k] + [s[r: r + 1] for s in new_k[layer]])
+            v = torch.cat([v] + [s[r: r + 1] for s in new_v[layer]])
+            indptr = torch.tensor([0, k.shape[0]], device=device)
+            ref = dense_attention(q[r: r + 1], k, v, indptr, sm_scale=shape.head_dim ** -0.5).out
+            num += float((got[r: r + 1] - ref).norm() ** 2)
+            den += float(ref.norm() ** 2)
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _report(rows, quick, device, shape, budget) -> int:
+    name = f"decode-{'quick-' if quick else ''}{device.type}"
+    cols = ["policy", "context", "batch", "ms_per_step", "tokens_per_s", "device_kv_gib", "host_kv_gib",
+            "rel_err", "cpu_attn_ms_per_step", "status"]
+    ok = {(r["policy"], r["context"], r["batch"]): r for r in rows if r.get("status") == "ok"}
+    shapes = sorted({(c, b) for (p, c, b) in ok if all((q, c, b) in ok for q in POLICIES)})
+    summary = {}
+    if shapes:
+        c, b = shapes[-1]
+        h, o, d = ok[("hgca", c, b)], ok[("offload_all", c, b)], ok[("dense", c, b)]
+        summary = {"context": c, "batch": b, "hgca_vs_offload_all": o["ms_per_step"] / h["ms_per_step"],
+                   "hgca_vs_dense": d["ms_per_step"] / h["ms_per_step"], "hgca_rel_err": h["rel_err"]}
+    payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
+               "shape": shape._asdict(), "hgca_budget_tokens": budget, "rows": rows, "summary": summary}
+    path = write(name, payload, markdown_table(rows, cols))
+    _plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    if not summary:
+        print("no shape ran all of dense, offload_all and hgca; no summary line", file=sys.stderr)
+        return 1
+    print(f"hgca_vs_offload_all={summary['hgca_vs_offload_all']:.3f} hgca_vs_dense={summary['hgca_vs_dense']:.3f} "
+          f"hgca_rel_err={summary['hgca_rel_err']:.3e}")
+    return 0
+
+
+def _plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in POLICIES:
+        for batch in sorted({r["batch"] for r in rows}):
+            pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
+                         if r["policy"] == policy and r["batch"] == batch and r.get("status") == "ok")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{policy} b={batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode tokens/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

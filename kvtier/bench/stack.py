@@ -1,0 +1,64 @@
+"""A Llama-3-8B-shaped attention stack with random weights, decoding through the tier.
+
+Real QKV and output projections give the GPU real work per layer. A q bias
+along a per-(layer, kv-head) direction, matched by salient context keys,
+makes attention peaked the way trained models' is (see `synthetic`), so the
+sparse policies face a meaningful selection problem.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+import torch
+
+from ..config import ModelShape
+
+LLAMA3_8B = ModelShape(n_layers=32, num_q_heads=32, kv_heads=8, head_dim=128)
+HIDDEN = 4096
+
+
+class StackWeights(NamedTuple):
+    w_qkv: List[torch.Tensor]  # [hidden, (Hq + 2 Hkv) * D]
+    w_o: List[torch.Tensor]  # [Hq * D, hidden]
+    q_dir: torch.Tensor  # [L, Hkv, D] unit directions
+
+
+def make_weights(shape: ModelShape, hidden: int, *, device, dtype, seed: int = 0) -> StackWeights:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d, hq, hkv = shape.head_dim, shape.num_q_heads, shape.kv_heads
+    width = (hq + 2 * hkv) * d
+    w_qkv = [(torch.randn(hidden, width, generator=gen) * (0.5 / hidden ** 0.5)).to(device, dtype)
+             for _ in range(shape.n_layers)]
+    w_o = [(torch.randn(hq * d, hidden, generator=gen) / (hq * d) ** 0.5).to(device, dtype)
+           for _ in range(shape.n_layers)]
+    q_dir = torch.nn.functional.normalize(torch.randn(shape.n_layers, hkv, d, generator=gen), dim=-1).to(device)
+    return StackWeights(w_qkv, w_o, q_dir)
+
+
+def context_kv(shape: ModelShape, w: StackWeights, layer: int, n: int, *, seed: int, device, dtype,
+               salient_fraction: float = 0.01, salient_logit: float = 8.0):
+    """Deterministic synthetic K, V [n, Hkv, D] of one request's context at one layer."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1000 + layer)
+    hkv, d = shape.kv_heads, shape.head_dim
+    k = torch.randn(n, hkv, d, generator=gen, device=device, dtype=torch.float32)
+    v = torch.randn(n, hkv, d, generator=gen, device=device, dtype=torch.float32)
+    salient = torch.rand(n, hkv, generator=gen, device=device) < salient_fraction
+    k += salient[..., None] * w.q_dir[layer][None] * salient_logit
+    return k.to(dtype), v.to(dtype)
+
+
+def project_qkv(x: torch.Tensor, w: StackWeights, layer: int, shape: ModelShape):
+    """x [B, hidden] -> q [B, Hq, D], k, v [B, Hkv, D]; q carries the layer's bias direction."""
+    b = x.shape[0]
+    d, hq, hkv = shape.head_dim, shape.num_q_heads, shape.kv_heads
+    qkv = x @ w.w_qkv[layer]
+    q = qkv[:, : hq * d].view(b, hkv, hq // hkv, d) + (w.q_dir[layer][None, :, None, :] * d ** 0.5).to(x.dtype)
+    k = qkv[:, hq * d: (hq + hkv) * d].view(b, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(b, hkv, d)
+    return q.reshape(b, hq, d), k, v
+
+
+def output(x: torch.Tensor, attn: torch.Tensor, w: StackWeights, layer: int) -> torch.Tensor:
+    y = x + attn.reshape(x.shape[0], -1) @ w.w_o[layer]
+    return y * (x.shape[1] ** 0.5 / y.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(y.dtype)

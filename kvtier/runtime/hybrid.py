@@ -1,0 +1,183 @@
+"""Hybrid decode attention, plan/run: GPU dense window + CPU sparse host, merged.
+
+`plan(rids)` runs once per batch on the host: window slot lists, host page
+tables and per-(request, kv-head) budgets; it owns every scratch buffer.
+`run(q, layer)` runs once per layer and allocates nothing on the engine side:
+it copies q to the host, starts the native engine (which releases the GIL),
+runs the window attention on the device meanwhile, waits, brings (out, lse)
+back and merges on the device. A request with nothing on the host has
+lse = -inf on that side, which the merge ignores.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Hashable, List, NamedTuple, Optional
+
+import torch
+
+from .._native import Engine
+from ..config import ModelShape
+from ..policies import Policy
+from .merge import AttnPart, merge
+from .tier import TierManager
+from .window_attention import (
+    FlashInferWindow, WindowPlan, empty_part, flashinfer_available, plan_window, torch_window_attention,
+)
+
+
+class StepTimes(NamedTuple):
+    cpu_s: float  # engine time summed over layers
+    gpu_s: float  # window attention (launch to ready) summed over layers
+    wall_s: float  # run() wall time summed over layers
+
+
+class _HostPlan(NamedTuple):
+    any_host: bool
+    q_host: torch.Tensor  # [B, Hq, D] f32 (pinned on CUDA)
+    out_host: torch.Tensor
+    lse_host: torch.Tensor
+    page_table: torch.Tensor
+    page_offsets: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+class HybridAttention:
+    """Decode attention through the tier for one batch at a time."""
+
+    def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
+                 sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None):
+        self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
+        self.sm_scale, self.soft_cap = sm_scale, soft_cap
+        self.device = tier.k_pool.device
+        if policy.host_path == "engine" and policy.offloads and engine is None:
+            raise ValueError(f"policy '{policy.name}' attends the host with the native engine; pass engine=")
+        want_fi = flashinfer_available(self.device) if use_flashinfer is None else use_flashinfer
+        self.flashinfer = FlashInferWindow(self.device) if want_fi else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-engine")
+        self._rids: List[Hashable] = []
+        self._window: Optional[WindowPlan] = None
+        self._host: Optional[_HostPlan] = None
+        self._cpu_s = self._gpu_s = self._wall_s = 0.0
+
+    # --- plan ---------------------------------------------------------------
+
+    def plan(self, rids: List[Hashable]) -> None:
+        tier, shape = self.tier, self.shape
+        tier.settle()
+        self._rids = list(rids)
+        self._window = plan_window([tier.device_slots(r) for r in rids], self.device)
+        if self.flashinfer is not None:
+            self.flashinfer.plan(self._window, shape.num_q_heads, shape.kv_heads, shape.head_dim,
+                                 tier.k_pool.dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+        host = [tier.host_tokens(r) for r in rids]
+        self._host = self._plan_host(rids, host) if tier.offload and any(host) else None
+
+    def _plan_host(self, rids, host: List[int]) -> _HostPlan:
+        tier, shape, T = self.tier, self.shape, self.tier.config.window.page_tokens
+        tables = [tier.store.table(r).pages[: -(-h // T)] if h else [] for r, h in zip(rids, host)]
+        offsets = torch.zeros(len(rids) + 1, dtype=torch.int32)
+        offsets[1:] = torch.tensor([len(t) for t in tables]).cumsum(0)
+        page_table = torch.tensor([p for t in tables for p in t] or [0], dtype=torch.int32)
+        n_tokens = torch.tensor(host, dtype=torch.int32)
+        pin = self.device.type == "cuda"
+        b, hq, d = len(rids), shape.num_q_heads, shape.head_dim
+        hp = _HostPlan(True, torch.empty(b, hq, d, pin_memory=pin), torch.empty(b, hq, d, pin_memory=pin),
+                       torch.empty(b, hq, pin_memory=pin), page_table, offsets, n_tokens)
+        if self.policy.host_path == "engine":
+            context = [tier.requests[r].length for r in rids]
+            args = self.policy.engine_args(host, context, shape.kv_heads)
+            self.engine.plan(
+                tier.store.view, page_table, offsets, n_tokens, hq, mode=args.mode, group_reduce=args.group_reduce,
+                budget_tokens=torch.tensor(args.budgets, dtype=torch.int32),
+                block_tokens=torch.tensor(args.block_tokens, dtype=torch.int32) if args.block_tokens else None,
+                mass_threshold=args.mass_threshold, sm_scale=self.sm_scale, soft_cap=self.soft_cap,
+            )
+        return hp
+
+    # --- run ----------------------------------------------------------------
+
+    def run(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [B, Hq, D] on the device -> attention output [B, Hq, D] in q's dtype."""
+        if self._window is None:
+            raise RuntimeError("HybridAttention.run before plan()")
+        b, hq, d = len(self._rids), self.shape.num_q_heads, self.shape.head_dim
+        if tuple(q.shape) != (b, hq, d):
+            raise ValueError(f"q must be [batch, num_q_heads, head_dim] = {(b, hq, d)}, found {tuple(q.shape)}")
+        t0 = time.perf_counter()
+        host, future = self._host, None
+        if host is not None and self.policy.host_path == "engine":
+            host.q_host.copy_(q, non_blocking=True)
+            if q.device.type == "cuda":
+                torch.cuda.current_stream(q.device).synchronize()
+            future = self._pool.submit(self._engine_run, layer, host)
+        g0 = time.perf_counter()
+        dev = self._window_part(q, layer)
+        if q.device.type == "cuda" and future is not None:
+            torch.cuda.current_stream(q.device).synchronize()
+        self._gpu_s += time.perf_counter() - g0
+        if host is None:
+            part = dev
+        elif future is not None:
+            future.result()
+            far = AttnPart(host.out_host.to(q.device, non_blocking=True), host.lse_host.to(q.device, non_blocking=True))
+            part = merge(dev, far)
+        else:
+            part = merge(dev, self._fetch_part(q, layer, host))
+        self._wall_s += time.perf_counter() - t0
+        return part.out.to(q.dtype)
+
+    def _engine_run(self, layer: int, host: _HostPlan) -> None:
+        c0 = time.perf_counter()
+        self.engine.run(layer, host.q_host, out=host.out_host, lse=host.lse_host)
+        self._cpu_s += time.perf_counter() - c0
+
+    def _window_part(self, q: torch.Tensor, layer: int) -> AttnPart:
+        k, v = self.tier.k_pool[layer], self.tier.v_pool[layer]
+        if int(self._window.lens.sum()) == 0:
+            return empty_part(q.shape[0], q.shape[1], q.shape[2], q.device)
+        if self.flashinfer is not None:
+            return self.flashinfer.run(q, k, v)
+        return torch_window_attention(q, k, v, self._window, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+
+    def _fetch_part(self, q: torch.Tensor, layer: int, host: _HostPlan) -> AttnPart:
+        """offload_all: bring every host token of this layer to the device and attend it densely."""
+        view, T = self.tier.store.view, self.tier.config.window.page_tokens
+        outs, lses = [], []
+        for i in range(len(self._rids)):
+            n = int(host.n_tokens[i])
+            lo, hi = int(host.page_offsets[i]), int(host.page_offsets[i + 1])
+            if n == 0:
+                part = empty_part(1, q.shape[1], q.shape[2], q.device)
+            else:
+                pages = host.page_table[lo:hi].long()
+                k = _fetch(view.keys[layer], pages, q.device)  # [pages, Hkv, T, D]
+                v = _fetch(view.buffers.values[layer], pages, q.device)
+                self.tier.count_h2d(2 * k.numel() * k.element_size())
+                k = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])[:n]
+                v = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])[:n]
+                slots = torch.arange(n, device=q.device)[None, :]
+                plan = WindowPlan(slots, torch.tensor([n], device=q.device), None, None)
+                part = torch_window_attention(q[i: i + 1], k, v, plan, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+            outs.append(part.out)
+            lses.append(part.lse)
+        return AttnPart(torch.cat(outs), torch.cat(lses))
+
+    # --- stats --------------------------------------------------------------
+
+    def take_times(self) -> StepTimes:
+        t = StepTimes(self._cpu_s, self._gpu_s, self._wall_s)
+        self._cpu_s = self._gpu_s = self._wall_s = 0.0
+        return t
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _fetch(buf: torch.Tensor, pages: torch.Tensor, device) -> torch.Tensor:
+    """Pages of a host buffer on the device; contiguous page runs go as one slice."""
+    first = int(pages[0])
+    if bool((pages == torch.arange(first, first + pages.numel())).all()):
+        return buf[first: first + pages.numel()].to(device, non_blocking=True)
+    return buf[pages].to(device, non_blocking=True)

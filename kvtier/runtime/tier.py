@@ -1,0 +1,243 @@
+"""The tier manager: which tokens of each request live where, and moving them.
+
+Ownership: the serving engine owns device memory. The manager asks for device
+slots through `alloc_slots` and returns them through `free_slots` (both
+callbacks; `DevicePool` provides them when there is no server). It owns the
+host store's page tables through `HostStore`.
+
+Per request the device holds the sinks and the recent window. When the recent
+part exceeds `window_tokens`, whole pages leave, oldest first. On CUDA the
+device-to-host copy runs on a side stream and the page stays attendable on the
+device until the copy has landed and been quantized at the next `settle()`;
+on the CPU eviction is synchronous. Either way a token is attended exactly
+once per step: from the device until its page is settled, then from the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional
+
+import torch
+
+from ..config import ModelShape, TierConfig
+from ..store import HostStore
+from .split import host_pages
+
+
+@dataclass
+class RequestState:
+    length: int = 0
+    sink_slots: List[int] = field(default_factory=list)
+    recent_slots: List[int] = field(default_factory=list)  # positions host_end .. length-1
+    host_end: int = 0  # one past the last settled host position
+    in_flight: int = 0  # tokens of recent_slots[:in_flight] being copied to the host
+
+
+class TierStats(NamedTuple):
+    device_tokens: int
+    host_tokens: int
+    bytes_d2h: int
+    bytes_h2d: int
+    pages_evicted: int
+
+
+class _Pending(NamedTuple):
+    rid: Hashable
+    page_ids: List[int]
+    slots: torch.Tensor
+    k: torch.Tensor  # [L, n_pages, Hkv, T, D] on the host (pinned on CUDA)
+    v: torch.Tensor
+    event: Optional[torch.cuda.Event]
+
+
+class TierManager:
+    def __init__(self, config: TierConfig, shape: ModelShape, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 store: Optional[HostStore], *, alloc_slots: Callable[[int], torch.Tensor],
+                 free_slots: Callable[[torch.Tensor], None], offload: bool = True):
+        """k_pool, v_pool: [L, n_slots, Hkv, D] device KV of every layer (the server's pool)."""
+        self.config, self.shape = config, shape
+        self.k_pool, self.v_pool = k_pool, v_pool
+        self.store = store
+        self.alloc_slots, self.free_slots = alloc_slots, free_slots
+        self.offload = offload and store is not None
+        self.requests: Dict[Hashable, RequestState] = {}
+        self._pending: List[_Pending] = []
+        self._cuda = k_pool.device.type == "cuda"
+        self._stream = torch.cuda.Stream(k_pool.device) if self._cuda else None
+        self._d2h = self._h2d = self._evicted = 0
+
+    # --- request lifecycle --------------------------------------------------
+
+    def add(self, rid: Hashable) -> None:
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r} is already tracked by the tier")
+        self.requests[rid] = RequestState()
+        if self.offload:
+            self.store.admit(rid, first_pos=self.config.window.sink_tokens)
+
+    def release(self, rid: Hashable) -> None:
+        """Free a finished or aborted request everywhere (in-flight copies included)."""
+        self.settle()
+        st = self.requests.pop(rid)
+        self.free_slots(torch.tensor(st.sink_slots + st.recent_slots, dtype=torch.long))
+        if self.offload:
+            self.store.release(rid)
+
+    def extend(self, rid: Hashable, n: int) -> torch.Tensor:
+        """Device slots for the request's next n tokens; the caller writes their K, V."""
+        st = self.requests[rid]
+        slots = self.alloc_slots(n)
+        sinks = max(0, min(n, self.config.window.sink_tokens - st.length))
+        st.sink_slots += slots[:sinks].tolist()
+        st.recent_slots += slots[sinks:].tolist()
+        st.host_end = max(st.host_end, len(st.sink_slots))  # recent_slots[0]'s position
+        st.length += n
+        return slots
+
+    # --- prefill straight into the tiers -------------------------------------
+
+    def prefill(self, rid: Hashable, n: int) -> "PrefillPlan":
+        """Place an n-token prompt: device slots for sinks + window, host pages for the rest.
+
+        Returns where each layer's K, V go; `write_prefill_layer` then writes them.
+        """
+        st = self.requests[rid]
+        if st.length:
+            raise ValueError(f"request {rid!r} already has {st.length} tokens; prefill starts a request")
+        win = self.config.window
+        pages = host_pages(n, sink_tokens=win.sink_tokens, window_tokens=win.window_tokens,
+                           page_tokens=win.page_tokens) if self.offload else 0
+        sinks = min(n, win.sink_tokens)
+        host = pages * win.page_tokens
+        page_ids = self.store.allocate(rid, pages) if pages else []
+        slots = self.alloc_slots(n - host)
+        st.sink_slots = slots[:sinks].tolist()
+        st.recent_slots = slots[sinks:].tolist()
+        st.host_end = sinks + host
+        st.length = n
+        return PrefillPlan(rid, sinks, host, page_ids, slots)
+
+    def write_prefill_layer(self, plan: "PrefillPlan", layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [n, Hkv, D] of one layer for the whole prompt, on any device."""
+        dev = torch.cat([torch.arange(plan.sinks), torch.arange(plan.sinks + plan.host_tokens, k.shape[0])])
+        dev = dev.to(k.device)
+        self.k_pool[layer, plan.slots.to(self.k_pool.device)] = k[dev].to(self.k_pool)
+        self.v_pool[layer, plan.slots.to(self.v_pool.device)] = v[dev].to(self.v_pool)
+        if plan.host_tokens:
+            hk = k[plan.sinks: plan.sinks + plan.host_tokens]
+            hv = v[plan.sinks: plan.sinks + plan.host_tokens]
+            self.store.write(layer, plan.page_ids, _to_pages(hk, self.config.window.page_tokens),
+                             _to_pages(hv, self.config.window.page_tokens))
+            self._d2h += 2 * hk.numel() * hk.element_size() if k.device.type == "cuda" else 0
+
+    # --- eviction -----------------------------------------------------------
+
+    def evict(self) -> int:
+        """Start moving pages that left the window; returns pages started."""
+        if not self.offload:
+            return 0
+        self.settle()
+        win = self.config.window
+        started = 0
+        for rid, st in self.requests.items():
+            over = len(st.recent_slots) - st.in_flight - win.window_tokens
+            n_pages = -(-over // win.page_tokens) if over > 0 else 0
+            if n_pages == 0:
+                continue
+            page_ids = self.store.allocate(rid, n_pages)
+            count = n_pages * win.page_tokens
+            slots = torch.tensor(st.recent_slots[st.in_flight: st.in_flight + count], dtype=torch.long)
+            st.in_flight += count
+            self._start_copy(rid, page_ids, slots)
+            started += n_pages
+        if not self._cuda:
+            self.settle()
+        return started
+
+    def _start_copy(self, rid, page_ids, slots) -> None:
+        T = self.config.window.page_tokens
+        idx = slots.to(self.k_pool.device)
+
+        def gather(pool):
+            x = pool[:, idx]  # [L, n, Hkv, D]
+            L, n, h, d = x.shape
+            return x.view(L, n // T, T, h, d).transpose(2, 3)  # [L, pages, Hkv, T, D]
+
+        if self._cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(self.k_pool.device))
+            with torch.cuda.stream(self._stream):
+                k_dev, v_dev = gather(self.k_pool), gather(self.v_pool)
+                k = torch.empty(k_dev.shape, dtype=k_dev.dtype, pin_memory=True)
+                v = torch.empty_like(k, pin_memory=True)
+                k.copy_(k_dev, non_blocking=True)
+                v.copy_(v_dev, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            k, v, event = gather(self.k_pool).contiguous(), gather(self.v_pool).contiguous(), None
+        self._d2h += 2 * k.numel() * k.element_size()
+        self._pending.append(_Pending(rid, page_ids, slots, k, v, event))
+
+    def settle(self) -> None:
+        """Finish copies that have landed: quantize into the store, free device slots."""
+        keep: List[_Pending] = []
+        for p in self._pending:
+            # One stream, so copies land in order; settle strictly in order too.
+            if keep or (p.event is not None and not p.event.query()):
+                keep.append(p)
+                continue
+            st = self.requests.get(p.rid)
+            if st is None:
+                continue  # released meanwhile; its pages were freed with it
+            for layer in range(self.shape.n_layers):
+                self.store.write(layer, p.page_ids, p.k[layer], p.v[layer])
+            n = p.slots.numel()
+            del st.recent_slots[:n]
+            st.in_flight -= n
+            st.host_end += n
+            self.free_slots(p.slots)
+            self._evicted += len(p.page_ids)
+        self._pending = keep
+
+    def drain(self) -> None:
+        """Block until every in-flight copy has settled."""
+        for p in self._pending:
+            if p.event is not None:
+                p.event.synchronize()
+        self.settle()
+
+    # --- queries ------------------------------------------------------------
+
+    def device_slots(self, rid: Hashable) -> List[int]:
+        st = self.requests[rid]
+        return st.sink_slots + st.recent_slots
+
+    def host_tokens(self, rid: Hashable) -> int:
+        """Tokens attendable from the host store for this request."""
+        if not self.offload or rid not in self.store:
+            return 0
+        table = self.store.table(rid)
+        return max(0, self.requests[rid].host_end - table.first_pos)
+
+    def stats(self) -> TierStats:
+        dev = sum(len(s.sink_slots) + len(s.recent_slots) for s in self.requests.values())
+        host = sum(self.host_tokens(r) for r in self.requests)
+        return TierStats(dev, host, self._d2h, self._h2d, self._evicted)
+
+    def count_h2d(self, nbytes: int) -> None:
+        self._h2d += nbytes
+
+
+class PrefillPlan(NamedTuple):
+    rid: Hashable
+    sinks: int
+    host_tokens: int
+    page_ids: List[int]
+    slots: torch.Tensor
+
+
+def _to_pages(x: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """[n, Hkv, D] with n a page multiple -> [n/T, Hkv, T, D] contiguous on the CPU."""
+    n, h, d = x.shape
+    return x.view(n // page_tokens, page_tokens, h, d).transpose(1, 2).contiguous().cpu()

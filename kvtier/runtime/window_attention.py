@@ -1,0 +1,97 @@
+"""Dense attention over each request's device window, with natural-log LSE.
+
+Two implementations of one contract, chosen at plan time: FlashInfer's paged
+decode wrapper on CUDA when it is installed, and a torch path everywhere else
+(the same code runs on CPU machines). Both read the pool as
+[n_slots, Hkv, D] per layer, i.e. pages of one token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .merge import AttnPart, lse_from_base2
+
+
+class WindowPlan(NamedTuple):
+    slots: torch.Tensor  # [B, W] long on the device, padded with 0
+    lens: torch.Tensor  # [B] long on the device
+    indptr: torch.Tensor  # [B+1] int32, for FlashInfer
+    indices: torch.Tensor  # [sum lens] int32 slot ids, for FlashInfer
+
+
+def plan_window(slot_lists, device) -> WindowPlan:
+    lens = torch.tensor([len(s) for s in slot_lists], dtype=torch.long)
+    width = int(lens.max()) if len(slot_lists) else 0
+    slots = torch.zeros(len(slot_lists), max(width, 1), dtype=torch.long)
+    for i, s in enumerate(slot_lists):
+        if len(s):
+            slots[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    indptr = torch.zeros(len(slot_lists) + 1, dtype=torch.int32)
+    indptr[1:] = lens.cumsum(0)
+    flat = torch.cat([torch.as_tensor(s, dtype=torch.int32) for s in slot_lists]) if slot_lists else torch.zeros(0, dtype=torch.int32)
+    return WindowPlan(slots.to(device), lens.to(device), indptr.to(device), flat.to(device))
+
+
+def torch_window_attention(q, k_layer, v_layer, plan: WindowPlan, *, sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
+    """q [B, Hq, D]; k_layer, v_layer [n_slots, Hkv, D]; fp32 math, fp32 result."""
+    b, hq, d = q.shape
+    hkv = k_layer.shape[1]
+    kp = k_layer[plan.slots].float()  # [B, W, Hkv, D]
+    vp = v_layer[plan.slots].float()
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bwhd->bhgw", qg, kp) * sm_scale
+    if soft_cap:
+        s = soft_cap * torch.tanh(s / soft_cap)
+    valid = torch.arange(plan.slots.shape[1], device=q.device)[None, :] < plan.lens[:, None]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
+    out = torch.einsum("bhgw,bwhd->bhgd", p, vp)
+    return AttnPart(out.reshape(b, hq, d), lse.reshape(b, hq))
+
+
+class FlashInferWindow:
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper over one-token pages."""
+
+    def __init__(self, device, workspace_bytes: int = 128 << 20):
+        import flashinfer  # noqa: F401  (ImportError tells the caller to use the torch path)
+
+        self._flashinfer = flashinfer
+        ws = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+
+    def plan(self, plan: WindowPlan, num_q_heads: int, kv_heads: int, head_dim: int, dtype, *,
+             sm_scale: float, soft_cap: float = 0.0) -> None:
+        last = torch.ones(plan.lens.numel(), dtype=torch.int32, device=plan.indptr.device)
+        self.wrapper.plan(
+            plan.indptr, plan.indices, last, num_q_heads, kv_heads, head_dim, 1,
+            q_data_type=dtype, kv_data_type=dtype, sm_scale=sm_scale,
+            logits_soft_cap=soft_cap or None,
+        )
+
+    def run(self, q, k_layer, v_layer) -> AttnPart:
+        hkv, d = k_layer.shape[1], k_layer.shape[2]
+        cache = (k_layer.view(-1, 1, hkv, d), v_layer.view(-1, 1, hkv, d))
+        out, lse = self.wrapper.run(q, cache, return_lse=True)
+        return AttnPart(out.float(), lse_from_base2(lse.float()))
+
+
+def flashinfer_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def empty_part(b: int, hq: int, d: int, device) -> AttnPart:
+    return AttnPart(torch.zeros(b, hq, d, device=device), torch.full((b, hq), float("-inf"), device=device))
+
+
+__all__ = ["FlashInferWindow", "WindowPlan", "empty_part", "flashinfer_available", "plan_window",
+           "torch_window_attention"]

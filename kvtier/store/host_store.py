@@ -1,0 +1,139 @@
+"""The host store: an arena of KV pages, page tables and capacity accounting.
+
+Ownership: the store owns the arena (through the native `HostStoreView`) and
+the page tables. Page ids are shared by all layers: page p of a request names
+the same tokens in every layer's arena, because eviction moves a page of every
+layer at once. The serving engine owns device memory; the store never sees it.
+
+A request's host tokens are positions ``[first_pos, first_pos + pages * T)``
+of its sequence. Under ``on_full: evict`` the oldest pages of the request
+holding the most pages are dropped (``first_pos`` advances); under
+``on_full: reject`` the allocation fails with `CapacityError`. Either way a
+failed call changes nothing that was stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, NamedTuple
+
+import torch
+
+from .._native import HostStoreView
+from ..config import GIB_BYTES, ModelShape, OnFull, TierConfig, host_bytes_per_token
+from .errors import CapacityError, UnknownRequestError
+
+
+@dataclass
+class PageTable:
+    """One request's host pages, in token order."""
+
+    first_pos: int  # sequence position of the first host token
+    pages: List[int] = field(default_factory=list)
+    dropped_tokens: int = 0  # tokens evicted from the host under pressure
+
+
+class StoreStats(NamedTuple):
+    total_pages: int
+    used_pages: int
+    free_pages: int
+    page_bytes: int
+    requests: int
+    dropped_tokens: int
+
+
+class HostStore:
+    """Pages of quantized KV for every layer, shared by all requests."""
+
+    def __init__(self, config: TierConfig, shape: ModelShape, *, pin_memory: bool = False, n_pages: int = 0):
+        store = config.host_store
+        self.config = config
+        self.shape = shape
+        self.page_tokens = config.window.page_tokens
+        self.page_bytes = int(round(host_bytes_per_token(store, shape) * self.page_tokens))
+        if n_pages <= 0:
+            n_pages = int(store.capacity_gib * GIB_BYTES // self.page_bytes)
+        if n_pages <= 0:
+            raise CapacityError("one page", 1, 0, self.page_bytes)
+        self.view = HostStoreView.allocate(
+            n_layers=shape.n_layers, n_pages=n_pages, kv_heads=shape.kv_heads, page_tokens=self.page_tokens,
+            head_dim=shape.head_dim, key_format=store.key_format.value, value_format=store.value_format.value,
+            key_group=store.key_group_channels, summary_tokens=store.summary_tokens, pin_memory=pin_memory,
+        )
+        self.n_pages = n_pages
+        self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
+        self._tables: Dict[Hashable, PageTable] = {}
+
+    # --- requests -----------------------------------------------------------
+
+    def admit(self, rid: Hashable, *, first_pos: int) -> None:
+        if rid in self._tables:
+            raise ValueError(f"request {rid!r} is already admitted to the host store")
+        self._tables[rid] = PageTable(first_pos)
+
+    def release(self, rid: Hashable) -> int:
+        """Free a finished or aborted request's pages; returns how many."""
+        table = self._tables.pop(rid, None)
+        if table is None:
+            return 0
+        self._free.extend(reversed(table.pages))
+        return len(table.pages)
+
+    def table(self, rid: Hashable) -> PageTable:
+        try:
+            return self._tables[rid]
+        except KeyError:
+            raise UnknownRequestError(f"request {rid!r} has no pages in the host store") from None
+
+    def __contains__(self, rid: Hashable) -> bool:
+        return rid in self._tables
+
+    # --- pages --------------------------------------------------------------
+
+    def allocate(self, rid: Hashable, n: int) -> List[int]:
+        """Reserve n pages at the end of a request's table (not yet written)."""
+        table = self.table(rid)
+        if n > len(self._free):
+            if self.config.host_store.on_full is OnFull.REJECT:
+                raise CapacityError(f"request {rid!r}", n, len(self._free), self.page_bytes)
+            self._evict_for(n, protect=rid)
+        ids = [self._free.pop() for _ in range(n)]
+        table.pages.extend(ids)
+        return ids
+
+    def write(self, layer: int, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer."""
+        self.view.append(layer, torch.tensor(page_ids, dtype=torch.int32), k, v)
+
+    def _evict_for(self, n: int, *, protect: Hashable) -> None:
+        """Drop oldest pages, largest request first, until n pages are free."""
+        need = n - len(self._free)
+        candidates = sorted(
+            (rid for rid in self._tables if rid != protect), key=lambda r: len(self._tables[r].pages), reverse=True
+        )
+        available = sum(len(self._tables[r].pages) for r in candidates) + len(self.table(protect).pages)
+        if need > available:
+            raise CapacityError("eviction", n, len(self._free) + available, self.page_bytes)
+        for rid in candidates + [protect]:
+            table = self._tables[rid]
+            while need > 0 and table.pages:
+                self._free.append(table.pages.pop(0))
+                table.first_pos += self.page_tokens
+                table.dropped_tokens += self.page_tokens
+                need -= 1
+            if need == 0:
+                return
+
+    # --- accounting ---------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        used = self.n_pages - len(self._free)
+        dropped = sum(t.dropped_tokens for t in self._tables.values())
+        return StoreStats(self.n_pages, used, len(self._free), self.page_bytes, len(self._tables), dropped)
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.nbytes
+
+    def close(self) -> None:
+        self.view.close()
