@@ -9,6 +9,10 @@
 int32_t kvt_err(int32_t code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int32_t kvt_ensure_init(void);
 
+/* fmaxf/fminf are library calls under strict IEEE flags; these inline to maxss/minss. */
+static inline float kvt_maxf(float a, float b) { return a > b ? a : b; }
+static inline float kvt_minf(float a, float b) { return a < b ? a : b; }
+
 static inline float kvt_bf16_to_f32(uint16_t b) {
     union { uint32_t u; float f; } x;
     x.u = (uint32_t)b << 16;
@@ -39,6 +43,10 @@ typedef struct kvt_kernels {
     void (*accum_i8)(const int8_t *v, float scale, int D, const float *p, int64_t pstride,
                      int G, float *acc);
     uint64_t (*sum_bytes)(const uint8_t *buf, int64_t n);
+    /* acc[g*D + d] += sum_j p[g*pstride + j] * scale_j * row_j[d]; is_i8 selects the
+     * row type (int8 with scales, else bf16 and scales unused) */
+    void (*accum_rows)(const void *const *rows, const float *scales, int is_i8, int count, int D,
+                       const float *p, int64_t pstride, int G, float *acc);
 } kvt_kernels;
 
 extern const kvt_kernels *kvt_k; /* the active table */

@@ -69,6 +69,17 @@ static void accum_i8_generic(const int8_t *v, float scale, int D, const float *p
     }
 }
 
+#define ACCUM_ROWS_VIA_TOKENS(NAME, BF16, I8, ATTR)                                           \
+    ATTR static void NAME(const void *const *rows, const float *scales, int is_i8, int count,   \
+                          int D, const float *p, int64_t ps, int G, float *acc) {               \
+        for (int j = 0; j < count; j++) {                                                       \
+            if (is_i8) I8((const int8_t *)rows[j], scales[j], D, p + j, ps, G, acc);            \
+            else BF16((const uint16_t *)rows[j], D, p + j, ps, G, acc);                         \
+        }                                                                                       \
+    }
+
+ACCUM_ROWS_VIA_TOKENS(accum_rows_generic, accum_bf16_generic, accum_i8_generic, )
+
 static uint64_t sum_bytes_generic(const uint8_t *buf, int64_t n) {
     uint64_t s = 0;
     for (int64_t i = 0; i < n; i++) s += buf[i];
@@ -77,7 +88,7 @@ static uint64_t sum_bytes_generic(const uint8_t *buf, int64_t n) {
 
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
-    accum_bf16_generic, accum_i8_generic, sum_bytes_generic,
+    accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -178,9 +189,11 @@ T_AVX2 static uint64_t sum_bytes_avx2(const uint8_t *buf, int64_t n) {
     return s;
 }
 
+ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
+
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
-    accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2,
+    accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -201,8 +214,95 @@ T_512 static inline void dot_group_512(const __m512 *kf, int nv, const float *q,
     }
 }
 
-T_512 static void score_bf16_512(const uint16_t *k, int n, int D, const float *q, int G,
-                                 float *out, int64_t os) {
+/* Throughput kernel: a tile of TT tokens x GG query heads (TT*GG = 16) keeps 16
+ * accumulators in registers, and one transpose-reduce turns them into 16 logits,
+ * instead of a horizontal reduction per (token, head). Lane i = g*TT + t. */
+T_512 static inline __m512 reduce16_512(__m512 *v) {
+    __m512 u[8], w[4], x[2];
+    for (int i = 0; i < 8; i++)
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* KF: 0 = int8 keys (row bytes D), 1 = bf16 keys (row elements D) */
+#define TILE_512(NAME, KT, KF, TT, GG)                                                          \
+    T_512 __attribute__((noinline)) static void NAME(const KT *k, const float *ks, int D,         \
+                                                     const float *q, float *out, int64_t os) {    \
+        __m512 acc[16];                                                                           \
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();       \
+        for (int j = 0; j < D; j += 16) {                                                         \
+            __m512 qv[GG];                                                                        \
+            _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++) qv[g] = _mm512_loadu_ps(q + g * D + j); \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++) {                               \
+                __m512 kv;                                                                        \
+                if (KF == 0)                                                                      \
+                    kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(                                 \
+                        _mm_loadu_si128((const __m128i *)((const int8_t *)k + (int64_t)t * D + j)))); \
+                else                                                                              \
+                    kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(            \
+                        _mm256_loadu_si256((const __m256i *)((const uint16_t *)k + (int64_t)t * D + j))), 16)); \
+                _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                             \
+                    acc[g * TT + t] = _mm512_fmadd_ps(kv, qv[g], acc[g * TT + t]);                \
+            }                                                                                     \
+        }                                                                                         \
+        __m512 r = reduce16_512(acc);                                                             \
+        if (KF == 0) {                                                                            \
+            __m512 sc;                                                                            \
+            if (TT == 16) sc = _mm512_loadu_ps(ks);                                               \
+            else if (TT == 8) {                                                                   \
+                sc = _mm512_castps256_ps512(_mm256_loadu_ps(ks));                                 \
+                sc = _mm512_shuffle_f32x4(sc, sc, _MM_SHUFFLE(1, 0, 1, 0));                       \
+            }                                                                                     \
+            else sc = _mm512_broadcast_f32x4(_mm_loadu_ps(ks));                                   \
+            r = _mm512_mul_ps(r, sc);                                                             \
+        }                                                                                         \
+        float tmp[16] __attribute__((aligned(64)));                                               \
+        _mm512_store_ps(tmp, r);                                                                  \
+        for (int g = 0; g < GG; g++) memcpy(out + g * os, tmp + g * TT, sizeof(float) * TT);     \
+    }
+
+TILE_512(tile_i8_16x1, int8_t, 0, 16, 1)
+TILE_512(tile_i8_8x2, int8_t, 0, 8, 2)
+TILE_512(tile_i8_4x4, int8_t, 0, 4, 4)
+TILE_512(tile_bf16_16x1, uint16_t, 1, 16, 1)
+TILE_512(tile_bf16_8x2, uint16_t, 1, 8, 2)
+TILE_512(tile_bf16_4x4, uint16_t, 1, 4, 4)
+
+typedef void (*tile_fn)(const void *, const float *, int, const float *, float *, int64_t);
+
+typedef void (*tile_fn)(const void *, const float *, int, const float *, float *, int64_t);
+typedef void (*tok_fn)(const void *, const float *, int, int, const float *, int, float *, int64_t);
+
+/* Cover n tokens x G heads with tiles of 4x4, 8x2 or 16x1; tokens left over at
+ * the end of a head block go through the per-token kernel. */
+T_512 static void tile_pass_512(const char *k, int64_t row, const float *ks, int n, int D,
+                                const float *q, int G, float *out, int64_t os,
+                                const tile_fn *tiles, tok_fn tail) {
+    for (int g = 0; g < G;) {
+        int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 16 / gg;
+        tile_fn f = tiles[gg == 4 ? 0 : (gg == 2 ? 1 : 2)];
+        int nt = n - n % tt;
+        for (int t = 0; t < nt; t += tt)
+            f(k + t * row, ks ? ks + t : NULL, D, q + (int64_t)g * D, out + g * os + t, os);
+        if (nt < n)
+            tail(k + nt * row, ks ? ks + nt : NULL, n - nt, D, q + (int64_t)g * D, gg,
+                 out + g * os + nt, os);
+        g += gg;
+    }
+}
+
+T_512 static void score_bf16_512_tok(const void *kv, const float *unused, int n, int D, const float *q, int G,
+                                     float *out, int64_t os) {
+    (void)unused;
+    const uint16_t *k = kv;
     __m512 kf[64];
     int nv = D / 16;
     for (int t = 0; t < n; t++, k += D) {
@@ -214,8 +314,9 @@ T_512 static void score_bf16_512(const uint16_t *k, int n, int D, const float *q
     }
 }
 
-T_512 static void score_i8_512(const int8_t *k, const float *ks, int n, int D, const float *q,
-                               int G, float *out, int64_t os) {
+T_512 static void score_i8_512_tok(const void *kv, const float *ks, int n, int D, const float *q,
+                                   int G, float *out, int64_t os) {
+    const int8_t *k = kv;
     __m512 kf[64];
     int nv = D / 16;
     for (int t = 0; t < n; t++, k += D) {
@@ -224,6 +325,19 @@ T_512 static void score_i8_512(const int8_t *k, const float *ks, int n, int D, c
             kf[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(k + 16 * j))));
         dot_group_512(kf, nv, q, D, G, ks[t], out + t, os);
     }
+}
+
+static const tile_fn TILES_I8[3] = {(tile_fn)tile_i8_4x4, (tile_fn)tile_i8_8x2, (tile_fn)tile_i8_16x1};
+static const tile_fn TILES_BF16[3] = {(tile_fn)tile_bf16_4x4, (tile_fn)tile_bf16_8x2, (tile_fn)tile_bf16_16x1};
+
+T_512 static void score_i8_512(const int8_t *k, const float *ks, int n, int D, const float *q,
+                               int G, float *out, int64_t os) {
+    tile_pass_512((const char *)k, D, ks, n, D, q, G, out, os, TILES_I8, score_i8_512_tok);
+}
+
+T_512 static void score_bf16_512(const uint16_t *k, int n, int D, const float *q, int G,
+                                 float *out, int64_t os) {
+    tile_pass_512((const char *)k, 2 * D, NULL, n, D, q, G, out, os, TILES_BF16, score_bf16_512_tok);
 }
 
 T_512 static void score_i4_512(const uint8_t *k, const float *ks, int n, int D, int grp,
@@ -273,9 +387,50 @@ T_512 static uint64_t sum_bytes_512(const uint8_t *buf, int64_t n) {
     return s;
 }
 
+/* Register-tiled: 4 heads x 64 channels of accumulators stay in registers across
+ * all selected rows, instead of a load/store of acc per (row, head). */
+T_512 static void accum_rows_512(const void *const *rows, const float *scales, int is_i8, int count,
+                                 int D, const float *p, int64_t ps, int G, float *acc) {
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        int gg = G - g0 < 4 ? G - g0 : 4;
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            int nv = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
+            __m512 a[4][4];
+            for (int g = 0; g < 4; g++)
+                for (int v = 0; v < 4; v++) a[g][v] = _mm512_setzero_ps();
+            for (int j = 0; j < count; j++) {
+                __m512 x[4];
+                if (is_i8) {
+                    const int8_t *r = (const int8_t *)rows[j] + d0;
+                    for (int v = 0; v < 4; v++)
+                        if (v < nv)
+                            x[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * v))));
+                } else {
+                    const uint16_t *r = (const uint16_t *)rows[j] + d0;
+                    for (int v = 0; v < 4; v++)
+                        if (v < nv)
+                            x[v] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r + 16 * v))), 16));
+                }
+                for (int g = 0; g < 4; g++) {
+                    if (g >= gg) break;
+                    __m512 w = _mm512_set1_ps(p[(g0 + g) * ps + j] * (is_i8 ? scales[j] : 1.f));
+                    for (int v = 0; v < 4; v++)
+                        if (v < nv) a[g][v] = _mm512_fmadd_ps(w, x[v], a[g][v]);
+                }
+            }
+            for (int g = 0; g < gg; g++)
+                for (int v = 0; v < nv; v++) {
+                    float *o = acc + (int64_t)(g0 + g) * D + d0 + 16 * v;
+                    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[g][v]));
+                }
+        }
+    }
+}
+
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
-    accum_bf16_512, accum_i8_512, sum_bytes_512,
+    accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
 };
 #endif
 

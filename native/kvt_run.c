@@ -59,7 +59,8 @@ static void score_task(void *c, int64_t item, int tid) {
 
 /* softmax over sel of logits L[g][.] for g in [g0, g0+m), then sum p * V */
 static void attend(run_ctx *r, int b, int h, int g0, int m, const float *L, int n,
-                   const int32_t *sel, int count, float *prob, float *acc) {
+                   const int32_t *sel, int count, float *prob, float *acc, const void **rows,
+                   float *vscale) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens, D = s->d.head_dim;
@@ -67,7 +68,7 @@ static void attend(run_ctx *r, int b, int h, int g0, int m, const float *L, int 
     for (int g = 0; g < m; g++) {
         const float *x = L + (int64_t)(g0 + g) * n;
         float *pr = prob + (int64_t)g * count, mx = -INFINITY;
-        for (int j = 0; j < count; j++) mx = fmaxf(mx, x[sel[j]]);
+        for (int j = 0; j < count; j++) mx = kvt_maxf(mx, x[sel[j]]);
         float sum = 0.f;
         for (int j = 0; j < count; j++) { pr[j] = expf(x[sel[j]] - mx); sum += pr[j]; }
         float inv = 1.f / sum;
@@ -76,10 +77,14 @@ static void attend(run_ctx *r, int b, int h, int g0, int m, const float *L, int 
     }
     memset(acc, 0, sizeof(float) * (size_t)m * D);
     const int32_t *pages = p->page_table + p->page_off[b];
+    const int is_i8 = s->d.value_format == KVT_VAL_INT8;
     for (int j = 0; j < count; j++) {
         int tok = sel[j];
-        kvt_accum_token(s, kvt_lph(s, r->layer, pages[tok / T], h), tok % T, prob + j, count, m, acc);
+        int64_t lph = kvt_lph(s, r->layer, pages[tok / T], h);
+        rows[j] = kvt_val_ptr(s, lph) + (int64_t)(tok % T) * s->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(s, lph)[tok % T];
     }
+    kvt_k->accum_rows(rows, vscale, is_i8, count, D, prob, count, m, acc);
     for (int g = 0; g < m; g++) {
         memcpy(r->out + (qh0 + g) * D, acc + (int64_t)g * D, sizeof(float) * (size_t)D);
         if (r->nsel) r->nsel[qh0 + g] = count;
@@ -107,8 +112,8 @@ static int block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *
             const float *c = kvt_summary_ptr(s, kvt_lph(s, r->layer, pages[t / T], h)) +
                              (int64_t)((t % T) / S) * 2 * D;
             for (int d = 0; d < D; d++) {
-                mn[d] = first ? c[d] : fminf(mn[d], c[d]);
-                mx[d] = first ? c[D + d] : fmaxf(mx[d], c[D + d]);
+                mn[d] = first ? c[d] : kvt_minf(mn[d], c[d]);
+                mx[d] = first ? c[D + d] : kvt_maxf(mx[d], c[D + d]);
             }
             first = 0;
         }
@@ -116,9 +121,9 @@ static int block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *
         for (int g = 0; g < m; g++) {
             const float *qg = q + (int64_t)g * D;
             float ub = 0.f;
-            for (int d = 0; d < D; d++) ub += fmaxf(qg[d] * mn[d], qg[d] * mx[d]);
+            for (int d = 0; d < D; d++) ub += kvt_maxf(qg[d] * mn[d], qg[d] * mx[d]);
             ub *= p->sm_scale;
-            red = p->reduce == KVT_REDUCE_MEAN ? red + ub / (float)m : fmaxf(red, ub);
+            red = p->reduce == KVT_REDUCE_MEAN ? red + ub / (float)m : kvt_maxf(red, ub);
         }
         rb[bi] = red;
     }
@@ -174,7 +179,7 @@ static void attend_task(void *c, int64_t item, int tid) {
                     if (p->reduce == KVT_REDUCE_MEAN)
                         for (int t = 0; t < n; t++) rr[t] += y[t];
                     else
-                        for (int t = 0; t < n; t++) rr[t] = fmaxf(rr[t], y[t]);
+                        for (int t = 0; t < n; t++) rr[t] = kvt_maxf(rr[t], y[t]);
                 }
                 if (p->reduce == KVT_REDUCE_MEAN)
                     for (int t = 0; t < n; t++) rr[t] /= (float)m;
@@ -183,7 +188,7 @@ static void attend_task(void *c, int64_t item, int tid) {
             count = kvt_topk_indices(x, n, k, tmp, sel);
             if (p->mode == KVT_SELECT_MASS) count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
         }
-        attend(r, b, h, g0, m, L, n, sel, count, prob, acc);
+        attend(r, b, h, g0, m, L, n, sel, count, prob, acc, (const void **)pairs, tmp);
     }
 }
 

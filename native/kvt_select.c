@@ -60,7 +60,7 @@ static int by_index(const void *a, const void *b) {
 int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {
     if (count == 0) return 0;
     float m = -INFINITY;
-    for (int t = 0; t < n; t++) m = fmaxf(m, r[t]);
+    for (int t = 0; t < n; t++) m = kvt_maxf(m, r[t]);
     double z = 0.0;
     for (int t = 0; t < n; t++) z += exp((double)(r[t] - m));
     pair_t *pr = (pair_t *)pairs;

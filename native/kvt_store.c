@@ -115,7 +115,7 @@ static int32_t check_pages(const kvt_store *s, int32_t layer, int32_t n, const i
 /* Symmetric quantization: q = round(x / scale), scale = max|x| / qmax. */
 static float quant_sym(const float *x, int n, int qmax, int8_t *q) {
     float m = 0.f;
-    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    for (int i = 0; i < n; i++) m = kvt_maxf(m, fabsf(x[i]));
     float scale = m / (float)qmax;
     float inv = scale > 0.f ? 1.f / scale : 0.f;
     for (int i = 0; i < n; i++) {
@@ -161,7 +161,7 @@ int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, cons
                 if (t % S == 0)
                     for (int d = 0; d < D; d++) { mn[d] = x[d]; mx[d] = x[d]; }
                 else
-                    for (int d = 0; d < D; d++) { mn[d] = fminf(mn[d], x[d]); mx[d] = fmaxf(mx[d], x[d]); }
+                    for (int d = 0; d < D; d++) { mn[d] = kvt_minf(mn[d], x[d]); mx[d] = kvt_maxf(mx[d], x[d]); }
                 if (s->d.key_format == KVT_KEY_BF16) {
                     uint16_t *o = (uint16_t *)kp + (int64_t)t * D;
                     for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
