@@ -1,0 +1,161 @@
+"""``kvtier bench engine``: the native sparse-attention engine against (a) a
+streaming read of the same bytes through the same thread pool (the bandwidth
+ceiling) and (b) the same computation in torch on the CPU.
+
+Bytes the op must touch = int8 keys + key scales of every host token + the
+values of the selected tokens. The native engine is imported lazily so the CLI
+parser works without a build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+DEFAULT_OUT = pathlib.Path("benchmarks/results")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (well under a minute on 2 cores)")
+    parser.add_argument("--tokens", type=int, default=32768, help="host tokens per request")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="query heads per kv head")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--page-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="0 = all online CPUs")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=DEFAULT_OUT)
+
+
+def build_case(tokens, kv_heads, group, head_dim, page_tokens, topk, seed=0):
+    """One request over an int8-key / bf16-value store with pages in shuffled order."""
+    from kvtier._native import HostStoreView
+
+    g = torch.Generator().manual_seed(seed)
+    n_pages = -(-tokens // page_tokens)
+    store = HostStoreView.allocate(n_layers=1, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
+                                   head_dim=head_dim, key_format="int8", value_format="bf16")
+    step = max(1, 4096 // page_tokens)
+    for p0 in range(0, n_pages, step):
+        ids = torch.arange(p0, min(p0 + step, n_pages), dtype=torch.int32)
+        shape = (len(ids), kv_heads, page_tokens, head_dim)
+        store.append(0, ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    table = torch.randperm(n_pages, generator=g).to(torch.int32)
+    q = torch.randn(1, kv_heads * group, head_dim, generator=g)
+    budget = torch.full((1, kv_heads), topk, dtype=torch.int32)
+    return store, table, q, budget
+
+
+def torch_reference(store, table, n, q, topk, sm_scale):
+    """Same computation with torch ops: dequantize, matmul, group max, topk, gather, softmax."""
+    H, D = store.kv_heads, store.head_dim
+    pages = table.long()
+    k = store.keys[0, pages].float() * store.key_scales[0, pages][..., None]  # [np, H, T, D]
+    k = k.permute(1, 0, 2, 3).reshape(H, -1, D)[:, :n]
+    qg = q[0].view(H, -1, D)
+    logits = torch.bmm(qg, k.transpose(1, 2)) * sm_scale  # [H, G, n]
+    idx = torch.topk(logits.amax(1), min(topk, n), dim=-1).indices  # [H, k]
+    vals = store.buffers.values[0].permute(1, 0, 2, 3)  # [H, P, T, D]
+    tok_page, tok_off = pages[idx // store.page_tokens], idx % store.page_tokens
+    v = vals[torch.arange(H)[:, None], tok_page, tok_off].float()  # [H, k, D]
+    sel = torch.gather(logits, 2, idx[:, None, :].expand(-1, logits.shape[1], -1))
+    p = torch.softmax(sel, -1)
+    return torch.bmm(p, v).reshape(1, -1, D)
+
+
+def timeit(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def machine_info(n_threads):
+    from kvtier._native import active_isa, build_info
+
+    model = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "online_cpus": os.cpu_count(), "threads": n_threads, "isa": active_isa(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "engine_build": build_info()["build_hash"][:12], "platform": platform.platform()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtier._native import Engine
+
+    repeats = 5 if args.quick else 20
+    torch_repeats = 3 if args.quick else 10
+    n, H, G, D, k = args.tokens, args.kv_heads, args.group, args.head_dim, args.topk
+    store, table, q, budget = build_case(n, H, G, D, args.page_tokens, k)
+    sm = 1.0 / math.sqrt(D)
+    eng = Engine(args.threads)
+    torch.set_num_threads(eng.n_threads)
+    eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+             H * G, budget_tokens=budget, sm_scale=sm)
+    sel = min(k, n)
+    bytes_touched = H * n * D + H * n * 4 + H * sel * D * 2
+    buf = torch.randint(0, 255, (bytes_touched,), dtype=torch.uint8)
+
+    t_stream = timeit(lambda: eng.stream_read(buf), repeats)
+    t_score = timeit(lambda: eng.score(0, q), repeats)
+    t_engine = timeit(lambda: eng.run(0, q), repeats)
+    t_torch = timeit(lambda: torch_reference(store, table, n, q, k, sm), torch_repeats)
+    err = (eng.run(0, q).out - torch_reference(store, table, n, q, k, sm)).abs().max().item()
+    eng.close()
+
+    med = {name: statistics.median(ts) for name, ts in
+           (("stream", t_stream), ("score", t_score), ("engine", t_engine), ("torch", t_torch))}
+    gbps = {name: bytes_touched / t / 1e9 for name, t in med.items()}
+    ratio_stream = gbps["engine"] / gbps["stream"]
+    ratio_torch = med["torch"] / med["engine"]
+    rows = [
+        ("stream read (ceiling)", med["stream"], gbps["stream"]),
+        ("engine score only", med["score"], gbps["score"]),
+        ("engine run (score+topk+attend)", med["engine"], gbps["engine"]),
+        ("torch cpu (same computation)", med["torch"], gbps["torch"]),
+    ]
+    shape = dict(tokens=n, kv_heads=H, q_per_kv=G, head_dim=D, topk=k, page_tokens=args.page_tokens,
+                 key_format="int8", value_format="bf16", bytes_touched=bytes_touched)
+    header = f"| op | median ms | GB/s of {bytes_touched / 1e6:.1f} MB |\n|---|---:|---:|\n"
+    table_md = header + "".join(f"| {name} | {t * 1e3:.2f} | {g:.2f} |\n" for name, t, g in rows)
+    last = f"engine_vs_stream={ratio_stream:.2f} engine_vs_torch={ratio_torch:.2f}"
+    machine = machine_info(eng.n_threads)
+    print(f"shape: {shape}")
+    print(f"machine: {machine['cpu']}, {machine['threads']} threads, isa {machine['isa']}")
+    print(table_md, end="")
+    print(f"max |engine - torch| = {err:.2e}")
+    print(last)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"shape": shape, "machine": machine, "quick": bool(args.quick), "repeats": repeats,
+              "median_s": med, "gbps": gbps, "engine_vs_stream": ratio_stream, "engine_vs_torch": ratio_torch,
+              "max_abs_diff_vs_torch": err,
+              "samples_s": {"stream": t_stream, "score": t_score, "engine": t_engine, "torch": t_torch}}
+    (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "engine.md").write_text(
+        f"# engine benchmark\n\n{machine['cpu']}, {machine['threads']} threads, isa `{machine['isa']}`; "
+        f"{H} kv-heads x {G} q/group x {n} tokens x d{D}, int8 keys, top-{k}\n\n{table_md}\n`{last}`\n")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
