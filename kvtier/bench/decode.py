@@ -92,10 +92,18 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
                     rows.append(row)
                     continue
-                row.update(_run_cell(StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
-                                                    host_tokens=batch * context),
-                                     weights, shape, hidden, context, batch, steps, device, dtype))
-                row["status"] = "ok"
+                try:
+                    tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
+                                          host_tokens=batch * context)
+                    row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype))
+                    row["status"] = "ok"
+                except (RuntimeError, MemoryError) as exc:  # allocation failures (pinned or device) end the cell only
+                    row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
+                    print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}", flush=True)
+                    rows.append(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
                       f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
                       f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)

@@ -1,8 +1,10 @@
-"""`kvtier demo`: decode a synthetic long context through the tier on the CPU.
+"""`kvtier demo`: decode a synthetic long context through the tier.
 
 Uses the embedded default policy (the repository's kvtier.yaml) unless a
-file is given, prints the tier split, the throughput and the relative error
-against dense attention over the same inputs.
+file is given. Runs the real runtime (host store, native engine, hybrid
+plan/run, LSE merge) on the CPU, or on CUDA when available, and prints the
+tier split, the throughput and the relative error against dense attention
+over the same inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", metavar="FILE", help="policy YAML (default: the embedded kvtier.yaml)")
     parser.add_argument("--context", type=int, default=32768, help="tokens per request (default 32768)")
     parser.add_argument("--batch", type=int, default=2, help="requests (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="decode steps timed (default 4)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps timed (default 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -24,9 +27,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.synthetic import peaked_decode_inputs
-    from ..config import ConfigError, budget_tokens, load
+    from ..config import ConfigError, ModelShape, load
     from ..config.defaults import default_config
-    from ..runtime import dense_attention, hybrid_attention, split_window
+    from ..policies import PolicyUnavailableError
+    from ..runtime import dense_attention
+    from ..runtime.standalone import StandaloneTier
 
     try:
         config = load(args.policy) if args.policy else default_config()
@@ -36,48 +41,51 @@ def run(args: argparse.Namespace) -> int:
     if args.context <= 0 or args.batch <= 0 or args.steps <= 0:
         print("demo: --context, --batch and --steps must be positive", file=sys.stderr)
         return 2
-    hq, hkv, d = 32, 8, 128
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    shape = ModelShape(n_layers=1, num_q_heads=32, kv_heads=8, head_dim=128)
     lengths = [args.context - 97 * i for i in range(args.batch)]
-    inp = peaked_decode_inputs(lengths, hq, hkv, d, seed=args.seed)
-    win = config.window
-    split = split_window(torch.tensor(lengths), sink_tokens=win.sink_tokens,
-                         window_tokens=win.window_tokens, page_tokens=win.page_tokens)
-    host = split.host_tokens
-    k_cap = [budget_tokens(config.budget, host_tokens=int(h), context_tokens=n) for h, n in zip(host, lengths)]
-    scale = d ** -0.5
-    print(f"kvtier demo: policy={config.policy}, batch={args.batch}, context={args.context}, "
-          f"{hq} q / {hkv} kv heads, head_dim {d}")
-    print(f"tier split: device {int(split.device_tokens.sum())} tokens, host {int(host.sum())} tokens "
-          f"({100.0 * float(host.sum()) / sum(lengths):.1f}% of the KV on the host)")
-    dense = dense_attention(inp.q, inp.k, inp.v, inp.kv_indptr, sm_scale=scale)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        selection = _topk_selection(inp, split, k_cap, scale)
-        hybrid = hybrid_attention(inp.q, inp.k, inp.v, inp.kv_indptr, split, selection, sm_scale=scale)
-    dt = (time.perf_counter() - t0) / args.steps
-    rel = float((hybrid.out - dense.out).norm() / dense.out.norm())
-    print(f"per-head budget: {k_cap} host tokens; one layer decode: {dt * 1e3:.1f} ms "
-          f"({args.batch / dt:.1f} tokens/s for the batch)")
-    print(f"relative error against dense attention: {rel:.3e}")
+    if min(lengths) <= 0:
+        print("demo: --context is too short for --batch requests", file=sys.stderr)
+        return 2
+    inp = peaked_decode_inputs(lengths, shape.num_q_heads, shape.kv_heads, shape.head_dim, seed=args.seed)
+    try:
+        tier = StandaloneTier(config, shape, device=device, dtype=torch.float32, device_tokens=sum(lengths) + 64,
+                              host_tokens=sum(lengths))
+    except PolicyUnavailableError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rids = list(range(args.batch))
+        for r in rids:
+            tier.tier.add(r)
+            plan = tier.tier.prefill(r, lengths[r])
+            lo, hi = int(inp.kv_indptr[r]), int(inp.kv_indptr[r + 1])
+            tier.tier.write_prefill_layer(plan, 0, inp.k[lo:hi].to(device), inp.v[lo:hi].to(device))
+        stats = tier.tier.stats()
+        print(f"kvtier demo: policy={config.policy}, device={device}, batch={args.batch}, context={args.context}, "
+              f"{shape.num_q_heads} q / {shape.kv_heads} kv heads, head_dim {shape.head_dim}")
+        print(f"tier split: device {stats.device_tokens} tokens ({tier.device_kv_bytes() / 2**20:.1f} MiB), "
+              f"host {stats.host_tokens} tokens ({tier.host_kv_bytes() / 2**20:.1f} MiB, keys "
+              f"{config.host_store.key_format.value}); {100.0 * stats.host_tokens / sum(lengths):.1f}% of the "
+              f"context on the host")
+        q = inp.q.to(device)
+        tier.attn.plan(rids)
+        tier.attn.run(q, 0)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            out = tier.attn.run(q, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.steps
+        dense_t0 = time.perf_counter()
+        ref = dense_attention(inp.q.double(), inp.k.double(), inp.v.double(), inp.kv_indptr,
+                              sm_scale=shape.head_dim ** -0.5)
+        dense_dt = time.perf_counter() - dense_t0
+        rel = float((out.cpu().double() - ref.out).norm() / ref.out.norm())
+        print(f"one layer of decode attention for the batch: {dt * 1e3:.2f} ms through the tier "
+              f"({args.batch / dt:.0f} layer-tokens/s); float64 dense reference: {dense_dt * 1e3:.0f} ms")
+        print(f"relative error against dense attention: {rel:.3e}")
+    finally:
+        tier.close()
     return 0
-
-
-def _topk_selection(inp, split, k_cap, scale):
-    """Per-(request, kv-head) top-k of group-max logits over host tokens (reference selector)."""
-    import torch
-
-    b, hq, d = inp.q.shape
-    hkv = inp.k.shape[1]
-    width = max(min(k, int(h)) for k, h in zip(k_cap, split.host_tokens)) if b else 0
-    sel = torch.full((b, hkv, max(width, 1)), -1, dtype=torch.long)
-    for i in range(b):
-        lo, hi = int(split.host_start[i]), int(split.host_end[i])
-        if hi == lo:
-            continue
-        base = int(inp.kv_indptr[i])
-        keys = inp.k[base + lo: base + hi]  # [n, Hkv, D]
-        qg = inp.q[i].view(hkv, hq // hkv, d)
-        s = torch.einsum("hgd,nhd->hgn", qg, keys).amax(dim=1) * scale
-        kk = min(k_cap[i], hi - lo)
-        sel[i, :, :kk] = s.topk(kk, dim=-1).indices + lo
-    return sel
