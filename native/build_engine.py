@@ -54,20 +54,31 @@ def cdef_text() -> str:
     return "\n".join(keep)
 
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(cdef_text())
-ffibuilder.set_source(
-    "kvtier._native._engine",
-    '#include "kvtier_engine.h"\n',
-    sources=[str(p) for p in source_files() if p.suffix == ".c"],
-    include_dirs=[str(HERE)],
-    define_macros=[
-        ("KVT_VERSION", f'"{package_version()}"'),
-        ("KVT_BUILD_HASH", f'"{source_hash()}"'),
-    ],
-    extra_compile_args=["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing"],
-    extra_link_args=["-pthread", "-lm"],
-)
+def make_builder(*, relative: bool) -> cffi.FFI:
+    """setuptools wants source paths relative to setup.py; an in-place build
+    compiles from a temporary directory and needs them absolute."""
+
+    def path(p: pathlib.Path) -> str:
+        return p.relative_to(ROOT).as_posix() if relative else str(p)
+
+    builder = cffi.FFI()
+    builder.cdef(cdef_text())
+    builder.set_source(
+        "kvtier._native._engine",
+        '#include "kvtier_engine.h"\n',
+        sources=[path(p) for p in source_files() if p.suffix == ".c"],
+        include_dirs=[path(HERE)],
+        define_macros=[
+            ("KVT_VERSION", f'"{package_version()}"'),
+            ("KVT_BUILD_HASH", f'"{source_hash()}"'),
+        ],
+        extra_compile_args=["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing"],
+        extra_link_args=["-pthread", "-lm"],
+    )
+    return builder
+
+
+ffibuilder = make_builder(relative=True)
 
 
 def build_in_place() -> pathlib.Path:
@@ -75,7 +86,7 @@ def build_in_place() -> pathlib.Path:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kvtier-build-") as tmp:
-        so = ffibuilder.compile(tmpdir=tmp, verbose=False)
+        so = make_builder(relative=False).compile(tmpdir=tmp, verbose=False)
         built = pathlib.Path(so)
         dest = ROOT / "kvtier" / "_native" / built.name
         dest.write_bytes(built.read_bytes())

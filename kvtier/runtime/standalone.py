@@ -33,8 +33,11 @@ class StandaloneTier:
         self.store: Optional[HostStore] = None
         if offload:
             pages = -(-max(host_tokens, 1) // config.window.page_tokens) + 1
-            self.store = HostStore(config, shape, pin_memory=device.type == "cuda" and config.host_store.pinned,
-                                   n_pages=pages)
+            # Only policies that copy host pages to the device need page-locked
+            # memory; pinning tens of GiB that the CPU engine alone reads only
+            # costs (and the driver may refuse it).
+            pin = device.type == "cuda" and config.host_store.pinned and self.policy.host_path == "fetch"
+            self.store = HostStore(config, shape, pin_memory=pin, n_pages=pages)
         self.engine = Engine(config.engine.threads) if offload and self.policy.host_path == "engine" else None
         self.tier = TierManager(config, shape, self.pool.k, self.pool.v, self.store,
                                 alloc_slots=self.pool.alloc, free_slots=self.pool.free, offload=offload)
