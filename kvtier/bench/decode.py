@@ -161,6 +161,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
             "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
             "cpu_attn_ms_per_step": times.cpu_s / steps * 1e3, "gpu_attn_ms_per_step": times.gpu_s / steps * 1e3,
+            "overlap_ms_per_step": times.overlap_s / steps * 1e3,
         }
     finally:
         st.close()

@@ -32,6 +32,11 @@ class StepTimes(NamedTuple):
     gpu_s: float  # window attention (launch to ready) summed over layers
     wall_s: float  # run() wall time summed over layers
 
+    @property
+    def overlap_s(self) -> float:
+        """Time the CPU engine and the GPU window ran concurrently (0 when serial)."""
+        return max(0.0, min(self.cpu_s, self.gpu_s, self.cpu_s + self.gpu_s - self.wall_s))
+
 
 class _HostPlan(NamedTuple):
     any_host: bool
@@ -176,8 +181,16 @@ class HybridAttention:
 
 
 def _fetch(buf: torch.Tensor, pages: torch.Tensor, device) -> torch.Tensor:
-    """Pages of a host buffer on the device; contiguous page runs go as one slice."""
-    first = int(pages[0])
-    if bool((pages == torch.arange(first, first + pages.numel())).all()):
-        return buf[first: first + pages.numel()].to(device, non_blocking=True)
-    return buf[pages].to(device, non_blocking=True)
+    """Pages of a host buffer on the device, one copy per run of consecutive page ids.
+
+    Slices of the (pinned) arena go straight over PCIe; a fancy-index gather
+    would first copy into pageable memory on the CPU.
+    """
+    ids = pages.tolist()
+    out = torch.empty((len(ids),) + tuple(buf.shape[1:]), dtype=buf.dtype, device=device)
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            out[start:i].copy_(buf[ids[start]: ids[i - 1] + 1], non_blocking=True)
+            start = i
+    return out
