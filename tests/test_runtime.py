@@ -82,7 +82,7 @@ def test_hgca_with_everything_equals_dense_across_evictions(gen, key_format, tol
         tier.close()
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if cls.exact_with_all_budget))
 def test_every_registered_policy_with_everything_equals_dense(gen, name):
     """Conformance: a policy that breaks the hybrid contract fails here first."""
     extra = {"host_store": {"key_format": "bf16"}}
@@ -161,5 +161,22 @@ def test_run_checks_q_shape(gen):
         tier.attn.plan(rids)
         with pytest.raises(ValueError, match="q must be"):
             tier.attn.run(torch.randn(1, 4, 64), 0)
+    finally:
+        tier.close()
+
+
+def test_window_only_offloads_but_never_attends_the_host(gen):
+    cfg = _config("window_only")
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=512, host_tokens=2048)
+    try:
+        rids, full = _decode(tier, gen, [700], steps=2)
+        assert tier.tier.stats().host_tokens > 0
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        detail = tier.attn.run_detail(q, 0)
+        assert detail.host is None and detail.selection is None
+        assert torch.allclose(tier.attn.run(q, 0), detail.out)
+        dev = tier.tier.device_slots(0)
+        assert len(dev) < 702  # evicted tokens are not attended
     finally:
         tier.close()

@@ -18,6 +18,7 @@ from .policies import (
     QuestConfig,
     SpardaConfig,
     TierConfig,
+    WindowOnlyConfig,
 )
 from .sections import (
     AllBudget,
@@ -40,6 +41,6 @@ __all__ = [
     "AllBudget", "Budget", "ConfigError", "GIB_BYTES", "DenseConfig", "EngineConfig", "FluxionConfig", "FractionBudget",
     "GroupReduce", "HcattentionConfig", "HgcaConfig", "HostStoreConfig", "Isa", "KeyFormat", "MassBudget",
     "ModelShape", "OffloadAllConfig", "OnFull", "POLICY_CLASSES", "PolicyConfig", "Problem", "QuestConfig",
-    "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "budget_tokens",
+    "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "WindowOnlyConfig", "budget_tokens",
     "check_capacity", "device_bytes_per_token", "dump", "from_mapping", "host_bytes_per_token", "load", "loads",
 ]

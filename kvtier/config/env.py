@@ -17,8 +17,9 @@ class EnvVar(NamedTuple):
 ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2 or avx512 (read by the C engine at load).")
 CONFIG = EnvVar("KVTIER_CONFIG", "Path of the resolved policy YAML handed to sglang's scheduler and worker processes.")
 RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks write JSON and tables (default: benchmarks/results).")
+CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model files from wheels (default: ~/.cache/kvtier/models).")
 
-TABLE = (ISA, CONFIG, RESULTS_DIR)
+TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR)
 
 
 def get(var: EnvVar) -> Optional[str]:

@@ -265,6 +265,12 @@ class QuestConfig(TierConfig):
     quest: QuestKnobs = Field(default_factory=QuestKnobs)
 
 
+class WindowOnlyConfig(TierConfig):
+    """Window only (StreamingLLM-style baseline): sinks + recent window on the device, nothing from the host."""
+
+    policy: Literal["window_only"] = "window_only"
+
+
 PolicyConfig = Annotated[
     Union[
         HgcaConfig,
@@ -274,11 +280,13 @@ PolicyConfig = Annotated[
         DenseConfig,
         OffloadAllConfig,
         QuestConfig,
+        WindowOnlyConfig,
     ],
     Field(discriminator="policy"),
 ]
 
 POLICY_CLASSES = {
     cls.model_fields["policy"].default: cls
-    for cls in (HgcaConfig, FluxionConfig, SpardaConfig, HcattentionConfig, DenseConfig, OffloadAllConfig, QuestConfig)
+    for cls in (HgcaConfig, FluxionConfig, SpardaConfig, HcattentionConfig, DenseConfig, OffloadAllConfig, QuestConfig,
+                WindowOnlyConfig)
 }

@@ -47,3 +47,12 @@ class OffloadAll(Policy):
     host_path = "fetch"
 
 
+
+
+@register
+class WindowOnly(Policy):
+    """StreamingLLM-style baseline: sinks + recent window; evicted tokens are never attended."""
+
+    name = "window_only"
+    host_path = "none"
+    exact_with_all_budget = False

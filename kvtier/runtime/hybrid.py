@@ -38,6 +38,16 @@ class StepTimes(NamedTuple):
         return max(0.0, min(self.cpu_s, self.gpu_s, self.cpu_s + self.gpu_s - self.wall_s))
 
 
+class HybridDetail(NamedTuple):
+    """One layer's decode attention with its parts kept (diagnostics, evaluation)."""
+
+    out: torch.Tensor  # [B, Hq, D] f32, equals run()'s output before the cast
+    lse: torch.Tensor  # [B, Hq] f32, natural log, over device and attended host tokens
+    device: AttnPart
+    host: Optional[AttnPart]  # None when nothing is attended on the host
+    selection: Optional[torch.Tensor]  # [B, Hq, cap] int32 host-token indices, -1 padded (engine path only)
+
+
 class _HostPlan(NamedTuple):
     any_host: bool
     q_host: torch.Tensor  # [B, Hq, D] f32 (pinned on CUDA)
@@ -77,7 +87,9 @@ class HybridAttention:
             self.flashinfer.plan(self._window, shape.num_q_heads, shape.kv_heads, shape.head_dim,
                                  tier.k_pool.dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
         host = [tier.host_tokens(r) for r in rids]
-        self._host = self._plan_host(rids, host) if tier.offload and any(host) else None
+        # host_path "none" (window only): evicted tokens exist but are never attended.
+        attend_host = tier.offload and self.policy.host_path != "none" and any(host)
+        self._host = self._plan_host(rids, host) if attend_host else None
 
     def _plan_host(self, rids, host: List[int]) -> _HostPlan:
         tier, shape, T = self.tier, self.shape, self.tier.config.window.page_tokens
@@ -132,6 +144,25 @@ class HybridAttention:
             part = merge(dev, self._fetch_part(q, layer, host))
         self._wall_s += time.perf_counter() - t0
         return part.out.to(q.dtype)
+
+    def run_detail(self, q: torch.Tensor, layer: int) -> HybridDetail:
+        """run() without overlap, keeping both parts, the merged LSE and the engine's selection."""
+        if self._window is None:
+            raise RuntimeError("HybridAttention.run_detail before plan()")
+        b, hq, d = len(self._rids), self.shape.num_q_heads, self.shape.head_dim
+        if tuple(q.shape) != (b, hq, d):
+            raise ValueError(f"q must be [batch, num_q_heads, head_dim] = {(b, hq, d)}, found {tuple(q.shape)}")
+        dev = self._window_part(q, layer)
+        host, selection = self._host, None
+        if host is None:
+            return HybridDetail(dev.out, dev.lse, dev, None, None)
+        if self.policy.host_path == "engine":
+            res = self.engine.run(layer, q.float().cpu(), return_selection=True)
+            far, selection = AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
+        else:
+            far = self._fetch_part(q, layer, host)
+        part = merge(dev, far)
+        return HybridDetail(part.out, part.lse, dev, far, selection)
 
     def _engine_run(self, layer: int, host: _HostPlan) -> None:
         c0 = time.perf_counter()
