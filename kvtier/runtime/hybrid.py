@@ -65,7 +65,7 @@ class HybridAttention:
                  sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None):
         self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
         self.sm_scale, self.soft_cap = sm_scale, soft_cap
-        self.device = tier.k_pool.device
+        self.device = tier.device
         if policy.host_path == "engine" and policy.offloads and engine is None:
             raise ValueError(f"policy '{policy.name}' attends the host with the native engine; pass engine=")
         want_fi = flashinfer_available(self.device) if use_flashinfer is None else use_flashinfer
@@ -85,7 +85,7 @@ class HybridAttention:
         self._window = plan_window([tier.device_slots(r) for r in rids], self.device)
         if self.flashinfer is not None:
             self.flashinfer.plan(self._window, shape.num_q_heads, shape.kv_heads, shape.head_dim,
-                                 tier.k_pool.dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+                                 tier.k_pool[0].dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
         host = [tier.host_tokens(r) for r in rids]
         # host_path "none" (window only): evicted tokens exist but are never attended.
         attend_host = tier.offload and self.policy.host_path != "none" and any(host)

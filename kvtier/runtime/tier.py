@@ -16,7 +16,7 @@ once per step: from the device until its page is settled, then from the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, NamedTuple, Optional
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -52,10 +52,14 @@ class _Pending(NamedTuple):
 
 
 class TierManager:
-    def __init__(self, config: TierConfig, shape: ModelShape, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 store: Optional[HostStore], *, alloc_slots: Callable[[int], torch.Tensor],
+    def __init__(self, config: TierConfig, shape: ModelShape, k_pool: "LayerBuffers", v_pool: "LayerBuffers",
+                 store: Optional[HostStore], *, alloc_slots: Optional[Callable[[int], torch.Tensor]],
                  free_slots: Callable[[torch.Tensor], None], offload: bool = True):
-        """k_pool, v_pool: [L, n_slots, Hkv, D] device KV of every layer (the server's pool)."""
+        """k_pool, v_pool: per layer, [n_slots, Hkv, D] device KV (one 4-D tensor or the server's list).
+
+        alloc_slots may be None when the server allocates slots itself and
+        passes them to `extend(..., slots=)`.
+        """
         self.config, self.shape = config, shape
         self.k_pool, self.v_pool = k_pool, v_pool
         self.store = store
@@ -63,8 +67,9 @@ class TierManager:
         self.offload = offload and store is not None
         self.requests: Dict[Hashable, RequestState] = {}
         self._pending: List[_Pending] = []
-        self._cuda = k_pool.device.type == "cuda"
-        self._stream = torch.cuda.Stream(k_pool.device) if self._cuda else None
+        self.device = k_pool[0].device
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._d2h = self._h2d = self._evicted = 0
 
     # --- request lifecycle --------------------------------------------------
@@ -84,10 +89,19 @@ class TierManager:
         if self.offload:
             self.store.release(rid)
 
-    def extend(self, rid: Hashable, n: int) -> torch.Tensor:
-        """Device slots for the request's next n tokens; the caller writes their K, V."""
+    def extend(self, rid: Hashable, n: int, *, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Device slots for the request's next n tokens; the caller writes their K, V.
+
+        Without `slots` the manager allocates them; a server that allocates
+        its own passes them here.
+        """
         st = self.requests[rid]
-        slots = self.alloc_slots(n)
+        if slots is None:
+            if self.alloc_slots is None:
+                raise ValueError("this tier has no slot allocator: pass the server's slots to extend(slots=)")
+            slots = self.alloc_slots(n)
+        elif slots.numel() != n:
+            raise ValueError(f"extend: expected {n} slots, found {slots.numel()}")
         sinks = max(0, min(n, self.config.window.sink_tokens - st.length))
         st.sink_slots += slots[:sinks].tolist()
         st.recent_slots += slots[sinks:].tolist()
@@ -121,9 +135,9 @@ class TierManager:
     def write_prefill_layer(self, plan: "PrefillPlan", layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [n, Hkv, D] of one layer for the whole prompt, on any device."""
         dev = torch.cat([torch.arange(plan.sinks), torch.arange(plan.sinks + plan.host_tokens, k.shape[0])])
-        dev = dev.to(k.device)
-        self.k_pool[layer, plan.slots.to(self.k_pool.device)] = k[dev].to(self.k_pool)
-        self.v_pool[layer, plan.slots.to(self.v_pool.device)] = v[dev].to(self.v_pool)
+        dev, slots = dev.to(k.device), plan.slots.to(self.device)
+        self.k_pool[layer][slots] = k[dev].to(self.k_pool[layer])
+        self.v_pool[layer][slots] = v[dev].to(self.v_pool[layer])
         if plan.host_tokens:
             hk = k[plan.sinks: plan.sinks + plan.host_tokens]
             hv = v[plan.sinks: plan.sinks + plan.host_tokens]
@@ -157,15 +171,15 @@ class TierManager:
 
     def _start_copy(self, rid, page_ids, slots) -> None:
         T = self.config.window.page_tokens
-        idx = slots.to(self.k_pool.device)
+        idx = slots.to(self.device)
 
         def gather(pool):
-            x = pool[:, idx]  # [L, n, Hkv, D]
+            x = torch.stack([pool[layer][idx] for layer in range(self.shape.n_layers)])  # [L, n, Hkv, D]
             L, n, h, d = x.shape
             return x.view(L, n // T, T, h, d).transpose(2, 3)  # [L, pages, Hkv, T, D]
 
         if self._cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.k_pool.device))
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 k_dev, v_dev = gather(self.k_pool), gather(self.v_pool)
                 k = torch.empty(k_dev.shape, dtype=k_dev.dtype, pin_memory=True)
@@ -227,6 +241,9 @@ class TierManager:
 
     def count_h2d(self, nbytes: int) -> None:
         self._h2d += nbytes
+
+
+LayerBuffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 class PrefillPlan(NamedTuple):
