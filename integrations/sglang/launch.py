@@ -1,0 +1,141 @@
+"""`--kv-tier`: the flag, its parse-time validation and the launch-time refusals.
+
+The YAML is validated while the arguments are parsed; a bad file stops the
+launch with exit code 2 and kvtier's `FILE: field.path: ...` message before
+any model loads. The resolved policy rides on the ServerArgs record (which
+is pickled to the scheduler processes) and in KVTIER_CONFIG for processes
+built from the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, Optional
+
+from kvtier.config import ConfigError, TierConfig, dump, env, load, loads
+
+from . import versions
+
+ATTR = "_kvtier_config_yaml"
+BACKEND = "kvtier"
+
+
+class KvTierLaunchError(ValueError):
+    """The launch asks for something the tier cannot serve."""
+
+
+def add_cli_args(result: Any, parser: argparse.ArgumentParser) -> Any:
+    """AFTER ServerArgs.add_cli_args: add --kv-tier."""
+    parser.add_argument(
+        "--kv-tier", metavar="PATH", default=None,
+        help="kvtier policy YAML (e.g. kvtier.yaml, policies/hgca.yaml): keep sinks + a recent window of each "
+             "request's KV on the GPU and attend the rest from a host store (validated at launch; see "
+             "`kvtier validate`).",
+    )
+    return result
+
+
+def refusals(values: Any) -> Optional[str]:
+    """Why this launch cannot run with the tier, or None."""
+    spec = getattr(values, "speculative_algorithm", None)
+    if spec:
+        return f"--kv-tier does not support speculative decoding yet, found --speculative-algorithm {spec}"
+    pp = getattr(values, "pp_size", 1) or 1
+    if pp > 1:
+        return f"--kv-tier does not support pipeline parallelism yet, found --pp-size {pp}"
+    decode = getattr(values, "decode_attention_backend", None)
+    if decode not in (None, BACKEND):
+        return (f"--kv-tier attends decode through the '{BACKEND}' backend, found --decode-attention-backend "
+                f"{decode}; drop that flag")
+    return None
+
+
+def apply_to_namespace(values: Any, config: TierConfig) -> None:
+    """Select the kvtier decode backend and the graph-free decode it needs."""
+    if config.policy == "dense":
+        return  # the baseline runs sglang unchanged
+    values.decode_attention_backend = BACKEND
+    # The hybrid decode waits on the CPU engine each layer; CUDA-graph capture
+    # cannot record that, so decode runs eagerly (documented fallback).
+    if hasattr(values, "cuda_graph_backend_decode"):
+        values.cuda_graph_backend_decode = "disabled"
+    if hasattr(values, "disable_cuda_graph"):
+        values.disable_cuda_graph = True
+
+
+def load_or_exit(path: str) -> TierConfig:
+    try:
+        versions.check(versions.running())
+        return load(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+    except versions.UnsupportedSglangError as exc:
+        print(f"--kv-tier: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def publish(config: TierConfig) -> str:
+    """Write the resolved policy where spawned processes find it; returns the YAML."""
+    text = dump(config)
+    fd, path = tempfile.mkstemp(prefix="kvtier-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.environ[env.CONFIG.name] = path
+    return text
+
+
+def from_cli_args(original, cls, args: argparse.Namespace):
+    """AROUND ServerArgs.from_cli_args: validate --kv-tier and route decode to the tier."""
+    path = getattr(args, "kv_tier", None)
+    if not path:
+        return original(cls, args)
+    from .plugin import verify_hooks
+
+    verify_hooks()
+    config = load_or_exit(path)
+    why = refusals(args)
+    if why:
+        print(why, file=sys.stderr)
+        raise SystemExit(2)
+    apply_to_namespace(args, config)
+    server_args = original(cls, args)
+    _attach(server_args, publish(config))
+    return server_args
+
+
+def engine_init(*args, **kwargs):
+    """BEFORE Engine.__init__: accept kv_tier=PATH from the Python API."""
+    path = kwargs.pop("kv_tier", None)
+    if path is None:
+        return args, kwargs
+    versions.check(versions.running())
+    config = load(path)  # ConfigError propagates: the caller gets the typed error
+    why = refusals(argparse.Namespace(**kwargs))
+    if why:
+        raise KvTierLaunchError(why)
+    ns = argparse.Namespace(**kwargs)
+    apply_to_namespace(ns, config)
+    kwargs.update({k: v for k, v in vars(ns).items() if k in ("decode_attention_backend", "cuda_graph_backend_decode")})
+    publish(config)
+    return args, kwargs
+
+
+def config_for(server_args: Any) -> TierConfig:
+    """The policy a scheduler process serves: from the record, else from KVTIER_CONFIG."""
+    text = getattr(server_args, ATTR, None) if server_args is not None else None
+    if text:
+        return loads(text, "<--kv-tier>")
+    path = env.get(env.CONFIG)
+    if path:
+        return load(path)
+    raise KvTierLaunchError(f"attention backend '{BACKEND}' needs a policy: launch with --kv-tier PATH")
+
+
+def _attach(server_args: Any, text: str) -> None:
+    try:
+        setattr(server_args, ATTR, text)
+    except (AttributeError, TypeError):
+        object.__setattr__(server_args, ATTR, text)

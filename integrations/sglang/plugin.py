@@ -1,0 +1,76 @@
+"""Registration with sglang: hooks through HookRegistry, the `kvtier` backend.
+
+sglang's hook application only logs failures, so `register()` applies the
+hooks at once and checks every target really changed; a missing hook aborts
+the launch with a message naming it.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import sys
+from typing import Dict, List, Tuple
+
+from . import launch, lifecycle
+
+_ORIGINALS: Dict[str, object] = {}
+
+
+def _targets():
+    from sglang.srt.plugins.hook_registry import HookType
+
+    return {
+        "sglang.srt.server_args.ServerArgs.add_cli_args": (launch.add_cli_args, HookType.AFTER),
+        "sglang.srt.server_args.ServerArgs.from_cli_args": (launch.from_cli_args, HookType.AROUND),
+        "sglang.srt.entrypoints.engine.Engine.__init__": (launch.engine_init, HookType.BEFORE),
+        "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free": (lifecycle.on_request_freed, HookType.BEFORE),
+    }
+
+
+def _raw(obj: object) -> object:
+    return getattr(obj, "__func__", obj)
+
+
+def register() -> None:
+    """Entry point of the `sglang.srt.plugins` group."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from .backend import register_backend
+
+    targets = _targets()
+    for target, (hook, kind) in targets.items():
+        if target not in _ORIGINALS:
+            _ORIGINALS[target] = _raw(pkgutil.resolve_name(target))
+            HookRegistry.register(target, hook, kind)
+    register_backend()
+    HookRegistry.apply_hooks()
+    missing = missing_hooks()
+    if missing:
+        print("kvtier: sglang did not apply these hooks, so --kv-tier cannot work: " + ", ".join(missing)
+              + ". Check that the sglang version is supported (kvtier supports 0.5.17 to 0.5.x).",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def missing_hooks() -> List[str]:
+    """Targets whose function is still sglang's original."""
+    out = []
+    for target, original in _ORIGINALS.items():
+        try:
+            current = _raw(pkgutil.resolve_name(target))
+        except (ImportError, AttributeError):
+            out.append(target)
+            continue
+        if current is original:
+            out.append(target)
+    return out
+
+
+def verify_hooks() -> None:
+    missing = missing_hooks()
+    if missing:
+        print("kvtier: hooks missing: " + ", ".join(missing), file=sys.stderr)
+        raise SystemExit(2)
+
+
+__all__: Tuple[str, ...] = ("register", "missing_hooks", "verify_hooks")
