@@ -4,6 +4,9 @@
 #include <pthread.h>
 #include "kvt_internal.h"
 
+/* tokens per score post-processing segment (q16 path) */
+#define KVT_SEG 256
+
 typedef struct kvt_plan_state {
     int valid;
     kvt_store *store;
@@ -18,7 +21,13 @@ typedef struct kvt_plan_state {
     /* score work items: (b, h, t0, t1) */
     int64_t n_items;
     int32_t *items;
-    /* per-thread scratch for select + attend */
+    int64_t *item_off;    /* [B*Hkv + 1]: first score item of (b, h) */
+    float *item_ksmax;    /* [n_items]: largest key scale seen by the item (q16 path) */
+    /* selection-stage query (q16 path): per query head int16 q, sm_scale * q scale,
+     * and the error term sum|q - scale*q16| + D*2^-20*sum|q| */
+    int16_t *q16;
+    float *q16s, *qerr;
+    /* per-thread scratch for score post-processing and select + attend */
     int n_threads;
     int64_t scratch_floats;
     float *scratch;
@@ -35,6 +44,8 @@ void kvt_plan_free(kvt_plan_state *p);
 
 /* selection helpers (kvt_select.c) */
 float kvt_kth_largest(float *a, int n, int k);
+/* k-th largest of r[0..n) (1 <= k <= n) without reordering r; vals: n floats scratch. */
+float kvt_kth_value(const float *r, int n, int k, float *vals);
 /* Writes the indices of the k largest r[0..n) in ascending order; returns the count. */
 int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out);
 /* Keeps the smallest prefix (by descending r) of sel whose softmax mass over all n

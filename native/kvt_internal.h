@@ -47,7 +47,24 @@ typedef struct kvt_kernels {
      * row type (int8 with scales, else bf16 and scales unused) */
     void (*accum_rows)(const void *const *rows, const float *scales, int is_i8, int count, int D,
                        const float *p, int64_t pstride, int G, float *acc);
+    /* p[j] = exp(x[j] - max) / sum over j < n (n >= 1); returns max + log(sum) */
+    float (*softmax)(const float *x, int n, float *p);
+    /* Selection-stage scoring of int8 keys against an integer query (NULL if the
+     * ISA has none): out[g*ostride + t] = ks[t] * qs[g] * sum_d k_t[d] * q[g*D + d],
+     * the sum exact in int32 (|q| <= kvt_q16_max(D)). Keys are prefetched ahead,
+     * past the end of these n rows into next[0..next_bytes) (the next segment). */
+    void (*score_i8_q16)(const int8_t *k, const float *ks, int n, int D, const int16_t *q,
+                         const float *qs, int G, float *out, int64_t ostride,
+                         const int8_t *next, int64_t next_bytes);
+    /* x[i] = cap * tanh(x[i] / cap), i < n (selection stage only) */
+    void (*soft_cap)(float *x, int n, float cap);
 } kvt_kernels;
+
+/* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */
+static inline int kvt_q16_max(int D) {
+    int64_t m = (int64_t)2147483647 / ((int64_t)127 * D);
+    return m > 32767 ? 32767 : (int)m;
+}
 
 extern const kvt_kernels *kvt_k; /* the active table */
 const kvt_kernels *kvt_kernels_for(const char *name); /* NULL if unknown/unsupported */

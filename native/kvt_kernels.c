@@ -2,6 +2,7 @@
  * (only the summation order differs); the build has no -march flags, so the
  * SIMD variants are compiled per function with target attributes and picked
  * at run time from CPUID. */
+#include <math.h>
 #include <string.h>
 #include <immintrin.h>
 #include "kvt_internal.h"
@@ -86,9 +87,24 @@ static uint64_t sum_bytes_generic(const uint8_t *buf, int64_t n) {
     return s;
 }
 
+static float softmax_generic(const float *x, int n, float *p) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = kvt_maxf(mx, x[j]);
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) { p[j] = expf(x[j] - mx); sum += p[j]; }
+    float inv = 1.f / sum;
+    for (int j = 0; j < n; j++) p[j] *= inv;
+    return mx + logf(sum);
+}
+
+static void soft_cap_generic(float *x, int n, float cap) {
+    for (int i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
+}
+
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
+    softmax_generic, NULL, soft_cap_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -194,6 +210,7 @@ ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
+    softmax_generic, NULL, soft_cap_generic,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -399,7 +416,11 @@ T_512 static void accum_rows_512(const void *const *rows, const float *scales, i
             for (int g = 0; g < 4; g++)
                 for (int v = 0; v < 4; v++) a[g][v] = _mm512_setzero_ps();
             for (int j = 0; j < count; j++) {
-                __m512 x[4];
+                if (j + 8 < count) /* rows are scattered: prefetch 8 ahead */
+                    for (int v = 0; v < nv; v++)
+                        _mm_prefetch((const char *)rows[j + 8] + (is_i8 ? d0 + 16 * v : 2 * (d0 + 16 * v)), _MM_HINT_T0);
+                __m512 x[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                               _mm512_setzero_ps()};
                 if (is_i8) {
                     const int8_t *r = (const int8_t *)rows[j] + d0;
                     for (int v = 0; v < 4; v++)
@@ -428,9 +449,208 @@ T_512 static void accum_rows_512(const void *const *rows, const float *scales, i
     }
 }
 
+/* exp(x) for x <= 0 (softmax arguments): 2^n * p(r), |r| <= ln2/2, degree-7
+ * Taylor polynomial (truncation < 1e-8 relative); scalef does the 2^n. */
+T_512 static inline __m512 exp_neg_512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+T_512 static float softmax_512(const float *x, int n, float *p) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
+    float mx = _mm512_reduce_max_ps(m);
+    for (; j < n; j++) mx = kvt_maxf(mx, x[j]);
+    __m512 vm = _mm512_set1_ps(mx), s = _mm512_setzero_ps();
+    for (j = 0; j < n; j += 16) {
+        __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = exp_neg_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm));
+        e = _mm512_maskz_mov_ps(k, e);
+        _mm512_mask_storeu_ps(p + j, k, e);
+        s = _mm512_add_ps(s, e);
+    }
+    float sum = _mm512_reduce_add_ps(s);
+    __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (j = 0; j < n; j += 16) {
+        __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(p + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j), inv));
+    }
+    return mx + logf(sum);
+}
+
+/* cap * tanh(x / cap) = cap * sign(x) * (1 - 2 / (exp(2|x|/cap) + 1)); absolute error
+ * a few ulp of cap (selection stage only; attend recomputes with tanhf) */
+T_512 static void soft_cap_512(float *x, int n, float cap) {
+    __m512 c = _mm512_set1_ps(cap), m2 = _mm512_set1_ps(-2.f / cap), one = _mm512_set1_ps(1.f);
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+        __m512 a = _mm512_abs_ps(v);
+        __m512 e = exp_neg_512(_mm512_mul_ps(a, m2)); /* exp(-2|x|/cap) in (0, 1] */
+        __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+        t = _mm512_mul_ps(c, t);
+        /* copy the sign of v */
+        t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t),
+                _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000u))));
+        _mm512_mask_storeu_ps(x + j, k, t);
+    }
+}
+
+/* ---- int8 keys x int16 query (selection stage) --------------------------------
+ * Keys are sign-extended to int16 (vpmovsxbw) and multiplied with the int16
+ * query by vpdpwssd (VNNI) or vpmaddwd + vpaddd (AVX512BW): one key load serves
+ * every query head of the group, sums are exact in int32. Tiles as the float
+ * kernels: TT tokens x GG heads = 16 accumulators, one transpose-reduce. */
+#define T_512V __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#ifndef KVT_PF_BYTES
+#define KVT_PF_BYTES 2048 /* key prefetch distance of the selection kernels */
+#endif
+#define DP_VNNI(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#define DP_BW(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+
+#define REDUCE16_EPI32(ATTR, NAME)                                                                \
+    ATTR static inline __m512i NAME(__m512i *v) {                                                \
+        __m512i u[8], w[4], x[2];                                                                 \
+        for (int i = 0; i < 8; i++)                                                               \
+            u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),               \
+                                    _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));              \
+        for (int i = 0; i < 4; i++)                                                               \
+            w[i] = _mm512_add_epi32(                                                              \
+                _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(u[2 * i]),              \
+                    _mm512_castsi512_ps(u[2 * i + 1]), _MM_SHUFFLE(1, 0, 1, 0))),                 \
+                _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(u[2 * i]),              \
+                    _mm512_castsi512_ps(u[2 * i + 1]), _MM_SHUFFLE(3, 2, 3, 2))));                \
+        for (int i = 0; i < 2; i++)                                                               \
+            x[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)), \
+                                    _mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1))); \
+        return _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),      \
+                                _mm512_shuffle_i32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));     \
+    }
+REDUCE16_EPI32(T_512, reduce16_epi32_bw)
+REDUCE16_EPI32(T_512V, reduce16_epi32_vnni)
+
+#define TILE_Q16(ATTR, NAME, DP, RED, TT, GG)                                                    \
+    ATTR __attribute__((noinline)) static void NAME(const int8_t *k, const float *ks, int D,      \
+                                                    const int16_t *q, const float *qs,            \
+                                                    float *out, int64_t os, const char *pf) {      \
+        __m512i acc[16];                                                                          \
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_si512();    \
+        if (pf)                                                                                   \
+            for (int i = 0; i < TT * D; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);               \
+        int j = 0;                                                                                \
+        for (; j + 32 <= D; j += 32) {                                                            \
+            __m512i qv[GG];                                                                       \
+            _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                                 \
+                qv[g] = _mm512_loadu_si512((const void *)(q + (int64_t)g * D + j));               \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++) {                               \
+                __m512i kv = _mm512_cvtepi8_epi16(                                                \
+                    _mm256_loadu_si256((const __m256i *)(k + (int64_t)t * D + j)));               \
+                _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                             \
+                    acc[g * TT + t] = DP(acc[g * TT + t], kv, qv[g]);                             \
+            }                                                                                     \
+        }                                                                                         \
+        if (j < D) { /* D % 32 == 16 */                                                           \
+            __m512i qv[GG];                                                                       \
+            _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                                 \
+                qv[g] = _mm512_maskz_loadu_epi16(0xffff, q + (int64_t)g * D + j);                 \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++) {                               \
+                __m512i kv = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(                         \
+                    _mm_loadu_si128((const __m128i *)(k + (int64_t)t * D + j))));                 \
+                _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                             \
+                    acc[g * TT + t] = DP(acc[g * TT + t], kv, qv[g]);                             \
+            }                                                                                     \
+        }                                                                                         \
+        __m512 r = _mm512_cvtepi32_ps(RED(acc));                                                  \
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+        __m512 kss = _mm512_maskz_loadu_ps((__mmask16)((1u << TT) - 1), ks);                     \
+        __m512 qss = _mm512_maskz_loadu_ps((__mmask16)((1u << GG) - 1), qs);                     \
+        kss = _mm512_permutexvar_ps(_mm512_and_si512(lane, _mm512_set1_epi32(TT - 1)), kss);     \
+        qss = _mm512_permutexvar_ps(_mm512_srli_epi32(lane, TT == 16 ? 4 : (TT == 8 ? 3 : 2)), qss); \
+        r = _mm512_mul_ps(_mm512_mul_ps(r, kss), qss);                                            \
+        float tmp[16] __attribute__((aligned(64)));                                               \
+        _mm512_store_ps(tmp, r);                                                                  \
+        for (int g = 0; g < GG; g++) memcpy(out + g * os, tmp + g * TT, sizeof(float) * TT);     \
+    }
+
+#define Q16_FAMILY(ATTR, SFX, DP, RED)                                                            \
+    TILE_Q16(ATTR, tile_q16_4x4_##SFX, DP, RED, 4, 4)                                            \
+    TILE_Q16(ATTR, tile_q16_8x2_##SFX, DP, RED, 8, 2)                                            \
+    TILE_Q16(ATTR, tile_q16_16x1_##SFX, DP, RED, 16, 1)                                          \
+    ATTR static void q16_tok_##SFX(const int8_t *k, const float *ks, int n, int D,                \
+                                   const int16_t *q, const float *qs, int G, float *out,          \
+                                   int64_t os) {                                                  \
+        for (int t = 0; t < n; t++, k += D)                                                       \
+            for (int g = 0; g < G; g++) {                                                         \
+                const int16_t *qg = q + (int64_t)g * D;                                           \
+                __m512i a = _mm512_setzero_si512();                                               \
+                int j = 0;                                                                        \
+                for (; j + 32 <= D; j += 32)                                                      \
+                    a = DP(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(k + j))), \
+                           _mm512_loadu_si512((const void *)(qg + j)));                           \
+                if (j < D)                                                                        \
+                    a = DP(a, _mm512_cvtepi8_epi16(_mm256_castsi128_si256(                        \
+                               _mm_loadu_si128((const __m128i *)(k + j)))),                       \
+                           _mm512_maskz_loadu_epi16(0xffff, qg + j));                             \
+                out[g * os + t] = ((float)_mm512_reduce_add_epi32(a) * ks[t]) * qs[g];            \
+            }                                                                                     \
+    }                                                                                             \
+    ATTR static void score_i8_q16_##SFX(const int8_t *k, const float *ks, int n, int D,           \
+                                        const int16_t *q, const float *qs, int G, float *out,     \
+                                        int64_t os, const int8_t *next, int64_t next_bytes) {     \
+        const int64_t nb = (int64_t)n * D;                                                        \
+        for (int g = 0; g < G;) {                                                                 \
+            int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 16 / gg;                         \
+            int nt = n - n % tt;                                                                  \
+            const int16_t *qg = q + (int64_t)g * D;                                               \
+            for (int t = 0; t < nt; t += tt) {                                                    \
+                const int8_t *kt = k + (int64_t)t * D;                                            \
+                /* prefetch KVT_PF_BYTES ahead, continuing into the next segment (first       \
+                 * head group only: the others find the keys in cache) */                     \
+                int64_t a = (int64_t)t * D + KVT_PF_BYTES;                                        \
+                const char *pf = NULL;                                                            \
+                if (g == 0) {                                                                     \
+                    if (a + (int64_t)tt * D <= nb) pf = (const char *)k + a;                      \
+                    else if (next && a - nb + (int64_t)tt * D <= next_bytes)                      \
+                        pf = (const char *)next + (a - nb);                                       \
+                }                                                                                 \
+                if (gg == 4) tile_q16_4x4_##SFX(kt, ks + t, D, qg, qs + g, out + g * os + t, os, pf); \
+                else if (gg == 2) tile_q16_8x2_##SFX(kt, ks + t, D, qg, qs + g, out + g * os + t, os, pf); \
+                else tile_q16_16x1_##SFX(kt, ks + t, D, qg, qs + g, out + g * os + t, os, pf);    \
+            }                                                                                     \
+            if (nt < n)                                                                           \
+                q16_tok_##SFX(k + (int64_t)nt * D, ks + nt, n - nt, D, qg, qs + g, gg,            \
+                              out + g * os + nt, os);                                             \
+            g += gg;                                                                              \
+        }                                                                                         \
+    }
+
+Q16_FAMILY(T_512, bw, DP_BW, reduce16_epi32_bw)
+Q16_FAMILY(T_512V, vnni, DP_VNNI, reduce16_epi32_vnni)
+
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
+    softmax_512, score_i8_q16_bw, soft_cap_512,
+};
+
+/* the same table with the VNNI selection kernel (picked when the CPU has it) */
+static const kvt_kernels K_AVX512_VNNI = {
+    "avx512", score_bf16_512, score_i8_512, score_i4_512,
+    accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
+    softmax_512, score_i8_q16_vnni, soft_cap_512,
 };
 #endif
 
@@ -447,9 +667,12 @@ const kvt_kernels *kvt_kernels_for(const char *name) {
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (!strcmp(name, "avx2")) return avx2 ? &K_AVX2 : NULL;
-    if (!strcmp(name, "avx512"))
-        return (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl")) ? &K_AVX512 : NULL;
+    if (!strcmp(name, "avx512")) {
+        if (!(avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl")))
+            return NULL;
+        return __builtin_cpu_supports("avx512vnni") ? &K_AVX512_VNNI : &K_AVX512;
+    }
 #endif
     return NULL;
 }

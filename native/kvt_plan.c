@@ -12,6 +12,7 @@
 void kvt_plan_free(kvt_plan_state *p) {
     free(p->page_table); free(p->page_off); free(p->ntok); free(p->budget); free(p->block);
     free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
+    free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
     memset(p, 0, sizeof *p);
 }
 
@@ -119,13 +120,21 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     }
     p->scores = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
     p->items = malloc(sizeof(int32_t) * 4 * (size_t)(n_items > 0 ? n_items : 1));
+    p->item_off = malloc(sizeof(int64_t) * ((size_t)B * Hkv + 1));
+    p->item_ksmax = malloc(sizeof(float) * (size_t)(n_items > 0 ? n_items : 1));
+    p->q16 = malloc(sizeof(int16_t) * (size_t)B * p->Hq * s->d.head_dim);
+    p->q16s = malloc(sizeof(float) * (size_t)B * p->Hq);
+    p->qerr = malloc(sizeof(float) * (size_t)B * p->Hq);
     p->n_threads = kvt_pool_size(e->pool);
-    /* per thread: r, tmp, pairs(2n), sel ints, p [G, n], acc [G, D], block min/max [2D] */
+    /* per thread: tmp, cand, re, pos, sel (n each), pairs (2n), exact logits and
+     * p ([G, n] each), acc [G, D], block min/max [2D], score segment [G, KVT_SEG] */
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
-    p->scratch_floats = n * (5 + p->G) + D * (p->G + 2) + 64;
+    p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
+    p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
     p->scratch = malloc(sizeof(float) * (size_t)(p->scratch_floats * p->n_threads));
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
-        !p->scores || !p->items || !p->scratch) {
+        !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||
+        !p->q16s || !p->qerr) {
         kvt_plan_free(p);
         pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing scratch for %lld logits",
@@ -133,12 +142,15 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     }
     int64_t it = 0;
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < Hkv; h++)
+        for (int h = 0; h < Hkv; h++) {
+            p->item_off[b * Hkv + h] = it;
             for (int t0 = 0; t0 < p->ntok[b]; t0 += chunk) {
                 int32_t *w = p->items + 4 * it++;
                 w[0] = b; w[1] = h; w[2] = t0;
                 w[3] = t0 + chunk < p->ntok[b] ? t0 + chunk : p->ntok[b];
             }
+        }
+    p->item_off[B * Hkv] = it;
     p->n_items = it;
     p->valid = 1;
     pthread_mutex_unlock(&e->mu);

@@ -12,6 +12,10 @@ typedef struct {
     float *out, *lse;
     int32_t *nsel, *sel_index;
     int32_t sel_cap;
+    int q16;        /* selection-stage scores from the int16-query kernel */
+    int reduced;    /* q16 path: score items write the group-reduced logit only */
+    float *dst;     /* per-head logits: (b, h) rows at dst + dst_off(b, h), stride dst_stride */
+    int64_t dst_stride; /* 0: the plan's own buffer, stride n_b */
 } run_ctx;
 
 static int32_t check_ready(kvt_engine *e, int32_t layer, const char *fn) {
@@ -25,26 +29,62 @@ static int32_t check_ready(kvt_engine *e, int32_t layer, const char *fn) {
     return KVT_OK;
 }
 
-/* Logits of tokens [t0, t1) of request b for query heads q[0..G) of kv-head h,
- * written to dst[g * n + t]. */
+static void apply_scale(float *x, int n, float sm, float cap) {
+    if (cap > 0.f)
+        for (int t = 0; t < n; t++) x[t] = cap * tanhf(x[t] * sm / cap);
+    else
+        for (int t = 0; t < n; t++) x[t] *= sm;
+}
+
+/* Exact logits of tokens [t0, t1) of request b for query heads q[0..G) of kv-head h,
+ * written to dst[g * ds + t]. */
 static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0, int t1,
-                        const float *q, int G, float *dst, int n) {
+                        const float *q, int G, float *dst, int64_t ds) {
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens;
     for (int t = t0; t < t1;) {
         int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
         int64_t lph = kvt_lph(s, layer, p->page_table[p->page_off[b] + t / T], h);
-        kvt_score_page(s, lph, off, cnt, q, G, dst + t, n);
+        kvt_score_page(s, lph, off, cnt, q, G, dst + t, ds);
         t += cnt;
     }
-    const float sm = p->sm_scale, cap = p->soft_cap;
-    for (int g = 0; g < G; g++) {
-        float *x = dst + (int64_t)g * n;
-        if (cap > 0.f)
-            for (int t = t0; t < t1; t++) x[t] = cap * tanhf(x[t] * sm / cap);
-        else
-            for (int t = t0; t < t1; t++) x[t] *= sm;
+    for (int g = 0; g < G; g++) apply_scale(dst + (int64_t)g * ds + t0, t1 - t0, p->sm_scale, p->soft_cap);
+}
+
+/* Exact logits of the ascending tokens tok[0..cnt) (runs of consecutive tokens in
+ * one page go through the kernels together): E[g * cnt + j]. */
+static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
+                         int cnt, const float *q, int G, float *E) {
+    const kvt_store *s = p->store;
+    const int T = s->d.page_tokens;
+    const int32_t *pages = p->page_table + p->page_off[b];
+    const int64_t kb = s->key_tok;
+    for (int j = 0; j < cnt && j < 16; j++) {
+        const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[j] / T], h)) + (int64_t)(tok[j] % T) * kb;
+        for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
     }
+    for (int j = 0; j < cnt;) {
+        int t = tok[j], len = 1;
+        while (j + len < cnt && tok[j + len] == t + len && (t + len) % T != 0) len++;
+        /* random rows: prefetch the rows 16 candidates ahead */
+        for (int i = j + 16; i < j + 16 + len && i < cnt; i++) {
+            const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[i] / T], h)) + (int64_t)(tok[i] % T) * kb;
+            for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
+        }
+        kvt_score_page(s, kvt_lph(s, layer, pages[t / T], h), t % T, len, q, G, E + j, cnt);
+        j += len;
+    }
+    for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * cnt, cnt, p->sm_scale, p->soft_cap);
+}
+
+static float *dst_rows(const run_ctx *r, int b, int h, int64_t *ds) {
+    const kvt_plan_state *p = r->p;
+    if (r->dst_stride) {
+        *ds = r->dst_stride;
+        return r->dst + ((int64_t)b * p->Hq + (int64_t)h * p->G) * r->dst_stride;
+    }
+    *ds = p->ntok[b];
+    return p->scores + p->score_off[b * p->Hkv + h];
 }
 
 static void score_task(void *c, int64_t item, int tid) {
@@ -53,28 +93,106 @@ static void score_task(void *c, int64_t item, int tid) {
     kvt_plan_state *p = r->p;
     const int32_t *w = p->items + 4 * item;
     int b = w[0], h = w[1], D = p->store->d.head_dim;
+    int64_t ds;
+    float *dst = dst_rows(r, b, h, &ds);
     score_range(p, r->layer, b, h, w[2], w[3], r->q + ((int64_t)b * p->Hq + (int64_t)h * p->G) * D,
-                p->G, p->scores + p->score_off[b * p->Hkv + h], p->ntok[b]);
+                p->G, dst, ds);
 }
 
-/* softmax over sel of logits L[g][.] for g in [g0, g0+m), then sum p * V */
-static void attend(run_ctx *r, int b, int h, int g0, int m, const float *L, int n,
-                   const int32_t *sel, int count, float *prob, float *acc, const void **rows,
-                   float *vscale) {
+/* Selection-stage scores (int16 query): per-head logits, or with `reduced` the
+ * group max/mean, of tokens [t0, t1). Records the largest key scale seen. */
+static void score_task_q16(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const kvt_store *s = p->store;
+    const int32_t *w = p->items + 4 * item;
+    const int b = w[0], h = w[1], t1 = w[3], G = p->G, D = s->d.head_dim, T = s->d.page_tokens;
+    const float cap = p->soft_cap;
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
+    const int16_t *q = p->q16 + qh0 * D;
+    const float *qs = p->q16s + qh0;
+    float *loc = p->scratch + (int64_t)tid * p->scratch_floats; /* [G, KVT_SEG] */
+    int64_t ds = 0;
+    float *dst = r->reduced ? p->scores + p->score_off[b * p->Hkv + h] : dst_rows(r, b, h, &ds);
+    float ksmax = 0.f;
+    for (int t = w[2]; t < t1;) {
+        int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
+        if (cnt > KVT_SEG) cnt = KVT_SEG;
+        int64_t lph = kvt_lph(s, r->layer, p->page_table[p->page_off[b] + t / T], h);
+        const int8_t *kp = (const int8_t *)kvt_key_ptr(s, lph) + (int64_t)off * D;
+        const float *ks = kvt_kscale_ptr(s, lph) + off;
+        for (int i = 0; i < cnt; i++) ksmax = kvt_maxf(ksmax, ks[i]);
+        /* the next segment of this item, for the kernel's prefetch */
+        const int8_t *next = NULL;
+        int64_t next_bytes = 0;
+        int tn = t + cnt;
+        if (tn < t1) {
+            int offn = tn % T, cn = T - offn < t1 - tn ? T - offn : t1 - tn;
+            next = (const int8_t *)kvt_key_ptr(s, kvt_lph(s, r->layer, p->page_table[p->page_off[b] + tn / T], h)) +
+                   (int64_t)offn * D;
+            next_bytes = (int64_t)(cn < KVT_SEG ? cn : KVT_SEG) * D;
+            const float *ksn = kvt_kscale_ptr(s, kvt_lph(s, r->layer, p->page_table[p->page_off[b] + tn / T], h)) + offn;
+            for (int i = 0; i < (cn < KVT_SEG ? cn : KVT_SEG); i += 16) __builtin_prefetch(ksn + i);
+        }
+        if (!r->reduced && cap == 0.f) {
+            kvt_k->score_i8_q16(kp, ks, cnt, D, q, qs, G, dst + t, ds, next, next_bytes);
+        } else {
+            kvt_k->score_i8_q16(kp, ks, cnt, D, q, qs, G, loc, KVT_SEG, next, next_bytes);
+            if (cap > 0.f)
+                for (int g = 0; g < G; g++) kvt_k->soft_cap(loc + g * KVT_SEG, cnt, cap);
+            if (!r->reduced) {
+                for (int g = 0; g < G; g++)
+                    memcpy(dst + g * ds + t, loc + g * KVT_SEG, sizeof(float) * (size_t)cnt);
+            } else if (p->reduce == KVT_REDUCE_MEAN) {
+                float *o = dst + t, inv = 1.f / (float)G;
+                for (int i = 0; i < cnt; i++) o[i] = loc[i];
+                for (int g = 1; g < G; g++)
+                    for (int i = 0; i < cnt; i++) o[i] += loc[g * KVT_SEG + i];
+                for (int i = 0; i < cnt; i++) o[i] *= inv;
+            } else {
+                float *o = dst + t;
+                for (int i = 0; i < cnt; i++) o[i] = loc[i];
+                for (int g = 1; g < G; g++)
+                    for (int i = 0; i < cnt; i++) o[i] = kvt_maxf(o[i], loc[g * KVT_SEG + i]);
+            }
+        }
+        t += cnt;
+    }
+    p->item_ksmax[item] = ksmax;
+}
+
+/* int16 selection query: q16 = round(q / scale) with scale = max|q| / kvt_q16_max(D);
+ * q16s folds sm_scale in; qerr bounds the logit error per unit of key scale * 127. */
+static void prepare_q16(kvt_plan_state *p, const float *q) {
+    const int D = p->store->d.head_dim, qmax = kvt_q16_max(D);
+    for (int64_t i = 0; i < (int64_t)p->B * p->Hq; i++) {
+        const float *x = q + i * D;
+        int16_t *o = p->q16 + i * D;
+        float mx = 0.f;
+        for (int d = 0; d < D; d++) mx = kvt_maxf(mx, fabsf(x[d]));
+        float sc = mx / (float)qmax, inv = sc > 0.f ? 1.f / sc : 0.f;
+        double err = 0.0, l1 = 0.0;
+        for (int d = 0; d < D; d++) {
+            long v = lrintf(x[d] * inv);
+            v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
+            o[d] = (int16_t)v;
+            err += fabs((double)x[d] - (double)sc * (double)v);
+            l1 += fabs((double)x[d]);
+        }
+        p->q16s[i] = sc * p->sm_scale;
+        p->qerr[i] = (float)(err + l1 * D * (1.0 / 1048576.0));
+    }
+}
+
+/* softmax over the selection (X: [m, count] logits), then sum p * V */
+static void attend(run_ctx *r, int b, int h, int g0, int m, const float *X, const int32_t *sel,
+                   int count, float *prob, float *acc, const void **rows, float *vscale) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens, D = s->d.head_dim;
     int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G + g0;
-    for (int g = 0; g < m; g++) {
-        const float *x = L + (int64_t)(g0 + g) * n;
-        float *pr = prob + (int64_t)g * count, mx = -INFINITY;
-        for (int j = 0; j < count; j++) mx = kvt_maxf(mx, x[sel[j]]);
-        float sum = 0.f;
-        for (int j = 0; j < count; j++) { pr[j] = expf(x[sel[j]] - mx); sum += pr[j]; }
-        float inv = 1.f / sum;
-        for (int j = 0; j < count; j++) pr[j] *= inv;
-        r->lse[qh0 + g] = mx + logf(sum);
-    }
+    for (int g = 0; g < m; g++)
+        r->lse[qh0 + g] = kvt_k->softmax(X + (int64_t)g * count, count, prob + (int64_t)g * count);
     memset(acc, 0, sizeof(float) * (size_t)m * D);
     const int32_t *pages = p->page_table + p->page_off[b];
     const int is_i8 = s->d.value_format == KVT_VAL_INT8;
@@ -130,6 +248,74 @@ static int block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *
     return nb;
 }
 
+/* rr[t] = max or mean over g < m of x[g * xs + t] (the order of operations is fixed) */
+static void group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr) {
+    for (int t = 0; t < n; t++) rr[t] = x[t];
+    for (int g = 1; g < m; g++) {
+        const float *y = x + (int64_t)g * xs;
+        if (p->reduce == KVT_REDUCE_MEAN)
+            for (int t = 0; t < n; t++) rr[t] += y[t];
+        else
+            for (int t = 0; t < n; t++) rr[t] = kvt_maxf(rr[t], y[t]);
+    }
+    if (p->reduce == KVT_REDUCE_MEAN)
+        for (int t = 0; t < n; t++) rr[t] /= (float)m;
+}
+
+static int find_i32(const int32_t *a, int n, int32_t v) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (a[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* q16 path, one selection set (heads g0..g0+m of (b, h)): x holds the
+ * selection-stage logits (reduced over the set when m > 1). Every token whose
+ * logit lies within twice the error bound of the k-th largest is a candidate;
+ * the exact logits of the candidates decide, so the selection is the one the
+ * exact logits make. */
+static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, float *sc) {
+    kvt_plan_state *p = r->p;
+    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), G = p->G, n = p->ntok[b];
+    const int D = p->store->d.head_dim;
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
+    float *tmp = sc, *re = tmp + n, *pairs = re + n, *E = pairs + 2 * (int64_t)n;
+    float *prob = E + (int64_t)G * n;
+    int32_t *cand = (int32_t *)(prob + (int64_t)G * n), *pos = cand + n, *sel = pos + n;
+    float *acc = (float *)(sel + n);
+    const int k = p->budget[bh];
+    int cnt = 0;
+    if (k >= n) {
+        for (int t = 0; t < n; t++) cand[t] = t;
+        cnt = n;
+    } else {
+        float ksmax = 0.f, qe = 0.f;
+        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) ksmax = kvt_maxf(ksmax, p->item_ksmax[i]);
+        for (int g = g0; g < g0 + m; g++) qe = kvt_maxf(qe, p->qerr[qh0 + g]);
+        float theta = kvt_kth_value(x, n, k, tmp);
+        float bound = p->sm_scale * ksmax * 127.f * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
+        float cut = theta - 3.f * bound;
+        for (int t = 0; t < n; t++)
+            if (x[t] >= cut) cand[cnt++] = t;
+    }
+    exact_logits(p, r->layer, b, h, cand, cnt, r->q + (qh0 + g0) * D, m, E);
+    const float *ex = E;
+    if (m > 1) { group_reduce(p, E, cnt, m, cnt, re); ex = re; }
+    int count = kvt_topk_indices(ex, cnt, k, tmp, pos);
+    for (int j = 0; j < count; j++) sel[j] = cand[pos[j]];
+    if (p->mode == KVT_SELECT_MASS) {
+        for (int j = 0; j < cnt; j++) x[cand[j]] = ex[j];
+        count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
+        for (int j = 0; j < count; j++) pos[j] = find_i32(cand, cnt, sel[j]);
+    }
+    /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
+    for (int g = 0; g < m; g++)
+        for (int j = 0; j < count; j++) E[(int64_t)g * count + j] = E[(int64_t)g * cnt + pos[j]];
+    attend(r, b, h, g0, m, E, sel, count, prob, acc, (const void **)pairs, tmp);
+}
+
 static void attend_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -147,11 +333,15 @@ static void attend_task(void *c, int64_t item, int tid) {
         return;
     }
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
-    float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
-    int32_t *sel = (int32_t *)(prob + (int64_t)G * n);
-    float *acc = (float *)(sel + n), *mnmx = acc + (int64_t)G * D;
     float *L = p->scores + p->score_off[item];
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
+    if (r->q16) {
+        for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc);
+        return;
+    }
+    float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
+    int32_t *sel = (int32_t *)(prob + (int64_t)G * n);
+    float *acc = (float *)(sel + n), *mnmx = acc + (int64_t)G * D, *X = mnmx + 2 * D;
     const int k = p->mode == KVT_SELECT_ALL ? n : p->budget[item];
     for (int g0 = 0; g0 < G; g0 += m) {
         int count;
@@ -172,24 +362,22 @@ static void attend_task(void *c, int64_t item, int tid) {
             }
         } else {
             const float *x = L + (int64_t)g0 * n;
-            if (m > 1) {
-                for (int t = 0; t < n; t++) rr[t] = x[t];
-                for (int g = 1; g < m; g++) {
-                    const float *y = x + (int64_t)g * n;
-                    if (p->reduce == KVT_REDUCE_MEAN)
-                        for (int t = 0; t < n; t++) rr[t] += y[t];
-                    else
-                        for (int t = 0; t < n; t++) rr[t] = kvt_maxf(rr[t], y[t]);
-                }
-                if (p->reduce == KVT_REDUCE_MEAN)
-                    for (int t = 0; t < n; t++) rr[t] /= (float)m;
-                x = rr;
-            }
+            if (m > 1) { group_reduce(p, x, n, m, n, rr); x = rr; }
             count = kvt_topk_indices(x, n, k, tmp, sel);
             if (p->mode == KVT_SELECT_MASS) count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
         }
-        attend(r, b, h, g0, m, L, n, sel, count, prob, acc, (const void **)pairs, tmp);
+        for (int g = 0; g < m; g++)
+            for (int j = 0; j < count; j++)
+                X[(int64_t)g * count + j] = L[(int64_t)(g0 + g) * n + sel[j]];
+        attend(r, b, h, g0, m, X, sel, count, prob, acc, (const void **)pairs, tmp);
     }
+}
+
+/* The int16-query path applies to int8 keys on an ISA that has the kernel; the
+ * modes that attend to every token or score blocks use exact logits only. */
+static int use_q16(const kvt_plan_state *p, int for_run) {
+    if (!kvt_k->score_i8_q16 || p->store->d.key_format != KVT_KEY_INT8) return 0;
+    return !for_run || p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS;
 }
 
 int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *lse,
@@ -202,9 +390,16 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
     pthread_mutex_lock(&e->mu);
     int32_t rc = check_ready(e, layer, "kvt_run");
     if (rc == KVT_OK) {
-        run_ctx r = {&e->plan, layer, q, out, lse, n_selected, sel_index, sel_index ? sel_cap : 0};
-        if (e->plan.mode != KVT_SELECT_BLOCKS) kvt_pool_run(e->pool, e->plan.n_items, score_task, &r);
-        kvt_pool_run(e->pool, (int64_t)e->plan.B * e->plan.Hkv, attend_task, &r);
+        kvt_plan_state *p = &e->plan;
+        run_ctx r = {p, layer, q, out, lse, n_selected, sel_index, sel_index ? sel_cap : 0,
+                     use_q16(p, 1), p->reduce != KVT_PER_QHEAD && p->G > 1, NULL, 0};
+        if (r.q16) {
+            prepare_q16(p, q);
+            kvt_pool_run(e->pool, p->n_items, score_task_q16, &r);
+        } else if (p->mode != KVT_SELECT_BLOCKS) {
+            kvt_pool_run(e->pool, p->n_items, score_task, &r);
+        }
+        kvt_pool_run(e->pool, (int64_t)p->B * p->Hkv, attend_task, &r);
     }
     pthread_mutex_unlock(&e->mu);
     return rc;
@@ -221,17 +416,15 @@ int32_t kvt_score(int32_t eh, int32_t layer, const float *q, float *scores, int3
         rc = kvt_err(KVT_ERR_VALUE, "kvt_score: expected n_max >= %d (longest planned request), got %d",
                      p->n_max, n_max);
     if (rc == KVT_OK) {
-        run_ctx r = {p, layer, q, NULL, NULL, NULL, NULL, 0};
-        kvt_pool_run(e->pool, p->n_items, score_task, &r);
-        for (int b = 0; b < p->B; b++)
-            for (int h = 0; h < p->Hkv; h++)
-                for (int g = 0; g < p->G; g++) {
-                    int n = p->ntok[b];
-                    float *o = scores + ((int64_t)b * p->Hq + (int64_t)h * p->G + g) * n_max;
-                    memcpy(o, p->scores + p->score_off[b * p->Hkv + h] + (int64_t)g * n,
-                           sizeof(float) * (size_t)n);
-                    for (int t = n; t < n_max; t++) o[t] = -INFINITY;
-                }
+        run_ctx r = {p, layer, q, NULL, NULL, NULL, NULL, 0, use_q16(p, 0), 0, scores, n_max};
+        if (r.q16) {
+            prepare_q16(p, q);
+            kvt_pool_run(e->pool, p->n_items, score_task_q16, &r);
+        } else {
+            kvt_pool_run(e->pool, p->n_items, score_task, &r);
+        }
+        for (int64_t i = 0; i < (int64_t)p->B * p->Hq; i++)
+            for (int t = p->ntok[i / p->Hq]; t < n_max; t++) scores[i * n_max + t] = -INFINITY;
     }
     pthread_mutex_unlock(&e->mu);
     return rc;

@@ -28,13 +28,34 @@ float kvt_kth_largest(float *a, int n, int k) {
     return a[want];
 }
 
+/* Long arrays: the k-th largest of an evenly strided sample, taken with a margin
+ * above the expected rank, bounds the answer from below; only the values at or
+ * above it go through quickselect. Falls back to the whole array when the
+ * bound holds fewer than k values, so the result is always exact. */
+float kvt_kth_value(const float *r, int n, int k, float *vals) {
+    if (n >= 4096 && (int64_t)k * 8 <= n) {
+        const int s = 1024, stride = n / s;
+        for (int i = 0; i < s; i++) vals[i] = r[(int64_t)i * stride];
+        double e = (double)k * s / n;
+        int j = (int)(e + 4.0 * sqrt(e) + 8.0);
+        if (j < s) {
+            float lo = kvt_kth_largest(vals, s, j);
+            int c = 0;
+            for (int t = 0; t < n; t++)
+                if (r[t] >= lo) vals[c++] = r[t];
+            if (c >= k) return kvt_kth_largest(vals, c, k);
+        }
+    }
+    for (int t = 0; t < n; t++) vals[t] = r[t];
+    return kvt_kth_largest(vals, n, k);
+}
+
 int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out) {
     if (k >= n) {
         for (int t = 0; t < n; t++) out[t] = t;
         return n;
     }
-    for (int t = 0; t < n; t++) tmp[t] = r[t];
-    float thr = kvt_kth_largest(tmp, n, k);
+    float thr = kvt_kth_value(r, n, k, tmp);
     int above = 0;
     for (int t = 0; t < n; t++) above += r[t] > thr;
     int ties = k - above, c = 0;
