@@ -61,6 +61,8 @@ def _backend_class():
             self.inner = ATTENTION_BACKENDS[_INNER.get(device.type, "torch_native")](runner)
             self.config = config
             self.device = device
+            self.tp_size = int(getattr(runner, "tp_size", 1) or 1)
+            self.tp_rank = int(getattr(runner, "tp_rank", 0) or 0)
             self.req_to_token_pool = runner.req_to_token_pool
             self.kv_pool = runner.token_to_kv_pool
             self.forward_metadata = None
@@ -111,6 +113,7 @@ def _backend_class():
             from kvtier._native import Engine
             from kvtier.policies import policy_for
             from kvtier.runtime.hybrid import HybridAttention
+            from kvtier.runtime.ranks import pinned_to, rank_share
             from kvtier.runtime.tier import TierManager
             from kvtier.store import HostStore
 
@@ -128,7 +131,13 @@ def _backend_class():
             store = HostStore(self.config, shape, pin_memory=False) if policy.offloads else None
             self._tier = TierManager(self.config, shape, k_pool, v_pool, store, alloc_slots=None,
                                      free_slots=lambda slots: None, offload=policy.offloads)
-            engine = Engine(self.config.engine.threads) if policy.offloads and policy.host_path == "engine" else None
+            # Each TP rank tiers its own kv-heads (layer.tp_k_head_num) on its own slice of the cores.
+            share = rank_share(self.config, tp_size=self.tp_size, tp_rank=self.tp_rank,
+                               total_kv_heads=layer.tp_k_head_num * self.tp_size)
+            engine = None
+            if policy.offloads and policy.host_path == "engine":
+                with pinned_to(share.cores if self.tp_size > 1 else ()):
+                    engine = Engine(share.threads)
             self._engine = engine
             self._scale, self._cap = layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0)
             self._attn = HybridAttention(policy, shape, self._tier, engine=engine, sm_scale=self._scale,

@@ -16,6 +16,7 @@ import tempfile
 from typing import Any, Optional
 
 from kvtier.config import ConfigError, TierConfig, dump, env, load, loads
+from kvtier.runtime.ranks import check_host_memory
 
 from . import versions
 
@@ -100,6 +101,11 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     if why:
         print(why, file=sys.stderr)
         raise SystemExit(2)
+    try:
+        check_host_memory(config, ranks_on_host=int(getattr(args, "tp_size", 1) or 1), source=path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2)
     apply_to_namespace(args, config)
     server_args = original(cls, args)
     _attach(server_args, publish(config))
@@ -113,6 +119,7 @@ def engine_init(*args, **kwargs):
         return args, kwargs
     versions.check(versions.running())
     config = load(path)  # ConfigError propagates: the caller gets the typed error
+    check_host_memory(config, ranks_on_host=int(kwargs.get("tp_size", 1) or 1), source=path)
     why = refusals(argparse.Namespace(**kwargs))
     if why:
         raise KvTierLaunchError(why)
