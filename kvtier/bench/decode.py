@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed decode steps per cell")
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 80%% of RAM)")
+    parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 90%% of what is available)")
 
 
 def _configs(window: int, sinks: int, budget: int) -> Dict[str, object]:
@@ -46,18 +46,8 @@ def _configs(window: int, sinks: int, budget: int) -> Dict[str, object]:
     }
 
 
-def _ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 << 30
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..runtime.ranks import host_memory_available
     from ..runtime.standalone import StandaloneTier
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -73,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = make_weights(shape, hidden, device=device, dtype=dtype)
     configs = _configs(window, sinks, budget)
-    host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.8 * _ram_bytes())
+    host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.9 * (host_memory_available() or 16 << 30))
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
           f"head_dim {shape.head_dim}, hidden {hidden}, device {device}, steps {steps}, hgca budget {budget}")
