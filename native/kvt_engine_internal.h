@@ -2,10 +2,26 @@
 #ifndef KVT_ENGINE_INTERNAL_H
 #define KVT_ENGINE_INTERNAL_H
 #include <pthread.h>
+#include <stdatomic.h>
 #include "kvt_internal.h"
 
 /* tokens per score post-processing segment (q16 path) */
 #define KVT_SEG 256
+/* split select + attend: most chunks per selection set, fewest candidates or
+ * selected tokens per chunk */
+#define KVT_SPLIT_MAX 16
+#define KVT_SPLIT_MIN 32
+
+/* One selection set (request, kv-head, head group) of the split path. */
+typedef struct kvt_set_state {
+    int32_t cnt, count; /* candidates, selected */
+    int32_t nce, nca;   /* exact-logit chunks, attend chunks (0: the set is done) */
+    float cut;          /* candidates: selection logit >= cut */
+    atomic_int left;    /* chunks of the current phase not yet finished */
+    float cm[KVT_SPLIT_MAX];          /* MASS: max exact logit of each candidate chunk, */
+    double cs[KVT_SPLIT_MAX];         /* sum exp(logit - cm) over it, */
+    double ns[KVT_SPLIT_MAX];         /* sum exp(x - cut) over its token range's non-candidates */
+} kvt_set_state;
 
 typedef struct kvt_plan_state {
     int valid;
@@ -27,6 +43,18 @@ typedef struct kvt_plan_state {
      * and the error term sum|q - scale*q16| + D*2^-20*sum|q| */
     int16_t *q16;
     float *q16s, *qerr;
+    /* split select + attend (few selection sets, int8 keys, TOPK/MASS): the exact
+     * logits of the candidates and the attend of the selection are split into
+     * chunks across threads; attend chunks merge by log-sum-exp. Per set s:
+     * cand, pos, sel (int32) and re (float), set_cap[s] each, then E [m, set_cap[s]]. */
+    int split, nsub, split_want;
+    int64_t n_sets;
+    int64_t *set_off;
+    int32_t *set_cap;
+    float *set_buf;
+    kvt_set_state *sets;
+    float *part;          /* [n_sets, KVT_SPLIT_MAX, m, D + 1]: partial sum p.V and lse */
+    int32_t *work;        /* [n_sets * KVT_SPLIT_MAX, 2]: (set, chunk) items of a phase */
     /* per-thread scratch for score post-processing and select + attend */
     int n_threads;
     int64_t scratch_floats;
@@ -51,4 +79,8 @@ int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out);
 /* Keeps the smallest prefix (by descending r) of sel whose softmax mass over all n
  * tokens reaches tau; sel stays ascending. pairs needs 2*count floats. */
 int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs);
+/* The same cut given the maximum m and the mass z = sum exp(r - m) over every token:
+ * keeps the smallest prefix (by descending r[idx[j]]) of idx whose mass reaches
+ * tau * z; idx stays ascending. */
+int kvt_mass_keep(const float *r, int32_t *idx, int count, float tau, float m, double z, float *pairs);
 #endif

@@ -58,6 +58,9 @@ typedef struct kvt_kernels {
                          const int8_t *next, int64_t next_bytes);
     /* x[i] = cap * tanh(x[i] / cap), i < n (selection stage only) */
     void (*soft_cap)(float *x, int n, float cap);
+    /* sum of exp(x[i] - ref) over i < n with x[i] < below (below = +inf: all i);
+     * every such x[i] <= ref. generic sums exp in double, the SIMD variants in float. */
+    double (*sum_exp)(const float *x, int n, float ref, float below);
 } kvt_kernels;
 
 /* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */

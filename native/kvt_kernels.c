@@ -101,10 +101,17 @@ static void soft_cap_generic(float *x, int n, float cap) {
     for (int i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
 }
 
+static double sum_exp_generic(const float *x, int n, float ref, float below) {
+    double z = 0.0;
+    for (int i = 0; i < n; i++)
+        if (x[i] < below) z += exp((double)(x[i] - ref));
+    return z;
+}
+
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
-    softmax_generic, NULL, soft_cap_generic,
+    softmax_generic, NULL, soft_cap_generic, sum_exp_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -210,7 +217,7 @@ ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, NULL, soft_cap_generic,
+    softmax_generic, NULL, soft_cap_generic, sum_exp_generic,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -491,6 +498,27 @@ T_512 static float softmax_512(const float *x, int n, float *p) {
     return mx + logf(sum);
 }
 
+/* float exp over 16 lanes (x <= ref, so every term is in (0, 1]); four partial
+ * sums, combined in double at the end */
+T_512 static double sum_exp_512(const float *x, int n, float ref, float below) {
+    __m512 vr = _mm512_set1_ps(ref), vb = _mm512_set1_ps(below);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+        __mmask16 ka = _mm512_cmp_ps_mask(a, vb, _CMP_LT_OQ), kb = _mm512_cmp_ps_mask(b, vb, _CMP_LT_OQ);
+        s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(ka, exp_neg_512(_mm512_sub_ps(a, vr))));
+        s1 = _mm512_add_ps(s1, _mm512_maskz_mov_ps(kb, exp_neg_512(_mm512_sub_ps(b, vr))));
+    }
+    for (; j < n; j += 16) {
+        __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(k, x + j);
+        k &= _mm512_cmp_ps_mask(a, vb, _CMP_LT_OQ);
+        s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, exp_neg_512(_mm512_sub_ps(a, vr))));
+    }
+    return (double)_mm512_reduce_add_ps(s0) + (double)_mm512_reduce_add_ps(s1);
+}
+
 /* cap * tanh(x / cap) = cap * sign(x) * (1 - 2 / (exp(2|x|/cap) + 1)); absolute error
  * a few ulp of cap (selection stage only; attend recomputes with tanhf) */
 T_512 static void soft_cap_512(float *x, int n, float cap) {
@@ -643,14 +671,14 @@ Q16_FAMILY(T_512V, vnni, DP_VNNI, reduce16_epi32_vnni)
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, soft_cap_512,
+    softmax_512, score_i8_q16_bw, soft_cap_512, sum_exp_512,
 };
 
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_vnni, soft_cap_512,
+    softmax_512, score_i8_q16_vnni, soft_cap_512, sum_exp_512,
 };
 #endif
 

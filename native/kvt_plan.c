@@ -13,6 +13,7 @@ void kvt_plan_free(kvt_plan_state *p) {
     free(p->page_table); free(p->page_off); free(p->ntok); free(p->budget); free(p->block);
     free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
     free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
+    free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->part); free(p->work);
     memset(p, 0, sizeof *p);
 }
 
@@ -81,6 +82,37 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
     return KVT_OK;
 }
 
+/* Split select + attend when the selection sets are few against the threads
+ * (small batches): candidates are capped at 2k + 4096 per set (a set with more
+ * falls back to the one-item path at run time). */
+static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
+    const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : p->G, D = s->d.head_dim;
+    p->nsub = per_q ? p->G : 1;
+    p->n_sets = (int64_t)p->B * p->Hkv * p->nsub;
+    if (s->d.key_format != KVT_KEY_INT8 || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
+        p->n_threads < 2 || p->n_sets >= 4 * (int64_t)p->n_threads)
+        return KVT_OK;
+    int64_t want = (4 * (int64_t)p->n_threads + p->n_sets - 1) / p->n_sets;
+    p->split_want = (int)(want < KVT_SPLIT_MAX ? want : KVT_SPLIT_MAX);
+    p->set_off = malloc(sizeof(int64_t) * (size_t)p->n_sets);
+    p->set_cap = malloc(sizeof(int32_t) * (size_t)p->n_sets);
+    p->sets = calloc((size_t)p->n_sets, sizeof(kvt_set_state));
+    p->part = malloc(sizeof(float) * (size_t)(p->n_sets * KVT_SPLIT_MAX * m * (D + 1)));
+    p->work = malloc(sizeof(int32_t) * 2 * (size_t)(p->n_sets * KVT_SPLIT_MAX));
+    if (!p->set_off || !p->set_cap || !p->sets || !p->part || !p->work) return KVT_ERR_NOMEM;
+    int64_t total = 0;
+    for (int64_t i = 0; i < p->n_sets; i++) {
+        int64_t bh = i / p->nsub, n = p->ntok[bh / p->Hkv], cap = 2 * (int64_t)p->budget[bh] + 4096;
+        p->set_cap[i] = (int32_t)(cap < n ? cap : n);
+        p->set_off[i] = total;
+        total += (int64_t)p->set_cap[i] * (4 + m);
+    }
+    p->set_buf = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
+    if (!p->set_buf) return KVT_ERR_NOMEM;
+    p->split = 1;
+    return KVT_OK;
+}
+
 int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     kvt_engine *e = kvt_engine_get(eh);
     if (!e) return KVT_ERR_HANDLE;
@@ -139,6 +171,11 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
         pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing scratch for %lld logits",
                        (long long)total);
+    }
+    if (plan_split(p, s) != KVT_OK) {
+        kvt_plan_free(p);
+        pthread_mutex_unlock(&e->mu);
+        return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing the split select + attend buffers");
     }
     int64_t it = 0;
     for (int b = 0; b < B; b++)

@@ -52,9 +52,9 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
 }
 
 /* Exact logits of the ascending tokens tok[0..cnt) (runs of consecutive tokens in
- * one page go through the kernels together): E[g * cnt + j]. */
+ * one page go through the kernels together): E[g * es + j]. */
 static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
-                         int cnt, const float *q, int G, float *E) {
+                         int cnt, const float *q, int G, float *E, int64_t es) {
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens;
     const int32_t *pages = p->page_table + p->page_off[b];
@@ -71,10 +71,10 @@ static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const
             const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[i] / T], h)) + (int64_t)(tok[i] % T) * kb;
             for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
         }
-        kvt_score_page(s, kvt_lph(s, layer, pages[t / T], h), t % T, len, q, G, E + j, cnt);
+        kvt_score_page(s, kvt_lph(s, layer, pages[t / T], h), t % T, len, q, G, E + j, es);
         j += len;
     }
-    for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * cnt, cnt, p->sm_scale, p->soft_cap);
+    for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);
 }
 
 static float *dst_rows(const run_ctx *r, int b, int h, int64_t *ds) {
@@ -300,7 +300,7 @@ static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, f
         for (int t = 0; t < n; t++)
             if (x[t] >= cut) cand[cnt++] = t;
     }
-    exact_logits(p, r->layer, b, h, cand, cnt, r->q + (qh0 + g0) * D, m, E);
+    exact_logits(p, r->layer, b, h, cand, cnt, r->q + (qh0 + g0) * D, m, E, cnt);
     const float *ex = E;
     if (m > 1) { group_reduce(p, E, cnt, m, cnt, re); ex = re; }
     int count = kvt_topk_indices(ex, cnt, k, tmp, pos);
@@ -316,6 +316,18 @@ static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, f
     attend(r, b, h, g0, m, E, sel, count, prob, acc, (const void **)pairs, tmp);
 }
 
+/* empty request: out = 0, lse = -inf for query heads qh0 .. qh0 + m */
+static void write_empty(run_ctx *r, int64_t qh0, int m) {
+    const int D = r->p->store->d.head_dim;
+    for (int g = 0; g < m; g++) {
+        memset(r->out + (qh0 + g) * D, 0, sizeof(float) * (size_t)D);
+        r->lse[qh0 + g] = -INFINITY;
+        if (r->nsel) r->nsel[qh0 + g] = 0;
+        if (r->sel_index)
+            for (int j = 0; j < r->sel_cap; j++) r->sel_index[(qh0 + g) * r->sel_cap + j] = -1;
+    }
+}
+
 static void attend_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -323,13 +335,7 @@ static void attend_task(void *c, int64_t item, int tid) {
     const int D = p->store->d.head_dim;
     int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
     if (n == 0) {
-        for (int g = 0; g < G; g++) {
-            memset(r->out + (qh0 + g) * D, 0, sizeof(float) * (size_t)D);
-            r->lse[qh0 + g] = -INFINITY;
-            if (r->nsel) r->nsel[qh0 + g] = 0;
-            if (r->sel_index)
-                for (int j = 0; j < r->sel_cap; j++) r->sel_index[(qh0 + g) * r->sel_cap + j] = -1;
-        }
+        write_empty(r, qh0, G);
         return;
     }
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
@@ -373,6 +379,240 @@ static void attend_task(void *c, int64_t item, int tid) {
     }
 }
 
+/* ---- split select + attend (q16 path, few selection sets) ---------------------
+ * select_task (per set): k-th selection logit, candidate band (or the one-item
+ * path when the band overflows the set's buffers); exact_task (per candidate
+ * chunk): exact logits, group reduce, MASS partial sums, and the last chunk of a
+ * set picks the selection (finalize_set); attend_chunk_task (per chunk of the
+ * selection): softmax and sum p.V of the chunk, the last chunk of a set merges
+ * the partials by log-sum-exp. */
+typedef struct {
+    int32_t *cand, *pos, *sel;
+    float *re, *E;
+} set_bufs;
+
+static set_bufs set_buffers(const kvt_plan_state *p, int64_t s) {
+    int64_t c = p->set_cap[s];
+    float *base = p->set_buf + p->set_off[s];
+    set_bufs o = {(int32_t *)base, (int32_t *)base + c, (int32_t *)base + 2 * c, base + 3 * c, base + 4 * c};
+    return o;
+}
+
+static int split_chunks(const kvt_plan_state *p, int len) {
+    int nc = len / KVT_SPLIT_MIN;
+    if (nc > p->split_want) nc = p->split_want;
+    return nc < 1 ? 1 : nc;
+}
+
+/* set s -> (b, h, g0), its kv item bh and its first query head */
+static void set_coords(const kvt_plan_state *p, int64_t s, int *b, int *h, int *g0, int64_t *bh,
+                       int64_t *qh0) {
+    const int m = p->nsub > 1 ? 1 : p->G;
+    *bh = s / p->nsub;
+    *b = (int)(*bh / p->Hkv);
+    *h = (int)(*bh % p->Hkv);
+    *g0 = (int)(s % p->nsub) * m;
+    *qh0 = (int64_t)*b * p->Hq + (int64_t)*h * p->G + *g0;
+}
+
+static float *set_logits(const kvt_plan_state *p, int64_t bh, int g0, int n) {
+    return p->scores + p->score_off[bh] + (p->nsub > 1 ? (int64_t)g0 * n : 0);
+}
+
+static void select_task(void *c, int64_t s, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    st->nce = st->nca = 0;
+    const int n = p->ntok[b], k = p->budget[bh];
+    if (n == 0) {
+        write_empty(r, qh0, m);
+        return;
+    }
+    float *x = set_logits(p, bh, g0, n), *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    set_bufs sb = set_buffers(p, s);
+    const int cap = p->set_cap[s];
+    int cnt = 0;
+    float cut = -INFINITY;
+    if (k >= n) {
+        if (n <= cap) {
+            for (int t = 0; t < n; t++) sb.cand[t] = t;
+            cnt = n;
+        } else {
+            cnt = -1;
+        }
+    } else {
+        float ksmax = 0.f, qe = 0.f;
+        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) ksmax = kvt_maxf(ksmax, p->item_ksmax[i]);
+        for (int g = 0; g < m; g++) qe = kvt_maxf(qe, p->qerr[qh0 + g]);
+        float theta = kvt_kth_value(x, n, k, sc);
+        float bound = p->sm_scale * ksmax * 127.f * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
+        cut = theta - 3.f * bound;
+        for (int t = 0; t < n; t++)
+            if (x[t] >= cut) {
+                if (cnt == cap) { cnt = -1; break; }
+                sb.cand[cnt++] = t;
+            }
+    }
+    if (cnt < 0) { /* the band does not fit: the whole set on this thread */
+        select_attend_q16(r, bh, g0, m, x, sc);
+        return;
+    }
+    st->cnt = cnt;
+    st->cut = cut;
+    st->nce = split_chunks(p, cnt);
+    atomic_store_explicit(&st->left, st->nce, memory_order_relaxed);
+}
+
+static void finalize_set(run_ctx *r, int64_t s, int tid) {
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    set_bufs sb = set_buffers(p, s);
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats, *pairs = sc + p->ntok[b];
+    const int cnt = st->cnt;
+    int count = kvt_topk_indices(sb.re, cnt, p->budget[bh], sc, sb.pos);
+    if (p->mode == KVT_SELECT_MASS) {
+        float M = -INFINITY;
+        for (int i = 0; i < st->nce; i++) M = kvt_maxf(M, st->cm[i]);
+        double z = 0.0;
+        for (int i = 0; i < st->nce; i++) {
+            z += st->cs[i] * exp((double)st->cm[i] - (double)M);
+            if (st->ns[i] > 0.0) z += st->ns[i] * exp((double)st->cut - (double)M);
+        }
+        count = kvt_mass_keep(sb.re, sb.pos, count, p->tau, M, z, pairs);
+    }
+    for (int j = 0; j < count; j++) sb.sel[j] = sb.cand[sb.pos[j]];
+    /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
+    for (int g = 0; g < m; g++)
+        for (int j = 0; j < count; j++) sb.E[(int64_t)g * count + j] = sb.E[(int64_t)g * cnt + sb.pos[j]];
+    st->count = count;
+    st->nca = split_chunks(p, count);
+    atomic_store_explicit(&st->left, st->nca, memory_order_relaxed);
+}
+
+static void exact_task(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int64_t s = p->work[2 * item];
+    const int ci = p->work[2 * item + 1], m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    set_bufs sb = set_buffers(p, s);
+    const int cnt = st->cnt, n = p->ntok[b];
+    const int c0 = (int)((int64_t)ci * cnt / st->nce), c1 = (int)((int64_t)(ci + 1) * cnt / st->nce);
+    const int len = c1 - c0;
+    exact_logits(p, r->layer, b, h, sb.cand + c0, len, r->q + qh0 * D, m, sb.E + c0, cnt);
+    if (m > 1) group_reduce(p, sb.E + c0, cnt, m, len, sb.re + c0);
+    else memcpy(sb.re + c0, sb.E + c0, sizeof(float) * (size_t)len);
+    if (p->mode == KVT_SELECT_MASS) {
+        float cm = -INFINITY;
+        for (int j = c0; j < c1; j++) cm = kvt_maxf(cm, sb.re[j]);
+        st->cm[ci] = cm;
+        st->cs[ci] = len > 0 ? kvt_k->sum_exp(sb.re + c0, len, cm, INFINITY) : 0.0;
+        const int t0 = (int)((int64_t)ci * n / st->nce), t1 = (int)((int64_t)(ci + 1) * n / st->nce);
+        st->ns[ci] = st->cut > -INFINITY ? kvt_k->sum_exp(set_logits(p, bh, g0, n) + t0, t1 - t0, st->cut, st->cut)
+                                         : 0.0;
+    }
+    if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) finalize_set(r, s, tid);
+}
+
+static void merge_set(run_ctx *r, int64_t s) {
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    const kvt_set_state *st = &p->sets[s];
+    set_bufs sb = set_buffers(p, s);
+    const float *part = p->part + s * KVT_SPLIT_MAX * m * (D + 1);
+    for (int g = 0; g < m; g++) {
+        float L = -INFINITY, w[KVT_SPLIT_MAX];
+        for (int i = 0; i < st->nca; i++) L = kvt_maxf(L, part[((int64_t)i * m + g) * (D + 1) + D]);
+        double S = 0.0;
+        for (int i = 0; i < st->nca; i++) {
+            w[i] = expf(part[((int64_t)i * m + g) * (D + 1) + D] - L);
+            S += w[i];
+        }
+        float inv = (float)(1.0 / S), *o = r->out + (qh0 + g) * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        for (int i = 0; i < st->nca; i++) {
+            const float *a = part + ((int64_t)i * m + g) * (D + 1), wi = w[i] * inv;
+            for (int d = 0; d < D; d++) o[d] += wi * a[d];
+        }
+        r->lse[qh0 + g] = L + (float)log(S);
+        if (r->nsel) r->nsel[qh0 + g] = st->count;
+        if (r->sel_index && r->sel_cap > 0) {
+            int32_t *os = r->sel_index + (qh0 + g) * r->sel_cap;
+            int cc = st->count < r->sel_cap ? st->count : r->sel_cap;
+            memcpy(os, sb.sel, sizeof(int32_t) * (size_t)cc);
+            for (int j = cc; j < r->sel_cap; j++) os[j] = -1;
+        }
+    }
+}
+
+static void attend_chunk_task(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const kvt_store *st_ = p->store;
+    const int64_t s = p->work[2 * item];
+    const int ci = p->work[2 * item + 1], m = p->nsub > 1 ? 1 : p->G, D = st_->d.head_dim;
+    const int T = st_->d.page_tokens;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    set_bufs sb = set_buffers(p, s);
+    const int count = st->count, n = p->ntok[b];
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    float *prob = sc, *vscale = prob + (int64_t)m * n, *acc = vscale + n;
+    const void **rows = (const void **)(acc + (((int64_t)m * D + 17) & ~(int64_t)1) + (((int64_t)(m + 1) * n) & 1));
+    if (st->nca == 1) { /* one chunk: the one-item attend, bit for bit */
+        attend(r, b, h, g0, m, sb.E, sb.sel, count, prob, acc, rows, vscale);
+        return;
+    }
+    const int j0 = (int)((int64_t)ci * count / st->nca), j1 = (int)((int64_t)(ci + 1) * count / st->nca);
+    const int len = j1 - j0;
+    float *part = p->part + ((s * KVT_SPLIT_MAX + ci) * m) * (D + 1);
+    for (int g = 0; g < m; g++)
+        part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(sb.E + (int64_t)g * count + j0, len, prob + (int64_t)g * len);
+    const int32_t *pages = p->page_table + p->page_off[b];
+    const int is_i8 = st_->d.value_format == KVT_VAL_INT8;
+    for (int j = 0; j < len; j++) {
+        int tok = sb.sel[j0 + j];
+        int64_t lph = kvt_lph(st_, r->layer, pages[tok / T], h);
+        rows[j] = kvt_val_ptr(st_, lph) + (int64_t)(tok % T) * st_->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(st_, lph)[tok % T];
+    }
+    memset(acc, 0, sizeof(float) * (size_t)m * D);
+    kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, m, acc);
+    for (int g = 0; g < m; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
+    if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) merge_set(r, s);
+}
+
+/* (set, chunk) work items of the exact (attend = 0) or attend (1) phase */
+static int64_t split_items(kvt_plan_state *p, int attend_phase) {
+    int64_t w = 0;
+    for (int64_t s = 0; s < p->n_sets; s++) {
+        int nc = attend_phase ? p->sets[s].nca : p->sets[s].nce;
+        for (int i = 0; i < nc; i++) {
+            p->work[2 * w] = (int32_t)s;
+            p->work[2 * w + 1] = i;
+            w++;
+        }
+    }
+    return w;
+}
+
 /* The int16-query path applies to int8 keys on an ISA that has the kernel; the
  * modes that attend to every token or score blocks use exact logits only. */
 static int use_q16(const kvt_plan_state *p, int for_run) {
@@ -399,7 +639,13 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         } else if (p->mode != KVT_SELECT_BLOCKS) {
             kvt_pool_run(e->pool, p->n_items, score_task, &r);
         }
-        kvt_pool_run(e->pool, (int64_t)p->B * p->Hkv, attend_task, &r);
+        if (r.q16 && p->split) {
+            kvt_pool_run(e->pool, p->n_sets, select_task, &r);
+            kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
+            kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
+        } else {
+            kvt_pool_run(e->pool, (int64_t)p->B * p->Hkv, attend_task, &r);
+        }
     }
     pthread_mutex_unlock(&e->mu);
     return rc;

@@ -78,14 +78,10 @@ static int by_index(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {
+int kvt_mass_keep(const float *r, int32_t *idx, int count, float tau, float m, double z, float *pairs) {
     if (count == 0) return 0;
-    float m = -INFINITY;
-    for (int t = 0; t < n; t++) m = kvt_maxf(m, r[t]);
-    double z = 0.0;
-    for (int t = 0; t < n; t++) z += exp((double)(r[t] - m));
     pair_t *pr = (pair_t *)pairs;
-    for (int j = 0; j < count; j++) { pr[j].v = r[sel[j]]; pr[j].i = sel[j]; }
+    for (int j = 0; j < count; j++) { pr[j].v = r[idx[j]]; pr[j].i = idx[j]; }
     qsort(pr, (size_t)count, sizeof(pair_t), by_value_desc);
     double need = (double)tau * z, cum = 0.0;
     int keep = count;
@@ -93,7 +89,14 @@ int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, floa
         cum += exp((double)(pr[j].v - m));
         if (cum >= need) { keep = j + 1; break; }
     }
-    for (int j = 0; j < keep; j++) sel[j] = pr[j].i;
-    qsort(sel, (size_t)keep, sizeof(int32_t), by_index);
+    for (int j = 0; j < keep; j++) idx[j] = pr[j].i;
+    qsort(idx, (size_t)keep, sizeof(int32_t), by_index);
     return keep;
+}
+
+int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {
+    if (count == 0) return 0;
+    float m = -INFINITY;
+    for (int t = 0; t < n; t++) m = kvt_maxf(m, r[t]);
+    return kvt_mass_keep(r, sel, count, tau, m, kvt_k->sum_exp(r, n, m, INFINITY), pairs);
 }
