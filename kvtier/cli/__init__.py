@@ -20,6 +20,7 @@ COMMANDS = {
     "policies": ("kvtier.cli.policies", "print the policy reference (markdown)"),
     "demo": ("kvtier.cli.demo", "decode a synthetic long context through the tier and compare with dense"),
     "bench": ("kvtier.cli.bench", "run a benchmark (engine, decode)"),
+    "eval": ("kvtier.cli.eval", "accuracy of every policy against full attention on a real model, offline (RULER-style)"),
 }
 
 

