@@ -1,10 +1,13 @@
 /* Host store: handle table, append (quantize + summarize), dequantization.
  * The store never owns memory: Python allocates the buffers and keeps them
  * alive for as long as the handle is open. */
+#define _GNU_SOURCE /* sched_getaffinity */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "kvt_internal.h"
 
 #define MAX_STORES 1024
@@ -112,15 +115,23 @@ static int32_t check_pages(const kvt_store *s, int32_t layer, int32_t n, const i
     return KVT_OK;
 }
 
-/* Symmetric quantization: q = round(x / scale), scale = max|x| / qmax. */
+/* Symmetric quantization: q = round(x / scale), scale = max|x| / qmax. Rounds
+ * to nearest even as lrintf does (|x * inv| <= qmax + 1/2 is far below 2^22, where
+ * adding and subtracting 1.5 * 2^23 rounds exactly), without a library call, so
+ * the loop vectorizes. */
 static float quant_sym(const float *x, int n, int qmax, int8_t *q) {
-    float m = 0.f;
-    for (int i = 0; i < n; i++) m = kvt_maxf(m, fabsf(x[i]));
+    float m8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, m = 0.f; /* independent lanes: vectorizes */
+    int i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8)
+        for (int j = 0; j < 8; j++) m8[j] = kvt_maxf(m8[j], fabsf(x[i0 + j]));
+    for (int j = 0; j < 8; j++) m = kvt_maxf(m, m8[j]);
+    for (; i0 < n; i0++) m = kvt_maxf(m, fabsf(x[i0]));
     float scale = m / (float)qmax;
-    float inv = scale > 0.f ? 1.f / scale : 0.f;
+    float inv = scale > 0.f ? 1.f / scale : 0.f, fq = (float)qmax;
     for (int i = 0; i < n; i++) {
-        long r = lrintf(x[i] * inv);
-        q[i] = (int8_t)(r > qmax ? qmax : (r < -qmax ? -qmax : r));
+        float r = (x[i] * inv + 12582912.f) - 12582912.f; /* IEEE: not folded without -ffast-math */
+        r = r > fq ? fq : (r < -fq ? -fq : r);
+        q[i] = (int8_t)(int)r;
     }
     return scale;
 }
@@ -134,6 +145,91 @@ static void load_row(const void *src, int32_t src_dtype, int64_t off, int D, flo
     }
 }
 
+typedef struct {
+    const kvt_store *s;
+    int32_t layer, src;
+    const int32_t *ids;
+    const void *k, *v;
+} append_ctx;
+
+/* quantize + summarize the T tokens of (page ids[i], head hh) */
+static void append_block(const append_ctx *a, int32_t i, int hh) {
+    const kvt_store *s = a->s;
+    const int H = s->d.kv_heads, T = s->d.page_tokens, D = s->d.head_dim, S = s->d.summary_tokens;
+    float x[1024];
+    int8_t qb[1024];
+    int64_t lph = kvt_lph(s, a->layer, a->ids[i], hh);
+    uint8_t *kp = (uint8_t *)kvt_key_ptr(s, lph);
+    float *ksp = (float *)kvt_kscale_ptr(s, lph);
+    uint8_t *vp = (uint8_t *)kvt_val_ptr(s, lph);
+    float *vsp = (float *)kvt_vscale_ptr(s, lph);
+    float *sum = (float *)kvt_summary_ptr(s, lph);
+    for (int t = 0; t < T; t++) {
+        int64_t off = (((int64_t)i * H + hh) * T + t) * D;
+        load_row(a->k, a->src, off, D, x);
+        float *mn = sum + (int64_t)(t / S) * 2 * D, *mx = mn + D;
+        if (t % S == 0)
+            for (int d = 0; d < D; d++) { mn[d] = x[d]; mx[d] = x[d]; }
+        else
+            for (int d = 0; d < D; d++) { mn[d] = kvt_minf(mn[d], x[d]); mx[d] = kvt_maxf(mx[d], x[d]); }
+        if (s->d.key_format == KVT_KEY_BF16) {
+            uint16_t *o = (uint16_t *)kp + (int64_t)t * D;
+            for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
+        } else if (s->d.key_format == KVT_KEY_INT8) {
+            ksp[t] = quant_sym(x, D, 127, (int8_t *)kp + (int64_t)t * D);
+        } else {
+            int grp = s->d.key_group;
+            for (int g0 = 0; g0 < D; g0 += grp)
+                ksp[(int64_t)t * (D / grp) + g0 / grp] = quant_sym(x + g0, grp, 7, qb + g0);
+            uint8_t *o = kp + (int64_t)t * (D / 2);
+            for (int d = 0; d < D; d += 2)
+                o[d / 2] = (uint8_t)((qb[d] & 0xf) | ((qb[d + 1] & 0xf) << 4));
+        }
+        load_row(a->v, a->src, off, D, x);
+        if (s->d.value_format == KVT_VAL_BF16) {
+            uint16_t *o = (uint16_t *)vp + (int64_t)t * D;
+            for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
+        } else {
+            vsp[t] = quant_sym(x, D, 127, (int8_t *)vp + (int64_t)t * D);
+        }
+    }
+}
+
+static void append_task(void *c, int64_t item, int tid) {
+    (void)tid;
+    const append_ctx *a = c;
+    append_block(a, (int32_t)(item / a->s->d.kv_heads), (int)(item % a->s->d.kv_heads));
+}
+
+/* One process-wide pool for appends (every store), started on the first large
+ * append with as many threads as the process may run on (again in a forked
+ * child, which has none of the parent's threads); an append that finds it busy
+ * (another thread appending) runs on its own thread. */
+static kvt_pool *g_append_pool;
+static pid_t g_append_pid;
+static pthread_mutex_t g_append_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* with g_append_mu held */
+static kvt_pool *append_pool(void) {
+    pid_t pid = getpid();
+    if (g_append_pid != pid) {
+        g_append_pid = pid; /* a parent's pool (after fork) is left alone: its threads are gone */
+        g_append_pool = NULL;
+        int n = 0;
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+        if (n <= 0) {
+            long c = sysconf(_SC_NPROCESSORS_ONLN);
+            n = c > 0 ? (int)c : 1;
+        }
+        if (n > 1) g_append_pool = kvt_pool_create(n);
+    }
+    return g_append_pool;
+}
+
+/* blocks of at least this many elements (k and v together) go through the pool */
+#define APPEND_POOL_MIN_ELEMS (1 << 17)
+
 int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, const void *k,
                    const void *v, int32_t src_dtype) {
     kvt_store *s = kvt_store_get(h);
@@ -143,47 +239,17 @@ int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, cons
     if (src_dtype != KVT_SRC_F32 && src_dtype != KVT_SRC_BF16)
         return kvt_err(KVT_ERR_VALUE, "kvt_append: expected src_dtype 0 (f32) or 1 (bf16), got %d", src_dtype);
     if (n > 0 && (!k || !v)) return kvt_err(KVT_ERR_VALUE, "kvt_append: expected k and v, got NULL");
-    const int H = s->d.kv_heads, T = s->d.page_tokens, D = s->d.head_dim, S = s->d.summary_tokens;
-    float x[1024];
-    int8_t qb[1024];
-    for (int32_t i = 0; i < n; i++)
-        for (int hh = 0; hh < H; hh++) {
-            int64_t lph = kvt_lph(s, layer, ids[i], hh);
-            uint8_t *kp = (uint8_t *)kvt_key_ptr(s, lph);
-            float *ksp = (float *)kvt_kscale_ptr(s, lph);
-            uint8_t *vp = (uint8_t *)kvt_val_ptr(s, lph);
-            float *vsp = (float *)kvt_vscale_ptr(s, lph);
-            float *sum = (float *)kvt_summary_ptr(s, lph);
-            for (int t = 0; t < T; t++) {
-                int64_t off = (((int64_t)i * H + hh) * T + t) * D;
-                load_row(k, src_dtype, off, D, x);
-                float *mn = sum + (int64_t)(t / S) * 2 * D, *mx = mn + D;
-                if (t % S == 0)
-                    for (int d = 0; d < D; d++) { mn[d] = x[d]; mx[d] = x[d]; }
-                else
-                    for (int d = 0; d < D; d++) { mn[d] = kvt_minf(mn[d], x[d]); mx[d] = kvt_maxf(mx[d], x[d]); }
-                if (s->d.key_format == KVT_KEY_BF16) {
-                    uint16_t *o = (uint16_t *)kp + (int64_t)t * D;
-                    for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
-                } else if (s->d.key_format == KVT_KEY_INT8) {
-                    ksp[t] = quant_sym(x, D, 127, (int8_t *)kp + (int64_t)t * D);
-                } else {
-                    int grp = s->d.key_group;
-                    for (int g0 = 0; g0 < D; g0 += grp)
-                        ksp[(int64_t)t * (D / grp) + g0 / grp] = quant_sym(x + g0, grp, 7, qb + g0);
-                    uint8_t *o = kp + (int64_t)t * (D / 2);
-                    for (int d = 0; d < D; d += 2)
-                        o[d / 2] = (uint8_t)((qb[d] & 0xf) | ((qb[d + 1] & 0xf) << 4));
-                }
-                load_row(v, src_dtype, off, D, x);
-                if (s->d.value_format == KVT_VAL_BF16) {
-                    uint16_t *o = (uint16_t *)vp + (int64_t)t * D;
-                    for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
-                } else {
-                    vsp[t] = quant_sym(x, D, 127, (int8_t *)vp + (int64_t)t * D);
-                }
-            }
+    append_ctx a = {s, layer, src_dtype, ids, k, v};
+    const int64_t items = (int64_t)n * s->d.kv_heads;
+    if (items > 1 && 2 * items * s->d.page_tokens * s->d.head_dim >= APPEND_POOL_MIN_ELEMS) {
+        if (pthread_mutex_trylock(&g_append_mu) == 0) {
+            kvt_pool *pool = append_pool();
+            if (pool) kvt_pool_run(pool, items, append_task, &a);
+            pthread_mutex_unlock(&g_append_mu);
+            if (pool) return KVT_OK;
         }
+    }
+    for (int64_t it = 0; it < items; it++) append_task(&a, it, 0);
     return KVT_OK;
 }
 
