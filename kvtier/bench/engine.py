@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from kvtier.runtime.ranks import host_memory_available
+
 DEFAULT_OUT = pathlib.Path("benchmarks/results")
 
 
@@ -99,16 +101,6 @@ def llc_bytes():
     return best
 
 
-def available_bytes():
-    try:
-        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def dram_ceiling(eng, nbytes, repeats):
     """Median GB/s of a pooled streaming read of a buffer larger than the LLC."""
     buf = torch.ones(nbytes, dtype=torch.uint8)  # touched, so no page faults while timing
@@ -172,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     # DRAM ceiling: the same pooled read over a buffer larger than the LLC
     llc = llc_bytes() or (64 << 20)
     dram_bytes = args.dram_bytes or max(4 * llc, 1 << 30)
-    avail = available_bytes()
+    avail = host_memory_available() or None
     if avail:
         dram_bytes = min(dram_bytes, avail // 3)
     dram_gbps, t_dram = dram_ceiling(eng, dram_bytes, 3 if args.quick else 5)
