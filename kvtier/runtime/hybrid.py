@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Hashable, List, NamedTuple, Optional
+from typing import Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from .window_attention import (
 
 class StepTimes(NamedTuple):
     cpu_s: float  # engine time summed over layers
-    gpu_s: float  # window attention (launch to ready) summed over layers
+    gpu_s: float  # window attention summed over layers (GPU kernel time on CUDA, wall time elsewhere)
     wall_s: float  # run() wall time summed over layers
 
     @property
@@ -75,6 +75,8 @@ class HybridAttention:
         self._window: Optional[WindowPlan] = None
         self._host: Optional[_HostPlan] = None
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
+        self._window_empty = True
+        self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     # --- plan ---------------------------------------------------------------
 
@@ -82,7 +84,10 @@ class HybridAttention:
         tier, shape = self.tier, self.shape
         tier.settle()
         self._rids = list(rids)
-        self._window = plan_window([tier.device_slots(r) for r in rids], self.device)
+        self._fold_gpu_events()
+        slot_lists = [tier.device_slots(r) for r in rids]
+        self._window_empty = not any(slot_lists)  # decided here: no per-layer device sync
+        self._window = plan_window(slot_lists, self.device)
         if self.flashinfer is not None:
             self.flashinfer.plan(self._window, shape.num_q_heads, shape.kv_heads, shape.head_dim,
                                  tier.k_pool[0].dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
@@ -123,17 +128,27 @@ class HybridAttention:
         if tuple(q.shape) != (b, hq, d):
             raise ValueError(f"q must be [batch, num_q_heads, head_dim] = {(b, hq, d)}, found {tuple(q.shape)}")
         t0 = time.perf_counter()
+        cuda = q.device.type == "cuda"
         host, future = self._host, None
         if host is not None and self.policy.host_path == "engine":
             host.q_host.copy_(q, non_blocking=True)
-            if q.device.type == "cuda":
-                torch.cuda.current_stream(q.device).synchronize()
+            if cuda:
+                # A blocking event sleeps instead of spinning a core the engine's threads need.
+                ready = torch.cuda.Event(blocking=True)
+                ready.record()
+                ready.synchronize()
             future = self._pool.submit(self._engine_run, layer, host)
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         g0 = time.perf_counter()
         dev = self._window_part(q, layer)
-        if q.device.type == "cuda" and future is not None:
-            torch.cuda.current_stream(q.device).synchronize()
-        self._gpu_s += time.perf_counter() - g0
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._gpu_events.append((start, end))
+        else:
+            self._gpu_s += time.perf_counter() - g0
         if host is None:
             part = dev
         elif future is not None:
@@ -171,7 +186,7 @@ class HybridAttention:
 
     def _window_part(self, q: torch.Tensor, layer: int) -> AttnPart:
         k, v = self.tier.k_pool[layer], self.tier.v_pool[layer]
-        if int(self._window.lens.sum()) == 0:
+        if self._window_empty:
             return empty_part(q.shape[0], q.shape[1], q.shape[2], q.device)
         if self.flashinfer is not None:
             return self.flashinfer.run(q, k, v)
@@ -202,7 +217,15 @@ class HybridAttention:
 
     # --- stats --------------------------------------------------------------
 
+    def _fold_gpu_events(self) -> None:
+        """Add the window kernels' GPU time recorded since the last fold (waits for them)."""
+        for start, end in self._gpu_events:
+            end.synchronize()
+            self._gpu_s += start.elapsed_time(end) / 1e3
+        self._gpu_events.clear()
+
     def take_times(self) -> StepTimes:
+        self._fold_gpu_events()
         t = StepTimes(self._cpu_s, self._gpu_s, self._wall_s)
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         return t
