@@ -120,10 +120,10 @@ def engine_init(*args, **kwargs):
     versions.check(versions.running())
     config = load(path)  # ConfigError propagates: the caller gets the typed error
     check_host_memory(config, ranks_on_host=int(kwargs.get("tp_size", 1) or 1), source=path)
-    why = refusals(argparse.Namespace(**kwargs))
+    ns = argparse.Namespace(**kwargs)
+    why = refusals(ns)
     if why:
         raise KvTierLaunchError(why)
-    ns = argparse.Namespace(**kwargs)
     apply_to_namespace(ns, config)
     kwargs.update({k: v for k, v in vars(ns).items() if k in ("decode_attention_backend", "cuda_graph_backend_decode")})
     publish(config)

@@ -49,7 +49,6 @@ class HybridDetail(NamedTuple):
 
 
 class _HostPlan(NamedTuple):
-    any_host: bool
     q_host: torch.Tensor  # [B, Hq, D] f32 (pinned on CUDA)
     out_host: torch.Tensor
     lse_host: torch.Tensor
@@ -105,7 +104,7 @@ class HybridAttention:
         n_tokens = torch.tensor(host, dtype=torch.int32)
         pin = self.device.type == "cuda"
         b, hq, d = len(rids), shape.num_q_heads, shape.head_dim
-        hp = _HostPlan(True, torch.empty(b, hq, d, pin_memory=pin), torch.empty(b, hq, d, pin_memory=pin),
+        hp = _HostPlan(torch.empty(b, hq, d, pin_memory=pin), torch.empty(b, hq, d, pin_memory=pin),
                        torch.empty(b, hq, pin_memory=pin), page_table, offsets, n_tokens)
         if self.policy.host_path == "engine":
             context = [tier.requests[r].length for r in rids]
