@@ -184,3 +184,168 @@ def test_finished_request_releases_host_pages_through_the_real_pool():
 
     pool.free(Req())
     assert probe.released == [3]
+
+
+# --- stage 2: evicted device slots go back to sglang's allocator -------------------------------------------
+
+
+def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64):
+    """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from kvtier.config import loads
+    from kvtier_sglang.backend import _backend_class
+
+    req_pool = ReqToTokenPool(size=4, max_context_len=1024, device="cpu", enable_memory_saver=False)
+    kv_pool = MHATokenToKVPool(size=size, page_size=page_size, dtype=torch.float32, head_num=hkv, head_dim=d,
+                               layer_num=1, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(size=size, dtype=torch.float32, device="cpu", kvcache=kv_pool,
+                                       need_sort=False)
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
+                             token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=1, tp_rank=0,
+                             server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache))
+    config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
+                   "host_store: {capacity_gib: 0.05, key_format: bf16, summary_tokens: 16}\n"
+                   "budget: {kind: all}\nmax_context_tokens: 1024\nengine: {threads: 1}\n", "<test>")
+    backend = _backend_class()(runner, config)
+    layer = RadixAttention(hq, d, d ** -0.5, hkv, layer_id=0)
+    return backend, layer, runner
+
+
+class _Requests:
+    """Rows of the real pools filled like sglang's prefill, a full K/V history kept aside for the reference."""
+
+    def __init__(self, runner, lens, hkv=2, d=64):
+        self.runner, self.rows, self.lens = runner, list(range(len(lens))), list(lens)
+        self.k, self.v = {}, {}
+        self.hkv, self.d = hkv, d
+        for row, n in zip(self.rows, lens):
+            self.k[row], self.v[row] = torch.empty(0, hkv, d), torch.empty(0, hkv, d)
+            self._append(row, n)
+
+    def _append(self, row, n):
+        slots = self.runner.token_to_kv_pool_allocator.alloc(n)
+        assert slots is not None
+        k, v = torch.randn(n, self.hkv, self.d), torch.randn(n, self.hkv, self.d)
+        pos = self.k[row].shape[0]
+        self.runner.req_to_token_pool.req_to_token[row, pos:pos + n] = slots.to(torch.int32)
+        self.runner.token_to_kv_pool.k_buffer[0][slots] = k
+        self.runner.token_to_kv_pool.v_buffer[0][slots] = v
+        self.k[row], self.v[row] = torch.cat([self.k[row], k]), torch.cat([self.v[row], v])
+        return slots
+
+    def decode_step(self, backend, layer, hq=4):
+        """One decode token per request through the backend; returns (out, dense reference)."""
+        from types import SimpleNamespace
+
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        loc = self.runner.token_to_kv_pool_allocator.alloc(len(self.rows))
+        pos = [self.k[r].shape[0] for r in self.rows]
+        for row, p, slot in zip(self.rows, pos, loc.tolist()):
+            self.runner.req_to_token_pool.req_to_token[row, p] = slot
+        lens = torch.tensor([p + 1 for p in pos])
+        fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=len(self.rows),
+                             req_pool_indices=torch.tensor(self.rows), seq_lens=lens, seq_lens_cpu=lens,
+                             out_cache_loc=loc)
+        q = torch.randn(len(self.rows), hq * self.d)
+        k, v = torch.randn(len(self.rows), self.hkv, self.d), torch.randn(len(self.rows), self.hkv, self.d)
+        for i, row in enumerate(self.rows):
+            self.k[row], self.v[row] = torch.cat([self.k[row], k[i:i + 1]]), torch.cat([self.v[row], v[i:i + 1]])
+        backend.init_forward_metadata(fb)
+        out = backend.forward_decode(q, k, v, layer, fb)
+        ref = []
+        for i, row in enumerate(self.rows):
+            qi = q[i].view(self.hkv, hq // self.hkv, self.d).double()
+            s = torch.einsum("hgd,nhd->hgn", qi, self.k[row].double()) * layer.scaling
+            ref.append(torch.einsum("hgn,nhd->hgd", s.softmax(-1), self.v[row].double()).reshape(-1))
+        return out, torch.stack(ref).float()
+
+
+def _free_row(runner, row, length):
+    """sglang's own release of a finished request: free_kv_row over [0, length), then the row."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ReqKvInfo
+    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+
+    cache = SimpleNamespace(token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
+                            req_to_token_pool=runner.req_to_token_pool)
+    kv = ReqKvInfo(req_pool_idx=row)
+    BasePrefixCache.free_kv_row(cache, kv, [(0, length)])
+    runner.req_to_token_pool.free(SimpleNamespace(req_pool_idx=row, kv=kv))
+
+
+def _free_slot_census(allocator):
+    free = allocator.get_all_free_pages()
+    return free.numel(), torch.unique(free).numel()
+
+
+def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once():
+    torch.manual_seed(0)
+    backend, layer, runner = _stage2_backend()
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [300, 150])
+    used = 450
+    assert alloc.available_size() == alloc.size - used
+
+    out, ref = reqs.decode_step(backend, layer)
+    used += 2
+    assert backend.releases_slots
+    released = backend.slots_released
+    # Sinks (16) and at most a window plus a page (64 + 16) stay per request; the rest went back.
+    assert released >= (301 - 16 - 80) + (151 - 16 - 80)
+    assert alloc.available_size() == alloc.size - used + released
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+    # The freed slots really are reusable: another request takes all of them and overwrites their KV.
+    filler = alloc.alloc(alloc.available_size() - 8)
+    runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
+    runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    for _ in range(3):  # later steps still attend the evicted tokens, from the host store
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+    # Finishing both through sglang's own release path frees every remaining slot exactly once.
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc.free(filler)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
+    assert backend.tier_stats()["host_tokens"] == 0
+
+
+def test_stage2_stays_off_while_the_radix_cache_is_on():
+    torch.manual_seed(1)
+    backend, layer, runner = _stage2_backend(disable_radix_cache=False)
+    reqs = _Requests(runner, [200])
+    out, ref = reqs.decode_step(backend, layer)
+    assert not backend.releases_slots and backend.slots_released == 0
+    assert backend.tier_stats()["host_tokens"] > 0  # stage 1: still tiered, device KV kept on both sides
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    _free_row(runner, 0, reqs.k[0].shape[0])
+    assert runner.token_to_kv_pool_allocator.available_size() == runner.token_to_kv_pool_allocator.size
+
+
+def test_free_kv_row_ranges_lose_exactly_the_released_positions():
+    assert lifecycle.subtract([(0, 100)], (16, 64)) == [(0, 16), (64, 100)]
+    assert lifecycle.subtract([(0, 10), (20, 30)], (5, 25)) == [(0, 5), (25, 30)]
+    assert lifecycle.subtract([(0, 100)], (16, 16)) == [(0, 100)]
+    assert lifecycle.subtract([(32, 48)], (16, 64)) == []
+
+
+def test_launch_turns_prefix_caching_off_and_refuses_mixed_chunks(tmp_path, tiny_model):
+    import argparse
+
+    config = load(_tier_yaml(tmp_path))
+    ns = argparse.Namespace(disable_radix_cache=False, enable_mixed_chunk=False)
+    launch.apply_to_namespace(ns, config)
+    assert ns.disable_radix_cache and ns.decode_attention_backend == launch.BACKEND
+    assert "enable-mixed-chunk" in launch.tier_refusals(argparse.Namespace(enable_mixed_chunk=True), config)
+    r = _launch("--model-path", str(tiny_model), "--kv-tier", str(_tier_yaml(tmp_path)), "--enable-mixed-chunk")
+    assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr

@@ -7,22 +7,32 @@ leave the window into the host store, and answers each layer with the hybrid
 attention: dense over sinks + window on the device, sparse over the host
 store on the CPU, merged by LSE.
 
-Sequencing (DESIGN.md): this is stage 1. Device KV is kept on both sides:
-evicted pages stay in sglang's pool while the host store answers for them,
-so the merge is validated against a complete device copy and the tree cache
-never sees a freed slot. Releasing device slots (stage 2) and evicting
-during chunked prefill (stage 3) come next.
+Sequencing (DESIGN.md):
+- stage 1, everywhere: the merge is validated while device KV is kept on both
+  sides (evicted pages stay in sglang's pool while the host store answers).
+- stage 2, where sglang frees rows through `free_kv_row` (0.5.23 line) and
+  the radix cache is off: once an evicted page has landed in the host store,
+  its device slots go back to sglang's allocator, so the pool holds sinks and
+  windows and admits more requests. The `free_kv_row` hook (lifecycle.py)
+  keeps sglang from freeing those slots again when the request ends.
+  `--kv-tier` turns the radix cache off for offloading policies; a prefix hit
+  on host-resident pages is not served yet.
+- stage 3 (evicting during chunked prefill) is not built: a prompt must fit
+  the device pool once.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+import logging
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from kvtier.config import ModelShape, TierConfig
 
 from . import launch, lifecycle
+
+log = logging.getLogger("kvtier")
 
 _INNER = {"cuda": "flashinfer", "cpu": "torch_native"}
 
@@ -65,6 +75,11 @@ def _backend_class():
             self.tp_rank = int(getattr(runner, "tp_rank", 0) or 0)
             self.req_to_token_pool = runner.req_to_token_pool
             self.kv_pool = runner.token_to_kv_pool
+            self.allocator = getattr(runner, "token_to_kv_pool_allocator", None)
+            self.page_size = int(getattr(runner, "page_size", 1) or 1)
+            self.server_args = getattr(runner, "server_args", None)
+            self.releases_slots = False  # stage 2, decided at the first decode
+            self.slots_released = 0
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
@@ -129,8 +144,14 @@ def _backend_class():
             k_pool = [self.kv_pool.get_key_buffer(i) for i in range(n_layers)]
             v_pool = [self.kv_pool.get_value_buffer(i) for i in range(n_layers)]
             store = HostStore(self.config, shape, pin_memory=False) if policy.offloads else None
+            why = self._why_slots_stay(policy)
+            self.releases_slots = why is None
+            if policy.offloads:
+                log.info("kvtier: %s", "evicted device slots return to sglang's allocator" if why is None
+                         else f"device KV is kept on both sides (stage 1): {why}")
             self._tier = TierManager(self.config, shape, k_pool, v_pool, store, alloc_slots=None,
-                                     free_slots=lambda slots: None, offload=policy.offloads)
+                                     free_slots=self._free_evicted if self.releases_slots else _keep,
+                                     offload=policy.offloads)
             # Each TP rank tiers its own kv-heads (layer.tp_k_head_num) on its own slice of the cores.
             share = rank_share(self.config, tp_size=self.tp_size, tp_rank=self.tp_rank,
                                total_kv_heads=layer.tp_k_head_num * self.tp_size)
@@ -142,6 +163,35 @@ def _backend_class():
             self._scale, self._cap = layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0)
             self._attn = HybridAttention(policy, shape, self._tier, engine=engine, sm_scale=self._scale,
                                          soft_cap=self._cap, use_flashinfer=self.device.type == "cuda")
+
+        def _why_slots_stay(self, policy) -> Optional[str]:
+            """None when evicted device slots can go back to sglang (stage 2), else why not."""
+            from .plugin import slot_release_hooked
+
+            win = self.config.window
+            if not policy.offloads:
+                return "the policy keeps every token on the device"
+            if not slot_release_hooked():
+                return "this sglang release frees rows without BasePrefixCache.free_kv_row, which kvtier hooks"
+            if not callable(getattr(self.allocator, "free", None)):
+                return "the model runner has no token allocator with free()"
+            if not getattr(self.server_args, "disable_radix_cache", False):
+                return "the radix cache is on, and a prefix hit must never reach a freed slot"
+            if win.sink_tokens % self.page_size or win.page_tokens % self.page_size:
+                return (f"sglang's page size {self.page_size} does not divide window.sink_tokens "
+                        f"{win.sink_tokens} and window.page_tokens {win.page_tokens}")
+            return None
+
+        def _free_evicted(self, slots: torch.Tensor) -> None:
+            self.allocator.free(slots.to(self.device))
+            self.slots_released += slots.numel()
+
+        def freed_range(self, row: int) -> Optional[Tuple[int, int]]:
+            """Row positions [lo, hi) whose slots the tier gave back to the allocator, if any."""
+            if not self.releases_slots or self._tier is None or row not in self._tier.requests:
+                return None
+            lo, hi = self._tier.freed_positions(row)
+            return (lo, hi) if hi > lo else None
 
         def _check_layer(self, layer) -> None:
             cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
@@ -176,10 +226,14 @@ def _backend_class():
         def tier_stats(self) -> Dict[str, float]:
             if self._tier is None:
                 return {}
-            return self._tier.stats()._asdict()
+            return {**self._tier.stats()._asdict(), "slots_released": self.slots_released}
 
     _CLASS = KvTierAttnBackend
     return _CLASS
+
+
+def _keep(slots: torch.Tensor) -> None:
+    """Stage 1: evicted pages keep their device slots."""
 
 
 def _save_kv(pool, layer, loc, k, v) -> None:

@@ -54,11 +54,51 @@ def refusals(values: Any) -> Optional[str]:
     return None
 
 
+def releases_slots(config: TierConfig) -> bool:
+    """Whether this launch gives evicted device slots back to sglang (stage 2, backend.py)."""
+    import pkgutil
+
+    from kvtier.policies import policy_for
+
+    from .lifecycle import FREE_KV_ROW
+
+    if not policy_for(config).offloads:
+        return False
+    try:
+        pkgutil.resolve_name(FREE_KV_ROW)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
+    """Why this policy cannot serve this launch, or None."""
+    from kvtier.policies import PolicyUnavailableError, policy_for
+
+    try:
+        policy_for(config)
+    except PolicyUnavailableError as exc:
+        return f"--kv-tier: {exc}"
+    if releases_slots(config) and getattr(values, "enable_mixed_chunk", False):
+        return ("--kv-tier with an offloading policy frees evicted device slots, and --enable-mixed-chunk "
+                "would prefill decode requests over them; drop --enable-mixed-chunk")
+    return None
+
+
+# ServerArgs fields apply_to_namespace may set (the Python API copies these into Engine kwargs).
+APPLIED = ("decode_attention_backend", "cuda_graph_backend_decode", "disable_cuda_graph", "disable_radix_cache")
+
+
 def apply_to_namespace(values: Any, config: TierConfig) -> None:
     """Select the kvtier decode backend and the graph-free decode it needs."""
     if config.policy == "dense":
         return  # the baseline runs sglang unchanged
     values.decode_attention_backend = BACKEND
+    if releases_slots(config) and not getattr(values, "disable_radix_cache", False):
+        # A freed evicted slot must never be matched as a cached prefix.
+        print("kvtier: prefix caching is off under an offloading policy (evicted device slots are freed)",
+              file=sys.stderr)
+        values.disable_radix_cache = True
     # The hybrid decode waits on the CPU engine each layer; CUDA-graph capture
     # cannot record that, so decode runs eagerly (documented fallback).
     if hasattr(values, "cuda_graph_backend_decode"):
@@ -97,7 +137,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
 
     verify_hooks()
     config = load_or_exit(path)
-    why = refusals(args)
+    why = refusals(args) or tier_refusals(args, config)
     if why:
         print(why, file=sys.stderr)
         raise SystemExit(2)
@@ -121,11 +161,11 @@ def engine_init(*args, **kwargs):
     config = load(path)  # ConfigError propagates: the caller gets the typed error
     check_host_memory(config, ranks_on_host=int(kwargs.get("tp_size", 1) or 1), source=path)
     ns = argparse.Namespace(**kwargs)
-    why = refusals(ns)
+    why = refusals(ns) or tier_refusals(ns, config)
     if why:
         raise KvTierLaunchError(why)
     apply_to_namespace(ns, config)
-    kwargs.update({k: v for k, v in vars(ns).items() if k in ("decode_attention_backend", "cuda_graph_backend_decode")})
+    kwargs.update({k: v for k, v in vars(ns).items() if k in APPLIED})
     publish(config)
     return args, kwargs
 

@@ -27,6 +27,19 @@ def _targets():
     }
 
 
+def _optional_targets():
+    """Hooked where this sglang has them (required then, like the others)."""
+    from sglang.srt.plugins.hook_registry import HookType
+
+    found = {}
+    try:
+        pkgutil.resolve_name(lifecycle.FREE_KV_ROW)
+        found[lifecycle.FREE_KV_ROW] = (lifecycle.on_free_kv_row, HookType.BEFORE)
+    except (ImportError, AttributeError):
+        pass  # before the 0.5.23 line: the tier keeps device KV on both sides (stage 1)
+    return found
+
+
 def _raw(obj: object) -> object:
     return getattr(obj, "__func__", obj)
 
@@ -37,7 +50,7 @@ def register() -> None:
 
     from .backend import register_backend
 
-    targets = _targets()
+    targets = {**_targets(), **_optional_targets()}
     for target, (hook, kind) in targets.items():
         if target not in _ORIGINALS:
             _ORIGINALS[target] = _raw(pkgutil.resolve_name(target))
@@ -66,6 +79,11 @@ def missing_hooks() -> List[str]:
     return out
 
 
+def slot_release_hooked() -> bool:
+    """Whether rows are freed through the hooked free_kv_row in this process (stage 2 possible)."""
+    return lifecycle.FREE_KV_ROW in _ORIGINALS and lifecycle.FREE_KV_ROW not in missing_hooks()
+
+
 def verify_hooks() -> None:
     missing = missing_hooks()
     if missing:
@@ -73,4 +91,4 @@ def verify_hooks() -> None:
         raise SystemExit(2)
 
 
-__all__: Tuple[str, ...] = ("register", "missing_hooks", "verify_hooks")
+__all__: Tuple[str, ...] = ("register", "missing_hooks", "slot_release_hooked", "verify_hooks")

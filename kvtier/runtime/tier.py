@@ -16,7 +16,7 @@ once per step: from the device until its page is settled, then from the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -82,12 +82,25 @@ class TierManager:
             self.store.admit(rid, first_pos=self.config.window.sink_tokens)
 
     def release(self, rid: Hashable) -> None:
-        """Free a finished or aborted request everywhere (in-flight copies included)."""
-        self.settle()
+        """Free a finished or aborted request everywhere (in-flight copies included).
+
+        Its in-flight copies are dropped, not settled: their slots are still
+        the request's, freed with it. The device slots it still holds go back
+        through `free_slots` only when this manager allocated them; a server
+        that allocates its own (`alloc_slots=None`) frees them itself, and
+        only evicted slots ever reach `free_slots` then.
+        """
         st = self.requests.pop(rid)
-        self.free_slots(torch.tensor(st.sink_slots + st.recent_slots, dtype=torch.long))
+        self._pending = [p for p in self._pending if p.rid != rid]
+        if self.alloc_slots is not None:
+            self.free_slots(torch.tensor(st.sink_slots + st.recent_slots, dtype=torch.long))
         if self.offload:
             self.store.release(rid)
+
+    def freed_positions(self, rid: Hashable) -> Tuple[int, int]:
+        """[lo, hi): the request's positions whose device slots went back through `free_slots`."""
+        st = self.requests[rid]
+        return len(st.sink_slots), st.host_end
 
     def extend(self, rid: Hashable, n: int, *, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Device slots for the request's next n tokens; the caller writes their K, V.
