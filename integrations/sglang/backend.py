@@ -24,6 +24,7 @@ Sequencing (DESIGN.md):
 from __future__ import annotations
 
 import logging
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ from kvtier.config import ModelShape, TierConfig
 from . import launch, lifecycle
 
 log = logging.getLogger("kvtier")
+STATS_EVERY_S = 30.0  # how often a decoding scheduler logs the tier's statistics
 
 _INNER = {"cuda": "flashinfer", "cpu": "torch_native"}
 
@@ -80,6 +82,7 @@ def _backend_class():
             self.server_args = getattr(runner, "server_args", None)
             self.releases_slots = False  # stage 2, decided at the first decode
             self.slots_released = 0
+            self._last_log = float("-inf")
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
@@ -218,6 +221,13 @@ def _backend_class():
                     tier.extend(row, n - have, slots=table[row, have:n].to(torch.long).cpu())
             tier.evict()
             self._attn.plan(rows)
+            now = time.monotonic()
+            if now - self._last_log >= STATS_EVERY_S:
+                self._last_log = now
+                st = tier.stats()
+                log.info("kvtier: %d requests, %d tokens on the device, %d on the host, %d device slots released, "
+                         "%.1f MB device-to-host, %d pages evicted", len(tier.requests), st.device_tokens,
+                         st.host_tokens, self.slots_released, st.bytes_d2h / 1e6, st.pages_evicted)
 
         def release(self, row: int) -> None:
             if self._tier is not None and row in self._tier.requests:

@@ -1,0 +1,217 @@
+"""End-to-end check of a real sglang server under `--kv-tier`, policy against policy.
+
+    python -m kvtier_sglang.serve_check --model-path MODEL [--load-format dummy] \
+        --policies policies/dense.yaml,policies/hgca.yaml --contexts 8192,30000
+
+For each policy file it launches `python -m sglang.launch_server --kv-tier
+FILE`, waits for it to serve, sends the same seeded long-context requests
+(greedy), then a mixed-length batch, and stops it. It writes what each
+policy answered, the decode speed and the server's kvtier log lines to
+`serve-<name>.json` and `.md` under the results directory, and prints
+`match_tokens=<min over requests of the fraction of generated tokens equal to
+the first policy's> decode_vs_first=<decode tokens/s against the first policy's>`.
+
+It needs a machine where sglang can serve (a GPU); it talks to the server over
+HTTP only and imports nothing from sglang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def _post(url: str, body: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before serving; its log ({log}) ends:\n"
+                               + _tail(log))
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        print(f"  waiting for the server ({time.monotonic() - start:.0f} s)", flush=True)
+        time.sleep(5)
+    raise TimeoutError(f"the server did not serve within {timeout:.0f} s; its log ({log}) ends:\n" + _tail(log))
+
+
+def _tail(log: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _prompt(n: int, seed: int, vocab: int) -> List[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+def _generate(base: str, ids, new_tokens: int, timeout: float) -> Any:
+    return _post(base + "/generate", {"input_ids": ids, "sampling_params": {
+        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout)
+
+
+def _ids(out: Dict[str, Any]) -> List[int]:
+    ids = out.get("output_ids")
+    return list(ids) if ids is not None else []
+
+
+def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[str, Any]:
+    log = log_dir / f"server-{policy.stem}.log"
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_path, "--kv-tier", str(policy),
+           "--port", str(args.port), "--attention-backend", args.attention_backend,
+           "--mem-fraction-static", str(args.mem_fraction), "--log-level", "info", *args.extra]
+    if args.load_format:
+        cmd += ["--load-format", args.load_format]
+    print(f"{policy.name}: {' '.join(cmd)}", flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "requests": []}
+    try:
+        _wait_ready(base, proc, log, args.ready_timeout)
+        for ctx in args.contexts:
+            ids = _prompt(ctx, seed=args.seed + ctx, vocab=args.vocab)
+            t0 = time.perf_counter()
+            _generate(base, ids, 1, args.request_timeout)
+            t1 = time.perf_counter()
+            out = _generate(base, ids, args.new_tokens, args.request_timeout)
+            t2 = time.perf_counter()
+            decode_s = (t2 - t1) - (t1 - t0)  # the same prefill, then new_tokens - 1 decode steps
+            rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
+                   "prefill_s": t1 - t0, "total_s": t2 - t1,
+                   "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else None}
+            result["requests"].append(rec)
+            print(f"  context {ctx}: {rec['total_s']:.2f} s for {args.new_tokens} tokens, decode "
+                  f"{rec['decode_tokens_per_s'] or float('nan'):.1f} tokens/s", flush=True)
+        # Mixed lengths in one batch: long ones with pages on the host, short ones with none yet.
+        lens = [max(args.contexts), max(args.contexts) // 2, 900, 200]
+        batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
+        outs = _generate(base, batch, args.new_tokens, args.request_timeout)
+        result["batch"] = [{"context": n, "output_ids": _ids(o), "text": o.get("text", "")}
+                           for n, o in zip(lens, outs)]
+        print(f"  mixed batch {lens}: done", flush=True)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        result["kvtier_log"] = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line][:50]
+        result["returncode"] = proc.returncode
+    return result
+
+
+def _agreement(a: List[int], b: List[int]) -> float:
+    """Fraction of generated tokens equal up to the first difference (greedy decoding diverges after one)."""
+    n = max(len(a), len(b))
+    if n == 0:
+        return 0.0
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same / n
+
+
+def compare(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    first = results[0]
+    out = {}
+    for res in results[1:]:
+        pairs = list(zip(first["requests"], res["requests"])) + list(zip(first.get("batch", []),
+                                                                          res.get("batch", [])))
+        match = [_agreement(a["output_ids"], b["output_ids"]) for a, b in pairs]
+        speed = [b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(first["requests"],
+                                                                                   res["requests"])
+                 if a.get("decode_tokens_per_s") and b.get("decode_tokens_per_s")]
+        out[res["policy"]] = {"match_tokens": min(match) if match else None,
+                              "match_per_request": match,
+                              "decode_vs_first": speed[-1] if speed else None}
+    return out
+
+
+def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: int) -> str:
+    rows = ["| policy | context | decode tokens/s | prefill s | tokens equal to the first policy's |",
+            "|---|---|---|---|---|"]
+    first = results[0]
+    for res in results:
+        for i, r in enumerate(res["requests"]):
+            if res is first:
+                agree = "(reference)"
+            else:
+                agree = f"{_agreement(first['requests'][i]['output_ids'], r['output_ids']):.2f}"
+            tps = r["decode_tokens_per_s"]
+            rows.append(f"| {Path(res['policy']).stem} | {r['context']} | "
+                        f"{'n/a' if tps is None else f'{tps:.1f}'} | {r['prefill_s']:.2f} | {agree} |")
+    return (f"# sglang server under --kv-tier\n\nGreedy, {new_tokens} new tokens per request, seeded random "
+            "token prompts.\n\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvtier_sglang.serve_check", description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--load-format", default=None, help="e.g. dummy: random weights from the model's config")
+    p.add_argument("--policies", default="policies/dense.yaml,policies/hgca.yaml",
+                   help="comma-separated policy files; the first is the reference")
+    p.add_argument("--contexts", default="8192,30000")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--attention-backend", default="flashinfer")
+    p.add_argument("--mem-fraction", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ready-timeout", type=float, default=400)
+    p.add_argument("--request-timeout", type=float, default=600)
+    p.add_argument("--name", default="serve")
+    p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
+    p.add_argument("extra", nargs="*", help="more launch_server arguments, after --")
+    args = p.parse_args(argv)
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    policies = [Path(x) for x in args.policies.split(",")]
+    for path in policies:
+        if not path.is_file():
+            print(f"serve_check: policy file {path} not found", file=sys.stderr)
+            return 2
+    out_dir = Path(args.out_dir or os.environ.get("KVTIER_RESULTS_DIR") or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in policies:
+        try:
+            results.append(run_policy(path, args, out_dir))
+        except (RuntimeError, TimeoutError, urllib.error.URLError) as exc:
+            print(f"serve_check: {path}: {exc}", file=sys.stderr)
+            return 1
+    cmp = compare(results)
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"results": results, "comparison": cmp}, indent=1))
+    (out_dir / f"{args.name}.md").write_text(_markdown(results, cmp, args.new_tokens))
+    for policy, c in cmp.items():
+        print(f"{Path(policy).stem}: match_tokens={c['match_tokens']} decode_vs_first={c['decode_vs_first']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The end-to-end server check's own logic (it talks HTTP only; the server part runs on a GPU machine)."""
+
+from pathlib import Path
+
+from kvtier_sglang import serve_check
+
+DENSE = str(Path(__file__).resolve().parents[1] / "policies" / "dense.yaml")
+
+
+def test_agreement_counts_tokens_up_to_the_first_difference():
+    assert serve_check._agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert serve_check._agreement([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5
+    assert serve_check._agreement([], []) == 0.0
+    assert serve_check._agreement([1, 2], [1, 2, 3, 4]) == 0.5
+
+
+def test_compare_reports_the_worst_request_and_the_speed_ratio():
+    def res(name, ids, tps):
+        return {"policy": name, "requests": [{"output_ids": i, "decode_tokens_per_s": t} for i, t in zip(ids, tps)],
+                "batch": []}
+
+    ref = res("dense", [[1, 2, 3, 4], [5, 6, 7, 8]], [100.0, 50.0])
+    other = res("hgca", [[1, 2, 3, 4], [5, 6, 0, 0]], [80.0, 40.0])
+    cmp = serve_check.compare([ref, other])["hgca"]
+    assert cmp["match_tokens"] == 0.5 and cmp["decode_vs_first"] == 0.8
+
+
+def test_missing_policy_file_is_exit_2(tmp_path, capsys):
+    assert serve_check.main(["--model-path", "m", "--policies", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml not found" in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, capsys, monkeypatch):
+    # Here the server exits at once (no model, and no sglang in this venv or no GPU): exit 1, log tail shown.
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = serve_check.main(["--model-path", str(tmp_path / "no-model"), "--policies", DENSE,
+                           "--ready-timeout", "120", "--port", "30917"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "exited with" in err and "before serving" in err
