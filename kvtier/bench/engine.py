@@ -2,8 +2,9 @@
 streaming read of the same bytes through the same thread pool (the bandwidth
 ceiling) and (b) the same computation in torch on the CPU.
 
-Bytes the op must touch = int8 keys + key scales of every host token + the
-values of the selected tokens. The native engine is imported lazily so the CLI
+Bytes the op must touch = keys + key scales of every host token (in the
+`--key-format` given: int8 with one scale per token, int4 with one per
+`--key-group` channels, or bf16) + the values of the selected tokens. The native engine is imported lazily so the CLI
 parser works without a build.
 """
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--page-tokens", type=int, default=64)
+    parser.add_argument("--key-format", choices=("int8", "int4", "bf16"), default="int8",
+                        help="host key format (values are bf16)")
+    parser.add_argument("--key-group", type=int, default=32, help="channels per int4 key scale")
     parser.add_argument("--threads", type=int, default=0, help="0 = all online CPUs")
     parser.add_argument("--long-tokens", type=int, default=131072,
                         help="also time the engine at this many host tokens (bytes beyond the LLC); 0 = skip")
@@ -41,14 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=pathlib.Path, default=DEFAULT_OUT)
 
 
-def build_case(tokens, kv_heads, group, head_dim, page_tokens, topk, seed=0):
-    """One request over an int8-key / bf16-value store with pages in shuffled order."""
+def key_bytes_per_token(key_format, head_dim, key_group=32):
+    """Bytes of one token's key in the host store, scales included."""
+    if key_format == "int8":
+        return head_dim + 4
+    if key_format == "int4":
+        return head_dim // 2 + 4 * (head_dim // key_group)
+    return 2 * head_dim
+
+
+def build_case(tokens, kv_heads, group, head_dim, page_tokens, topk, seed=0, *, key_format="int8", key_group=32):
+    """One request over a store of `key_format` keys and bf16 values, pages in shuffled order."""
     from kvtier._native import HostStoreView
 
     g = torch.Generator().manual_seed(seed)
     n_pages = -(-tokens // page_tokens)
     store = HostStoreView.allocate(n_layers=1, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
-                                   head_dim=head_dim, key_format="int8", value_format="bf16")
+                                   head_dim=head_dim, key_format=key_format, value_format="bf16",
+                                   key_group=key_group)
     step = max(1, 4096 // page_tokens)
     for p0 in range(0, n_pages, step):
         ids = torch.arange(p0, min(p0 + step, n_pages), dtype=torch.int32)
@@ -64,7 +78,7 @@ def torch_reference(store, table, n, q, topk, sm_scale):
     """Same computation with torch ops: dequantize, matmul, group max, topk, gather, softmax."""
     H, D = store.kv_heads, store.head_dim
     pages = table.long()
-    k = store.keys[0, pages].float() * store.key_scales[0, pages][..., None]  # [np, H, T, D]
+    k = dequant_keys(store, pages)  # [np, H, T, D]
     k = k.permute(1, 0, 2, 3).reshape(H, -1, D)[:, :n]
     qg = q[0].view(H, -1, D)
     logits = torch.bmm(qg, k.transpose(1, 2)) * sm_scale  # [H, G, n]
@@ -75,6 +89,19 @@ def torch_reference(store, table, n, q, topk, sm_scale):
     sel = torch.gather(logits, 2, idx[:, None, :].expand(-1, logits.shape[1], -1))
     p = torch.softmax(sel, -1)
     return torch.bmm(p, v).reshape(1, -1, D)
+
+
+def dequant_keys(store, pages):
+    """Layer 0 keys of `pages` as float32 [np, H, T, D], in torch ops."""
+    from kvtier._native import KeyFormat
+
+    if store.key_format is KeyFormat.INT8:
+        return store.keys[0, pages].float() * store.key_scales[0, pages][..., None]
+    if store.key_format is KeyFormat.INT4:
+        b = store.keys[0, pages].to(torch.int16)
+        q = torch.stack([((b & 0xF) ^ 8) - 8, ((b >> 4) ^ 8) - 8], dim=-1).flatten(-2).float()
+        return q * store.key_scales[0, pages].repeat_interleave(store.key_group, dim=-1)
+    return store.keys[0, pages].float()
 
 
 def timeit(fn, repeats, warmup=1):
@@ -144,14 +171,16 @@ def run(args: argparse.Namespace) -> int:
     repeats = 5 if args.quick else 20
     torch_repeats = 3 if args.quick else 10
     n, H, G, D, k = args.tokens, args.kv_heads, args.group, args.head_dim, args.topk
-    store, table, q, budget = build_case(n, H, G, D, args.page_tokens, k)
+    kf, kg = args.key_format, args.key_group
+    kbytes = key_bytes_per_token(kf, D, kg)
+    store, table, q, budget = build_case(n, H, G, D, args.page_tokens, k, key_format=kf, key_group=kg)
     sm = 1.0 / math.sqrt(D)
     eng = Engine(args.threads)
     torch.set_num_threads(eng.n_threads)
     eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
              H * G, budget_tokens=budget, sm_scale=sm)
     sel = min(k, n)
-    bytes_touched = H * n * D + H * n * 4 + H * sel * D * 2
+    bytes_touched = H * n * kbytes + H * sel * D * 2
     buf = torch.randint(0, 255, (bytes_touched,), dtype=torch.uint8)
 
     t_stream = timeit(lambda: eng.stream_read(buf), repeats)
@@ -173,13 +202,14 @@ def run(args: argparse.Namespace) -> int:
     long = None
     if args.long_tokens and args.long_tokens != n:
         nl = args.long_tokens
-        store_l, table_l, q_l, budget_l = build_case(nl, H, G, D, args.page_tokens, k, seed=1)
+        store_l, table_l, q_l, budget_l = build_case(nl, H, G, D, args.page_tokens, k, seed=1,
+                                                     key_format=kf, key_group=kg)
         eng.plan(store_l, table_l, torch.tensor([0, len(table_l)], dtype=torch.int32),
                  torch.tensor([nl], dtype=torch.int32), H * G, budget_tokens=budget_l, sm_scale=sm)
         rl = max(3, repeats // 2)
         t_ls = timeit(lambda: eng.score(0, q_l), rl)
         t_le = timeit(lambda: eng.run(0, q_l), rl)
-        bl = H * nl * D + H * nl * 4 + H * min(k, nl) * D * 2
+        bl = H * nl * kbytes + H * min(k, nl) * D * 2
         ml = {"score": statistics.median(t_ls), "engine": statistics.median(t_le)}
         gl = {name: bl / t / 1e9 for name, t in ml.items()}
         long = {"tokens": nl, "bytes_touched": bl, "median_s": ml, "gbps": gl,
@@ -206,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"engine run @ {long['tokens']} tokens ({mb:.0f} MB)", long["median_s"]["engine"],
                      long["gbps"]["engine"]))
     shape = dict(tokens=n, kv_heads=H, q_per_kv=G, head_dim=D, topk=k, page_tokens=args.page_tokens,
-                 key_format="int8", value_format="bf16", bytes_touched=bytes_touched)
+                 key_format=kf, value_format="bf16", bytes_touched=bytes_touched)
+    if kf == "int4":
+        shape["key_group"] = kg
     header = f"| op | median ms | GB/s (of {bytes_touched / 1e6:.1f} MB unless stated) |\n|---|---:|---:|\n"
     table_md = header + "".join(f"| {name} | {t * 1e3:.2f} | {g:.2f} |\n" for name, t, g in rows)
     last = f"engine_vs_stream={ratio_stream:.2f} engine_vs_torch={ratio_torch:.2f}"
@@ -231,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out_dir / "engine.md").write_text(
         f"# engine benchmark\n\n{machine['cpu']}, {machine['online_cpus']} CPUs, {machine['threads']} threads, "
-        f"isa `{machine['isa']}`, LLC {llc_mb}; {H} kv-heads x {G} q/group x {n} tokens x d{D}, int8 keys, "
+        f"isa `{machine['isa']}`, LLC {llc_mb}; {H} kv-heads x {G} q/group x {n} tokens x d{D}, {kf} keys"
+        f"{f' (group {kg})' if kf == 'int4' else ''}, "
         f"bf16 values, top-{k}\n\n{table_md}\n`{last}`\n\n"
         "`engine_vs_stream` compares with a read of the same bytes (cache resident when they fit in the LLC); "
         "`engine_vs_dram` with a read of a buffer larger than the LLC.\n")
