@@ -198,18 +198,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     out_dir = Path(args.out_dir or os.environ.get("KVTIER_RESULTS_DIR") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: List[Dict[str, Any]] = []
     for path in policies:
         try:
             results.append(run_policy(path, args, out_dir))
         except (RuntimeError, TimeoutError, urllib.error.URLError) as exc:
             print(f"serve_check: {path}: {exc}", file=sys.stderr)
             return 1
-    cmp = compare(results)
-    (out_dir / f"{args.name}.json").write_text(json.dumps({"results": results, "comparison": cmp}, indent=1))
-    (out_dir / f"{args.name}.md").write_text(_markdown(results, cmp, args.new_tokens))
-    for policy, c in cmp.items():
-        print(f"{Path(policy).stem}: match_tokens={c['match_tokens']} decode_vs_first={c['decode_vs_first']}")
+        # Written after every policy, so a run cut short keeps what it measured.
+        cmp = compare(results)
+        (out_dir / f"{args.name}.json").write_text(json.dumps({"results": results, "comparison": cmp}, indent=1))
+        (out_dir / f"{args.name}.md").write_text(_markdown(results, cmp, args.new_tokens))
+        if path is not policies[0]:
+            c = cmp[str(path)]
+            print(f"{path.stem}: match_tokens={c['match_tokens']} decode_vs_first={c['decode_vs_first']}", flush=True)
     return 0
 
 
