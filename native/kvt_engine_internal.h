@@ -41,9 +41,10 @@ typedef struct kvt_plan_state {
     float *item_ksmax;    /* [n_items]: largest key scale seen by the item (q16 path) */
     /* selection-stage query (q16 path): per query head int16 q, sm_scale * q scale,
      * and the error term sum|q - scale*q16| + D*2^-20*sum|q| */
-    int16_t *q16;
+    int16_t *q16;         /* rows of q16_stride (int4 keys: the kernel's layout) */
+    int q16_stride;
     float *q16s, *qerr;
-    /* split select + attend (few selection sets, int8 keys, TOPK/MASS): the exact
+    /* split select + attend (few selection sets, int8 or q16-able int4 keys, TOPK/MASS): the exact
      * logits of the candidates and the attend of the selection are split into
      * chunks across threads; attend chunks merge by log-sum-exp. Per set s:
      * cand, pos, sel (int32) and re (float), set_cap[s] each, then E [m, set_cap[s]]. */

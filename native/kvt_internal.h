@@ -56,6 +56,12 @@ typedef struct kvt_kernels {
     void (*score_i8_q16)(const int8_t *k, const float *ks, int n, int D, const int16_t *q,
                          const float *qs, int G, float *out, int64_t ostride,
                          const int8_t *next, int64_t next_bytes);
+    /* The same for int4 keys with grp % 4 == 0 (kvt_i4_q16_ok): out = qs[g] *
+     * sum over groups of ks[t, group] * (exact int32 sum of the group's k * q), with q
+     * [G, kvt_i4_q16_dp(D)] in the layout of kvt_i4_q16_layout; next as above. */
+    void (*score_i4_q16)(const uint8_t *k, const float *ks, int n, int D, int grp,
+                         const int16_t *q, const float *qs, int G, float *out, int64_t ostride,
+                         const uint8_t *next, int64_t next_bytes);
     /* x[i] = cap * tanh(x[i] / cap), i < n (selection stage only) */
     void (*soft_cap)(float *x, int n, float cap);
     /* sum of exp(x[i] - ref) over i < n with x[i] < below (below = +inf: all i);
@@ -67,6 +73,19 @@ typedef struct kvt_kernels {
 static inline int kvt_q16_max(int D) {
     int64_t m = (int64_t)2147483647 / ((int64_t)127 * D);
     return m > 32767 ? 32767 : (int)m;
+}
+
+/* int4 selection query: rows padded to whole 64-channel steps; in each step the
+ * even channels j, j+2, .., j+62 then the odd ones (the kernel's nibble order);
+ * padding is zero. */
+static inline int kvt_i4_q16_ok(int D, int grp) { return grp % 4 == 0 && D % grp == 0; }
+static inline int kvt_i4_q16_dp(int D) { return (D + 63) / 64 * 64; }
+static inline void kvt_i4_q16_layout(const int16_t *q, int D, int16_t *o) {
+    for (int j = 0; j < kvt_i4_q16_dp(D); j += 64)
+        for (int m = 0; m < 32; m++) {
+            o[j + m] = j + 2 * m < D ? q[j + 2 * m] : 0;
+            o[j + 32 + m] = j + 2 * m + 1 < D ? q[j + 2 * m + 1] : 0;
+        }
 }
 
 extern const kvt_kernels *kvt_k; /* the active table */

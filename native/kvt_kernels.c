@@ -111,7 +111,7 @@ static double sum_exp_generic(const float *x, int n, float ref, float below) {
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
-    softmax_generic, NULL, soft_cap_generic, sum_exp_generic,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -217,7 +217,7 @@ ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, NULL, soft_cap_generic, sum_exp_generic,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -364,15 +364,83 @@ T_512 static void score_bf16_512(const uint16_t *k, int n, int D, const float *q
     tile_pass_512((const char *)k, 2 * D, NULL, n, D, q, G, out, os, TILES_BF16, score_bf16_512_tok);
 }
 
+/* int4 keys, 16 channels (8 bytes) -> floats in channel order times the group
+ * scale, the same products as i4_dequant_token: each byte widens to a 16-bit lane
+ * whose low byte takes the low nibble and high byte the high nibble; (x ^ 8) - 8
+ * sign-extends a nibble within its byte. */
+T_512 static inline __m512 i4_dq16_512(const uint8_t *kp, float sc) {
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)kp));
+    __m128i x = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(0x000f)),
+                             _mm_and_si128(_mm_slli_epi16(w, 4), _mm_set1_epi16(0x0f00)));
+    x = _mm_sub_epi8(_mm_xor_si128(x, _mm_set1_epi8(8)), _mm_set1_epi8(8));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), _mm512_set1_ps(sc));
+}
+
+/* grp % 16 == 0: one scale per 16 channels. Tiles as TILE_512. */
+#define TILE_I4_512(NAME, TT, GG)                                                                 \
+    T_512 __attribute__((noinline)) static void NAME(const uint8_t *k, const float *ks, int D,    \
+                                                     int grp, const float *q, float *out,         \
+                                                     int64_t os) {                                \
+        __m512 acc[16];                                                                           \
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();       \
+        const int rb = D / 2, ng = D / grp;                                                       \
+        for (int j = 0, gi = 0, left = grp; j < D; j += 16) {                                     \
+            __m512 qv[GG];                                                                        \
+            _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++) qv[g] = _mm512_loadu_ps(q + g * D + j); \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++) {                               \
+                __m512 kv = i4_dq16_512(k + (int64_t)t * rb + j / 2, ks[t * ng + gi]);            \
+                _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++)                             \
+                    acc[g * TT + t] = _mm512_fmadd_ps(kv, qv[g], acc[g * TT + t]);                \
+            }                                                                                     \
+            if ((left -= 16) == 0) { gi++; left = grp; }                                          \
+        }                                                                                         \
+        float tmp[16] __attribute__((aligned(64)));                                               \
+        _mm512_store_ps(tmp, reduce16_512(acc));                                                  \
+        for (int g = 0; g < GG; g++) memcpy(out + g * os, tmp + g * TT, sizeof(float) * TT);     \
+    }
+
+TILE_I4_512(tile_i4_16x1, 16, 1)
+TILE_I4_512(tile_i4_8x2, 8, 2)
+TILE_I4_512(tile_i4_4x4, 4, 4)
+
+T_512 static void score_i4_512_tok(const uint8_t *k, const float *ks, int n, int D, int grp,
+                                   const float *q, int G, float *out, int64_t os) {
+    __m512 kf[64];
+    const int nv = D / 16, ng = D / grp;
+    for (int t = 0; t < n; t++, k += D / 2, ks += ng) {
+        for (int j = 0; j < nv; j++) kf[j] = i4_dq16_512(k + 8 * j, ks[16 * j / grp]);
+        dot_group_512(kf, nv, q, D, G, 1.f, out + t, os);
+    }
+}
+
 T_512 static void score_i4_512(const uint8_t *k, const float *ks, int n, int D, int grp,
                                const float *q, int G, float *out, int64_t os) {
-    float kbuf[1024] __attribute__((aligned(64)));
-    __m512 kf[64];
-    int nv = D / 16;
-    for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
-        i4_dequant_token(k, ks, D, grp, kbuf);
-        for (int j = 0; j < nv; j++) kf[j] = _mm512_load_ps(kbuf + 16 * j);
-        dot_group_512(kf, nv, q, D, G, 1.f, out + t, os);
+    if (grp % 16 != 0) { /* groups that split a 16-channel vector: per token, scalar dequantization */
+        float kbuf[1024] __attribute__((aligned(64)));
+        __m512 kf[64];
+        int nv = D / 16;
+        for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
+            i4_dequant_token(k, ks, D, grp, kbuf);
+            for (int j = 0; j < nv; j++) kf[j] = _mm512_load_ps(kbuf + 16 * j);
+            dot_group_512(kf, nv, q, D, G, 1.f, out + t, os);
+        }
+        return;
+    }
+    const int rb = D / 2, ng = D / grp;
+    for (int g = 0; g < G;) {
+        int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 16 / gg, nt = n - n % tt;
+        const float *qg = q + (int64_t)g * D;
+        for (int t = 0; t < nt; t += tt) {
+            const uint8_t *kt = k + (int64_t)t * rb;
+            const float *kst = ks + (int64_t)t * ng;
+            if (gg == 4) tile_i4_4x4(kt, kst, D, grp, qg, out + g * os + t, os);
+            else if (gg == 2) tile_i4_8x2(kt, kst, D, grp, qg, out + g * os + t, os);
+            else tile_i4_16x1(kt, kst, D, grp, qg, out + g * os + t, os);
+        }
+        if (nt < n)
+            score_i4_512_tok(k + (int64_t)nt * rb, ks + (int64_t)nt * ng, n - nt, D, grp, qg, gg,
+                             out + g * os + nt, os);
+        g += gg;
     }
 }
 
@@ -668,17 +736,150 @@ REDUCE16_EPI32(T_512V, reduce16_epi32_vnni)
 Q16_FAMILY(T_512, bw, DP_BW, reduce16_epi32_bw)
 Q16_FAMILY(T_512V, vnni, DP_VNNI, reduce16_epi32_vnni)
 
+/* ---- int4 keys x int16 query (selection stage) --------------------------------
+ * A step covers 64 channels = 32 key bytes: vpmovsxbw widens the bytes to 16-bit
+ * lanes, (w << 12) >> 12 is the low nibble (even channel) and w >> 4 the high
+ * nibble (odd channel) of lane m, channels j + 2m and j + 2m + 1. The query is
+ * stored in that order (kvt_i4_q16_layout), so no interleave is needed: int32
+ * lane i of vpmaddwd(lo) + vpdpwssd(hi) sums channels j + 4i .. j + 4i + 3
+ * exactly, all in one scale group when grp % 4 == 0. Each step's int32 sums are
+ * converted to float and multiplied lane-wise by their group's scale. */
+typedef struct {
+    __m512i idx[16];     /* lane i -> group of channel j + 4i, relative to base[s] */
+    __mmask16 smask[16]; /* scales that exist from base[s] on (at most 16) */
+    int base[16];        /* first group of step s */
+    int ns, nfull;       /* steps; steps with 64 channels (the last may have 16..48) */
+    __mmask32 tail;      /* key bytes of the partial step */
+} i4_steps;
+
+T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
+    const int ng = D / grp;
+    st->ns = (D + 63) / 64;
+    st->nfull = D / 64;
+    st->tail = (__mmask32)((1u << ((D % 64) / 2)) - 1);
+    for (int s = 0; s < st->ns; s++) {
+        int32_t ix[16];
+        const int j = 64 * s, b = j / grp, cnt = ng - b < 16 ? ng - b : 16;
+        for (int i = 0; i < 16; i++) ix[i] = j + 4 * i < D ? (j + 4 * i) / grp - b : 0;
+        st->idx[s] = _mm512_loadu_si512(ix);
+        st->base[s] = b;
+        st->smask[s] = (__mmask16)((1u << cnt) - 1);
+    }
+}
+
+/* one step of token kp against GG heads: acc[g * TT] += scale * (lo.qlo + hi.qhi) */
+#define I4Q16_STEP(DP, LOAD, GG, TT, kp, ksr, s, acc)                                            \
+    do {                                                                                          \
+        __m512i w_ = _mm512_cvtepi8_epi16(LOAD(kp));                                              \
+        __m512i lo_ = _mm512_srai_epi16(_mm512_slli_epi16(w_, 12), 12), hi_ = _mm512_srai_epi16(w_, 4); \
+        __m512 sc_ = _mm512_permutexvar_ps(st->idx[s], _mm512_maskz_loadu_ps(st->smask[s], (ksr) + st->base[s])); \
+        _Pragma("GCC unroll 16") for (int g_ = 0; g_ < GG; g_++)                                  \
+            (acc)[g_ * (TT)] = _mm512_fmadd_ps(                                                   \
+                _mm512_cvtepi32_ps(DP(_mm512_madd_epi16(lo_, ql[g_]), hi_, qh[g_])), sc_, (acc)[g_ * (TT)]); \
+    } while (0)
+#define I4_LOAD_FULL(kp) _mm256_loadu_si256((const __m256i *)(kp))
+#define I4_LOAD_TAIL(kp) _mm256_maskz_loadu_epi8(st->tail, (kp))
+
+#define TILE_I4Q16(ATTR, NAME, DP, TT, GG)                                                        \
+    ATTR __attribute__((noinline)) static void NAME(const uint8_t *k, const float *ks, int D,     \
+                                                    int ng, const int16_t *q, int Dp,             \
+                                                    const float *qs, const i4_steps *st,          \
+                                                    float *out, int64_t os, const char *pf) {      \
+        __m512 acc[16];                                                                           \
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();       \
+        const int rb = D / 2;                                                                     \
+        if (pf)                                                                                   \
+            for (int i = 0; i < TT * rb; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);              \
+        for (int s = 0; s < st->ns; s++) {                                                        \
+            __m512i ql[GG], qh[GG];                                                               \
+            _Pragma("GCC unroll 16") for (int g = 0; g < GG; g++) {                               \
+                ql[g] = _mm512_loadu_si512((const void *)(q + (int64_t)g * Dp + 64 * s));         \
+                qh[g] = _mm512_loadu_si512((const void *)(q + (int64_t)g * Dp + 64 * s + 32));    \
+            }                                                                                     \
+            if (s < st->nfull) {                                                                  \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++)                             \
+                    I4Q16_STEP(DP, I4_LOAD_FULL, GG, TT, k + (int64_t)t * rb + 32 * s, ks + t * ng, s, acc + t); \
+            } else {                                                                              \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TT; t++)                             \
+                    I4Q16_STEP(DP, I4_LOAD_TAIL, GG, TT, k + (int64_t)t * rb + 32 * s, ks + t * ng, s, acc + t); \
+            }                                                                                     \
+        }                                                                                         \
+        __m512 r = reduce16_512(acc);                                                             \
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+        __m512 qss = _mm512_maskz_loadu_ps((__mmask16)((1u << GG) - 1), qs);                     \
+        qss = _mm512_permutexvar_ps(_mm512_srli_epi32(lane, TT == 16 ? 4 : (TT == 8 ? 3 : 2)), qss); \
+        r = _mm512_mul_ps(r, qss);                                                                \
+        float tmp[16] __attribute__((aligned(64)));                                               \
+        _mm512_store_ps(tmp, r);                                                                  \
+        for (int g = 0; g < GG; g++) memcpy(out + g * os, tmp + g * TT, sizeof(float) * TT);     \
+    }
+
+#define I4Q16_FAMILY(ATTR, SFX, DP)                                                               \
+    TILE_I4Q16(ATTR, tile_i4q16_4x4_##SFX, DP, 4, 4)                                             \
+    TILE_I4Q16(ATTR, tile_i4q16_8x2_##SFX, DP, 8, 2)                                             \
+    TILE_I4Q16(ATTR, tile_i4q16_16x1_##SFX, DP, 16, 1)                                           \
+    ATTR static void i4q16_tok_##SFX(const uint8_t *k, const float *ks, int n, int D, int ng,     \
+                                     const int16_t *q, int Dp, const float *qs,                   \
+                                     const i4_steps *st, int G, float *out, int64_t os) {         \
+        for (int t = 0; t < n; t++, k += D / 2, ks += ng)                                         \
+            for (int g = 0; g < G; g++) {                                                         \
+                const int16_t *qg = q + (int64_t)g * Dp;                                          \
+                __m512 a[1] = {_mm512_setzero_ps()};                                              \
+                for (int s = 0; s < st->ns; s++) {                                                \
+                    __m512i ql[1] = {_mm512_loadu_si512((const void *)(qg + 64 * s))};            \
+                    __m512i qh[1] = {_mm512_loadu_si512((const void *)(qg + 64 * s + 32))};       \
+                    if (s < st->nfull) I4Q16_STEP(DP, I4_LOAD_FULL, 1, 1, k + 32 * s, ks, s, a);  \
+                    else I4Q16_STEP(DP, I4_LOAD_TAIL, 1, 1, k + 32 * s, ks, s, a);                \
+                }                                                                                 \
+                out[g * os + t] = _mm512_reduce_add_ps(a[0]) * qs[g];                             \
+            }                                                                                     \
+    }                                                                                             \
+    ATTR static void score_i4_q16_##SFX(const uint8_t *k, const float *ks, int n, int D, int grp, \
+                                        const int16_t *q, const float *qs, int G, float *out,     \
+                                        int64_t os, const uint8_t *next, int64_t next_bytes) {    \
+        i4_steps st;                                                                              \
+        i4_steps_init(&st, D, grp);                                                               \
+        const int rb = D / 2, ng = D / grp, Dp = 64 * st.ns;                                      \
+        const int64_t nb = (int64_t)n * rb;                                                       \
+        for (int g = 0; g < G;) {                                                                 \
+            int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 16 / gg;                         \
+            int nt = n - n % tt;                                                                  \
+            const int16_t *qg = q + (int64_t)g * Dp;                                              \
+            for (int t = 0; t < nt; t += tt) {                                                    \
+                const uint8_t *kt = k + (int64_t)t * rb;                                          \
+                const float *kst = ks + (int64_t)t * ng;                                          \
+                int64_t a = (int64_t)t * rb + KVT_PF_BYTES;                                       \
+                const char *pf = NULL;                                                            \
+                if (g == 0) {                                                                     \
+                    if (a + (int64_t)tt * rb <= nb) pf = (const char *)k + a;                     \
+                    else if (next && a - nb + (int64_t)tt * rb <= next_bytes)                     \
+                        pf = (const char *)next + (a - nb);                                       \
+                }                                                                                 \
+                if (gg == 4) tile_i4q16_4x4_##SFX(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os, pf); \
+                else if (gg == 2) tile_i4q16_8x2_##SFX(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os, pf); \
+                else tile_i4q16_16x1_##SFX(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os, pf); \
+            }                                                                                     \
+            if (nt < n)                                                                           \
+                i4q16_tok_##SFX(k + (int64_t)nt * rb, ks + (int64_t)nt * ng, n - nt, D, ng, qg, Dp, \
+                                qs + g, &st, gg, out + g * os + nt, os);                          \
+            g += gg;                                                                              \
+        }                                                                                         \
+    }
+
+I4Q16_FAMILY(T_512, bw, DP_BW)
+I4Q16_FAMILY(T_512V, vnni, DP_VNNI)
+
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, soft_cap_512, sum_exp_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512,
 };
 
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_vnni, soft_cap_512, sum_exp_512,
+    softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512,
 };
 #endif
 

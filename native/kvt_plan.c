@@ -89,7 +89,9 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : p->G, D = s->d.head_dim;
     p->nsub = per_q ? p->G : 1;
     p->n_sets = (int64_t)p->B * p->Hkv * p->nsub;
-    if (s->d.key_format != KVT_KEY_INT8 || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
+    const int q16_keys = s->d.key_format == KVT_KEY_INT8 ||
+                         (s->d.key_format == KVT_KEY_INT4 && kvt_i4_q16_ok(D, s->d.key_group));
+    if (!q16_keys || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
         p->n_threads < 2 || p->n_sets >= 4 * (int64_t)p->n_threads)
         return KVT_OK;
     int64_t want = (4 * (int64_t)p->n_threads + p->n_sets - 1) / p->n_sets;
@@ -154,7 +156,8 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->items = malloc(sizeof(int32_t) * 4 * (size_t)(n_items > 0 ? n_items : 1));
     p->item_off = malloc(sizeof(int64_t) * ((size_t)B * Hkv + 1));
     p->item_ksmax = malloc(sizeof(float) * (size_t)(n_items > 0 ? n_items : 1));
-    p->q16 = malloc(sizeof(int16_t) * (size_t)B * p->Hq * s->d.head_dim);
+    p->q16_stride = s->d.key_format == KVT_KEY_INT4 ? kvt_i4_q16_dp(s->d.head_dim) : s->d.head_dim;
+    p->q16 = malloc(sizeof(int16_t) * (size_t)B * p->Hq * p->q16_stride);
     p->q16s = malloc(sizeof(float) * (size_t)B * p->Hq);
     p->qerr = malloc(sizeof(float) * (size_t)B * p->Hq);
     p->n_threads = kvt_pool_size(e->pool);

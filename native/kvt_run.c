@@ -108,8 +108,9 @@ static void score_task_q16(void *c, int64_t item, int tid) {
     const int32_t *w = p->items + 4 * item;
     const int b = w[0], h = w[1], t1 = w[3], G = p->G, D = s->d.head_dim, T = s->d.page_tokens;
     const float cap = p->soft_cap;
-    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
-    const int16_t *q = p->q16 + qh0 * D;
+    const int i4 = s->d.key_format == KVT_KEY_INT4;
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G, rb = s->key_tok, ns = s->kscale_tok;
+    const int16_t *q = p->q16 + qh0 * p->q16_stride;
     const float *qs = p->q16s + qh0;
     float *loc = p->scratch + (int64_t)tid * p->scratch_floats; /* [G, KVT_SEG] */
     int64_t ds = 0;
@@ -119,25 +120,30 @@ static void score_task_q16(void *c, int64_t item, int tid) {
         int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
         if (cnt > KVT_SEG) cnt = KVT_SEG;
         int64_t lph = kvt_lph(s, r->layer, p->page_table[p->page_off[b] + t / T], h);
-        const int8_t *kp = (const int8_t *)kvt_key_ptr(s, lph) + (int64_t)off * D;
-        const float *ks = kvt_kscale_ptr(s, lph) + off;
-        for (int i = 0; i < cnt; i++) ksmax = kvt_maxf(ksmax, ks[i]);
+        const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)off * rb;
+        const float *ks = kvt_kscale_ptr(s, lph) + (int64_t)off * ns;
+        for (int64_t i = 0; i < (int64_t)cnt * ns; i++) ksmax = kvt_maxf(ksmax, ks[i]);
         /* the next segment of this item, for the kernel's prefetch */
-        const int8_t *next = NULL;
+        const uint8_t *next = NULL;
         int64_t next_bytes = 0;
         int tn = t + cnt;
         if (tn < t1) {
             int offn = tn % T, cn = T - offn < t1 - tn ? T - offn : t1 - tn;
-            next = (const int8_t *)kvt_key_ptr(s, kvt_lph(s, r->layer, p->page_table[p->page_off[b] + tn / T], h)) +
-                   (int64_t)offn * D;
-            next_bytes = (int64_t)(cn < KVT_SEG ? cn : KVT_SEG) * D;
-            const float *ksn = kvt_kscale_ptr(s, kvt_lph(s, r->layer, p->page_table[p->page_off[b] + tn / T], h)) + offn;
-            for (int i = 0; i < (cn < KVT_SEG ? cn : KVT_SEG); i += 16) __builtin_prefetch(ksn + i);
+            int64_t lphn = kvt_lph(s, r->layer, p->page_table[p->page_off[b] + tn / T], h);
+            next = kvt_key_ptr(s, lphn) + (int64_t)offn * rb;
+            next_bytes = (int64_t)(cn < KVT_SEG ? cn : KVT_SEG) * rb;
+            const float *ksn = kvt_kscale_ptr(s, lphn) + (int64_t)offn * ns;
+            for (int64_t i = 0; i < (int64_t)(cn < KVT_SEG ? cn : KVT_SEG) * ns; i += 16) __builtin_prefetch(ksn + i);
         }
-        if (!r->reduced && cap == 0.f) {
-            kvt_k->score_i8_q16(kp, ks, cnt, D, q, qs, G, dst + t, ds, next, next_bytes);
-        } else {
-            kvt_k->score_i8_q16(kp, ks, cnt, D, q, qs, G, loc, KVT_SEG, next, next_bytes);
+        const int direct = !r->reduced && cap == 0.f; /* straight into the per-head rows */
+        float *od = direct ? dst + t : loc;
+        const int64_t ods = direct ? ds : KVT_SEG;
+        if (i4)
+            kvt_k->score_i4_q16(kp, ks, cnt, D, s->d.key_group, q, qs, G, od, ods, next, next_bytes);
+        else
+            kvt_k->score_i8_q16((const int8_t *)kp, ks, cnt, D, q, qs, G, od, ods, (const int8_t *)next,
+                                next_bytes);
+        if (!direct) {
             if (cap > 0.f)
                 for (int g = 0; g < G; g++) kvt_k->soft_cap(loc + g * KVT_SEG, cnt, cap);
             if (!r->reduced) {
@@ -162,12 +168,16 @@ static void score_task_q16(void *c, int64_t item, int tid) {
 }
 
 /* int16 selection query: q16 = round(q / scale) with scale = max|q| / kvt_q16_max(D);
- * q16s folds sm_scale in; qerr bounds the logit error per unit of key scale * 127. */
+ * q16s folds sm_scale in; qerr bounds the logit error per unit of key scale times
+ * the largest key integer (see q16_bound). int4 keys take the query in the
+ * kernel's nibble order (kvt_i4_q16_layout). */
 static void prepare_q16(kvt_plan_state *p, const float *q) {
     const int D = p->store->d.head_dim, qmax = kvt_q16_max(D);
+    const int i4 = p->store->d.key_format == KVT_KEY_INT4;
+    int16_t row[1024];
     for (int64_t i = 0; i < (int64_t)p->B * p->Hq; i++) {
         const float *x = q + i * D;
-        int16_t *o = p->q16 + i * D;
+        int16_t *o = i4 ? row : p->q16 + i * p->q16_stride;
         float mx = 0.f;
         for (int d = 0; d < D; d++) mx = kvt_maxf(mx, fabsf(x[d]));
         float sc = mx / (float)qmax, inv = sc > 0.f ? 1.f / sc : 0.f;
@@ -179,9 +189,30 @@ static void prepare_q16(kvt_plan_state *p, const float *q) {
             err += fabs((double)x[d] - (double)sc * (double)v);
             l1 += fabs((double)x[d]);
         }
+        if (i4) kvt_i4_q16_layout(row, D, p->q16 + i * p->q16_stride);
         p->q16s[i] = sc * p->sm_scale;
         p->qerr[i] = (float)(err + l1 * D * (1.0 / 1048576.0));
     }
+}
+
+/* Bound on |selection logit - exact logit| for one selection set; ksmax is the
+ * largest key scale of the set's tokens (int4: of any group), qe the largest qerr.
+ * With Δ_d = q_d - s·q16_d, the exact logit is sm Σ_d q_d c_d k_d and the selection
+ * logit sm Σ_d s·q16_d c_d k_d, where k_d is the key integer and c_d its scale
+ * (int8: the token's, int4: the scale of d's group). Their difference is
+ * sm Σ_d Δ_d c_d k_d, at most sm · ksmax · kmax · Σ_d |Δ_d| with kmax = max|k_d|:
+ * 127 for int8, 8 for int4 (a nibble holds -8..7; the store writes -7..7). Both
+ * sums are taken in float: the integer dot products are exact, the rest is fewer
+ * than D/16 + 8 float roundings of terms bounded by sm · ksmax · kmax · Σ|q_d|, far
+ * inside the D·2^-20·Σ|q_d| that qerr adds. The soft cap x -> cap·tanh(x/cap) is
+ * 1-Lipschitz, so it keeps the bound; its vectorized tanh is within a few ulp of
+ * cap, and the k-th value within a few ulp of theta: the 1e-6 term. */
+static float q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, float theta) {
+    float ksmax = 0.f, qe = 0.f;
+    for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) ksmax = kvt_maxf(ksmax, p->item_ksmax[i]);
+    for (int g = 0; g < m; g++) qe = kvt_maxf(qe, p->qerr[qh + g]);
+    const float kmax = p->store->d.key_format == KVT_KEY_INT4 ? 8.f : 127.f;
+    return p->sm_scale * ksmax * kmax * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
 }
 
 /* softmax over the selection (X: [m, count] logits), then sum p * V */
@@ -291,12 +322,8 @@ static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, f
         for (int t = 0; t < n; t++) cand[t] = t;
         cnt = n;
     } else {
-        float ksmax = 0.f, qe = 0.f;
-        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) ksmax = kvt_maxf(ksmax, p->item_ksmax[i]);
-        for (int g = g0; g < g0 + m; g++) qe = kvt_maxf(qe, p->qerr[qh0 + g]);
         float theta = kvt_kth_value(x, n, k, tmp);
-        float bound = p->sm_scale * ksmax * 127.f * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
-        float cut = theta - 3.f * bound;
+        float cut = theta - 3.f * q16_bound(p, bh, qh0 + g0, m, theta);
         for (int t = 0; t < n; t++)
             if (x[t] >= cut) cand[cnt++] = t;
     }
@@ -446,12 +473,8 @@ static void select_task(void *c, int64_t s, int tid) {
             cnt = -1;
         }
     } else {
-        float ksmax = 0.f, qe = 0.f;
-        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) ksmax = kvt_maxf(ksmax, p->item_ksmax[i]);
-        for (int g = 0; g < m; g++) qe = kvt_maxf(qe, p->qerr[qh0 + g]);
         float theta = kvt_kth_value(x, n, k, sc);
-        float bound = p->sm_scale * ksmax * 127.f * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
-        cut = theta - 3.f * bound;
+        cut = theta - 3.f * q16_bound(p, bh, qh0, m, theta);
         for (int t = 0; t < n; t++)
             if (x[t] >= cut) {
                 if (cnt == cap) { cnt = -1; break; }
@@ -613,10 +636,15 @@ static int64_t split_items(kvt_plan_state *p, int attend_phase) {
     return w;
 }
 
-/* The int16-query path applies to int8 keys on an ISA that has the kernel; the
- * modes that attend to every token or score blocks use exact logits only. */
+/* The int16-query path applies to int8 keys, and int4 keys whose groups are whole
+ * 4-channel lanes, on an ISA that has the kernel; the modes that attend to every
+ * token or score blocks use exact logits only. */
 static int use_q16(const kvt_plan_state *p, int for_run) {
-    if (!kvt_k->score_i8_q16 || p->store->d.key_format != KVT_KEY_INT8) return 0;
+    const kvt_store_desc *d = &p->store->d;
+    int ok = d->key_format == KVT_KEY_INT8 ? kvt_k->score_i8_q16 != NULL
+           : d->key_format == KVT_KEY_INT4 ? kvt_k->score_i4_q16 && kvt_i4_q16_ok(d->head_dim, d->key_group)
+           : 0;
+    if (!ok) return 0;
     return !for_run || p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS;
 }
 

@@ -106,13 +106,14 @@ def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, b
 
 # ---------------------------------------------------------------- harness
 def make_case(*, D=64, T=16, G=4, Hkv=2, lengths=(100,), kf="int8", vf="bf16", layers=2, seed=0,
-              S=None):
+              S=None, grp=32):
     g = torch.Generator().manual_seed(seed)
     npages = [max(1, -(-n // T)) for n in lengths]
     P = sum(npages) + 3
     S = S or min(16, T)
     store = N.HostStoreView.allocate(n_layers=layers, n_pages=P, kv_heads=Hkv, page_tokens=T, head_dim=D,
-                                     key_format=kf, value_format=vf, summary_tokens=S)
+                                     key_format=kf, value_format=vf, summary_tokens=S,
+                                     key_group=grp if kf == "int4" else 32)
     perm = torch.randperm(P, generator=g).to(torch.int32)
     for layer in range(layers):
         k = torch.randn(P, Hkv, T, D, generator=g) * 2
@@ -251,11 +252,13 @@ def assert_topk_faithful(got, ref, k, gap):
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
-def test_selection_scores_vs_generic(isa, G):
+@pytest.mark.parametrize("kf", ["int8", "int4"])
+def test_selection_scores_vs_generic(isa, G, kf):
     """Selection-stage scores of every ISA vs generic within the stated bound, and
-    their top-k sets faithful to the exact top-k (near-ties only)."""
+    their top-k sets faithful to the exact top-k (near-ties only). The bound holds
+    for int4 keys too: it is taken over the dequantized keys."""
     D, n, k = 128, 4000, 256
-    store, table, offs, ntok, q = make_case(D=D, T=64, G=G, Hkv=2, lengths=(n,), seed=21 + G)
+    store, table, offs, ntok, q = make_case(D=D, T=64, G=G, Hkv=2, lengths=(n,), seed=21 + G, kf=kf)
     sm = 1 / math.sqrt(D)
     scores = {}
     for name in ("generic", isa):
@@ -276,11 +279,12 @@ def test_selection_scores_vs_generic(isa, G):
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
 @pytest.mark.parametrize("mode,reduce,cap", [("topk", "max", 0.0), ("topk", "mean", 5.0),
                                              ("topk", "per_qhead", 0.0), ("mass", "max", 0.0)])
-def test_long_context_selection_matches_generic(isa, mode, reduce, cap):
+@pytest.mark.parametrize("kf", ["int8", "int4"])
+def test_long_context_selection_matches_generic(isa, mode, reduce, cap, kf):
     """Long requests take the sampled k-th-value search and, on the int16-query path,
     the candidate band around the k-th selection score: the selection must still be
     exactly the one the exact logits make."""
-    case = make_case(D=128, T=64, G=4, Hkv=2, lengths=(9000, 5000), seed=31)
+    case = make_case(D=128, T=64, G=4, Hkv=2, lengths=(9000, 5000), seed=31, kf=kf)
     kw = dict(mode=mode, reduce=reduce, cap=cap, tau=0.5,
               budget=torch.tensor([[300, 700], [64, 1000]], dtype=torch.int32))
     N.set_isa("generic")
@@ -292,15 +296,19 @@ def test_long_context_selection_matches_generic(isa, mode, reduce, cap):
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
-@pytest.mark.parametrize("mode,reduce,cap,vf", [("topk", "max", 0.0, "bf16"), ("mass", "max", 0.0, "int8"),
-                                                ("topk", "mean", 5.0, "bf16"), ("mass", "per_qhead", 0.0, "bf16"),
-                                                ("topk", "max", 0.05, "bf16")])
-def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf):
+@pytest.mark.parametrize("mode,reduce,cap,vf,kf", [("topk", "max", 0.0, "bf16", "int8"),
+                                                   ("mass", "max", 0.0, "int8", "int8"),
+                                                   ("topk", "mean", 5.0, "bf16", "int8"),
+                                                   ("mass", "per_qhead", 0.0, "bf16", "int8"),
+                                                   ("topk", "max", 0.05, "bf16", "int8"),
+                                                   ("topk", "max", 0.0, "bf16", "int4"),
+                                                   ("mass", "per_qhead", 0.0, "int8", "int4")])
+def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf, kf):
     """Batch 1 x 8 kv-heads over 20K tokens with more threads than selection sets:
     the candidates' exact logits and the attend of each selection are split into
     chunks across threads and merged by log-sum-exp (cap 0.05 saturates the logits,
     so the candidate band overflows and the set takes the one-item path)."""
-    case = make_case(D=128, T=64, G=4, Hkv=8, lengths=(20_000,), layers=1, seed=41, vf=vf)
+    case = make_case(D=128, T=64, G=4, Hkv=8, lengths=(20_000,), layers=1, seed=41, vf=vf, kf=kf)
     budget = torch.tensor([[2048, 300, 1000, 64, 4000, 2048, 20_000, 1]], dtype=torch.int32)
     kw = dict(mode=mode, reduce=reduce, cap=cap, tau=0.5, budget=budget, layer=0, threads=12)
     N.set_isa("generic")
@@ -341,6 +349,84 @@ def test_isa_variants_match_generic(isa, kf, vf, mode):
     got, ref = run_both(*case, **kw)
     assert_matches(got, ref)
     assert_same_as_generic(got, base, counts=False)
+
+
+def even_divisors(D):
+    return [g for g in range(2, D + 1, 2) if D % g == 0]
+
+
+def run_engine(store, table, offs, ntok, q, *, mode, reduce, budget, tau=0.7, cap=0.0, threads=2):
+    B, Hq, D = q.shape
+    with N.Engine(threads) as eng:
+        eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
+                 mass_threshold=tau, sm_scale=1.0 / math.sqrt(D), soft_cap=cap)
+        return eng.run(1, q, return_selection=True)
+
+
+def check_int4_vs_generic(isa, gen, *, D, T, G, grps, reduce, cap=0.0):
+    """int4 keys of every group size: the ISA variant selects exactly the generic
+    path's tokens (TOPK and MASS) over ragged requests, a single token and an empty
+    one, budgets below and at or above the request length."""
+    lengths = (3 * T + 5, 2 * T - 1, 1, 0)
+    budget = torch.tensor([[17, 10_000], [T, 3], [1, 5], [4, 4]], dtype=torch.int32)
+    for grp in grps:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        case = make_case(D=D, T=T, G=G, Hkv=2, lengths=lengths, kf="int4", vf="int8", seed=seed, grp=grp)
+        for mode in ("topk", "mass"):
+            kw = dict(mode=mode, reduce=reduce, budget=budget, cap=cap)
+            N.set_isa("generic")
+            base = run_engine(*case, **kw)
+            N.set_isa(isa)
+            got = run_engine(*case, **kw)
+            assert_same_as_generic(got, base)
+            assert (got.n_selected[3] == 0).all() and torch.isneginf(got.lse[3]).all()
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("T", [16, 32, 64])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_int4_every_group_matches_generic(isa, D, T, G, gen):
+    reduce = ["max", "mean", "per_qhead"][(D // 64 + T // 16 + G) % 3]
+    check_int4_vs_generic(isa, gen, D=D, T=T, G=G, grps=even_divisors(D), reduce=reduce)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("D", [16, 48, 80, 96, 160])
+def test_int4_partial_steps_match_generic(isa, D, gen):
+    """Head dims that end in a partial 64-channel step of the int4 selection kernel,
+    with groups that are not powers of two; soft cap on."""
+    check_int4_vs_generic(isa, gen, D=D, T=16, G=4, grps=even_divisors(D), reduce="max", cap=5.0)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("D", [16, 48, 64, 96, 128, 160, 256])
+def test_int4_selection_scores_within_bound(isa, D, gen):
+    """Selection-stage scores of int4 keys, every group size and head dims with a
+    partial last step, within the stated bound of the exact logits."""
+    sm = 1 / math.sqrt(D)
+    for grp in even_divisors(D):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        store, table, offs, ntok, q = make_case(D=D, T=16, G=4, Hkv=2, lengths=(203,), kf="int4", seed=seed,
+                                                grp=grp)
+        N.set_isa(isa)
+        with N.Engine(2) as eng:
+            eng.plan(store, table, offs, ntok, 8, budget_tokens=torch.full((1, 2), 32, dtype=torch.int32),
+                     sm_scale=sm)
+            sc = eng.score(1, q)[0].double()
+        K = flat(ref_keys(store, 1, table[offs[0]:offs[1]]), 203).repeat_interleave(4, 0)
+        ref = torch.einsum("gd,gnd->gn", q[0].double(), K) * sm
+        assert_within_selection_bound(sc, ref, q[0].double(), K, sm)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("kf", ["int8", "int4"])
+def test_empty_requests_only(isa, kf):
+    case = make_case(D=64, T=16, G=4, lengths=(0, 0), kf=kf)
+    for name in ("generic", isa):
+        N.set_isa(name)
+        res = run_engine(*case, mode="topk", reduce="max", budget=torch.full((2, 2), 8, dtype=torch.int32))
+        assert (res.n_selected == 0).all() and (res.out == 0).all() and torch.isneginf(res.lse).all()
 
 
 @pytest.mark.parametrize("isa", ISAS)
