@@ -738,12 +738,14 @@ Q16_FAMILY(T_512V, vnni, DP_VNNI, reduce16_epi32_vnni)
 
 /* ---- int4 keys x int16 query (selection stage) --------------------------------
  * A step covers 64 channels = 32 key bytes: vpmovsxbw widens the bytes to 16-bit
- * lanes, (w << 12) >> 12 is the low nibble (even channel) and w >> 4 the high
- * nibble (odd channel) of lane m, channels j + 2m and j + 2m + 1. The query is
- * stored in that order (kvt_i4_q16_layout), so no interleave is needed: int32
- * lane i of vpmaddwd(lo) + vpdpwssd(hi) sums channels j + 4i .. j + 4i + 3
- * exactly, all in one scale group when grp % 4 == 0. Each step's int32 sums are
- * converted to float and multiplied lane-wise by their group's scale. */
+ * lanes w, (w << 12) >> 8 is 16 x the low nibble (even channel) and w & 0xfff0 16 x
+ * the high nibble (odd channel) of lane m, channels j + 2m and j + 2m + 1 (one
+ * shift fewer than unscaled nibbles; the 1/16 goes into the query scale, exactly).
+ * The query is stored in that order (kvt_i4_q16_layout), so no interleave is
+ * needed: int32 lane i of vpmaddwd(lo) + vpdpwssd(hi) sums channels j + 4i ..
+ * j + 4i + 3 exactly (|sum| <= 4 * 128 * 32767 < 2^24, so also exact in float),
+ * all in one scale group when grp % 4 == 0. Each step's sums are converted to
+ * float and multiplied lane-wise by their group's scale. */
 typedef struct {
     __m512i idx[16];     /* lane i -> group of channel j + 4i, relative to base[s] */
     __mmask16 smask[16]; /* scales that exist from base[s] on (at most 16) */
@@ -771,7 +773,8 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
 #define I4Q16_STEP(DP, LOAD, GG, TT, kp, ksr, s, acc)                                            \
     do {                                                                                          \
         __m512i w_ = _mm512_cvtepi8_epi16(LOAD(kp));                                              \
-        __m512i lo_ = _mm512_srai_epi16(_mm512_slli_epi16(w_, 12), 12), hi_ = _mm512_srai_epi16(w_, 4); \
+        __m512i lo_ = _mm512_srai_epi16(_mm512_slli_epi16(w_, 12), 8);                            \
+        __m512i hi_ = _mm512_and_si512(w_, _mm512_set1_epi16((short)0xfff0));                     \
         __m512 sc_ = _mm512_permutexvar_ps(st->idx[s], _mm512_maskz_loadu_ps(st->smask[s], (ksr) + st->base[s])); \
         _Pragma("GCC unroll 16") for (int g_ = 0; g_ < GG; g_++)                                  \
             (acc)[g_ * (TT)] = _mm512_fmadd_ps(                                                   \
@@ -808,7 +811,7 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
         __m512 qss = _mm512_maskz_loadu_ps((__mmask16)((1u << GG) - 1), qs);                     \
         qss = _mm512_permutexvar_ps(_mm512_srli_epi32(lane, TT == 16 ? 4 : (TT == 8 ? 3 : 2)), qss); \
-        r = _mm512_mul_ps(r, qss);                                                                \
+        r = _mm512_mul_ps(r, _mm512_mul_ps(qss, _mm512_set1_ps(0.0625f)));                        \
         float tmp[16] __attribute__((aligned(64)));                                               \
         _mm512_store_ps(tmp, r);                                                                  \
         for (int g = 0; g < GG; g++) memcpy(out + g * os, tmp + g * TT, sizeof(float) * TT);     \
@@ -831,7 +834,7 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
                     if (s < st->nfull) I4Q16_STEP(DP, I4_LOAD_FULL, 1, 1, k + 32 * s, ks, s, a);  \
                     else I4Q16_STEP(DP, I4_LOAD_TAIL, 1, 1, k + 32 * s, ks, s, a);                \
                 }                                                                                 \
-                out[g * os + t] = _mm512_reduce_add_ps(a[0]) * qs[g];                             \
+                out[g * os + t] = _mm512_reduce_add_ps(a[0]) * (qs[g] * 0.0625f);                 \
             }                                                                                     \
     }                                                                                             \
     ATTR static void score_i4_q16_##SFX(const uint8_t *k, const float *ks, int n, int D, int grp, \
