@@ -223,7 +223,7 @@ def test_score_matches_reference_topk():
 
 
 # Selection-stage scores (kvt_score; what TOPK/MASS select on) may come from the
-# int16-query kernel (int8 keys on AVX-512): q is rounded to q16 with
+# int16-query kernel (int8 or int4 keys on AVX-512): q is rounded to q16 with
 # |q - scale*q16| <= max|q| / (2 * 32767) per channel, so a logit is off by at most
 # sm * sum_d |k_d| * max|q| / 65534, plus float rounding. The float kernels are far
 # inside this bound.
