@@ -90,14 +90,17 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
     result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "requests": []}
     try:
         _wait_ready(base, proc, log, args.ready_timeout)
+        # Warm-up: kernels compiled on first use must not count as decode time.
+        _generate(base, _prompt(min(args.contexts), seed=args.seed - 1, vocab=args.vocab), 4, args.request_timeout)
         for ctx in args.contexts:
             ids = _prompt(ctx, seed=args.seed + ctx, vocab=args.vocab)
+            other = _prompt(ctx, seed=args.seed + ctx + 1, vocab=args.vocab)  # same length, no cached prefix
             t0 = time.perf_counter()
-            _generate(base, ids, 1, args.request_timeout)
+            _generate(base, other, 1, args.request_timeout)
             t1 = time.perf_counter()
             out = _generate(base, ids, args.new_tokens, args.request_timeout)
             t2 = time.perf_counter()
-            decode_s = (t2 - t1) - (t1 - t0)  # the same prefill, then new_tokens - 1 decode steps
+            decode_s = (t2 - t1) - (t1 - t0)  # one prefill of this length, then new_tokens - 1 decode steps
             rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
                    "prefill_s": t1 - t0, "total_s": t2 - t1,
                    "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else None}

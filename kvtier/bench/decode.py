@@ -31,18 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     parser.add_argument("--steps", type=int, default=0, help="timed decode steps per cell")
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
+    parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"),
+                        help="hgca's host key format (default int8)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 90%% of what is available)")
 
 
-def _configs(window: int, sinks: int, budget: int) -> Dict[str, object]:
+def _configs(window: int, sinks: int, budget: int, key_format: str = "int8") -> Dict[str, object]:
     win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
     return {
         "dense": from_mapping({"policy": "dense", "window": win}),
         "offload_all": from_mapping({"policy": "offload_all", "window": win, "budget": {"kind": "all"},
                                      "host_store": {"key_format": "bf16"}}),
         "hgca": from_mapping({"policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
-                              "host_store": {"key_format": "int8", "value_format": "bf16"}}),
+                              "host_store": {"key_format": key_format, "value_format": "bf16"}}),
     }
 
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     window, sinks = (256, 16) if quick else (1024, 64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = make_weights(shape, hidden, device=device, dtype=dtype)
-    configs = _configs(window, sinks, budget)
+    configs = _configs(window, sinks, budget, args.key_format)
     host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.9 * (host_memory_available() or 16 << 30))
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
                       f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
                 rows.append(row)
-    return _report(rows, quick, device, shape, budget)
+    return _report(rows, quick, device, shape, budget, args.key_format)
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
@@ -179,7 +181,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _report(rows, quick, device, shape, budget) -> int:
+def _report(rows, quick, device, shape, budget, key_format="int8") -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "tokens_per_s", "device_kv_gib", "host_kv_gib",
             "rel_err", "cpu_attn_ms_per_step", "status"]
@@ -192,7 +194,8 @@ def _report(rows, quick, device, shape, budget) -> int:
         summary = {"context": c, "batch": b, "hgca_vs_offload_all": o["ms_per_step"] / h["ms_per_step"],
                    "hgca_vs_dense": d["ms_per_step"] / h["ms_per_step"], "hgca_rel_err": h["rel_err"]}
     payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
-               "shape": shape._asdict(), "hgca_budget_tokens": budget, "rows": rows, "summary": summary}
+               "shape": shape._asdict(), "hgca_budget_tokens": budget,
+               "hgca_key_format": key_format, "rows": rows, "summary": summary}
     path = write(name, payload, markdown_table(rows, cols))
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")

@@ -54,17 +54,30 @@ def torch_window_attention(q, k_layer, v_layer, plan: WindowPlan, *, sm_scale: f
 
 
 class FlashInferWindow:
-    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper over one-token pages."""
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper over one-token pages.
+
+    FlashInfer's decode kernels take GQA groups of 1, 2, 3, 4 or 8 query heads
+    per kv-head; other groups (Qwen2.5-0.5B has 7) run its tensor-core path,
+    which takes any group, as sglang's own FlashInfer backend does.
+    """
+
+    DECODE_GROUPS = (1, 2, 3, 4, 8)
 
     def __init__(self, device, workspace_bytes: int = 128 << 20):
         import flashinfer  # noqa: F401  (ImportError tells the caller to use the torch path)
 
         self._flashinfer = flashinfer
-        ws = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        self._ws = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self._wrappers = {}
+        self.wrapper = None
 
     def plan(self, plan: WindowPlan, num_q_heads: int, kv_heads: int, head_dim: int, dtype, *,
              sm_scale: float, soft_cap: float = 0.0) -> None:
+        tensor_cores = num_q_heads // kv_heads not in self.DECODE_GROUPS
+        if tensor_cores not in self._wrappers:
+            self._wrappers[tensor_cores] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._ws, "NHD", use_tensor_cores=tensor_cores)
+        self.wrapper = self._wrappers[tensor_cores]
         last = torch.ones(plan.lens.numel(), dtype=torch.int32, device=plan.indptr.device)
         self.wrapper.plan(
             plan.indptr, plan.indices, last, num_q_heads, kv_heads, head_dim, 1,
