@@ -61,6 +61,19 @@ def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"worst_gap_points=-?\d+\.\d window_only_gap_points=-?\d+\.\d", last), last
     assert (tmp_path / "eval-smollm2-135m.json").is_file() and (tmp_path / "eval-smollm2-135m.md").is_file()
+    assert not (tmp_path / "eval-smollm2-135m.partial.json").exists(), "the checkpoint outlived a finished run"
+
+
+def test_checkpoint_keeps_the_answers_so_far(tmp_path, monkeypatch):
+    import json
+
+    from kvtier.eval import grid
+
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    s = {"model": "smollm2-135m"}
+    grid._checkpoint(s, False, 3, [{"task": "passkey", "score": 1.0}], 1, 6)
+    saved = json.loads((tmp_path / "eval-smollm2-135m.partial.json").read_text())
+    assert saved["prompts_done"] == 1 and saved["prompts_total"] == 6 and saved["records"][0]["score"] == 1.0
 
 
 def test_eval_command_refuses_unknown_tasks_and_policies(capsys):

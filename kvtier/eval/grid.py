@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import time
@@ -77,11 +78,33 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                         fid[(ctx, spec.label)].append([tuple(x) for x in layers])
                         host = sum(x.host_frac for x in layers) / len(layers)
                     usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
+                _checkpoint(s, quick, seed, records, done, n_total)
                 eta = t_prompts / done * (n_total - done)
                 log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
                     f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
                     + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
-    return _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start)
+    report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start)
+    _partial_path(s, quick).unlink(missing_ok=True)
+    return report
+
+
+def _name(s: dict, quick: bool) -> str:
+    return "eval-" + (s["model"] if s["model"] in models.KNOWN else pathlib.Path(s["model"]).stem) + \
+        ("-quick" if quick else "")
+
+
+def _partial_path(s: dict, quick: bool) -> pathlib.Path:
+    return results.results_dir() / f"{_name(s, quick)}.partial.json"
+
+
+def _checkpoint(s: dict, quick: bool, seed: int, records: List[dict], done: int, total: int) -> None:
+    """The answers so far, after every prompt: a long run that stops early keeps what it measured."""
+    path = _partial_path(s, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(settings=s, seed=seed, prompts_done=done, prompts_total=total,
+                                   records=records), indent=1))
+    tmp.replace(path)
 
 
 def _mean(xs) -> float:
@@ -116,8 +139,7 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
                       for ctx_acc_d in [task_acc[(x["context"], t, "dense")]]), default=float("nan"))
     wo = [x["gap"] for x in cells if x["kind"] == "window_only"]
     window_gap = max(wo) if wo else float("nan")
-    name = "eval-" + (s["model"] if s["model"] in models.KNOWN else pathlib.Path(s["model"]).stem) + \
-        ("-quick" if quick else "")
+    name = _name(s, quick)
     summary = dict(worst_gap_points=worst, worst_task_drop_points=worst_task, window_only_gap_points=window_gap,
                    gap_budget=GAP_BUDGET, seconds=seconds)
     table = _markdown(s, specs, cells, summary)
