@@ -129,14 +129,17 @@ class HybridAttention:
         t0 = time.perf_counter()
         cuda = q.device.type == "cuda"
         host, future = self._host, None
-        if host is not None and self.policy.host_path == "engine":
+        engine = host is not None and self.policy.host_path == "engine"
+        if engine:
             host.q_host.copy_(q, non_blocking=True)
             if cuda:
                 # A blocking event sleeps instead of spinning a core the engine's threads need.
                 ready = torch.cuda.Event(blocking=True)
                 ready.record()
                 ready.synchronize()
-            future = self._pool.submit(self._engine_run, layer, host)
+            else:
+                # On the CPU the window is computed here too: the engine runs beside it on a thread.
+                future = self._pool.submit(self._engine_run, layer, host)
         if cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -146,12 +149,17 @@ class HybridAttention:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._gpu_events.append((start, end))
+            if engine:
+                # The window's kernels are queued; the GPU runs them while this thread runs the
+                # engine (cffi releases the GIL), with no thread hand-off per layer.
+                self._engine_run(layer, host)
         else:
             self._gpu_s += time.perf_counter() - g0
         if host is None:
             part = dev
-        elif future is not None:
-            future.result()
+        elif engine:
+            if future is not None:
+                future.result()
             far = AttnPart(host.out_host.to(q.device, non_blocking=True), host.lse_host.to(q.device, non_blocking=True))
             part = merge(dev, far)
         else:
