@@ -267,21 +267,36 @@ class _Requests:
 
 
 def _free_row(runner, row, length):
-    """sglang's own release of a finished request: free_kv_row over [0, length), then the row."""
-    from types import SimpleNamespace
+    """sglang's own release of a finished request with the radix cache off, then the row.
 
-    from sglang.srt.managers.schedule_batch import ReqKvInfo
-    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+    The 0.5.23 line frees through BasePrefixCache.free_kv_row; earlier releases
+    through ChunkCache.cache_finished_req. Either is called as sglang calls it,
+    hooks included."""
+    from types import SimpleNamespace
 
     cache = SimpleNamespace(token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
                             req_to_token_pool=runner.req_to_token_pool)
-    kv = ReqKvInfo(req_pool_idx=row)
-    BasePrefixCache.free_kv_row(cache, kv, [(0, length)])
-    runner.req_to_token_pool.free(SimpleNamespace(req_pool_idx=row, kv=kv))
+    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+
+    if hasattr(BasePrefixCache, "free_kv_row"):
+        from sglang.srt.managers.schedule_batch import ReqKvInfo
+
+        kv = ReqKvInfo(req_pool_idx=row)
+        BasePrefixCache.free_kv_row(cache, kv, [(0, length)])
+        req = SimpleNamespace(req_pool_idx=row, kv=kv)
+    else:
+        from sglang.srt.mem_cache.chunk_cache import ChunkCache
+
+        req = SimpleNamespace(req_pool_idx=row, cache_protected_len=0, kv=SimpleNamespace(req_pool_idx=row))
+        ChunkCache.cache_finished_req(cache, req, kv_len_to_handle=length)
+    runner.req_to_token_pool.free(req)
 
 
 def _free_slot_census(allocator):
-    free = allocator.get_all_free_pages()
+    parts = [allocator.free_pages]
+    if getattr(allocator, "release_pages", None) is not None:
+        parts.append(allocator.release_pages)
+    free = torch.cat(parts)
     return free.numel(), torch.unique(free).numel()
 
 

@@ -175,7 +175,8 @@ def _backend_class():
             if not policy.offloads:
                 return "the policy keeps every token on the device"
             if not slot_release_hooked():
-                return "this sglang release frees rows without BasePrefixCache.free_kv_row, which kvtier hooks"
+                return ("this sglang release frees rows through neither BasePrefixCache.free_kv_row nor "
+                        "ChunkCache.cache_finished_req, which kvtier hooks")
             if not callable(getattr(self.allocator, "free", None)):
                 return "the model runner has no token allocator with free()"
             if not getattr(self.server_args, "disable_radix_cache", False):

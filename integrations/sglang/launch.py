@@ -60,15 +60,17 @@ def releases_slots(config: TierConfig) -> bool:
 
     from kvtier.policies import policy_for
 
-    from .lifecycle import FREE_KV_ROW
+    from .lifecycle import CHUNK_FINISH, FREE_KV_ROW
 
     if not policy_for(config).offloads:
         return False
-    try:
-        pkgutil.resolve_name(FREE_KV_ROW)
-    except (ImportError, AttributeError):
-        return False
-    return True
+    for target in (FREE_KV_ROW, CHUNK_FINISH):
+        try:
+            pkgutil.resolve_name(target)
+            return True
+        except (ImportError, AttributeError):
+            continue
+    return False
 
 
 def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:

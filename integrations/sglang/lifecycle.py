@@ -5,11 +5,12 @@ pool through `ReqToTokenPool.free(req)`; the tier releases that request's
 host pages at the same moment.
 
 When the tier has given a request's evicted device slots back to sglang's
-allocator (stage 2), the row still names those slots. sglang frees a row
-through `BasePrefixCache.free_kv_row(kv, ranges)` (the 0.5.23 line); the
-hook on it takes out the positions the tier already freed, so no slot is
-ever freed twice. Releases without `free_kv_row` keep stage 1 (device KV
-kept on both sides) because nothing there could be hooked safely.
+allocator (stage 2), the row still names those slots, and sglang frees the
+row when the request ends; the hooks below take out the positions the tier
+already freed, so no slot is ever freed twice:
+- the 0.5.23 line frees rows through `BasePrefixCache.free_kv_row(kv, ranges)`;
+- earlier releases (0.5.17) free a finished request's row, with the radix
+  cache off, in `ChunkCache.cache_finished_req(req, kv_len_to_handle=...)`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, List, Optional, Tuple
 _TIERS: "weakref.WeakSet" = weakref.WeakSet()
 
 FREE_KV_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
+CHUNK_FINISH = "sglang.srt.mem_cache.chunk_cache.ChunkCache.cache_finished_req"
 
 
 def track(backend: Any) -> None:
@@ -55,6 +57,23 @@ def on_free_kv_row(cache: Any, kv: Any, ranges: List[Tuple[int, int]], *args, **
         if freed is not None:
             ranges = subtract(ranges, freed)
     return (cache, kv, ranges) + args, kwargs
+
+
+def around_chunk_finish(original, cache: Any, req: Any, *args, kv_len_to_handle: int, **kwargs):
+    """AROUND ChunkCache.cache_finished_req (0.5.17): free the row but the tier's released positions."""
+    row = getattr(req, "req_pool_idx", None)
+    freed = None
+    if row is not None:
+        for backend in list(_TIERS):
+            if backend.req_to_token_pool is cache.req_to_token_pool:
+                freed = backend.freed_range(int(row)) or freed
+    if freed is None:
+        return original(cache, req, *args, kv_len_to_handle=kv_len_to_handle, **kwargs)
+    # What the original does (free [cache_protected_len, kv_len_to_handle) of the row), less the hole.
+    table = cache.req_to_token_pool.req_to_token[int(row)]
+    for lo, hi in subtract([(int(getattr(req, "cache_protected_len", 0) or 0), int(kv_len_to_handle))], freed):
+        cache.token_to_kv_pool_allocator.free(table[lo:hi])
+    return None
 
 
 def subtract(ranges: List[Tuple[int, int]], hole: Tuple[int, int]) -> List[Tuple[int, int]]:

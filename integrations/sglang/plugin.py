@@ -32,11 +32,13 @@ def _optional_targets():
     from sglang.srt.plugins.hook_registry import HookType
 
     found = {}
-    try:
-        pkgutil.resolve_name(lifecycle.FREE_KV_ROW)
-        found[lifecycle.FREE_KV_ROW] = (lifecycle.on_free_kv_row, HookType.BEFORE)
-    except (ImportError, AttributeError):
-        pass  # before the 0.5.23 line: the tier keeps device KV on both sides (stage 1)
+    for target, hook, kind in ((lifecycle.FREE_KV_ROW, lifecycle.on_free_kv_row, HookType.BEFORE),
+                               (lifecycle.CHUNK_FINISH, lifecycle.around_chunk_finish, HookType.AROUND)):
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError):
+            continue  # not in this release; slot_release_hooked() says whether one of them is
+        found[target] = (hook, kind)
     return found
 
 
@@ -80,8 +82,9 @@ def missing_hooks() -> List[str]:
 
 
 def slot_release_hooked() -> bool:
-    """Whether rows are freed through the hooked free_kv_row in this process (stage 2 possible)."""
-    return lifecycle.FREE_KV_ROW in _ORIGINALS and lifecycle.FREE_KV_ROW not in missing_hooks()
+    """Whether this process's sglang frees rows through a hooked funnel (stage 2 possible)."""
+    missing = missing_hooks()
+    return any(t in _ORIGINALS and t not in missing for t in (lifecycle.FREE_KV_ROW, lifecycle.CHUNK_FINISH))
 
 
 def verify_hooks() -> None:
