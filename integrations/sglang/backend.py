@@ -10,11 +10,12 @@ store on the CPU, merged by LSE.
 Sequencing (DESIGN.md):
 - stage 1, everywhere: the merge is validated while device KV is kept on both
   sides (evicted pages stay in sglang's pool while the host store answers).
-- stage 2, where sglang frees rows through `free_kv_row` (0.5.23 line) and
-  the radix cache is off: once an evicted page has landed in the host store,
-  its device slots go back to sglang's allocator, so the pool holds sinks and
-  windows and admits more requests. The `free_kv_row` hook (lifecycle.py)
-  keeps sglang from freeing those slots again when the request ends.
+- stage 2, where a row-freeing funnel is hooked (`free_kv_row` on the 0.5.23
+  line, `ChunkCache.cache_finished_req` on 0.5.17) and the radix cache is
+  off: once an evicted page has landed in the host store, its device slots
+  go back to sglang's allocator, so the pool holds sinks and windows and
+  admits more requests. The hooks (lifecycle.py) keep sglang from freeing
+  those slots again when the request ends.
   `--kv-tier` turns the radix cache off for offloading policies; a prefix hit
   on host-resident pages is not served yet.
 - stage 3 (evicting during chunked prefill) is not built: a prompt must fit
