@@ -35,38 +35,43 @@ def _row_of(req: Any) -> Optional[int]:
     return None if index is None else int(index)
 
 
+def _backends_of(pool: Any) -> List[Any]:
+    """The live tiers over this request-to-token pool (one per model runner)."""
+    return [b for b in list(_TIERS) if b.req_to_token_pool is pool]
+
+
+def _freed_range(pool: Any, row: Any) -> Optional[Tuple[int, int]]:
+    """Row positions whose device slots a tier over `pool` already gave back, if any."""
+    if row is None:
+        return None
+    for backend in _backends_of(pool):
+        freed = backend.freed_range(int(row))
+        if freed is not None:
+            return freed
+    return None
+
+
 def on_request_freed(pool: Any, req: Any, *args, **kwargs):
     """BEFORE ReqToTokenPool.free(req): release the tier's state for that row."""
     index = _row_of(req)
     if index is not None:
-        for backend in list(_TIERS):
-            if backend.req_to_token_pool is pool:
-                backend.release(index)
+        for backend in _backends_of(pool):
+            backend.release(index)
     return None
 
 
 def on_free_kv_row(cache: Any, kv: Any, ranges: List[Tuple[int, int]], *args, **kwargs):
     """BEFORE BasePrefixCache.free_kv_row: drop row positions whose slots the tier already freed."""
-    row = getattr(kv, "req_pool_idx", None)
-    if row is None:
+    freed = _freed_range(cache.req_to_token_pool, getattr(kv, "req_pool_idx", None))
+    if freed is None:
         return None
-    for backend in list(_TIERS):
-        if backend.req_to_token_pool is not cache.req_to_token_pool:
-            continue
-        freed = backend.freed_range(int(row))
-        if freed is not None:
-            ranges = subtract(ranges, freed)
-    return (cache, kv, ranges) + args, kwargs
+    return (cache, kv, subtract(ranges, freed)) + args, kwargs
 
 
 def around_chunk_finish(original, cache: Any, req: Any, *args, kv_len_to_handle: int, **kwargs):
     """AROUND ChunkCache.cache_finished_req (0.5.17): free the row but the tier's released positions."""
     row = getattr(req, "req_pool_idx", None)
-    freed = None
-    if row is not None:
-        for backend in list(_TIERS):
-            if backend.req_to_token_pool is cache.req_to_token_pool:
-                freed = backend.freed_range(int(row)) or freed
+    freed = _freed_range(cache.req_to_token_pool, row)
     if freed is None:
         return original(cache, req, *args, kv_len_to_handle=kv_len_to_handle, **kwargs)
     # What the original does (free [cache_protected_len, kv_len_to_handle) of the row), less the hole.
