@@ -189,7 +189,7 @@ def test_finished_request_releases_host_pages_through_the_real_pool():
 # --- stage 2: evicted device slots go back to sglang's allocator -------------------------------------------
 
 
-def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64):
+def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05):
     """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
     from types import SimpleNamespace
 
@@ -209,7 +209,7 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
                              token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=1, tp_rank=0,
                              server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache))
     config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
-                   "host_store: {capacity_gib: 0.05, key_format: bf16, summary_tokens: 16}\n"
+                   f"host_store: {{capacity_gib: {capacity_gib}, key_format: bf16, summary_tokens: 16}}\n"
                    "budget: {kind: all}\nmax_context_tokens: 1024\nengine: {threads: 1}\n", "<test>")
     backend = _backend_class()(runner, config)
     layer = RadixAttention(hq, d, d ** -0.5, hkv, layer_id=0)
@@ -364,3 +364,20 @@ def test_launch_turns_prefix_caching_off_and_refuses_mixed_chunks(tmp_path, tiny
     assert "enable-mixed-chunk" in launch.tier_refusals(argparse.Namespace(enable_mixed_chunk=True), config)
     r = _launch("--model-path", str(tiny_model), "--kv-tier", str(_tier_yaml(tmp_path)), "--enable-mixed-chunk")
     assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr
+
+
+def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
+    torch.manual_seed(2)
+    # Room for 4 host pages (8 KiB each here): the first request's 3 fit, the second's 14 do not.
+    backend, layer, runner = _stage2_backend(capacity_gib=4 * 8192 / 2 ** 30)
+    reqs = _Requests(runner, [120, 300])
+    for _ in range(2):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    stats = backend.tier_stats()
+    assert stats["evictions_refused"] > 0 and stats["host_tokens"] == 3 * 16  # 3 pages of the first request
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc = runner.token_to_kv_pool_allocator
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size

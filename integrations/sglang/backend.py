@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from kvtier.config import ModelShape, TierConfig
+from kvtier.store import CapacityError
 
 from . import launch, lifecycle
 
@@ -84,6 +85,8 @@ def _backend_class():
             self.releases_slots = False  # stage 2, decided at the first decode
             self.slots_released = 0
             self._last_log = float("-inf")
+            self._last_full_log = float("-inf")
+            self.evictions_refused = 0  # decode steps whose eviction the full host store refused
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
@@ -221,7 +224,16 @@ def _backend_class():
                 have = tier.requests[row].length
                 if n > have:
                     tier.extend(row, n - have, slots=table[row, have:n].to(torch.long).cpu())
-            tier.evict()
+            try:
+                tier.evict()
+            except CapacityError as exc:
+                # Nothing stored is touched (allocation is all or nothing per request): the pages
+                # that did not fit stay on the GPU and are attended there until room frees up.
+                self.evictions_refused += 1
+                now = time.monotonic()
+                if now - self._last_full_log >= STATS_EVERY_S:
+                    self._last_full_log = now
+                    log.warning("kvtier: host store full, pages stay on the GPU for now: %s", exc)
             self._attn.plan(rows)
             now = time.monotonic()
             if now - self._last_log >= STATS_EVERY_S:
@@ -238,7 +250,8 @@ def _backend_class():
         def tier_stats(self) -> Dict[str, float]:
             if self._tier is None:
                 return {}
-            return {**self._tier.stats()._asdict(), "slots_released": self.slots_released}
+            return {**self._tier.stats()._asdict(), "slots_released": self.slots_released,
+                    "evictions_refused": self.evictions_refused}
 
     _CLASS = KvTierAttnBackend
     return _CLASS
