@@ -56,21 +56,11 @@ def refusals(values: Any) -> Optional[str]:
 
 def releases_slots(config: TierConfig) -> bool:
     """Whether this launch gives evicted device slots back to sglang (stage 2, backend.py)."""
-    import pkgutil
-
     from kvtier.policies import policy_for
 
-    from .lifecycle import CHUNK_FINISH, FREE_KV_ROW
+    from .lifecycle import funnels_present
 
-    if not policy_for(config).offloads:
-        return False
-    for target in (FREE_KV_ROW, CHUNK_FINISH):
-        try:
-            pkgutil.resolve_name(target)
-            return True
-        except (ImportError, AttributeError):
-            continue
-    return False
+    return policy_for(config).offloads and bool(funnels_present())
 
 
 def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:

@@ -24,6 +24,20 @@ FREE_KV_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_ro
 CHUNK_FINISH = "sglang.srt.mem_cache.chunk_cache.ChunkCache.cache_finished_req"
 
 
+def funnels_present() -> List[str]:
+    """The row-freeing funnels (FREE_KV_ROW, CHUNK_FINISH) this sglang has; stage 2 needs one."""
+    import pkgutil
+
+    found = []
+    for target in (FREE_KV_ROW, CHUNK_FINISH):
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError):
+            continue
+        found.append(target)
+    return found
+
+
 def track(backend: Any) -> None:
     _TIERS.add(backend)
 

@@ -31,15 +31,10 @@ def _optional_targets():
     """Hooked where this sglang has them (required then, like the others)."""
     from sglang.srt.plugins.hook_registry import HookType
 
-    found = {}
-    for target, hook, kind in ((lifecycle.FREE_KV_ROW, lifecycle.on_free_kv_row, HookType.BEFORE),
-                               (lifecycle.CHUNK_FINISH, lifecycle.around_chunk_finish, HookType.AROUND)):
-        try:
-            pkgutil.resolve_name(target)
-        except (ImportError, AttributeError):
-            continue  # not in this release; slot_release_hooked() says whether one of them is
-        found[target] = (hook, kind)
-    return found
+    hooks = {lifecycle.FREE_KV_ROW: (lifecycle.on_free_kv_row, HookType.BEFORE),
+             lifecycle.CHUNK_FINISH: (lifecycle.around_chunk_finish, HookType.AROUND)}
+    # A funnel this release lacks is skipped; slot_release_hooked() says whether one of them is hooked.
+    return {target: hooks[target] for target in lifecycle.funnels_present()}
 
 
 def _raw(obj: object) -> object:
