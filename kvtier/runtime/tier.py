@@ -15,6 +15,7 @@ once per step: from the device until its page is settled, then from the host.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -25,11 +26,28 @@ from ..store import HostStore
 from .split import host_pages
 
 
+def slot_array(slots: Optional[torch.Tensor] = None) -> array:
+    """Slot ids as an int64 array: appends, front deletes and whole-list tensors
+    (`slot_tensor`) cost a memcpy, not a Python int per slot, at 128K tokens."""
+    out = array("q")
+    if slots is not None and slots.numel():
+        out.frombytes(bytes(8 * slots.numel()))
+        torch.frombuffer(out, dtype=torch.int64).copy_(slots.reshape(-1))
+    return out
+
+
+def slot_tensor(slots: Sequence[int]) -> torch.Tensor:
+    """A CPU int64 tensor (a copy) of slot ids held as `slot_array` or any int sequence."""
+    if isinstance(slots, array) and slots.typecode == "q":
+        return torch.frombuffer(slots, dtype=torch.int64).clone() if len(slots) else torch.zeros(0, dtype=torch.long)
+    return torch.as_tensor(list(slots), dtype=torch.long)
+
+
 @dataclass
 class RequestState:
     length: int = 0
-    sink_slots: List[int] = field(default_factory=list)
-    recent_slots: List[int] = field(default_factory=list)  # positions host_end .. length-1
+    sink_slots: array = field(default_factory=slot_array)
+    recent_slots: array = field(default_factory=slot_array)  # positions host_end .. length-1
     host_end: int = 0  # one past the last settled host position
     in_flight: int = 0  # tokens of recent_slots[:in_flight] being copied to the host
 
@@ -93,7 +111,7 @@ class TierManager:
         st = self.requests.pop(rid)
         self._pending = [p for p in self._pending if p.rid != rid]
         if self.alloc_slots is not None:
-            self.free_slots(torch.tensor(st.sink_slots + st.recent_slots, dtype=torch.long))
+            self.free_slots(slot_tensor(st.sink_slots + st.recent_slots))
         if self.offload:
             self.store.release(rid)
 
@@ -116,8 +134,8 @@ class TierManager:
         elif slots.numel() != n:
             raise ValueError(f"extend: expected {n} slots, found {slots.numel()}")
         sinks = max(0, min(n, self.config.window.sink_tokens - st.length))
-        st.sink_slots += slots[:sinks].tolist()
-        st.recent_slots += slots[sinks:].tolist()
+        st.sink_slots += slot_array(slots[:sinks].cpu())
+        st.recent_slots += slot_array(slots[sinks:].cpu())
         st.host_end = max(st.host_end, len(st.sink_slots))  # recent_slots[0]'s position
         st.length += n
         return slots
@@ -139,8 +157,8 @@ class TierManager:
         host = pages * win.page_tokens
         page_ids = self.store.allocate(rid, pages) if pages else []
         slots = self.alloc_slots(n - host)
-        st.sink_slots = slots[:sinks].tolist()
-        st.recent_slots = slots[sinks:].tolist()
+        st.sink_slots = slot_array(slots[:sinks].cpu())
+        st.recent_slots = slot_array(slots[sinks:].cpu())
         st.host_end = sinks + host
         st.length = n
         return PrefillPlan(rid, sinks, host, page_ids, slots)
@@ -174,7 +192,7 @@ class TierManager:
                 continue
             page_ids = self.store.allocate(rid, n_pages)
             count = n_pages * win.page_tokens
-            slots = torch.tensor(st.recent_slots[st.in_flight: st.in_flight + count], dtype=torch.long)
+            slots = slot_tensor(st.recent_slots[st.in_flight: st.in_flight + count])
             st.in_flight += count
             self._start_copy(rid, page_ids, slots)
             started += n_pages
@@ -236,7 +254,8 @@ class TierManager:
 
     # --- queries ------------------------------------------------------------
 
-    def device_slots(self, rid: Hashable) -> List[int]:
+    def device_slots(self, rid: Hashable) -> array:
+        """The request's device slots (sinks, then the recent window) as an int64 array."""
         st = self.requests[rid]
         return st.sink_slots + st.recent_slots
 

@@ -8,11 +8,12 @@ decode wrapper on CUDA when it is installed, and a torch path everywhere else
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 from .merge import AttnPart, lse_from_base2
+from .tier import slot_tensor
 
 
 class WindowPlan(NamedTuple):
@@ -22,17 +23,21 @@ class WindowPlan(NamedTuple):
     indices: torch.Tensor  # [sum lens] int32 slot ids, for FlashInfer
 
 
-def plan_window(slot_lists, device) -> WindowPlan:
-    lens = torch.tensor([len(s) for s in slot_lists], dtype=torch.long)
-    width = int(lens.max()) if len(slot_lists) else 0
-    slots = torch.zeros(len(slot_lists), max(width, 1), dtype=torch.long)
-    for i, s in enumerate(slot_lists):
-        if len(s):
-            slots[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    indptr = torch.zeros(len(slot_lists) + 1, dtype=torch.int32)
+def plan_window(slot_lists: Sequence[Sequence[int]], device) -> WindowPlan:
+    """Per request, its device slots (int64 arrays from the tier, or any int sequences)."""
+    per = [slot_tensor(s) for s in slot_lists]
+    lens = torch.tensor([t.numel() for t in per], dtype=torch.long)
+    width = int(lens.max()) if per else 0
+    flat = torch.cat(per) if per else torch.zeros(0, dtype=torch.long)
+    if len(per) == 1 and width:
+        slots = flat.view(1, -1)
+    else:
+        slots = torch.zeros(len(per), max(width, 1), dtype=torch.long)
+        for i, t in enumerate(per):
+            slots[i, : t.numel()] = t
+    indptr = torch.zeros(len(per) + 1, dtype=torch.int32)
     indptr[1:] = lens.cumsum(0)
-    flat = torch.cat([torch.as_tensor(s, dtype=torch.int32) for s in slot_lists]) if slot_lists else torch.zeros(0, dtype=torch.int32)
-    return WindowPlan(slots.to(device), lens.to(device), indptr.to(device), flat.to(device))
+    return WindowPlan(slots.to(device), lens.to(device), indptr.to(device), flat.to(torch.int32).to(device))
 
 
 def torch_window_attention(q, k_layer, v_layer, plan: WindowPlan, *, sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
