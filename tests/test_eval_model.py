@@ -82,3 +82,39 @@ def test_eval_command_refuses_unknown_tasks_and_policies(capsys):
     assert main(["eval", "--tasks", "nope"]) == 2
     assert main(["eval", "--policies", "hgca"]) == 2
     assert "expected dense among them" in capsys.readouterr().err
+
+
+def test_policy_files_keep_their_knobs_under_the_grids_window_and_budget():
+    from kvtier.eval.runner import policy_specs
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    specs = policy_specs(["dense", str(root / "policies/hgca-per-qhead.yaml"), "hgca"], [0.05, 0.1],
+                         window_tokens=512)
+    assert [s.label for s in specs] == ["dense", "hgca-per-qhead@5%", "hgca-per-qhead@10%", "hgca@5%", "hgca@10%"]
+    per_q = specs[2].config
+    assert per_q.policy == "hgca" and per_q.hgca.group_reduce.value == "per_qhead"
+    assert per_q.window.window_tokens == 512 and per_q.budget.kind == "fraction" and per_q.budget.fraction == 0.1
+    assert specs[4].config.hgca.group_reduce.value == "max"
+
+
+def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
+    from kvtier.eval import grid
+
+    base = dict(model="smollm2-135m", contexts=[600], budgets=[0.1], tasks=["passkey"], samples=1, window=128)
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("policy: hgca\nhgca: {group_reduce: most}\n")
+    with pytest.raises(ValueError, match=r"typo.yaml.*hgca.group_reduce"):
+        grid.check_settings({**base, "policies": ["dense", str(bad)]})
+    off = tmp_path / "off.yaml"
+    off.write_text("policy: offload_all\n")
+    with pytest.raises(ValueError, match="offload_all"):
+        grid.check_settings({**base, "policies": ["dense", str(off)]})
+    same = tmp_path / "hgca.yaml"
+    same.write_text("policy: hgca\n")
+    with pytest.raises(ValueError, match="distinct labels"):
+        grid.check_settings({**base, "policies": ["dense", "hgca", str(same)]})
+    with pytest.raises(ValueError, match="--name"):
+        grid.check_settings({**base, "policies": ["dense"], "name": "../out"})
+    grid.check_settings({**base, "policies": ["dense", str(same)], "name": "eval-run_2"})
+    assert grid._name({**base, "name": "eval-run_2"}, False) == "eval-run_2"
+    assert grid._name({**base, "name": None}, True) == "eval-smollm2-135m-quick"

@@ -31,12 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         f"(default {FULL['model']}; --quick: {QUICK['model']})")
     parser.add_argument("--quick", action="store_true", help="a small grid for CI (a few minutes on 2 CPU cores)")
     parser.add_argument("--contexts", help="comma-separated prompt lengths in tokens")
-    parser.add_argument("--policies", help="comma-separated: dense, window_only and budgeted policies (hgca, quest)")
+    parser.add_argument("--policies", help="comma-separated: dense, window_only, budgeted policies (hgca, quest) or "
+                                           "policy YAML files (labelled by their stem; the grid sets window and budget)")
     parser.add_argument("--budgets", help="comma-separated fractions of the context attended from the host")
     parser.add_argument("--tasks", help="comma-separated task names")
     parser.add_argument("--samples", type=int, help="prompts per task and context")
     parser.add_argument("--window", type=int, help="device window tokens (sinks: 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", help="results file name under benchmarks/results/ (default eval-<model>[-quick])")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer attention fidelity")
 
 
@@ -47,6 +49,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out["policies"] = [x for x in str(out["policies"]).split(",") if x]
     out["budgets"] = [float(x) for x in str(out["budgets"]).split(",")]
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
+    out["name"] = getattr(args, "name", None)
     return out
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 from ..bench import results
+from ..config import ConfigError, load
 from ..policies import REGISTRY
 from . import models
-from .runner import PolicySpec, policy_specs, run_prompt
+from .runner import PolicySpec, is_policy_file, policy_specs, run_prompt
 from .tasks import TASKS, build, score
 
 GAP_BUDGET = 0.1
@@ -30,10 +32,24 @@ def check_settings(s: dict) -> None:
         if t not in TASKS:
             raise ValueError(f"--tasks: expected names from {sorted(TASKS)}, found {t!r}")
     for p in s["policies"]:
-        if p not in REGISTRY or p == "offload_all":
-            raise ValueError(f"--policies: expected names from {sorted(set(REGISTRY) - {'offload_all'})}, found {p!r}")
+        if is_policy_file(p):
+            try:
+                kind = load(p).policy
+            except ConfigError as exc:
+                raise ValueError(f"--policies: {exc}") from None
+            if kind not in REGISTRY or kind == "offload_all":
+                raise ValueError(f"--policies: {p}: expected a policy the grid can run "
+                                 f"({sorted(set(REGISTRY) - {'offload_all'})}), found {kind!r}")
+        elif p not in REGISTRY or p == "offload_all":
+            raise ValueError(f"--policies: expected names from {sorted(set(REGISTRY) - {'offload_all'})} "
+                             f"or policy YAML files, found {p!r}")
     if "dense" not in s["policies"]:
         raise ValueError(f"--policies: expected dense among them (the reference), found {s['policies']}")
+    labels = [pathlib.Path(p).stem if is_policy_file(p) else p for p in s["policies"]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--policies: expected distinct labels (a file is labelled by its stem), found {labels}")
+    if s.get("name") is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", s["name"]):
+        raise ValueError(f"--name: expected letters, digits, '.', '_' or '-', found {s['name']!r}")
     if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
         raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
                          f"{s['contexts']}, {s['samples']}")
@@ -89,6 +105,8 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
 
 
 def _name(s: dict, quick: bool) -> str:
+    if s.get("name"):
+        return s["name"]
     return "eval-" + (s["model"] if s["model"] in models.KNOWN else pathlib.Path(s["model"]).stem) + \
         ("-quick" if quick else "")
 
@@ -182,6 +200,11 @@ def _markdown(s, specs, cells, summary) -> str:
     return "\n".join(lines)
 
 
+def _family(sp: PolicySpec) -> str:
+    """"hgca" for "hgca@10%": one curve per policy entry of the grid."""
+    return sp.label.rsplit("@", 1)[0]
+
+
 def _plot(s, specs, cells, path: pathlib.Path) -> Optional[pathlib.Path]:
     try:
         import matplotlib
@@ -194,9 +217,9 @@ def _plot(s, specs, cells, path: pathlib.Path) -> Optional[pathlib.Path]:
     fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
     by = {(x["context"], x["policy"]): x for x in cells}
     for ax, c in zip(axes[0], ctxs):
-        kinds = sorted({sp.policy for sp in specs if sp.budget is not None})
-        for k in kinds:
-            pts = sorted((sp.budget, by[(c, sp.label)]["accuracy"]) for sp in specs if sp.policy == k)
+        families = sorted({_family(sp) for sp in specs if sp.budget is not None})
+        for k in families:
+            pts = sorted((sp.budget, by[(c, sp.label)]["accuracy"]) for sp in specs if _family(sp) == k)
             ax.plot([100 * b for b, _ in pts], [a for _, a in pts], marker="o", label=k)
         for base, style in (("dense", "k-"), ("window_only", "r--")):
             if (c, base) in by:

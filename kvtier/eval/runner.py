@@ -11,12 +11,13 @@ answer token is not a product of dense prefill.
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..config import ModelShape, TierConfig, from_mapping
+from ..config import ModelShape, TierConfig, from_mapping, load
 from ..runtime.standalone import StandaloneTier
 from .attention import DecodeStep, ModelShapeInfo, PrefillStep, model_shape
 from .fidelity import LayerFidelity, attended_mask, layer_fidelity
@@ -38,22 +39,39 @@ class PromptResult(NamedTuple):
     decode_steps: int
 
 
+def is_policy_file(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml"))
+
+
 def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_tokens: int, sink_tokens: int = 64,
                  page_tokens: int = 16, max_context_tokens: int = 131072) -> List[PolicySpec]:
-    """Configs of the grid: budgeted policies once per budget, the baselines once."""
+    """Configs of the grid: budgeted policies once per budget, the baselines once.
+
+    An entry is a policy name (its defaults) or a policy YAML file, labelled
+    by the file's stem: the file's own knobs (hgca.group_reduce, host_store
+    formats, ...) are kept, while the grid sets the window, the context cap
+    and the budget so that every entry is compared at the same budgets.
+    """
     window = {"sink_tokens": sink_tokens, "window_tokens": window_tokens, "page_tokens": page_tokens}
     common = {"window": window, "max_context_tokens": max_context_tokens, "engine": {"threads": 0}}
     specs: List[PolicySpec] = []
-    for name in policies:
+    for entry in policies:
+        if is_policy_file(entry):
+            base = load(entry).model_dump(mode="json")
+            label = pathlib.Path(entry).stem
+        else:
+            base = {"policy": entry}
+            if entry == "quest":
+                base["host_store"] = {"key_format": "bf16"}
+            label = entry
+        name = base["policy"]
         if name in ("dense", "window_only"):
-            specs.append(PolicySpec(name, name, None, from_mapping({"policy": name, **common})))
+            specs.append(PolicySpec(label, name, None, from_mapping({**base, **common})))
             continue
         for f in budgets:
-            data = {"policy": name, **common,
+            data = {**base, **common, "engine": {**base.get("engine", {}), "threads": 0},
                     "budget": {"kind": "fraction", "fraction": f, "min_tokens": 1, "max_tokens": 10 ** 6}}
-            if name == "quest":
-                data["host_store"] = {"key_format": "bf16"}
-            specs.append(PolicySpec(f"{name}@{100 * f:g}%", name, f, from_mapping(data)))
+            specs.append(PolicySpec(f"{label}@{100 * f:g}%", name, f, from_mapping(data)))
     return specs
 
 
@@ -148,4 +166,4 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
             t.close()
 
 
-__all__ = ["PolicySpec", "PromptResult", "policy_specs", "run_prompt"]
+__all__ = ["PolicySpec", "PromptResult", "is_policy_file", "policy_specs", "run_prompt"]
