@@ -20,6 +20,7 @@ import torch
 from .._native import Engine
 from ..config import ModelShape
 from ..policies import Policy
+from . import fused_merge
 from .merge import AttnPart, merge
 from .tier import TierManager
 from .window_attention import (
@@ -50,8 +51,9 @@ class HybridDetail(NamedTuple):
 
 class _HostPlan(NamedTuple):
     q_host: torch.Tensor  # [B, Hq, D] f32 (pinned on CUDA)
-    out_host: torch.Tensor
-    lse_host: torch.Tensor
+    out_host: torch.Tensor  # [B, Hq, D] f32, a view of far_host
+    lse_host: torch.Tensor  # [B, Hq] f32, a view of far_host
+    far_host: torch.Tensor  # out then lse, flat: one copy to the device per layer
     page_table: torch.Tensor
     page_offsets: torch.Tensor
     n_tokens: torch.Tensor
@@ -69,6 +71,8 @@ class HybridAttention:
             raise ValueError(f"policy '{policy.name}' attends the host with the native engine; pass engine=")
         want_fi = flashinfer_available(self.device) if use_flashinfer is None else use_flashinfer
         self.flashinfer = FlashInferWindow(self.device) if want_fi else None
+        # FlashInfer's window and the engine's part merge in one kernel when Triton is there.
+        self.fused = self.flashinfer is not None and fused_merge.available(self.device)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-engine")
         self._rids: List[Hashable] = []
         self._window: Optional[WindowPlan] = None
@@ -104,8 +108,9 @@ class HybridAttention:
         n_tokens = torch.tensor(host, dtype=torch.int32)
         pin = self.device.type == "cuda"
         b, hq, d = len(rids), shape.num_q_heads, shape.head_dim
-        hp = _HostPlan(torch.empty(b, hq, d, pin_memory=pin), torch.empty(b, hq, d, pin_memory=pin),
-                       torch.empty(b, hq, pin_memory=pin), page_table, offsets, n_tokens)
+        far = torch.empty(b * hq * (d + 1), pin_memory=pin)
+        hp = _HostPlan(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
+                       far[b * hq * d:].view(b, hq), far, page_table, offsets, n_tokens)
         if self.policy.host_path == "engine":
             context = [tier.requests[r].length for r in rids]
             args = self.policy.engine_args(host, context, shape.kv_heads)
@@ -144,7 +149,11 @@ class HybridAttention:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         g0 = time.perf_counter()
-        dev = self._window_part(q, layer)
+        fused = self.fused and not self._window_empty and (host is None or engine)
+        if fused:
+            win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
+        else:
+            dev = self._window_part(q, layer)
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -155,6 +164,15 @@ class HybridAttention:
                 self._engine_run(layer, host)
         else:
             self._gpu_s += time.perf_counter() - g0
+        if fused:
+            out = win_out
+            if engine:
+                far = host.far_host.to(q.device, non_blocking=True)
+                n = b * hq * d
+                out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far[:n].view(b, hq, d),
+                                             far[n:].view(b, hq), a_lse_base2=True)
+            self._wall_s += time.perf_counter() - t0
+            return out
         if host is None:
             part = dev
         elif engine:

@@ -91,10 +91,14 @@ class FlashInferWindow:
         )
 
     def run(self, q, k_layer, v_layer) -> AttnPart:
+        out, lse2 = self.run_raw(q, k_layer, v_layer)
+        return AttnPart(out.float(), lse_from_base2(lse2.float()))
+
+    def run_raw(self, q, k_layer, v_layer):
+        """(out in q's dtype, LSE in base 2): FlashInfer's own outputs, for the fused merge."""
         hkv, d = k_layer.shape[1], k_layer.shape[2]
         cache = (k_layer.view(-1, 1, hkv, d), v_layer.view(-1, 1, hkv, d))
-        out, lse = self.wrapper.run(q, cache, return_lse=True)
-        return AttnPart(out.float(), lse_from_base2(lse.float()))
+        return self.wrapper.run(q, cache, return_lse=True)
 
 
 def flashinfer_available(device: torch.device) -> bool:

@@ -1,0 +1,83 @@
+"""The runtime's CUDA paths against their references: the fused LSE merge, and hybrid attention with
+FlashInfer's window and the engine equal to dense when the budget is everything. Skipped without a GPU."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvtier.config import ModelShape, from_mapping
+from kvtier.runtime import dense_attention
+from kvtier.runtime.merge import AttnPart, merge
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+needs_flashinfer = pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs FlashInfer")
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_merge_equals_the_reference(d, dtype):
+    from kvtier.runtime import fused_merge
+
+    g = torch.Generator().manual_seed(d)
+    b, hq = 5, 14
+    a_out = torch.randn(b, hq, d, generator=g).to(dtype)
+    a_lse2 = torch.randn(b, hq, generator=g) * 4
+    b_out = torch.randn(b, hq, d, generator=g)
+    b_lse = torch.randn(b, hq, generator=g) * 4
+    a_lse2[0, :3] = float("-inf")  # empty window rows
+    b_lse[1, :] = float("-inf")  # a request with nothing on the host
+    a_lse2[2, 0] = b_lse[2, 0] = float("-inf")  # both empty: output 0
+    ref = merge(AttnPart(a_out.double(), a_lse2.double() * fused_merge.LN2), AttnPart(b_out.double(), b_lse.double()))
+    dev = torch.device("cuda")
+    got = fused_merge.merge_into(torch.empty(b, hq, d, dtype=dtype, device=dev), a_out.to(dev), a_lse2.to(dev),
+                                 b_out.to(dev), b_lse.to(dev), a_lse_base2=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double().cpu(), ref.out, atol=2e-2, rtol=2e-2)
+    assert torch.all(got[2, 0] == 0)
+    with pytest.raises(ValueError, match="a_lse"):
+        fused_merge.merge_into(got, a_out.to(dev), a_lse2.to(dev)[:, :3], b_out.to(dev), b_lse.to(dev),
+                               a_lse_base2=True)
+
+
+@needs_flashinfer
+@pytest.mark.parametrize("group", [4, 7])
+def test_hybrid_on_cuda_with_everything_equals_dense(group):
+    from kvtier.runtime.standalone import StandaloneTier
+
+    shape = ModelShape(n_layers=2, num_q_heads=2 * group, kv_heads=2, head_dim=64)
+    cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
+                        "budget": {"kind": "all"}, "max_context_tokens": 8192})
+    dev = torch.device("cuda")
+    st = StandaloneTier(cfg, shape, device=dev, dtype=torch.bfloat16, device_tokens=2048, host_tokens=4096)
+    g = torch.Generator().manual_seed(group)
+    lens = [1500, 90, 700]
+    full = {}
+    try:
+        for r, n in enumerate(lens):
+            st.tier.add(r)
+            plan = st.tier.prefill(r, n)
+            full[r] = []
+            for layer in range(shape.n_layers):
+                k = torch.randn(n, 2, 64, generator=g).to(torch.bfloat16)
+                v = torch.randn(n, 2, 64, generator=g).to(torch.bfloat16)
+                st.tier.write_prefill_layer(plan, layer, k.to(dev), v.to(dev))
+                full[r].append((k, v))
+        st.tier.drain()
+        rids = list(range(len(lens)))
+        st.attn.plan(rids)
+        assert st.attn.flashinfer is not None
+        for layer in range(shape.n_layers):
+            q = torch.randn(len(lens), shape.num_q_heads, 64, generator=g).to(torch.bfloat16)
+            got = st.attn.run(q.to(dev), layer).cpu()
+            ks = torch.cat([full[r][layer][0] for r in rids]).double()
+            vs = torch.cat([full[r][layer][1] for r in rids]).double()
+            indptr = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
+            ref = dense_attention(q.double(), ks, vs, indptr, sm_scale=64 ** -0.5).out
+            # int8 host keys, bf16 values and output: bf16-level agreement with float64 dense
+            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)
+    finally:
+        st.close()
