@@ -381,3 +381,16 @@ def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
     alloc = runner.token_to_kv_pool_allocator
     n, distinct = _free_slot_census(alloc)
     assert n == distinct and alloc.available_size() == alloc.size
+
+
+def test_stats_interval_comes_from_the_environment(monkeypatch):
+    from kvtier_sglang import backend as kb
+
+    monkeypatch.delenv(kb.STATS_ENV, raising=False)
+    assert kb.stats_interval_s() == kb.STATS_EVERY_S
+    monkeypatch.setenv(kb.STATS_ENV, "0.5")
+    assert kb.stats_interval_s() == 0.5
+    for bad in ("0", "-3", "soon", "nan"):
+        monkeypatch.setenv(kb.STATS_ENV, bad)
+        with pytest.raises(launch.KvTierLaunchError, match="KVTIER_STATS_INTERVAL_S: expected a number of seconds > 0"):
+            kb.stats_interval_s()

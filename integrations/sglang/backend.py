@@ -25,6 +25,7 @@ Sequencing (DESIGN.md):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -36,7 +37,22 @@ from kvtier.store import CapacityError
 from . import launch, lifecycle
 
 log = logging.getLogger("kvtier")
-STATS_EVERY_S = 30.0  # how often a decoding scheduler logs the tier's statistics
+STATS_EVERY_S = 30.0  # default of how often a decoding scheduler logs the tier's statistics
+STATS_ENV = "KVTIER_STATS_INTERVAL_S"
+
+
+def stats_interval_s() -> float:
+    """Seconds between the scheduler's `kvtier:` statistics lines ($KVTIER_STATS_INTERVAL_S, default 30)."""
+    raw = os.environ.get(STATS_ENV)
+    if raw is None or raw == "":
+        return STATS_EVERY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise launch.KvTierLaunchError(f"{STATS_ENV}: expected a number of seconds > 0, found {raw!r}")
+    return value
 
 _INNER = {"cuda": "flashinfer", "cpu": "torch_native"}
 
@@ -86,6 +102,7 @@ def _backend_class():
             self.slots_released = 0
             self._last_log = float("-inf")
             self._last_full_log = float("-inf")
+            self.stats_every_s = stats_interval_s()
             self.evictions_refused = 0  # decode steps whose eviction the full host store refused
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
@@ -231,12 +248,12 @@ def _backend_class():
                 # that did not fit stay on the GPU and are attended there until room frees up.
                 self.evictions_refused += 1
                 now = time.monotonic()
-                if now - self._last_full_log >= STATS_EVERY_S:
+                if now - self._last_full_log >= self.stats_every_s:
                     self._last_full_log = now
                     log.warning("kvtier: host store full, pages stay on the GPU for now: %s", exc)
             self._attn.plan(rows)
             now = time.monotonic()
-            if now - self._last_log >= STATS_EVERY_S:
+            if now - self._last_log >= self.stats_every_s:
                 self._last_log = now
                 st = tier.stats()
                 log.info("kvtier: %d requests, %d tokens on the device, %d on the host, %d device slots released, "

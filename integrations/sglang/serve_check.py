@@ -86,7 +86,9 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
     print(f"{policy.name}: {' '.join(cmd)}", flush=True)
     base = f"http://127.0.0.1:{args.port}"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        # Tier statistics every second, so that the short check's log shows slots released and pages moved.
+        env = {**os.environ, "KVTIER_STATS_INTERVAL_S": "1"}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "requests": []}
     try:
         _wait_ready(base, proc, log, args.ready_timeout)
@@ -123,7 +125,8 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        result["kvtier_log"] = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line][:50]
+        lines = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line]
+        result["kvtier_log"] = lines if len(lines) <= 50 else lines[:10] + lines[-40:]
         result["returncode"] = proc.returncode
     return result
 
