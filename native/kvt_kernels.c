@@ -878,6 +878,14 @@ static const kvt_kernels K_AVX512 = {
     softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512,
 };
 
+/* K_AVX512 under its own name: KVTIER_ISA=avx512bw forces the AVX512BW selection
+ * kernels on a CPU that has VNNI, so that tests cover them there too */
+static const kvt_kernels K_AVX512_BW = {
+    "avx512bw", score_bf16_512, score_i8_512, score_i4_512,
+    accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512,
+};
+
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
@@ -889,7 +897,8 @@ static const kvt_kernels K_AVX512_VNNI = {
 const kvt_kernels *kvt_k = &K_GENERIC;
 
 int kvt_isa_name_known(const char *name) {
-    return name && (!strcmp(name, "generic") || !strcmp(name, "avx2") || !strcmp(name, "avx512"));
+    return name && (!strcmp(name, "generic") || !strcmp(name, "avx2") || !strcmp(name, "avx512") ||
+                    !strcmp(name, "avx512bw"));
 }
 
 const kvt_kernels *kvt_kernels_for(const char *name) {
@@ -899,10 +908,11 @@ const kvt_kernels *kvt_kernels_for(const char *name) {
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (!strcmp(name, "avx2")) return avx2 ? &K_AVX2 : NULL;
-    if (!strcmp(name, "avx512")) {
+    if (!strcmp(name, "avx512") || !strcmp(name, "avx512bw")) {
         if (!(avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl")))
             return NULL;
+        if (!strcmp(name, "avx512bw")) return &K_AVX512_BW;
         return __builtin_cpu_supports("avx512vnni") ? &K_AVX512_VNNI : &K_AVX512;
     }
 #endif

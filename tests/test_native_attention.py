@@ -9,7 +9,8 @@ import torch
 
 import kvtier._native as N
 
-ISAS = [name for name in ("generic", "avx2", "avx512") if N.isa_supported(name)]
+# avx512bw: the AVX-512 table with the BW (non-VNNI) selection kernels, forced
+ISAS = [name for name in ("generic", "avx2", "avx512", "avx512bw") if N.isa_supported(name)]
 
 
 @pytest.fixture(autouse=True)
