@@ -89,7 +89,12 @@ def build_in_place() -> pathlib.Path:
         so = make_builder(relative=False).compile(tmpdir=tmp, verbose=False)
         built = pathlib.Path(so)
         dest = ROOT / "kvtier" / "_native" / built.name
-        dest.write_bytes(built.read_bytes())
+        # A new file renamed over the old one: a process that has the old library
+        # mapped (a running server) keeps it, instead of crashing on rewritten pages.
+        part = dest.with_name(dest.name + ".part")
+        part.write_bytes(built.read_bytes())
+        part.chmod(0o755)
+        part.replace(dest)
     return dest
 
 
