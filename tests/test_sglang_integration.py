@@ -394,3 +394,36 @@ def test_stats_interval_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(kb.STATS_ENV, bad)
         with pytest.raises(launch.KvTierLaunchError, match="KVTIER_STATS_INTERVAL_S: expected a number of seconds > 0"):
             kb.stats_interval_s()
+
+
+def test_prometheus_metrics_follow_the_tier(monkeypatch):
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from kvtier_sglang import backend as kb
+    from kvtier_sglang import metrics
+
+    assert metrics.for_server(SimpleNamespace(enable_metrics=False)) is None
+    assert metrics.enabled(SimpleNamespace(enable_metrics=True))
+    registry = CollectorRegistry()
+    monkeypatch.setattr(metrics, "for_server", lambda server_args, registry_=None: metrics.TierMetrics(registry))
+    monkeypatch.setattr(kb, "METRICS_EVERY_S", 0.0)
+    torch.manual_seed(4)
+    backend, layer, runner = _stage2_backend()
+    reqs = _Requests(runner, [300, 40])
+    for _ in range(3):
+        reqs.decode_step(backend, layer)
+    stats = backend.tier_stats()
+    assert stats["slots_released"] > 0 and stats["pages_evicted"] > 0 and stats["requests"] == 2
+
+    def value(name, suffix=""):
+        return registry.get_sample_value(f"kvtier:{name}{suffix}", {"tp_rank": "0"})
+
+    # the metrics lag the tier by at most the step that has just run its plan
+    for name in ("requests", "device_tokens", "host_tokens"):
+        assert value(name) == stats[name], name
+    for name in ("slots_released", "bytes_d2h", "pages_evicted", "evictions_refused"):
+        assert value(name, "_total") == stats[name], name
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])

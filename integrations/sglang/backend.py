@@ -34,11 +34,12 @@ import torch
 from kvtier.config import ModelShape, TierConfig
 from kvtier.store import CapacityError
 
-from . import launch, lifecycle
+from . import launch, lifecycle, metrics
 
 log = logging.getLogger("kvtier")
 STATS_EVERY_S = 30.0  # default of how often a decoding scheduler logs the tier's statistics
 STATS_ENV = "KVTIER_STATS_INTERVAL_S"
+METRICS_EVERY_S = 1.0  # how often the Prometheus metrics follow the tier (with --enable-metrics)
 
 
 def stats_interval_s() -> float:
@@ -103,6 +104,8 @@ def _backend_class():
             self._last_log = float("-inf")
             self._last_full_log = float("-inf")
             self.stats_every_s = stats_interval_s()
+            self.metrics = metrics.for_server(self.server_args)  # Prometheus, with --enable-metrics
+            self._last_metrics = float("-inf")
             self.evictions_refused = 0  # decode steps whose eviction the full host store refused
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
@@ -253,6 +256,9 @@ def _backend_class():
                     log.warning("kvtier: host store full, pages stay on the GPU for now: %s", exc)
             self._attn.plan(rows)
             now = time.monotonic()
+            if self.metrics is not None and now - self._last_metrics >= METRICS_EVERY_S:
+                self._last_metrics = now
+                self.metrics.update(self.tp_rank, self.tier_stats())
             if now - self._last_log >= self.stats_every_s:
                 self._last_log = now
                 st = tier.stats()
@@ -267,7 +273,8 @@ def _backend_class():
         def tier_stats(self) -> Dict[str, float]:
             if self._tier is None:
                 return {}
-            return {**self._tier.stats()._asdict(), "slots_released": self.slots_released,
+            return {**self._tier.stats()._asdict(), "requests": len(self._tier.requests),
+                    "slots_released": self.slots_released,
                     "evictions_refused": self.evictions_refused}
 
     _CLASS = KvTierAttnBackend
