@@ -456,3 +456,11 @@ def test_oversubscribed_pool_repeats_exactly():
             results[threads] = first
     assert torch.equal(results[8].sel_index, results[1].sel_index)
     torch.testing.assert_close(results[8].out, results[1].out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [700, 2000, 4500])
+def test_long_sets_select_exactly_the_reference_top_k(budget):
+    """n >= 4096 takes the sampled k-th value bound; budgets from n/8 to most of the set."""
+    store, table, offs, ntok, q = make_case(D=64, T=16, G=2, Hkv=2, lengths=(5000,), kf="bf16")
+    res, ref = run_both(store, table, offs, ntok, q, budget=torch.full((1, 2), budget, dtype=torch.int32))
+    assert_matches(res, ref)
