@@ -49,6 +49,12 @@ def test_dense_policy_generates_exactly_what_plain_transformers_does(smollm):
     hg = sum(f.rel_err for f in r.fidelity[2]) / len(r.fidelity[2])
     assert hg < wo
     assert r.device_tokens[0] == len(ids) - 5 and r.device_tokens[1] <= 4 + 16 + 16
+    # one margin per answer token (the stop token included when it came), each the top-1 minus top-2 logit
+    with torch.inference_mode():
+        out = model(torch.tensor([ids + dense[:3]])).logits[0, len(ids) - 1: len(ids) + 2].float()
+    top2 = out.topk(2, dim=-1).values
+    torch.testing.assert_close(torch.tensor(r.margins[0][:3]), top2[:, 0] - top2[:, 1], atol=1e-3, rtol=1e-3)
+    assert all(len(m) in (len(g), len(g) + 1) for m, g in zip(r.margins, r.generations))
 
 
 def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
@@ -118,3 +124,17 @@ def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
     grid.check_settings({**base, "policies": ["dense", str(same)], "name": "eval-run_2"})
     assert grid._name({**base, "name": "eval-run_2"}, False) == "eval-run_2"
     assert grid._name({**base, "name": None}, True) == "eval-smollm2-135m-quick"
+
+
+def test_drops_name_dense_margins():
+    from kvtier.eval import grid
+    from kvtier.eval.runner import policy_specs
+
+    specs = policy_specs(["dense", "hgca"], [0.1, 0.25], window_tokens=128)
+    rec = lambda policy, score, sample=0, margin=0.0: dict(context=4096, task="passkey", sample=sample,  # noqa: E731
+                                                            policy=policy, score=score, min_margin=margin)
+    records = [rec("dense", 1.0, margin=0.3), rec("hgca@10%", 0.8), rec("hgca@25%", 0.6),
+               rec("dense", 0.5, 1, 4.0), rec("hgca@10%", 1.0, 1), rec("hgca@25%", 0.5, 1)]
+    drops = grid._drops(records, specs)
+    assert drops == [dict(context=4096, task="passkey", sample=0, policy="hgca@10%", points=pytest.approx(20.0),
+                          dense_min_margin=0.3)]

@@ -87,7 +87,8 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                     sc = score(text, p.answers)
                     scores.append(sc)
                     records.append(dict(context=ctx, task=task, sample=i, policy=spec.label, score=sc,
-                                        answer=text.strip()[:200], expected=list(p.answers)))
+                                        answer=text.strip()[:200], expected=list(p.answers),
+                                        min_margin=min(r.margins[j], default=float("nan"))))
                     host = 0.0
                     if r.fidelity is not None:
                         layers = r.fidelity[j]
@@ -159,13 +160,26 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     window_gap = max(wo) if wo else float("nan")
     name = _name(s, quick)
     summary = dict(worst_gap_points=worst, worst_task_drop_points=worst_task, window_only_gap_points=window_gap,
-                   gap_budget=GAP_BUDGET, seconds=seconds)
+                   gap_budget=GAP_BUDGET, seconds=seconds, drops=_drops(records, specs))
     table = _markdown(s, specs, cells, summary)
     payload = dict(name=name, settings=s, seed=seed, machine=results.machine(), summary=summary, cells=cells,
                    fidelity_top_k=32, records=records)
     path = results.write(name, payload, table)
     _plot(s, specs, cells, path.with_suffix(".png"))
     return Report(table, path, worst, window_gap)
+
+
+def _drops(records: List[dict], specs: List[PolicySpec]) -> List[dict]:
+    """Each prompt where a budgeted policy at the gap budget scored below dense, with dense's smallest margin."""
+    at_gap = {sp.label for sp in specs if sp.budget is not None and math.isclose(sp.budget, GAP_BUDGET)}
+    dense = {(r["context"], r["task"], r["sample"]): r for r in records if r["policy"] == "dense"}
+    out = []
+    for r in records:
+        d = dense.get((r["context"], r["task"], r["sample"]))
+        if r["policy"] in at_gap and d is not None and r["score"] < d["score"]:
+            out.append(dict(context=r["context"], task=r["task"], sample=r["sample"], policy=r["policy"],
+                            points=100.0 * (d["score"] - r["score"]), dense_min_margin=d.get("min_margin", float("nan"))))
+    return out
 
 
 def _markdown(s, specs, cells, summary) -> str:
@@ -193,6 +207,14 @@ def _markdown(s, specs, cells, summary) -> str:
         for sp in specs:
             x = by[(c, sp.label)]
             lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x['tasks'][t]:.0f}" for t in s["tasks"]) + " |")
+    drops = summary.get("drops", [])
+    if drops:
+        lines += ["", f"Prompts a budgeted policy at {100 * GAP_BUDGET:g}% scored below dense, with dense's "
+                  "smallest top-1 minus top-2 logit margin over its answer (a small margin is a near tie that any "
+                  "perturbation can tip, a large one a lost needle):", "",
+                  "| context | task | prompt | policy | points lost | dense's smallest margin |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['context']} | {d['task']} | {d['sample']} | {d['policy']} | {d['points']:.0f} | "
+                  f"{d['dense_min_margin']:.2f} |" for d in drops]
     lines += ["", f"worst gap of a budgeted policy at {100 * GAP_BUDGET:g}% (task average, per context): "
               f"{summary['worst_gap_points']:.1f} points; worst single-task drop: "
               f"{summary['worst_task_drop_points']:.1f} points; window_only gap: "

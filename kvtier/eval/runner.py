@@ -37,6 +37,7 @@ class PromptResult(NamedTuple):
     prefill_s: float
     decode_s: float
     decode_steps: int
+    margins: List[List[float]]  # per spec, per answer token: top-1 minus top-2 logit (how near a tie)
 
 
 def is_policy_file(entry: str) -> bool:
@@ -113,6 +114,7 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
         stops = set(int(s) for s in stop_ids)
         feed = [int(tail_ids[0])] * B
         out: List[List[int]] = [[] for _ in range(B)]
+        margins: List[List[float]] = [[] for _ in range(B)]
         done = [False] * B
         fid: Optional[List[List[LayerFidelity]]] = [[] for _ in range(B)] if fidelity else None
         device_tokens: List[int] = []
@@ -152,15 +154,18 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
                 feed = [int(tail_ids[step + 1])] * B
                 continue
             feed = logits.argmax(-1).tolist()
+            top2 = logits.float().topk(2, dim=-1).values
+            gaps = (top2[:, 0] - top2[:, 1]).tolist()
             for i, tok in enumerate(feed):
                 if not done[i]:
+                    margins[i].append(gaps[i])
                     if tok in stops:
                         done[i] = True
                     else:
                         out[i].append(tok)
             if all(done):
                 break
-        return PromptResult(out, fid, device_tokens, prefill_s, time.perf_counter() - t1, steps)
+        return PromptResult(out, fid, device_tokens, prefill_s, time.perf_counter() - t1, steps, margins)
     finally:
         for t in tiers:
             t.close()
