@@ -12,8 +12,10 @@ from kvtier.runtime.merge import AttnPart, merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-needs_flashinfer = pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs FlashInfer")
+_GPU = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(_GPU and importlib.util.find_spec("triton") is None, reason="needs Triton")
+needs_flashinfer = pytest.mark.skipif(_GPU and importlib.util.find_spec("flashinfer") is None,
+                                      reason="needs FlashInfer")
 
 
 @needs_triton
