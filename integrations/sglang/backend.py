@@ -25,27 +25,26 @@ Sequencing (DESIGN.md):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from kvtier.config import ModelShape, TierConfig
+from kvtier.config import ModelShape, TierConfig, env
 from kvtier.store import CapacityError
 
 from . import launch, lifecycle, metrics
 
 log = logging.getLogger("kvtier")
 STATS_EVERY_S = 30.0  # default of how often a decoding scheduler logs the tier's statistics
-STATS_ENV = "KVTIER_STATS_INTERVAL_S"
+STATS_ENV = env.STATS_INTERVAL.name
 METRICS_EVERY_S = 1.0  # how often the Prometheus metrics follow the tier (with --enable-metrics)
 
 
 def stats_interval_s() -> float:
     """Seconds between the scheduler's `kvtier:` statistics lines ($KVTIER_STATS_INTERVAL_S, default 30)."""
-    raw = os.environ.get(STATS_ENV)
-    if raw is None or raw == "":
+    raw = env.get(env.STATS_INTERVAL)
+    if raw is None:
         return STATS_EVERY_S
     try:
         value = float(raw)

@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from kvtier.config import env as kvtier_env
+
 
 def _post(url: str, body: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -87,8 +89,8 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
     base = f"http://127.0.0.1:{args.port}"
     with open(log, "w") as f:
         # Tier statistics every second, so that the short check's log shows slots released and pages moved.
-        env = {**os.environ, "KVTIER_STATS_INTERVAL_S": "1"}
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        child_env = {**os.environ, kvtier_env.STATS_INTERVAL.name: "1"}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=child_env)
     result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "requests": []}
     try:
         _wait_ready(base, proc, log, args.ready_timeout)

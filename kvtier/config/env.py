@@ -14,12 +14,14 @@ class EnvVar(NamedTuple):
     meaning: str
 
 
-ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2 or avx512 (read by the C engine at load).")
+ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2, avx512, or avx512bw (AVX-512 without the VNNI kernels; read by the C engine at load).")
 CONFIG = EnvVar("KVTIER_CONFIG", "Path of the resolved policy YAML handed to sglang's scheduler and worker processes.")
 RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks write JSON and tables (default: benchmarks/results).")
 CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model files from wheels (default: ~/.cache/kvtier/models).")
 
-TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR)
+STATS_INTERVAL = EnvVar("KVTIER_STATS_INTERVAL_S", "Seconds between a serving scheduler's `kvtier:` statistics lines (default 30).")
+
+TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR, STATS_INTERVAL)
 
 
 def get(var: EnvVar) -> Optional[str]:
