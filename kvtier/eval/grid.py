@@ -14,7 +14,7 @@ from ..bench import results
 from ..config import ConfigError, load
 from ..policies import REGISTRY
 from . import models
-from .runner import PolicySpec, is_policy_file, policy_specs, run_prompt
+from .runner import PolicySpec, entry_label, is_policy_file, policy_specs, run_prompt
 from .tasks import TASKS, build, score
 
 GAP_BUDGET = 0.1
@@ -31,21 +31,20 @@ def check_settings(s: dict) -> None:
     for t in s["tasks"]:
         if t not in TASKS:
             raise ValueError(f"--tasks: expected names from {sorted(TASKS)}, found {t!r}")
+    runnable = sorted(set(REGISTRY) - {"offload_all"})
     for p in s["policies"]:
+        kind = p
         if is_policy_file(p):
             try:
                 kind = load(p).policy
             except ConfigError as exc:
                 raise ValueError(f"--policies: {exc}") from None
-            if kind not in REGISTRY or kind == "offload_all":
-                raise ValueError(f"--policies: {p}: expected a policy the grid can run "
-                                 f"({sorted(set(REGISTRY) - {'offload_all'})}), found {kind!r}")
-        elif p not in REGISTRY or p == "offload_all":
-            raise ValueError(f"--policies: expected names from {sorted(set(REGISTRY) - {'offload_all'})} "
-                             f"or policy YAML files, found {p!r}")
+        if kind not in runnable:
+            where = f"{p}: " if is_policy_file(p) else ""
+            raise ValueError(f"--policies: {where}expected names from {runnable} or policy YAML files, found {kind!r}")
     if "dense" not in s["policies"]:
         raise ValueError(f"--policies: expected dense among them (the reference), found {s['policies']}")
-    labels = [pathlib.Path(p).stem if is_policy_file(p) else p for p in s["policies"]]
+    labels = [entry_label(p) for p in s["policies"]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--policies: expected distinct labels (a file is labelled by its stem), found {labels}")
     if s.get("name") is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", s["name"]):

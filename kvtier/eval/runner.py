@@ -44,6 +44,11 @@ def is_policy_file(entry: str) -> bool:
     return entry.endswith((".yaml", ".yml"))
 
 
+def entry_label(entry: str) -> str:
+    """A grid entry's label: a policy file's stem, or the policy name itself."""
+    return pathlib.Path(entry).stem if is_policy_file(entry) else entry
+
+
 def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_tokens: int, sink_tokens: int = 64,
                  page_tokens: int = 16, max_context_tokens: int = 131072) -> List[PolicySpec]:
     """Configs of the grid: budgeted policies once per budget, the baselines once.
@@ -59,12 +64,11 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
     for entry in policies:
         if is_policy_file(entry):
             base = load(entry).model_dump(mode="json")
-            label = pathlib.Path(entry).stem
         else:
             base = {"policy": entry}
             if entry == "quest":
                 base["host_store"] = {"key_format": "bf16"}
-            label = entry
+        label = entry_label(entry)
         name = base["policy"]
         if name in ("dense", "window_only"):
             specs.append(PolicySpec(label, name, None, from_mapping({**base, **common})))
@@ -171,4 +175,4 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
             t.close()
 
 
-__all__ = ["PolicySpec", "PromptResult", "is_policy_file", "policy_specs", "run_prompt"]
+__all__ = ["PolicySpec", "PromptResult", "entry_label", "is_policy_file", "policy_specs", "run_prompt"]

@@ -167,10 +167,9 @@ class HybridAttention:
         if fused:
             out = win_out
             if engine:
-                far = host.far_host.to(q.device, non_blocking=True)
-                n = b * hq * d
-                out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far[:n].view(b, hq, d),
-                                             far[n:].view(b, hq), a_lse_base2=True)
+                far = _engine_part_on(host, q.device)
+                out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far.out, far.lse,
+                                             a_lse_base2=True)
             self._wall_s += time.perf_counter() - t0
             return out
         if host is None:
@@ -178,8 +177,7 @@ class HybridAttention:
         elif engine:
             if future is not None:
                 future.result()
-            far = AttnPart(host.out_host.to(q.device, non_blocking=True), host.lse_host.to(q.device, non_blocking=True))
-            part = merge(dev, far)
+            part = merge(dev, _engine_part_on(host, q.device))
         else:
             part = merge(dev, self._fetch_part(q, layer, host))
         self._wall_s += time.perf_counter() - t0
@@ -257,6 +255,13 @@ class HybridAttention:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _engine_part_on(host: _HostPlan, device) -> AttnPart:
+    """The engine's (out, lse) on `device`, views of one copy of the flat host buffer."""
+    far = host.far_host.to(device, non_blocking=True)
+    n = host.out_host.numel()
+    return AttnPart(far[:n].view(host.out_host.shape), far[n:].view(host.lse_host.shape))
 
 
 def _fetch(buf: torch.Tensor, pages: torch.Tensor, device) -> torch.Tensor:
