@@ -30,6 +30,7 @@ typedef struct kvt_plan_state {
     int64_t serial;
     int B, Hq, Hkv, G, mode, reduce;
     float tau, sm_scale, soft_cap;
+    float prefilter;      /* > 0: candidates from summary-chunk bounds (TOPK/MASS) */
     int32_t *page_table, *page_off, *ntok, *budget, *block; /* copies of the desc arrays */
     int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores */
     float *scores;
@@ -55,6 +56,12 @@ typedef struct kvt_plan_state {
     float *set_buf;
     kvt_set_state *sets;
     float *part;          /* [n_sets, KVT_SPLIT_MAX, m, D + 1]: partial sum p.V and lse */
+    /* split prefilter: per set its chunk bounds [m, nc] at pf_off[s]; bound work
+     * items (set, first page, end page) */
+    int64_t *pf_off;
+    float *pf_ub;
+    int64_t n_pf_items;
+    int32_t *pf_items;
     int32_t *work;        /* [n_sets * KVT_SPLIT_MAX, 2]: (set, chunk) items of a phase */
     /* per-thread scratch for score post-processing and select + attend */
     int n_threads;

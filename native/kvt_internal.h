@@ -67,6 +67,10 @@ typedef struct kvt_kernels {
     /* sum of exp(x[i] - ref) over i < n with x[i] < below (below = +inf: all i);
      * every such x[i] <= ref. generic sums exp in double, the SIMD variants in float. */
     double (*sum_exp)(const float *x, int n, float ref, float below);
+    /* out[g*ostride + c] = dot(w[g*D2:], s[c*D2:]) for c < n, g < G (D2 % 32 == 0):
+     * summary-chunk upper bounds, with s a chunk's [min | max] row and w the query's
+     * [min(q, 0) | max(q, 0)] */
+    void (*bound_f32)(const float *s, int n, int D2, const float *w, int G, float *out, int64_t ostride);
 } kvt_kernels;
 
 /* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */

@@ -108,10 +108,20 @@ static double sum_exp_generic(const float *x, int n, float ref, float below) {
     return z;
 }
 
+static void bound_f32_generic(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+    for (int c = 0; c < n; c++, s += D2)
+        for (int g = 0; g < G; g++) {
+            const float *wg = w + (int64_t)g * D2;
+            float a = 0.f;
+            for (int d = 0; d < D2; d++) a += wg[d] * s[d];
+            out[g * os + c] = a;
+        }
+}
+
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
-    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_f32_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -214,10 +224,26 @@ T_AVX2 static uint64_t sum_bytes_avx2(const uint8_t *buf, int64_t n) {
 
 ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
 
+T_AVX2 static void bound_f32_avx2(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+    for (int c = 0; c < n; c++, s += D2) {
+        if (c + 1 < n)
+            for (int d = 0; d < D2; d += 16) _mm_prefetch((const char *)(s + D2 + d), _MM_HINT_T0);
+        for (int g = 0; g < G; g++) {
+            const float *wg = w + (int64_t)g * D2;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (int d = 0; d < D2; d += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(s + d), _mm256_loadu_ps(wg + d), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + d + 8), _mm256_loadu_ps(wg + d + 8), a1);
+            }
+            out[g * os + c] = hsum256(_mm256_add_ps(a0, a1));
+        }
+    }
+}
+
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_f32_avx2,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -872,10 +898,26 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
 I4Q16_FAMILY(T_512, bw, DP_BW)
 I4Q16_FAMILY(T_512V, vnni, DP_VNNI)
 
+T_512 static void bound_f32_512(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+    for (int c = 0; c < n; c++, s += D2) {
+        if (c + 1 < n)
+            for (int d = 0; d < D2; d += 16) _mm_prefetch((const char *)(s + D2 + d), _MM_HINT_T0);
+        for (int g = 0; g < G; g++) {
+            const float *wg = w + (int64_t)g * D2;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int d = 0; d < D2; d += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(s + d), _mm512_loadu_ps(wg + d), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(s + d + 16), _mm512_loadu_ps(wg + d + 16), a1);
+            }
+            out[g * os + c] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        }
+    }
+}
+
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_f32_512,
 };
 
 /* K_AVX512 under its own name: KVTIER_ISA=avx512bw forces the AVX512BW selection
@@ -883,14 +925,14 @@ static const kvt_kernels K_AVX512 = {
 static const kvt_kernels K_AVX512_BW = {
     "avx512bw", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_f32_512,
 };
 
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512,
+    softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512, bound_f32_512,
 };
 #endif
 

@@ -14,6 +14,7 @@ void kvt_plan_free(kvt_plan_state *p) {
     free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
     free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
     free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->part); free(p->work);
+    free(p->pf_off); free(p->pf_ub); free(p->pf_items);
     memset(p, 0, sizeof *p);
 }
 
@@ -58,6 +59,12 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite sm_scale > 0, got %g", (double)d->sm_scale);
     if (!isfinite(d->soft_cap) || d->soft_cap < 0.f)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite soft_cap >= 0, got %g", (double)d->soft_cap);
+    if (!isfinite(d->prefilter) || (d->prefilter != 0.f && d->prefilter < 1.f))
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected prefilter 0 (off) or a finite factor >= 1, got %g",
+                       (double)d->prefilter);
+    if (d->prefilter > 0.f && d->mode != KVT_SELECT_TOPK && d->mode != KVT_SELECT_MASS)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: prefilter applies to modes topk and mass, got mode %d with "
+                       "prefilter %g", d->mode, (double)d->prefilter);
     if (d->mode == KVT_SELECT_ALL) return KVT_OK;
     if (!d->budget_tokens)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens [batch * kv_heads], got NULL");
@@ -85,13 +92,57 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
 /* Split select + attend when the selection sets are few against the threads
  * (small batches): candidates are capped at 2k + 4096 per set (a set with more
  * falls back to the one-item path at run time). */
+/* Prefilter candidates of a set of request b, kv-head h: the tokens of the
+ * best prefilter x budget / summary_tokens chunks (every token when that covers
+ * the request). */
+static int64_t prefilter_cap(const kvt_plan_state *p, const kvt_store *s, int64_t bh) {
+    const int S = s->d.summary_tokens, n = p->ntok[bh / p->Hkv];
+    const double want = ceil((double)p->prefilter * p->budget[bh] / S) * S;
+    return want < n ? (int64_t)want : n;
+}
+
+/* Bound work items of the split prefilter: each set's pages in parts, about
+ * two items per thread in all, at least 32 pages per part. */
+static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int m) {
+    const int T = s->d.page_tokens, S = s->d.summary_tokens;
+    p->pf_off = malloc(sizeof(int64_t) * (size_t)p->n_sets);
+    if (!p->pf_off) return KVT_ERR_NOMEM;
+    int64_t total = 0, items = 0;
+    const int64_t parts_want = (2 * (int64_t)p->n_threads + p->n_sets - 1) / p->n_sets;
+    for (int64_t i = 0; i < p->n_sets; i++) {
+        int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
+        p->pf_off[i] = total;
+        total += (int64_t)m * ((n + S - 1) / S);
+        int64_t parts = np / 32 < parts_want ? np / 32 : parts_want;
+        items += parts < 1 ? 1 : parts;
+    }
+    p->pf_ub = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
+    p->pf_items = malloc(sizeof(int32_t) * 3 * (size_t)items);
+    if (!p->pf_ub || !p->pf_items) return KVT_ERR_NOMEM;
+    int64_t it = 0;
+    for (int64_t i = 0; i < p->n_sets; i++) {
+        int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
+        int64_t parts = np / 32 < parts_want ? np / 32 : parts_want;
+        if (parts < 1) parts = 1;
+        for (int64_t j = 0; j < parts; j++) {
+            int32_t *w = p->pf_items + 3 * it++;
+            w[0] = (int32_t)i;
+            w[1] = (int32_t)(j * np / parts);
+            w[2] = (int32_t)((j + 1) * np / parts);
+        }
+    }
+    p->n_pf_items = it;
+    return KVT_OK;
+}
+
 static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : p->G, D = s->d.head_dim;
     p->nsub = per_q ? p->G : 1;
     p->n_sets = (int64_t)p->B * p->Hkv * p->nsub;
     const int q16_keys = s->d.key_format == KVT_KEY_INT8 ||
                          (s->d.key_format == KVT_KEY_INT4 && kvt_i4_q16_ok(D, s->d.key_group));
-    if (!q16_keys || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
+    const int pf = p->prefilter > 0.f;
+    if ((!q16_keys && !pf) || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
         p->n_threads < 2 || p->n_sets >= 4 * (int64_t)p->n_threads)
         return KVT_OK;
     int64_t want = (4 * (int64_t)p->n_threads + p->n_sets - 1) / p->n_sets;
@@ -105,12 +156,13 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     int64_t total = 0;
     for (int64_t i = 0; i < p->n_sets; i++) {
         int64_t bh = i / p->nsub, n = p->ntok[bh / p->Hkv], cap = 2 * (int64_t)p->budget[bh] + 4096;
-        p->set_cap[i] = (int32_t)(cap < n ? cap : n);
+        p->set_cap[i] = (int32_t)(pf ? prefilter_cap(p, s, bh) : cap < n ? cap : n);
         p->set_off[i] = total;
         total += (int64_t)p->set_cap[i] * (4 + m);
     }
     p->set_buf = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
     if (!p->set_buf) return KVT_ERR_NOMEM;
+    if (pf && plan_prefilter_bounds(p, s, m) != KVT_OK) return KVT_ERR_NOMEM;
     p->split = 1;
     return KVT_OK;
 }
@@ -131,6 +183,7 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv;
     p->mode = d->mode; p->reduce = d->group_reduce;
     p->tau = d->mass_threshold; p->sm_scale = d->sm_scale; p->soft_cap = d->soft_cap;
+    p->prefilter = d->prefilter;
     int64_t total_pages = d->page_offsets[B];
     p->page_table = dup_i32(d->page_table, total_pages);
     p->page_off = dup_i32(d->page_offsets, B + 1);
@@ -162,9 +215,10 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->qerr = malloc(sizeof(float) * (size_t)B * p->Hq);
     p->n_threads = kvt_pool_size(e->pool);
     /* per thread: tmp, cand, re, pos, sel (n each), pairs (2n), exact logits and
-     * p ([G, n] each), acc [G, D], block min/max [2D], score segment [G, KVT_SEG] */
+     * p ([G, n] each), acc [G, D], block min/max [2D] or the prefilter's bound
+     * query [G, 2D], score segment [G, KVT_SEG] */
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
-    p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
+    p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (3 * (int64_t)p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
     p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
     p->scratch = malloc(sizeof(float) * (size_t)(p->scratch_floats * p->n_threads));
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||

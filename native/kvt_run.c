@@ -302,6 +302,55 @@ static int find_i32(const int32_t *a, int n, int32_t v) {
     return lo;
 }
 
+/* Per-thread scratch of one selection set, n = the request's host tokens. */
+typedef struct {
+    float *tmp, *re, *pairs, *E, *prob, *acc, *w;
+    int32_t *cand, *pos, *sel;
+} set_scratch;
+
+static set_scratch set_scratch_at(const kvt_plan_state *p, float *sc, int n) {
+    const int64_t G = p->G, D = p->store->d.head_dim;
+    set_scratch o;
+    o.tmp = sc;
+    o.re = o.tmp + n;
+    o.pairs = o.re + n;
+    o.E = o.pairs + 2 * (int64_t)n;
+    o.prob = o.E + G * n;
+    o.cand = (int32_t *)(o.prob + G * n);
+    o.pos = o.cand + n;
+    o.sel = o.pos + n;
+    o.acc = (float *)(o.sel + n);
+    o.w = o.acc + G * D;
+    return o;
+}
+
+/* The exact logits of the candidates z.cand[0..cnt) (ascending) decide the top k;
+ * MASS then keeps the smallest part of it reaching tau of the softmax mass, over
+ * every host token when x holds their selection logits, else over the candidates. */
+static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z) {
+    kvt_plan_state *p = r->p;
+    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
+    const int D = p->store->d.head_dim;
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G;
+    exact_logits(p, r->layer, b, h, z.cand, cnt, r->q + (qh0 + g0) * D, m, z.E, cnt);
+    float *ex = z.E;
+    if (m > 1) { group_reduce(p, z.E, cnt, m, cnt, z.re); ex = z.re; }
+    int count = kvt_topk_indices(ex, cnt, p->budget[bh], z.tmp, z.pos);
+    if (p->mode == KVT_SELECT_MASS && x) {
+        for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
+        for (int j = 0; j < cnt; j++) x[z.cand[j]] = ex[j];
+        count = kvt_mass_cut(x, n, z.sel, count, p->tau, z.pairs);
+        for (int j = 0; j < count; j++) z.pos[j] = find_i32(z.cand, cnt, z.sel[j]);
+    } else if (p->mode == KVT_SELECT_MASS) {
+        count = kvt_mass_cut(ex, cnt, z.pos, count, p->tau, z.pairs);
+    }
+    for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
+    /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
+    for (int g = 0; g < m; g++)
+        for (int j = 0; j < count; j++) z.E[(int64_t)g * count + j] = z.E[(int64_t)g * cnt + z.pos[j]];
+    attend(r, b, h, g0, m, z.E, z.sel, count, z.prob, z.acc, (const void **)z.pairs, z.tmp);
+}
+
 /* q16 path, one selection set (heads g0..g0+m of (b, h)): x holds the
  * selection-stage logits (reduced over the set when m > 1). Every token whose
  * logit lies within twice the error bound of the k-th largest is a candidate;
@@ -309,38 +358,97 @@ static int find_i32(const int32_t *a, int n, int32_t v) {
  * exact logits make. */
 static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, float *sc) {
     kvt_plan_state *p = r->p;
-    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), G = p->G, n = p->ntok[b];
-    const int D = p->store->d.head_dim;
-    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
-    float *tmp = sc, *re = tmp + n, *pairs = re + n, *E = pairs + 2 * (int64_t)n;
-    float *prob = E + (int64_t)G * n;
-    int32_t *cand = (int32_t *)(prob + (int64_t)G * n), *pos = cand + n, *sel = pos + n;
-    float *acc = (float *)(sel + n);
+    const int b = (int)(bh / p->Hkv), n = p->ntok[b];
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)(bh % p->Hkv) * p->G;
+    set_scratch z = set_scratch_at(p, sc, n);
     const int k = p->budget[bh];
     int cnt = 0;
     if (k >= n) {
-        for (int t = 0; t < n; t++) cand[t] = t;
+        for (int t = 0; t < n; t++) z.cand[t] = t;
         cnt = n;
     } else {
-        float theta = kvt_kth_value(x, n, k, tmp);
+        float theta = kvt_kth_value(x, n, k, z.tmp);
         float cut = theta - 3.f * q16_bound(p, bh, qh0 + g0, m, theta);
         for (int t = 0; t < n; t++)
-            if (x[t] >= cut) cand[cnt++] = t;
+            if (x[t] >= cut) z.cand[cnt++] = t;
     }
-    exact_logits(p, r->layer, b, h, cand, cnt, r->q + (qh0 + g0) * D, m, E, cnt);
-    const float *ex = E;
-    if (m > 1) { group_reduce(p, E, cnt, m, cnt, re); ex = re; }
-    int count = kvt_topk_indices(ex, cnt, k, tmp, pos);
-    for (int j = 0; j < count; j++) sel[j] = cand[pos[j]];
-    if (p->mode == KVT_SELECT_MASS) {
-        for (int j = 0; j < cnt; j++) x[cand[j]] = ex[j];
-        count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
-        for (int j = 0; j < count; j++) pos[j] = find_i32(cand, cnt, sel[j]);
-    }
-    /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
+    decide_attend(r, bh, g0, m, cnt, x, z);
+}
+
+/* pages of summaries prefetched ahead of the bound pass */
+#define KVT_PF_PAGES 6
+
+/* The bound query of heads q[0..m): w[g] = [min(q_g, 0) | max(q_g, 0)] */
+static void bound_query(const float *q, int m, int D, float *w) {
     for (int g = 0; g < m; g++)
-        for (int j = 0; j < count; j++) E[(int64_t)g * count + j] = E[(int64_t)g * cnt + pos[j]];
-    attend(r, b, h, g0, m, E, sel, count, prob, acc, (const void **)pairs, tmp);
+        for (int d = 0; d < D; d++) {
+            float v = q[(int64_t)g * D + d];
+            w[(int64_t)g * 2 * D + d] = v < 0.f ? v : 0.f;
+            w[(int64_t)g * 2 * D + D + d] = v > 0.f ? v : 0.f;
+        }
+}
+
+/* Upper bounds of the summary chunks of pages [pi0, pi1) of request b, kv-head h:
+ * ub[g * nc + c] = w[g] . [mn | mx] of chunk c, the largest logit (before
+ * sm_scale) any token of the chunk can have. */
+static void chunk_bounds(const kvt_plan_state *p, int layer, int b, int h, const float *w, int m, int pi0,
+                         int pi1, float *ub) {
+    const kvt_store *s = p->store;
+    const int D = s->d.head_dim, S = s->d.summary_tokens, T = s->d.page_tokens, n = p->ntok[b];
+    const int per_page = T / S, nc = (n + S - 1) / S;
+    const int32_t *pages = p->page_table + p->page_off[b];
+    const int64_t row_bytes = (int64_t)per_page * 2 * D * sizeof(float);
+    /* a page's summaries are a few lines, pages apart in memory: prefetch ahead */
+    for (int pi = pi0; pi < pi1; pi++) {
+        if (pi + KVT_PF_PAGES < pi1) {
+            const char *a = (const char *)kvt_summary_ptr(s, kvt_lph(s, layer, pages[pi + KVT_PF_PAGES], h));
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(a + o);
+        }
+        int c0 = pi * per_page, len = nc - c0 < per_page ? nc - c0 : per_page;
+        kvt_k->bound_f32(kvt_summary_ptr(s, kvt_lph(s, layer, pages[pi], h)), len, 2 * D, w, m, ub + c0, nc);
+    }
+}
+
+/* Candidates from the chunk bounds ub [m, nc] (reduced over the set like the
+ * logits, into red): the tokens of the best chunks, ascending. Returns their count. */
+static int prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const float *ub, float *red, float *tmp,
+                          int32_t *pos, int32_t *cand) {
+    const int S = p->store->d.summary_tokens, n = p->ntok[bh / p->Hkv], nc = (n + S - 1) / S;
+    const double want = ceil((double)p->prefilter * p->budget[bh] / S);
+    int cnt = 0;
+    if (want >= nc) {
+        for (int t = 0; t < n; t++) cand[t] = t;
+        return n;
+    }
+    if (m > 1) { group_reduce(p, ub, nc, m, nc, red); ub = red; }
+    int nsel = kvt_topk_indices(ub, nc, (int)want, tmp, pos);
+    for (int i = 0; i < nsel; i++)
+        for (int t = pos[i] * S; t < (pos[i] + 1) * S && t < n; t++) cand[cnt++] = t;
+    return cnt;
+}
+
+static int prefilter_active(const kvt_plan_state *p, int64_t bh) {
+    const int S = p->store->d.summary_tokens, n = p->ntok[bh / p->Hkv];
+    return ceil((double)p->prefilter * p->budget[bh] / S) < (n + S - 1) / S;
+}
+
+/* Prefilter, one selection set on one thread: the upper bound of every summary
+ * chunk, sum_d max(q_d mn_d, q_d mx_d) = [min(q, 0) | max(q, 0)] . [mn | mx]
+ * (reduced over the set like the logits), ranks the chunks; the tokens of the
+ * best ones, prefilter x budget of them, are the candidates whose exact logits
+ * decide. Only the summaries and the candidates' keys are read. */
+static void select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float *sc) {
+    kvt_plan_state *p = r->p;
+    const kvt_store *s = p->store;
+    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
+    const int D = s->d.head_dim, T = s->d.page_tokens;
+    set_scratch z = set_scratch_at(p, sc, n);
+    if (prefilter_active(p, bh)) {
+        bound_query(r->q + ((int64_t)b * p->Hq + (int64_t)h * p->G + g0) * D, m, D, z.w);
+        chunk_bounds(p, r->layer, b, h, z.w, m, 0, (n + T - 1) / T, z.E);
+    }
+    int cnt = prefilter_pick(p, bh, m, z.E, z.re, z.tmp, z.pos, z.cand);
+    decide_attend(r, bh, g0, m, cnt, NULL, z);
 }
 
 /* empty request: out = 0, lse = -inf for query heads qh0 .. qh0 + m */
@@ -368,6 +476,10 @@ static void attend_task(void *c, int64_t item, int tid) {
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
     float *L = p->scores + p->score_off[item];
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
+    if (p->prefilter > 0.f) {
+        for (int g0 = 0; g0 < G; g0 += m) select_attend_prefilter(r, item, g0, m, sc);
+        return;
+    }
     if (r->q16) {
         for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc);
         return;
@@ -622,6 +734,46 @@ static void attend_chunk_task(void *c, int64_t item, int tid) {
     if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) merge_set(r, s);
 }
 
+/* split prefilter: the chunk bounds of a part of a set's pages */
+static void bound_task(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int32_t *w = p->pf_items + 3 * item;
+    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);
+    if (p->ntok[b] == 0 || !prefilter_active(p, bh)) return;
+    float *q = p->scratch + (int64_t)tid * p->scratch_floats;
+    bound_query(r->q + qh0 * D, m, D, q);
+    chunk_bounds(p, r->layer, b, h, q, m, w[1], w[2], p->pf_ub + p->pf_off[w[0]]);
+}
+
+/* split prefilter, per set: the candidates from the chunk bounds; the exact
+ * phase then runs as for the q16 path (mass over the candidates: cut = -inf) */
+static void select_task_pf(void *c, int64_t s, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    st->nce = st->nca = 0;
+    const int n = p->ntok[b];
+    if (n == 0) {
+        write_empty(r, qh0, m);
+        return;
+    }
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    set_bufs sb = set_buffers(p, s);
+    st->cnt = prefilter_pick(p, bh, m, p->pf_ub + p->pf_off[s], sc, sc + n, (int32_t *)(sc + 2 * (int64_t)n),
+                             sb.cand);
+    st->cut = -INFINITY;
+    st->nce = split_chunks(p, st->cnt);
+    atomic_store_explicit(&st->left, st->nce, memory_order_relaxed);
+}
+
 /* (set, chunk) work items of the exact (attend = 0) or attend (1) phase */
 static int64_t split_items(kvt_plan_state *p, int attend_phase) {
     int64_t w = 0;
@@ -645,7 +797,7 @@ static int use_q16(const kvt_plan_state *p, int for_run) {
            : d->key_format == KVT_KEY_INT4 ? kvt_k->score_i4_q16 && kvt_i4_q16_ok(d->head_dim, d->key_group)
            : 0;
     if (!ok) return 0;
-    return !for_run || p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS;
+    return !for_run || ((p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS) && p->prefilter == 0.f);
 }
 
 int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *lse,
@@ -664,10 +816,15 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         if (r.q16) {
             prepare_q16(p, q);
             kvt_pool_run(e->pool, p->n_items, score_task_q16, &r);
-        } else if (p->mode != KVT_SELECT_BLOCKS) {
+        } else if (p->mode != KVT_SELECT_BLOCKS && p->prefilter == 0.f) {
             kvt_pool_run(e->pool, p->n_items, score_task, &r);
         }
-        if (r.q16 && p->split) {
+        if (p->prefilter > 0.f && p->split) {
+            kvt_pool_run(e->pool, p->n_pf_items, bound_task, &r);
+            kvt_pool_run(e->pool, p->n_sets, select_task_pf, &r);
+            kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
+            kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
+        } else if (r.q16 && p->split) {
             kvt_pool_run(e->pool, p->n_sets, select_task, &r);
             kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
             kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);

@@ -59,6 +59,9 @@ typedef struct kvt_plan_desc {
     float mass_threshold;
     float sm_scale;
     float soft_cap;
+    float prefilter;              /* TOPK/MASS: >= 1 token-scores only the summary chunks
+                                     with the best key upper bounds, holding prefilter x
+                                     budget tokens; 0 scores every host token */
 } kvt_plan_desc;
 
 int32_t kvt_init(void);

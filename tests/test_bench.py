@@ -16,7 +16,7 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     assert m, last
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
-    assert policies == {"dense", "offload_all", "hgca"}
+    assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter"}
     # hgca keeps only sinks + window on the device and attends a sparse subset: small but nonzero error
     hgca = next(r for r in payload["rows"] if r["policy"] == "hgca")
     assert 0 < hgca["rel_err"] < 0.2

@@ -47,7 +47,21 @@ def flat(x, n):  # [np, H, T, D] -> [H, n, D]
     return x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[3])[:, :n]
 
 
-def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, blocks, tau, sm, cap):
+def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
+    """Tokens the prefilter keeps: those of the summary chunks with the best key upper bound."""
+    S, D = store.summary_tokens, qs.shape[-1]
+    nc, want = -(-n // S), math.ceil(prefilter * k / S)
+    if prefilter == 0 or want >= nc:
+        return torch.arange(n)
+    summ = store.summary[layer, pages.long(), h].double().reshape(-1, 2, D)[:nc]  # [nc, 2, D]
+    ub = torch.maximum(qs[:, None] * summ[None, :, 0], qs[:, None] * summ[None, :, 1]).sum(-1)  # [m, nc]
+    ub = ub.mean(0) if reduce == "mean" else ub.amax(0)
+    chosen = torch.sort(torch.topk(ub, want).indices).values
+    return torch.cat([torch.arange(c * S, min((c + 1) * S, n)) for c in chosen.tolist()])
+
+
+def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, blocks, tau, sm, cap,
+                  prefilter=0.0):
     B, Hq, D = q.shape
     Hkv = store.kv_heads
     G = Hq // Hkv
@@ -89,9 +103,13 @@ def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, b
                     chosen = torch.topk(ub, min(nb, -(-k // bt))).indices
                     sel = torch.cat([torch.arange(c * bt, min((c + 1) * bt, n)) for c in chosen.tolist()])
                 else:
-                    sel = torch.topk(r, min(k, n)).indices
+                    cand = ref_candidates(store, layer, pages, h, qg[g0:g1], n, k, prefilter, reduce)
+                    # without the prefilter, mass is normalized over every host token
+                    probs = torch.softmax(r[cand], 0)
+                    pick = torch.topk(r[cand], min(k, len(cand))).indices
+                    sel = cand[pick]
                     if mode == "mass":
-                        p = torch.softmax(r, 0)[sel]
+                        p = probs[pick]
                         order = torch.argsort(p, descending=True)
                         cum = torch.cumsum(p[order], 0)
                         keep = int((cum < tau).sum()) + 1
@@ -128,17 +146,17 @@ def make_case(*, D=64, T=16, G=4, Hkv=2, lengths=(100,), kf="int8", vf="bf16", l
 
 
 def run_both(store, table, offs, ntok, q, *, mode="topk", reduce="max", budget=None, blocks=None,
-             tau=1.0, cap=0.0, layer=1, threads=2):
+             tau=1.0, cap=0.0, layer=1, threads=2, prefilter=0.0):
     B, Hq, D = q.shape
     sm = 1.0 / math.sqrt(D)
     if budget is None:
         budget = torch.full((B, store.kv_heads), 20, dtype=torch.int32)
     with N.Engine(threads) as eng:
         eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
-                 block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap)
+                 block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap, prefilter=prefilter)
         res = eng.run(layer, q, return_selection=True)
     ref = ref_attention(store, layer, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget,
-                        blocks=blocks, tau=tau, sm=sm, cap=cap)
+                        blocks=blocks, tau=tau, sm=sm, cap=cap, prefilter=prefilter)
     return res, ref
 
 
@@ -182,6 +200,67 @@ def test_modes_vs_reference(mode, reduce, cap, kf, vf):
     budget = torch.tensor([[40, 64], [33, 12], [5, 5]], dtype=torch.int32)
     blocks = torch.tensor([16, 64], dtype=torch.int32) if mode == "blocks" else None
     assert_matches(*run_both(*case, mode=mode, reduce=reduce, budget=budget, blocks=blocks, tau=0.9, cap=cap))
+
+
+@pytest.mark.parametrize("mode", ["topk", "mass"])
+@pytest.mark.parametrize("reduce", ["max", "mean", "per_qhead"])
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("kf,vf", [("int8", "bf16"), ("int4", "int8"), ("bf16", "bf16")])
+def test_prefilter_vs_reference(mode, reduce, cap, kf, vf):
+    """Candidates from summary-chunk bounds, then exact top-k (and mass) among them."""
+    case = make_case(D=64, T=32, G=4, lengths=(300, 70, 0), kf=kf, vf=vf, S=8, seed=7 + len(mode) + len(reduce))
+    budget = torch.tensor([[20, 40], [8, 12], [5, 5]], dtype=torch.int32)
+    res, ref = run_both(*case, mode=mode, reduce=reduce, budget=budget, tau=0.9, cap=cap, prefilter=2.0)
+    assert_matches(res, ref)
+    # the prefilter did cut, and it changed what is selected
+    store, table, offs, ntok, q = case
+    pages = table[int(offs[0]):int(offs[1])]
+    assert len(ref_candidates(store, 1, pages, 0, q[0, :4].double(), 300, 20, 2.0, reduce)) <= 40
+    full = ref_attention(store, 1, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget, blocks=None,
+                         tau=0.9, sm=1 / 8, cap=cap)
+    assert full[2] != ref[2]
+
+
+@pytest.mark.parametrize("mode", ["topk", "mass"])
+@pytest.mark.parametrize("threads", [1, 8])
+def test_prefilter_long_request_vs_reference(mode, threads):
+    """Batch 1 on many threads splits the bound pass over page ranges and the exact/attend phases."""
+    case = make_case(D=64, T=64, G=4, Hkv=2, lengths=(5000,), S=32, seed=11)
+    budget = torch.tensor([[60, 150]], dtype=torch.int32)
+    assert_matches(*run_both(*case, mode=mode, budget=budget, tau=0.8, threads=threads, prefilter=3.0))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefilter_isa_variants_match_generic(isa, D):
+    case = make_case(D=D, T=64, G=4, Hkv=2, lengths=(2000, 333), S=16, seed=D)
+    budget = torch.tensor([[64, 100], [30, 7]], dtype=torch.int32)
+    runs = {}
+    for name in ("generic", isa):
+        N.set_isa(name)
+        runs[name] = run_engine(*case, mode="topk", reduce="max", budget=budget, prefilter=4.0)
+    assert_same_as_generic(runs[isa], runs["generic"])
+
+
+def test_prefilter_covering_every_chunk_equals_full_scoring():
+    """A factor that covers the whole request selects exactly what scoring every token does."""
+    case = make_case(D=64, T=16, G=4, lengths=(500, 64), seed=3)
+    budget = torch.tensor([[50, 10], [20, 64]], dtype=torch.int32)
+    full = run_engine(*case, mode="topk", reduce="max", budget=budget)
+    wide = run_engine(*case, mode="topk", reduce="max", budget=budget, prefilter=50.0)
+    assert_same_as_generic(wide, full)
+
+
+@pytest.mark.parametrize("prefilter,mode,match", [
+    (0.5, "topk", "prefilter 0 .off. or a finite factor >= 1"),
+    (float("nan"), "topk", "prefilter: expected a finite number"),
+    (2.0, "all", "prefilter applies to modes topk and mass"),
+])
+def test_prefilter_bad_values_are_typed_errors(prefilter, mode, match):
+    store, table, offs, ntok, q = make_case(lengths=(100,))
+    with N.Engine(1) as eng, pytest.raises(N.NativeValueError, match=match):
+        eng.plan(store, table, offs, ntok, 8, mode=mode, budget_tokens=torch.full((1, 2), 8, dtype=torch.int32),
+                 sm_scale=0.125, prefilter=prefilter)
 
 
 def test_budget_covers_everything_equals_exact_attention():
@@ -356,11 +435,11 @@ def even_divisors(D):
     return [g for g in range(2, D + 1, 2) if D % g == 0]
 
 
-def run_engine(store, table, offs, ntok, q, *, mode, reduce, budget, tau=0.7, cap=0.0, threads=2):
+def run_engine(store, table, offs, ntok, q, *, mode, reduce, budget, tau=0.7, cap=0.0, threads=2, prefilter=0.0):
     B, Hq, D = q.shape
     with N.Engine(threads) as eng:
         eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
-                 mass_threshold=tau, sm_scale=1.0 / math.sqrt(D), soft_cap=cap)
+                 mass_threshold=tau, sm_scale=1.0 / math.sqrt(D), soft_cap=cap, prefilter=prefilter)
         return eng.run(1, q, return_selection=True)
 
 

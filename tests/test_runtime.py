@@ -107,6 +107,30 @@ def test_sparse_budget_is_close_but_not_exact(gen):
         tier.close()
 
 
+def _hgca_outputs(seed, **hgca):
+    """Hybrid output of every layer for one long request, the same inputs for every call."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = _config(budget={"kind": "tokens", "tokens": 64}, hgca=hgca)
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, _ = _decode(tier, gen, [1500], steps=1)
+        tier.attn.plan(rids)
+        return [tier.attn.run(torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen), layer)
+                for layer in range(SHAPE.n_layers)]
+    finally:
+        tier.close()
+
+
+def test_hgca_prefilter_reaches_the_engine():
+    """The policy's prefilter changes the selection when it cuts, and nothing when it covers every chunk."""
+    full = _hgca_outputs(5)
+    cut = _hgca_outputs(5, prefilter=1)
+    wide = _hgca_outputs(5, prefilter=1000)
+    for f, c, w in zip(full, cut, wide):
+        torch.testing.assert_close(w, f, atol=1e-6, rtol=1e-5)  # the split path sums in another order
+        assert not torch.allclose(c, f, atol=1e-4)
+
+
 def test_release_frees_device_slots_and_host_pages(gen):
     cfg = _config()
     tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)

@@ -73,8 +73,13 @@ class Engine:
              group_reduce: GroupReduce | str = GroupReduce.MAX,
              budget_tokens: torch.Tensor | None = None, block_tokens: torch.Tensor | None = None,
              mass_threshold: float = 1.0, sm_scale: float, soft_cap: float = 0.0,
-             sel_cap: int = 0) -> None:
-        """Validate a batch and size all scratch; later run() calls allocate nothing in C."""
+             prefilter: float = 0.0, sel_cap: int = 0) -> None:
+        """Validate a batch and size all scratch; later run() calls allocate nothing in C.
+
+        prefilter (topk and mass modes): 0 scores every host token; a factor >= 1
+        ranks the store's summary chunks by their key upper bound and scores only
+        the tokens of the best chunks, prefilter x budget of them.
+        """
         h = self._h()
         if not isinstance(store, HostStoreView):
             raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
@@ -114,6 +119,7 @@ class Engine:
         d.mass_threshold = _finite("mass_threshold", mass_threshold)
         d.sm_scale = _finite("sm_scale", sm_scale)
         d.soft_cap = _finite("soft_cap", soft_cap)
+        d.prefilter = _finite("prefilter", prefilter)
         check(lib.kvt_plan(h, sh, d))
         n_max = int(n_tok.max())
         if isinstance(sel_cap, bool) or not isinstance(sel_cap, int) or sel_cap < 0:

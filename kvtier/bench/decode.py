@@ -22,13 +22,18 @@ from .results import machine, markdown_table, write
 from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, make_weights, output, project_qkv
 
 POLICIES = ("dense", "offload_all", "hgca")
+# hgca with the summary prefilter (64-token pages and summary chunks, 4x the budget in candidates)
+EXTRA = ("hgca_prefilter",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 32768,131072")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,4,16")
-    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES + EXTRA),
+                        help=f"comma list of {', '.join(POLICIES + EXTRA)} (default: all)")
+    parser.add_argument("--prefilter", type=float, default=4.0,
+                        help="hgca_prefilter's candidates as a multiple of the budget (default 4)")
     parser.add_argument("--steps", type=int, default=0, help="timed decode steps per cell")
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
     parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"),
@@ -37,9 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 90%% of what is available)")
 
 
-def _configs(window: int, sinks: int, budget: int, key_format: str = "int8") -> Dict[str, object]:
+def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
+             prefilter: float = 4.0) -> Dict[str, object]:
     win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
     return {
+        "hgca_prefilter": from_mapping({
+            "policy": "hgca", "window": {**win, "page_tokens": 64}, "budget": {"kind": "tokens", "tokens": budget},
+            "host_store": {"key_format": key_format, "value_format": "bf16", "summary_tokens": 64},
+            "hgca": {"prefilter": prefilter}}),
         "dense": from_mapping({"policy": "dense", "window": win}),
         "offload_all": from_mapping({"policy": "offload_all", "window": win, "budget": {"kind": "all"},
                                      "host_store": {"key_format": "bf16"}}),
@@ -64,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
     window, sinks = (256, 16) if quick else (1024, 64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = make_weights(shape, hidden, device=device, dtype=dtype)
-    configs = _configs(window, sinks, budget, args.key_format)
+    unknown = sorted(set(args.policies) - set(POLICIES + EXTRA))
+    if unknown:
+        print(f"kvtier bench decode: unknown policies {unknown}; expected some of {list(POLICIES + EXTRA)}",
+              file=sys.stderr)
+        return 2
+    configs = _configs(window, sinks, budget, args.key_format, args.prefilter)
     host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.9 * (host_memory_available() or 16 << 30))
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
@@ -75,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
             for name in args.policies:
                 cfg = configs[name]
                 row = {"policy": name, "context": context, "batch": batch}
+                page = cfg.window.page_tokens
                 dev_tokens = batch * (context + steps + 8) if name == "dense" else \
-                    batch * (sinks + window + 16 + steps + 8)
+                    batch * (sinks + window + page + steps + 8)
                 need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
                 need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape)
                 if need_dev > dev_cap or need_host > host_cap:
@@ -100,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
                       f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
                 rows.append(row)
-    return _report(rows, quick, device, shape, budget, args.key_format)
+    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter)
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
@@ -181,7 +197,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _report(rows, quick, device, shape, budget, key_format="int8") -> int:
+def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "tokens_per_s", "device_kv_gib", "host_kv_gib",
             "rel_err", "cpu_attn_ms_per_step", "status"]
@@ -193,15 +209,24 @@ def _report(rows, quick, device, shape, budget, key_format="int8") -> int:
         h, o, d = ok[("hgca", c, b)], ok[("offload_all", c, b)], ok[("dense", c, b)]
         summary = {"context": c, "batch": b, "hgca_vs_offload_all": o["ms_per_step"] / h["ms_per_step"],
                    "hgca_vs_dense": d["ms_per_step"] / h["ms_per_step"], "hgca_rel_err": h["rel_err"]}
+        pf = ok.get(("hgca_prefilter", c, b))
+        if pf:
+            summary.update(hgca_prefilter_vs_dense=d["ms_per_step"] / pf["ms_per_step"],
+                           hgca_prefilter_vs_offload_all=o["ms_per_step"] / pf["ms_per_step"],
+                           hgca_prefilter_rel_err=pf["rel_err"])
     payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
-               "hgca_key_format": key_format, "rows": rows, "summary": summary}
+               "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary}
     path = write(name, payload, markdown_table(rows, cols))
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
     if not summary:
         print("no shape ran all of dense, offload_all and hgca; no summary line", file=sys.stderr)
         return 1
+    if "hgca_prefilter_vs_dense" in summary:
+        print(f"hgca_prefilter_vs_offload_all={summary['hgca_prefilter_vs_offload_all']:.3f} "
+              f"hgca_prefilter_vs_dense={summary['hgca_prefilter_vs_dense']:.3f} "
+              f"hgca_prefilter_rel_err={summary['hgca_prefilter_rel_err']:.3e}")
     print(f"hgca_vs_offload_all={summary['hgca_vs_offload_all']:.3f} hgca_vs_dense={summary['hgca_vs_dense']:.3f} "
           f"hgca_rel_err={summary['hgca_rel_err']:.3e}")
     return 0
@@ -217,7 +242,7 @@ def _plot(rows, path) -> None:
         print("matplotlib is not installed: no plot (pip install -e '.[plot]')")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in POLICIES:
+    for policy in POLICIES + EXTRA:
         for batch in sorted({r["batch"] for r in rows}):
             pts = sorted((r["context"], r["tokens_per_s"]) for r in rows
                          if r["policy"] == policy and r["batch"] == batch and r.get("status") == "ok")

@@ -78,6 +78,11 @@ class HgcaKnobs(Frozen):
         description="How a kv-head ranks tokens from its query heads: max or mean of logits, or per_qhead (each query head selects its own set).",
     )
     overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently.")
+    prefilter: Optional[float] = Field(
+        None,
+        ge=1,
+        description="Rank the host store's summary chunks (host_store.summary_tokens each) by their key upper bound and score only the tokens of the best ones, this many times the budget; null scores every host token. Reads far fewer key bytes at long context; pair it with summary_tokens 32 or 64.",
+    )
 
 
 class HgcaConfig(TierConfig):

@@ -55,8 +55,9 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
 
     An entry is a policy name (its defaults) or a policy YAML file, labelled
     by the file's stem: the file's own knobs (hgca.group_reduce, host_store
-    formats, ...) are kept, while the grid sets the window, the context cap
-    and the budget so that every entry is compared at the same budgets.
+    formats and summary chunks, the window's page size, ...) are kept, while
+    the grid sets the window's sinks and length, the context cap and the
+    budget so that every entry is compared at the same budgets.
     """
     window = {"sink_tokens": sink_tokens, "window_tokens": window_tokens, "page_tokens": page_tokens}
     common = {"window": window, "max_context_tokens": max_context_tokens, "engine": {"threads": 0}}
@@ -73,8 +74,9 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
         if name in ("dense", "window_only"):
             specs.append(PolicySpec(label, name, None, from_mapping({**base, **common})))
             continue
+        own = {**common, "window": {**window, "page_tokens": base.get("window", {}).get("page_tokens", page_tokens)}}
         for f in budgets:
-            data = {**base, **common, "engine": {**base.get("engine", {}), "threads": 0},
+            data = {**base, **own, "engine": {**base.get("engine", {}), "threads": 0},
                     "budget": {"kind": "fraction", "fraction": f, "min_tokens": 1, "max_tokens": 10 ** 6}}
             specs.append(PolicySpec(f"{label}@{100 * f:g}%", name, f, from_mapping(data)))
     return specs

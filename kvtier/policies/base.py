@@ -25,6 +25,7 @@ class EngineArgs(NamedTuple):
     budgets: List[List[int]]  # [B][Hkv] token caps
     block_tokens: Optional[List[int]]  # [Hkv], blocks mode only
     mass_threshold: float
+    prefilter: float = 0.0  # topk/mass: candidates from summary-chunk bounds, x budget; 0 = off
 
 
 class Policy:

@@ -15,7 +15,9 @@ class Hgca(Policy):
 
     def engine_args(self, host_tokens: List[int], context_tokens: List[int], kv_heads: int) -> EngineArgs:
         base = super().engine_args(host_tokens, context_tokens, kv_heads)
-        return base._replace(group_reduce=self.config.hgca.group_reduce.value)
+        knobs = self.config.hgca
+        prefilter = knobs.prefilter if knobs.prefilter is not None and base.mode != "all" else 0.0
+        return base._replace(group_reduce=knobs.group_reduce.value, prefilter=prefilter)
 
 
 @register
