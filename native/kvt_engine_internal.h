@@ -67,6 +67,10 @@ typedef struct kvt_plan_state {
     int n_threads;
     int64_t scratch_floats;
     float *scratch;
+    /* floats held by scores, scratch and set_buf: the next plan reuses them when
+     * they are large enough, so that a plan per decode step neither allocates
+     * nor faults fresh pages in at steady state */
+    int64_t scores_cap, scratch_cap, set_buf_cap;
 } kvt_plan_state;
 
 typedef struct kvt_engine {

@@ -27,6 +27,17 @@ static inline uint16_t kvt_f32_to_bf16(float f) {
     return (uint16_t)(x.u >> 16);
 }
 
+/* bf16 rounded toward -inf / +inf: a summary's min and max stay bounds of the keys */
+static inline uint16_t kvt_f32_to_bf16_down(float f) {
+    union { uint32_t u; float f; } x;
+    x.f = f;
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40);
+    uint16_t hi = (uint16_t)(x.u >> 16);
+    if ((x.u & 0xffffu) && (x.u >> 31)) hi++; /* negative: truncation rounded up */
+    return hi;
+}
+static inline uint16_t kvt_f32_to_bf16_up(float f) { return kvt_f32_to_bf16_down(-f) ^ 0x8000u; }
+
 /* ---- kernels, one table per ISA ------------------------------------------------
  * score_*: out[g*ostride + t] = scale_t * dot(q[g*D:], key_t) for t < n, g < G.
  * accum_*: acc[g*D + d] += p[g*pstride] * v[d] for g < G.                       */
@@ -67,10 +78,10 @@ typedef struct kvt_kernels {
     /* sum of exp(x[i] - ref) over i < n with x[i] < below (below = +inf: all i);
      * every such x[i] <= ref. generic sums exp in double, the SIMD variants in float. */
     double (*sum_exp)(const float *x, int n, float ref, float below);
-    /* out[g*ostride + c] = dot(w[g*D2:], s[c*D2:]) for c < n, g < G (D2 % 32 == 0):
-     * summary-chunk upper bounds, with s a chunk's [min | max] row and w the query's
-     * [min(q, 0) | max(q, 0)] */
-    void (*bound_f32)(const float *s, int n, int D2, const float *w, int G, float *out, int64_t ostride);
+    /* out[g*ostride + c] = dot(w[g*D2:], s[c*D2:]) for c < n, g < G (D2 % 32 == 0), s
+     * bf16: summary-chunk upper bounds, with s a chunk's [min | max] row and w the
+     * query's [min(q, 0) | max(q, 0)] */
+    void (*bound_bf16)(const uint16_t *s, int n, int D2, const float *w, int G, float *out, int64_t ostride);
 } kvt_kernels;
 
 /* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */
@@ -132,8 +143,12 @@ static inline const uint8_t *kvt_val_ptr(const kvt_store *s, int64_t lph) {
 static inline const float *kvt_vscale_ptr(const kvt_store *s, int64_t lph) {
     return s->d.value_scales ? s->d.value_scales + lph * s->d.page_tokens : NULL;
 }
-static inline const float *kvt_summary_ptr(const kvt_store *s, int64_t lph) {
-    return s->d.summary + lph * s->n_chunks * 2 * s->d.head_dim;
+/* Summaries (bf16, min rounded down, max up) are head-major within a layer,
+ * [L, H, P, T/S, 2, D], so that one kv-head's summaries over a request's pages
+ * are one sequential read. */
+static inline const uint16_t *kvt_summary_ptr(const kvt_store *s, int layer, int page, int head) {
+    return s->d.summary + (((int64_t)layer * s->d.kv_heads + head) * s->d.n_pages + page) * s->n_chunks * 2 *
+                              s->d.head_dim;
 }
 
 /* Scores tokens [t0, t0+n) of one page/head for G query heads (dispatches on key format). */

@@ -108,12 +108,12 @@ static double sum_exp_generic(const float *x, int n, float ref, float below) {
     return z;
 }
 
-static void bound_f32_generic(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+static void bound_bf16_generic(const uint16_t *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
     for (int c = 0; c < n; c++, s += D2)
         for (int g = 0; g < G; g++) {
             const float *wg = w + (int64_t)g * D2;
             float a = 0.f;
-            for (int d = 0; d < D2; d++) a += wg[d] * s[d];
+            for (int d = 0; d < D2; d++) a += wg[d] * kvt_bf16_to_f32(s[d]);
             out[g * os + c] = a;
         }
 }
@@ -121,7 +121,7 @@ static void bound_f32_generic(const float *s, int n, int D2, const float *w, int
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
-    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_f32_generic,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_bf16_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -224,16 +224,20 @@ T_AVX2 static uint64_t sum_bytes_avx2(const uint8_t *buf, int64_t n) {
 
 ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
 
-T_AVX2 static void bound_f32_avx2(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+T_AVX2 static void bound_bf16_avx2(const uint16_t *s, int n, int D2, const float *w, int G, float *out,
+                                   int64_t os) {
+    float sf[2048] __attribute__((aligned(32)));
     for (int c = 0; c < n; c++, s += D2) {
-        if (c + 1 < n)
-            for (int d = 0; d < D2; d += 16) _mm_prefetch((const char *)(s + D2 + d), _MM_HINT_T0);
+        for (int d = 0; d < D2; d += 8) {
+            __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + d)));
+            _mm256_store_ps(sf + d, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+        }
         for (int g = 0; g < G; g++) {
             const float *wg = w + (int64_t)g * D2;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             for (int d = 0; d < D2; d += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(s + d), _mm256_loadu_ps(wg + d), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + d + 8), _mm256_loadu_ps(wg + d + 8), a1);
+                a0 = _mm256_fmadd_ps(_mm256_load_ps(sf + d), _mm256_loadu_ps(wg + d), a0);
+                a1 = _mm256_fmadd_ps(_mm256_load_ps(sf + d + 8), _mm256_loadu_ps(wg + d + 8), a1);
             }
             out[g * os + c] = hsum256(_mm256_add_ps(a0, a1));
         }
@@ -243,7 +247,7 @@ T_AVX2 static void bound_f32_avx2(const float *s, int n, int D2, const float *w,
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_f32_avx2,
+    softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_bf16_avx2,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -898,16 +902,21 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
 I4Q16_FAMILY(T_512, bw, DP_BW)
 I4Q16_FAMILY(T_512V, vnni, DP_VNNI)
 
-T_512 static void bound_f32_512(const float *s, int n, int D2, const float *w, int G, float *out, int64_t os) {
+T_512 static void bound_bf16_512(const uint16_t *s, int n, int D2, const float *w, int G, float *out,
+                                 int64_t os) {
+    __m512 sf[128];
+    const int nv = D2 / 16;
     for (int c = 0; c < n; c++, s += D2) {
-        if (c + 1 < n)
-            for (int d = 0; d < D2; d += 16) _mm_prefetch((const char *)(s + D2 + d), _MM_HINT_T0);
+        for (int j = 0; j < nv; j++) {
+            __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + 16 * j)));
+            sf[j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        }
         for (int g = 0; g < G; g++) {
             const float *wg = w + (int64_t)g * D2;
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            for (int d = 0; d < D2; d += 32) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(s + d), _mm512_loadu_ps(wg + d), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(s + d + 16), _mm512_loadu_ps(wg + d + 16), a1);
+            for (int j = 0; j < nv; j += 2) {
+                a0 = _mm512_fmadd_ps(sf[j], _mm512_loadu_ps(wg + 16 * j), a0);
+                a1 = _mm512_fmadd_ps(sf[j + 1], _mm512_loadu_ps(wg + 16 * j + 16), a1);
             }
             out[g * os + c] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
         }
@@ -917,7 +926,7 @@ T_512 static void bound_f32_512(const float *s, int n, int D2, const float *w, i
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_f32_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_bf16_512,
 };
 
 /* K_AVX512 under its own name: KVTIER_ISA=avx512bw forces the AVX512BW selection
@@ -925,14 +934,14 @@ static const kvt_kernels K_AVX512 = {
 static const kvt_kernels K_AVX512_BW = {
     "avx512bw", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_f32_512,
+    softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_bf16_512,
 };
 
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
-    softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512, bound_f32_512,
+    softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512, bound_bf16_512,
 };
 #endif
 

@@ -18,6 +18,26 @@ void kvt_plan_free(kvt_plan_state *p) {
     memset(p, 0, sizeof *p);
 }
 
+/* Frees the plan but keeps its three large buffers (and their capacities). */
+static void plan_clear(kvt_plan_state *p) {
+    float *scores = p->scores, *scratch = p->scratch, *set_buf = p->set_buf;
+    int64_t c0 = p->scores_cap, c1 = p->scratch_cap, c2 = p->set_buf_cap;
+    p->scores = p->scratch = p->set_buf = NULL;
+    kvt_plan_free(p);
+    p->scores = scores; p->scratch = scratch; p->set_buf = set_buf;
+    p->scores_cap = c0; p->scratch_cap = c1; p->set_buf_cap = c2;
+}
+
+/* buf if it holds need floats, else a fresh allocation (NULL when out of memory) */
+static float *reuse(float *buf, int64_t *cap, int64_t need) {
+    if (need < 1) need = 1;
+    if (buf && *cap >= need) return buf;
+    free(buf);
+    buf = malloc(sizeof(float) * (size_t)need);
+    *cap = buf ? need : 0;
+    return buf;
+}
+
 static int32_t *dup_i32(const int32_t *src, int64_t n) {
     int32_t *d = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
     if (d && n > 0) memcpy(d, src, (size_t)n * sizeof(int32_t));
@@ -160,7 +180,7 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
         p->set_off[i] = total;
         total += (int64_t)p->set_cap[i] * (4 + m);
     }
-    p->set_buf = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
+    p->set_buf = reuse(p->set_buf, &p->set_buf_cap, total);
     if (!p->set_buf) return KVT_ERR_NOMEM;
     if (pf && plan_prefilter_bounds(p, s, m) != KVT_OK) return KVT_ERR_NOMEM;
     p->split = 1;
@@ -177,7 +197,7 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     if (rc) return rc;
     pthread_mutex_lock(&e->mu);
     kvt_plan_state *p = &e->plan;
-    kvt_plan_free(p);
+    plan_clear(p);
     const int B = d->batch, Hkv = s->d.kv_heads, T = s->d.page_tokens;
     p->store = s; p->store_h = sh; p->serial = s->serial;
     p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv;
@@ -205,7 +225,7 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
         }
         n_items += (int64_t)Hkv * ((n + chunk - 1) / chunk);
     }
-    p->scores = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
+    p->scores = reuse(p->scores, &p->scores_cap, total);
     p->items = malloc(sizeof(int32_t) * 4 * (size_t)(n_items > 0 ? n_items : 1));
     p->item_off = malloc(sizeof(int64_t) * ((size_t)B * Hkv + 1));
     p->item_ksmax = malloc(sizeof(float) * (size_t)(n_items > 0 ? n_items : 1));
@@ -220,7 +240,7 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
     p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (3 * (int64_t)p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
     p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
-    p->scratch = malloc(sizeof(float) * (size_t)(p->scratch_floats * p->n_threads));
+    p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||
         !p->q16s || !p->qerr) {

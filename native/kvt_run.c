@@ -258,11 +258,11 @@ static int block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *
         float *mn = mnmx, *mx = mnmx + D;
         int first = 1;
         for (int t = bi * bt; t < (bi + 1) * bt && t < n; t += S) {
-            const float *c = kvt_summary_ptr(s, kvt_lph(s, r->layer, pages[t / T], h)) +
-                             (int64_t)((t % T) / S) * 2 * D;
+            const uint16_t *c = kvt_summary_ptr(s, r->layer, pages[t / T], h) + (int64_t)((t % T) / S) * 2 * D;
             for (int d = 0; d < D; d++) {
-                mn[d] = first ? c[d] : kvt_minf(mn[d], c[d]);
-                mx[d] = first ? c[D + d] : kvt_maxf(mx[d], c[D + d]);
+                float lo = kvt_bf16_to_f32(c[d]), hi = kvt_bf16_to_f32(c[D + d]);
+                mn[d] = first ? lo : kvt_minf(mn[d], lo);
+                mx[d] = first ? hi : kvt_maxf(mx[d], hi);
             }
             first = 0;
         }
@@ -397,15 +397,15 @@ static void chunk_bounds(const kvt_plan_state *p, int layer, int b, int h, const
     const int D = s->d.head_dim, S = s->d.summary_tokens, T = s->d.page_tokens, n = p->ntok[b];
     const int per_page = T / S, nc = (n + S - 1) / S;
     const int32_t *pages = p->page_table + p->page_off[b];
-    const int64_t row_bytes = (int64_t)per_page * 2 * D * sizeof(float);
+    const int64_t row_bytes = (int64_t)per_page * 2 * D * sizeof(uint16_t);
     /* a page's summaries are a few lines, pages apart in memory: prefetch ahead */
     for (int pi = pi0; pi < pi1; pi++) {
         if (pi + KVT_PF_PAGES < pi1) {
-            const char *a = (const char *)kvt_summary_ptr(s, kvt_lph(s, layer, pages[pi + KVT_PF_PAGES], h));
+            const char *a = (const char *)kvt_summary_ptr(s, layer, pages[pi + KVT_PF_PAGES], h);
             for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(a + o);
         }
         int c0 = pi * per_page, len = nc - c0 < per_page ? nc - c0 : per_page;
-        kvt_k->bound_f32(kvt_summary_ptr(s, kvt_lph(s, layer, pages[pi], h)), len, 2 * D, w, m, ub + c0, nc);
+        kvt_k->bound_bf16(kvt_summary_ptr(s, layer, pages[pi], h), len, 2 * D, w, m, ub + c0, nc);
     }
 }
 

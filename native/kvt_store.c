@@ -163,15 +163,19 @@ static void append_block(const append_ctx *a, int32_t i, int hh) {
     float *ksp = (float *)kvt_kscale_ptr(s, lph);
     uint8_t *vp = (uint8_t *)kvt_val_ptr(s, lph);
     float *vsp = (float *)kvt_vscale_ptr(s, lph);
-    float *sum = (float *)kvt_summary_ptr(s, lph);
+    uint16_t *sum = (uint16_t *)kvt_summary_ptr(s, a->layer, a->ids[i], hh);
+    float mn[1024], mx[1024];
     for (int t = 0; t < T; t++) {
         int64_t off = (((int64_t)i * H + hh) * T + t) * D;
         load_row(a->k, a->src, off, D, x);
-        float *mn = sum + (int64_t)(t / S) * 2 * D, *mx = mn + D;
         if (t % S == 0)
             for (int d = 0; d < D; d++) { mn[d] = x[d]; mx[d] = x[d]; }
         else
             for (int d = 0; d < D; d++) { mn[d] = kvt_minf(mn[d], x[d]); mx[d] = kvt_maxf(mx[d], x[d]); }
+        if (t % S == S - 1) {
+            uint16_t *o = sum + (int64_t)(t / S) * 2 * D;
+            for (int d = 0; d < D; d++) { o[d] = kvt_f32_to_bf16_down(mn[d]); o[D + d] = kvt_f32_to_bf16_up(mx[d]); }
+        }
         if (s->d.key_format == KVT_KEY_BF16) {
             uint16_t *o = (uint16_t *)kp + (int64_t)t * D;
             for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);

@@ -43,7 +43,7 @@ typedef struct kvt_store_desc {
     float *key_scales;      /* NULL for BF16 keys */
     void *values;
     float *value_scales;    /* NULL for BF16 values */
-    float *summary;         /* [L, P, H, T/S, 2, D] */
+    uint16_t *summary;      /* bf16 [L, H, P, T/S, 2, D] */
 } kvt_store_desc;
 
 typedef struct kvt_plan_desc {

@@ -53,7 +53,7 @@ def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
     nc, want = -(-n // S), math.ceil(prefilter * k / S)
     if prefilter == 0 or want >= nc:
         return torch.arange(n)
-    summ = store.summary[layer, pages.long(), h].double().reshape(-1, 2, D)[:nc]  # [nc, 2, D]
+    summ = store.summary[layer, h, pages.long()].double().reshape(-1, 2, D)[:nc]  # [nc, 2, D]
     ub = torch.maximum(qs[:, None] * summ[None, :, 0], qs[:, None] * summ[None, :, 1]).sum(-1)  # [m, nc]
     ub = ub.mean(0) if reduce == "mean" else ub.amax(0)
     chosen = torch.sort(torch.topk(ub, want).indices).values
@@ -90,7 +90,7 @@ def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, b
                 elif mode == "blocks":
                     bt = int(blocks[h])
                     S = store.summary_tokens
-                    summ = store.summary[layer, pages.long(), h].double()  # [np, T/S, 2, D]
+                    summ = store.summary[layer, h, pages.long()].double()  # [np, T/S, 2, D]
                     summ = summ.reshape(-1, 2, D)[: (n + S - 1) // S]
                     nb = (n + bt - 1) // bt
                     ub = []
@@ -543,3 +543,20 @@ def test_long_sets_select_exactly_the_reference_top_k(budget):
     store, table, offs, ntok, q = make_case(D=64, T=16, G=2, Hkv=2, lengths=(5000,), kf="bf16")
     res, ref = run_both(store, table, offs, ntok, q, budget=torch.full((1, 2), budget, dtype=torch.int32))
     assert_matches(res, ref)
+
+
+def test_replanning_reuses_buffers_without_changing_results():
+    """A plan reuses the previous plan's large buffers: small after large, then larger, as fresh engines."""
+    cases = [make_case(D=64, T=16, G=4, lengths=lengths, seed=i) for i, lengths in
+             enumerate([(3000, 900), (40,), (5000, 10, 0)])]
+    fresh = []
+    for case in cases:
+        budget = torch.full((len(case[3]), 2), 64, dtype=torch.int32)
+        fresh.append(run_engine(*case, mode="mass", reduce="max", budget=budget, tau=0.9))
+    with N.Engine(2) as eng:
+        for case, ref in zip(cases, fresh):
+            store, table, offs, ntok, q = case
+            budget = torch.full((len(ntok), 2), 64, dtype=torch.int32)
+            eng.plan(store, table, offs, ntok, 8, mode="mass", budget_tokens=budget, mass_threshold=0.9,
+                     sm_scale=1 / 8)
+            assert_same_as_generic(eng.run(1, q, return_selection=True), ref)

@@ -47,7 +47,8 @@ class HostStoreView:
     keys        bf16 [L,P,H,T,D] | int8 [L,P,H,T,D] | uint8 [L,P,H,T,D/2] (int4 pairs)
     key_scales  None | f32 [L,P,H,T] | f32 [L,P,H,T,D/key_group]
     values      bf16 [L,P,H,T,D] | int8 [L,P,H,T,D];  value_scales None | f32 [L,P,H,T]
-    summary     f32 [L,P,H,T/summary_tokens,2,D] (per-channel min, max of the keys)
+    summary     bf16 [L,H,P,T/summary_tokens,2,D] (per-channel min rounded down and max rounded
+                up of the keys; head-major)
 
     All five are in ``.buffers``; ``keys``, ``key_scales``, ``value_scales`` and
     ``summary`` are also attributes, while ``values(layer, page_ids)`` dequantizes.
@@ -72,7 +73,7 @@ class HostStoreView:
         desc.key_scales = C.ptr("float *", key_scales)
         desc.values = C.ptr("void *", values)
         desc.value_scales = C.ptr("float *", value_scales)
-        desc.summary = C.ptr("float *", summary)
+        desc.summary = C.ptr("uint16_t *", summary)
         h = ffi.new("int32_t *")
         check(lib.kvt_store_open(desc, h))
         self.handle = int(h[0])
@@ -111,7 +112,7 @@ class HostStoreView:
             values, vscales = z(base + (head_dim,), torch.bfloat16), None
         else:
             values, vscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
-        summary = z((n_layers, n_pages, kv_heads, page_tokens // summary_tokens, 2, head_dim), torch.float32)
+        summary = z((n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim), torch.bfloat16)
         return cls(n_layers=n_layers, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
                    head_dim=head_dim, key_format=kf, value_format=vf, key_group=key_group,
                    summary_tokens=summary_tokens, keys=keys, key_scales=kscales, values=values,

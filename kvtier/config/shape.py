@@ -23,7 +23,7 @@ def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape) -> float:
     """Host bytes one token occupies across all layers and kv-heads.
 
     Counts keys with their scales, values with theirs, and the key min/max
-    summary (fp32, amortised over a summary chunk).
+    summary (bf16, amortised over a summary chunk).
     """
     d = shape.head_dim
     if store.key_format is KeyFormat.INT8:
@@ -33,7 +33,7 @@ def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape) -> float:
     else:
         key = 2 * d
     value = 2 * d if store.value_format is ValueFormat.BF16 else d + 4
-    summary = 2 * 4 * d / store.summary_tokens
+    summary = 2 * 2 * d / store.summary_tokens
     return (key + value + summary) * shape.kv_heads * shape.n_layers
 
 
