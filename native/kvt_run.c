@@ -52,23 +52,22 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
 }
 
 /* Exact logits of the ascending tokens tok[0..cnt) (runs of consecutive tokens in
- * one page go through the kernels together): E[g * es + j]. */
+ * one page go through the kernels together): E[g * es + j]. Scattered rows are
+ * prefetched 16 candidates ahead; inside a run the hardware prefetcher follows
+ * the sequential rows, so only the rows of later runs are prefetched. */
 static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
                          int cnt, const float *q, int G, float *E, int64_t es) {
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens;
     const int32_t *pages = p->page_table + p->page_off[b];
     const int64_t kb = s->key_tok;
-    for (int j = 0; j < cnt && j < 16; j++) {
-        const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[j] / T], h)) + (int64_t)(tok[j] % T) * kb;
-        for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
-    }
+    int pf = 0; /* candidates below pf are prefetched */
     for (int j = 0; j < cnt;) {
-        int t = tok[j], len = 1;
-        while (j + len < cnt && tok[j + len] == t + len && (t + len) % T != 0) len++;
-        /* random rows: prefetch the rows 16 candidates ahead */
-        for (int i = j + 16; i < j + 16 + len && i < cnt; i++) {
-            const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[i] / T], h)) + (int64_t)(tok[i] % T) * kb;
+        int t = tok[j], len = 1, page_end = (t / T + 1) * T;
+        while (j + len < cnt && tok[j + len] == t + len && t + len < page_end) len++;
+        if (pf < j + len) pf = j + len;
+        for (; pf < j + len + 16 && pf < cnt; pf++) {
+            const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[pf] / T], h)) + (int64_t)(tok[pf] % T) * kb;
             for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
         }
         kvt_score_page(s, kvt_lph(s, layer, pages[t / T], h), t % T, len, q, G, E + j, es);
