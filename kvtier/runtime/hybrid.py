@@ -139,8 +139,9 @@ class HybridAttention:
         if engine:
             host.q_host.copy_(q, non_blocking=True)
             if cuda:
-                # A blocking event sleeps instead of spinning a core the engine's threads need.
-                ready = torch.cuda.Event(blocking=True)
+                # Wait for q by spinning: the engine's threads are idle until it lands, and a
+                # sleeping wait adds the wake-up latency to every layer.
+                ready = torch.cuda.Event()
                 ready.record()
                 ready.synchronize()
             else:
