@@ -22,7 +22,7 @@ from .results import machine, markdown_table, write
 from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, make_weights, output, project_qkv
 
 POLICIES = ("dense", "offload_all", "hgca")
-# hgca with the summary prefilter (64-token pages and summary chunks, 4x the budget in candidates)
+# hgca with the summary prefilter (64-token pages, 32-token summary chunks, 4x the budget in candidates)
 EXTRA = ("hgca_prefilter",)
 
 
@@ -48,7 +48,7 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
     return {
         "hgca_prefilter": from_mapping({
             "policy": "hgca", "window": {**win, "page_tokens": 64}, "budget": {"kind": "tokens", "tokens": budget},
-            "host_store": {"key_format": key_format, "value_format": "bf16", "summary_tokens": 64},
+            "host_store": {"key_format": key_format, "value_format": "bf16", "summary_tokens": 32},
             "hgca": {"prefilter": prefilter}}),
         "dense": from_mapping({"policy": "dense", "window": win}),
         "offload_all": from_mapping({"policy": "offload_all", "window": win, "budget": {"kind": "all"},
