@@ -517,9 +517,9 @@ static void attend_task(void *c, int64_t item, int tid) {
     }
 }
 
-/* ---- split select + attend (q16 path, few selection sets) ---------------------
+/* ---- split select + attend (q16 path or prefilter, few selection sets) ----------
  * select_task (per set): k-th selection logit, candidate band (or the one-item
- * path when the band overflows the set's buffers); exact_task (per candidate
+ * path when the band overflows the set's buffers), or the prefilter's candidates; exact_task (per candidate
  * chunk): exact logits, group reduce, MASS partial sums, and the last chunk of a
  * set picks the selection (finalize_set); attend_chunk_task (per chunk of the
  * selection): softmax and sum p.V of the chunk, the last chunk of a set merges
@@ -576,7 +576,10 @@ static void select_task(void *c, int64_t s, int tid) {
     const int cap = p->set_cap[s];
     int cnt = 0;
     float cut = -INFINITY;
-    if (k >= n) {
+    if (p->prefilter > 0.f) { /* candidates from the chunk bounds; MASS over them (cut = -inf) */
+        cnt = prefilter_pick(p, bh, m, p->pf_ub + p->pf_off[s], sc, sc + n, (int32_t *)(sc + 2 * (int64_t)n),
+                             sb.cand);
+    } else if (k >= n) {
         if (n <= cap) {
             for (int t = 0; t < n; t++) sb.cand[t] = t;
             cnt = n;
@@ -748,31 +751,6 @@ static void bound_task(void *c, int64_t item, int tid) {
     chunk_bounds(p, r->layer, b, h, q, m, w[1], w[2], p->pf_ub + p->pf_off[w[0]]);
 }
 
-/* split prefilter, per set: the candidates from the chunk bounds; the exact
- * phase then runs as for the q16 path (mass over the candidates: cut = -inf) */
-static void select_task_pf(void *c, int64_t s, int tid) {
-    run_ctx *r = c;
-    kvt_plan_state *p = r->p;
-    const int m = p->nsub > 1 ? 1 : p->G;
-    int b, h, g0;
-    int64_t bh, qh0;
-    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
-    kvt_set_state *st = &p->sets[s];
-    st->nce = st->nca = 0;
-    const int n = p->ntok[b];
-    if (n == 0) {
-        write_empty(r, qh0, m);
-        return;
-    }
-    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
-    set_bufs sb = set_buffers(p, s);
-    st->cnt = prefilter_pick(p, bh, m, p->pf_ub + p->pf_off[s], sc, sc + n, (int32_t *)(sc + 2 * (int64_t)n),
-                             sb.cand);
-    st->cut = -INFINITY;
-    st->nce = split_chunks(p, st->cnt);
-    atomic_store_explicit(&st->left, st->nce, memory_order_relaxed);
-}
-
 /* (set, chunk) work items of the exact (attend = 0) or attend (1) phase */
 static int64_t split_items(kvt_plan_state *p, int attend_phase) {
     int64_t w = 0;
@@ -820,7 +798,7 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         }
         if (p->prefilter > 0.f && p->split) {
             kvt_pool_run(e->pool, p->n_pf_items, bound_task, &r);
-            kvt_pool_run(e->pool, p->n_sets, select_task_pf, &r);
+            kvt_pool_run(e->pool, p->n_sets, select_task, &r);
             kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
             kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
         } else if (r.q16 && p->split) {
