@@ -121,8 +121,14 @@ static int64_t prefilter_cap(const kvt_plan_state *p, const kvt_store *s, int64_
     return want < n ? (int64_t)want : n;
 }
 
+/* Parts of a set's np pages for the bound pass: parts_want, with at least 32 pages each. */
+static int64_t bound_parts(int np, int64_t parts_want) {
+    int64_t parts = np / 32 < parts_want ? np / 32 : parts_want;
+    return parts < 1 ? 1 : parts;
+}
+
 /* Bound work items of the split prefilter: each set's pages in parts, about
- * two items per thread in all, at least 32 pages per part. */
+ * two items per thread in all. */
 static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int m) {
     const int T = s->d.page_tokens, S = s->d.summary_tokens;
     p->pf_off = malloc(sizeof(int64_t) * (size_t)p->n_sets);
@@ -133,8 +139,7 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
         int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
         p->pf_off[i] = total;
         total += (int64_t)m * ((n + S - 1) / S);
-        int64_t parts = np / 32 < parts_want ? np / 32 : parts_want;
-        items += parts < 1 ? 1 : parts;
+        items += bound_parts(np, parts_want);
     }
     p->pf_ub = malloc(sizeof(float) * (size_t)(total > 0 ? total : 1));
     p->pf_items = malloc(sizeof(int32_t) * 3 * (size_t)items);
@@ -142,8 +147,7 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
     int64_t it = 0;
     for (int64_t i = 0; i < p->n_sets; i++) {
         int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
-        int64_t parts = np / 32 < parts_want ? np / 32 : parts_want;
-        if (parts < 1) parts = 1;
+        const int64_t parts = bound_parts(np, parts_want);
         for (int64_t j = 0; j < parts; j++) {
             int32_t *w = p->pf_items + 3 * it++;
             w[0] = (int32_t)i;

@@ -408,27 +408,30 @@ static void chunk_bounds(const kvt_plan_state *p, int layer, int b, int h, const
     }
 }
 
+/* Summary chunks the prefilter keeps for kv item bh, or 0 when they would cover
+ * the whole request (then every token is a candidate and no bound is needed). */
+static int prefilter_chunks(const kvt_plan_state *p, int64_t bh) {
+    const int S = p->store->d.summary_tokens, nc = (p->ntok[bh / p->Hkv] + S - 1) / S;
+    const double want = ceil((double)p->prefilter * p->budget[bh] / S);
+    return want < nc ? (int)want : 0;
+}
+
 /* Candidates from the chunk bounds ub [m, nc] (reduced over the set like the
  * logits, into red): the tokens of the best chunks, ascending. Returns their count. */
 static int prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const float *ub, float *red, float *tmp,
                           int32_t *pos, int32_t *cand) {
     const int S = p->store->d.summary_tokens, n = p->ntok[bh / p->Hkv], nc = (n + S - 1) / S;
-    const double want = ceil((double)p->prefilter * p->budget[bh] / S);
+    const int want = prefilter_chunks(p, bh);
     int cnt = 0;
-    if (want >= nc) {
+    if (!want) {
         for (int t = 0; t < n; t++) cand[t] = t;
         return n;
     }
     if (m > 1) { group_reduce(p, ub, nc, m, nc, red); ub = red; }
-    int nsel = kvt_topk_indices(ub, nc, (int)want, tmp, pos);
+    int nsel = kvt_topk_indices(ub, nc, want, tmp, pos);
     for (int i = 0; i < nsel; i++)
         for (int t = pos[i] * S; t < (pos[i] + 1) * S && t < n; t++) cand[cnt++] = t;
     return cnt;
-}
-
-static int prefilter_active(const kvt_plan_state *p, int64_t bh) {
-    const int S = p->store->d.summary_tokens, n = p->ntok[bh / p->Hkv];
-    return ceil((double)p->prefilter * p->budget[bh] / S) < (n + S - 1) / S;
 }
 
 /* Prefilter, one selection set on one thread: the upper bound of every summary
@@ -442,7 +445,7 @@ static void select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float
     const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
     const int D = s->d.head_dim, T = s->d.page_tokens;
     set_scratch z = set_scratch_at(p, sc, n);
-    if (prefilter_active(p, bh)) {
+    if (prefilter_chunks(p, bh)) {
         bound_query(r->q + ((int64_t)b * p->Hq + (int64_t)h * p->G + g0) * D, m, D, z.w);
         chunk_bounds(p, r->layer, b, h, z.w, m, 0, (n + T - 1) / T, z.E);
     }
@@ -519,8 +522,8 @@ static void attend_task(void *c, int64_t item, int tid) {
 
 /* ---- split select + attend (q16 path or prefilter, few selection sets) ----------
  * select_task (per set): k-th selection logit, candidate band (or the one-item
- * path when the band overflows the set's buffers), or the prefilter's candidates; exact_task (per candidate
- * chunk): exact logits, group reduce, MASS partial sums, and the last chunk of a
+ * path when the band overflows the set's buffers), or the prefilter's candidates
+ * (after bound_task); exact_task (per candidate chunk): exact logits, group reduce, MASS partial sums, and the last chunk of a
  * set picks the selection (finalize_set); attend_chunk_task (per chunk of the
  * selection): softmax and sum p.V of the chunk, the last chunk of a set merges
  * the partials by log-sum-exp. */
@@ -745,7 +748,7 @@ static void bound_task(void *c, int64_t item, int tid) {
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);
-    if (p->ntok[b] == 0 || !prefilter_active(p, bh)) return;
+    if (!prefilter_chunks(p, bh)) return; /* also an empty request */
     float *q = p->scratch + (int64_t)tid * p->scratch_floats;
     bound_query(r->q + qh0 * D, m, D, q);
     chunk_bounds(p, r->layer, b, h, q, m, w[1], w[2], p->pf_ub + p->pf_off[w[0]]);
