@@ -101,6 +101,10 @@ def test_policy_files_keep_their_knobs_under_the_grids_window_and_budget():
     assert per_q.policy == "hgca" and per_q.hgca.group_reduce.value == "per_qhead"
     assert per_q.window.window_tokens == 512 and per_q.budget.kind == "fraction" and per_q.budget.fraction == 0.1
     assert specs[4].config.hgca.group_reduce.value == "max"
+    # a file's page size and summary chunks stay (the prefilter needs chunks that divide its pages)
+    pf = policy_specs([str(root / "policies/hgca-prefilter.yaml")], [0.02], window_tokens=512)[0].config
+    assert pf.window.page_tokens == 64 and pf.host_store.summary_tokens == 32 and pf.hgca.prefilter == 4
+    assert pf.window.window_tokens == 512 and specs[4].config.window.page_tokens == 16
 
 
 def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
