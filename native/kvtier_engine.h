@@ -20,7 +20,8 @@ enum {
     KVT_ERR_STATE = 4,       /* no plan, plan's store closed */
     KVT_ERR_NOMEM = 5,
     KVT_ERR_UNSUPPORTED = 6, /* ISA not available on this CPU */
-    KVT_ERR_INTERNAL = 7
+    KVT_ERR_INTERNAL = 7,
+    KVT_ERR_TIMEOUT = 8      /* kvt_serve: a job's query never arrived */
 };
 
 enum { KVT_KEY_BF16 = 0, KVT_KEY_INT8 = 1, KVT_KEY_INT4 = 2 };
@@ -81,6 +82,25 @@ int32_t kvt_dequant_keys(int32_t store, int32_t layer, int32_t n, const int32_t 
 int32_t kvt_dequant_values(int32_t store, int32_t layer, int32_t n, const int32_t *page_ids,
                            float *out);
 
+/* The pipelined decode step (kvt_serve): jobs fed through flags in page-locked
+ * memory that the GPU writes and waits on, so the host thread that queues the
+ * GPU work never waits for the engine. Job j uses slot j % n_slots. */
+typedef struct kvt_serve_desc {
+    int32_t n_slots;
+    int32_t first_seq;          /* job j is ready when q_ready[slot] == first_seq + j */
+    const int32_t *layer;       /* [n_slots]: the layer of the slot's job, set before its q_ready */
+    const float *q;             /* [n_slots][q_stride]: the job's query [B, Hq, D] f32 */
+    int64_t q_stride;
+    float *far;                 /* [n_slots][far_stride]: out [B, Hq, D] then lse [B, Hq] */
+    int64_t far_stride;
+    const int32_t *q_ready;     /* [n_slots], stored by the device after the query lands */
+    int32_t *far_ready;         /* [n_slots], stored here once far holds the job's result */
+    const int32_t *stop;        /* 0: keep serving; n + 1: return after n jobs */
+    int64_t *done;              /* jobs finished so far */
+    double *engine_seconds;     /* time spent in runs, accumulated */
+    int32_t timeout_ms;         /* after stop is set, how long to wait for a job's query */
+} kvt_serve_desc;
+
 int32_t kvt_engine_create(int32_t n_threads, int32_t *handle);
 int32_t kvt_engine_destroy(int32_t engine);
 int32_t kvt_engine_threads(int32_t engine);
@@ -92,6 +112,7 @@ int32_t kvt_score(int32_t engine, int32_t layer, const float *q, float *scores,
                   int32_t n_max);
 int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, const int32_t *idx,
                             const float *p, int32_t m, float *out);
+int32_t kvt_serve(int32_t engine, const kvt_serve_desc *desc);
 int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
 
 #ifdef __cplusplus

@@ -7,6 +7,7 @@ from ._loader import (
     NativeIndexError,
     NativeMemoryError,
     NativeStateError,
+    NativeTimeoutError,
     NativeUnsupportedError,
     NativeValueError,
     active_isa,
@@ -15,11 +16,11 @@ from ._loader import (
     set_isa,
 )
 from ._store import HostStoreView, KeyFormat, StoreBuffers, ValueFormat
-from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, stream_read_gbps
+from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, ServeBuffers, stream_read_gbps
 
 __all__ = [
     "Engine", "EngineResult", "GroupReduce", "HostStoreView", "KeyFormat", "NativeError",
-    "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError",
-    "NativeUnsupportedError", "NativeValueError", "SelectMode", "StoreBuffers", "ValueFormat",
+    "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError", "NativeTimeoutError",
+    "NativeUnsupportedError", "NativeValueError", "SelectMode", "ServeBuffers", "StoreBuffers", "ValueFormat",
     "active_isa", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
 ]

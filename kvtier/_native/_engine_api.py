@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -40,6 +40,44 @@ class EngineResult(NamedTuple):
     sel_index: torch.Tensor | None    # [B, Hq, sel_cap] int32, -1 padded (return_selection=True)
 
 
+class ServeBuffers(NamedTuple):
+    """Host memory that a serving engine and the GPU stream share (see `Engine.serve`).
+
+    Slot i holds one job: its layer, its query, and its result (out [B, Hq, D]
+    then lse [B, Hq], flat, so one copy brings both to the device). q_ready[i]
+    is stored by the device once the query landed, far_ready[i] by the engine
+    once the result is there; both hold the job's sequence number.
+    """
+
+    layer: torch.Tensor           # [n_slots] int32
+    q: torch.Tensor               # [n_slots, B, Hq, D] f32
+    far: torch.Tensor             # [n_slots, B * Hq * (D + 1)] f32
+    q_ready: torch.Tensor         # [n_slots] int32
+    far_ready: torch.Tensor       # [n_slots] int32
+    stop: torch.Tensor            # [1] int32: 0 = serve on; n + 1 = end after n jobs
+    done: torch.Tensor            # [1] int64: jobs finished
+    engine_seconds: torch.Tensor  # [1] float64: time in runs, accumulated
+
+    @classmethod
+    def allocate(cls, n_slots: int, batch: int, num_q_heads: int, head_dim: int, *,
+                 pin_memory: bool = False) -> "ServeBuffers":
+        C.positive_int("n_slots", n_slots)
+        rows = C.positive_int("batch", batch) * C.positive_int("num_q_heads", num_q_heads)
+        C.positive_int("head_dim", head_dim)
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+
+        return cls(zeros(n_slots, dtype=torch.int32), zeros(n_slots, batch, num_q_heads, head_dim),
+                   zeros(n_slots, rows * (head_dim + 1)), zeros(n_slots, dtype=torch.int32),
+                   zeros(n_slots, dtype=torch.int32), zeros(1, dtype=torch.int32), zeros(1, dtype=torch.int64),
+                   zeros(1, dtype=torch.float64))
+
+    @property
+    def n_slots(self) -> int:
+        return self.layer.numel()
+
+
 def _enum(cls, v, name):
     try:
         return cls(v)
@@ -62,6 +100,7 @@ class Engine:
         self.handle: int | None = int(h[0])
         self.n_threads = int(lib.kvt_engine_threads(self.handle))
         self._plan: dict | None = None
+        self._serving = False
 
     def _h(self) -> int:
         if self.handle is None:
@@ -81,6 +120,8 @@ class Engine:
         the tokens of the best chunks, prefilter x budget of them.
         """
         h = self._h()
+        if self._serving:
+            raise NativeStateError("Engine.plan: the engine is serving a step (Engine.serve); stop it first")
         if not isinstance(store, HostStoreView):
             raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
         sh = store._handle()
@@ -161,6 +202,54 @@ class Engine:
                           C.ptr("float *", lse), C.ptr("int32_t *", nsel), C.ptr("int32_t *", sel),
                           p["sel_cap"]))
         return EngineResult(out, lse, nsel, sel)
+
+    def server(self, buf: ServeBuffers, *, first_seq: int, timeout_s: float = 60.0) -> Callable[[], None]:
+        """Check `buf` against the plan and return the serving loop, to call on its own thread.
+
+        The loop runs the jobs the GPU feeds through `buf`: job j uses slot
+        j % n_slots and starts when q_ready of that slot equals first_seq + j,
+        after which the engine stores that number in far_ready. It blocks (GIL
+        released) until `buf.stop` is set to n + 1 and n jobs are done. A failed
+        job still completes (out 0, lse -inf, so a stream waiting on it goes on)
+        and the first failure is raised when the loop ends; a job whose query has
+        not come timeout_s after stop was set raises NativeTimeoutError. Every
+        check happens here, before the loop starts, so a loop that starts serves.
+        """
+        h = self._h()
+        p = self._planned()
+        if not isinstance(buf, ServeBuffers):
+            raise NativeValueError(f"buf: expected ServeBuffers, got {type(buf).__name__}")
+        n = buf.n_slots
+        B, Hq, D = p["B"], p["Hq"], p["D"]
+        C.tensor("layer", buf.layer, (torch.int32,), (n,))
+        C.tensor("q", buf.q, (torch.float32,), (n, B, Hq, D))
+        C.tensor("far", buf.far, (torch.float32,), (n, B * Hq * (D + 1)))
+        C.tensor("q_ready", buf.q_ready, (torch.int32,), (n,))
+        C.tensor("far_ready", buf.far_ready, (torch.int32,), (n,))
+        C.tensor("stop", buf.stop, (torch.int32,), (1,))
+        C.tensor("done", buf.done, (torch.int64,), (1,))
+        C.tensor("engine_seconds", buf.engine_seconds, (torch.float64,), (1,))
+        if isinstance(first_seq, bool) or not isinstance(first_seq, int) or not 0 < first_seq < 2**31 - 2**24:
+            raise NativeValueError(f"first_seq: expected an int in [1, 2**31 - 2**24), got {first_seq!r}")
+        timeout_ms = int(_finite("timeout_s", timeout_s) * 1e3)
+        if timeout_ms <= 0:
+            raise NativeValueError(f"timeout_s: expected at least 0.001, got {timeout_s!r}")
+        d = ffi.new("kvt_serve_desc *")
+        d.n_slots, d.first_seq, d.timeout_ms = n, first_seq, timeout_ms
+        d.layer, d.q, d.far = C.ptr("int32_t *", buf.layer), C.ptr("float *", buf.q), C.ptr("float *", buf.far)
+        d.q_stride, d.far_stride = B * Hq * D, B * Hq * (D + 1)
+        d.q_ready, d.far_ready = C.ptr("int32_t *", buf.q_ready), C.ptr("int32_t *", buf.far_ready)
+        d.stop, d.done = C.ptr("int32_t *", buf.stop), C.ptr("int64_t *", buf.done)
+        d.engine_seconds = C.ptr("double *", buf.engine_seconds)
+        self._serving = True
+
+        def serve(d=d, buf=buf) -> None:  # both stay alive while the loop runs
+            try:
+                check(lib.kvt_serve(h, d))
+            finally:
+                self._serving = False
+
+        return serve
 
     @staticmethod
     def _layer(layer) -> int:

@@ -94,6 +94,10 @@ class NativeUnsupportedError(NativeError):
     code = 6
 
 
+class NativeTimeoutError(NativeError, TimeoutError):
+    code = 8
+
+
 _BY_CODE = {
     1: NativeValueError,
     2: NativeIndexError,
@@ -101,6 +105,7 @@ _BY_CODE = {
     4: NativeStateError,
     5: NativeMemoryError,
     6: NativeUnsupportedError,
+    8: NativeTimeoutError,
 }
 
 
