@@ -204,3 +204,49 @@ def test_window_only_offloads_but_never_attends_the_host(gen):
         assert len(dev) < 702  # evicted tokens are not attended
     finally:
         tier.close()
+
+
+def test_host_readers_finish_before_the_host_store_changes(gen):
+    """Every change to the host store (prefill, eviction, settling, release) first calls the
+    registered readers; the pipelined engine registers its stop there."""
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=4096)
+    calls = []
+
+    def reader():
+        # when called, the store still holds exactly what it held before the change
+        calls.append(tier.store.stats().used_pages)
+
+    try:
+        tier.tier.host_readers.append(reader)
+        rids, _ = _decode(tier, gen, [700], steps=20)
+        assert calls, "no host reader was called"
+        before = tier.store.stats().used_pages
+        n = len(calls)
+        tier.tier.release(rids[0])
+        assert len(calls) > n and calls[-1] == before
+    finally:
+        tier.close()
+
+
+def test_pipeline_setting_reads_its_variable(monkeypatch):
+    from kvtier.runtime.hybrid import pipeline_setting
+
+    monkeypatch.delenv("KVTIER_PIPELINE", raising=False)
+    assert pipeline_setting()
+    monkeypatch.setenv("KVTIER_PIPELINE", "Off")
+    assert not pipeline_setting()
+    monkeypatch.setenv("KVTIER_PIPELINE", "sometimes")
+    with pytest.raises(ValueError, match="KVTIER_PIPELINE: expected on or off, got 'sometimes'"):
+        pipeline_setting()
+    with pytest.raises(ValueError, match="KVTIER_PIPELINE"):
+        StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=64, host_tokens=64)
+
+
+def test_the_pipeline_stays_off_without_cuda(gen):
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
+    try:
+        assert not tier.attn.pipelined and not tier.tier.host_readers
+        rids, full = _decode(tier, gen, [300], steps=2)
+        _check_against_dense(tier, gen, rids, full, 2e-2)  # the budget covers these 300 tokens
+    finally:
+        tier.close()

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
     parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"),
                         help="hgca's host key format (default int8)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU engine worker threads (default: the policy's, 0 = all usable cores)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--host-gib", type=float, default=0, help="host memory the stores may use (default: 90%% of what is available)")
 
@@ -80,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configs = _configs(window, sinks, budget, args.key_format, args.prefilter)
+    if args.threads is not None:
+        if args.threads < 0:
+            print(f"kvtier bench decode: --threads expects an int >= 0, got {args.threads}", file=sys.stderr)
+            return 2
+        configs = {k: c.model_copy(update={"engine": c.engine.model_copy(update={"threads": args.threads})})
+                   for k, c in configs.items()}
     host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.9 * (host_memory_available() or 16 << 30))
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
@@ -169,7 +177,8 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
             "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
             "cpu_attn_ms_per_step": times.cpu_s / steps * 1e3, "gpu_attn_ms_per_step": times.gpu_s / steps * 1e3,
-            "overlap_ms_per_step": times.overlap_s / steps * 1e3,
+            "overlap_ms_per_step": times.overlap_s / steps * 1e3, "pipelined": st.attn.pipelined,
+            "engine_threads": st.engine.n_threads if st.engine is not None else 0,
         }
     finally:
         st.close()
@@ -200,7 +209,7 @@ def _sync(device) -> None:
 def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "tokens_per_s", "device_kv_gib", "host_kv_gib",
-            "rel_err", "cpu_attn_ms_per_step", "status"]
+            "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
     ok = {(r["policy"], r["context"], r["batch"]): r for r in rows if r.get("status") == "ok"}
     shapes = sorted({(c, b) for (p, c, b) in ok if all((q, c, b) in ok for q in POLICIES)})
     summary = {}

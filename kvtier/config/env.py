@@ -21,7 +21,9 @@ CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model file
 
 STATS_INTERVAL = EnvVar("KVTIER_STATS_INTERVAL_S", "Seconds between a serving scheduler's `kvtier:` statistics lines (default 30).")
 
-TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR, STATS_INTERVAL)
+PIPELINE = EnvVar("KVTIER_PIPELINE", "on (default) or off: on CUDA, hand each layer's query to the engine through the GPU stream (off: the launching thread waits for the engine at every layer).")
+
+TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR, STATS_INTERVAL, PIPELINE)
 
 
 def get(var: EnvVar) -> Optional[str]:

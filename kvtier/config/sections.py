@@ -87,7 +87,7 @@ class HostStoreConfig(Frozen):
 class EngineConfig(Frozen):
     """The native CPU engine."""
 
-    threads: int = Field(0, ge=0, description="Worker threads of the CPU engine; 0 = all cores this process may use.")
+    threads: int = Field(0, ge=0, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined).")
     isa: Isa = Field(Isa.AUTO, description="SIMD variant: auto (CPUID), generic, avx2 or avx512.")
 
 

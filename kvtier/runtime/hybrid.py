@@ -7,20 +7,32 @@ it copies q to the host, starts the native engine (which releases the GIL),
 runs the window attention on the device meanwhile, waits, brings (out, lse)
 back and merges on the device. A request with nothing on the host has
 lse = -inf on that side, which the merge ignores.
+
+On CUDA with FlashInfer, Triton and the driver's stream memory operations,
+`run` does not wait at all (the pipelined path): the stream copies q into a
+page-locked slot and raises a flag, the engine, serving on its own thread
+(`Engine.server`), answers and raises another, and the stream waits for that
+flag before it copies the answer back and merges. The thread that queues the
+kernels runs ahead into the next layers meanwhile, so its launch time overlaps
+the engine instead of adding to it. The engine serves one plan; `plan()`, the
+tier's changes to the host store, `take_times()` and `close()` end the loop
+first (raising any engine error there). $KVTIER_PIPELINE=off turns it off.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._native import Engine
-from ..config import ModelShape
+from .._native import Engine, ServeBuffers
+from ..config import ModelShape, env
 from ..policies import Policy
-from . import fused_merge
+from . import fused_merge, stream_ops
 from .merge import AttnPart, merge
 from .tier import TierManager
 from .window_attention import (
@@ -59,11 +71,45 @@ class _HostPlan(NamedTuple):
     n_tokens: torch.Tensor
 
 
+def pipeline_setting() -> bool:
+    """$KVTIER_PIPELINE: on (default) or off."""
+    raw = (env.get(env.PIPELINE) or "on").strip().lower()
+    if raw not in ("on", "off"):
+        raise ValueError(f"{env.PIPELINE.name}: expected on or off, got {raw!r}")
+    return raw == "on"
+
+
+def default_engine_threads(pipelined: bool) -> int:
+    """Engine threads for `engine.threads: 0`: every usable core, but one when pipelined.
+
+    Pipelined, the thread that queues the GPU work keeps running while the
+    engine does; with every core taken by the engine, the two preempt each
+    other and an engine worker descheduled mid-item stalls a whole layer.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores - 1 if pipelined and cores > 2 else cores
+
+
+def pipeline_possible(policy: Policy, device: torch.device) -> bool:
+    """Whether HybridAttention would pipeline this policy on this device (before it exists)."""
+    return (pipeline_setting() and policy.host_path == "engine" and policy.offloads and device.type == "cuda"
+            and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
+
+
+_SERVE_SLOTS = 2  # the stream hands over one layer at a time; two slots leave room to spare
+_SERVE_TIMEOUT_S = 120.0  # after the step ends: how long the engine waits for a query still queued
+_SEQ_LIMIT = 2**30
+
+
 class HybridAttention:
     """Decode attention through the tier for one batch at a time."""
 
     def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
-                 sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None):
+                 sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None,
+                 pipeline: Optional[bool] = None):
+        """pipeline: None follows $KVTIER_PIPELINE (default on); the pipelined path needs CUDA,
+        FlashInfer, Triton, the engine host path and the driver's stream memory operations."""
+        want_pipe = pipeline_setting() if pipeline is None else pipeline  # a bad setting fails before anything starts
         self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
         self.sm_scale, self.soft_cap = sm_scale, soft_cap
         self.device = tier.device
@@ -80,11 +126,24 @@ class HybridAttention:
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.pipelined = (self.fused and want_pipe and policy.host_path == "engine" and engine is not None
+                          and stream_ops.available(self.device))
+        self._piped = False  # this plan runs pipelined
+        self._serve_flags: Optional[Tuple[torch.Tensor, ...]] = None  # layer, q_ready, far_ready, stop, done, seconds
+        self._serve_addr: Tuple[int, int, int] = (0, 0, 0)  # device addresses of layer, q_ready, far_ready
+        self._serve_q = self._serve_far = None  # page-locked, grown as batches grow
+        self._serve: Optional[ServeBuffers] = None
+        self._serving = None  # the engine's serving loop (a Future) while one runs
+        self._seq = 1  # the next job's sequence number
+        self._first_seq = self._jobs = 0
+        if self.pipelined:
+            tier.host_readers.append(self.stop_serving)
 
     # --- plan ---------------------------------------------------------------
 
     def plan(self, rids: List[Hashable]) -> None:
         tier, shape = self.tier, self.shape
+        self.stop_serving()
         tier.settle()
         self._rids = list(rids)
         self._fold_gpu_events()
@@ -98,6 +157,7 @@ class HybridAttention:
         # host_path "none" (window only): evicted tokens exist but are never attended.
         attend_host = tier.offload and self.policy.host_path != "none" and any(host)
         self._host = self._plan_host(rids, host) if attend_host else None
+        self._piped = self.pipelined and self._host is not None and not self._window_empty
 
     def _plan_host(self, rids, host: List[int]) -> _HostPlan:
         tier, shape, T = self.tier, self.shape, self.tier.config.window.page_tokens
@@ -132,6 +192,8 @@ class HybridAttention:
         b, hq, d = len(self._rids), self.shape.num_q_heads, self.shape.head_dim
         if tuple(q.shape) != (b, hq, d):
             raise ValueError(f"q must be [batch, num_q_heads, head_dim] = {(b, hq, d)}, found {tuple(q.shape)}")
+        if self._piped:
+            return self._run_piped(q, layer)
         t0 = time.perf_counter()
         cuda = q.device.type == "cuda"
         host, future = self._host, None
@@ -184,6 +246,88 @@ class HybridAttention:
             part = merge(dev, self._fetch_part(q, layer, host))
         self._wall_s += time.perf_counter() - t0
         return part.out.to(q.dtype)
+
+    def _run_piped(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.shape.n_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.shape.n_layers}), got {layer!r}")
+        t0 = time.perf_counter()
+        if self._serving is None:
+            self._start_serving()
+        buf = self._serve
+        j = self._jobs
+        slot, seq = j % _SERVE_SLOTS, self._first_seq + j
+        layer_at, q_ready_at, far_ready_at = self._serve_addr
+        stream = torch.cuda.current_stream(q.device)
+        buf.q[slot].copy_(q, non_blocking=True)
+        stream_ops.write_value(stream, layer_at + 4 * slot, layer)
+        stream_ops.write_value(stream, q_ready_at + 4 * slot, seq)
+        self._jobs += 1
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
+        end.record()
+        self._gpu_events.append((start, end))
+        stream_ops.wait_value(stream, far_ready_at + 4 * slot, seq)
+        far = buf.far[slot].to(q.device, non_blocking=True)
+        n = q.numel()
+        out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far[:n].view(q.shape),
+                                     far[n:].view(q.shape[:2]), a_lse_base2=True)
+        self._wall_s += time.perf_counter() - t0
+        return out
+
+    def _start_serving(self) -> None:
+        b, hq, d = len(self._rids), self.shape.num_q_heads, self.shape.head_dim
+        if self._serve_flags is None:
+            flags = tuple(torch.zeros(n, dtype=t, pin_memory=True) for n, t in
+                          ((_SERVE_SLOTS, torch.int32),) * 3 + ((1, torch.int32), (1, torch.int64), (1, torch.float64)))
+            self._serve_flags = flags
+            self._serve_addr = tuple(stream_ops.device_address(t) for t in flags[:3])
+        layer, q_ready, far_ready, stop, done, seconds = self._serve_flags
+        if self._seq >= _SEQ_LIMIT:  # start the numbers over once the stream waits on none of them
+            torch.cuda.synchronize(self.device)
+            q_ready.zero_()
+            far_ready.zero_()
+            self._seq = 1
+        nq, nfar = _SERVE_SLOTS * b * hq * d, _SERVE_SLOTS * b * hq * (d + 1)
+        if self._serve_q is None or self._serve_q.numel() < nq:
+            self._serve_q = torch.empty(nq, pin_memory=True)
+            self._serve_far = torch.empty(nfar, pin_memory=True)
+        stop.zero_()
+        done.zero_()
+        seconds.zero_()
+        self._serve = ServeBuffers(layer, self._serve_q[:nq].view(_SERVE_SLOTS, b, hq, d),
+                                   self._serve_far[:nfar].view(_SERVE_SLOTS, -1), q_ready, far_ready, stop, done,
+                                   seconds)
+        self._first_seq, self._jobs = self._seq, 0
+        loop = self.engine.server(self._serve, first_seq=self._first_seq, timeout_s=_SERVE_TIMEOUT_S)
+        entered = threading.Event()
+
+        def serve() -> None:
+            entered.set()
+            loop()  # releases the GIL until the loop ends
+
+        self._serving = self._pool.submit(serve)
+        # Wait until the loop thread runs: this thread is about to queue a whole step
+        # holding the GIL, and would otherwise keep the loop from starting for up to
+        # the interpreter's switch interval (5 ms).
+        entered.wait()
+
+    def stop_serving(self) -> None:
+        """End the engine's serving loop once the jobs queued so far are done; raise its error if any.
+
+        Waits for the GPU to reach those jobs' queries. Called before every plan
+        and before the tier changes the host store.
+        """
+        serving, self._serving = self._serving, None
+        if serving is None:
+            return
+        buf = self._serve
+        buf.stop[0] = self._jobs + 1
+        self._seq = self._first_seq + self._jobs
+        try:
+            serving.result()
+        finally:
+            self._cpu_s += float(buf.engine_seconds[0])
 
     def run_detail(self, q: torch.Tensor, layer: int) -> HybridDetail:
         """run() without overlap, keeping both parts, the merged LSE and the engine's selection."""
@@ -250,13 +394,17 @@ class HybridAttention:
         self._gpu_events.clear()
 
     def take_times(self) -> StepTimes:
+        self.stop_serving()
         self._fold_gpu_events()
         t = StepTimes(self._cpu_s, self._gpu_s, self._wall_s)
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         return t
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        try:
+            self.stop_serving()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _engine_part_on(host: _HostPlan, device) -> AttnPart:

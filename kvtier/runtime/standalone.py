@@ -15,7 +15,7 @@ from ..config import ModelShape, TierConfig
 from ..policies import Policy, policy_for
 from ..store import HostStore
 from .device_pool import DevicePool
-from .hybrid import HybridAttention
+from .hybrid import HybridAttention, default_engine_threads, pipeline_possible, pipeline_setting
 from .tier import TierManager
 
 
@@ -26,6 +26,7 @@ class StandaloneTier:
                  device_tokens: int, host_tokens: int = 0, sm_scale: Optional[float] = None,
                  soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None):
         device = torch.device(device)
+        pipeline_setting()  # a bad $KVTIER_PIPELINE fails before any memory is taken
         self.config, self.shape = config, shape
         self.policy: Policy = policy_for(config)
         self.pool = DevicePool(shape.n_layers, device_tokens, shape.kv_heads, shape.head_dim, dtype=dtype, device=device)
@@ -38,7 +39,10 @@ class StandaloneTier:
             # costs (and the driver may refuse it).
             pin = device.type == "cuda" and config.host_store.pinned and self.policy.host_path == "fetch"
             self.store = HostStore(config, shape, pin_memory=pin, n_pages=pages)
-        self.engine = Engine(config.engine.threads) if offload and self.policy.host_path == "engine" else None
+        self.engine = None
+        if offload and self.policy.host_path == "engine":
+            self.engine = Engine(config.engine.threads or default_engine_threads(
+                use_flashinfer is not False and pipeline_possible(self.policy, device)))
         self.tier = TierManager(config, shape, self.pool.k, self.pool.v, self.store,
                                 alloc_slots=self.pool.alloc, free_slots=self.pool.free, offload=offload)
         scale = shape.head_dim ** -0.5 if sm_scale is None else sm_scale

@@ -89,6 +89,9 @@ class TierManager:
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._d2h = self._h2d = self._evicted = 0
+        # Called before the host store changes: whoever reads it concurrently
+        # (the pipelined engine) finishes first.
+        self.host_readers: List[Callable[[], None]] = []
 
     # --- request lifecycle --------------------------------------------------
 
@@ -108,6 +111,7 @@ class TierManager:
         that allocates its own (`alloc_slots=None`) frees them itself, and
         only evicted slots ever reach `free_slots` then.
         """
+        self._quiesce()
         st = self.requests.pop(rid)
         self._pending = [p for p in self._pending if p.rid != rid]
         if self.alloc_slots is not None:
@@ -155,6 +159,8 @@ class TierManager:
                            page_tokens=win.page_tokens) if self.offload else 0
         sinks = min(n, win.sink_tokens)
         host = pages * win.page_tokens
+        if pages:
+            self._quiesce()
         page_ids = self.store.allocate(rid, pages) if pages else []
         slots = self.alloc_slots(n - host)
         st.sink_slots = slot_array(slots[:sinks].cpu())
@@ -170,6 +176,7 @@ class TierManager:
         self.k_pool[layer][slots] = k[dev].to(self.k_pool[layer])
         self.v_pool[layer][slots] = v[dev].to(self.v_pool[layer])
         if plan.host_tokens:
+            self._quiesce()
             hk = k[plan.sinks: plan.sinks + plan.host_tokens]
             hv = v[plan.sinks: plan.sinks + plan.host_tokens]
             self.store.write(layer, plan.page_ids, _to_pages(hk, self.config.window.page_tokens),
@@ -182,6 +189,7 @@ class TierManager:
         """Start moving pages that left the window; returns pages started."""
         if not self.offload:
             return 0
+        self._quiesce()
         self.settle()
         win = self.config.window
         started = 0
@@ -226,6 +234,8 @@ class TierManager:
 
     def settle(self) -> None:
         """Finish copies that have landed: quantize into the store, free device slots."""
+        if self._pending:
+            self._quiesce()
         keep: List[_Pending] = []
         for p in self._pending:
             # One stream, so copies land in order; settle strictly in order too.
@@ -244,6 +254,10 @@ class TierManager:
             self.free_slots(p.slots)
             self._evicted += len(p.page_ids)
         self._pending = keep
+
+    def _quiesce(self) -> None:
+        for finish in self.host_readers:
+            finish()
 
     def drain(self) -> None:
         """Block until every in-flight copy has settled."""
