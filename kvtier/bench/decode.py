@@ -163,16 +163,20 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         step(False)  # warm-up: plans, FlashInfer JIT, engine threads
         _sync(device)
         st.attn.take_times()
+        each = []  # per-step wall times (a sync per step: stalls show as outliers, not as a mean)
         t0 = time.perf_counter()
         for i in range(steps):
+            s0 = time.perf_counter()
             step(i == steps - 1)
-        _sync(device)
+            _sync(device)
+            each.append(time.perf_counter() - s0)
         dt = (time.perf_counter() - t0) / steps
         times = st.attn.take_times()
         err = _attention_error(shape, w, last_q, new_k, new_v, context, batch, device)
         stats = st.tier.stats()
         return {
             "ms_per_step": dt * 1e3, "tokens_per_s": batch / dt, "rel_err": err,
+            "ms_per_step_median": sorted(each)[len(each) // 2] * 1e3, "ms_per_step_max": max(each) * 1e3,
             "device_kv_gib": st.device_kv_bytes() / 2**30, "host_kv_gib": st.host_kv_bytes() / 2**30,
             "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
             "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
@@ -208,7 +212,7 @@ def _sync(device) -> None:
 
 def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
-    cols = ["policy", "context", "batch", "ms_per_step", "tokens_per_s", "device_kv_gib", "host_kv_gib",
+    cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s", "device_kv_gib", "host_kv_gib",
             "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
     ok = {(r["policy"], r["context"], r["batch"]): r for r in rows if r.get("status") == "ok"}
     shapes = sorted({(c, b) for (p, c, b) in ok if all((q, c, b) in ok for q in POLICIES)})
