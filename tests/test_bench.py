@@ -22,3 +22,25 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     assert 0 < hgca["rel_err"] < 0.2
     assert hgca["device_tokens"] < 1024 and hgca["host_tokens"] > 0
     assert (tmp_path / "decode-quick-cpu.md").read_text().startswith("| policy |")
+
+
+def test_decode_bench_capacity_matches_the_cells_that_ran(tmp_path, monkeypatch, capsys):
+    """With a tight host budget the bench skips the batches that do not fit, and its capacity section
+    reports the largest batch that ran next to what the KV accounting admits; int8 values admit more."""
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    admitted = {}
+    for values in ("bf16", "int8"):
+        rc = main(["bench", "decode", "--quick", "--contexts", "2048", "--batches", "1,2,3,4,5,6", "--steps", "1",
+                   "--policies", "dense,offload_all,hgca", "--host-gib", "0.04", "--value-format", values])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
+        cap = payload["capacity"]["2048"]
+        for name, v in cap.items():
+            ran = [r["batch"] for r in payload["rows"] if r["policy"] == name and r["status"] == "ok"]
+            skipped = [r["batch"] for r in payload["rows"] if r["policy"] == name and r["status"].startswith("does not fit")]
+            assert v["largest_batch_ran"] == max(ran, default=0)
+            assert all(b <= v["batch_that_fits"] for b in ran) and all(b > v["batch_that_fits"] for b in skipped)
+        assert "capacity at 2048 tokens" in out
+        admitted[values] = cap["hgca"]["batch_that_fits"]
+    assert 0 < admitted["bf16"] < admitted["int8"]

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
     parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"),
                         help="hgca's host key format (default int8)")
+    parser.add_argument("--value-format", default="bf16", choices=("bf16", "int8"),
+                        help="hgca's host value format (default bf16; int8 holds more requests per GiB)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU engine worker threads (default: the policy's, 0 = all usable cores)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
@@ -45,18 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
-             prefilter: float = 4.0) -> Dict[str, object]:
+             prefilter: float = 4.0, value_format: str = "bf16") -> Dict[str, object]:
     win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
     return {
         "hgca_prefilter": from_mapping({
             "policy": "hgca", "window": {**win, "page_tokens": 64}, "budget": {"kind": "tokens", "tokens": budget},
-            "host_store": {"key_format": key_format, "value_format": "bf16", "summary_tokens": 32},
+            "host_store": {"key_format": key_format, "value_format": value_format, "summary_tokens": 32},
             "hgca": {"prefilter": prefilter}}),
         "dense": from_mapping({"policy": "dense", "window": win}),
         "offload_all": from_mapping({"policy": "offload_all", "window": win, "budget": {"kind": "all"},
                                      "host_store": {"key_format": "bf16"}}),
         "hgca": from_mapping({"policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
-                              "host_store": {"key_format": key_format, "value_format": "bf16"}}),
+                              "host_store": {"key_format": key_format, "value_format": value_format}}),
     }
 
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier bench decode: unknown policies {unknown}; expected some of {list(POLICIES + EXTRA)}",
               file=sys.stderr)
         return 2
-    configs = _configs(window, sinks, budget, args.key_format, args.prefilter)
+    configs = _configs(window, sinks, budget, args.key_format, args.prefilter, args.value_format)
     if args.threads is not None:
         if args.threads < 0:
             print(f"kvtier bench decode: --threads expects an int >= 0, got {args.threads}", file=sys.stderr)
@@ -92,17 +94,29 @@ def run(args: argparse.Namespace) -> int:
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
           f"head_dim {shape.head_dim}, hidden {hidden}, device {device}, steps {steps}, hgca budget {budget}")
+    def need(name: str, batch: int, context: int):
+        """Device tokens, device bytes and host bytes a cell needs (the KV only)."""
+        cfg = configs[name]
+        dev_tokens = batch * (context + steps + 8) if name == "dense" else \
+            batch * (sinks + window + cfg.window.page_tokens + steps + 8)
+        need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
+        need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape)
+        return dev_tokens, need_dev, need_host
+
+    def fits(name: str, context: int) -> int:
+        """The largest batch whose KV fits the device and host memory left (accounting, not a run)."""
+        b = 0
+        while b < 4096 and all(x <= cap for x, cap in zip(need(name, b + 1, context)[1:], (dev_cap, host_cap))):
+            b += 1
+        return b
+
     rows: List[Dict[str, object]] = []
     for context in contexts:
         for batch in batches:
             for name in args.policies:
                 cfg = configs[name]
                 row = {"policy": name, "context": context, "batch": batch}
-                page = cfg.window.page_tokens
-                dev_tokens = batch * (context + steps + 8) if name == "dense" else \
-                    batch * (sinks + window + page + steps + 8)
-                need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
-                need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape)
+                dev_tokens, need_dev, need_host = need(name, batch, context)
                 if need_dev > dev_cap or need_host > host_cap:
                     row["status"] = f"does not fit (device {need_dev / 2**30:.1f} GiB, host {need_host / 2**30:.1f} GiB)"
                     print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
@@ -124,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
                       f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
                 rows.append(row)
-    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter)
+    capacity = {str(c): {name: fits(name, c) for name in args.policies} for c in contexts}
+    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity)
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
@@ -210,7 +225,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0) -> int:
+def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """Per context and policy: the largest batch that ran, and the largest the memory accounting admits."""
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    for ctx, by_policy in fit.items():
+        for name, admitted in by_policy.items():
+            ran = [r["batch"] for r in rows if r["policy"] == name and str(r["context"]) == ctx
+                   and r.get("status") == "ok"]
+            out.setdefault(ctx, {})[name] = {"largest_batch_ran": max(ran, default=0), "batch_that_fits": admitted}
+    return out
+
+
+def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s", "device_kv_gib", "host_kv_gib",
             "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
@@ -229,10 +255,14 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
                            hgca_prefilter_rel_err=pf["rel_err"])
     payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
-               "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary}
+               "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
+               "capacity": _capacity(rows, fit or {})}
     path = write(name, payload, markdown_table(rows, cols))
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
+    for ctx, by_policy in payload["capacity"].items():
+        print(f"capacity at {ctx} tokens (largest batch that ran / that the KV accounting admits): " +
+              ", ".join(f"{name} {v['largest_batch_ran']}/{v['batch_that_fits']}" for name, v in by_policy.items()))
     if not summary:
         print("no shape ran all of dense, offload_all and hgca; no summary line", file=sys.stderr)
         return 1
