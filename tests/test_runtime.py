@@ -250,3 +250,67 @@ def test_the_pipeline_stays_off_without_cuda(gen):
         _check_against_dense(tier, gen, rids, full, 2e-2)  # the budget covers these 300 tokens
     finally:
         tier.close()
+
+
+def _causal_reference(q, k, v, pos0):
+    """float64 causal attention: query i (position pos0 + i) over keys 0..pos0 + i."""
+    L, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.double().view(L, hkv, hq // hkv, d)
+    s = torch.einsum("lhgd,nhd->lhgn", qg, k.double()) * d ** -0.5
+    seen = torch.arange(k.shape[0])[None, :] <= (pos0 + torch.arange(L))[:, None]
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return torch.einsum("lhgn,nhd->lhgd", torch.softmax(s, -1), v.double()).reshape(L, hq, d)
+
+
+@pytest.mark.parametrize("key_format, tol", [("bf16", 5e-3), ("int8", 2e-2)])
+def test_chunked_prefill_equals_dense_and_keeps_only_the_window_on_the_device(gen, key_format, tol):
+    """A 1000-token prompt in chunks of 96: each chunk attends the host part exactly and the
+    device window causally, equal to dense causal attention; between chunks pages leave for
+    the host, so the device holds at most sinks + window + a page + one chunk."""
+    cfg = _config(host_store={"key_format": key_format})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
+    n, chunk = 1000, 96
+    hkv, hq, d = SHAPE.kv_heads, SHAPE.num_q_heads, SHAPE.head_dim
+    K = [torch.randn(n, hkv, d, generator=gen) for _ in range(SHAPE.n_layers)]
+    V = [torch.randn(n, hkv, d, generator=gen) for _ in range(SHAPE.n_layers)]
+    Q = [torch.randn(n, hq, d, generator=gen) for _ in range(SHAPE.n_layers)]
+    bound = WINDOW["sink_tokens"] + WINDOW["window_tokens"] + WINDOW["page_tokens"] + chunk
+    try:
+        tier.tier.add(0)
+        host_seen = 0
+        for p0 in range(0, n, chunk):
+            m = min(chunk, n - p0)
+            slots = tier.tier.extend(0, m)
+            tier.attn.plan_extend([0], [m])
+            assert tier.tier.stats().device_tokens <= bound
+            for layer in range(SHAPE.n_layers):
+                tier.pool.k[layer, slots] = K[layer][p0: p0 + m]
+                tier.pool.v[layer, slots] = V[layer][p0: p0 + m]
+                got = tier.attn.run_extend(Q[layer][p0: p0 + m], layer)
+                ref = _causal_reference(Q[layer][p0: p0 + m], K[layer][: p0 + m], V[layer][: p0 + m], p0)
+                rel = float((got.double() - ref).norm() / ref.norm())
+                assert rel < tol, (p0, layer, rel)
+            tier.tier.evict()
+            host_seen = max(host_seen, tier.tier.stats().host_tokens)
+        assert host_seen >= n - bound  # most of the prompt went to the host on the way
+    finally:
+        tier.close()
+
+
+def test_chunked_prefill_checks_its_inputs(gen):
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
+    try:
+        with pytest.raises(RuntimeError, match="run_extend before plan_extend"):
+            tier.attn.run_extend(torch.zeros(1, SHAPE.num_q_heads, SHAPE.head_dim), 0)
+        tier.tier.add(0)
+        tier.tier.extend(0, 10)
+        with pytest.raises(ValueError, match=r"expected a chunk of 1 to 10 tokens"):
+            tier.attn.plan_extend([0], [11])
+        with pytest.raises(ValueError, match="one chunk length per request"):
+            tier.attn.plan_extend([0], [5, 5])
+        tier.attn.plan_extend([0], [10])
+        with pytest.raises(ValueError, match=r"q must be \[chunk tokens, num_q_heads, head_dim\]"):
+            tier.attn.run_extend(torch.zeros(9, SHAPE.num_q_heads, SHAPE.head_dim), 0)
+    finally:
+        tier.close()

@@ -33,8 +33,9 @@ from .._native import Engine, ServeBuffers
 from ..config import ModelShape, env
 from ..policies import Policy
 from . import fused_merge, stream_ops
+from .extend import block_attention
 from .merge import AttnPart, merge
-from .tier import TierManager
+from .tier import TierManager, slot_tensor
 from .window_attention import (
     FlashInferWindow, WindowPlan, empty_part, flashinfer_available, plan_window, torch_window_attention,
 )
@@ -101,8 +102,15 @@ _SERVE_TIMEOUT_S = 120.0  # after the step ends: how long the engine waits for a
 _SEQ_LIMIT = 2**30
 
 
+class _ExtendRow(NamedTuple):
+    slots: torch.Tensor  # [W] long on the device: sinks, then the recent window ending with the chunk
+    n_new: int  # the chunk's tokens (the last n_new slots)
+    pages: torch.Tensor  # int32 host pages holding the request's host tokens, in order
+    n_host: int
+
+
 class HybridAttention:
-    """Decode attention through the tier for one batch at a time."""
+    """Decode attention through the tier for one batch at a time (and prefill chunks, `plan_extend`)."""
 
     def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
                  sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None,
@@ -123,6 +131,7 @@ class HybridAttention:
         self._rids: List[Hashable] = []
         self._window: Optional[WindowPlan] = None
         self._host: Optional[_HostPlan] = None
+        self._extend: Optional[List[_ExtendRow]] = None
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -182,6 +191,58 @@ class HybridAttention:
                 prefilter=args.prefilter,
             )
         return hp
+
+    def plan_extend(self, rids: List[Hashable], new_tokens: List[int]) -> None:
+        """Plan a prefill chunk: request rids[i]'s last new_tokens[i] tokens, already extended
+        (`TierManager.extend`) and written to the pool, attend everything before them.
+
+        The host part is attended exactly (every token, dequantized from the store), except
+        for a policy that never attends the host (window only).
+        """
+        if len(rids) != len(new_tokens):
+            raise ValueError(f"plan_extend: expected one chunk length per request, found {len(rids)} requests "
+                             f"and {len(new_tokens)} lengths")
+        tier, T = self.tier, self.tier.config.window.page_tokens
+        self.stop_serving()
+        tier.settle()
+        rows = []
+        for r, n in zip(rids, new_tokens):
+            slots, st = tier.device_slots(r), tier.requests[r]
+            # The chunk is the request's last n positions, all still on the device: after the
+            # host part, or anywhere when nothing left for the host yet (sinks and window adjoin).
+            most = st.length if st.host_end == len(st.sink_slots) else st.length - st.host_end
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+                raise ValueError(f"plan_extend: request {r!r}: expected a chunk of 1 to {most} tokens (its newest "
+                                 f"tokens still on the device), got {n!r}")
+            h = tier.host_tokens(r) if tier.offload and self.policy.host_path != "none" else 0
+            pages = torch.tensor(tier.store.table(r).pages[: -(-h // T)] if h else [], dtype=torch.int32)
+            rows.append(_ExtendRow(slot_tensor(slots).to(self.device), n, pages, h))
+        self._extend = rows
+
+    def run_extend(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [sum of the chunk lengths, Hq, D] (requests in plan order) -> attention output, q's dtype."""
+        rows = self._extend
+        if rows is None:
+            raise RuntimeError("HybridAttention.run_extend before plan_extend()")
+        hq, d = self.shape.num_q_heads, self.shape.head_dim
+        total = sum(r.n_new for r in rows)
+        if tuple(q.shape) != (total, hq, d):
+            raise ValueError(f"q must be [chunk tokens, num_q_heads, head_dim] = {(total, hq, d)}, found {tuple(q.shape)}")
+        kp, vp = self.tier.k_pool[layer], self.tier.v_pool[layer]
+        kw = dict(sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+        outs, o = [], 0
+        for row in rows:
+            qr = q[o: o + row.n_new]
+            o += row.n_new
+            part = block_attention(qr, kp[row.slots], vp[row.slots], causal_offset=row.slots.numel() - row.n_new, **kw)
+            if row.n_host:
+                view = self.tier.store.view
+                k = _token_major(view.dequant_keys(layer, row.pages), row.n_host).to(q.device)
+                v = _token_major(view.values(layer, row.pages), row.n_host).to(q.device)
+                self.tier.count_h2d(2 * k.numel() * k.element_size() if q.device.type == "cuda" else 0)
+                part = merge(part, block_attention(qr, k, v, causal_offset=None, **kw))
+            outs.append(part.out)
+        return torch.cat(outs).to(q.dtype)
 
     # --- run ----------------------------------------------------------------
 
@@ -405,6 +466,12 @@ class HybridAttention:
             self.stop_serving()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _token_major(pages: torch.Tensor, n: int) -> torch.Tensor:
+    """[pages, Hkv, T, D] -> the first n tokens as [n, Hkv, D]."""
+    p, h, t, d = pages.shape
+    return pages.transpose(1, 2).reshape(p * t, h, d)[:n]
 
 
 def _engine_part_on(host: _HostPlan, device) -> AttnPart:

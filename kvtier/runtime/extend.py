@@ -1,0 +1,60 @@
+"""Prefill in chunks through the tier: the attention of one chunk of a prompt.
+
+A request's earlier tokens are already split: pages that left the window are
+in the host store, sinks and the recent window are on the device. A new chunk
+of n tokens, appended to the device window by the caller, attends
+
+- every host token, all of which precede the chunk, with keys and values
+  dequantized from the store: exact, not sparse (prefill keeps full accuracy);
+- the device tokens causally: query i sees the device tokens up to its own
+  position (the chunk's tokens are the last n of the window);
+
+and the two parts merge by log-sum-exp. Between chunks the caller evicts, so
+the device never holds more than sinks + window + one chunk, however long the
+prompt. `block_attention` is the one attention routine: torch, float32, over
+blocks of keys merged by LSE, so memory stays queries x heads x block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .merge import AttnPart, merge
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: Optional[int],
+                    sm_scale: float, soft_cap: float = 0.0, block: int = 2048) -> AttnPart:
+    """q [L, Hq, D] against k, v [n, Hkv, D] (GQA: query head h reads kv-head h // (Hq / Hkv)).
+
+    causal_offset None: every query sees every key. An int c: query i sees keys j <= c + i.
+    Returns out [L, Hq, D] and natural-log lse [L, Hq] in float32 (out 0, lse -inf where a
+    query sees no key).
+    """
+    L, hq, d = q.shape
+    n, hkv = k.shape[0], k.shape[1]
+    if hq % hkv or tuple(k.shape[2:]) != (d,) or k.shape != v.shape:
+        raise ValueError(f"block_attention: expected q [L, Hq, D] and k, v [n, Hkv, D] with Hkv dividing Hq, "
+                         f"found q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    part = AttnPart(torch.zeros(L, hq, d, device=q.device), torch.full((L, hq), float("-inf"), device=q.device))
+    qg = q.float().view(L, hkv, hq // hkv, d)
+    rows = torch.arange(L, device=q.device)
+    last = n if causal_offset is None else min(n, causal_offset + L)  # keys past this are seen by no query
+    for j0 in range(0, last, block):
+        j1 = min(last, j0 + block)
+        kb, vb = k[j0:j1].float(), v[j0:j1].float()
+        s = torch.einsum("lhgd,nhd->lhgn", qg, kb) * sm_scale
+        if soft_cap:
+            s = soft_cap * torch.tanh(s / soft_cap)
+        if causal_offset is not None:
+            seen = torch.arange(j0, j1, device=q.device)[None, :] <= (causal_offset + rows)[:, None]
+            s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
+        out = torch.einsum("lhgn,nhd->lhgd", p, vb)
+        part = merge(part, AttnPart(out.reshape(L, hq, d), lse.reshape(L, hq)))
+    return part
+
+
+__all__ = ["block_attention"]
