@@ -40,6 +40,11 @@ def wait_far(buf, slot, seq, timeout=30.0):
         time.sleep(1e-4)
 
 
+def small_case(seed, *, lengths=(50,), layers=1):
+    case = make_case(D=64, T=16, lengths=lengths, layers=layers, seed=seed)
+    return case, tuple(case[4].shape)
+
+
 def split_far(buf, slot, shape):
     B, Hq, D = shape
     far = buf.far[slot]
@@ -77,8 +82,7 @@ def test_served_jobs_equal_direct_runs(prefilter):
 
 def test_failed_job_still_completes_and_the_loop_raises_at_the_end():
     """A bad layer gives that job out 0 and lse -inf, later jobs still run, and the error comes back."""
-    case = make_case(D=64, T=16, lengths=(200,), layers=2, seed=3)
-    B, Hq, D = case[4].shape
+    case, (B, Hq, D) = small_case(3, lengths=(200,), layers=2)
     with N.Engine(2) as eng, ThreadPoolExecutor(1) as pool:
         plan(eng, case)
         want = eng.run(1, case[4])
@@ -99,8 +103,7 @@ def test_failed_job_still_completes_and_the_loop_raises_at_the_end():
 
 
 def test_a_job_that_never_comes_times_out_after_stop():
-    case = make_case(D=64, T=16, lengths=(50,), layers=1, seed=4)
-    B, Hq, D = case[4].shape
+    case, (B, Hq, D) = small_case(4)
     with N.Engine(1) as eng, ThreadPoolExecutor(1) as pool:
         plan(eng, case)
         buf = N.ServeBuffers.allocate(1, B, Hq, D)
@@ -112,8 +115,7 @@ def test_a_job_that_never_comes_times_out_after_stop():
 
 
 def test_plan_is_refused_while_serving_and_the_server_checks_its_buffers():
-    case = make_case(D=64, T=16, lengths=(50,), layers=1, seed=6)
-    B, Hq, D = case[4].shape
+    case, (B, Hq, D) = small_case(6)
     with N.Engine(1) as eng, ThreadPoolExecutor(1) as pool:
         with pytest.raises(N.NativeStateError, match="expected plan"):
             eng.server(N.ServeBuffers.allocate(1, B, Hq, D), first_seq=1)
