@@ -232,7 +232,9 @@ def test_pipeline_setting_reads_its_variable(monkeypatch):
     from kvtier.runtime.hybrid import pipeline_setting
 
     monkeypatch.delenv("KVTIER_PIPELINE", raising=False)
-    assert pipeline_setting()
+    assert pipeline_setting() and not pipeline_setting(False)
+    monkeypatch.setenv("KVTIER_PIPELINE", "on")
+    assert pipeline_setting(False)
     monkeypatch.setenv("KVTIER_PIPELINE", "Off")
     assert not pipeline_setting()
     monkeypatch.setenv("KVTIER_PIPELINE", "sometimes")

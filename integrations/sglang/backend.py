@@ -188,10 +188,10 @@ def _backend_class():
             self._engine = engine
             self._scale, self._cap = layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0)
             # The pipelined CUDA path (the stream hands each layer to the engine) has not run
-            # under a real server yet; until it has, the backend keeps the waiting path.
+            # under a real server yet: off unless KVTIER_PIPELINE=on asks for it.
             self._attn = HybridAttention(policy, shape, self._tier, engine=engine, sm_scale=self._scale,
                                          soft_cap=self._cap, use_flashinfer=self.device.type == "cuda",
-                                         pipeline=False)
+                                         pipeline_default=False)
 
         def _why_slots_stay(self, policy) -> Optional[str]:
             """None when evicted device slots can go back to sglang (stage 2), else why not."""

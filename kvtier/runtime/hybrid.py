@@ -72,9 +72,11 @@ class _HostPlan(NamedTuple):
     n_tokens: torch.Tensor
 
 
-def pipeline_setting() -> bool:
-    """$KVTIER_PIPELINE: on (default) or off."""
-    raw = (env.get(env.PIPELINE) or "on").strip().lower()
+def pipeline_setting(default: bool = True) -> bool:
+    """$KVTIER_PIPELINE: on or off; unset, the caller's default."""
+    raw = (env.get(env.PIPELINE) or "").strip().lower()
+    if not raw:
+        return default
     if raw not in ("on", "off"):
         raise ValueError(f"{env.PIPELINE.name}: expected on or off, got {raw!r}")
     return raw == "on"
@@ -114,10 +116,11 @@ class HybridAttention:
 
     def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
                  sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None,
-                 pipeline: Optional[bool] = None):
-        """pipeline: None follows $KVTIER_PIPELINE (default on); the pipelined path needs CUDA,
-        FlashInfer, Triton, the engine host path and the driver's stream memory operations."""
-        want_pipe = pipeline_setting() if pipeline is None else pipeline  # a bad setting fails before anything starts
+                 pipeline_default: bool = True):
+        """pipeline_default: whether to pipeline when $KVTIER_PIPELINE is unset (the variable
+        wins); the pipelined path needs CUDA, FlashInfer, Triton, the engine host path and the
+        driver's stream memory operations."""
+        want_pipe = pipeline_setting(pipeline_default)  # a bad setting fails before anything starts
         self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
         self.sm_scale, self.soft_cap = sm_scale, soft_cap
         self.device = tier.device
