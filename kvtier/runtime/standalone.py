@@ -57,8 +57,11 @@ class StandaloneTier:
         return 0 if self.store is None else self.store.stats().used_pages * self.store.page_bytes
 
     def close(self) -> None:
-        self.attn.close()
-        if self.engine is not None:
-            self.engine.close()
-        if self.store is not None:
-            self.store.close()
+        """Release everything; an engine error the pipelined path still held is raised after that."""
+        try:
+            self.attn.close()
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+            if self.store is not None:
+                self.store.close()
