@@ -153,7 +153,7 @@ def _backend_class():
             # first decode instead of silently disabling the plugin.
             from kvtier._native import Engine
             from kvtier.policies import policy_for
-            from kvtier.runtime.hybrid import HybridAttention
+            from kvtier.runtime.hybrid import HybridAttention, pipeline_possible
             from kvtier.runtime.ranks import pinned_to, rank_share
             from kvtier.runtime.tier import TierManager
             from kvtier.store import HostStore
@@ -183,8 +183,12 @@ def _backend_class():
                                total_kv_heads=layer.tp_k_head_num * self.tp_size)
             engine = None
             if policy.offloads and policy.host_path == "engine":
-                with pinned_to(share.cores if self.tp_size > 1 else ()):
-                    engine = Engine(share.threads)
+                threads = share.threads
+                if (not self.config.engine.threads and threads > 2
+                        and pipeline_possible(policy, self.device, default=False)):
+                    threads -= 1  # pipelined, the scheduler thread keeps queueing while the engine runs
+                with pinned_to(share.cores[:threads] if self.tp_size > 1 else ()):
+                    engine = Engine(threads)
             self._engine = engine
             self._scale, self._cap = layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0)
             # The pipelined CUDA path (the stream hands each layer to the engine) has not run

@@ -93,9 +93,9 @@ def default_engine_threads(pipelined: bool) -> int:
     return cores - 1 if pipelined and cores > 2 else cores
 
 
-def pipeline_possible(policy: Policy, device: torch.device) -> bool:
-    """Whether HybridAttention would pipeline this policy on this device (before it exists)."""
-    return (pipeline_setting() and policy.host_path == "engine" and policy.offloads and device.type == "cuda"
+def pipeline_possible(policy: Policy, device: torch.device, default: bool = True) -> bool:
+    """Whether HybridAttention(pipeline_default=default) would pipeline this policy on this device."""
+    return (pipeline_setting(default) and policy.host_path == "engine" and policy.offloads and device.type == "cuda"
             and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
 
 
