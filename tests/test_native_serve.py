@@ -133,3 +133,47 @@ def test_plan_is_refused_while_serving_and_the_server_checks_its_buffers():
         buf.stop[0] = 1
         fut.result(timeout=30)
         plan(eng, case)
+
+
+def plain_store_ops():
+    """The stream's part played with plain stores and spins: write now, wait until the value is there."""
+    import ctypes
+
+    from kvtier.runtime.pipeline import StreamOps
+
+    def write(stream, address, value):
+        ctypes.c_int32.from_address(address).value = value
+
+    def wait(stream, address, value):
+        t0 = time.monotonic()
+        while ctypes.c_int32.from_address(address).value < value:
+            if time.monotonic() - t0 > 30:
+                raise AssertionError(f"the value at {address:#x} never reached {value}")
+            time.sleep(1e-5)
+
+    return StreamOps(lambda t: t.data_ptr(), write, wait, lambda: None)
+
+
+def test_engine_feed_hands_layers_over_and_restarts_after_a_stop():
+    """The pipelined path's hand-off (EngineFeed): results equal Engine.run across two plans,
+    a stop between them, and the sequence numbers starting over."""
+    from kvtier.runtime import pipeline
+
+    case, (B, Hq, D) = small_case(12, lengths=(400, 90), layers=3)
+    g = torch.Generator().manual_seed(8)
+    with N.Engine(2) as eng, ThreadPoolExecutor(1) as pool:
+        feed = pipeline.EngineFeed(eng, pool, plain_store_ops(), pin_memory=False)
+        for round_ in range(3):
+            if round_ == 2:
+                feed._seq = pipeline.SEQ_LIMIT  # the next start numbers jobs from 1 again
+            plan(eng, case)
+            jobs = [(layer, torch.randn(B, Hq, D, generator=g)) for layer in (0, 2, 1, 1, 0)]
+            want = [eng.run(layer, q) for layer, q in jobs]
+            for (layer, q), ref in zip(jobs, want):
+                slot, seq = feed.hand_off(None, q, layer)
+                assert feed.serving
+                out, lse = feed.result(None, slot, seq, "cpu")
+                assert torch.equal(out, ref.out) and torch.equal(lse, ref.lse)
+            assert feed.stop() > 0.0 and not feed.serving
+            assert feed.stop() == 0.0  # nothing to stop
+        assert feed._seq == 1 + len(jobs)

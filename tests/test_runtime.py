@@ -229,7 +229,7 @@ def test_host_readers_finish_before_the_host_store_changes(gen):
 
 
 def test_pipeline_setting_reads_its_variable(monkeypatch):
-    from kvtier.runtime.hybrid import pipeline_setting
+    from kvtier.runtime.pipeline import pipeline_setting
 
     monkeypatch.delenv("KVTIER_PIPELINE", raising=False)
     assert pipeline_setting() and not pipeline_setting(False)

@@ -21,19 +21,18 @@ first (raising any engine error there). $KVTIER_PIPELINE=off turns it off.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._native import Engine, ServeBuffers
-from ..config import ModelShape, env
+from .._native import Engine
+from ..config import ModelShape
 from ..policies import Policy
 from . import fused_merge, stream_ops
 from .extend import block_attention
+from .pipeline import EngineFeed, cuda_stream_ops, pipeline_setting
 from .merge import AttnPart, merge
 from .tier import TierManager, slot_tensor
 from .window_attention import (
@@ -72,36 +71,10 @@ class _HostPlan(NamedTuple):
     n_tokens: torch.Tensor
 
 
-def pipeline_setting(default: bool = True) -> bool:
-    """$KVTIER_PIPELINE: on or off; unset, the caller's default."""
-    raw = (env.get(env.PIPELINE) or "").strip().lower()
-    if not raw:
-        return default
-    if raw not in ("on", "off"):
-        raise ValueError(f"{env.PIPELINE.name}: expected on or off, got {raw!r}")
-    return raw == "on"
-
-
-def default_engine_threads(pipelined: bool) -> int:
-    """Engine threads for `engine.threads: 0`: every usable core, but one when pipelined.
-
-    Pipelined, the thread that queues the GPU work keeps running while the
-    engine does; with every core taken by the engine, the two preempt each
-    other and an engine worker descheduled mid-item stalls a whole layer.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores - 1 if pipelined and cores > 2 else cores
-
-
 def pipeline_possible(policy: Policy, device: torch.device, default: bool = True) -> bool:
     """Whether HybridAttention(pipeline_default=default) would pipeline this policy on this device."""
     return (pipeline_setting(default) and policy.host_path == "engine" and policy.offloads and device.type == "cuda"
             and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
-
-
-_SERVE_SLOTS = 2  # the stream hands over one layer at a time; two slots leave room to spare
-_SERVE_TIMEOUT_S = 120.0  # after the step ends: how long the engine waits for a query still queued
-_SEQ_LIMIT = 2**30
 
 
 class _ExtendRow(NamedTuple):
@@ -141,14 +114,8 @@ class HybridAttention:
         self.pipelined = (self.fused and want_pipe and policy.host_path == "engine" and engine is not None
                           and stream_ops.available(self.device))
         self._piped = False  # this plan runs pipelined
-        self._serve_flags: Optional[Tuple[torch.Tensor, ...]] = None  # layer, q_ready, far_ready, stop, done, seconds
-        self._serve_addr: Tuple[int, int, int] = (0, 0, 0)  # device addresses of layer, q_ready, far_ready
-        self._serve_q = self._serve_far = None  # page-locked, grown as batches grow
-        self._serve: Optional[ServeBuffers] = None
-        self._serving = None  # the engine's serving loop (a Future) while one runs
-        self._seq = 1  # the next job's sequence number
-        self._first_seq = self._jobs = 0
-        if self.pipelined:
+        self._feed = EngineFeed(engine, self._pool, cuda_stream_ops(self.device)) if self.pipelined else None
+        if self._feed is not None:
             tier.host_readers.append(self.stop_serving)
 
     # --- plan ---------------------------------------------------------------
@@ -315,83 +282,26 @@ class HybridAttention:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.shape.n_layers:
             raise ValueError(f"layer: expected an int in [0, {self.shape.n_layers}), got {layer!r}")
         t0 = time.perf_counter()
-        if self._serving is None:
-            self._start_serving()
-        buf = self._serve
-        j = self._jobs
-        slot, seq = j % _SERVE_SLOTS, self._first_seq + j
-        layer_at, q_ready_at, far_ready_at = self._serve_addr
         stream = torch.cuda.current_stream(q.device)
-        buf.q[slot].copy_(q, non_blocking=True)
-        stream_ops.write_value(stream, layer_at + 4 * slot, layer)
-        stream_ops.write_value(stream, q_ready_at + 4 * slot, seq)
-        self._jobs += 1
+        slot, seq = self._feed.hand_off(stream, q, layer)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
         end.record()
         self._gpu_events.append((start, end))
-        stream_ops.wait_value(stream, far_ready_at + 4 * slot, seq)
-        far = buf.far[slot].to(q.device, non_blocking=True)
-        n = q.numel()
-        out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far[:n].view(q.shape),
-                                     far[n:].view(q.shape[:2]), a_lse_base2=True)
+        far_out, far_lse = self._feed.result(stream, slot, seq, q.device)
+        out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far_out, far_lse, a_lse_base2=True)
         self._wall_s += time.perf_counter() - t0
         return out
 
-    def _start_serving(self) -> None:
-        b, hq, d = len(self._rids), self.shape.num_q_heads, self.shape.head_dim
-        if self._serve_flags is None:
-            flags = tuple(torch.zeros(n, dtype=t, pin_memory=True) for n, t in
-                          ((_SERVE_SLOTS, torch.int32),) * 3 + ((1, torch.int32), (1, torch.int64), (1, torch.float64)))
-            self._serve_flags = flags
-            self._serve_addr = tuple(stream_ops.device_address(t) for t in flags[:3])
-        layer, q_ready, far_ready, stop, done, seconds = self._serve_flags
-        if self._seq >= _SEQ_LIMIT:  # start the numbers over once the stream waits on none of them
-            torch.cuda.synchronize(self.device)
-            q_ready.zero_()
-            far_ready.zero_()
-            self._seq = 1
-        nq, nfar = _SERVE_SLOTS * b * hq * d, _SERVE_SLOTS * b * hq * (d + 1)
-        if self._serve_q is None or self._serve_q.numel() < nq:
-            self._serve_q = torch.empty(nq, pin_memory=True)
-            self._serve_far = torch.empty(nfar, pin_memory=True)
-        stop.zero_()
-        done.zero_()
-        seconds.zero_()
-        self._serve = ServeBuffers(layer, self._serve_q[:nq].view(_SERVE_SLOTS, b, hq, d),
-                                   self._serve_far[:nfar].view(_SERVE_SLOTS, -1), q_ready, far_ready, stop, done,
-                                   seconds)
-        self._first_seq, self._jobs = self._seq, 0
-        loop = self.engine.server(self._serve, first_seq=self._first_seq, timeout_s=_SERVE_TIMEOUT_S)
-        entered = threading.Event()
-
-        def serve() -> None:
-            entered.set()
-            loop()  # releases the GIL until the loop ends
-
-        self._serving = self._pool.submit(serve)
-        # Wait until the loop thread runs: this thread is about to queue a whole step
-        # holding the GIL, and would otherwise keep the loop from starting for up to
-        # the interpreter's switch interval (5 ms).
-        entered.wait()
-
     def stop_serving(self) -> None:
-        """End the engine's serving loop once the jobs queued so far are done; raise its error if any.
+        """End the pipelined engine's loop once the layers handed off so far are done.
 
-        Waits for the GPU to reach those jobs' queries. Called before every plan
-        and before the tier changes the host store.
+        Raises the engine's error if any. Called before every plan and before the
+        tier changes the host store.
         """
-        serving, self._serving = self._serving, None
-        if serving is None:
-            return
-        buf = self._serve
-        buf.stop[0] = self._jobs + 1
-        self._seq = self._first_seq + self._jobs
-        try:
-            serving.result()
-        finally:
-            self._cpu_s += float(buf.engine_seconds[0])
+        if self._feed is not None:
+            self._cpu_s += self._feed.stop()
 
     def run_detail(self, q: torch.Tensor, layer: int) -> HybridDetail:
         """run() without overlap, keeping both parts, the merged LSE and the engine's selection."""

@@ -15,7 +15,8 @@ from ..config import ModelShape, TierConfig
 from ..policies import Policy, policy_for
 from ..store import HostStore
 from .device_pool import DevicePool
-from .hybrid import HybridAttention, default_engine_threads, pipeline_possible, pipeline_setting
+from .hybrid import HybridAttention, pipeline_possible
+from .pipeline import default_engine_threads, pipeline_setting
 from .tier import TierManager
 
 
