@@ -111,8 +111,7 @@ class HybridAttention:
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.pipelined = (self.fused and want_pipe and policy.host_path == "engine" and engine is not None
-                          and stream_ops.available(self.device))
+        self.pipelined = self.fused and engine is not None and pipeline_possible(policy, self.device, want_pipe)
         self._piped = False  # this plan runs pipelined
         self._feed = EngineFeed(engine, self._pool, cuda_stream_ops(self.device)) if self.pipelined else None
         if self._feed is not None:

@@ -120,11 +120,8 @@ class EngineFeed:
             return 0.0
         self._buf.stop[0] = self._jobs + 1
         self._seq = self._first + self._jobs
-        try:
-            loop.result()
-        finally:
-            seconds = float(self._buf.engine_seconds[0])
-        return seconds
+        loop.result()
+        return float(self._buf.engine_seconds[0])
 
     def _start(self, b: int, hq: int, d: int) -> None:
         layer, q_ready, far_ready, stop, done, seconds = self._flags
