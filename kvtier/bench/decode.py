@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     dev_cap = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else host_cap
     print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
           f"head_dim {shape.head_dim}, hidden {hidden}, device {device}, steps {steps}, hgca budget {budget}")
+
     def need(name: str, batch: int, context: int):
         """Device tokens, device bytes and host bytes a cell needs (the KV only)."""
         cfg = configs[name]
@@ -238,8 +239,8 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
 
 def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
-    cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s", "device_kv_gib", "host_kv_gib",
-            "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
+    cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",
+            "device_kv_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
     ok = {(r["policy"], r["context"], r["batch"]): r for r in rows if r.get("status") == "ok"}
     shapes = sorted({(c, b) for (p, c, b) in ok if all((q, c, b) in ok for q in POLICIES)})
     summary = {}
