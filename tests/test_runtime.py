@@ -265,11 +265,16 @@ def _causal_reference(q, k, v, pos0):
     return torch.einsum("lhgn,nhd->lhgd", torch.softmax(s, -1), v.double()).reshape(L, hq, d)
 
 
-@pytest.mark.parametrize("key_format, tol", [("bf16", 5e-3), ("int8", 2e-2)])
-def test_chunked_prefill_equals_dense_and_keeps_only_the_window_on_the_device(gen, key_format, tol):
+@pytest.mark.parametrize("key_format, tol, host_block", [("bf16", 5e-3, None), ("int8", 2e-2, None),
+                                                        ("int8", 2e-2, 40)])
+def test_chunked_prefill_equals_dense_and_keeps_only_the_window_on_the_device(gen, monkeypatch, key_format, tol,
+                                                                            host_block):
     """A 1000-token prompt in chunks of 96: each chunk attends the host part exactly and the
     device window causally, equal to dense causal attention; between chunks pages leave for
-    the host, so the device holds at most sinks + window + a page + one chunk."""
+    the host, so the device holds at most sinks + window + a page + one chunk. host_block: the
+    host part read a few pages at a time (40 tokens: 2 pages of 16, the last block partial)."""
+    if host_block:
+        monkeypatch.setattr("kvtier.runtime.hybrid._EXTEND_HOST_TOKENS", host_block)
     cfg = _config(host_store={"key_format": key_format})
     tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
     n, chunk = 1000, 96

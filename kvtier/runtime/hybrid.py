@@ -77,6 +77,9 @@ def pipeline_possible(policy: Policy, device: torch.device, default: bool = True
             and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
 
 
+_EXTEND_HOST_TOKENS = 4096  # host tokens dequantized at a time by run_extend
+
+
 class _ExtendRow(NamedTuple):
     slots: torch.Tensor  # [W] long on the device: sinks, then the recent window ending with the chunk
     n_new: int  # the chunk's tokens (the last n_new slots)
@@ -204,10 +207,14 @@ class HybridAttention:
             qr = q[o: o + row.n_new]
             o += row.n_new
             part = block_attention(qr, kp[row.slots], vp[row.slots], causal_offset=row.slots.numel() - row.n_new, **kw)
-            if row.n_host:
-                view = self.tier.store.view
-                k = _token_major(view.dequant_keys(layer, row.pages), row.n_host).to(q.device)
-                v = _token_major(view.values(layer, row.pages), row.n_host).to(q.device)
+            # The host part a few thousand tokens at a time: dequantized float32 for a long
+            # prompt's whole host part would be gigabytes per layer.
+            T, view = self.tier.config.window.page_tokens, self.tier.store.view
+            per = max(1, _EXTEND_HOST_TOKENS // T)
+            for i in range(0, row.pages.numel(), per):
+                pages, n = row.pages[i: i + per], min(row.n_host - i * T, per * T)
+                k = _token_major(view.dequant_keys(layer, pages), n).to(q.device)
+                v = _token_major(view.values(layer, pages), n).to(q.device)
                 self.tier.count_h2d(2 * k.numel() * k.element_size() if q.device.type == "cuda" else 0)
                 part = merge(part, block_attention(qr, k, v, causal_offset=None, **kw))
             outs.append(part.out)
