@@ -41,7 +41,7 @@ class EngineResult(NamedTuple):
 
 
 class ServeBuffers(NamedTuple):
-    """Host memory that a serving engine and the GPU stream share (see `Engine.serve`).
+    """Host memory that a serving engine and the GPU stream share (see `Engine.server`).
 
     Slot i holds one job: its layer, its query, and its result (out [B, Hq, D]
     then lse [B, Hq], flat, so one copy brings both to the device). q_ready[i]
@@ -121,7 +121,7 @@ class Engine:
         """
         h = self._h()
         if self._serving:
-            raise NativeStateError("Engine.plan: the engine is serving a step (Engine.serve); stop it first")
+            raise NativeStateError("Engine.plan: the engine is serving a step (Engine.server); stop it first")
         if not isinstance(store, HostStoreView):
             raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
         sh = store._handle()

@@ -202,6 +202,8 @@ class HybridAttention:
             raise ValueError(f"q must be [chunk tokens, num_q_heads, head_dim] = {(total, hq, d)}, found {tuple(q.shape)}")
         kp, vp = self.tier.k_pool[layer], self.tier.v_pool[layer]
         kw = dict(sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+        T = self.tier.config.window.page_tokens
+        per = max(1, _EXTEND_HOST_TOKENS // T)  # host pages read at a time
         outs, o = [], 0
         for row in rows:
             qr = q[o: o + row.n_new]
@@ -209,12 +211,10 @@ class HybridAttention:
             part = block_attention(qr, kp[row.slots], vp[row.slots], causal_offset=row.slots.numel() - row.n_new, **kw)
             # The host part a few thousand tokens at a time: dequantized float32 for a long
             # prompt's whole host part would be gigabytes per layer.
-            T, view = self.tier.config.window.page_tokens, self.tier.store.view
-            per = max(1, _EXTEND_HOST_TOKENS // T)
             for i in range(0, row.pages.numel(), per):
                 pages, n = row.pages[i: i + per], min(row.n_host - i * T, per * T)
-                k = _token_major(view.dequant_keys(layer, pages), n).to(q.device)
-                v = _token_major(view.values(layer, pages), n).to(q.device)
+                k = _token_major(self.tier.store.view.dequant_keys(layer, pages), n).to(q.device)
+                v = _token_major(self.tier.store.view.values(layer, pages), n).to(q.device)
                 self.tier.count_h2d(2 * k.numel() * k.element_size() if q.device.type == "cuda" else 0)
                 part = merge(part, block_attention(qr, k, v, causal_offset=None, **kw))
             outs.append(part.out)
