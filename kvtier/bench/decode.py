@@ -160,10 +160,14 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         sampled = sorted({0, shape.n_layers // 2, shape.n_layers - 1})
         last_q = {}
 
+        host_side = []  # per step: seconds in extend + plan and in evict (the tier's own work)
+
         def step(record: bool):
             nonlocal x
+            h0 = time.perf_counter()
             slots = torch.cat([st.tier.extend(r, 1) for r in rids]).to(device)
             st.attn.plan(rids)
+            h1 = time.perf_counter()
             for layer in range(shape.n_layers):
                 q, k, v = project_qkv(x, w, layer, shape)
                 st.pool.k[layer, slots] = k
@@ -174,7 +178,9 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
                 if record and layer in sampled:
                     last_q[layer] = (q.float(), attn.float())
                 x = output(x, attn, w, layer)
+            h2 = time.perf_counter()
             st.tier.evict()
+            host_side.append((h1 - h0, time.perf_counter() - h2))
 
         step(False)  # warm-up: plans, FlashInfer JIT, engine threads
         _sync(device)
@@ -193,6 +199,9 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         return {
             "ms_per_step": dt * 1e3, "tokens_per_s": batch / dt, "rel_err": err,
             "ms_per_step_median": sorted(each)[len(each) // 2] * 1e3, "ms_per_step_max": max(each) * 1e3,
+            "ms_each": [round(t * 1e3, 2) for t in each],
+            "ms_plan_each": [round(a * 1e3, 2) for a, _ in host_side[1:]],
+            "ms_evict_each": [round(b * 1e3, 2) for _, b in host_side[1:]],
             "device_kv_gib": st.device_kv_bytes() / 2**30, "host_kv_gib": st.host_kv_bytes() / 2**30,
             "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
             "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
