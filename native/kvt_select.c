@@ -1,7 +1,8 @@
-/* Token selection: quickselect-based top-k (O(n), no full sort) and the
- * softmax-mass cut. */
+/* Token selection: quickselect-based top-k (O(n), no full sort, branch-free
+ * partitions) and the softmax-mass cut. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "kvt_engine_internal.h"
 
 static inline float med3(float a, float b, float c) {
@@ -10,29 +11,46 @@ static inline float med3(float a, float b, float c) {
     return a > b ? a : b;
 }
 
+/* Moves the values of a[lo..hi] above pv (or, with ge, at or above it) to the
+ * front; returns the end of them. Branch-free: a swap with itself costs less than
+ * the mispredicted branches of a classic partition on random scores. */
+static int partition_front(float *a, int lo, int hi, float pv, int ge) {
+    int j = lo;
+    for (int i = lo; i <= hi; i++) {
+        const float x = a[i];
+        const int up = ge ? x >= pv : x > pv;
+        a[i] = a[j];
+        a[j] = x;
+        j += up;
+    }
+    return j;
+}
+
 /* k-th largest (1-based) of a[0..n); reorders a. */
 float kvt_kth_largest(float *a, int n, int k) {
     int lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pv = med3(a[lo], a[lo + (hi - lo) / 2], a[hi]);
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pv) i++;
-            while (a[j] < pv) j--;
-            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else return a[want];
+    while (hi - lo >= 16) {
+        const float pv = med3(a[lo], a[lo + (hi - lo) / 2], a[hi]);
+        const int gt = partition_front(a, lo, hi, pv, 0);
+        if (want < gt) { hi = gt - 1; continue; }
+        const int ge = partition_front(a, gt, hi, pv, 1); /* > gt: pv is in the range */
+        if (want < ge || ge == gt) return pv; /* ge == gt only for a NaN pivot: no hang */
+        lo = ge;
+    }
+    for (int i = lo + 1; i <= hi; i++) { /* insertion sort, descending */
+        float x = a[i];
+        int j = i - 1;
+        while (j >= lo && a[j] < x) { a[j + 1] = a[j]; j--; }
+        a[j + 1] = x;
     }
     return a[want];
 }
 
 /* Long arrays: the k-th largest of an evenly strided sample, taken with a margin
  * above the expected rank, bounds the answer from below; only the values at or
- * above it go through quickselect. Falls back to the whole array when the
- * bound holds fewer than k values, so the result is always exact. Worth it up
- * to budgets of most of the array (k = n/4 still leaves a third of it). */
+ * above it go through the select. Falls back to the whole array when the bound
+ * holds fewer than k values, so the result is always exact. Worth it up to
+ * budgets of most of the array (k = n/4 still leaves a third of it). */
 float kvt_kth_value(const float *r, int n, int k, float *vals) {
     if (n >= 4096 && k < n) {
         const int s = 1024, stride = n / s;
@@ -42,8 +60,10 @@ float kvt_kth_value(const float *r, int n, int k, float *vals) {
         if (j < s) {
             float lo = kvt_kth_largest(vals, s, j);
             int c = 0;
-            for (int t = 0; t < n; t++)
-                if (r[t] >= lo) vals[c++] = r[t];
+            for (int t = 0; t < n; t++) { /* branch-free collection */
+                vals[c] = r[t];
+                c += r[t] >= lo;
+            }
             if (c >= k) return kvt_kth_largest(vals, c, k);
         }
     }
@@ -59,10 +79,14 @@ int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out) {
     float thr = kvt_kth_value(r, n, k, tmp);
     int above = 0;
     for (int t = 0; t < n; t++) above += r[t] > thr;
+    /* branch-free: every index is written, the count moves on when it is kept
+     * (out has room for n > k); ties at the threshold fill up to k in order */
     int ties = k - above, c = 0;
     for (int t = 0; t < n && c < k; t++) {
-        if (r[t] > thr) out[c++] = t;
-        else if (r[t] == thr && ties > 0) { out[c++] = t; ties--; }
+        const int eq = r[t] == thr, keep = (r[t] > thr) | (eq & (ties > 0));
+        out[c] = t;
+        c += keep;
+        ties -= eq & keep;
     }
     return c;
 }

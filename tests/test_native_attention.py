@@ -273,6 +273,48 @@ def test_budget_covers_everything_equals_exact_attention():
     assert (res.n_selected == torch.tensor([[77] * 8, [130] * 8], dtype=torch.int32)).all()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("prefilter", [0.0, 2.0])
+def test_exact_ties_select_exactly_k(threads, prefilter):
+    """Every page a copy of one page: each score occurs once per page, so the k-th
+    largest sits inside a run of exactly equal values. The selection still holds
+    exactly k tokens (ties taken in token order), and since tied tokens share
+    their key and value, the output equals the reference whichever ties it took."""
+    g = torch.Generator().manual_seed(11)
+    T, D, Hkv, G, n_pages = 16, 64, 2, 4, 300
+    store = N.HostStoreView.allocate(n_layers=1, n_pages=n_pages, kv_heads=Hkv, page_tokens=T, head_dim=D,
+                                     key_format="int8", value_format="bf16", summary_tokens=16)
+    k = (torch.randn(1, Hkv, T, D, generator=g) * 2).expand(n_pages, -1, -1, -1).contiguous()
+    v = torch.randn(1, Hkv, T, D, generator=g).expand(n_pages, -1, -1, -1).contiguous()
+    store.append(0, torch.arange(n_pages, dtype=torch.int32), k, v)
+    n = n_pages * T
+    table = torch.randperm(n_pages, generator=g).to(torch.int32)
+    offs, ntok = torch.tensor([0, n_pages], dtype=torch.int32), torch.tensor([n], dtype=torch.int32)
+    q = torch.randn(1, G * Hkv, D, generator=g)
+    budget = torch.full((1, Hkv), 1000, dtype=torch.int32)
+    # candidates: every page, or the prefilter's chunks (a chunk is a page here, all tied)
+    copies = n_pages if prefilter == 0 else math.ceil(prefilter * 1000 / 16)
+    counts = [float(copies)] * (1000 // copies) + ([float(1000 % copies)] if 1000 % copies else [])
+    with N.Engine(threads) as eng:
+        eng.plan(store, table, offs, ntok, G * Hkv, budget_tokens=budget, sm_scale=D ** -0.5, prefilter=prefilter)
+        res = eng.run(0, q, return_selection=True)
+    assert (res.n_selected == 1000).all()
+    for qh in range(G * Hkv):
+        sel = res.sel_index[0, qh, :1000]
+        assert (sel[1:] > sel[:-1]).all(), "selection not ascending"
+    K = ref_keys(store, 0, table)[0, :, :, :].double()  # every page the same: [H, T, D]
+    V = ref_values(store, 0, table)[0].double()
+    for h in range(Hkv):
+        logit = (q[0, h * G:(h + 1) * G].double() @ K[h].T) * D ** -0.5  # [G, T]: one page's scores
+        best = torch.sort(logit.amax(0), descending=True).indices[:len(counts)]
+        x = logit[:, best] + torch.tensor(counts, dtype=torch.float64).log()  # logsumexp over the copies
+        w = torch.softmax(x, dim=-1)
+        ref = w @ V[h, best]
+        torch.testing.assert_close(res.out[0, h * G:(h + 1) * G].double(), ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(res.lse[0, h * G:(h + 1) * G].double(), torch.logsumexp(x, -1),
+                                   atol=2e-4, rtol=1e-4)
+
+
 def test_single_token_and_empty_request():
     case = make_case(lengths=(1, 0, 2))
     res, ref = run_both(*case)
