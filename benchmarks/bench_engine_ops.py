@@ -27,11 +27,11 @@ def case():
     store.close()
 
 
-def _plan(case, mode="topk"):
+def _plan(case, mode="topk", prefilter=0.0):
     store, table, q, budget, eng = case
     eng.plan(store, table, torch.tensor([0, len(table)]), torch.tensor([TOKENS]), HKV * G, mode=mode,
              budget_tokens=budget, block_tokens=torch.full((HKV,), 64, dtype=torch.int32),
-             sm_scale=1 / math.sqrt(D))
+             sm_scale=1 / math.sqrt(D), prefilter=prefilter)
     return eng, q
 
 
@@ -49,6 +49,12 @@ def test_score(benchmark, case):
 @pytest.mark.parametrize("mode", ["topk", "mass", "blocks", "all"])
 def test_run(benchmark, case, mode):
     eng, q = _plan(case, mode)
+    benchmark(eng.run, 0, q)
+
+
+def test_run_prefilter(benchmark, case):
+    """Candidates from the summary-chunk bounds (2 x the budget), then exact top-k."""
+    eng, q = _plan(case, "topk", prefilter=2.0)
     benchmark(eng.run, 0, q)
 
 
