@@ -2,7 +2,6 @@
  * partitions) and the softmax-mass cut. */
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 #include "kvt_engine_internal.h"
 
 static inline float med3(float a, float b, float c) {
@@ -79,8 +78,8 @@ int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out) {
     float thr = kvt_kth_value(r, n, k, tmp);
     int above = 0;
     for (int t = 0; t < n; t++) above += r[t] > thr;
-    /* branch-free: every index is written, the count moves on when it is kept
-     * (out has room for n > k); ties at the threshold fill up to k in order */
+    /* branch-free: each index is written at out[c] (c < k), and c moves on only
+     * when it is kept; ties at the threshold fill up to k in token order */
     int ties = k - above, c = 0;
     for (int t = 0; t < n && c < k; t++) {
         const int eq = r[t] == thr, keep = (r[t] > thr) | (eq & (ties > 0));
