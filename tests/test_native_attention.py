@@ -302,7 +302,7 @@ def test_exact_ties_select_exactly_k(threads, prefilter):
     for qh in range(G * Hkv):
         sel = res.sel_index[0, qh, :1000]
         assert (sel[1:] > sel[:-1]).all(), "selection not ascending"
-    K = ref_keys(store, 0, table)[0, :, :, :].double()  # every page the same: [H, T, D]
+    K = ref_keys(store, 0, table)[0].double()  # every page the same: [H, T, D]
     V = ref_values(store, 0, table)[0].double()
     for h in range(Hkv):
         logit = (q[0, h * G:(h + 1) * G].double() @ K[h].T) * D ** -0.5  # [G, T]: one page's scores
