@@ -17,7 +17,7 @@ sglang = pytest.importorskip("sglang", reason="sglang is not installed (see requ
 
 import kvtier_sglang  # noqa: E402
 from kvtier.config import load  # noqa: E402
-from kvtier_sglang import launch, lifecycle, plugin, versions  # noqa: E402
+from kvtier_sglang import admission, launch, lifecycle, plugin, versions  # noqa: E402
 
 TIER = """policy: hgca
 window: {sink_tokens: 2, window_tokens: 8, page_tokens: 4}
@@ -189,7 +189,8 @@ def test_finished_request_releases_host_pages_through_the_real_pool():
 # --- stage 2: evicted device slots go back to sglang's allocator -------------------------------------------
 
 
-def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05):
+def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05,
+                    prefill_backend=None, keys="bf16", budget="{kind: all}"):
     """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
     from types import SimpleNamespace
 
@@ -207,10 +208,11 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
                                        need_sort=False)
     runner = SimpleNamespace(device="cpu", req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
                              token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=1, tp_rank=0,
-                             server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache))
+                             server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache,
+                                                         prefill_attention_backend=prefill_backend))
     config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
-                   f"host_store: {{capacity_gib: {capacity_gib}, key_format: bf16, summary_tokens: 16}}\n"
-                   "budget: {kind: all}\nmax_context_tokens: 1024\nengine: {threads: 1}\n", "<test>")
+                   f"host_store: {{capacity_gib: {capacity_gib}, key_format: {keys}, summary_tokens: 16}}\n"
+                   f"budget: {budget}\nmax_context_tokens: 1024\nengine: {{threads: 1}}\n", "<test>")
     backend = _backend_class()(runner, config)
     layer = RadixAttention(hq, d, d ** -0.5, hkv, layer_id=0)
     return backend, layer, runner
@@ -237,6 +239,42 @@ class _Requests:
         self.runner.token_to_kv_pool.v_buffer[0][slots] = v
         self.k[row], self.v[row] = torch.cat([self.k[row], k]), torch.cat([self.v[row], v])
         return slots
+
+    def extend_step(self, backend, layer, chunks, hq=4):
+        """One prefill chunk per request ({row: new tokens}) through the backend, which writes
+        the chunk's K, V itself as sglang's prefill does; returns (out, causal dense reference)."""
+        from types import SimpleNamespace
+
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        rows, new = list(chunks), list(chunks.values())
+        prefix = [self.k[r].shape[0] for r in rows]
+        loc = self.runner.token_to_kv_pool_allocator.alloc(sum(new))
+        assert loc is not None, "the pool ran out of slots"
+        q = torch.randn(sum(new), hq * self.d)
+        k, v = torch.randn(sum(new), self.hkv, self.d), torch.randn(sum(new), self.hkv, self.d)
+        o = 0
+        for row, p, n in zip(rows, prefix, new):
+            self.runner.req_to_token_pool.req_to_token[row, p:p + n] = loc[o:o + n].to(torch.int32)
+            self.k[row], self.v[row] = torch.cat([self.k[row], k[o:o + n]]), torch.cat([self.v[row], v[o:o + n]])
+            o += n
+        seq = torch.tensor([p + n for p, n in zip(prefix, new)])
+        fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=len(rows), req_pool_indices=torch.tensor(rows),
+                             seq_lens=seq, seq_lens_cpu=seq, extend_prefix_lens=torch.tensor(prefix),
+                             extend_seq_lens=torch.tensor(new), extend_prefix_lens_cpu=prefix,
+                             extend_seq_lens_cpu=new, encoder_lens=None, out_cache_loc=loc,
+                             encoder_out_cache_loc=None)
+        backend.init_forward_metadata(fb)
+        out = backend.forward_extend(q, k, v, layer, fb)
+        ref, o = [], 0
+        for row, p, n in zip(rows, prefix, new):
+            qi = q[o:o + n].view(n, self.hkv, hq // self.hkv, self.d).double()
+            s = torch.einsum("lhgd,nhd->lhgn", qi, self.k[row].double()) * layer.scaling
+            seen = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
+            s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+            ref.append(torch.einsum("lhgn,nhd->lhgd", s.softmax(-1), self.v[row].double()).reshape(n, -1))
+            o += n
+        return out, torch.cat(ref).float()
 
     def decode_step(self, backend, layer, hq=4):
         """One decode token per request through the backend; returns (out, dense reference)."""
@@ -427,3 +465,171 @@ def test_prometheus_metrics_follow_the_tier(monkeypatch):
         assert value(name, "_total") == stats[name], name
     for row in reqs.rows:
         _free_row(runner, row, reqs.k[row].shape[0])
+
+
+# --- stage 3: prefill in chunks that evict as they go ---------------------------------------------------
+
+
+def _used(alloc):
+    return alloc.size - alloc.available_size()
+
+
+def _poison_free_slots(runner):
+    """Overwrite every free slot's K, V, as other requests would: a read of a freed slot shows."""
+    alloc = runner.token_to_kv_pool_allocator
+    parts = [alloc.free_pages] + ([alloc.release_pages] if getattr(alloc, "release_pages", None) is not None else [])
+    free = torch.cat(parts)
+    runner.token_to_kv_pool.k_buffer[0][free] = 1e4
+    runner.token_to_kv_pool.v_buffer[0][free] = -1e4
+
+
+def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense():
+    torch.manual_seed(5)
+    backend, layer, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    assert backend.stage3
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [0, 0])
+    prompt, chunk = {0: 700, 1: 300}, 96
+    bound = admission.device_bound(backend, chunk)
+    peak, hybrid_chunks = 0, 0
+    while any(reqs.k[r].shape[0] < n for r, n in prompt.items()):
+        step = {r: min(chunk, n - reqs.k[r].shape[0]) for r, n in prompt.items() if reqs.k[r].shape[0] < n}
+        out, ref = reqs.extend_step(backend, layer, step)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        hybrid_chunks += backend._extend_hybrid
+        peak = max(peak, _used(alloc))
+        _poison_free_slots(runner)
+    # Later chunks attended host pages; the pool never held more than each request's bound,
+    # though the prompts (1000 tokens) are far longer than that.
+    assert hybrid_chunks >= 5 and backend.slots_released > 0
+    assert peak <= 2 * bound < sum(prompt.values())
+    for _ in range(3):  # decode continues from the tiers the prefill left
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
+
+
+def test_stage3_chunks_with_int8_keys_and_a_token_budget_stay_close():
+    # Prefill attends the host part exactly (dequantized keys), whatever the decode budget.
+    torch.manual_seed(6)
+    backend, layer, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND, keys="int8",
+                                             budget="{kind: tokens, tokens: 32}")
+    reqs = _Requests(runner, [0])
+    errs = []
+    for _ in range(6):
+        out, ref = reqs.extend_step(backend, layer, {0: 80})
+        errs.append(((out - ref).norm() / ref.norm()).item())
+        _poison_free_slots(runner)
+    assert backend._extend_hybrid and max(errs) < 2e-2, errs
+    _free_row(runner, 0, reqs.k[0].shape[0])
+    assert runner.token_to_kv_pool_allocator.available_size() == runner.token_to_kv_pool_allocator.size
+
+
+def test_stage3_stays_off_unless_prefill_comes_to_the_tier():
+    backend, _, _ = _stage2_backend()
+    assert not backend.stage3 and "prefill" in backend._stage3_why_not()
+    backend, _, _ = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND, disable_radix_cache=False)
+    assert not backend.stage3
+
+
+def test_launch_routes_prefill_to_the_tier_under_an_offloading_policy(tmp_path):
+    import argparse
+
+    ns = argparse.Namespace(disable_radix_cache=False, enable_mixed_chunk=False)
+    launch.apply_to_namespace(ns, load(_tier_yaml(tmp_path)))
+    assert ns.prefill_attention_backend == launch.PREFILL_BACKEND
+    ns = argparse.Namespace(disable_radix_cache=True, enable_mixed_chunk=False, prefill_attention_backend="triton")
+    launch.apply_to_namespace(ns, load(_tier_yaml(tmp_path)))
+    assert ns.prefill_attention_backend == "triton"  # the user's choice stands (stage 3 off)
+
+
+def test_both_backend_names_give_the_runner_one_instance():
+    from kvtier_sglang import backend as kb
+
+    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    runner._kvtier_backend = backend
+    assert kb.create_backend(runner) is backend
+
+
+def test_stage3_lifts_the_input_cap_to_the_context_or_host_capacity():
+    from types import SimpleNamespace
+
+    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    runner.model_config = SimpleNamespace(context_len=100_000)
+    worker = SimpleNamespace(model_runner=runner)
+    pool = runner.token_to_kv_pool_allocator.size
+    info = (pool, 16384, 4, 100, pool - 1, pool - 6, 0, "cpu", None, 1, 2, 3)
+    lifted = admission.lift_input_cap(info, worker)
+    longest = min(100_000 - 1, pool + backend.host_capacity_tokens())
+    assert lifted[4] == longest and lifted[5] == longest - 5 and lifted[:4] == info[:4] and lifted[6:] == info[6:]
+    off, _, runner2 = _stage2_backend()
+    runner2.model_config = runner.model_config
+    assert admission.lift_input_cap(info, SimpleNamespace(model_runner=runner2)) is None
+
+
+def test_stage3_admission_lends_the_prompt_beyond_the_device_bound():
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    backend.prefill_chunk_tokens = 128
+    alloc = runner.token_to_kv_pool_allocator
+    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
+    budget = PrefillBudget(alloc, tree)  # sglang's own accounting of the free pool
+    adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_chunk_tokens=128, memory_budget=budget)
+    seen = []
+
+    def original(adder_, req):  # sglang's rule: the prompt plus its decode budget must fit what is free
+        seen.append(budget.remaining_total)
+        return len(req.full_untruncated_fill_ids) + 32 < budget.remaining_total
+
+    def request(n, max_new=32):
+        return SimpleNamespace(prefix_len=0, full_untruncated_fill_ids=[0] * n, output_ids=[],
+                               sampling_params=SimpleNamespace(max_new_tokens=max_new))
+
+    bound = admission.device_bound(backend, 128)
+    long = request(5000)
+    assert 5000 > alloc.size and admission.add_one_req(original, adder, long)
+    assert seen[-1] == alloc.size + 5032 - bound  # what stage 3 lends for the call...
+    assert budget.remaining_total == alloc.size and budget.current_offset == 0  # ...is paid back after it
+    assert admission.credit(adder, request(100)) == 0
+    huge = request(backend.host_capacity_tokens() + 2000)
+    assert admission.credit(adder, huge) == 0 and not admission.add_one_req(original, adder, huge)
+    assert admission.credit(SimpleNamespace(**{**vars(adder), "rem_chunk_tokens": None}), long) == 0
+    # the 0.5.17 spelling of the same offsets
+    old = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_chunk_tokens=128, rem_total_token_offset=7,
+                          cur_rem_token_offset=3)
+    admission.add_one_req(lambda a, r: seen.append((a.rem_total_token_offset, a.cur_rem_token_offset)), old, long)
+    assert seen[-1] == (7 - (5032 - bound), 3 - (5032 - bound))
+    assert (old.rem_total_token_offset, old.cur_rem_token_offset) == (7, 3)
+    off, _, runner2 = _stage2_backend()  # stage 3 off: nothing lent
+    assert admission.credit(SimpleNamespace(**{**vars(adder), "token_to_kv_pool_allocator":
+                                              runner2.token_to_kv_pool_allocator}), long) == 0
+
+
+def test_stage3_decode_budget_counts_the_host_store_too():
+    from types import SimpleNamespace
+
+    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    alloc = runner.token_to_kv_pool_allocator
+
+    def original(sched, req):  # sglang 0.5.17's clamp: prompt + decode budget must fit the pool
+        n = len(req.origin_input_ids)
+        req.sampling_params.max_new_tokens = max(0, min(req.sampling_params.max_new_tokens,
+                                                        sched.max_total_num_tokens - n - 1 - 1))
+
+    sched = SimpleNamespace(token_to_kv_pool_allocator=alloc, max_total_num_tokens=alloc.size)
+    req = SimpleNamespace(origin_input_ids=[0] * 5000, sampling_params=SimpleNamespace(max_new_tokens=32))
+    admission.init_max_new_tokens(original, sched, req)
+    assert req.sampling_params.max_new_tokens == 32 and sched.max_total_num_tokens == alloc.size
+    _, _, runner2 = _stage2_backend()  # stage 3 off: sglang's clamp leaves a prompt longer than the pool nothing
+    sched2 = SimpleNamespace(token_to_kv_pool_allocator=runner2.token_to_kv_pool_allocator,
+                             max_total_num_tokens=runner2.token_to_kv_pool_allocator.size)
+    req2 = SimpleNamespace(origin_input_ids=[0] * 5000, sampling_params=SimpleNamespace(max_new_tokens=32))
+    admission.init_max_new_tokens(original, sched2, req2)
+    assert req2.sampling_params.max_new_tokens == 0

@@ -18,8 +18,16 @@ Sequencing (DESIGN.md):
   those slots again when the request ends.
   `--kv-tier` turns the radix cache off for offloading policies; a prefix hit
   on host-resident pages is not served yet.
-- stage 3 (evicting during chunked prefill) is not built: a prompt must fit
-  the device pool once.
+- stage 3, on top of stage 2 when prefill comes here too (`--kv-tier` routes
+  prefill to this backend under an offloading policy): a prompt is prefilled
+  in sglang's chunks, and before each chunk the pages that left the window go
+  to the host store and their slots back to the allocator. A chunk of a
+  request with pages on the host attends them exactly (dequantized) and the
+  device tokens causally (`HybridAttention.run_extend`); a batch whose
+  requests have nothing on the host stays on the stock backend. So a prompt
+  needs sinks + window + one chunk of device slots, not its whole length;
+  the scheduler's admission and input-length cap are lifted to match
+  (`admission.py`).
 """
 
 from __future__ import annotations
@@ -63,12 +71,25 @@ def register_backend() -> None:
 
     if launch.BACKEND in ATTENTION_BACKENDS:
         return
-    add_attention_backend_choices([launch.BACKEND])
+    add_attention_backend_choices([launch.BACKEND, launch.PREFILL_BACKEND])
     register_attention_backend(launch.BACKEND)(create_backend)
+    register_attention_backend(launch.PREFILL_BACKEND)(create_backend)
 
 
 def create_backend(runner):
-    return _backend_class()(runner, launch.config_for(getattr(runner, "server_args", None)))
+    """The model runner's one kvtier backend, for decode and (stage 3) prefill alike.
+
+    sglang builds its prefill and decode backends separately when their names differ; both
+    names return the same instance, so one tier sees every batch.
+    """
+    backend = getattr(runner, "_kvtier_backend", None)
+    if backend is None:
+        backend = _backend_class()(runner, launch.config_for(getattr(runner, "server_args", None)))
+        try:
+            runner._kvtier_backend = backend
+        except AttributeError:
+            pass
+    return backend
 
 
 _CLASS = None
@@ -110,15 +131,26 @@ def _backend_class():
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
             self._decode = False
+            self._extend_hybrid = False  # this extend batch runs through the tier (stage 3)
+            self._extend_fb = None  # the extend batch whose tier bookkeeping waits for the first layer
+            # sglang's prefill chunk (--chunked-prefill-size; <= 0 when chunking is off)
+            self.prefill_chunk_tokens = int(getattr(self.server_args, "chunked_prefill_size", 0) or 0)
+            self.stage3 = self._stage3_why_not() is None
             lifecycle.track(self)
 
         # --- metadata -------------------------------------------------------
 
         def init_forward_metadata(self, forward_batch):
-            self._decode = forward_batch.forward_mode.is_decode()
+            mode = forward_batch.forward_mode
+            self._decode = mode.is_decode()
+            self._extend_hybrid, self._extend_fb = False, None
             self.inner.init_forward_metadata(forward_batch)
             if self._decode and self._attn is not None:
                 self._plan(forward_batch)
+            elif mode.is_extend() and self._tier is not None and self._tier.offload:
+                self._plan_extend(forward_batch)
+            elif mode.is_extend():
+                self._extend_fb = forward_batch  # the tier is built at this batch's first layer
             self.forward_metadata = getattr(self.inner, "forward_metadata", None)
 
         def init_cuda_graph_state(self, *args, **kwargs):
@@ -131,7 +163,22 @@ def _backend_class():
         # --- forward --------------------------------------------------------
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-            return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+            if self._extend_fb is not None:
+                # The first extend this backend sees: build the tier (it needs the layer) and
+                # start tracking the batch's requests. Nothing is on the host yet.
+                fb, self._extend_fb = self._extend_fb, None
+                if self._attn is None:
+                    self._build(layer)
+                if self._tier.offload:
+                    self._plan_extend(fb)
+            if not self._extend_hybrid:
+                return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+            if save_kv_cache and k is not None and v is not None:
+                _save_kv(self.kv_pool, layer, forward_batch.out_cache_loc, k, v)
+            self._check_layer(layer)
+            q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            out = self._attn.run_extend(q3, layer.layer_id)
+            return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
             if save_kv_cache and k is not None and v is not None:
@@ -216,6 +263,42 @@ def _backend_class():
                         f"{win.sink_tokens} and window.page_tokens {win.page_tokens}")
             return None
 
+        def _stage3_why_not(self) -> Optional[str]:
+            """None when prefill chunks come here and evict as they go (stage 3), else why not."""
+            from kvtier.policies import policy_for
+
+            policy = policy_for(self.config)
+            why = self._why_slots_stay(policy)
+            if why is not None:
+                return why
+            prefill = getattr(self.server_args, "prefill_attention_backend", None)
+            if prefill != launch.PREFILL_BACKEND:
+                return f"prefill runs on --prefill-attention-backend {prefill}, not through the tier"
+            return None
+
+        def _shape_now(self) -> ModelShape:
+            pool = self.kv_pool
+            n_layers = getattr(pool, "layer_num", None) or len(pool.k_buffer)
+            hkv, d = int(pool.head_num), int(pool.head_dim)
+            return ModelShape(n_layers, hkv, hkv, d)
+
+        def host_capacity_tokens(self) -> int:
+            """Tokens the host store holds in all (stage 3 admission caps one request's input by it)."""
+            from kvtier.config.shape import GIB_BYTES, host_bytes_per_token
+
+            if self._tier is not None and self._tier.store is not None:
+                st = self._tier.store.stats()
+                return st.total_pages * self.config.window.page_tokens
+            per_token = host_bytes_per_token(self.config.host_store, self._shape_now())
+            pages = int(self.config.host_store.capacity_gib * GIB_BYTES // (per_token * self.config.window.page_tokens))
+            return pages * self.config.window.page_tokens
+
+        def host_free_tokens(self) -> int:
+            """Tokens the host store can still take."""
+            if self._tier is not None and self._tier.store is not None:
+                return self._tier.store.stats().free_pages * self.config.window.page_tokens
+            return self.host_capacity_tokens()
+
         def _free_evicted(self, slots: torch.Tensor) -> None:
             self.allocator.free(slots.to(self.device))
             self.slots_released += slots.numel()
@@ -234,24 +317,22 @@ def _backend_class():
                     f"kvtier needs one softmax scale and soft-cap for all layers, found layer {layer.layer_id} "
                     f"with scale {layer.scaling} / cap {cap} against {self._scale} / {self._cap}")
 
-        def _plan(self, forward_batch) -> None:
+        def _track(self, row: int, n: int) -> None:
+            """Bring the tier's record of request row up to its first n tokens (all in sglang's row)."""
             tier = self._tier
-            rows = forward_batch.req_pool_indices.tolist()
-            lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                    else forward_batch.seq_lens.cpu()).tolist()
-            table = self.req_to_token_pool.req_to_token
-            for row, n in zip(rows, lens):
-                st = tier.requests.get(row)
-                if st is not None and st.length > n:  # the row was reused by a new request
-                    tier.release(row)
-                    st = None
-                if st is None:
-                    tier.add(row)
-                have = tier.requests[row].length
-                if n > have:
-                    tier.extend(row, n - have, slots=table[row, have:n].to(torch.long).cpu())
+            st = tier.requests.get(row)
+            if st is not None and st.length > n:  # the row was reused by a new request
+                tier.release(row)
+                st = None
+            if st is None:
+                tier.add(row)
+            have = tier.requests[row].length
+            if n > have:
+                tier.extend(row, n - have, slots=self.req_to_token_pool.req_to_token[row, have:n].to(torch.long).cpu())
+
+        def _evict(self) -> None:
             try:
-                tier.evict()
+                self._tier.evict()
             except CapacityError as exc:
                 # Nothing stored is touched (allocation is all or nothing per request): the pages
                 # that did not fit stay on the GPU and are attended there until room frees up.
@@ -260,6 +341,43 @@ def _backend_class():
                 if now - self._last_full_log >= self.stats_every_s:
                     self._last_full_log = now
                     log.warning("kvtier: host store full, pages stay on the GPU for now: %s", exc)
+
+        def _plan_extend(self, forward_batch) -> None:
+            """Stage 3: before a prefill chunk, evict what left the window, then add the chunk.
+
+            The prefix (earlier chunks) is fully written, so its pages may leave; the chunk's
+            tokens are written layer by layer during this forward, so they join the tier only
+            after the eviction and leave at the next batch at the earliest.
+            """
+            tier = self._tier
+            rows = forward_batch.req_pool_indices.tolist()
+            prefix = forward_batch.extend_prefix_lens_cpu
+            new = forward_batch.extend_seq_lens_cpu
+            if prefix is None or new is None:
+                seq = forward_batch.seq_lens.cpu().tolist()
+                new = forward_batch.extend_seq_lens.cpu().tolist()
+                prefix = [s - n for s, n in zip(seq, new)]
+            for row, p in zip(rows, prefix):
+                st = tier.requests.get(row)
+                if st is not None and st.length != p:  # a new request on a reused row, or a re-prefill
+                    tier.release(row)
+                self._track(row, int(p))
+            self._evict()
+            tier.settle()
+            self._extend_hybrid = any(tier.host_tokens(r) > 0 for r in rows)
+            for row, p, n in zip(rows, prefix, new):
+                self._track(row, int(p) + int(n))
+            if self._extend_hybrid:
+                self._attn.plan_extend(rows, [int(n) for n in new])
+
+        def _plan(self, forward_batch) -> None:
+            tier = self._tier
+            rows = forward_batch.req_pool_indices.tolist()
+            lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
+                    else forward_batch.seq_lens.cpu()).tolist()
+            for row, n in zip(rows, lens):
+                self._track(row, n)
+            self._evict()
             self._attn.plan(rows)
             now = time.monotonic()
             if self.metrics is not None and now - self._last_metrics >= METRICS_EVERY_S:

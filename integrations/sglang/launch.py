@@ -22,6 +22,9 @@ from . import versions
 
 ATTR = "_kvtier_config_yaml"
 BACKEND = "kvtier"
+# Prefill reaches the same backend instance under a second name: sglang builds one backend when
+# the prefill and decode names are equal, from --attention-backend on some releases.
+PREFILL_BACKEND = "kvtier_prefill"
 
 
 class KvTierLaunchError(ValueError):
@@ -78,7 +81,8 @@ def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
 
 
 # ServerArgs fields apply_to_namespace may set (the Python API copies these into Engine kwargs).
-APPLIED = ("decode_attention_backend", "cuda_graph_backend_decode", "disable_cuda_graph", "disable_radix_cache")
+APPLIED = ("decode_attention_backend", "cuda_graph_backend_decode", "disable_cuda_graph", "disable_radix_cache",
+           "prefill_attention_backend", "cuda_graph_backend_prefill")
 
 
 def apply_to_namespace(values: Any, config: TierConfig) -> None:
@@ -91,6 +95,17 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         print("kvtier: prefix caching is off under an offloading policy (evicted device slots are freed)",
               file=sys.stderr)
         values.disable_radix_cache = True
+    if releases_slots(config):
+        prefill = getattr(values, "prefill_attention_backend", None)
+        if prefill in (None, PREFILL_BACKEND):
+            # Stage 3: prefill chunks come to the tier too, which evicts between them, so a
+            # prompt needs sinks + window + one chunk of the GPU pool rather than its length.
+            values.prefill_attention_backend = PREFILL_BACKEND
+            if hasattr(values, "cuda_graph_backend_prefill"):
+                values.cuda_graph_backend_prefill = "disabled"
+        else:
+            print(f"kvtier: --prefill-attention-backend {prefill} keeps prefill off the tier, so a prompt must "
+                  "fit the GPU pool whole", file=sys.stderr)
     # The hybrid decode waits on the CPU engine each layer; CUDA-graph capture
     # cannot record that, so decode runs eagerly (documented fallback).
     if hasattr(values, "cuda_graph_backend_decode"):

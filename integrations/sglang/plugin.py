@@ -11,7 +11,7 @@ import pkgutil
 import sys
 from typing import Dict, List, Tuple
 
-from . import launch, lifecycle
+from . import admission, launch, lifecycle
 
 _ORIGINALS: Dict[str, object] = {}
 
@@ -34,7 +34,10 @@ def _optional_targets():
     hooks = {lifecycle.FREE_KV_ROW: (lifecycle.on_free_kv_row, HookType.BEFORE),
              lifecycle.CHUNK_FINISH: (lifecycle.around_chunk_finish, HookType.AROUND)}
     # A funnel this release lacks is skipped; slot_release_hooked() says whether one of them is hooked.
-    return {target: hooks[target] for target in lifecycle.funnels_present()}
+    out = {target: hooks[target] for target in lifecycle.funnels_present()}
+    # Stage 3's admission: whichever budget check this release has.
+    out.update({target: (hook, HookType[kind]) for target, (hook, kind) in admission.targets().items()})
+    return out
 
 
 def _raw(obj: object) -> object:

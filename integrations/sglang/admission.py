@@ -1,0 +1,149 @@
+"""Stage 3 admission: a long prompt needs a window and a chunk of the GPU pool, not its length.
+
+sglang admits a request only when its whole remaining input plus its decode
+budget fits the free pool, and it refuses inputs longer than the pool. Under
+stage 3 (backend.py) the tier evicts before every prefill chunk, so a prompt
+never holds more device slots than
+
+    sinks + window + 2 pages + one chunk (+ one sglang page)   = device_bound()
+
+The hooks below make sglang count that bound for the prompt, for a scheduler
+whose kvtier backend runs stage 3, and only while the host store can take the
+rest (a request the host store cannot hold now waits; one larger than the
+whole host store is refused at arrival by the lifted input cap). Decode
+tokens leave the window the same way, so the bound covers them too.
+
+- `lift_input_cap`, AFTER `TpModelWorker.get_worker_info`: the input cap
+  becomes the model's context length or the pool plus the host store,
+  whichever is smaller;
+- `init_max_new_tokens`, AROUND `Scheduler.init_req_max_new_tokens`: the
+  decode budget is clamped to what the pool plus the host store hold, not
+  the pool alone (which would leave a prompt longer than the pool 0 tokens);
+- `add_one_req`, AROUND `PrefillAdder.add_one_req`: for the call, the adder's
+  offsets lend it the part of the prompt and decode budget that never sits
+  on the device at once, on both of its admission paths (with and without
+  ignore_eos). The
+  offsets are `memory_budget.total_offset` / `current_offset` on the 0.5.23
+  line and `rem_total_token_offset` / `cur_rem_token_offset` on 0.5.17.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from . import lifecycle
+
+INPUT_CAP = "sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info"
+MAX_NEW = "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens"
+ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
+
+# get_worker_info's tuple: (max_total_num_tokens, max_prefill_tokens, max_running_requests,
+# max_queued_requests, max_req_len, max_req_input_len, ...) on every supported release.
+_MAX_REQ_LEN, _MAX_REQ_INPUT_LEN = 4, 5
+_INPUT_MARGIN = 5  # sglang keeps max_req_input_len this far below max_req_len
+
+
+def targets() -> dict:
+    """The admission hooks: {target: (hook, HookType name)}."""
+    return {INPUT_CAP: (lift_input_cap, "AFTER"), MAX_NEW: (init_max_new_tokens, "AROUND"),
+            ADD_ONE_REQ: (add_one_req, "AROUND")}
+
+
+def _stage3(predicate) -> Optional[Any]:
+    for backend in list(lifecycle._TIERS):
+        if getattr(backend, "stage3", False) and predicate(backend):
+            return backend
+    return None
+
+
+def device_bound(backend: Any, chunk: int) -> int:
+    """Device slots one request can hold under stage 3 with prefill chunks of `chunk` tokens."""
+    win = backend.config.window
+    return win.sink_tokens + win.window_tokens + 2 * win.page_tokens + chunk + backend.page_size
+
+
+def lift_input_cap(result: Any, worker: Any, *args, **kwargs):
+    runner = getattr(worker, "model_runner", None)
+    backend = _stage3(lambda b: b.req_to_token_pool is getattr(runner, "req_to_token_pool", None))
+    if backend is None or not isinstance(result, tuple) or len(result) <= _MAX_REQ_INPUT_LEN:
+        return None
+    context = int(getattr(getattr(runner, "model_config", None), "context_len", 0) or 0)
+    pool = int(result[0])
+    longest = min(context - 1, pool + backend.host_capacity_tokens()) if context else pool - 1
+    if longest <= result[_MAX_REQ_LEN]:
+        return None
+    out = list(result)
+    out[_MAX_REQ_LEN], out[_MAX_REQ_INPUT_LEN] = longest, longest - _INPUT_MARGIN
+    return tuple(out)
+
+
+def _backend_of(owner: Any) -> Optional[Any]:
+    """The stage-3 backend over owner's token allocator (a PrefillAdder's or a Scheduler's)."""
+    allocator = getattr(owner, "token_to_kv_pool_allocator", None)
+    return _stage3(lambda b: b.allocator is allocator)
+
+
+def init_max_new_tokens(original, scheduler: Any, req: Any, *args, **kwargs):
+    """sglang clamps a request's decode budget so that prompt + budget fit the pool; under stage 3
+    they must fit the pool plus the host store (the prompt and old decode tokens leave the GPU)."""
+    backend = _backend_of(scheduler)
+    if backend is None or not hasattr(scheduler, "max_total_num_tokens"):
+        return original(scheduler, req, *args, **kwargs)
+    pool = scheduler.max_total_num_tokens
+    scheduler.max_total_num_tokens = pool + backend.host_capacity_tokens()
+    try:
+        return original(scheduler, req, *args, **kwargs)
+    finally:
+        scheduler.max_total_num_tokens = pool
+
+
+def _offsets(adder: Any) -> Optional[Tuple[Any, str, str]]:
+    """(holder, total, current) names of the adder's budget offsets, on either release line."""
+    budget = getattr(adder, "memory_budget", None)
+    if budget is not None and hasattr(budget, "total_offset") and hasattr(budget, "current_offset"):
+        return budget, "total_offset", "current_offset"
+    if hasattr(adder, "rem_total_token_offset") and hasattr(adder, "cur_rem_token_offset"):
+        return adder, "rem_total_token_offset", "cur_rem_token_offset"
+    return None
+
+
+def credit(adder: Any, req: Any) -> int:
+    """Tokens of req's prompt that never need device slots at once under stage 3 (0 if off)."""
+    if getattr(adder, "rem_chunk_tokens", None) is None:
+        return 0  # chunked prefill is off: a prompt is one chunk
+    backend = _backend_of(adder)
+    if backend is None or backend.prefill_chunk_tokens <= 0:
+        return 0
+    prefix = getattr(req, "prefix_len", None)
+    if prefix is None:  # 0.5.17 keeps the prefix's slots instead
+        indices = getattr(req, "prefix_indices", None)
+        prefix = 0 if indices is None else len(indices)
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    extend = len(req.full_untruncated_fill_ids) - int(prefix)
+    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    # Prompt and decode tokens beyond sinks + window leave for the host: the device holds the bound.
+    lent = extend + max_new - device_bound(backend, backend.prefill_chunk_tokens)
+    if lent <= 0:
+        return 0
+    win = backend.config.window
+    if backend.host_free_tokens() < int(prefix) + extend + max_new - win.sink_tokens - win.window_tokens:
+        return 0  # the host store cannot take the rest now: sglang's own rule applies (it waits)
+    return lent
+
+
+def add_one_req(original, adder: Any, req: Any, *args, **kwargs):
+    lent = credit(adder, req)
+    where = _offsets(adder) if lent else None
+    if where is None:
+        return original(adder, req, *args, **kwargs)
+    holder, total, current = where
+    setattr(holder, total, getattr(holder, total) - lent)
+    setattr(holder, current, getattr(holder, current) - lent)
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        setattr(holder, total, getattr(holder, total) + lent)
+        setattr(holder, current, getattr(holder, current) + lent)
+
+
+__all__ = ["targets", "device_bound", "lift_input_cap", "init_max_new_tokens", "credit", "add_one_req"]
