@@ -38,3 +38,26 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path, capsys, m
     assert rc == 1
     err = capsys.readouterr().err
     assert "exited with" in err and "before serving" in err
+
+
+def test_reference_must_have_sent_the_same_prompts(tmp_path, capsys):
+    import json
+
+    ref = {"results": [{"policy": "policies/dense.yaml", "command": ["x", "--kv-tier", "policies/dense.yaml"],
+                        "seed": 0, "vocab": 32000,
+                        "requests": [{"context": 8192, "output_ids": [1] * 32, "decode_tokens_per_s": 10.0}]}]}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(ref))
+    args = serve_check.argparse.Namespace(contexts=[8192], new_tokens=32, seed=0, vocab=32000)
+    assert serve_check.reference_from(path, args)["policy"] == "policies/dense.yaml"
+    for field, value, what in (("contexts", [4096], "contexts"), ("new_tokens", 8, "tokens per request"),
+                               ("seed", 3, "seed")):
+        bad = serve_check.argparse.Namespace(**{**vars(args), field: value})
+        try:
+            serve_check.reference_from(path, bad)
+        except ValueError as exc:
+            assert what in str(exc)
+        else:
+            raise AssertionError(f"a reference with other {field} was accepted")
+    rc = serve_check.main(["--model-path", "m", "--policies", DENSE, "--reference", str(path), "--contexts", "4096"])
+    assert rc == 2 and "--reference" in capsys.readouterr().err

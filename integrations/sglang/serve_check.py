@@ -91,7 +91,8 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
         # Tier statistics every second, so that the short check's log shows slots released and pages moved.
         child_env = {**os.environ, kvtier_env.STATS_INTERVAL.name: "1"}
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=child_env)
-    result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "requests": []}
+    result: Dict[str, Any] = {"policy": str(policy), "command": cmd, "seed": args.seed, "vocab": args.vocab,
+                              "requests": []}
     try:
         _wait_ready(base, proc, log, args.ready_timeout)
         # Warm-up: kernels compiled on first use must not count as decode time.
@@ -106,16 +107,20 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
             t2 = time.perf_counter()
             decode_s = (t2 - t1) - (t1 - t0)  # one prefill of this length, then new_tokens - 1 decode steps
             rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
+                   "finish_reason": (out.get("meta_info") or {}).get("finish_reason"),
                    "prefill_s": t1 - t0, "total_s": t2 - t1,
                    "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else None}
             result["requests"].append(rec)
+            if not rec["output_ids"]:
+                print(f"  context {ctx}: no tokens came back (finish reason {rec['finish_reason']})", flush=True)
             print(f"  context {ctx}: {rec['total_s']:.2f} s for {args.new_tokens} tokens, decode "
                   f"{rec['decode_tokens_per_s'] or float('nan'):.1f} tokens/s", flush=True)
         # Mixed lengths in one batch: long ones with pages on the host, short ones with none yet.
         lens = [max(args.contexts), max(args.contexts) // 2, 900, 200]
         batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
         outs = _generate(base, batch, args.new_tokens, args.request_timeout)
-        result["batch"] = [{"context": n, "output_ids": _ids(o), "text": o.get("text", "")}
+        result["batch"] = [{"context": n, "output_ids": _ids(o), "text": o.get("text", ""),
+                            "finish_reason": (o.get("meta_info") or {}).get("finish_reason")}
                            for n, o in zip(lens, outs)]
         print(f"  mixed batch {lens}: done", flush=True)
     finally:
@@ -127,7 +132,7 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        lines = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line]
+        lines = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line and "server_args=" not in line]
         result["kvtier_log"] = lines if len(lines) <= 50 else lines[:10] + lines[-40:]
         result["returncode"] = proc.returncode
     return result
@@ -162,6 +167,21 @@ def compare(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def reference_from(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """The first policy's result of an earlier run, checked to have sent the same prompts."""
+    ref = json.loads(path.read_text())["results"][0]
+    contexts = [r["context"] for r in ref["requests"]]
+    if contexts != list(args.contexts):
+        raise ValueError(f"it ran contexts {contexts}, this run {list(args.contexts)}")
+    lens = {len(r["output_ids"]) for r in ref["requests"]}
+    if lens - {args.new_tokens}:
+        raise ValueError(f"it generated {sorted(lens)} tokens per request, this run {args.new_tokens}")
+    if ref.get("seed", args.seed) != args.seed or ref.get("vocab", args.vocab) != args.vocab:
+        raise ValueError(f"it drew prompts with seed {ref.get('seed')} below {ref.get('vocab')}, this run with "
+                         f"seed {args.seed} below {args.vocab}")
+    return ref
+
+
 def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: int) -> str:
     rows = ["| policy | context | decode tokens/s | prefill s | tokens equal to the first policy's |",
             "|---|---|---|---|---|"]
@@ -175,8 +195,11 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
             tps = r["decode_tokens_per_s"]
             rows.append(f"| {Path(res['policy']).stem} | {r['context']} | "
                         f"{'n/a' if tps is None else f'{tps:.1f}'} | {r['prefill_s']:.2f} | {agree} |")
+    launches = [f"- {Path(r['policy']).stem}: `{' '.join(r['command'][r['command'].index('--kv-tier'):])}`"
+                for r in results if "--kv-tier" in r.get("command", [])]
     return (f"# sglang server under --kv-tier\n\nGreedy, {new_tokens} new tokens per request, seeded random "
-            "token prompts.\n\n" + "\n".join(rows) + "\n")
+            "token prompts.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
+            + "\n".join(launches) + "\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -196,6 +219,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--name", default="serve")
     p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
+    p.add_argument("--reference", default=None,
+                   help="an earlier run's JSON whose first policy is the reference (e.g. dense launched with other "
+                        "arguments); it must have used the same --contexts, --seed, --vocab and --new-tokens")
     p.add_argument("extra", nargs="*", help="more launch_server arguments, after --")
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
@@ -204,9 +230,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not path.is_file():
             print(f"serve_check: policy file {path} not found", file=sys.stderr)
             return 2
+    results: List[Dict[str, Any]] = []
+    if args.reference:
+        try:
+            results.append(reference_from(Path(args.reference), args))
+        except (OSError, ValueError) as exc:
+            print(f"serve_check: --reference {args.reference}: {exc}", file=sys.stderr)
+            return 2
     out_dir = Path(args.out_dir or os.environ.get("KVTIER_RESULTS_DIR") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: List[Dict[str, Any]] = []
     for path in policies:
         try:
             results.append(run_policy(path, args, out_dir))
@@ -217,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cmp = compare(results)
         (out_dir / f"{args.name}.json").write_text(json.dumps({"results": results, "comparison": cmp}, indent=1))
         (out_dir / f"{args.name}.md").write_text(_markdown(results, cmp, args.new_tokens))
-        if path is not policies[0]:
+        if len(results) > 1:
             c = cmp[str(path)]
             print(f"{path.stem}: match_tokens={c['match_tokens']} decode_vs_first={c['decode_vs_first']}", flush=True)
     return 0
