@@ -633,3 +633,39 @@ def test_stage3_decode_budget_counts_the_host_store_too():
     req2 = SimpleNamespace(origin_input_ids=[0] * 5000, sampling_params=SimpleNamespace(max_new_tokens=32))
     admission.init_max_new_tokens(original, sched2, req2)
     assert req2.sampling_params.max_new_tokens == 0
+
+
+def test_stage3_two_prompts_cannot_both_count_on_the_same_host_pages():
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+    # A host store of about 8000 tokens: one 5000-token prompt fits it, two do not.
+    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND, capacity_gib=8000 * 544 / 2 ** 30)
+    backend.prefill_chunk_tokens = 128
+    assert 5000 < backend.host_capacity_tokens() < 2 * 4900
+    alloc = runner.token_to_kv_pool_allocator
+    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
+    adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_chunk_tokens=128, can_run_list=[],
+                            memory_budget=PrefillBudget(alloc, tree))
+
+    def original(adder_, req):
+        fits = len(req.full_untruncated_fill_ids) + 32 < adder_.memory_budget.remaining_total
+        if fits:
+            adder_.can_run_list.append(req)
+        return fits
+
+    class Req:  # sglang's Req is a plain class: hashable by identity, weakly referenceable
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    def request():
+        return Req(prefix_len=0, full_untruncated_fill_ids=[0] * 5000, output_ids=[], req_pool_idx=None,
+                   sampling_params=SimpleNamespace(max_new_tokens=32), finished=lambda: False)
+
+    first, second = request(), request()
+    assert admission.add_one_req(original, adder, first)
+    assert admission.owed(backend) == 5032 - 16 - 64
+    assert admission.credit(adder, second) == 0 and not admission.add_one_req(original, adder, second)
+    first.finished = lambda: True  # once the first is done, the second is lent its share
+    assert admission.owed(backend) == 0 and admission.add_one_req(original, adder, second)

@@ -28,9 +28,17 @@ tokens leave the window the same way, so the bound covers them too.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Any, Optional, Tuple
 
 from . import lifecycle
+
+# Requests admitted on credit -> host tokens they will need in all. Until they finish, what they
+# have not stored yet is owed: a later request is lent only what the host store holds beyond it,
+# so two long prompts admitted together cannot both count on the same free pages.
+_PROMISED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+log = logging.getLogger("kvtier")
 
 INPUT_CAP = "sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info"
 MAX_NEW = "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens"
@@ -126,9 +134,29 @@ def credit(adder: Any, req: Any) -> int:
     if lent <= 0:
         return 0
     win = backend.config.window
-    if backend.host_free_tokens() < int(prefix) + extend + max_new - win.sink_tokens - win.window_tokens:
+    need = _prompt_and_budget(req) - win.sink_tokens - win.window_tokens
+    if backend.host_free_tokens() < need + owed(backend, besides=req):
         return 0  # the host store cannot take the rest now: sglang's own rule applies (it waits)
     return lent
+
+
+def _finished(req: Any) -> bool:
+    done = getattr(req, "finished", None)
+    try:
+        return bool(done()) if callable(done) else False
+    except Exception:  # a request sglang is tearing down
+        return True
+
+
+def owed(backend: Any, *, besides: Any = None) -> int:
+    """Host tokens that requests admitted on credit will still store."""
+    total = 0
+    for req, need in list(_PROMISED.items()):
+        if req is besides or _finished(req):
+            continue
+        row = lifecycle._row_of(req)
+        total += max(0, need - (backend.host_tokens_of(row) if row is not None else 0))
+    return total
 
 
 def add_one_req(original, adder: Any, req: Any, *args, **kwargs):
@@ -140,10 +168,25 @@ def add_one_req(original, adder: Any, req: Any, *args, **kwargs):
     setattr(holder, total, getattr(holder, total) - lent)
     setattr(holder, current, getattr(holder, current) - lent)
     try:
-        return original(adder, req, *args, **kwargs)
+        result = original(adder, req, *args, **kwargs)
     finally:
         setattr(holder, total, getattr(holder, total) + lent)
         setattr(holder, current, getattr(holder, current) + lent)
+    if any(r is req for r in getattr(adder, "can_run_list", ())):  # admitted: its host need is promised
+        backend = _backend_of(adder)
+        win = backend.config.window
+        try:
+            _PROMISED[req] = max(0, _prompt_and_budget(req) - win.sink_tokens - win.window_tokens)
+        except TypeError:  # a request type without weak references: admitted, but not tracked
+            log.warning("kvtier: cannot track the host tokens promised to %s", type(req).__name__)
+    return result
 
 
-__all__ = ["targets", "device_bound", "lift_input_cap", "init_max_new_tokens", "credit", "add_one_req"]
+def _prompt_and_budget(req: Any) -> int:
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    return len(req.full_untruncated_fill_ids) + max_new
+
+
+__all__ = ["targets", "device_bound", "lift_input_cap", "init_max_new_tokens", "credit", "owed", "add_one_req"]

@@ -293,6 +293,12 @@ def _backend_class():
             pages = int(self.config.host_store.capacity_gib * GIB_BYTES // (per_token * self.config.window.page_tokens))
             return pages * self.config.window.page_tokens
 
+        def host_tokens_of(self, row: int) -> int:
+            """Tokens request row has in the host store (0 if the tier does not track it)."""
+            if self._tier is None or row not in self._tier.requests:
+                return 0
+            return self._tier.host_tokens(row)
+
         def host_free_tokens(self) -> int:
             """Tokens the host store can still take."""
             if self._tier is not None and self._tier.store is not None:
