@@ -93,3 +93,29 @@ def test_nbytes_and_buffers():
     assert store.buffers.keys is store.keys and store.buffers.value_scales is None
     store.close()
     store.close()  # idempotent
+
+
+@pytest.mark.parametrize("kf,vf,G", [("int8", "bf16", 32), ("int4", "int8", 32), ("int4", "bf16", 16),
+                                     ("bf16", "int8", 32), ("int8", "int8", 32)])
+def test_raw_pages_dequantized_in_torch_equal_the_c_store(kf, vf, G):
+    """The fast path of chunked prefill moves stored bytes and dequantizes them in torch;
+    the C store's dequant is its reference, on fresh random pages of every format."""
+    store, ids, _, _ = fill(kf, vf, G=G, seed=11)
+    pick = torch.tensor([2, 4, 0, 2], dtype=torch.int64)  # any order, repeats allowed
+    raw = store.raw_pages(1, pick)
+    assert raw.summary is None and raw.keys.dtype == store.keys.dtype
+    assert torch.equal(N.dequant_raw_keys(raw, kf, G), store.dequant_keys(1, pick))
+    assert torch.equal(N.dequant_raw_values(raw, vf), store.values(1, pick))
+    assert torch.count_nonzero(store.dequant_keys(1, pick)) > 0  # not a comparison of zeros
+
+
+def test_raw_pages_reject_bad_pages_and_layers():
+    store, _, _, _ = fill("int8", "bf16")
+    with pytest.raises(N.NativeValueError, match=r"page_ids: expected ids in \[0, 5\)"):
+        store.raw_pages(1, torch.tensor([5]))
+    with pytest.raises(N.NativeValueError, match="layer: expected 0 <= layer < 2"):
+        store.raw_pages(2, torch.tensor([0]))
+    with pytest.raises(N.NativeValueError, match="expected an integer dtype"):
+        store.raw_pages(0, torch.tensor([0.0]))
+    with pytest.raises(N.NativeValueError, match="key_format"):
+        N.dequant_raw_keys(store.raw_pages(0, torch.tensor([0])), "fp8", 32)

@@ -321,3 +321,21 @@ def test_chunked_prefill_checks_its_inputs(gen):
             tier.attn.run_extend(torch.zeros(9, SHAPE.num_q_heads, SHAPE.head_dim), 0)
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("key_format,value_format", [("int8", "bf16"), ("int4", "int8"), ("bf16", "bf16")])
+def test_extend_host_blocks_move_stored_bytes_and_equal_the_c_dequant(gen, key_format, value_format):
+    """run_extend's host part: the stored bytes moved and dequantized in torch (the fast path)
+    against the C store's float32 dequant (the reference), a partial last page included."""
+    import kvtier._native as N
+    from kvtier.runtime.hybrid import host_block
+
+    view = N.HostStoreView.allocate(n_layers=2, n_pages=6, kv_heads=2, page_tokens=16, head_dim=64,
+                                    key_format=key_format, value_format=value_format, key_group=32)
+    pages = torch.tensor([5, 1, 3], dtype=torch.int32)
+    view.append(1, pages, torch.randn(3, 2, 16, 64, generator=gen), torch.randn(3, 2, 16, 64, generator=gen))
+    k, v, moved = host_block(view, 1, pages, 40, torch.device("cpu"))
+    k_ref, v_ref, moved_ref = host_block(view, 1, pages, 40, torch.device("cpu"), raw=False)
+    assert k.shape == (40, 2, 64) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.count_nonzero(k_ref) > 0
+    assert moved < moved_ref  # quantized bytes, not float32

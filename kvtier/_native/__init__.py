@@ -15,12 +15,13 @@ from ._loader import (
     isa_supported,
     set_isa,
 )
-from ._store import HostStoreView, KeyFormat, StoreBuffers, ValueFormat
+from ._store import HostStoreView, KeyFormat, StoreBuffers, ValueFormat, dequant_raw_keys, dequant_raw_values
 from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, ServeBuffers, stream_read_gbps
 
 __all__ = [
     "Engine", "EngineResult", "GroupReduce", "HostStoreView", "KeyFormat", "NativeError",
     "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError", "NativeTimeoutError",
-    "NativeUnsupportedError", "NativeValueError", "SelectMode", "ServeBuffers", "StoreBuffers", "ValueFormat",
+    "NativeUnsupportedError", "NativeValueError", "SelectMode", "ServeBuffers", "StoreBuffers", "ValueFormat", "dequant_raw_keys",
+    "dequant_raw_values",
     "active_isa", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
 ]

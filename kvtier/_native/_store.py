@@ -161,6 +161,28 @@ class HostStoreView:
 
     dequant_values = values
 
+    def raw_pages(self, layer: int, page_ids: torch.Tensor) -> "StoreBuffers":
+        """The stored keys, values and scales of page_ids in layer, as stored (no summary).
+
+        A gather on the CPU, for copying the quantized bytes elsewhere and dequantizing there
+        with `dequant_raw_keys` / `dequant_raw_values`: fewer bytes to move than float32.
+        """
+        self._handle()
+        ids = C.int32_vector("page_ids", page_ids)
+        layer = self._layer(layer)
+        if not 0 <= layer < self.n_layers:
+            raise NativeValueError(f"raw_pages: layer: expected 0 <= layer < {self.n_layers}, got {layer}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_pages):
+            raise NativeValueError(f"raw_pages: page_ids: expected ids in [0, {self.n_pages}), got "
+                                   f"{int(ids.min())}..{int(ids.max())}")
+        idx = ids.long()
+
+        def pick(t):
+            return None if t is None else t[layer].index_select(0, idx)
+
+        return StoreBuffers(pick(self.keys), pick(self.key_scales), pick(self.buffers.values),
+                            pick(self.value_scales), None)
+
     def close(self) -> None:
         if getattr(self, "handle", None) is not None:
             check(lib.kvt_store_close(self.handle))
@@ -177,3 +199,26 @@ class HostStoreView:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def dequant_raw_keys(raw: StoreBuffers, key_format: KeyFormat | str, key_group: int) -> torch.Tensor:
+    """raw_pages() keys -> float32 [n, H, T, D] on raw's device, equal to `dequant_keys`."""
+    kf = _enum(KeyFormat, key_format, "key_format")
+    k = raw.keys
+    if kf is KeyFormat.BF16:
+        return k.float()
+    if kf is KeyFormat.INT8:
+        return k.float() * raw.key_scales.unsqueeze(-1)
+    b = k.view(torch.int8)
+    low = torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4)  # sign-extended low nibble: channel 2i
+    high = torch.bitwise_right_shift(b, 4)  # channel 2i + 1
+    q = torch.stack([low, high], dim=-1).flatten(-2).float()
+    return q * raw.key_scales.repeat_interleave(key_group, dim=-1)
+
+
+def dequant_raw_values(raw: StoreBuffers, value_format: ValueFormat | str) -> torch.Tensor:
+    """raw_pages() values -> float32 [n, H, T, D] on raw's device, equal to `values`."""
+    vf = _enum(ValueFormat, value_format, "value_format")
+    if vf is ValueFormat.BF16:
+        return raw.values.float()
+    return raw.values.float() * raw.value_scales.unsqueeze(-1)

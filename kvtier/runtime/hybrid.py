@@ -111,6 +111,9 @@ class HybridAttention:
         self._window: Optional[WindowPlan] = None
         self._host: Optional[_HostPlan] = None
         self._extend: Optional[List[_ExtendRow]] = None
+        # run_extend reads host pages as stored bytes dequantized where they land (False: the C
+        # store dequantizes to float32 on the CPU first, the reference path)
+        self.extend_raw = True
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -213,9 +216,8 @@ class HybridAttention:
             # prompt's whole host part would be gigabytes per layer.
             for i in range(0, row.pages.numel(), per):
                 pages, n = row.pages[i: i + per], min(row.n_host - i * T, per * T)
-                k = _token_major(self.tier.store.view.dequant_keys(layer, pages), n).to(q.device)
-                v = _token_major(self.tier.store.view.values(layer, pages), n).to(q.device)
-                self.tier.count_h2d(2 * k.numel() * k.element_size() if q.device.type == "cuda" else 0)
+                k, v, moved = host_block(self.tier.store.view, layer, pages, n, q.device, raw=self.extend_raw)
+                self.tier.count_h2d(moved if q.device.type == "cuda" else 0)
                 part = merge(part, block_attention(qr, k, v, causal_offset=None, **kw))
             outs.append(part.out)
         return torch.cat(outs).to(q.dtype)
@@ -385,6 +387,28 @@ class HybridAttention:
             self.stop_serving()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def host_block(view, layer: int, pages: torch.Tensor, n: int, device, *, raw: bool = True):
+    """The first n host tokens of `pages` in layer as float32 k, v [n, Hkv, D] on `device`,
+    and the bytes moved there.
+
+    raw: the stored bytes (int8/int4/bf16 keys with their scales, bf16/int8 values) are
+    gathered on the CPU, copied and dequantized on `device`, a quarter to a half of the
+    float32 bytes; otherwise (the reference) the C store dequantizes on the CPU.
+    """
+    if raw:
+        from kvtier._native import dequant_raw_keys, dequant_raw_values
+
+        stored = view.raw_pages(layer, pages)
+        moved = sum(t.numel() * t.element_size() for t in stored if t is not None)
+        stored = type(stored)(*(None if t is None else t.to(device, non_blocking=True) for t in stored))
+        k = dequant_raw_keys(stored, view.key_format, view.key_group)
+        v = dequant_raw_values(stored, view.value_format)
+    else:
+        k, v = view.dequant_keys(layer, pages).to(device), view.values(layer, pages).to(device)
+        moved = 2 * k.numel() * k.element_size()
+    return _token_major(k, n), _token_major(v, n), moved
 
 
 def _token_major(pages: torch.Tensor, n: int) -> torch.Tensor:
