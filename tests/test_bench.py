@@ -44,3 +44,21 @@ def test_decode_bench_capacity_matches_the_cells_that_ran(tmp_path, monkeypatch,
         assert "capacity at 2048 tokens" in out
         admitted[values] = cap["hgca"]["batch_that_fits"]
     assert 0 < admitted["bf16"] < admitted["int8"]
+
+
+def test_prefill_bench_quick_keeps_the_device_to_a_window_and_stays_close_to_dense(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = main(["bench", "prefill", "--quick", "--contexts", "1536", "--chunk", "256"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"prefill_tier_vs_dense=([\d.]+) raw_vs_reference=([\d.]+) tier_rel_err=([\d.e+-]+)", last)
+    assert m, last
+    rows = {r["path"]: r for r in json.loads((tmp_path / "prefill-quick.json").read_text())["rows"]}
+    assert rows["dense"]["peak_device_tokens"] == 1536
+    for path in ("tier", "tier_reference"):
+        # sinks 16 + window 256 + a page + one chunk, at most; the rest went to the host on the way
+        assert rows[path]["peak_device_tokens"] <= 16 + 256 + 16 + 256 < 1536
+        assert rows[path]["host_tokens"] >= 1536 - 16 - 256 - 16
+        assert 0 < rows[path]["rel_err"] < 2e-2  # int8 keys on the host, attended exactly
+    assert rows["tier"]["rel_err"] == rows["tier_reference"]["rel_err"]  # two reads of the same bytes
