@@ -52,7 +52,7 @@ def test_prefill_bench_quick_keeps_the_device_to_a_window_and_stays_close_to_den
     out = capsys.readouterr().out
     assert rc == 0, out
     last = out.strip().splitlines()[-1]
-    m = re.fullmatch(r"prefill_tier_vs_dense=([\d.]+) raw_vs_reference=([\d.]+) tier_rel_err=([\d.e+-]+)", last)
+    m = re.fullmatch(r"prefill_tier_vs_dense=([\d.]+) speedup_vs_reference=([\d.]+) tier_rel_err=([\d.e+-]+)", last)
     assert m, last
     rows = {r["path"]: r for r in json.loads((tmp_path / "prefill-quick.json").read_text())["rows"]}
     assert rows["dense"]["peak_device_tokens"] == 1536

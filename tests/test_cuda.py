@@ -135,3 +135,29 @@ def test_pipelined_decode_equals_the_waiting_path(monkeypatch, prefilter):
             st.close()
     for step, (a, b) in enumerate(zip(outs["on"], outs["off"])):
         assert torch.equal(a, b), f"step {step}: pipelined output differs from the waiting path"
+
+
+@needs_flashinfer
+@pytest.mark.parametrize("group,d", [(4, 128), (7, 64), (1, 64)])
+@pytest.mark.parametrize("soft_cap", [0.0, 30.0])
+def test_flash_prefill_parts_equal_the_float32_blocks(group, d, soft_cap):
+    """Chunked prefill's FlashInfer parts against block_attention (float32, the reference): the
+    causal window part (the chunk last among the keys) and a non-causal host part, on fresh
+    random bf16 inputs."""
+    from kvtier.runtime.extend import block_attention, flash_attention
+
+    g = torch.Generator().manual_seed(group * 1000 + d)
+    hkv, L, n = 2, 300, 1100
+    dev = torch.device("cuda")
+    q = (torch.randn(L, hkv * group, d, generator=g) * 2).to(torch.bfloat16).to(dev)
+    k = (torch.randn(n, hkv, d, generator=g) * 2).to(torch.bfloat16).to(dev)
+    v = torch.randn(n, hkv, d, generator=g).to(torch.bfloat16).to(dev)
+    kw = dict(sm_scale=d ** -0.5, soft_cap=soft_cap)
+    for offset in (n - L, None):
+        got = flash_attention(q, k, v, causal_offset=offset, **kw)
+        ref = block_attention(q, k, v, causal_offset=offset, **kw)
+        rel = float((got.out - ref.out).norm() / ref.out.norm())
+        assert rel < 2e-2, (offset, rel)
+        torch.testing.assert_close(got.lse, ref.lse, rtol=1e-3, atol=2e-2)
+    with pytest.raises(ValueError, match="the chunk last"):
+        flash_attention(q, k, v, causal_offset=5, **kw)

@@ -11,8 +11,10 @@ of n tokens, appended to the device window by the caller, attends
 
 and the two parts merge by log-sum-exp. Between chunks the caller evicts, so
 the device never holds more than sinks + window + one chunk, however long the
-prompt. `block_attention` is the one attention routine: torch, float32, over
-blocks of keys merged by LSE, so memory stays queries x heads x block.
+prompt. `block_attention` is the reference routine, and the one that runs
+everywhere: torch, float32, over blocks of keys merged by LSE, so memory stays
+queries x heads x block. On CUDA with FlashInfer, `flash_attention` runs each
+part with FlashInfer's single-request prefill kernel in the model's dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .merge import AttnPart, merge
+from .merge import AttnPart, lse_from_base2, merge
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: Optional[int],
@@ -57,4 +59,24 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return part
 
 
-__all__ = ["block_attention"]
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: Optional[int],
+                    sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
+    """`block_attention` with FlashInfer's single-request prefill kernel (CUDA), in q's dtype.
+
+    FlashInfer aligns a causal mask to the last query and the last key, so causal_offset
+    must be None or len(k) - len(q) (the chunk is the newest of the keys).
+    """
+    import flashinfer
+
+    L, n = q.shape[0], k.shape[0]
+    if causal_offset is not None and causal_offset != n - L:
+        raise ValueError(f"flash_attention: a causal part needs the chunk last (offset {n - L}), got {causal_offset}")
+    if n == 0:
+        return AttnPart(torch.zeros(q.shape, device=q.device), torch.full(q.shape[:2], float("-inf"), device=q.device))
+    out, lse2 = flashinfer.single_prefill_with_kv_cache(
+        q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), causal=causal_offset is not None,
+        kv_layout="NHD", sm_scale=sm_scale, logits_soft_cap=soft_cap or None, return_lse=True)
+    return AttnPart(out.float(), lse_from_base2(lse2.float()))
+
+
+__all__ = ["block_attention", "flash_attention"]

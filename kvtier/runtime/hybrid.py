@@ -31,7 +31,7 @@ from .._native import Engine
 from ..config import ModelShape
 from ..policies import Policy
 from . import fused_merge, stream_ops
-from .extend import block_attention
+from .extend import block_attention, flash_attention
 from .pipeline import EngineFeed, cuda_stream_ops, pipeline_setting
 from .merge import AttnPart, merge
 from .tier import TierManager, slot_tensor
@@ -114,6 +114,9 @@ class HybridAttention:
         # run_extend reads host pages as stored bytes dequantized where they land (False: the C
         # store dequantizes to float32 on the CPU first, the reference path)
         self.extend_raw = True
+        # run_extend's attention: FlashInfer's prefill kernel where the window uses FlashInfer,
+        # else torch float32 blocks (block_attention, the reference)
+        self.extend_flash = self.flashinfer is not None
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -207,18 +210,19 @@ class HybridAttention:
         kw = dict(sm_scale=self.sm_scale, soft_cap=self.soft_cap)
         T = self.tier.config.window.page_tokens
         per = max(1, _EXTEND_HOST_TOKENS // T)  # host pages read at a time
+        attend = flash_attention if self.extend_flash else block_attention
         outs, o = [], 0
         for row in rows:
             qr = q[o: o + row.n_new]
             o += row.n_new
-            part = block_attention(qr, kp[row.slots], vp[row.slots], causal_offset=row.slots.numel() - row.n_new, **kw)
+            part = attend(qr, kp[row.slots], vp[row.slots], causal_offset=row.slots.numel() - row.n_new, **kw)
             # The host part a few thousand tokens at a time: dequantized float32 for a long
             # prompt's whole host part would be gigabytes per layer.
             for i in range(0, row.pages.numel(), per):
                 pages, n = row.pages[i: i + per], min(row.n_host - i * T, per * T)
                 k, v, moved = host_block(self.tier.store.view, layer, pages, n, q.device, raw=self.extend_raw)
                 self.tier.count_h2d(moved if q.device.type == "cuda" else 0)
-                part = merge(part, block_attention(qr, k, v, causal_offset=None, **kw))
+                part = merge(part, attend(qr, k, v, causal_offset=None, **kw))
             outs.append(part.out)
         return torch.cat(outs).to(q.dtype)
 
