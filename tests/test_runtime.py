@@ -339,3 +339,34 @@ def test_extend_host_blocks_move_stored_bytes_and_equal_the_c_dequant(gen, key_f
     assert k.shape == (40, 2, 64) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
     assert torch.count_nonzero(k_ref) > 0
     assert moved < moved_ref  # quantized bytes, not float32
+
+
+def test_chunked_prefill_falls_back_to_torch_when_flashinfer_fails(gen, monkeypatch, caplog):
+    """A FlashInfer prefill kernel that cannot build or run ends in a warning and the float32
+    torch path, with the same result, never in a failed prefill."""
+    import kvtier.runtime.hybrid as hybrid
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this head_dim\nsecond line")
+
+    monkeypatch.setattr(hybrid, "flash_attention", broken)
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
+    try:
+        tier.tier.add(0)
+        n = 200
+        K = torch.randn(n, SHAPE.kv_heads, SHAPE.head_dim, generator=gen)
+        V = torch.randn(n, SHAPE.kv_heads, SHAPE.head_dim, generator=gen)
+        Q = torch.randn(n, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        slots = tier.tier.extend(0, n)
+        tier.attn.plan_extend([0], [n])
+        tier.attn.extend_flash = True  # as on CUDA with FlashInfer installed
+        for layer in range(SHAPE.n_layers):
+            tier.pool.k[layer, slots], tier.pool.v[layer, slots] = K, V
+        with caplog.at_level("WARNING", logger="kvtier"):
+            got = tier.attn.run_extend(Q, 0)
+        ref = _causal_reference(Q, K, V, 0)
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+        assert not tier.attn.extend_flash and "no kernel for this head_dim" in caplog.text
+        assert "second line" not in caplog.text
+    finally:
+        tier.close()

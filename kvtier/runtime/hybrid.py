@@ -21,6 +21,7 @@ first (raising any engine error there). $KVTIER_PIPELINE=off turns it off.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, List, NamedTuple, Optional, Tuple
@@ -77,6 +78,7 @@ def pipeline_possible(policy: Policy, device: torch.device, default: bool = True
             and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
 
 
+log = logging.getLogger("kvtier")
 _EXTEND_HOST_TOKENS = 4096  # host tokens dequantized at a time by run_extend
 
 
@@ -210,7 +212,7 @@ class HybridAttention:
         kw = dict(sm_scale=self.sm_scale, soft_cap=self.soft_cap)
         T = self.tier.config.window.page_tokens
         per = max(1, _EXTEND_HOST_TOKENS // T)  # host pages read at a time
-        attend = flash_attention if self.extend_flash else block_attention
+        attend = self._extend_part
         outs, o = [], 0
         for row in rows:
             qr = q[o: o + row.n_new]
@@ -225,6 +227,16 @@ class HybridAttention:
                 part = merge(part, attend(qr, k, v, causal_offset=None, **kw))
             outs.append(part.out)
         return torch.cat(outs).to(q.dtype)
+
+    def _extend_part(self, q, k, v, *, causal_offset, sm_scale, soft_cap):
+        if self.extend_flash:
+            try:
+                return flash_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
+            except (RuntimeError, ImportError, TypeError) as exc:  # a kernel FlashInfer cannot build or run here
+                log.warning("kvtier: FlashInfer's prefill kernel failed (%s); chunked prefill continues with "
+                            "float32 torch attention", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.extend_flash = False
+        return block_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
 
     # --- run ----------------------------------------------------------------
 
