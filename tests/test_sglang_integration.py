@@ -483,7 +483,8 @@ def _poison_free_slots(runner):
     runner.token_to_kv_pool.v_buffer[0][free] = -1e4
 
 
-def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense():
+def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense(caplog):
+    caplog.set_level("INFO", logger="kvtier")
     torch.manual_seed(5)
     backend, layer, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
     assert backend.stage3
@@ -503,6 +504,7 @@ def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense():
     # though the prompts (1000 tokens) are far longer than that.
     assert hybrid_chunks >= 5 and backend.slots_released > 0
     assert peak <= 2 * bound < sum(prompt.values())
+    assert "prefill chunks evict as they go (stage 3)" in caplog.text  # the operator is told
     for _ in range(3):  # decode continues from the tiers the prefill left
         out, ref = reqs.decode_step(backend, layer)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

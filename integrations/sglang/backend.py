@@ -222,6 +222,11 @@ def _backend_class():
             if policy.offloads:
                 log.info("kvtier: %s", "evicted device slots return to sglang's allocator" if why is None
                          else f"device KV is kept on both sides (stage 1): {why}")
+                stage3 = self._stage3_why_not()
+                log.info("kvtier: %s", "prefill chunks evict as they go (stage 3): a request holds at most "
+                         f"{device_bound_tokens(self)} tokens of the GPU pool; the host store holds "
+                         f"{self.host_capacity_tokens()} tokens" if stage3 is None else
+                         f"a prompt must fit the GPU pool once (no stage 3): {stage3}")
             self._tier = TierManager(self.config, shape, k_pool, v_pool, store, alloc_slots=None,
                                      free_slots=self._free_evicted if self.releases_slots else _keep,
                                      offload=policy.offloads)
@@ -409,6 +414,13 @@ def _backend_class():
 
     _CLASS = KvTierAttnBackend
     return _CLASS
+
+
+def device_bound_tokens(backend) -> int:
+    """GPU pool tokens one request holds at most under stage 3 (admission.device_bound)."""
+    from .admission import device_bound
+
+    return device_bound(backend, max(backend.prefill_chunk_tokens, 0))
 
 
 def _keep(slots: torch.Tensor) -> None:
