@@ -671,3 +671,25 @@ def test_stage3_two_prompts_cannot_both_count_on_the_same_host_pages():
     assert admission.credit(adder, second) == 0 and not admission.add_one_req(original, adder, second)
     first.finished = lambda: True  # once the first is done, the second is lent its share
     assert admission.owed(backend) == 0 and admission.add_one_req(original, adder, second)
+
+
+def test_stage3_a_prompt_aborted_between_chunks_frees_everything_once():
+    """sglang aborts a chunked prefill through the same row release as a finished request: the
+    slots the tier already gave back are not freed again, and the host pages go with the row."""
+    torch.manual_seed(8)
+    backend, layer, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [0])
+    for _ in range(4):
+        reqs.extend_step(backend, layer, {0: 96})
+    # the next chunk is written to the row but never runs: the request is aborted before it
+    pending = alloc.alloc(96)
+    runner.req_to_token_pool.req_to_token[0, 384:480] = pending.to(torch.int32)
+    assert backend.tier_stats()["host_tokens"] > 0 and backend.slots_released > 0
+    _free_row(runner, 0, 480)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
+    stats = backend.tier_stats()
+    assert stats["requests"] == 0 and stats["host_tokens"] == 0
+    assert backend._tier.store.stats().used_pages == 0
