@@ -686,6 +686,8 @@ def test_stage3_a_prompt_aborted_between_chunks_frees_everything_once():
     pending = alloc.alloc(96)
     runner.req_to_token_pool.req_to_token[0, 384:480] = pending.to(torch.int32)
     assert backend.tier_stats()["host_tokens"] > 0 and backend.slots_released > 0
+    # what admission counts as this request's host tokens: its allocated pages (landed here on the CPU)
+    assert backend.host_tokens_of(0) == backend._tier.host_tokens(0) > 0 and backend.host_tokens_of(7) == 0
     _free_row(runner, 0, 480)
     n, distinct = _free_slot_census(alloc)
     assert n == distinct, "a slot was freed twice"

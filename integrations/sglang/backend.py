@@ -299,10 +299,16 @@ def _backend_class():
             return pages * self.config.window.page_tokens
 
         def host_tokens_of(self, row: int) -> int:
-            """Tokens request row has in the host store (0 if the tier does not track it)."""
-            if self._tier is None or row not in self._tier.requests:
+            """Host tokens allocated to request row (0 if the tier does not track it).
+
+            Counted from the pages allocated when their copies start, not from the copies that
+            have landed: admission must decide the same on every TP rank, whatever each rank's
+            copy timing.
+            """
+            store = None if self._tier is None else self._tier.store
+            if store is None or row not in store:
                 return 0
-            return self._tier.host_tokens(row)
+            return len(store.table(row).pages) * self.config.window.page_tokens
 
         def host_free_tokens(self) -> int:
             """Tokens the host store can still take."""
