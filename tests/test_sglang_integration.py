@@ -573,22 +573,37 @@ def test_stage3_lifts_the_input_cap_to_the_context_or_host_capacity():
     assert admission.lift_input_cap(info, SimpleNamespace(model_runner=runner2)) is None
 
 
-def test_stage3_admission_lends_the_prompt_beyond_the_device_bound():
+def _budget_adder(alloc, **fields):
+    """A PrefillAdder's budget state over the real allocator, as this sglang keeps it: the 0.5.23
+    line's PrefillBudget (its own remaining_total), or 0.5.17's offsets on the adder with
+    remaining = available - rem_total_token_offset, as its rem_total_tokens property computes."""
     from types import SimpleNamespace
 
-    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+    try:
+        from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+    except ImportError:
+        adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_total_token_offset=0, cur_rem_token_offset=0,
+                                **fields)
+        return adder, lambda: alloc.available_size() - adder.rem_total_token_offset, \
+            lambda: (adder.rem_total_token_offset, adder.cur_rem_token_offset)
+    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
+    budget = PrefillBudget(alloc, tree)
+    adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, memory_budget=budget, **fields)
+    return adder, lambda: budget.remaining_total, lambda: (budget.total_offset, budget.current_offset)
+
+
+def test_stage3_admission_lends_the_prompt_beyond_the_device_bound():
+    from types import SimpleNamespace
 
     backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
     backend.prefill_chunk_tokens = 128
     alloc = runner.token_to_kv_pool_allocator
-    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
-    budget = PrefillBudget(alloc, tree)  # sglang's own accounting of the free pool
-    adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_chunk_tokens=128, memory_budget=budget)
+    adder, remaining, offsets = _budget_adder(alloc, rem_chunk_tokens=128)  # sglang's accounting of the pool
     seen = []
 
     def original(adder_, req):  # sglang's rule: the prompt plus its decode budget must fit what is free
-        seen.append(budget.remaining_total)
-        return len(req.full_untruncated_fill_ids) + 32 < budget.remaining_total
+        seen.append(remaining())
+        return len(req.full_untruncated_fill_ids) + 32 < remaining()
 
     def request(n, max_new=32):
         return SimpleNamespace(prefix_len=0, full_untruncated_fill_ids=[0] * n, output_ids=[],
@@ -598,7 +613,7 @@ def test_stage3_admission_lends_the_prompt_beyond_the_device_bound():
     long = request(5000)
     assert 5000 > alloc.size and admission.add_one_req(original, adder, long)
     assert seen[-1] == alloc.size + 5032 - bound  # what stage 3 lends for the call...
-    assert budget.remaining_total == alloc.size and budget.current_offset == 0  # ...is paid back after it
+    assert remaining() == alloc.size and offsets() == (0, 0)  # ...is paid back after it
     assert admission.credit(adder, request(100)) == 0
     huge = request(backend.host_capacity_tokens() + 2000)
     assert admission.credit(adder, huge) == 0 and not admission.add_one_req(original, adder, huge)
@@ -640,19 +655,15 @@ def test_stage3_decode_budget_counts_the_host_store_too():
 def test_stage3_two_prompts_cannot_both_count_on_the_same_host_pages():
     from types import SimpleNamespace
 
-    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
-
     # A host store of about 8000 tokens: one 5000-token prompt fits it, two do not.
     backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND, capacity_gib=8000 * 544 / 2 ** 30)
     backend.prefill_chunk_tokens = 128
     assert 5000 < backend.host_capacity_tokens() < 2 * 4900
     alloc = runner.token_to_kv_pool_allocator
-    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
-    adder = SimpleNamespace(token_to_kv_pool_allocator=alloc, rem_chunk_tokens=128, can_run_list=[],
-                            memory_budget=PrefillBudget(alloc, tree))
+    adder, remaining, _ = _budget_adder(alloc, rem_chunk_tokens=128, can_run_list=[])
 
     def original(adder_, req):
-        fits = len(req.full_untruncated_fill_ids) + 32 < adder_.memory_budget.remaining_total
+        fits = len(req.full_untruncated_fill_ids) + 32 < remaining()
         if fits:
             adder_.can_run_list.append(req)
         return fits
