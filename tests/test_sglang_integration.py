@@ -691,8 +691,10 @@ def test_stage3_a_prompt_aborted_between_chunks_frees_everything_once():
     backend, layer, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
     alloc = runner.token_to_kv_pool_allocator
     reqs = _Requests(runner, [0])
+    before = backend.host_capacity_tokens()  # what admission counts before the store exists
     for _ in range(4):
         reqs.extend_step(backend, layer, {0: 96})
+    assert backend.host_capacity_tokens() == before > 0  # the store the first batch built holds that
     # the next chunk is written to the row but never runs: the request is aborted before it
     pending = alloc.alloc(96)
     runner.req_to_token_pool.req_to_token[0, 384:480] = pending.to(torch.int32)

@@ -281,21 +281,17 @@ def _backend_class():
                 return f"prefill runs on --prefill-attention-backend {prefill}, not through the tier"
             return None
 
-        def _shape_now(self) -> ModelShape:
-            pool = self.kv_pool
-            n_layers = getattr(pool, "layer_num", None) or len(pool.k_buffer)
-            hkv, d = int(pool.head_num), int(pool.head_dim)
-            return ModelShape(n_layers, hkv, hkv, d)
-
         def host_capacity_tokens(self) -> int:
             """Tokens the host store holds in all (stage 3 admission caps one request's input by it)."""
-            from kvtier.config.shape import GIB_BYTES, host_bytes_per_token
+            from kvtier.store.host_store import capacity_pages
 
             if self._tier is not None and self._tier.store is not None:
-                st = self._tier.store.stats()
-                return st.total_pages * self.config.window.page_tokens
-            per_token = host_bytes_per_token(self.config.host_store, self._shape_now())
-            pages = int(self.config.host_store.capacity_gib * GIB_BYTES // (per_token * self.config.window.page_tokens))
+                pages = self._tier.store.stats().total_pages
+            else:  # before the first batch builds the store: what it will hold (query heads do not count)
+                pool = self.kv_pool
+                n_layers = getattr(pool, "layer_num", None) or len(pool.k_buffer)
+                hkv = int(pool.head_num)
+                pages = capacity_pages(self.config, ModelShape(n_layers, hkv, hkv, int(pool.head_dim)))
             return pages * self.config.window.page_tokens
 
         def host_tokens_of(self, row: int) -> int:
@@ -379,8 +375,7 @@ def _backend_class():
                 if st is not None and st.length != p:  # a new request on a reused row, or a re-prefill
                     tier.release(row)
                 self._track(row, int(p))
-            self._evict()
-            tier.settle()
+            self._evict()  # settles the copies that have landed, then starts the new ones
             self._extend_hybrid = any(tier.host_tokens(r) > 0 for r in rows)
             for row, p, n in zip(rows, prefix, new):
                 self._track(row, int(p) + int(n))

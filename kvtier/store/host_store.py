@@ -42,6 +42,16 @@ class StoreStats(NamedTuple):
     dropped_tokens: int
 
 
+def page_bytes(config: TierConfig, shape: ModelShape) -> int:
+    """Host bytes of one page across all layers and kv-heads under config's store formats."""
+    return int(round(host_bytes_per_token(config.host_store, shape) * config.window.page_tokens))
+
+
+def capacity_pages(config: TierConfig, shape: ModelShape) -> int:
+    """Pages a store sized by `host_store.capacity_gib` holds."""
+    return int(config.host_store.capacity_gib * GIB_BYTES // page_bytes(config, shape))
+
+
 class HostStore:
     """Pages of quantized KV for every layer, shared by all requests."""
 
@@ -50,9 +60,9 @@ class HostStore:
         self.config = config
         self.shape = shape
         self.page_tokens = config.window.page_tokens
-        self.page_bytes = int(round(host_bytes_per_token(store, shape) * self.page_tokens))
+        self.page_bytes = page_bytes(config, shape)
         if n_pages <= 0:
-            n_pages = int(store.capacity_gib * GIB_BYTES // self.page_bytes)
+            n_pages = capacity_pages(config, shape)
         if n_pages <= 0:
             raise CapacityError("one page", 1, 0, self.page_bytes)
         self.view = HostStoreView.allocate(
