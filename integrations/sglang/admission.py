@@ -115,29 +115,42 @@ def _offsets(adder: Any) -> Optional[Tuple[Any, str, str]]:
 
 
 def credit(adder: Any, req: Any) -> int:
-    """Tokens of req's prompt that never need device slots at once under stage 3 (0 if off)."""
+    """Tokens of req's prompt and decode budget that never need device slots at once under
+    stage 3 (0 when it is off, or when the host store cannot take the rest now)."""
+    return _credit(adder, req)[0]
+
+
+def _credit(adder: Any, req: Any) -> Tuple[int, Optional[Any]]:
     if getattr(adder, "rem_chunk_tokens", None) is None:
-        return 0  # chunked prefill is off: a prompt is one chunk
+        return 0, None  # chunked prefill is off: a prompt is one chunk
     backend = _backend_of(adder)
     if backend is None or backend.prefill_chunk_tokens <= 0:
-        return 0
+        return 0, None
     prefix = getattr(req, "prefix_len", None)
     if prefix is None:  # 0.5.17 keeps the prefix's slots instead
         indices = getattr(req, "prefix_indices", None)
         prefix = 0 if indices is None else len(indices)
+    extend = len(req.full_untruncated_fill_ids) - int(prefix)
+    # Prompt and decode tokens beyond sinks + window leave for the host: the device holds the bound.
+    lent = extend + _max_new(req) - device_bound(backend, backend.prefill_chunk_tokens)
+    if lent <= 0:
+        return 0, None
+    if backend.host_free_tokens() < _host_need(backend, req) + owed(backend, besides=req):
+        return 0, None  # the host store cannot take the rest now: sglang's own rule applies (it waits)
+    return lent, backend
+
+
+def _max_new(req: Any) -> int:
+    """The decode budget sglang charges for req (its remaining max_new_tokens, clipped as sglang clips)."""
     from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
-    extend = len(req.full_untruncated_fill_ids) - int(prefix)
-    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
-    # Prompt and decode tokens beyond sinks + window leave for the host: the device holds the bound.
-    lent = extend + max_new - device_bound(backend, backend.prefill_chunk_tokens)
-    if lent <= 0:
-        return 0
+    return min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+
+
+def _host_need(backend: Any, req: Any) -> int:
+    """Host tokens req will hold in all: prompt and decode budget beyond sinks + window."""
     win = backend.config.window
-    need = _prompt_and_budget(req) - win.sink_tokens - win.window_tokens
-    if backend.host_free_tokens() < need + owed(backend, besides=req):
-        return 0  # the host store cannot take the rest now: sglang's own rule applies (it waits)
-    return lent
+    return max(0, len(req.full_untruncated_fill_ids) + _max_new(req) - win.sink_tokens - win.window_tokens)
 
 
 def _finished(req: Any) -> bool:
@@ -160,7 +173,7 @@ def owed(backend: Any, *, besides: Any = None) -> int:
 
 
 def add_one_req(original, adder: Any, req: Any, *args, **kwargs):
-    lent = credit(adder, req)
+    lent, backend = _credit(adder, req)
     where = _offsets(adder) if lent else None
     if where is None:
         return original(adder, req, *args, **kwargs)
@@ -173,20 +186,11 @@ def add_one_req(original, adder: Any, req: Any, *args, **kwargs):
         setattr(holder, total, getattr(holder, total) + lent)
         setattr(holder, current, getattr(holder, current) + lent)
     if any(r is req for r in getattr(adder, "can_run_list", ())):  # admitted: its host need is promised
-        backend = _backend_of(adder)
-        win = backend.config.window
         try:
-            _PROMISED[req] = max(0, _prompt_and_budget(req) - win.sink_tokens - win.window_tokens)
+            _PROMISED[req] = _host_need(backend, req)
         except TypeError:  # a request type without weak references: admitted, but not tracked
             log.warning("kvtier: cannot track the host tokens promised to %s", type(req).__name__)
     return result
-
-
-def _prompt_and_budget(req: Any) -> int:
-    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
-
-    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
-    return len(req.full_untruncated_fill_ids) + max_new
 
 
 __all__ = ["targets", "device_bound", "lift_input_cap", "init_max_new_tokens", "credit", "owed", "add_one_req"]
