@@ -28,7 +28,7 @@ from typing import Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._native import Engine
+from .._native import Engine, dequant_raw_keys, dequant_raw_values
 from ..config import ModelShape
 from ..policies import Policy
 from . import fused_merge, stream_ops
@@ -414,8 +414,6 @@ def host_block(view, layer: int, pages: torch.Tensor, n: int, device, *, raw: bo
     float32 bytes; otherwise (the reference) the C store dequantizes on the CPU.
     """
     if raw:
-        from kvtier._native import dequant_raw_keys, dequant_raw_values
-
         stored = view.raw_pages(layer, pages)
         moved = sum(t.numel() * t.element_size() for t in stored if t is not None)
         stored = type(stored)(*(None if t is None else t.to(device, non_blocking=True) for t in stored))
