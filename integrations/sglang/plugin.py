@@ -35,7 +35,7 @@ def _optional_targets():
              lifecycle.CHUNK_FINISH: (lifecycle.around_chunk_finish, HookType.AROUND)}
     # A funnel this release lacks is skipped; slot_release_hooked() says whether one of them is hooked.
     out = {target: hooks[target] for target in lifecycle.funnels_present()}
-    # Stage 3's admission: whichever budget check this release has.
+    # Stage 3's admission (the same three targets on 0.5.17 and the 0.5.23 line).
     out.update({target: (hook, HookType[kind]) for target, (hook, kind) in admission.targets().items()})
     return out
 
