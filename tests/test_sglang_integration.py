@@ -492,6 +492,7 @@ def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense(caplog):
     reqs = _Requests(runner, [0, 0])
     prompt, chunk = {0: 700, 1: 300}, 96
     bound = admission.device_bound(backend, chunk)
+    assert bound == 16 + 64 + 2 * 16 + 2 * chunk + 1  # sinks, window, 2 pages, 2 chunks, an sglang page
     peak, hybrid_chunks = 0, 0
     while any(reqs.k[r].shape[0] < n for r, n in prompt.items()):
         step = {r: min(chunk, n - reqs.k[r].shape[0]) for r, n in prompt.items() if reqs.k[r].shape[0] < n}

@@ -1,11 +1,15 @@
-"""Stage 3 admission: a long prompt needs a window and a chunk of the GPU pool, not its length.
+"""Stage 3 admission: a long prompt needs a window and two chunks of the GPU pool, not its length.
 
 sglang admits a request only when its whole remaining input plus its decode
 budget fits the free pool, and it refuses inputs longer than the pool. Under
 stage 3 (backend.py) the tier evicts before every prefill chunk, so a prompt
 never holds more device slots than
 
-    sinks + window + 2 pages + one chunk (+ one sglang page)   = device_bound()
+    sinks + window + 2 pages + two chunks (+ one sglang page)   = device_bound()
+
+Two chunks: sglang allocates a chunk's slots before the forward that evicts the
+previous chunk's pages, and on CUDA those pages give their slots back only once
+their copies have landed, at the next batch.
 
 The hooks below make sglang count that bound for the prompt, for a scheduler
 whose kvtier backend runs stage 3, and only while the host store can take the
@@ -66,7 +70,7 @@ def _stage3(predicate) -> Optional[Any]:
 def device_bound(backend: Any, chunk: int) -> int:
     """Device slots one request can hold under stage 3 with prefill chunks of `chunk` tokens."""
     win = backend.config.window
-    return win.sink_tokens + win.window_tokens + 2 * win.page_tokens + chunk + backend.page_size
+    return win.sink_tokens + win.window_tokens + 2 * win.page_tokens + 2 * chunk + backend.page_size
 
 
 def lift_input_cap(result: Any, worker: Any, *args, **kwargs):

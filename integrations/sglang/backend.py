@@ -25,7 +25,7 @@ Sequencing (DESIGN.md):
   request with pages on the host attends them exactly (dequantized) and the
   device tokens causally (`HybridAttention.run_extend`); a batch whose
   requests have nothing on the host stays on the stock backend. So a prompt
-  needs sinks + window + one chunk of device slots, not its whole length;
+  needs sinks + window + two chunks of device slots, not its whole length;
   the scheduler's admission and input-length cap are lifted to match
   (`admission.py`).
 """

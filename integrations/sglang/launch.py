@@ -99,7 +99,7 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         prefill = getattr(values, "prefill_attention_backend", None)
         if prefill in (None, PREFILL_BACKEND):
             # Stage 3: prefill chunks come to the tier too, which evicts between them, so a
-            # prompt needs sinks + window + one chunk of the GPU pool rather than its length.
+            # prompt needs sinks + window + two chunks of the GPU pool rather than its length.
             values.prefill_attention_backend = PREFILL_BACKEND
             if hasattr(values, "cuda_graph_backend_prefill"):
                 values.cuda_graph_backend_prefill = "disabled"
