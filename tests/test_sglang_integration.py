@@ -550,12 +550,15 @@ def test_launch_routes_prefill_to_the_tier_under_an_offloading_policy(tmp_path):
     assert ns.prefill_attention_backend == "triton"  # the user's choice stands (stage 3 off)
 
 
-def test_both_backend_names_give_the_runner_one_instance():
+def test_both_backend_names_give_the_runner_one_instance(monkeypatch, tmp_path):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
     from kvtier_sglang import backend as kb
 
-    backend, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
-    runner._kvtier_backend = backend
-    assert kb.create_backend(runner) is backend
+    monkeypatch.setenv("KVTIER_CONFIG", str(_tier_yaml(tmp_path)))
+    _, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+    decode = ATTENTION_BACKENDS[launch.BACKEND](runner)  # as sglang builds its two backends
+    assert ATTENTION_BACKENDS[launch.PREFILL_BACKEND](runner) is decode is kb.create_backend(runner)
 
 
 def test_stage3_lifts_the_input_cap_to_the_context_or_host_capacity():
@@ -709,3 +712,19 @@ def test_stage3_a_prompt_aborted_between_chunks_frees_everything_once():
     stats = backend.tier_stats()
     assert stats["requests"] == 0 and stats["host_tokens"] == 0
     assert backend._tier.store.stats().used_pages == 0
+
+
+def test_a_runner_that_cannot_hold_the_backend_is_refused_clearly(monkeypatch, tmp_path):
+    from kvtier_sglang import backend as kb
+
+    monkeypatch.setenv("KVTIER_CONFIG", str(_tier_yaml(tmp_path)))  # how a scheduler finds the policy
+    _, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
+
+    class Sealed:  # what a runner with __slots__ would do
+        __slots__ = tuple(vars(runner))
+
+    sealed = Sealed()
+    for name, value in vars(runner).items():
+        setattr(sealed, name, value)
+    with pytest.raises(launch.KvTierLaunchError, match="refused it"):
+        kb.create_backend(sealed)

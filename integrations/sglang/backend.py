@@ -87,8 +87,9 @@ def create_backend(runner):
         backend = _backend_class()(runner, launch.config_for(getattr(runner, "server_args", None)))
         try:
             runner._kvtier_backend = backend
-        except AttributeError:
-            pass
+        except AttributeError as exc:  # a runner that takes no attributes would get two tiers
+            raise launch.KvTierLaunchError(f"kvtier keeps its backend on sglang's model runner, and "
+                                           f"{type(runner).__name__} refused it: {exc}") from None
     return backend
 
 
