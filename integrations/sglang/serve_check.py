@@ -73,6 +73,10 @@ def _generate(base: str, ids, new_tokens: int, timeout: float) -> Any:
         "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout)
 
 
+def _finish_reason(out: Dict[str, Any]) -> Any:
+    return (out.get("meta_info") or {}).get("finish_reason")
+
+
 def _ids(out: Dict[str, Any]) -> List[int]:
     ids = out.get("output_ids")
     return list(ids) if ids is not None else []
@@ -107,7 +111,7 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
             t2 = time.perf_counter()
             decode_s = (t2 - t1) - (t1 - t0)  # one prefill of this length, then new_tokens - 1 decode steps
             rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
-                   "finish_reason": (out.get("meta_info") or {}).get("finish_reason"),
+                   "finish_reason": _finish_reason(out),
                    "prefill_s": t1 - t0, "total_s": t2 - t1,
                    "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else None}
             result["requests"].append(rec)
@@ -120,7 +124,7 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
         batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
         outs = _generate(base, batch, args.new_tokens, args.request_timeout)
         result["batch"] = [{"context": n, "output_ids": _ids(o), "text": o.get("text", ""),
-                            "finish_reason": (o.get("meta_info") or {}).get("finish_reason")}
+                            "finish_reason": _finish_reason(o)}
                            for n, o in zip(lens, outs)]
         print(f"  mixed batch {lens}: done", flush=True)
     finally:

@@ -64,10 +64,9 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime.ranks import host_memory_available
-    from ..runtime.standalone import StandaloneTier
+    from ..runtime.standalone import StandaloneTier, resolve_device
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     quick = args.quick
     shape = ModelShape(2, 32, 8, 128) if quick else LLAMA3_8B
     hidden = 1024 if quick else HIDDEN

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config.defaults import default_config
     from ..policies import PolicyUnavailableError
     from ..runtime import dense_attention
-    from ..runtime.standalone import StandaloneTier
+    from ..runtime.standalone import StandaloneTier, resolve_device
 
     try:
         config = load(args.policy) if args.policy else default_config()
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.context <= 0 or args.batch <= 0 or args.steps <= 0:
         print("demo: --context, --batch and --steps must be positive", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     shape = ModelShape(n_layers=1, num_q_heads=32, kv_heads=8, head_dim=128)
     lengths = [args.context - 97 * i for i in range(args.batch)]
     if min(lengths) <= 0:

@@ -20,6 +20,13 @@ from .pipeline import default_engine_threads, pipeline_setting
 from .tier import TierManager
 
 
+def resolve_device(name: str) -> torch.device:
+    """A --device argument: "auto" is CUDA when there is a GPU, else the CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class StandaloneTier:
     """Everything one decode loop needs; `close()` releases the engine and the store."""
 
