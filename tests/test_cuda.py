@@ -161,3 +161,48 @@ def test_flash_prefill_parts_equal_the_float32_blocks(group, d, soft_cap):
         torch.testing.assert_close(got.lse, ref.lse, rtol=1e-3, atol=2e-2)
     with pytest.raises(ValueError, match="the chunk last"):
         flash_attention(q, k, v, causal_offset=5, **kw)
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_lockstep_settles_by_evict_round_not_by_copy_timing(lockstep):
+    """Under TP every rank must free the same device slots at the same step: in lockstep an eviction's
+    slots come back exactly at the next evict(), however fast its copy landed."""
+    from kvtier.runtime.device_pool import DevicePool
+    from kvtier.runtime.tier import TierManager
+    from kvtier.store import HostStore
+
+    dev = torch.device("cuda")
+    shape = ModelShape(n_layers=2, num_q_heads=4, kv_heads=2, head_dim=64)
+    cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
+                        "max_context_tokens": 8192})
+    pool = DevicePool(2, 1024, 2, 64, dtype=torch.bfloat16, device=dev)
+    store = HostStore(cfg, shape, n_pages=64)
+    tier = TierManager(cfg, shape, pool.k, pool.v, store, alloc_slots=pool.alloc, free_slots=pool.free,
+                       lockstep=lockstep)
+    g = torch.Generator().manual_seed(5)
+    try:
+        tier.add(0)
+        slots = tier.extend(0, 400).to(dev)
+        pool.k[:, slots] = torch.randn(2, 400, 2, 64, generator=g).to(dev, torch.bfloat16)
+        pool.v[:, slots] = torch.randn(2, 400, 2, 64, generator=g).to(dev, torch.bfloat16)
+        free0 = pool.free_slots
+        first = tier.evict()  # 400 - 16 sinks - 128 window = 256 tokens: 16 pages
+        assert first == 16
+        torch.cuda.synchronize()  # the copies have certainly landed
+        tier.settle()
+        if lockstep:
+            assert pool.free_slots == free0 and tier.host_tokens(0) == 0  # not before the next evict()
+            more = tier.extend(0, 16).to(dev)
+            pool.k[:, more] = torch.randn(2, 16, 2, 64, generator=g).to(dev, torch.bfloat16)
+            pool.v[:, more] = torch.randn(2, 16, 2, 64, generator=g).to(dev, torch.bfloat16)
+            assert tier.evict() == 1
+            assert pool.free_slots == free0 - 16 + 256  # exactly the first round's slots came back
+            assert tier.host_tokens(0) == 256
+            tier.drain()
+            assert tier.host_tokens(0) == 272 and pool.free_slots == free0 - 16 + 272
+        else:
+            assert pool.free_slots == free0 + 256 and tier.host_tokens(0) == 256
+        assert len(store.table(0).pages) == (17 if lockstep else 16)
+        assert tier.stats().pages_evicted == (17 if lockstep else 16)
+    finally:
+        store.close()

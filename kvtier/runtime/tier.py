@@ -11,6 +11,12 @@ device-to-host copy runs on a side stream and the page stays attendable on the
 device until the copy has landed and been quantized at the next `settle()`;
 on the CPU eviction is synchronous. Either way a token is attended exactly
 once per step: from the device until its page is settled, then from the host.
+
+With `lockstep=True` (tensor parallelism) settling does not depend on copy
+timing: each `evict()` first waits for the copies the previous `evict()`
+started and settles exactly those, and `settle()` alone settles nothing new.
+Every rank then frees the same device slots at the same step, so the ranks'
+schedulers, which each read their own allocator, keep deciding alike.
 """
 
 from __future__ import annotations
@@ -67,16 +73,18 @@ class _Pending(NamedTuple):
     k: torch.Tensor  # [L, n_pages, Hkv, T, D] on the host (pinned on CUDA)
     v: torch.Tensor
     event: Optional[torch.cuda.Event]
+    round: int  # the evict() call that started it
 
 
 class TierManager:
     def __init__(self, config: TierConfig, shape: ModelShape, k_pool: "LayerBuffers", v_pool: "LayerBuffers",
                  store: Optional[HostStore], *, alloc_slots: Optional[Callable[[int], torch.Tensor]],
-                 free_slots: Callable[[torch.Tensor], None], offload: bool = True):
+                 free_slots: Callable[[torch.Tensor], None], offload: bool = True, lockstep: bool = False):
         """k_pool, v_pool: per layer, [n_slots, Hkv, D] device KV (one 4-D tensor or the server's list).
 
         alloc_slots may be None when the server allocates slots itself and
-        passes them to `extend(..., slots=)`.
+        passes them to `extend(..., slots=)`. lockstep: settle by evict() rounds, not
+        by copy timing (see the module docstring).
         """
         self.config, self.shape = config, shape
         self.k_pool, self.v_pool = k_pool, v_pool
@@ -85,6 +93,8 @@ class TierManager:
         self.offload = offload and store is not None
         self.requests: Dict[Hashable, RequestState] = {}
         self._pending: List[_Pending] = []
+        self.lockstep = lockstep
+        self._round = 0  # evict() calls so far
         self.device = k_pool[0].device
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -190,7 +200,11 @@ class TierManager:
         if not self.offload:
             return 0
         self._quiesce()
-        self.settle()
+        if self.lockstep:
+            self._settle_rounds_before(self._round + 1)  # every copy started so far, waited for
+        else:
+            self.settle()
+        self._round += 1
         win = self.config.window
         started = 0
         for rid, st in self.requests.items():
@@ -205,7 +219,7 @@ class TierManager:
             self._start_copy(rid, page_ids, slots)
             started += n_pages
         if not self._cuda:
-            self.settle()
+            self._settle(lambda p: True)  # synchronous copies: nothing depends on timing
         return started
 
     def _start_copy(self, rid, page_ids, slots) -> None:
@@ -230,16 +244,30 @@ class TierManager:
         else:
             k, v, event = gather(self.k_pool).contiguous(), gather(self.v_pool).contiguous(), None
         self._d2h += 2 * k.numel() * k.element_size()
-        self._pending.append(_Pending(rid, page_ids, slots, k, v, event))
+        self._pending.append(_Pending(rid, page_ids, slots, k, v, event, self._round))
 
     def settle(self) -> None:
-        """Finish copies that have landed: quantize into the store, free device slots."""
+        """Finish copies that have landed: quantize into the store, free device slots.
+
+        In lockstep only `evict()` and `drain()` settle, each at a fixed point of the step.
+        """
+        if not self.lockstep:
+            self._settle(lambda p: p.event is None or p.event.query())
+
+    def _settle_rounds_before(self, round_: int) -> None:
+        """Wait for and settle every copy started by evict() calls before `round_`."""
+        for p in self._pending:
+            if p.round < round_ and p.event is not None:
+                p.event.synchronize()
+        self._settle(lambda p: p.round < round_)
+
+    def _settle(self, ready: Callable[[_Pending], bool]) -> None:
         if self._pending:
             self._quiesce()
         keep: List[_Pending] = []
         for p in self._pending:
             # One stream, so copies land in order; settle strictly in order too.
-            if keep or (p.event is not None and not p.event.query()):
+            if keep or not ready(p):
                 keep.append(p)
                 continue
             st = self.requests.get(p.rid)
@@ -261,10 +289,7 @@ class TierManager:
 
     def drain(self) -> None:
         """Block until every in-flight copy has settled."""
-        for p in self._pending:
-            if p.event is not None:
-                p.event.synchronize()
-        self.settle()
+        self._settle_rounds_before(self._round + 1)
 
     # --- queries ------------------------------------------------------------
 
