@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from kvtier_sglang import serve_check
 
 DENSE = str(Path(__file__).resolve().parents[1] / "policies" / "dense.yaml")
@@ -61,3 +63,46 @@ def test_reference_must_have_sent_the_same_prompts(tmp_path, capsys):
             raise AssertionError(f"a reference with other {field} was accepted")
     rc = serve_check.main(["--model-path", "m", "--policies", DENSE, "--reference", str(path), "--contexts", "4096"])
     assert rc == 2 and "--reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
+    """The decode rate comes from the chunks after the first one, read from a real HTTP stream
+    whose chunks carry every id so far (sglang's default) or only the new ones."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert body["stream"] is True and body["sampling_params"]["max_new_tokens"] == 5
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            time.sleep(0.2)  # "prefill"
+            for n in range(1, 6):
+                chunk = {"text": "x" * n, "output_ids": [n - 1] if incremental else list(range(n)),
+                         "meta_info": {"completion_tokens": n, "finish_reason": None if n < 5 else {"type": "length"}}}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.05)
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        st = serve_check._generate_streamed(f"http://127.0.0.1:{server.server_port}", [1, 2, 3], 5, timeout=10)
+    finally:
+        server.shutdown()
+    assert serve_check._ids(st.out) == [0, 1, 2, 3, 4] and st.first_tokens == 1
+    assert st.first_s >= 0.2 and st.last_s - st.first_s >= 0.2
+    rate = serve_check.decode_rate(st)
+    assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.2 + 1e-9
+    assert serve_check._finish_reason(st.out) == {"type": "length"}
+    one = serve_check.Streamed(st.out, 0.1, 5, 0.1)  # everything in one chunk: no decode rate
+    assert serve_check.decode_rate(one) is None

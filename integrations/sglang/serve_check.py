@@ -5,7 +5,8 @@
 
 For each policy file it launches `python -m sglang.launch_server --kv-tier
 FILE`, waits for it to serve, sends the same seeded long-context requests
-(greedy), then a mixed-length batch, and stops it. It writes what each
+(greedy, streamed: the first chunk times the prefill, the chunks after it
+the decode), then a mixed-length batch, and stops it. It writes what each
 policy answered, the decode speed and the server's kvtier log lines to
 `serve-<name>.json` and `.md` under the results directory, and prints
 `match_tokens=<min over requests of the fraction of generated tokens equal to
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from kvtier.config import env as kvtier_env
 
@@ -73,6 +74,58 @@ def _generate(base: str, ids, new_tokens: int, timeout: float) -> Any:
         "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout)
 
 
+class Streamed(NamedTuple):
+    out: Dict[str, Any]  # the last chunk: the whole answer so far
+    first_s: float  # request sent to the first chunk (prefill and the first token)
+    first_tokens: int  # tokens the first chunk carried
+    last_s: float  # request sent to the last chunk
+
+
+def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Streamed:
+    """One greedy request read as sglang's server-sent events ("data: {...}" lines, then "data: [DONE]")."""
+    body = {"input_ids": ids, "stream": True, "sampling_params": {
+        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}
+    req = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    last: Optional[Dict[str, Any]] = None
+    ids: List[int] = []
+    first_s = last_s = 0.0
+    first_tokens = 0
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            now = time.perf_counter() - t0
+            piece = _ids(chunk)
+            # Cumulative chunks (sglang's default) carry every id so far; incremental ones only the new ids.
+            ids = piece if len(piece) >= _completion_tokens(chunk) else ids + piece
+            if last is None:
+                first_s, first_tokens = now, _completion_tokens(chunk)
+            last, last_s = chunk, now
+    if last is None:
+        raise RuntimeError("the server's stream ended without a chunk")
+    return Streamed({**last, "output_ids": ids}, first_s, first_tokens, last_s)
+
+
+def _completion_tokens(out: Dict[str, Any]) -> int:
+    meta = out.get("meta_info") or {}
+    n = meta.get("completion_tokens")
+    return int(n) if n is not None else len(_ids(out))
+
+
+def decode_rate(s: Streamed) -> Optional[float]:
+    """Tokens per second after the first chunk (None when one chunk carried everything)."""
+    n = _completion_tokens(s.out) - s.first_tokens
+    span = s.last_s - s.first_s
+    return n / span if n > 0 and span > 0 else None
+
+
 def _finish_reason(out: Dict[str, Any]) -> Any:
     return (out.get("meta_info") or {}).get("finish_reason")
 
@@ -103,17 +156,12 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
         _generate(base, _prompt(min(args.contexts), seed=args.seed - 1, vocab=args.vocab), 4, args.request_timeout)
         for ctx in args.contexts:
             ids = _prompt(ctx, seed=args.seed + ctx, vocab=args.vocab)
-            other = _prompt(ctx, seed=args.seed + ctx + 1, vocab=args.vocab)  # same length, no cached prefix
-            t0 = time.perf_counter()
-            _generate(base, other, 1, args.request_timeout)
-            t1 = time.perf_counter()
-            out = _generate(base, ids, args.new_tokens, args.request_timeout)
-            t2 = time.perf_counter()
-            decode_s = (t2 - t1) - (t1 - t0)  # one prefill of this length, then new_tokens - 1 decode steps
+            st = _generate_streamed(base, ids, args.new_tokens, args.request_timeout)
+            out = st.out
             rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
                    "finish_reason": _finish_reason(out),
-                   "prefill_s": t1 - t0, "total_s": t2 - t1,
-                   "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else None}
+                   "prefill_s": st.first_s, "total_s": st.last_s,  # prefill_s: time to the first token
+                   "decode_tokens_per_s": decode_rate(st)}
             result["requests"].append(rec)
             if not rec["output_ids"]:
                 print(f"  context {ctx}: no tokens came back (finish reason {rec['finish_reason']})", flush=True)
@@ -187,7 +235,7 @@ def reference_from(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: int) -> str:
-    rows = ["| policy | context | decode tokens/s | prefill s | tokens equal to the first policy's |",
+    rows = ["| policy | context | decode tokens/s | first token s | tokens equal to the first policy's |",
             "|---|---|---|---|---|"]
     first = results[0]
     for res in results:
@@ -202,7 +250,8 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
     launches = [f"- {Path(r['policy']).stem}: `{' '.join(r['command'][r['command'].index('--kv-tier'):])}`"
                 for r in results if "--kv-tier" in r.get("command", [])]
     return (f"# sglang server under --kv-tier\n\nGreedy, {new_tokens} new tokens per request, seeded random "
-            "token prompts.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
+            "token prompts, streamed: decode tokens/s counts the tokens after the first chunk over the time "
+            "after it.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
             + "\n".join(launches) + "\n")
 
 
