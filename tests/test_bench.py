@@ -3,6 +3,9 @@
 import json
 import re
 
+import pytest
+import torch
+
 from kvtier.cli import main
 
 
@@ -62,3 +65,50 @@ def test_prefill_bench_quick_keeps_the_device_to_a_window_and_stays_close_to_den
         assert rows[path]["host_tokens"] >= 1536 - 16 - 256 - 16
         assert 0 < rows[path]["rel_err"] < 2e-2  # int8 keys on the host, attended exactly
     assert rows["tier"]["rel_err"] == rows["tier_reference"]["rel_err"]  # two reads of the same bytes
+
+
+@pytest.mark.parametrize("model_type, tied", [("qwen2", False), ("llama", True)])
+def test_random_checkpoint_loads_in_transformers_with_every_weight(tmp_path, model_type, tied):
+    transformers = pytest.importorskip("transformers", reason="the [eval] extra installs transformers")
+    import json
+
+    from kvtier.bench import random_checkpoint
+
+    src = tmp_path / "cfg"
+    src.mkdir()
+    cfg = {"model_type": model_type, "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else
+                                                        "LlamaForCausalLM"],
+           "hidden_size": 64, "intermediate_size": 96, "vocab_size": 300, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+           "tie_word_embeddings": tied, "rms_norm_eps": 1e-6}
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "tokenizer.json").write_text("{}")
+    rc = main(["bench", "random-checkpoint", str(src), str(tmp_path / "a")])
+    assert rc == 0 and (tmp_path / "a" / "tokenizer.json").is_file()
+    from safetensors.torch import load_file
+
+    random_checkpoint.write(src, tmp_path / "b")
+    random_checkpoint.write(src, tmp_path / "c", seed=1)
+    a, b, c = (load_file(tmp_path / x / "model.safetensors") for x in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same weights every time
+    assert not torch.equal(a["model.layers.1.mlp.up_proj.weight"], c["model.layers.1.mlp.up_proj.weight"])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    q = model.model.layers[0].self_attn.q_proj.weight.float()
+    assert 0.04 < float(q.std()) < 0.06  # peaked attention, as documented
+    out = model(torch.randint(0, 300, (1, 16))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_random_checkpoint_refuses_what_it_cannot_draw(tmp_path, capsys):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    assert main(["bench", "random-checkpoint", str(tmp_path), str(tmp_path / "o")]) == 2
+    assert "expected model_type one of" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["bench", "random-checkpoint", str(tmp_path), str(tmp_path / "o")]) == 2
+    assert "expected the key 'hidden_size'" in capsys.readouterr().out
+    assert main(["bench", "random-checkpoint", str(tmp_path / "none"), str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().out

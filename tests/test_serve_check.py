@@ -106,3 +106,37 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
     assert serve_check._finish_reason(st.out) == {"type": "length"}
     one = serve_check.Streamed(st.out, 0.1, 5, 0.1)  # everything in one chunk: no decode rate
     assert serve_check.decode_rate(one) is None
+
+
+def test_serve_compare_pairs_each_policy_across_runs(tmp_path, capsys):
+    import json
+
+    from kvtier_sglang import serve_compare
+
+    def res(policy, ids, tps):
+        return {"policy": f"policies/{policy}.yaml",
+                "requests": [{"context": 100 * (i + 1), "output_ids": x, "decode_tokens_per_s": tps}
+                             for i, x in enumerate(ids)],
+                "batch": [{"context": 50, "output_ids": ids[0]}]}
+
+    tp1 = [res("dense", [[1, 2, 3], [4, 5, 6]], 10.0), res("hgca", [[1, 2, 3], [4, 0, 6]], 5.0)]
+    tp2 = [res("dense", [[1, 9, 3], [4, 5, 6]], 20.0), res("hgca", [[1, 2, 3], [4, 0, 0]], None)]
+    pool = [dict(tp1[0]), res("hgca", [[1, 2, 3], [4, 0, 7]], 5.0)]  # reuses tp1's dense launch (--reference)
+    for name, run in (("a", tp1), ("b", tp2), ("c", pool)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": run}))
+    rc = serve_compare.main(["--out-dir", str(tmp_path), "--name", "cmp", f"tp1={tmp_path / 'a.json'}",
+                             f"tp2={tmp_path / 'b.json'}", f"pool={tmp_path / 'c.json'}"])
+    assert rc == 0
+    got = {(r["a"], r["b"]): r["agree"] for r in json.loads((tmp_path / "cmp.json").read_text())["pairs"]}
+    assert ("tp1:dense", "pool:dense") not in got  # one launch, not a second one that agreed
+    assert got[("tp1:hgca", "pool:hgca")] == {"100": 3, "200": 2, "batch 50": 3}
+    got = {k: v for k, v in got.items() if "pool:" not in k[0] + k[1]}
+    assert got == {("tp1:dense", "tp1:hgca"): {"100": 3, "200": 1, "batch 50": 3},
+                   ("tp2:dense", "tp2:hgca"): {"100": 1, "200": 1, "batch 50": 1},
+                   ("tp1:dense", "tp2:dense"): {"100": 1, "200": 3, "batch 50": 1},
+                   ("tp1:hgca", "tp2:hgca"): {"100": 3, "200": 2, "batch 50": 3}}
+    md = (tmp_path / "cmp.md").read_text()
+    assert "| tp1:hgca | tp2:hgca | 3/3 | 2/3 | 3/3 |" in md and "| tp2:hgca | n/a | n/a |" in md
+    assert serve_compare.main(["nolabel.json"]) == 2
+    assert "expected LABEL=RUN.json" in capsys.readouterr().err
+    assert serve_compare.main([f"x={tmp_path / 'missing.json'}"]) == 2

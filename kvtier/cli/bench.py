@@ -9,6 +9,8 @@ BENCHES = {
     "engine": ("kvtier.bench.engine", "native engine vs a streaming read and vs torch on the CPU"),
     "decode": ("kvtier.bench.decode", "Llama-3-8B-shaped decode: dense vs offload_all vs hgca"),
     "prefill": ("kvtier.bench.prefill", "a long prompt in chunks through the tier vs all on the device"),
+    "random-checkpoint": ("kvtier.bench.random_checkpoint",
+                          "a random-weight checkpoint from a model config, the same for every TP layout"),
 }
 
 
