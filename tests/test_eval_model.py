@@ -142,3 +142,29 @@ def test_drops_name_dense_margins():
     drops = grid._drops(records, specs)
     assert drops == [dict(context=4096, task="passkey", sample=0, policy="hgca@10%", points=pytest.approx(20.0),
                           dense_min_margin=0.3)]
+
+
+def test_chunked_prefill_through_the_tiers_keeps_dense_exact(smollm):
+    """Prefill in chunks through each tier (as a server's stage 3): dense still generates exactly what
+    plain transformers does, and hgca with everything stays as close as its int8 keys allow."""
+    from kvtier.eval.runner import policy_specs, run_prompt
+    from kvtier.eval.tasks import build
+
+    tok, model = smollm
+    p = build("passkey", tok, 700, seed=3, sample=0)
+    ids = list(p.context_ids) + list(p.tail_ids)
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    specs = policy_specs(["dense", "window_only", "hgca"], [1.0], window_tokens=64, sink_tokens=4)
+    r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=8, stop_ids=[tok.eos_token_id],
+                   fidelity=True, prefill_chunk=96)
+    dense = r.generations[0]
+    assert dense == ref[: len(dense)] and len(dense) >= 4
+    assert all(f.rel_err < 1e-4 for f in r.fidelity[0])
+    # the first question token: dense holds the whole context; the others sinks + window (+ a page) only
+    assert r.device_tokens[0] == len(p.context_ids) + 1 and r.device_tokens[2] <= 4 + 64 + 16 + 1
+    hg = [f.rel_err for f in r.fidelity[2]]
+    wo = [f.rel_err for f in r.fidelity[1]]
+    assert max(hg) < 0.05 and sum(hg) < sum(wo)  # every host token attended; window-only loses them
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=1, stop_ids=[], prefill_chunk=0)

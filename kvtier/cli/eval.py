@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="results file name under benchmarks/results/ (default eval-<model>[-quick])")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer attention fidelity")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                        help="prefill the context in chunks of this size through each policy's tier (as an "
+                             "SGLang server does: evicting before each chunk, the host part attended exactly "
+                             "with its stored keys); default: once with full attention, shared by the policies")
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -50,6 +54,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out["budgets"] = [float(x) for x in str(out["budgets"]).split(",")]
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
     out["name"] = getattr(args, "name", None)
+    out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
     return out
 
 

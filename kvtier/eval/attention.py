@@ -10,6 +10,10 @@ SGLang's pool does). What it does depends on the `TierStep` passed as the
 - `PrefillStep`: dense causal attention over the prompt (prefill stays
   full), and each layer's K, V go straight into every tier (sinks and window
   to the device pool, the rest to host pages: prefill that evicts as it goes);
+- `ExtendStep`: a chunk of the prompt through the tiers, batch row i in
+  tier i (prefill as SGLang's stage 3 does it): the chunk's K, V go to its
+  device slots and q to `HybridAttention.run_extend`, which attends the host
+  part exactly and the device tokens causally;
 - `DecodeStep`: batch row i is one request in tier i. The new token's K, V
   are written to its device slot and q goes to `HybridAttention.run`; the
   tier, not any transformers cache, is the source of truth.
@@ -29,6 +33,11 @@ ATTN_NAME = "kvtier"
 
 class PrefillStep(NamedTuple):
     write: Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k [n, Hkv, D], v [n, Hkv, D])
+
+
+class ExtendStep(NamedTuple):
+    # (layer, q [B, Hq, S, D], k [B, Hkv, S, D], v [B, Hkv, S, D]) -> attention output [B, S, Hq, D]
+    attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DecodeStep(NamedTuple):
@@ -54,8 +63,11 @@ def kvtier_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
             raise ValueError(f"prefill through the tier takes one prompt, found batch {query.shape[0]}")
         kvtier_step.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if isinstance(kvtier_step, ExtendStep):
+        return kvtier_step.attend(layer, query, key, value).to(query.dtype), None
     if not isinstance(kvtier_step, DecodeStep):
-        raise ValueError(f"kvtier_step must be a PrefillStep or DecodeStep, found {type(kvtier_step).__name__}")
+        raise ValueError(f"kvtier_step must be a PrefillStep, ExtendStep or DecodeStep, found "
+                         f"{type(kvtier_step).__name__}")
     if query.shape[2] != 1:
         raise ValueError(f"decode through the tier takes one token per row, found {query.shape[2]}")
     out = kvtier_step.attend(layer, query[:, :, 0], key[:, :, 0], value[:, :, 0])
@@ -86,5 +98,5 @@ def model_shape(model) -> ModelShapeInfo:
     return ModelShapeInfo(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim, float(scale))
 
 
-__all__ = ["ATTN_NAME", "DecodeStep", "ModelShapeInfo", "PrefillStep", "kvtier_attention", "model_shape",
+__all__ = ["ATTN_NAME", "DecodeStep", "ExtendStep", "ModelShapeInfo", "PrefillStep", "kvtier_attention", "model_shape",
            "register"]

@@ -49,6 +49,9 @@ def check_settings(s: dict) -> None:
         raise ValueError(f"--policies: expected distinct labels (a file is labelled by its stem), found {labels}")
     if s.get("name") is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", s["name"]):
         raise ValueError(f"--name: expected letters, digits, '.', '_' or '-', found {s['name']!r}")
+    chunk = s.get("prefill_chunk")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"--prefill-chunk: expected a token count >= 1, found {chunk}")
     if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
         raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
                          f"{s['contexts']}, {s['samples']}")
@@ -77,7 +80,7 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                 p = build(task, tok, ctx, seed=seed, sample=i)
                 t0 = time.perf_counter()
                 r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=p.max_new_tokens,
-                               stop_ids=stops, fidelity=fidelity)
+                               stop_ids=stops, fidelity=fidelity, prefill_chunk=s.get("prefill_chunk"))
                 t_prompts += time.perf_counter() - t0
                 done += 1
                 scores = []
@@ -189,7 +192,9 @@ def _markdown(s, specs, cells, summary) -> str:
              f"{s['window']} + 64 sinks; budgets are fractions of the context attended from the host. "
              f"Accuracy in points (RULER string match, averaged over tasks); fidelity at the first question token, "
              f"averaged over layers: relative output error and LSE error against full attention, recall of the "
-             f"true top-32 tokens.", "",
+             f"true top-32 tokens. " + (f"Context prefilled in chunks of {s['prefill_chunk']} tokens through each "
+                                       "policy's tier." if s.get("prefill_chunk") else
+                                       "Context prefilled once with full attention, shared by the policies."), "",
              "| policy | " + " | ".join(f"acc @{c}" for c in ctxs) + " | " + " | ".join(f"gap @{c}" for c in ctxs)
              + " | host frac | device tokens | rel err | LSE err | top-32 recall |",
              "|" + "---|" * (1 + 2 * len(ctxs) + 5)]

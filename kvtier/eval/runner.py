@@ -1,8 +1,14 @@
-"""One prompt through every policy at once: shared dense prefill, batched decode through the tiers.
+"""One prompt through every policy at once: prefill, then batched decode through the tiers.
 
 Each policy gets its own `StandaloneTier` (device pool, host store, engine).
-The prompt's context is prefilled once with full attention and its K, V are
-written into every tier (prefill that evicts as it goes). The prompt's tail
+The prompt's context is prefilled one of two ways:
+- shared (the default): once with full attention, its K, V then written into
+  every tier (sinks and window to the device, the rest to host pages);
+- in chunks through every tier (`prefill_chunk`), as SGLang's stage 3 does:
+  before each chunk the pages that left the window are evicted, and the chunk
+  attends the host part exactly (keys as stored: quantized) and the device
+  tokens causally, batch row i in tier i. It costs a forward per policy.
+The prompt's tail
 (the question, the chat template's turn switch and the answer prefix) and the
 answer are then decoded token by token, batch row i through tier i, so the
 question's tokens already read the context through the tier: the first
@@ -19,7 +25,7 @@ import torch
 
 from ..config import ModelShape, TierConfig, from_mapping, load
 from ..runtime.standalone import StandaloneTier
-from .attention import DecodeStep, ModelShapeInfo, PrefillStep, model_shape
+from .attention import DecodeStep, ExtendStep, ModelShapeInfo, PrefillStep, model_shape
 from .fidelity import LayerFidelity, attended_mask, layer_fidelity
 
 
@@ -82,40 +88,94 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
     return specs
 
 
-def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int) -> StandaloneTier:
+def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int, chunk: int = 0) -> StandaloneTier:
     ms = ModelShape(shape.n_layers, shape.num_q_heads, shape.kv_heads, shape.head_dim)
     win = spec.config.window
-    device = total + 1 if spec.policy == "dense" else win.device_tokens_max + win.page_tokens + 1
+    device = total + 1 if spec.policy == "dense" else win.device_tokens_max + win.page_tokens + chunk + 1
     return StandaloneTier(spec.config, ms, device="cpu", dtype=torch.float32, device_tokens=device,
                           host_tokens=total, sm_scale=shape.sm_scale)
 
 
+def _shared_prefill(model, tiers, context_ids, n_layers: int, fidelity: bool):
+    """Full attention once; every tier gets the K, V. Returns the per-layer full-precision K, V (or Nones)."""
+    plans = [t.tier.prefill(0, len(context_ids)) for t in tiers]
+    mirror: List[Optional[tuple]] = [None] * n_layers
+
+    def write(layer, k, v):
+        for t, p in zip(tiers, plans):
+            t.tier.write_prefill_layer(p, layer, k, v)
+        if fidelity:
+            mirror[layer] = (k.contiguous().clone(), v.contiguous().clone())
+
+    model(input_ids=torch.tensor([list(context_ids)]), use_cache=False, kvtier_step=PrefillStep(write),
+          logits_to_keep=1)
+    return mirror
+
+
+def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidelity: bool):
+    """The context in chunks through every tier (row i in tier i), evicting before each chunk.
+
+    Returns per tier the per-layer K, V its own forward produced (for fidelity; Nones without).
+    """
+    B, n = len(tiers), len(context_ids)
+    parts: List[List[list]] = [[[] for _ in range(n_layers)] for _ in range(B)]
+    for start in range(0, n, chunk):
+        c = min(chunk, n - start)
+        for t in tiers:
+            t.tier.evict()
+        slots = [t.tier.extend(0, c) for t in tiers]
+        for t in tiers:
+            t.attn.plan_extend([0], [c])
+
+        def attend(layer, q, k, v, slots=slots):
+            outs = []
+            for i, t in enumerate(tiers):
+                ki, vi = k[i].transpose(0, 1), v[i].transpose(0, 1)  # [c, Hkv, D]
+                t.pool.k[layer, slots[i]] = ki.to(t.pool.k)
+                t.pool.v[layer, slots[i]] = vi.to(t.pool.v)
+                if fidelity:
+                    parts[i][layer].append((ki.float().clone(), vi.float().clone()))
+                outs.append(t.attn.run_extend(q[i].transpose(0, 1), layer))  # [c, Hq, D]
+            return torch.stack(outs)
+
+        ids = torch.tensor([list(context_ids[start: start + c])] * B)
+        pos = torch.arange(start, start + c).expand(B, c)
+        model(input_ids=ids, position_ids=pos, use_cache=False, kvtier_step=ExtendStep(attend), logits_to_keep=1)
+    for t in tiers:
+        t.tier.evict()  # as a server's first decode step does
+    if not fidelity:
+        return [[None] * n_layers for _ in range(B)]
+    return [[(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in per]
+            for per in parts]
+
+
 @torch.inference_mode()
 def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], tail_ids: Sequence[int], *,
-               max_new_tokens: int, stop_ids: Sequence[int], fidelity: bool = False) -> PromptResult:
-    """Greedy answers of every policy to one prompt (context_ids + tail_ids)."""
+               max_new_tokens: int, stop_ids: Sequence[int], fidelity: bool = False,
+               prefill_chunk: Optional[int] = None) -> PromptResult:
+    """Greedy answers of every policy to one prompt (context_ids + tail_ids).
+
+    prefill_chunk: None prefills the context once with full attention (shared); a token count
+    prefills it in chunks of that size through each policy's tier.
+    """
     if not tail_ids or not context_ids:
         raise ValueError(f"run_prompt: expected a non-empty context and tail, found {len(context_ids)} and "
                          f"{len(tail_ids)} tokens")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"run_prompt: expected prefill_chunk None or a token count >= 1, found {prefill_chunk!r}")
     shape = model_shape(model)
     n, m, B = len(context_ids), len(tail_ids), len(specs)
-    tiers = [_tier(s, shape, n + m + max_new_tokens) for s in specs]
+    tiers = [_tier(s, shape, n + m + max_new_tokens, prefill_chunk or 0) for s in specs]
     try:
-        plans = []
         for t in tiers:
             t.tier.add(0)
-            plans.append(t.tier.prefill(0, n))
-        mirror: List[Optional[tuple]] = [None] * shape.n_layers
-
-        def write(layer, k, v):
-            for t, p in zip(tiers, plans):
-                t.tier.write_prefill_layer(p, layer, k, v)
-            if fidelity:
-                mirror[layer] = (k.contiguous().clone(), v.contiguous().clone())
-
         t0 = time.perf_counter()
-        model(input_ids=torch.tensor([list(context_ids)]), use_cache=False, kvtier_step=PrefillStep(write),
-              logits_to_keep=1)
+        if prefill_chunk is None:
+            shared = _shared_prefill(model, tiers, context_ids, shape.n_layers, fidelity)
+            mirrors = [shared] * B
+        else:
+            mirrors = _chunked_prefill(model, tiers, context_ids, shape.n_layers, prefill_chunk, fidelity)
         prefill_s = time.perf_counter() - t0
         stops = set(int(s) for s in stop_ids)
         feed = [int(tail_ids[0])] * B
@@ -143,8 +203,8 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
                         outs.append(t.attn.run(q[i: i + 1], layer))
                         continue
                     detail = t.attn.run_detail(q[i: i + 1], layer)
-                    kf = torch.cat([mirror[layer][0], k[i: i + 1].float()])
-                    vf = torch.cat([mirror[layer][1], v[i: i + 1].float()])
+                    kf = torch.cat([mirrors[i][layer][0], k[i: i + 1].float()])
+                    vf = torch.cat([mirrors[i][layer][1], v[i: i + 1].float()])
                     seen = attended_mask(t.tier, 0, detail, n + 1, shape.num_q_heads)
                     fid[i].append(layer_fidelity(q[i: i + 1].float(), kf, vf, detail, seen, sm_scale=shape.sm_scale))
                     outs.append(detail.out)
