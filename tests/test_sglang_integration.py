@@ -190,7 +190,7 @@ def test_finished_request_releases_host_pages_through_the_real_pool():
 
 
 def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05,
-                    prefill_backend=None, keys="bf16", budget="{kind: all}"):
+                    prefill_backend=None, keys="bf16", budget="{kind: all}", tp_size=1, tp_rank=0):
     """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
     from types import SimpleNamespace
 
@@ -207,7 +207,8 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
     allocator = TokenToKVPoolAllocator(size=size, dtype=torch.float32, device="cpu", kvcache=kv_pool,
                                        need_sort=False)
     runner = SimpleNamespace(device="cpu", req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
-                             token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=1, tp_rank=0,
+                             token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=tp_size,
+                             tp_rank=tp_rank,
                              server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache,
                                                          prefill_attention_backend=prefill_backend))
     config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
@@ -338,9 +339,11 @@ def _free_slot_census(allocator):
     return free.numel(), torch.unique(free).numel()
 
 
-def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once():
+@pytest.mark.parametrize("tp_size, tp_rank", [(1, 0), (2, 1)])
+def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once(tp_size, tp_rank):
+    """Also as rank 1 of two (this rank's own kv-heads): there the tier settles in lockstep."""
     torch.manual_seed(0)
-    backend, layer, runner = _stage2_backend()
+    backend, layer, runner = _stage2_backend(tp_size=tp_size, tp_rank=tp_rank)
     alloc = runner.token_to_kv_pool_allocator
     reqs = _Requests(runner, [300, 150])
     used = 450
@@ -348,7 +351,7 @@ def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once():
 
     out, ref = reqs.decode_step(backend, layer)
     used += 2
-    assert backend.releases_slots
+    assert backend.releases_slots and backend._tier.lockstep == (tp_size > 1)
     released = backend.slots_released
     # Sinks (16) and at most a window plus a page (64 + 16) stay per request; the rest went back.
     assert released >= (301 - 16 - 80) + (151 - 16 - 80)
