@@ -73,7 +73,6 @@ class _Pending(NamedTuple):
     k: torch.Tensor  # [L, n_pages, Hkv, T, D] on the host (pinned on CUDA)
     v: torch.Tensor
     event: Optional[torch.cuda.Event]
-    round: int  # the evict() call that started it
 
 
 class TierManager:
@@ -83,8 +82,8 @@ class TierManager:
         """k_pool, v_pool: per layer, [n_slots, Hkv, D] device KV (one 4-D tensor or the server's list).
 
         alloc_slots may be None when the server allocates slots itself and
-        passes them to `extend(..., slots=)`. lockstep: settle by evict() rounds, not
-        by copy timing (see the module docstring).
+        passes them to `extend(..., slots=)`. lockstep: settle at each evict() what the
+        previous one started, not by copy timing (see the module docstring).
         """
         self.config, self.shape = config, shape
         self.k_pool, self.v_pool = k_pool, v_pool
@@ -94,7 +93,6 @@ class TierManager:
         self.requests: Dict[Hashable, RequestState] = {}
         self._pending: List[_Pending] = []
         self.lockstep = lockstep
-        self._round = 0  # evict() calls so far
         self.device = k_pool[0].device
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -201,10 +199,9 @@ class TierManager:
             return 0
         self._quiesce()
         if self.lockstep:
-            self._settle_rounds_before(self._round + 1)  # every copy started so far, waited for
+            self._settle_all()  # the copies the previous evict() started, waited for
         else:
             self.settle()
-        self._round += 1
         win = self.config.window
         started = 0
         for rid, st in self.requests.items():
@@ -244,7 +241,7 @@ class TierManager:
         else:
             k, v, event = gather(self.k_pool).contiguous(), gather(self.v_pool).contiguous(), None
         self._d2h += 2 * k.numel() * k.element_size()
-        self._pending.append(_Pending(rid, page_ids, slots, k, v, event, self._round))
+        self._pending.append(_Pending(rid, page_ids, slots, k, v, event))
 
     def settle(self) -> None:
         """Finish copies that have landed: quantize into the store, free device slots.
@@ -254,12 +251,12 @@ class TierManager:
         if not self.lockstep:
             self._settle(lambda p: p.event is None or p.event.query())
 
-    def _settle_rounds_before(self, round_: int) -> None:
-        """Wait for and settle every copy started by evict() calls before `round_`."""
+    def _settle_all(self) -> None:
+        """Wait for every in-flight copy and settle it."""
         for p in self._pending:
-            if p.round < round_ and p.event is not None:
+            if p.event is not None:
                 p.event.synchronize()
-        self._settle(lambda p: p.round < round_)
+        self._settle(lambda p: True)
 
     def _settle(self, ready: Callable[[_Pending], bool]) -> None:
         if self._pending:
@@ -289,7 +286,7 @@ class TierManager:
 
     def drain(self) -> None:
         """Block until every in-flight copy has settled."""
-        self._settle_rounds_before(self._round + 1)
+        self._settle_all()
 
     # --- queries ------------------------------------------------------------
 
