@@ -372,3 +372,40 @@ def test_chunked_prefill_falls_back_to_torch_when_flashinfer_fails(gen, monkeypa
         assert "second line" not in caplog.text
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 64), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("L, n, offset", [(96, 96, 0), (96, 700, 604), (40, 300, 100), (50, 333, None),
+                                          (1, 17, 16)])
+def test_cpu_attention_equals_the_block_reference(gen, monkeypatch, hq, hkv, d, L, n, offset):
+    """Chunked prefill's CPU kernel (torch's fused attention) against block_attention, the float32
+    reference, out and LSE, on fresh random inputs; the fused kernel really runs (no fallback)."""
+    from kvtier.runtime import extend
+
+    q = torch.randn(L, hq, d, generator=gen) * 2
+    k = torch.randn(n, hkv, d, generator=gen) * 2
+    v = torch.randn(n, hkv, d, generator=gen)
+    ref = extend.block_attention(q, k, v, causal_offset=offset, sm_scale=d ** -0.5, block=128)
+
+    def no_fallback(*a, **kw):
+        raise AssertionError("cpu_attention fell back to block_attention")
+
+    monkeypatch.setattr(extend, "block_attention", no_fallback)
+    got = extend.cpu_attention(q, k, v, causal_offset=offset, sm_scale=d ** -0.5)
+    torch.testing.assert_close(got.out, ref.out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.lse, ref.lse, atol=2e-5, rtol=2e-5)
+
+
+def test_cpu_attention_falls_back_where_the_fused_kernel_cannot_serve(gen):
+    from kvtier.runtime import extend
+
+    q, k, v = torch.randn(8, 4, 64, generator=gen), torch.randn(20, 2, 64, generator=gen), torch.randn(20, 2, 64, generator=gen)
+    for kw in (dict(causal_offset=12, soft_cap=5.0), dict(causal_offset=-3)):  # soft-cap; queries that see no key
+        ref = extend.block_attention(q, k, v, sm_scale=0.125, **kw)
+        got = extend.cpu_attention(q, k, v, sm_scale=0.125, **kw)
+        torch.testing.assert_close(got.out, ref.out)
+        torch.testing.assert_close(got.lse, ref.lse)
+    empty = extend.cpu_attention(q, k[:0], v[:0], causal_offset=None, sm_scale=0.125)
+    assert torch.all(empty.out == 0) and torch.all(empty.lse == float("-inf"))
+    with pytest.raises(ValueError, match="Hkv dividing Hq"):
+        extend.cpu_attention(q, torch.randn(20, 3, 64), torch.randn(20, 3, 64), causal_offset=None, sm_scale=0.1)

@@ -14,7 +14,10 @@ the device never holds more than sinks + window + one chunk, however long the
 prompt. `block_attention` is the reference routine, and the one that runs
 everywhere: torch, float32, over blocks of keys merged by LSE, so memory stays
 queries x heads x block. On CUDA with FlashInfer, `flash_attention` runs each
-part with FlashInfer's single-request prefill kernel in the model's dtype.
+part with FlashInfer's single-request prefill kernel in the model's dtype; on
+the CPU, `cpu_attention` runs it with torch's fused CPU attention kernel (the
+one behind scaled_dot_product_attention, which also returns the LSE), in
+float32.
 """
 
 from __future__ import annotations
@@ -59,6 +62,38 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return part
 
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: Optional[int],
+                  sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
+    """`block_attention` through torch's fused CPU attention kernel, float32.
+
+    Falls back to `block_attention` where that kernel cannot serve: a logit soft-cap, a tensor
+    off the CPU, or a torch without the kernel.
+    """
+    L, hq, d = q.shape
+    n, hkv = k.shape[0], k.shape[1]
+    if _CPU_FLASH is None or soft_cap or q.device.type != "cpu" or n == 0 or hq % hkv:
+        return block_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
+    if tuple(k.shape[2:]) != (d,) or k.shape != v.shape:
+        raise ValueError(f"cpu_attention: expected q [L, Hq, D] and k, v [n, Hkv, D], found q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    g = hq // hkv
+    qh = q.float().transpose(0, 1).contiguous()[None]  # [1, Hq, L, D]
+    kh = k.float().transpose(0, 1).repeat_interleave(g, dim=0)[None]  # [1, Hq, n, D]: query head h reads h // g
+    vh = v.float().transpose(0, 1).repeat_interleave(g, dim=0)[None]
+    mask = None
+    if causal_offset is not None:
+        seen = torch.arange(n)[None, :] <= (causal_offset + torch.arange(L))[:, None]
+        if not bool(seen.all()):
+            mask = torch.zeros(L, n).masked_fill_(~seen, float("-inf"))[None, None]
+        if not bool(seen.any(dim=1).all()):  # a query that sees no key: the reference's zeros and -inf
+            return block_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale)
+    out, lse = _CPU_FLASH(qh, kh, vh, 0.0, False, attn_mask=mask, scale=sm_scale)
+    return AttnPart(out[0].transpose(0, 1), lse[0].transpose(0, 1))
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_offset: Optional[int],
                     sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
     """`block_attention` with FlashInfer's single-request prefill kernel (CUDA), in q's dtype.
@@ -79,4 +114,4 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return AttnPart(out.float(), lse_from_base2(lse2.float()))
 
 
-__all__ = ["block_attention", "flash_attention"]
+__all__ = ["block_attention", "cpu_attention", "flash_attention"]

@@ -32,7 +32,7 @@ from .._native import Engine, dequant_raw_keys, dequant_raw_values
 from ..config import ModelShape
 from ..policies import Policy
 from . import fused_merge, stream_ops
-from .extend import block_attention, flash_attention
+from .extend import block_attention, cpu_attention, flash_attention
 from .pipeline import EngineFeed, cuda_stream_ops, pipeline_setting
 from .merge import AttnPart, merge
 from .tier import TierManager, slot_tensor
@@ -117,7 +117,8 @@ class HybridAttention:
         # store dequantizes to float32 on the CPU first, the reference path)
         self.extend_raw = True
         # run_extend's attention: FlashInfer's prefill kernel where the window uses FlashInfer,
-        # else torch float32 blocks (block_attention, the reference)
+        # else torch's fused CPU kernel on the CPU (cpu_attention), torch float32 blocks elsewhere
+        # (block_attention, the reference)
         self.extend_flash = self.flashinfer is not None
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
@@ -236,6 +237,8 @@ class HybridAttention:
                 log.warning("kvtier: FlashInfer's prefill kernel failed (%s); chunked prefill continues with "
                             "float32 torch attention", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.extend_flash = False
+        if q.device.type == "cpu":
+            return cpu_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
         return block_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
 
     # --- run ----------------------------------------------------------------
