@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
 
+from kvtier.bench.results import results_dir
 from kvtier.config import env as kvtier_env
 
 
@@ -69,9 +70,14 @@ def _prompt(n: int, seed: int, vocab: int) -> List[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]
 
 
+def _greedy(ids, new_tokens: int, *, stream: bool = False) -> Dict[str, Any]:
+    """A /generate body: greedy, exactly new_tokens tokens."""
+    return {"input_ids": ids, "stream": stream, "sampling_params": {
+        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}
+
+
 def _generate(base: str, ids, new_tokens: int, timeout: float) -> Any:
-    return _post(base + "/generate", {"input_ids": ids, "sampling_params": {
-        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout)
+    return _post(base + "/generate", _greedy(ids, new_tokens), timeout)
 
 
 class Streamed(NamedTuple):
@@ -83,13 +89,11 @@ class Streamed(NamedTuple):
 
 def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Streamed:
     """One greedy request read as sglang's server-sent events ("data: {...}" lines, then "data: [DONE]")."""
-    body = {"input_ids": ids, "stream": True, "sampling_params": {
-        "max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}}
-    req = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(),
+    req = urllib.request.Request(base + "/generate", data=json.dumps(_greedy(ids, new_tokens, stream=True)).encode(),
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     last: Optional[Dict[str, Any]] = None
-    ids: List[int] = []
+    got: List[int] = []
     first_s = last_s = 0.0
     first_tokens = 0
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -104,13 +108,13 @@ def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Strea
             now = time.perf_counter() - t0
             piece = _ids(chunk)
             # Cumulative chunks (sglang's default) carry every id so far; incremental ones only the new ids.
-            ids = piece if len(piece) >= _completion_tokens(chunk) else ids + piece
+            got = piece if len(piece) >= _completion_tokens(chunk) else got + piece
             if last is None:
                 first_s, first_tokens = now, _completion_tokens(chunk)
             last, last_s = chunk, now
     if last is None:
         raise RuntimeError("the server's stream ended without a chunk")
-    return Streamed({**last, "output_ids": ids}, first_s, first_tokens, last_s)
+    return Streamed({**last, "output_ids": got}, first_s, first_tokens, last_s)
 
 
 def _completion_tokens(out: Dict[str, Any]) -> int:
@@ -190,17 +194,20 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
     return result
 
 
-def _agreement(a: List[int], b: List[int]) -> float:
-    """Fraction of generated tokens equal up to the first difference (greedy decoding diverges after one)."""
-    n = max(len(a), len(b))
-    if n == 0:
-        return 0.0
+def agree_tokens(a: List[int], b: List[int]) -> int:
+    """Generated tokens equal up to the first difference (greedy decoding diverges after one)."""
     same = 0
     for x, y in zip(a, b):
         if x != y:
             break
         same += 1
-    return same / n
+    return same
+
+
+def _agreement(a: List[int], b: List[int]) -> float:
+    """agree_tokens as a fraction of the longer answer."""
+    n = max(len(a), len(b))
+    return agree_tokens(a, b) / n if n else 0.0
 
 
 def compare(results: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -290,8 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"serve_check: --reference {args.reference}: {exc}", file=sys.stderr)
             return 2
-    out_dir = Path(args.out_dir or os.environ.get("KVTIER_RESULTS_DIR") or "benchmarks/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out_dir)
     for path in policies:
         try:
             results.append(run_policy(path, args, out_dir))

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+from kvtier.bench.results import results_dir
+
+from .serve_check import agree_tokens
 
 Cell = Tuple[str, Dict[str, Any]]  # ("run:policy", one serve_check result)
 
@@ -31,15 +34,6 @@ def _answers(result: Dict[str, Any]) -> List[Tuple[str, List[int]]]:
     reqs = [(f"{r['context']}", r["output_ids"]) for r in result.get("requests", [])]
     batch = [(f"batch {r['context']}", r["output_ids"]) for r in result.get("batch", [])]
     return reqs + batch
-
-
-def agree_tokens(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _own(runs: Dict[str, List[Dict[str, Any]]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -113,8 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         runs[label] = results
     cmp = compare_runs(runs)
-    out_dir = Path(args.out_dir or os.environ.get("KVTIER_RESULTS_DIR") or "benchmarks/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out_dir)
     (out_dir / f"{args.name}.json").write_text(json.dumps({"runs": list(runs), **cmp}, indent=1))
     md = markdown(cmp, args.title)
     (out_dir / f"{args.name}.md").write_text(md)

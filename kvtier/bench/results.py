@@ -6,15 +6,16 @@ import json
 import os
 import pathlib
 import platform
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..config import env
 
 
-def results_dir() -> pathlib.Path:
-    path = pathlib.Path(env.get(env.RESULTS_DIR) or "benchmarks/results")
+def results_dir(override: Optional[str] = None) -> pathlib.Path:
+    """`override`, else $KVTIER_RESULTS_DIR, else benchmarks/results (created)."""
+    path = pathlib.Path(override or env.get(env.RESULTS_DIR) or "benchmarks/results")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
