@@ -67,8 +67,9 @@ def test_reference_must_have_sent_the_same_prompts(tmp_path, capsys):
 
 @pytest.mark.parametrize("incremental", [False, True])
 def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
-    """The decode rate comes from the chunks after the first one, read from a real HTTP stream
-    whose chunks carry every id so far (sglang's default) or only the new ones."""
+    """The decode rate comes from the chunks after the first one (and the steady rate from those
+    after the second), read from a real HTTP stream whose chunks carry every id so far (sglang's
+    default) or only the new ones."""
     import http.server
     import json
     import threading
@@ -87,7 +88,7 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
                          "meta_info": {"completion_tokens": n, "finish_reason": None if n < 5 else {"type": "length"}}}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
-                time.sleep(0.05)
+                time.sleep(0.3 if n == 1 else 0.05)  # the first decode step is the slow one
             self.wfile.write(b"data: [DONE]\n\n")
 
         def log_message(self, *args):
@@ -100,12 +101,17 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
     finally:
         server.shutdown()
     assert serve_check._ids(st.out) == [0, 1, 2, 3, 4] and st.first_tokens == 1
-    assert st.first_s >= 0.2 and st.last_s - st.first_s >= 0.2
+    assert st.first_s >= 0.2 and st.last_s - st.first_s >= 0.45
+    assert [n for _, n in st.chunks] == [1, 2, 3, 4, 5] and st.chunks[0][0] == st.first_s
     rate = serve_check.decode_rate(st)
-    assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.2 + 1e-9
+    assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.45 + 1e-9
+    assert serve_check.first_decode_step_s(st) >= 0.3
+    steady = serve_check.steady_decode_rate(st)
+    assert steady == 3 / (st.last_s - st.chunks[1][0]) and steady > rate
     assert serve_check._finish_reason(st.out) == {"type": "length"}
-    one = serve_check.Streamed(st.out, 0.1, 5, 0.1)  # everything in one chunk: no decode rate
-    assert serve_check.decode_rate(one) is None
+    one = serve_check.Streamed(st.out, 0.1, 5, 0.1, [(0.1, 5)])  # everything in one chunk: no decode rate
+    assert serve_check.decode_rate(one) is None and serve_check.steady_decode_rate(one) is None
+    assert serve_check.first_decode_step_s(one) is None
 
 
 def test_serve_compare_pairs_each_policy_across_runs(tmp_path, capsys):
@@ -140,3 +146,22 @@ def test_serve_compare_pairs_each_policy_across_runs(tmp_path, capsys):
     assert serve_compare.main(["nolabel.json"]) == 2
     assert "expected LABEL=RUN.json" in capsys.readouterr().err
     assert serve_compare.main([f"x={tmp_path / 'missing.json'}"]) == 2
+
+
+def test_the_decode_clock_counts_steps_from_plan_to_plan():
+    from kvtier.runtime.hybrid import StepTimes
+    from kvtier_sglang.backend import DecodeClock
+
+    clock = DecodeClock()
+    clock.decode_planned(10.0, 10.001, StepTimes(9.0, 9.0, 9.0))  # no earlier plan: not a step, times dropped
+    assert clock.take() is None
+    clock.decode_planned(10.050, 10.052, StepTimes(0.020, 0.004, 0.030))  # the step from 10.0, planned in 1 ms
+    clock.decode_planned(10.110, 10.111, StepTimes(0.030, 0.006, 0.040))
+    clock.extend_planned()  # a prefill: the next decode plan starts a new chain
+    clock.decode_planned(20.0, 20.001, StepTimes(5.0, 5.0, 5.0))
+    t = clock.take()
+    assert t["steps"] == 2
+    for key, want in (("step_ms", 55.0), ("plan_ms", 1.5), ("attention_ms", 35.0), ("engine_ms", 25.0),
+                      ("window_gpu_ms", 5.0)):
+        assert abs(t[key] - want) < 1e-6, (key, t[key])
+    assert clock.take() is None  # taken: the sums start over

@@ -437,6 +437,36 @@ def test_stats_interval_comes_from_the_environment(monkeypatch):
             kb.stats_interval_s()
 
 
+def test_the_statistics_line_says_where_decode_steps_spend_their_time(monkeypatch, caplog):
+    """Every decode step after the first is timed from plan to plan, with its attention and
+    the engine's share; a prefill in between starts the count over."""
+    import logging
+
+    from kvtier_sglang import backend as kb
+
+    monkeypatch.setenv(kb.STATS_ENV, "1e-9")  # a statistics line at every decode step
+    torch.manual_seed(6)
+    backend, layer, runner = _stage2_backend()
+    reqs = _Requests(runner, [300, 40])
+    with caplog.at_level(logging.INFO, logger="kvtier"):
+        for _ in range(3):
+            reqs.decode_step(backend, layer)
+    lines = [r.getMessage() for r in caplog.records if "ms/step" in r.getMessage()]
+    # the first step has no earlier plan to be timed from: two lines, one step each
+    assert len(lines) == 2 and all(line.startswith("kvtier: decode 1 steps, ") for line in lines), lines
+    t = backend.last_timing
+    assert t["steps"] == 1 and t["step_ms"] > 0 and t["plan_ms"] > 0
+    # one layer, pages on the host: the engine ran inside the attention, both inside the step
+    assert 0 < t["engine_ms"] <= t["attention_ms"] < t["step_ms"]
+    reqs.extend_step(backend, layer, {0: 8, 1: 8})  # a prefill chunk ends the chain of decode steps
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kvtier"):
+        reqs.decode_step(backend, layer)
+    assert backend.clock.take() is None and not [r for r in caplog.records if "ms/step" in r.getMessage()]
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+
+
 def test_prometheus_metrics_follow_the_tier(monkeypatch):
     from types import SimpleNamespace
 

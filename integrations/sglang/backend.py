@@ -65,6 +65,50 @@ def stats_interval_s() -> float:
 _INNER = {"cuda": "flashinfer", "cpu": "torch_native"}
 
 
+class DecodeClock:
+    """Where a decode step's time goes, as the scheduler sees it.
+
+    A step is the time from one decode batch's plan to the next's, with that plan and
+    the attention of the forward that followed it; an extend (prefill) batch in between
+    ends the chain, so idle time and prefills never count as decode.
+    The attention parts come from `HybridAttention.take_times()`: its wall time in
+    `run()` over the layers, the engine's time and the window kernels' GPU time.
+    """
+
+    def __init__(self):
+        self._last: Optional[float] = None  # when the previous decode plan started
+        self._plan_s = 0.0  # how long it took
+        self.steps = 0
+        self.step_s = self.plan_s = self.attn_s = self.engine_s = self.window_s = 0.0
+
+    def decode_planned(self, start: float, end: float, times) -> None:
+        """A decode batch's plan ran from start to end (time.perf_counter seconds); times: the
+        previous step's attention, a StepTimes (cpu_s, gpu_s, wall_s) summed over its layers."""
+        if self._last is not None:
+            self.steps += 1
+            self.step_s += start - self._last
+            self.plan_s += self._plan_s
+            self.attn_s += times.wall_s
+            self.engine_s += times.cpu_s
+            self.window_s += times.gpu_s
+        self._last, self._plan_s = start, end - start
+
+    def extend_planned(self) -> None:
+        self._last = None
+
+    def take(self) -> Optional[Dict[str, float]]:
+        """Milliseconds per step since the last take (None when no full step ran), then start over."""
+        n = self.steps
+        out = None
+        if n:
+            out = {"steps": n, "step_ms": 1e3 * self.step_s / n, "plan_ms": 1e3 * self.plan_s / n,
+                   "attention_ms": 1e3 * self.attn_s / n, "engine_ms": 1e3 * self.engine_s / n,
+                   "window_gpu_ms": 1e3 * self.window_s / n}
+        self.steps = 0
+        self.step_s = self.plan_s = self.attn_s = self.engine_s = self.window_s = 0.0
+        return out
+
+
 def register_backend() -> None:
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
     from sglang.srt.server_args import add_attention_backend_choices
@@ -128,6 +172,8 @@ def _backend_class():
             self.metrics = metrics.for_server(self.server_args)  # Prometheus, with --enable-metrics
             self._last_metrics = float("-inf")
             self.evictions_refused = 0  # decode steps whose eviction the full host store refused
+            self.clock = DecodeClock()  # where decode steps spend their time, for the statistics line
+            self.last_timing: Optional[Dict[str, float]] = None  # the clock's last reading
             self.forward_metadata = None
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
@@ -152,6 +198,8 @@ def _backend_class():
                 self._plan_extend(forward_batch)
             elif mode.is_extend():
                 self._extend_fb = forward_batch  # the tier is built at this batch's first layer
+            if not self._decode:
+                self.clock.extend_planned()
             self.forward_metadata = getattr(self.inner, "forward_metadata", None)
 
         def init_cuda_graph_state(self, *args, **kwargs):
@@ -386,6 +434,7 @@ def _backend_class():
                 self._attn.plan_extend(rows, [int(n) for n in new])
 
         def _plan(self, forward_batch) -> None:
+            t0 = time.perf_counter()
             tier = self._tier
             rows = forward_batch.req_pool_indices.tolist()
             lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
@@ -393,7 +442,8 @@ def _backend_class():
             for row, n in zip(rows, lens):
                 self._track(row, n)
             self._evict()
-            self._attn.plan(rows)
+            self._attn.plan(rows)  # it waits for the previous step's window kernels
+            self.clock.decode_planned(t0, time.perf_counter(), self._attn.take_times())
             now = time.monotonic()
             if self.metrics is not None and now - self._last_metrics >= METRICS_EVERY_S:
                 self._last_metrics = now
@@ -404,6 +454,11 @@ def _backend_class():
                 log.info("kvtier: %d requests, %d tokens on the device, %d on the host, %d device slots released, "
                          "%.1f MB device-to-host, %d pages evicted", len(tier.requests), st.device_tokens,
                          st.host_tokens, self.slots_released, st.bytes_d2h / 1e6, st.pages_evicted)
+                t = self.last_timing = self.clock.take()
+                if t is not None:
+                    log.info("kvtier: decode %d steps, %.2f ms/step: attention %.2f (engine %.2f, window GPU %.2f), "
+                             "plan %.2f", t["steps"], t["step_ms"], t["attention_ms"], t["engine_ms"],
+                             t["window_gpu_ms"], t["plan_ms"])
 
         def release(self, row: int) -> None:
             if self._tier is not None and row in self._tier.requests:

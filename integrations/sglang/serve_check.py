@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from kvtier.bench.results import results_dir
 from kvtier.config import env as kvtier_env
@@ -85,6 +85,7 @@ class Streamed(NamedTuple):
     first_s: float  # request sent to the first chunk (prefill and the first token)
     first_tokens: int  # tokens the first chunk carried
     last_s: float  # request sent to the last chunk
+    chunks: List[Tuple[float, int]] = []  # (seconds since the request was sent, completion tokens so far) per chunk
 
 
 def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Streamed:
@@ -96,6 +97,7 @@ def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Strea
     got: List[int] = []
     first_s = last_s = 0.0
     first_tokens = 0
+    chunks: List[Tuple[float, int]] = []
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for raw in r:
             line = raw.decode("utf-8", errors="replace").strip()
@@ -112,9 +114,10 @@ def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Strea
             if last is None:
                 first_s, first_tokens = now, _completion_tokens(chunk)
             last, last_s = chunk, now
+            chunks.append((now, _completion_tokens(chunk)))
     if last is None:
         raise RuntimeError("the server's stream ended without a chunk")
-    return Streamed({**last, "output_ids": got}, first_s, first_tokens, last_s)
+    return Streamed({**last, "output_ids": got}, first_s, first_tokens, last_s, chunks)
 
 
 def _completion_tokens(out: Dict[str, Any]) -> int:
@@ -128,6 +131,20 @@ def decode_rate(s: Streamed) -> Optional[float]:
     n = _completion_tokens(s.out) - s.first_tokens
     span = s.last_s - s.first_s
     return n / span if n > 0 and span > 0 else None
+
+
+def steady_decode_rate(s: Streamed) -> Optional[float]:
+    """Tokens per second after the second chunk: without the first decode step, which under an
+    offloading policy also moves the whole prompt's out-of-window pages to the host."""
+    if len(s.chunks) < 3:
+        return None
+    (t1, n1), (t2, n2) = s.chunks[1], s.chunks[-1]
+    return (n2 - n1) / (t2 - t1) if n2 > n1 and t2 > t1 else None
+
+
+def first_decode_step_s(s: Streamed) -> Optional[float]:
+    """Seconds from the first chunk to the second (the first decode step, when chunks carry one token)."""
+    return s.chunks[1][0] - s.chunks[0][0] if len(s.chunks) >= 2 else None
 
 
 def _finish_reason(out: Dict[str, Any]) -> Any:
@@ -165,12 +182,15 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
             rec = {"context": ctx, "output_ids": _ids(out), "text": out.get("text", ""),
                    "finish_reason": _finish_reason(out),
                    "prefill_s": st.first_s, "total_s": st.last_s,  # prefill_s: time to the first token
-                   "decode_tokens_per_s": decode_rate(st)}
+                   "decode_tokens_per_s": decode_rate(st), "steady_decode_tokens_per_s": steady_decode_rate(st),
+                   "first_decode_step_s": first_decode_step_s(st)}
             result["requests"].append(rec)
             if not rec["output_ids"]:
                 print(f"  context {ctx}: no tokens came back (finish reason {rec['finish_reason']})", flush=True)
             print(f"  context {ctx}: {rec['total_s']:.2f} s for {args.new_tokens} tokens, decode "
-                  f"{rec['decode_tokens_per_s'] or float('nan'):.1f} tokens/s", flush=True)
+                  f"{rec['decode_tokens_per_s'] or float('nan'):.1f} tokens/s (after the first decode step "
+                  f"{rec['steady_decode_tokens_per_s'] or float('nan'):.1f}; that step "
+                  f"{rec['first_decode_step_s'] or float('nan'):.3f} s)", flush=True)
         # Mixed lengths in one batch: long ones with pages on the host, short ones with none yet.
         lens = [max(args.contexts), max(args.contexts) // 2, 900, 200]
         batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
@@ -241,9 +261,13 @@ def reference_from(path: Path, args: argparse.Namespace) -> Dict[str, Any]:
     return ref
 
 
+def _num(x: Optional[float], digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: int) -> str:
-    rows = ["| policy | context | decode tokens/s | first token s | tokens equal to the first policy's |",
-            "|---|---|---|---|---|"]
+    rows = ["| policy | context | decode tokens/s | after the first step | first decode step s | first token s "
+            "| tokens equal to the first policy's |", "|---|---|---|---|---|---|---|"]
     first = results[0]
     for res in results:
         for i, r in enumerate(res["requests"]):
@@ -251,14 +275,16 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
                 agree = "(reference)"
             else:
                 agree = f"{_agreement(first['requests'][i]['output_ids'], r['output_ids']):.2f}"
-            tps = r["decode_tokens_per_s"]
-            rows.append(f"| {Path(res['policy']).stem} | {r['context']} | "
-                        f"{'n/a' if tps is None else f'{tps:.1f}'} | {r['prefill_s']:.2f} | {agree} |")
+            tps, steady, step1 = (r.get(k) for k in ("decode_tokens_per_s", "steady_decode_tokens_per_s",
+                                                     "first_decode_step_s"))
+            rows.append(f"| {Path(res['policy']).stem} | {r['context']} | {_num(tps, 1)} | {_num(steady, 1)} | "
+                        f"{_num(step1, 3)} | {r['prefill_s']:.2f} | {agree} |")
     launches = [f"- {Path(r['policy']).stem}: `{' '.join(r['command'][r['command'].index('--kv-tier'):])}`"
                 for r in results if "--kv-tier" in r.get("command", [])]
     return (f"# sglang server under --kv-tier\n\nGreedy, {new_tokens} new tokens per request, seeded random "
             "token prompts, streamed: decode tokens/s counts the tokens after the first chunk over the time "
-            "after it.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
+            "after it; the next column the same after the second chunk, leaving out the first decode step, "
+            "which under an offloading policy also evicts the prompt's out-of-window pages.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
             + "\n".join(launches) + "\n")
 
 
