@@ -97,25 +97,65 @@ static int by_value_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-static int by_index(const void *a, const void *b) {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
+/* partition_front on pairs: those of pr[lo..hi) above pv (or at or above it) first */
+static int partition_pairs(pair_t *pr, int lo, int hi, float pv, int ge) {
+    int j = lo;
+    for (int i = lo; i < hi; i++) {
+        const pair_t x = pr[i];
+        const int up = ge ? x.v >= pv : x.v > pv;
+        pr[i] = pr[j];
+        pr[j] = x;
+        j += up;
+    }
+    return j;
 }
 
+static double mass_of(const pair_t *pr, int lo, int hi, float m) {
+    double s = 0.0;
+    for (int i = lo; i < hi; i++) s += exp((double)(pr[i].v - m));
+    return s;
+}
+
+/* The largest values of r[idx[0..count)], fewest first reaching tau * z of the mass
+ * exp(r - m), stay in idx (in their order). A selection by mass, not a sort: each
+ * round splits the range at a pivot; the part above it either reaches the mass (the
+ * answer is inside it) or is kept whole and the search goes on below. Values equal
+ * to the pivot count one by one. Expected O(count). */
 int kvt_mass_keep(const float *r, int32_t *idx, int count, float tau, float m, double z, float *pairs) {
     if (count == 0) return 0;
     pair_t *pr = (pair_t *)pairs;
-    for (int j = 0; j < count; j++) { pr[j].v = r[idx[j]]; pr[j].i = idx[j]; }
-    qsort(pr, (size_t)count, sizeof(pair_t), by_value_desc);
-    double need = (double)tau * z, cum = 0.0;
-    int keep = count;
-    for (int j = 0; j < count; j++) {
-        cum += exp((double)(pr[j].v - m));
-        if (cum >= need) { keep = j + 1; break; }
+    for (int j = 0; j < count; j++) { pr[j].v = r[idx[j]]; pr[j].i = j; }
+    const double need = (double)tau * z;
+    double acc = 0.0; /* mass of pr[0..lo), all kept */
+    int lo = 0, hi = count, keep = -1;
+    while (hi - lo > 16) {
+        const float pv = med3(pr[lo].v, pr[lo + (hi - lo) / 2].v, pr[hi - 1].v);
+        const int gt = partition_pairs(pr, lo, hi, pv, 0);
+        const double above = mass_of(pr, lo, gt, m);
+        if (acc + above >= need) { hi = gt; continue; }
+        const int eq = partition_pairs(pr, gt, hi, pv, 1);
+        if (eq == gt) break; /* a NaN pivot: the sort below decides */
+        acc += above;
+        const double w = exp((double)(pv - m));
+        int j = gt;
+        while (j < eq && acc < need) { acc += w; j++; }
+        if (acc >= need) { keep = j; break; }
+        lo = eq;
     }
-    for (int j = 0; j < keep; j++) idx[j] = pr[j].i;
-    qsort(idx, (size_t)keep, sizeof(int32_t), by_index);
-    return keep;
+    if (keep < 0) { /* a short range (or NaNs): sorted, then summed in order */
+        qsort(pr + lo, (size_t)(hi - lo), sizeof(pair_t), by_value_desc);
+        keep = hi;
+        for (int j = lo; j < hi; j++) {
+            acc += exp((double)(pr[j].v - m));
+            if (acc >= need) { keep = j + 1; break; }
+        }
+    }
+    /* mark the kept positions, then compact idx in its own order */
+    for (int j = 0; j < keep; j++) idx[pr[j].i] = -idx[pr[j].i] - 1;
+    int c = 0;
+    for (int j = 0; j < count; j++)
+        if (idx[j] < 0) idx[c++] = -idx[j] - 1;
+    return c;
 }
 
 int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {

@@ -330,6 +330,32 @@ def test_mass_threshold_small_selects_few():
     assert (res.n_selected < 200).all()
 
 
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.999])
+def test_mass_cut_with_many_tied_logits(tau):
+    """Hundreds of tokens share a few keys, so their logits tie exactly: the mass cut keeps as
+    many of each tied value as the float64 reference does (which of them is free)."""
+    g = torch.Generator().manual_seed(int(tau * 1000))
+    T, D, n = 16, 64, 600
+    P = -(-n // T)
+    store = N.HostStoreView.allocate(n_layers=1, n_pages=P, kv_heads=1, page_tokens=T, head_dim=D,
+                                     key_format="int8", value_format="bf16", summary_tokens=T)
+    base = torch.randn(6, D, generator=g) * 2
+    k = torch.randn(P * T, D, generator=g) * 2
+    tied = torch.rand(P * T, generator=g) < 0.8
+    k[tied] = base[torch.randint(0, 6, (int(tied.sum()),), generator=g)]
+    store.append(0, torch.arange(P, dtype=torch.int32), k.view(P, T, 1, D).transpose(1, 2).contiguous(),
+                 torch.randn(P, 1, T, D, generator=g))
+    table, offs = torch.arange(P, dtype=torch.int32), torch.tensor([0, P], dtype=torch.int32)
+    q = torch.randn(1, 1, D, generator=g)
+    res, (_, _, sels) = run_both(store, table, offs, torch.tensor([n], dtype=torch.int32), q, mode="mass", tau=tau,
+                                 budget=torch.tensor([[450]], dtype=torch.int32), layer=0)
+    logit = (flat(ref_keys(store, 0, table), n)[0] @ q[0, 0].double()) / math.sqrt(D)
+    got = res.sel_index[0, 0, : int(res.n_selected[0, 0])]
+    assert got.tolist() == sorted(set(got.tolist()))  # ascending, no repeats
+    assert sorted(logit[got].tolist()) == sorted(logit[torch.tensor(sels[0][0])].tolist())
+    assert int(res.n_selected[0, 0]) < 450 or tau > 0.99
+
+
 def test_score_matches_reference_topk():
     store, table, offs, ntok, q = make_case(D=128, T=16, G=4, lengths=(200, 90), seed=3)
     sm = 1 / math.sqrt(128)
