@@ -374,6 +374,40 @@ def test_chunked_prefill_falls_back_to_torch_when_flashinfer_fails(gen, monkeypa
         tier.close()
 
 
+def test_warm_extend_runs_the_chunk_kernel_once_each_way(monkeypatch, caplog):
+    """The server prepares the chunk kernel at its first prefill: one causal and one
+    non-causal call on random tokens in the model's dtype; a kernel that fails there
+    turns into the torch path with a warning, as it would inside a prompt."""
+    import kvtier.runtime.hybrid as hybrid
+
+    calls = []
+
+    def recording(q, k, v, *, causal_offset, sm_scale, soft_cap):
+        calls.append((tuple(q.shape), tuple(k.shape), q.dtype, causal_offset, bool(q.abs().sum() > 0)))
+        return hybrid.block_attention(q.float(), k.float(), v.float(), causal_offset=causal_offset,
+                                      sm_scale=sm_scale, soft_cap=soft_cap)
+
+    monkeypatch.setattr(hybrid, "flash_attention", recording)
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=256, host_tokens=256)
+    try:
+        assert tier.attn.warm_extend(torch.bfloat16) == 0.0 and not calls  # nothing compiled on first use here
+        tier.attn.extend_flash = True  # as on CUDA with FlashInfer installed
+        assert tier.attn.warm_extend(torch.bfloat16) >= 0.0
+        hq, hkv, d = SHAPE.num_q_heads, SHAPE.kv_heads, SHAPE.head_dim
+        assert calls == [((2, hq, d), (5, hkv, d), torch.bfloat16, 3, True),
+                         ((2, hq, d), (5, hkv, d), torch.bfloat16, None, True)]
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("nvcc failed")
+
+        monkeypatch.setattr(hybrid, "flash_attention", broken)
+        with caplog.at_level("WARNING", logger="kvtier"):
+            tier.attn.warm_extend(torch.bfloat16)
+        assert not tier.attn.extend_flash and "nvcc failed" in caplog.text
+    finally:
+        tier.close()
+
+
 @pytest.mark.parametrize("hq, hkv, d", [(4, 4, 64), (9, 3, 64), (8, 2, 128)])
 @pytest.mark.parametrize("L, n, offset", [(96, 96, 0), (96, 700, 604), (40, 300, 100), (50, 333, None),
                                           (1, 17, 16)])

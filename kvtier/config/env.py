@@ -21,7 +21,7 @@ CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model file
 
 STATS_INTERVAL = EnvVar("KVTIER_STATS_INTERVAL_S", "Seconds between a serving scheduler's `kvtier:` statistics lines (default 30).")
 
-PIPELINE = EnvVar("KVTIER_PIPELINE", "on or off: on CUDA, hand each layer's query to the engine through the GPU stream (off: the launching thread waits for the engine at every layer); unset, on for the standalone runtime and benchmarks, off in the sglang backend.")
+PIPELINE = EnvVar("KVTIER_PIPELINE", "on or off: on CUDA, hand each layer's query to the engine through the GPU stream (off: the launching thread waits for the engine at every layer); unset, on.")
 
 TABLE = (ISA, CONFIG, RESULTS_DIR, CACHE_DIR, STATS_INTERVAL, PIPELINE)
 

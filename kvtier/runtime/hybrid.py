@@ -229,6 +229,22 @@ class HybridAttention:
             outs.append(part.out)
         return torch.cat(outs).to(q.dtype)
 
+    def warm_extend(self, dtype: torch.dtype) -> float:
+        """Run run_extend's attention kernel once on a few random tokens, so that a kernel
+        compiled on first use (FlashInfer's) is built now rather than inside the first long
+        prompt; returns the seconds it took (0 when there is nothing to prepare)."""
+        if not self.extend_flash:
+            return 0.0
+        t0 = time.perf_counter()
+        hq, hkv, d = self.shape.num_q_heads, self.shape.kv_heads, self.shape.head_dim
+        q = torch.randn(2, hq, d, device=self.device).to(dtype)
+        k, v = (torch.randn(5, hkv, d, device=self.device).to(dtype) for _ in range(2))
+        for offset in (3, None):  # a chunk over its device tokens, then over host tokens
+            self._extend_part(q, k, v, causal_offset=offset, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def _extend_part(self, q, k, v, *, causal_offset, sm_scale, soft_cap):
         if self.extend_flash:
             try:
