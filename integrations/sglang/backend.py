@@ -281,11 +281,13 @@ def _backend_class():
                          f"{device_bound_tokens(self)} tokens of the GPU pool; the host store holds "
                          f"{self.host_capacity_tokens()} tokens" if stage3 is None else
                          f"a prompt must fit the GPU pool once (no stage 3): {stage3}")
-            # Under TP every rank's scheduler reads its own allocator and must decide alike:
-            # evicted slots come back at fixed points of the step, not when a copy happens to land.
+            # Evicted pages settle at fixed points of the step, not when a copy happens to land:
+            # under TP every rank's scheduler reads its own allocator and must decide alike, and
+            # on any server which tokens are attended from the host (and so the greedy output)
+            # must not depend on copy timing.
             self._tier = TierManager(self.config, shape, k_pool, v_pool, store, alloc_slots=None,
                                      free_slots=self._free_evicted if self.releases_slots else _keep,
-                                     offload=policy.offloads, lockstep=self.tp_size > 1)
+                                     offload=policy.offloads, lockstep=True)
             # Each TP rank tiers its own kv-heads (layer.tp_k_head_num) on its own slice of the cores.
             share = rank_share(self.config, tp_size=self.tp_size, tp_rank=self.tp_rank,
                                total_kv_heads=layer.tp_k_head_num * self.tp_size)

@@ -12,11 +12,13 @@ device until the copy has landed and been quantized at the next `settle()`;
 on the CPU eviction is synchronous. Either way a token is attended exactly
 once per step: from the device until its page is settled, then from the host.
 
-With `lockstep=True` (tensor parallelism) settling does not depend on copy
+With `lockstep=True` (the sglang backend) settling does not depend on copy
 timing: each `evict()` first waits for the copies the previous `evict()`
 started and settles exactly those, and `settle()` alone settles nothing new.
-Every rank then frees the same device slots at the same step, so the ranks'
-schedulers, which each read their own allocator, keep deciding alike.
+Which tokens are attended from the host, and so the output, is then the same
+from run to run; under tensor parallelism every rank frees the same device
+slots at the same step, so the ranks' schedulers, which each read their own
+allocator, keep deciding alike.
 """
 
 from __future__ import annotations
