@@ -165,3 +165,22 @@ def test_the_decode_clock_counts_steps_from_plan_to_plan():
                       ("window_gpu_ms", 5.0)):
         assert abs(t[key] - want) < 1e-6, (key, t[key])
     assert clock.take() is None  # taken: the sums start over
+
+
+def test_decode_steps_sum_up_the_schedulers_statistics_lines():
+    lines = ["[2026-01-01 10:00:00] kvtier: 1 requests, 1084 tokens on the device, 10928 on the host, ...",
+             "[2026-01-01 10:00:01] kvtier: decode 10 steps, 40.00 ms/step: attention 12.00 (engine 20.00, "
+             "window GPU 4.00), plan 2.00",
+             "[2026-01-01 10:00:02] kvtier: decode 30 steps, 36.00 ms/step: attention 12.40 (engine 16.00, "
+             "window GPU 3.60), plan 1.60"]
+    d = serve_check.decode_steps(lines)
+    assert d["steps"] == 40
+    for key, want in (("step_ms", 37.0), ("attention_ms", 12.3), ("engine_ms", 17.0), ("window_gpu_ms", 3.7),
+                      ("plan_ms", 1.7)):
+        assert abs(d[key] - want) < 1e-9, (key, d[key])
+    assert serve_check.decode_steps(lines[:1]) is None
+    res = [{"policy": "policies/hgca.yaml", "command": ["python", "--kv-tier", "policies/hgca.yaml"],
+            "requests": [{"context": 100, "output_ids": [1, 2], "prefill_s": 0.1, "decode_tokens_per_s": 5.0}],
+            "decode_steps": d}]
+    md = serve_check._markdown(res, {}, 2)
+    assert "- hgca: 40 steps, 37.0 ms/step: attention 12.3 (engine 17.0, window GPU 3.7), plan 1.7" in md

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -210,8 +211,31 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
                 pass
         lines = [line for line in _tail(log, 100000).splitlines() if "kvtier" in line and "server_args=" not in line]
         result["kvtier_log"] = lines if len(lines) <= 50 else lines[:10] + lines[-40:]
+        result["decode_steps"] = decode_steps(lines)
         result["returncode"] = proc.returncode
     return result
+
+
+_DECODE_LINE = re.compile(r"kvtier: decode (\d+) steps, ([\d.]+) ms/step: attention ([\d.]+) \(engine ([\d.]+), "
+                          r"window GPU ([\d.]+)\), plan ([\d.]+)")
+
+
+def decode_steps(lines: List[str]) -> Optional[Dict[str, float]]:
+    """The scheduler's `kvtier: decode ...` statistics lines summed up: steps, and the
+    step-weighted mean of each part in ms (None when no line was logged)."""
+    parts = ("step_ms", "attention_ms", "engine_ms", "window_gpu_ms", "plan_ms")
+    total = {k: 0.0 for k in parts}
+    steps = 0
+    for line in lines:
+        m = _DECODE_LINE.search(line)
+        if m:
+            n = int(m.group(1))
+            steps += n
+            for k, v in zip(parts, m.groups()[1:]):
+                total[k] += n * float(v)
+    if not steps:
+        return None
+    return {"steps": steps, **{k: v / steps for k, v in total.items()}}
 
 
 def agree_tokens(a: List[int], b: List[int]) -> int:
@@ -279,13 +303,18 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
                                                      "first_decode_step_s"))
             rows.append(f"| {Path(res['policy']).stem} | {r['context']} | {_num(tps, 1)} | {_num(steady, 1)} | "
                         f"{_num(step1, 3)} | {r['prefill_s']:.2f} | {agree} |")
+    steps = [f"- {Path(r['policy']).stem}: {d['steps']} steps, {d['step_ms']:.1f} ms/step: attention "
+             f"{d['attention_ms']:.1f} (engine {d['engine_ms']:.1f}, window GPU {d['window_gpu_ms']:.1f}), plan "
+             f"{d['plan_ms']:.1f}" for r in results for d in [r.get("decode_steps")] if d]
     launches = [f"- {Path(r['policy']).stem}: `{' '.join(r['command'][r['command'].index('--kv-tier'):])}`"
                 for r in results if "--kv-tier" in r.get("command", [])]
     return (f"# sglang server under --kv-tier\n\nGreedy, {new_tokens} new tokens per request, seeded random "
             "token prompts, streamed: decode tokens/s counts the tokens after the first chunk over the time "
             "after it; the next column the same after the second chunk, leaving out the first decode step, "
-            "which under an offloading policy also evicts the prompt's out-of-window pages.\n\n" + "\n".join(rows) + "\n\nLaunched with (after the model arguments):\n\n"
-            + "\n".join(launches) + "\n")
+            "which under an offloading policy also evicts the prompt's out-of-window pages.\n\n" + "\n".join(rows)
+            + ("\n\nDecode steps as the tier's scheduler logged them (every step of the check, weighted by "
+               "steps):\n\n" + "\n".join(steps) if steps else "")
+            + "\n\nLaunched with (after the model arguments):\n\n" + "\n".join(launches) + "\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
