@@ -109,7 +109,7 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
     steady = serve_check.steady_decode_rate(st)
     assert steady == 3 / (st.last_s - st.chunks[1][0]) and steady > rate
     assert serve_check._finish_reason(st.out) == {"type": "length"}
-    one = serve_check.Streamed(st.out, 0.1, 5, 0.1, [(0.1, 5)])  # everything in one chunk: no decode rate
+    one = serve_check.Streamed(st.out, 0.1, 5, 0.1, ((0.1, 5),))  # everything in one chunk: no decode rate
     assert serve_check.decode_rate(one) is None and serve_check.steady_decode_rate(one) is None
     assert serve_check.first_decode_step_s(one) is None
 

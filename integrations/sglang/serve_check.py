@@ -86,7 +86,7 @@ class Streamed(NamedTuple):
     first_s: float  # request sent to the first chunk (prefill and the first token)
     first_tokens: int  # tokens the first chunk carried
     last_s: float  # request sent to the last chunk
-    chunks: List[Tuple[float, int]] = []  # (seconds since the request was sent, completion tokens so far) per chunk
+    chunks: Tuple[Tuple[float, int], ...] = ()  # (seconds since the request was sent, completion tokens so far) per chunk
 
 
 def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Streamed:
@@ -118,7 +118,7 @@ def _generate_streamed(base: str, ids, new_tokens: int, timeout: float) -> Strea
             chunks.append((now, _completion_tokens(chunk)))
     if last is None:
         raise RuntimeError("the server's stream ended without a chunk")
-    return Streamed({**last, "output_ids": got}, first_s, first_tokens, last_s, chunks)
+    return Streamed({**last, "output_ids": got}, first_s, first_tokens, last_s, tuple(chunks))
 
 
 def _completion_tokens(out: Dict[str, Any]) -> int:
