@@ -379,13 +379,14 @@ def test_warm_extend_runs_the_chunk_kernel_once_each_way(monkeypatch, caplog):
     non-causal call on random tokens in the model's dtype; a kernel that fails there
     turns into the torch path with a warning, as it would inside a prompt."""
     import kvtier.runtime.hybrid as hybrid
+    from kvtier.runtime.extend import block_attention
 
     calls = []
 
     def recording(q, k, v, *, causal_offset, sm_scale, soft_cap):
         calls.append((tuple(q.shape), tuple(k.shape), q.dtype, causal_offset, bool(q.abs().sum() > 0)))
-        return hybrid.block_attention(q.float(), k.float(), v.float(), causal_offset=causal_offset,
-                                      sm_scale=sm_scale, soft_cap=soft_cap)
+        return block_attention(q.float(), k.float(), v.float(), causal_offset=causal_offset,
+                               sm_scale=sm_scale, soft_cap=soft_cap)
 
     monkeypatch.setattr(hybrid, "flash_attention", recording)
     tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=256, host_tokens=256)

@@ -454,6 +454,9 @@ def test_the_statistics_line_says_where_decode_steps_spend_their_time(monkeypatc
     lines = [r.getMessage() for r in caplog.records if "ms/step" in r.getMessage()]
     # the first step has no earlier plan to be timed from: two lines, one step each
     assert len(lines) == 2 and all(line.startswith("kvtier: decode 1 steps, ") for line in lines), lines
+    from kvtier_sglang import serve_check  # it reads these lines back from a server's log
+
+    assert serve_check.decode_steps(lines)["steps"] == 2
     t = backend.last_timing
     assert t["steps"] == 1 and t["step_ms"] > 0 and t["plan_ms"] > 0
     # one layer, pages on the host: the engine ran inside the attention, both inside the step

@@ -218,7 +218,7 @@ def _backend_class():
                 fb, self._extend_fb = self._extend_fb, None
                 if self._attn is None:
                     self._build(layer)
-                    if self._tier.offload:
+                    if self._tier.offload and self._attn.extend_flash:
                         # FlashInfer compiles the chunk kernel on first use (over a minute on a
                         # fresh cache): here, at the first prefill, not inside the first long prompt.
                         log.info("kvtier: preparing the attention kernel of prefill chunks with host pages")

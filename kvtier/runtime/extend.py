@@ -70,7 +70,8 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_o
     """`block_attention` through torch's fused CPU attention kernel, float32.
 
     Falls back to `block_attention` where that kernel cannot serve: a logit soft-cap, a tensor
-    off the CPU, or a torch without the kernel.
+    off the CPU, a torch without the kernel, no keys, query heads that are not a whole
+    multiple of the kv-heads, or a query that sees no key.
     """
     L, hq, d = q.shape
     n, hkv = k.shape[0], k.shape[1]

@@ -32,7 +32,7 @@ from .._native import Engine, dequant_raw_keys, dequant_raw_values
 from ..config import ModelShape
 from ..policies import Policy
 from . import fused_merge, stream_ops
-from .extend import block_attention, cpu_attention, flash_attention
+from .extend import cpu_attention, flash_attention
 from .pipeline import EngineFeed, cuda_stream_ops, pipeline_setting
 from .merge import AttnPart, merge
 from .tier import TierManager, slot_tensor
@@ -253,9 +253,8 @@ class HybridAttention:
                 log.warning("kvtier: FlashInfer's prefill kernel failed (%s); chunked prefill continues with "
                             "float32 torch attention", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.extend_flash = False
-        if q.device.type == "cpu":
-            return cpu_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
-        return block_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
+        # torch's fused kernel on the CPU; it falls back to block_attention where it cannot serve
+        return cpu_attention(q, k, v, causal_offset=causal_offset, sm_scale=sm_scale, soft_cap=soft_cap)
 
     # --- run ----------------------------------------------------------------
 
