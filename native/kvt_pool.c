@@ -2,13 +2,23 @@
  * threads starts n-1 workers; items are handed out by an atomic counter so
  * uneven items (long vs short requests) balance themselves.
  *
- * A run waits only for the workers that joined it, not for every worker: on
- * a serving host other processes hold some cores, and a worker the kernel has
- * not scheduled yet would otherwise stall each run for a time slice (ms). A
- * worker that wakes after the run ended finds no job and sleeps again. After
- * a job a worker spins briefly (KVT_SPIN pauses, about ten microseconds: enough to bridge the phases of one engine call, short enough not to take cores from the server between layers) before
- * it sleeps, so the back-to-back runs of one engine call (score, select,
- * attend) do not pay a wake-up each. */
+ * One atomic word says everything about the current run: its generation, whether
+ * it is open to joiners, and how many workers are inside it. A worker joins with
+ * a compare-and-swap that succeeds only while the run is open, and leaves with a
+ * decrement; the caller, once every item is claimed, spins until the count is
+ * zero and closes the run with a second compare-and-swap. No mutex is taken on
+ * the way in or out, and the caller never sleeps on a condition variable: with a
+ * few dozen small items per phase, those wake-ups used to cost more than the
+ * work (a fixed cost per phase, four phases per layer).
+ *
+ * A run waits only for the workers that joined it, not for every worker: on a
+ * serving host other processes hold some cores, and a worker the kernel has not
+ * scheduled yet would otherwise stall each run for a time slice (ms). A worker
+ * that arrives after the run closed finds it closed and waits for the next one.
+ * After a job a worker spins briefly (KVT_SPIN pauses, about ten microseconds:
+ * enough to bridge the phases of one engine call, short enough not to take cores
+ * from the server between layers), then sleeps on a condition variable that a
+ * run signals only when someone sleeps. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -23,32 +33,46 @@
 
 #define KVT_SPIN 256
 
-typedef struct {
-    kvt_task_fn fn;
-    void *ctx;
-    int64_t n_items;
-    atomic_llong next;
-    int active; /* workers inside this job; under the pool mutex */
-} kvt_job;
+/* state = gen << 32 | OPEN | active */
+#define ST_OPEN (1ull << 31)
+#define ST_ACTIVE 0x7fffffffull
+#define ST_GEN(s) ((s) >> 32)
 
 struct kvt_pool {
     int n;
     pthread_t *th;
-    pthread_mutex_t mu;
-    pthread_cond_t go, done;
-    atomic_ullong gen;
-    int stop;
-    kvt_job *job; /* the running job, NULL between runs; under mu */
+    _Atomic unsigned long long state;
+    /* the current run, written by the caller before it opens the run */
+    kvt_task_fn fn;
+    void *ctx;
+    int64_t n_items;
+    atomic_llong next;
+    unsigned long long gen;    /* the caller's count of runs; under run_mu */
+    pthread_mutex_t run_mu;    /* one run at a time */
+    pthread_mutex_t mu;        /* sleeping workers */
+    pthread_cond_t go;
+    atomic_int sleepers, stop;
 };
 
 typedef struct { kvt_pool *p; int tid; } worker_arg;
 
-static void drain(kvt_job *j, int tid) {
+static void drain(kvt_pool *p, int tid) {
     for (;;) {
-        int64_t i = atomic_fetch_add(&j->next, 1);
-        if (i >= j->n_items) break;
-        j->fn(j->ctx, i, tid);
+        int64_t i = atomic_fetch_add(&p->next, 1);
+        if (i >= p->n_items) break;
+        p->fn(p->ctx, i, tid);
     }
+}
+
+/* Join the open run of a generation other than `seen`: 1 and *seen updated when
+ * joined (the caller then drains and leaves), 0 when there is none to join. */
+static int try_join(kvt_pool *p, unsigned long long *seen) {
+    unsigned long long s = atomic_load(&p->state);
+    while (ST_GEN(s) != *seen) {
+        if (!(s & ST_OPEN)) { *seen = ST_GEN(s); return 0; } /* closed before this worker came */
+        if (atomic_compare_exchange_weak(&p->state, &s, s + 1)) { *seen = ST_GEN(s); return 1; }
+    }
+    return 0;
 }
 
 static void *worker(void *arg) {
@@ -56,22 +80,25 @@ static void *worker(void *arg) {
     kvt_pool *p = a->p;
     int tid = a->tid;
     free(a);
-    uint64_t seen = 0;
-    for (;;) {
-        for (int s = 0; s < KVT_SPIN && atomic_load_explicit(&p->gen, memory_order_acquire) == seen; s++)
-            CPU_RELAX();
-        pthread_mutex_lock(&p->mu);
-        while (atomic_load(&p->gen) == seen && !p->stop) pthread_cond_wait(&p->go, &p->mu);
-        if (p->stop) { pthread_mutex_unlock(&p->mu); break; }
-        seen = atomic_load(&p->gen);
-        kvt_job *j = p->job;
-        if (!j) { pthread_mutex_unlock(&p->mu); continue; } /* woke after the run ended */
-        j->active++;
-        pthread_mutex_unlock(&p->mu);
-        drain(j, tid);
-        pthread_mutex_lock(&p->mu);
-        if (--j->active == 0) pthread_cond_signal(&p->done);
-        pthread_mutex_unlock(&p->mu);
+    unsigned long long seen = 0;
+    while (!atomic_load(&p->stop)) {
+        int joined = 0;
+        for (int s = 0; s < KVT_SPIN && !(joined = try_join(p, &seen)); s++) CPU_RELAX();
+        if (!joined) {
+            pthread_mutex_lock(&p->mu);
+            atomic_fetch_add(&p->sleepers, 1); /* then look again: a run opened meanwhile signals no one */
+            while (!atomic_load(&p->stop) && !(joined = try_join(p, &seen))) {
+                unsigned long long s = atomic_load(&p->state);
+                if (ST_GEN(s) != seen) continue; /* a newer run: try it */
+                pthread_cond_wait(&p->go, &p->mu);
+            }
+            atomic_fetch_sub(&p->sleepers, 1);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (joined) {
+            drain(p, tid);
+            atomic_fetch_sub(&p->state, 1);
+        }
     }
     return NULL;
 }
@@ -82,10 +109,13 @@ kvt_pool *kvt_pool_create(int n_threads) {
     if (!p) return NULL;
     p->th = calloc((size_t)n_threads, sizeof(pthread_t));
     if (!p->th) { free(p); return NULL; }
+    pthread_mutex_init(&p->run_mu, NULL);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->go, NULL);
-    pthread_cond_init(&p->done, NULL);
-    atomic_init(&p->gen, 0);
+    atomic_init(&p->state, 0);
+    atomic_init(&p->next, 0);
+    atomic_init(&p->sleepers, 0);
+    atomic_init(&p->stop, 0);
     p->n = 1;
     for (int i = 1; i < n_threads; i++) {
         worker_arg *a = malloc(sizeof *a);
@@ -101,14 +131,13 @@ kvt_pool *kvt_pool_create(int n_threads) {
 void kvt_pool_destroy(kvt_pool *p) {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    atomic_fetch_add(&p->gen, 1);
+    atomic_store(&p->stop, 1);
     pthread_cond_broadcast(&p->go);
     pthread_mutex_unlock(&p->mu);
     for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
     pthread_cond_destroy(&p->go);
-    pthread_cond_destroy(&p->done);
     pthread_mutex_destroy(&p->mu);
+    pthread_mutex_destroy(&p->run_mu);
     free(p->th);
     free(p);
 }
@@ -121,19 +150,29 @@ void kvt_pool_run(kvt_pool *p, int64_t n_items, kvt_task_fn fn, void *ctx) {
         for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
         return;
     }
-    kvt_job j = {.fn = fn, .ctx = ctx, .n_items = n_items, .active = 0};
-    atomic_init(&j.next, 0);
-    pthread_mutex_lock(&p->mu);
-    p->job = &j;
-    atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
-    pthread_cond_broadcast(&p->go);
-    pthread_mutex_unlock(&p->mu);
-    drain(&j, 0);
-    /* Every item is claimed now; wait for the workers still finishing theirs. A
-     * worker joins only under the mutex while p->job is set, so after the job is
-     * cleared below none can reach j (it lives on this stack). */
-    pthread_mutex_lock(&p->mu);
-    while (j.active > 0) pthread_cond_wait(&p->done, &p->mu);
-    p->job = NULL;
-    pthread_mutex_unlock(&p->mu);
+    pthread_mutex_lock(&p->run_mu);
+    p->fn = fn;
+    p->ctx = ctx;
+    p->n_items = n_items;
+    atomic_store(&p->next, 0);
+    const unsigned long long gen = ++p->gen & 0xffffffffull;
+    atomic_store(&p->state, gen << 32 | ST_OPEN); /* publishes the run (sequentially consistent) */
+    if (atomic_load(&p->sleepers) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->go);
+        pthread_mutex_unlock(&p->mu);
+    }
+    drain(p, 0);
+    /* Every item is claimed; wait for the workers inside, then close the run so
+     * that no late worker joins it (they would read the next run's fields). */
+    unsigned long long s = atomic_load(&p->state);
+    for (;;) {
+        if ((s & ST_ACTIVE) == 0) {
+            if (atomic_compare_exchange_weak(&p->state, &s, gen << 32)) break;
+        } else {
+            CPU_RELAX();
+            s = atomic_load(&p->state);
+        }
+    }
+    pthread_mutex_unlock(&p->run_mu);
 }
