@@ -169,11 +169,49 @@ def test_engine_feed_hands_layers_over_and_restarts_after_a_stop():
             plan(eng, case)
             jobs = [(layer, torch.randn(B, Hq, D, generator=g)) for layer in (0, 2, 1, 1, 0)]
             want = [eng.run(layer, q) for layer, q in jobs]
-            for (layer, q), ref in zip(jobs, want):
-                slot, seq = feed.hand_off(None, q, layer)
-                assert feed.serving
-                out, lse = feed.result(None, slot, seq, "cpu")
-                assert torch.equal(out, ref.out) and torch.equal(lse, ref.lse)
-            assert feed.stop() > 0.0 and not feed.serving
+            try:
+                for (layer, q), ref in zip(jobs, want):
+                    slot, seq = feed.hand_off(None, q, layer)
+                    assert feed.serving
+                    out, lse = feed.result(None, slot, seq, "cpu")
+                    assert torch.equal(out, ref.out) and torch.equal(lse, ref.lse)
+            finally:
+                assert feed.stop() > 0.0 and not feed.serving  # the loop ends also after a failure
             assert feed.stop() == 0.0  # nothing to stop
         assert feed._seq == 1 + len(jobs)
+
+
+def test_engine_feed_with_a_slot_per_layer_stores_each_layer_flag_once():
+    """With n_slots = layers and the layers in order, a slot's layer flag is stored only when it
+    changes; results still equal Engine.run, also when the order breaks and several jobs are queued."""
+    from kvtier.runtime import pipeline
+
+    case, (B, Hq, D) = small_case(13, lengths=(300, 41), layers=3)
+    ops = plain_store_ops()
+    layer_writes = []
+
+    def write(stream, address, value):
+        if layer_at <= address < layer_at + 4 * 3:
+            layer_writes.append(((address - layer_at) // 4, value))
+        ops.write(stream, address, value)
+
+    g = torch.Generator().manual_seed(9)
+    with N.Engine(2) as eng, ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="n_slots"):
+            pipeline.EngineFeed(eng, pool, ops, pin_memory=False, n_slots=1)
+        feed = pipeline.EngineFeed(eng, pool, ops._replace(write=write), pin_memory=False, n_slots=3)
+        layer_at = feed._addr[0]
+        plan(eng, case)
+        order = [0, 1, 2, 0, 1, 2, 2, 0, 1]  # two steps in order, then one out of order
+        jobs = [(layer, torch.randn(B, Hq, D, generator=g)) for layer in order]
+        want = [eng.run(layer, q) for layer, q in jobs]
+        try:
+            for i in range(0, len(jobs), 3):  # three queued before the first result is read
+                handed = [feed.hand_off(None, q, layer) for layer, q in jobs[i: i + 3]]
+                for (slot, seq), ref in zip(handed, want[i: i + 3]):
+                    out, lse = feed.result(None, slot, seq, "cpu")
+                    assert torch.equal(out, ref.out) and torch.equal(lse, ref.lse)
+        finally:
+            assert feed.stop() > 0.0  # also after a failure: the loop must end for the pool to close
+    # slot 0 starts at layer 0: stored for slots 1 and 2 once, then each slot of the reordered step
+    assert layer_writes == [(1, 1), (2, 2), (0, 2), (1, 0), (2, 1)]

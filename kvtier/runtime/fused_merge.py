@@ -57,12 +57,16 @@ def available(device: torch.device) -> bool:
 
 
 def merge_into(out: torch.Tensor, a_out: torch.Tensor, a_lse: torch.Tensor, b_out: torch.Tensor,
-               b_lse: torch.Tensor, *, a_lse_base2: bool) -> torch.Tensor:
-    """out[B, Hq, D] = merge of parts a and b (contiguous, same device); a_lse in base 2 if a_lse_base2."""
+               b_lse: torch.Tensor, *, a_lse_base2: bool, check: bool = True) -> torch.Tensor:
+    """out[B, Hq, D] = merge of parts a and b (contiguous, same device); a_lse in base 2 if a_lse_base2.
+
+    check=False skips the shape, layout and device checks: for a caller that made
+    every tensor itself for this shape (the decode hot path, once per layer).
+    """
     rows = out.shape[0] * out.shape[1]
     d = out.shape[2]
     for name, t, shape in (("a_out", a_out, out.shape), ("b_out", b_out, out.shape),
-                           ("a_lse", a_lse, out.shape[:2]), ("b_lse", b_lse, out.shape[:2])):
+                           ("a_lse", a_lse, out.shape[:2]), ("b_lse", b_lse, out.shape[:2])) if check else ():
         if tuple(t.shape) != tuple(shape) or not t.is_contiguous() or t.device != out.device:
             raise ValueError(f"{name}: expected a contiguous tensor of shape {tuple(shape)} on {out.device}, found "
                              f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")

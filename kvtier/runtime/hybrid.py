@@ -123,9 +123,12 @@ class HybridAttention:
         self._cpu_s = self._gpu_s = self._wall_s = 0.0
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._event_pool: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []  # reused after each fold
         self.pipelined = self.fused and engine is not None and pipeline_possible(policy, self.device, want_pipe)
         self._piped = False  # this plan runs pipelined
-        self._feed = EngineFeed(engine, self._pool, cuda_stream_ops(self.device)) if self.pipelined else None
+        # a slot per layer: each layer's flag is stored once, not at every step
+        self._feed = EngineFeed(engine, self._pool, cuda_stream_ops(self.device),
+                                n_slots=max(2, shape.n_layers)) if self.pipelined else None
         if self._feed is not None:
             tier.host_readers.append(self.stop_serving)
 
@@ -283,7 +286,7 @@ class HybridAttention:
                 # On the CPU the window is computed here too: the engine runs beside it on a thread.
                 future = self._pool.submit(self._engine_run, layer, host)
         if cuda:
-            start = torch.cuda.Event(enable_timing=True)
+            start, end = self._events()
             start.record()
         g0 = time.perf_counter()
         fused = self.fused and not self._window_empty and (host is None or engine)
@@ -292,9 +295,7 @@ class HybridAttention:
         else:
             dev = self._window_part(q, layer)
         if cuda:
-            end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._gpu_events.append((start, end))
             if engine:
                 # The window's kernels are queued; the GPU runs them while this thread runs the
                 # engine (cffi releases the GIL), with no thread hand-off per layer.
@@ -305,8 +306,8 @@ class HybridAttention:
             out = win_out
             if engine:
                 far = _engine_part_on(host, q.device)
-                out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far.out, far.lse,
-                                             a_lse_base2=True)
+                out = fused_merge.merge_into(torch.empty(q.shape, dtype=q.dtype, device=q.device), win_out, win_lse2,
+                                             far.out, far.lse, a_lse_base2=True, check=False)
             self._wall_s += time.perf_counter() - t0
             return out
         if host is None:
@@ -326,13 +327,14 @@ class HybridAttention:
         t0 = time.perf_counter()
         stream = torch.cuda.current_stream(q.device)
         slot, seq = self._feed.hand_off(stream, q, layer)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._events()
         start.record()
         win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
         end.record()
-        self._gpu_events.append((start, end))
         far_out, far_lse = self._feed.result(stream, slot, seq, q.device)
-        out = fused_merge.merge_into(torch.empty_like(q), win_out, win_lse2, far_out, far_lse, a_lse_base2=True)
+        # shapes and devices are this plan's (checked above); no second check per layer
+        out = fused_merge.merge_into(torch.empty(q.shape, dtype=q.dtype, device=q.device), win_out, win_lse2,
+                                     far_out, far_lse, a_lse_base2=True, check=False)
         self._wall_s += time.perf_counter() - t0
         return out
 
@@ -401,6 +403,17 @@ class HybridAttention:
         return AttnPart(torch.cat(outs), torch.cat(lses))
 
     # --- stats --------------------------------------------------------------
+
+    def _events(self) -> Tuple[torch.cuda.Event, torch.cuda.Event]:
+        """A (start, end) timing pair for this layer's window kernels, counted at the next fold;
+        pairs are made once and reused after each fold (creating two events per layer costs
+        the decoding thread more than recording them)."""
+        i = len(self._gpu_events)
+        if i == len(self._event_pool):
+            self._event_pool.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        pair = self._event_pool[i]
+        self._gpu_events.append(pair)
+        return pair
 
     def _fold_gpu_events(self) -> None:
         """Add the window kernels' GPU time recorded since the last fold (waits for them)."""

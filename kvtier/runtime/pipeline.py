@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .._native import Engine, ServeBuffers
 from ..config import env
 
-SLOTS = 2  # the stream hands over one layer at a time; two slots leave room to spare
+SLOTS = 2  # the fewest slots: the stream hands over one layer at a time
 TIMEOUT_S = 120.0  # after stop: how long the engine waits for a query still queued on the stream
 SEQ_LIMIT = 2**30  # sequence numbers start over before int32 wraps
 
@@ -68,14 +68,24 @@ class EngineFeed:
     engine's loop runs on `pool` (one worker), which the caller owns.
     """
 
-    def __init__(self, engine: Engine, pool: ThreadPoolExecutor, ops: StreamOps, *, pin_memory: bool = True):
-        self.engine, self.pool, self.ops, self.pin = engine, pool, ops, pin_memory
+    def __init__(self, engine: Engine, pool: ThreadPoolExecutor, ops: StreamOps, *, pin_memory: bool = True,
+                 n_slots: int = SLOTS):
+        """n_slots: job slots, used in turn; with one per layer of a model that runs its layers
+        in order, a slot always serves the same layer and its layer flag is stored only once."""
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < SLOTS:
+            raise ValueError(f"EngineFeed: expected n_slots an int >= {SLOTS}, got {n_slots!r}")
+        self.engine, self.pool, self.ops, self.pin, self.n_slots = engine, pool, ops, pin_memory, n_slots
         z = lambda n, t: torch.zeros(n, dtype=t, pin_memory=pin_memory)  # noqa: E731
         # layer, q_ready, far_ready per slot; stop, done, engine seconds: shared with the loop for good
-        self._flags = (z(SLOTS, torch.int32), z(SLOTS, torch.int32), z(SLOTS, torch.int32),
+        self._flags = (z(n_slots, torch.int32), z(n_slots, torch.int32), z(n_slots, torch.int32),
                        z(1, torch.int32), z(1, torch.int64), z(1, torch.float64))
         self._addr = tuple(ops.address(t) for t in self._flags[:3])
+        # the layer each slot's flag holds once the stream reaches the jobs queued so far
+        self._slot_layer = [0] * n_slots
         self._q = self._far = None  # page-locked slots, grown with the batch
+        self._q_slot: List[torch.Tensor] = []  # per slot: its query [B, Hq, D] and result (flat) views
+        self._far_slot: List[torch.Tensor] = []
+        self._far_dev: Dict[torch.device, List[torch.Tensor]] = {}  # per device: where each slot's result lands
         self._buf: Optional[ServeBuffers] = None
         self._loop: Optional[Future] = None
         self._seq = 1  # the next job's sequence number
@@ -94,21 +104,37 @@ class EngineFeed:
         if self._loop is None:
             self._start(*q.shape)
         j = self._jobs
-        slot, seq = j % SLOTS, self._first + j
+        slot, seq = j % self.n_slots, self._first + j
         layer_at, q_ready_at, _ = self._addr
-        self._buf.q[slot].copy_(q, non_blocking=True)
-        self.ops.write(stream, layer_at + 4 * slot, layer)
+        self._q_slot[slot].copy_(q, non_blocking=True)
+        if self._slot_layer[slot] != layer:  # else the flag already holds it when the stream gets here
+            self.ops.write(stream, layer_at + 4 * slot, layer)
+            self._slot_layer[slot] = layer
         self.ops.write(stream, q_ready_at + 4 * slot, seq)
         self._jobs += 1
         return slot, seq
 
     def result(self, stream, slot: int, seq: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The job's (out [B, Hq, D], lse [B, Hq]) on device, once the stream has waited for it."""
+        """The job's (out [B, Hq, D], lse [B, Hq]) on device, once the stream has waited for it.
+
+        Views of the slot's buffer on device, which the slot's next job (n_slots jobs
+        later on the same stream) overwrites: use them before then.
+        """
         self.ops.wait(stream, self._addr[2] + 4 * slot, seq)
-        far = self._buf.far[slot].to(device, non_blocking=True)
-        q = self._buf.q[slot]
-        n = q.numel()
-        return far[:n].view(q.shape), far[n:].view(q.shape[:2])
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._split(self._far_slot[slot].clone(), self._q_slot[slot].shape)
+        dev = self._far_dev.get(device)
+        if dev is None:
+            dev = self._far_dev[device] = list(torch.empty_like(self._buf.far, device=device).unbind(0))
+        far = dev[slot]
+        far.copy_(self._far_slot[slot], non_blocking=True)
+        return self._split(far, self._q_slot[slot].shape)
+
+    @staticmethod
+    def _split(far: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = shape[0] * shape[1] * shape[2]
+        return far[:n].view(shape), far[n:].view(shape[:2])
 
     def stop(self) -> float:
         """End the loop once the jobs handed off so far are done; returns the engine's seconds.
@@ -130,14 +156,19 @@ class EngineFeed:
             q_ready.zero_()
             far_ready.zero_()
             self._seq = 1
-        nq, nfar = SLOTS * b * hq * d, SLOTS * b * hq * (d + 1)
+        ns = self.n_slots
+        nq, nfar = ns * b * hq * d, ns * b * hq * (d + 1)
         if self._q is None or self._q.numel() < nq:
             self._q = torch.empty(nq, pin_memory=self.pin)
             self._far = torch.empty(nfar, pin_memory=self.pin)
         for t in (stop, done, seconds):
             t.zero_()
-        self._buf = ServeBuffers(layer, self._q[:nq].view(SLOTS, b, hq, d), self._far[:nfar].view(SLOTS, -1),
+        shaped = self._buf is None or tuple(self._buf.q.shape) != (ns, b, hq, d)
+        self._buf = ServeBuffers(layer, self._q[:nq].view(ns, b, hq, d), self._far[:nfar].view(ns, -1),
                                  q_ready, far_ready, stop, done, seconds)
+        if shaped:  # a new batch shape: new views (and device buffers when a result first lands)
+            self._q_slot, self._far_slot = list(self._buf.q.unbind(0)), list(self._buf.far.unbind(0))
+            self._far_dev.clear()
         self._first, self._jobs = self._seq, 0
         loop = self.engine.server(self._buf, first_seq=self._first, timeout_s=TIMEOUT_S)
         entered = threading.Event()
