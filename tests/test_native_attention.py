@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -620,8 +621,9 @@ def test_stream_read_checksum(isa):
 
 
 def test_oversubscribed_pool_repeats_exactly():
-    """More threads than cores, many back-to-back runs: a run waits only for the workers that
-    joined it, so a late worker must never touch a finished run or the next one's items."""
+    """More threads than cores, many back-to-back runs, then runs after pauses: a run waits only
+    for the workers that joined it, so a late worker must never touch a finished run or the
+    next one's items, and sleeping workers must be woken."""
     store, table, offs, ntok, q = make_case(D=64, T=16, G=4, Hkv=4, lengths=(700, 333, 1))
     budget = torch.full((3, 4), 50, dtype=torch.int32)
     results = {}
@@ -630,7 +632,9 @@ def test_oversubscribed_pool_repeats_exactly():
             eng.plan(store, table, offs, ntok, 16, mode="topk", group_reduce="max", budget_tokens=budget,
                      sm_scale=0.125)
             first = eng.run(1, q, return_selection=True)
-            for _ in range(300):
+            for i in range(340):
+                if i >= 300:  # pauses past the workers' spin: they sleep, and each run must wake them
+                    time.sleep(0.002)
                 again = eng.run(1, q, return_selection=True)
                 assert torch.equal(again.out, first.out) and torch.equal(again.lse, first.lse)
                 assert torch.equal(again.sel_index, first.sel_index)
