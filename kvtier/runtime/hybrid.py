@@ -296,6 +296,7 @@ class HybridAttention:
             dev = self._window_part(q, layer)
         if cuda:
             end.record()
+            self._gpu_events.append((start, end))
             if engine:
                 # The window's kernels are queued; the GPU runs them while this thread runs the
                 # engine (cffi releases the GIL), with no thread hand-off per layer.
@@ -331,6 +332,7 @@ class HybridAttention:
         start.record()
         win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
         end.record()
+        self._gpu_events.append((start, end))
         far_out, far_lse = self._feed.result(stream, slot, seq, q.device)
         # shapes and devices are this plan's (checked above); no second check per layer
         out = fused_merge.merge_into(torch.empty(q.shape, dtype=q.dtype, device=q.device), win_out, win_lse2,
@@ -405,15 +407,14 @@ class HybridAttention:
     # --- stats --------------------------------------------------------------
 
     def _events(self) -> Tuple[torch.cuda.Event, torch.cuda.Event]:
-        """A (start, end) timing pair for this layer's window kernels, counted at the next fold;
-        pairs are made once and reused after each fold (creating two events per layer costs
+        """A (start, end) timing pair for this layer's window kernels; the caller appends it to
+        _gpu_events once both are recorded (a layer that fails between them is not counted).
+        Pairs are made once and reused after each fold (creating two events per layer costs
         the decoding thread more than recording them)."""
         i = len(self._gpu_events)
         if i == len(self._event_pool):
             self._event_pool.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-        pair = self._event_pool[i]
-        self._gpu_events.append(pair)
-        return pair
+        return self._event_pool[i]
 
     def _fold_gpu_events(self) -> None:
         """Add the window kernels' GPU time recorded since the last fold (waits for them)."""
