@@ -86,12 +86,11 @@ static void *worker(void *arg) {
         for (int s = 0; s < KVT_SPIN && !(joined = try_join(p, &seen)); s++) CPU_RELAX();
         if (!joined) {
             pthread_mutex_lock(&p->mu);
-            atomic_fetch_add(&p->sleepers, 1); /* then look again: a run opened meanwhile signals no one */
-            while (!atomic_load(&p->stop) && !(joined = try_join(p, &seen))) {
-                unsigned long long s = atomic_load(&p->state);
-                if (ST_GEN(s) != seen) continue; /* a newer run: try it */
-                pthread_cond_wait(&p->go, &p->mu);
-            }
+            /* Count as a sleeper, then look again: a run published before the count
+             * signals no one, and one published after it broadcasts under mu, which
+             * this thread holds until it waits. */
+            atomic_fetch_add(&p->sleepers, 1);
+            while (!atomic_load(&p->stop) && !(joined = try_join(p, &seen))) pthread_cond_wait(&p->go, &p->mu);
             atomic_fetch_sub(&p->sleepers, 1);
             pthread_mutex_unlock(&p->mu);
         }
