@@ -23,7 +23,7 @@ import time
 import torch
 
 from kvtier.bench import results
-from kvtier.bench.stack import context_kv, make_weights, output, project_qkv
+from kvtier.bench.stack import fill_context, make_weights, output, project_qkv
 from kvtier.config import ModelShape, from_mapping
 from kvtier.runtime.standalone import StandaloneTier, resolve_device
 
@@ -57,11 +57,7 @@ def case(policy: str, context: int, threads: int, steps: int, device, dtype, wei
 
     st.attn.run = timed_run
     try:
-        st.tier.add(0)
-        plan = st.tier.prefill(0, context)
-        for layer in range(SHAPE.n_layers):
-            k, v = context_kv(SHAPE, weights, layer, context, seed=0, device=device, dtype=dtype)
-            st.tier.write_prefill_layer(plan, layer, k, v)
+        fill_context(st.tier, SHAPE, weights, 0, context, device=device, dtype=dtype)
         x0 = torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         rows = []
         for i in range(steps + 3):  # three warm-up steps

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token, host_bytes_per_token
 from .results import machine, markdown_table, write
-from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, make_weights, output, project_qkv
+from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, fill_context, make_weights, output, project_qkv
 
 POLICIES = ("dense", "offload_all", "hgca")
 # hgca with the summary prefilter (64-token pages, 32-token summary chunks, 4x the budget in candidates)
@@ -147,11 +147,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
     rids = list(range(batch))
     try:
         for r in rids:
-            st.tier.add(r)
-            plan = st.tier.prefill(r, context)
-            for layer in range(shape.n_layers):
-                k, v = context_kv(shape, w, layer, context, seed=r, device=device, dtype=dtype)
-                st.tier.write_prefill_layer(plan, layer, k, v)
+            fill_context(st.tier, shape, w, r, context, device=device, dtype=dtype)
         gen = torch.Generator(device="cpu").manual_seed(7)
         x = torch.randn(batch, hidden, generator=gen).to(device, dtype)
         new_k = [[] for _ in range(shape.n_layers)]

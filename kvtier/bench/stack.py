@@ -48,6 +48,15 @@ def context_kv(shape: ModelShape, w: StackWeights, layer: int, n: int, *, seed: 
     return k.to(dtype), v.to(dtype)
 
 
+def fill_context(tier, shape: ModelShape, w: StackWeights, rid: int, n: int, *, device, dtype) -> None:
+    """Add request rid to a TierManager with n context tokens, every layer's K, V from `context_kv`."""
+    tier.add(rid)
+    plan = tier.prefill(rid, n)
+    for layer in range(shape.n_layers):
+        k, v = context_kv(shape, w, layer, n, seed=rid, device=device, dtype=dtype)
+        tier.write_prefill_layer(plan, layer, k, v)
+
+
 def project_qkv(x: torch.Tensor, w: StackWeights, layer: int, shape: ModelShape):
     """x [B, hidden] -> q [B, Hq, D], k, v [B, Hkv, D]; q carries the layer's bias direction."""
     b = x.shape[0]
