@@ -407,6 +407,134 @@ def test_launch_turns_prefix_caching_off_and_refuses_mixed_chunks(tmp_path, tiny
     assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr
 
 
+def test_launch_keeps_decode_graphs_off_unless_breakable_ones_are_asked_for(tmp_path, monkeypatch, capsys):
+    import argparse
+    import importlib.machinery
+    import importlib.util
+
+    config = load(_tier_yaml(tmp_path))
+
+    def launched(**fields):
+        ns = argparse.Namespace(**{"disable_radix_cache": False, "enable_mixed_chunk": False, "device": "cuda",
+                                   "cuda_graph_backend_decode": None, **fields})
+        launch.apply_to_namespace(ns, config)
+        return ns.cuda_graph_backend_decode, capsys.readouterr().err
+
+    real = importlib.util.find_spec
+    present = importlib.machinery.ModuleSpec("cuda.bindings", None)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: present if name == "cuda.bindings" else real(name, *a))
+    assert launched()[0] == "disabled"  # the default: eager decode
+    mode, err = launched(cuda_graph_backend_decode="full")
+    assert mode == "disabled" and "would record the tier's attention" in err and "breakable" in err
+    mode, err = launched(cuda_graph_backend_decode="breakable")
+    assert mode == "breakable" and "CUDA graphs" not in err
+    for off in ({"disable_cuda_graph": True}, {"disable_decode_cuda_graph": True}):
+        assert launched(cuda_graph_backend_decode="breakable", **off)[0] == "disabled", off
+    mode, err = launched(cuda_graph_backend_decode="breakable", device="cpu")
+    assert mode == "disabled" and "CUDA device" in err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cuda.bindings" else real(name, *a))
+    mode, err = launched(cuda_graph_backend_decode="breakable")
+    assert mode == "disabled" and "cuda-python" in err
+    # The dense policy leaves sglang's own graphs alone.
+    ns = argparse.Namespace(device="cuda", cuda_graph_backend_decode=None)
+    launch.apply_to_namespace(ns, loads_dense())
+    assert ns.cuda_graph_backend_decode is None
+
+
+def loads_dense():
+    from kvtier.config import loads
+
+    return loads("policy: dense\n", "<test>")
+
+
+def test_breakable_graphs_keep_a_causal_lms_decode_output():
+    """sglang's breakable graph backend buffers the decode output per captured size; the hooks add
+    the LogitsProcessorOutput a causal LM returns (sglang raises 'Unsupported BCG output type')."""
+    import pkgutil
+
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    from kvtier_sglang import graphs
+
+    assert graphs.targets() and not [t for t in graphs.targets() if t in plugin.missing_hooks()]
+    bcg = object.__new__(pkgutil.resolve_name(graphs.BCG))
+    captured = LogitsProcessorOutput(next_token_logits=torch.randn(8, 32), hidden_states=torch.randn(8, 16))
+    buf = bcg._alloc_full_buffer(captured, 8)
+    assert buf.next_token_logits.shape == (8, 32) and buf.hidden_states.shape == (8, 16)
+    small = LogitsProcessorOutput(next_token_logits=torch.randn(4, 32), hidden_states=torch.randn(4, 16))
+    assert bcg._output_rows(small, 8) == 4
+    bcg._copy_output_to_buffer(small, buf, 4)
+    view = bcg._slice_output(buf, 4)
+    assert isinstance(view, LogitsProcessorOutput) and view.next_token_logits.data_ptr() == buf.next_token_logits.data_ptr()
+    assert torch.equal(view.next_token_logits, small.next_token_logits) and torch.equal(view.hidden_states, small.hidden_states)
+    with pytest.raises(ValueError, match="changed between capture sizes"):
+        bcg._copy_output_to_buffer(LogitsProcessorOutput(next_token_logits=torch.randn(4, 32)), buf, 4)
+    t = torch.randn(6, 3)  # other outputs: sglang's own code
+    assert bcg._alloc_full_buffer(t, 8).shape == (8, 3)
+
+
+def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_real_rows():
+    """sglang's breakable decode graph, as the backend sees it: a capture on a dummy batch, then
+    replays whose batch is padded to the captured size; the attention runs in the break."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    torch.manual_seed(7)
+    backend, layer, runner = _stage2_backend()
+    reqs = _Requests(runner, [150, 40])
+    out, ref = reqs.decode_step(backend, layer)  # eager: builds the tier
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+    runner.server_args.cuda_graph_backend_decode = "full"
+    with pytest.raises(launch.KvTierLaunchError, match="breakable"):
+        backend.init_cuda_graph_state(4, 4)
+    runner.server_args.cuda_graph_backend_decode = "breakable"
+    backend.init_cuda_graph_state(4, 4)
+    assert backend._decode_break is not backend._decode_in_graph  # sglang's eager_on_graph wrapper
+
+    # Capture (and its warm-up) on sglang's dummy batch: placeholders, and the tier is untouched.
+    stats, tracked = backend.tier_stats(), set(backend._tier.requests)
+    dummy = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, req_pool_indices=torch.zeros(4, dtype=torch.long),
+                            seq_lens=torch.ones(4, dtype=torch.long), seq_lens_cpu=torch.ones(4, dtype=torch.long),
+                            out_cache_loc=torch.zeros(4, dtype=torch.long))
+    backend.init_forward_metadata_out_graph(dummy, in_capture=True)
+    q4, k4, v4 = torch.randn(4, 4 * 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    captured = backend.forward_decode(q4, k4, v4, layer, dummy)  # outside a capture: the break's body
+    assert captured.shape == (4, 4 * 64) and not captured.any()
+    assert backend.tier_stats() == stats and set(backend._tier.requests) == tracked
+
+    # Replays: two real rows padded to the captured four; the graph's static buffers hold q, k, v.
+    for _ in range(3):
+        loc = runner.token_to_kv_pool_allocator.alloc(2)
+        pos = [reqs.k[r].shape[0] for r in reqs.rows]
+        for row, p, slot in zip(reqs.rows, pos, loc.tolist()):
+            runner.req_to_token_pool.req_to_token[row, p] = slot
+        lens = torch.tensor([p + 1 for p in pos] + [1, 1])
+        view = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, num_padding=2,
+                               req_pool_indices=torch.tensor(reqs.rows + [0, 0]), seq_lens=lens, seq_lens_cpu=lens,
+                               out_cache_loc=loc)
+        backend.init_forward_metadata_out_graph(view)
+        q4.copy_(torch.randn(4, 4 * 64))
+        k4.copy_(torch.randn(4, 2, 64))
+        v4.copy_(torch.randn(4, 2, 64))
+        out = backend._decode_in_graph(q4, k4, v4, layer, True)
+        assert out.data_ptr() == captured.data_ptr()  # the next segment's input, refreshed in place
+        for i, row in enumerate(reqs.rows):
+            reqs.k[row] = torch.cat([reqs.k[row], k4[i:i + 1]])
+            reqs.v[row] = torch.cat([reqs.v[row], v4[i:i + 1]])
+        ref = []
+        for i, row in enumerate(reqs.rows):
+            qi = q4[i].view(2, 2, 64).double()
+            s = torch.einsum("hgd,nhd->hgn", qi, reqs.k[row].double()) * layer.scaling
+            ref.append(torch.einsum("hgn,nhd->hgd", s.softmax(-1), reqs.v[row].double()).reshape(-1))
+        torch.testing.assert_close(out[:2], torch.stack(ref).float(), rtol=2e-2, atol=2e-2)
+        assert not out[2:].any()
+    assert backend._tier.requests[0].length == reqs.k[0].shape[0]
+    assert backend.tier_stats()["host_tokens"] > 0
+
+
 def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
     torch.manual_seed(2)
     # Room for 4 host pages (8 KiB each here): the first request's 3 fit, the second's 14 do not.

@@ -28,6 +28,11 @@ Sequencing (DESIGN.md):
   needs sinks + window + two chunks of device slots, not its whole length;
   the scheduler's admission and input-length cap are lifted to match
   (`admission.py`).
+
+CUDA graphs: decode runs eagerly unless the launch asks for breakable decode
+graphs (`--cuda-graph-backend-decode breakable`); then sglang replays the
+forward in segments and each layer's attention runs here between them
+(`_decode_in_graph`), planned for the real rows of the padded batch.
 """
 
 from __future__ import annotations
@@ -175,6 +180,10 @@ def _backend_class():
             self.clock = DecodeClock()  # where decode steps spend their time, for the statistics line
             self.last_timing: Optional[Dict[str, float]] = None  # the clock's last reading
             self.forward_metadata = None
+            self._capturing = False  # a decode graph is being captured (or warmed up) on a dummy batch
+            self._graph_rows, self._graph_loc, self._graph_fb = 0, None, None  # the replayed batch's real rows
+            self._graph_out: Dict[Tuple[int, int], torch.Tensor] = {}  # per captured size: the layers' output
+            self._decode_break = _eager_break(self._decode_in_graph)
             self._tier = None  # TierManager, built at the first decode (it needs the layer shapes)
             self._attn = None  # HybridAttention
             self._decode = False
@@ -189,6 +198,7 @@ def _backend_class():
 
         def init_forward_metadata(self, forward_batch):
             mode = forward_batch.forward_mode
+            self._capturing = False
             self._decode = mode.is_decode()
             self._extend_hybrid, self._extend_fb = False, None
             self.inner.init_forward_metadata(forward_batch)
@@ -202,9 +212,57 @@ def _backend_class():
                 self.clock.extend_planned()
             self.forward_metadata = getattr(self.inner, "forward_metadata", None)
 
-        def init_cuda_graph_state(self, *args, **kwargs):
-            raise RuntimeError("the kvtier decode backend does not run under CUDA-graph capture; "
-                               "--kv-tier launches with decode graphs disabled")
+        # --- breakable decode CUDA graphs -------------------------------------
+        # sglang captures the decode forward in segments that break at every attention call
+        # (`--cuda-graph-backend-decode breakable`, on request): the projections,
+        # norms and MLPs replay as graphs, and each layer's hybrid attention runs eagerly in
+        # between (it waits on the CPU engine, which no graph can record). Nothing of the
+        # tier is captured: the break reads the current batch's plan when it runs.
+
+        def init_cuda_graph_state(self, max_bs, max_num_tokens):
+            mode = launch.decode_graph_mode(self.server_args)
+            if mode != "breakable":
+                raise launch.KvTierLaunchError(
+                    f"the kvtier decode backend runs under breakable decode CUDA graphs only, and this launch "
+                    f"captures them with {mode!r}; use --cuda-graph-backend-decode breakable or disabled")
+            self._graph_out = {}
+
+        def init_forward_metadata_out_graph(self, forward_batch, in_capture=False):
+            """Before a decode graph's capture (a dummy batch) and before each replay (the batch,
+            padded to the captured size): the plan of the real rows, outside the graph."""
+            self._capturing = bool(in_capture)
+            if in_capture:
+                return
+            self._decode = True
+            rows = forward_batch.batch_size - int(getattr(forward_batch, "num_padding", 0) or 0)
+            self._graph_rows, self._graph_loc, self._graph_fb = rows, forward_batch.out_cache_loc, forward_batch
+            if self._attn is not None:
+                self._plan(forward_batch, rows=rows)
+            self.forward_metadata = None
+
+        def _decode_in_graph(self, q, k, v, layer, save_kv_cache):
+            """One layer's decode between captured segments. q, k, v are the graph's static
+            buffers (the captured batch size, padding rows last); the returned buffer is the
+            next segment's input."""
+            width = layer.tp_q_head_num * layer.v_head_dim
+            key = (q.shape[0], width)
+            buf = self._graph_out.get(key)
+            if buf is None:  # one per captured size, shared by the layers (the stream orders them)
+                buf = self._graph_out[key] = q.new_zeros(key)
+            if self._capturing:
+                return buf
+            n = self._graph_rows
+            if save_kv_cache and k is not None and v is not None:
+                _save_kv(self.kv_pool, layer, self._graph_loc, k[:n], v[:n])
+            if self._attn is None:
+                self._build(layer)
+                self._plan(self._graph_fb, rows=n)
+            self._check_layer(layer)
+            out = self._attn.run(q[:n].reshape(n, layer.tp_q_head_num, layer.qk_head_dim), layer.layer_id)
+            if n == q.shape[0]:
+                return out.reshape(n, width)
+            buf[:n].copy_(out.reshape(n, width))
+            return buf
 
         def get_cuda_graph_seq_len_fill_value(self):
             return self.inner.get_cuda_graph_seq_len_fill_value()
@@ -235,6 +293,10 @@ def _backend_class():
             return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+            if self._capturing:
+                # A decode graph's warm-up (a placeholder; the tier is not touched) or its capture,
+                # where sglang's wrapper ends the segment here and replays the call between segments.
+                return self._decode_break(q, k, v, layer, save_kv_cache)
             if save_kv_cache and k is not None and v is not None:
                 _save_kv(self.kv_pool, layer, forward_batch.out_cache_loc, k, v)
             if self._attn is None:
@@ -440,12 +502,14 @@ def _backend_class():
             if self._extend_hybrid:
                 self._attn.plan_extend(rows, [int(n) for n in new])
 
-        def _plan(self, forward_batch) -> None:
+        def _plan(self, forward_batch, rows: Optional[int] = None) -> None:
+            """rows: how many of the batch's rows are requests (a replayed graph pads the rest)."""
             t0 = time.perf_counter()
             tier = self._tier
-            rows = forward_batch.req_pool_indices.tolist()
+            count = forward_batch.batch_size if rows is None else rows
+            rows = forward_batch.req_pool_indices[:count].tolist()
             lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                    else forward_batch.seq_lens.cpu()).tolist()
+                    else forward_batch.seq_lens.cpu())[:count].tolist()
             for row, n in zip(rows, lens):
                 self._track(row, n)
             self._evict()
@@ -487,6 +551,15 @@ def device_bound_tokens(backend) -> int:
     from .admission import device_bound
 
     return device_bound(backend, max(backend.prefill_chunk_tokens, 0))
+
+
+def _eager_break(fn):
+    """fn as a break between the segments of a breakable CUDA graph (sglang's eager_on_graph)."""
+    try:
+        from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import eager_on_graph
+    except ImportError:  # a release without breakable graphs never captures this backend
+        return fn
+    return eager_on_graph(True)(fn)
 
 
 def _keep(slots: torch.Tensor) -> None:

@@ -106,12 +106,60 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         else:
             print(f"kvtier: --prefill-attention-backend {prefill} keeps prefill off the tier, so a prompt must "
                   "fit the GPU pool whole", file=sys.stderr)
-    # The hybrid decode waits on the CPU engine each layer; CUDA-graph capture
-    # cannot record that, so decode runs eagerly (documented fallback).
-    if hasattr(values, "cuda_graph_backend_decode"):
-        values.cuda_graph_backend_decode = "disabled"
-    if hasattr(values, "disable_cuda_graph"):
-        values.disable_cuda_graph = True
+    # The hybrid decode waits on the CPU engine each layer, which no CUDA graph can record. By
+    # default decode runs eagerly (the documented fallback). Asked for with
+    # --cuda-graph-backend-decode breakable, decode graphs break at every attention call: the
+    # rest of the forward replays, the tier's attention runs between the segments.
+    if not hasattr(values, "cuda_graph_backend_decode"):
+        if hasattr(values, "disable_cuda_graph"):  # releases with one graph switch
+            values.disable_cuda_graph = True
+        return
+    chosen = values.cuda_graph_backend_decode
+    off = getattr(values, "disable_cuda_graph", False) or getattr(values, "disable_decode_cuda_graph", False)
+    if chosen == GRAPH_MODE and not off:
+        why = breakable_graphs_unavailable(values)
+        if why is None:
+            return
+        print(f"kvtier: decode runs without CUDA graphs: {why}", file=sys.stderr)
+    elif chosen not in (None, "disabled"):
+        print(f"kvtier: --cuda-graph-backend-decode {chosen} would record the tier's attention into the graph; "
+              f"decode runs without CUDA graphs (--cuda-graph-backend-decode {GRAPH_MODE} keeps graphs for "
+              "the rest of the forward)", file=sys.stderr)
+    values.cuda_graph_backend_decode = "disabled"
+
+
+GRAPH_MODE = "breakable"  # sglang's decode CUDA graphs that break at each attention call
+BREAKABLE_MODULE = "sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph"
+
+
+def breakable_graphs_unavailable(values: Any) -> Optional[str]:
+    """None when this launch can capture breakable decode graphs, else why not."""
+    import importlib.util
+
+    device = str(getattr(values, "device", None) or "cuda")
+    if not device.startswith("cuda"):
+        return f"CUDA graphs need a CUDA device, found --device {device}"
+    try:
+        if importlib.util.find_spec(BREAKABLE_MODULE) is None:
+            raise ImportError
+    except ImportError:
+        return "this sglang release has no breakable CUDA graphs"
+    try:
+        found = importlib.util.find_spec("cuda.bindings") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return "sglang's breakable CUDA graphs need the cuda-python package (pip install cuda-python)"
+    return None
+
+
+def decode_graph_mode(server_args: Any) -> str:
+    """The decode CUDA graph backend this server resolved ("full" when it says nothing)."""
+    phase = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
+    mode = getattr(phase, "backend", None) or getattr(server_args, "cuda_graph_backend_decode", None)
+    if mode is None and getattr(server_args, "disable_cuda_graph", False):
+        mode = "disabled"
+    return str(mode or "full")
 
 
 def load_or_exit(path: str) -> TierConfig:

@@ -11,7 +11,7 @@ import pkgutil
 import sys
 from typing import Dict, List, Tuple
 
-from . import admission, launch, lifecycle
+from . import admission, graphs, launch, lifecycle
 
 _ORIGINALS: Dict[str, object] = {}
 
@@ -37,6 +37,8 @@ def _optional_targets():
     out = {target: hooks[target] for target in lifecycle.funnels_present()}
     # Stage 3's admission (the same three targets on 0.5.17 and the 0.5.23 line).
     out.update({target: (hook, HookType[kind]) for target, (hook, kind) in admission.targets().items()})
+    # Breakable decode graphs: the causal LM's output type (graphs.py), where sglang has them.
+    out.update({target: (hook, HookType.AROUND) for target, hook in graphs.targets().items()})
     return out
 
 
