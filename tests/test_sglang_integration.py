@@ -535,6 +535,28 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
     assert backend.tier_stats()["host_tokens"] > 0
 
 
+def test_the_decode_plan_refuses_to_be_recorded_into_a_graph(monkeypatch):
+    """sglang 0.5.23 can capture a replay's metadata call into a graph of its own (opt-in); the
+    backend raises before touching anything, and sglang then calls it eagerly."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    backend, layer, runner = _stage2_backend()
+    reqs = _Requests(runner, [150, 40])
+    reqs.decode_step(backend, layer)
+    stats = backend.tier_stats()
+    lens = torch.tensor([151, 41])
+    view = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=2, num_padding=0,
+                           req_pool_indices=torch.tensor(reqs.rows), seq_lens=lens, seq_lens_cpu=lens,
+                           out_cache_loc=torch.zeros(2, dtype=torch.long))
+    monkeypatch.setattr(backend, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        backend.init_forward_metadata_out_graph(view)
+    assert backend.tier_stats() == stats and backend._graph_rows == 0
+
+
 def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
     torch.manual_seed(2)
     # Room for 4 host pages (8 KiB each here): the first request's 3 fit, the second's 14 do not.

@@ -230,6 +230,11 @@ def _backend_class():
         def init_forward_metadata_out_graph(self, forward_batch, in_capture=False):
             """Before a decode graph's capture (a dummy batch) and before each replay (the batch,
             padded to the captured size): the plan of the real rows, outside the graph."""
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # Some releases can record this call into a graph of its own (0.5.23's opt-in
+                # metadata glue graph); they fall back to calling it eagerly when it raises.
+                raise RuntimeError("kvtier plans a decode batch on the host (eviction, page tables, the "
+                                   "engine's plan); that cannot be captured into a CUDA graph")
             self._capturing = bool(in_capture)
             if in_capture:
                 return
