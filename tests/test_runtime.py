@@ -35,6 +35,12 @@ def _decode(tier, gen, prompt_lens, steps):
             v = torch.randn(n, SHAPE.kv_heads, SHAPE.head_dim, generator=gen)
             tier.tier.write_prefill_layer(plan, layer, k, v)
             full[r].append([k, v])
+    _steps(tier, gen, rids, full, steps)
+    return rids, full
+
+
+def _steps(tier, gen, rids, full, steps):
+    """Decode `steps` random tokens per request, evicting after each; extends `full`."""
     for _ in range(steps):
         for r in rids:
             slot = tier.tier.extend(r, 1)
@@ -45,7 +51,6 @@ def _decode(tier, gen, prompt_lens, steps):
                 tier.pool.v[layer, slot] = v
                 full[r][layer] = [torch.cat([full[r][layer][0], k]), torch.cat([full[r][layer][1], v])]
         tier.tier.evict()
-    return rids, full
 
 
 def _check_against_dense(tier, gen, rids, full, tol):
@@ -171,6 +176,73 @@ def test_capacity_evict_drops_oldest_pages_of_the_largest_request():
         table = store.table("a")
         assert table.pages == a_pages[1:] and table.first_pos == 4 + 16 and table.dropped_tokens == 16
         assert store.stats().free_pages == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("key_format, tol", [("bf16", 5e-3), ("int8", 2e-2)])
+def test_fork_attends_the_shared_host_part_in_place_and_each_continuation_equals_dense(gen, key_format, tol):
+    cfg = _config(budget={"kind": "all"}, host_store={"key_format": key_format})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [600], steps=5)
+        src, dst = rids[0], "fork"
+        used, shared = tier.store.stats().used_pages, list(tier.store.table(src).pages)
+        assert tier.tier.host_tokens(src) > 500
+        slots = tier.tier.fork(src, dst)
+        full[dst] = [[k.clone(), v.clone()] for k, v in full[src]]
+        assert tier.store.stats().used_pages == used  # the host part is stored once
+        assert tier.store.table(dst).pages == shared and tier.tier.host_tokens(dst) == tier.tier.host_tokens(src)
+        assert not set(slots.tolist()) & set(tier.tier.device_slots(src).tolist())  # its own device slots
+        _steps(tier, gen, [src, dst], full, 40)  # the two continue apart, each evicting its own pages
+        assert set(tier.store.table(dst).pages[len(shared):]).isdisjoint(tier.store.table(src).pages)
+        _check_against_dense(tier, gen, [src, dst], full, tol)
+        tier.tier.release(src)  # the first to finish leaves the shared pages to the other
+        assert set(shared) <= set(tier.store.table(dst).pages) and not set(shared) & set(tier.store._free)
+        _check_against_dense(tier, gen, [dst], full, tol)
+        tier.tier.release(dst)
+        stats = tier.store.stats()
+        assert stats.free_pages == stats.total_pages and sorted(tier.store._free) == list(range(stats.total_pages))
+    finally:
+        tier.close()
+
+
+def test_fork_checks_its_request_and_length(gen):
+    tier = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
+    try:
+        rids, _ = _decode(tier, gen, [300], steps=1)
+        st = tier.tier.requests[rids[0]]
+        with pytest.raises(ValueError, match=f"takes {st.host_end} to {st.length} of them, got 10"):
+            tier.tier.fork(rids[0], "x", 10)
+        with pytest.raises(ValueError, match="not tracked"):
+            tier.tier.fork("nobody", "x")
+        with pytest.raises(ValueError, match="already tracked"):
+            tier.tier.fork(rids[0], rids[0])
+        assert "x" not in tier.tier.requests and "x" not in tier.store
+        tier.tier.fork(rids[0], "x", st.host_end)  # just the host part and the sinks
+        assert tier.tier.requests["x"].length == st.host_end and not tier.tier.requests["x"].recent_slots
+    finally:
+        tier.close()
+
+
+def test_capacity_evict_frees_a_shared_page_only_when_no_table_holds_it():
+    store = HostStore(_config(host_store={"on_full": "evict"}), SHAPE, n_pages=4)
+    try:
+        store.admit("a", first_pos=4)
+        a_pages = store.allocate("a", 2)
+        assert store.share("a", "b", 2) == a_pages
+        b_own = store.allocate("b", 2)
+        assert store.stats().free_pages == 0
+        store.admit("c", first_pos=4)
+        assert store.allocate("c", 1) == b_own[:1]  # b, the largest, dropped its two shared pages and one of its own
+        assert store.table("a").pages == a_pages
+        assert store.table("b").pages == b_own[1:] and store.table("b").first_pos == 4 + 3 * 16
+        with pytest.raises(CapacityError):
+            store.allocate("c", 5)  # only 4 distinct pages exist
+        assert store.table("a").pages == a_pages and store.table("c").pages == b_own[:1]
+        assert store.release("b") == 1 and store.release("a") == 2
+        with pytest.raises(ValueError, match="has 1 host pages, asked for 2"):
+            store.share("c", "d", 2)
     finally:
         store.close()
 

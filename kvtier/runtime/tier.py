@@ -129,6 +129,43 @@ class TierManager:
         if self.offload:
             self.store.release(rid)
 
+    def fork(self, src: Hashable, dst: Hashable, n: Optional[int] = None) -> torch.Tensor:
+        """Start request dst as a continuation of src's first n tokens (default: all of them).
+
+        The host part is shared, not copied: dst attends src's host pages in place, and the
+        store holds them once, until both requests let go (either may finish first). The
+        device part (sinks and src's recent tokens up to n, at most a window and a page) is
+        copied into dst's own slots from `alloc_slots`. n may not cut into the host part:
+        it runs from src's settled host tokens to its length. Returns dst's device slots.
+        """
+        if self.alloc_slots is None:
+            raise ValueError("fork: this tier has no slot allocator (the server owns the device slots)")
+        if dst in self.requests:
+            raise ValueError(f"request {dst!r} is already tracked by the tier")
+        if src not in self.requests:
+            raise ValueError(f"fork: request {src!r} is not tracked by the tier")
+        self._settle_all()  # src's pages in flight land first, so its host part is final
+        st = self.requests[src]
+        n = st.length if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not st.host_end <= n <= st.length:
+            raise ValueError(f"fork: request {src!r} has {st.length} tokens, the first {st.host_end} of them up to "
+                             f"its host part's end; a fork takes {st.host_end} to {st.length} of them, got {n!r}")
+        sinks = len(st.sink_slots)
+        src_slots = slot_tensor(st.sink_slots + st.recent_slots[: n - st.host_end]).to(self.device)
+        slots = self.alloc_slots(src_slots.numel())
+        dev = slots.to(self.device)
+        for layer in range(self.shape.n_layers):
+            self.k_pool[layer][dev] = self.k_pool[layer][src_slots]
+            self.v_pool[layer][dev] = self.v_pool[layer][src_slots]
+        if self.offload:
+            self._quiesce()
+            table = self.store.table(src)
+            self.store.share(src, dst, -(-(st.host_end - table.first_pos) // self.config.window.page_tokens))
+        cpu = slots.cpu()
+        self.requests[dst] = RequestState(length=n, sink_slots=slot_array(cpu[:sinks]),
+                                          recent_slots=slot_array(cpu[sinks:]), host_end=st.host_end)
+        return slots
+
     def freed_positions(self, rid: Hashable) -> Tuple[int, int]:
         """[lo, hi): the request's positions whose device slots went back through `free_slots`."""
         st = self.requests[rid]

@@ -10,6 +10,10 @@ of its sequence. Under ``on_full: evict`` the oldest pages of the request
 holding the most pages are dropped (``first_pos`` advances); under
 ``on_full: reject`` the allocation fails with `CapacityError`. Either way a
 failed call changes nothing that was stored.
+
+Requests may share pages (`share`: a request that continues another's
+prefix attends that prefix's pages in place). A page counts its tables and
+returns to the free list when the last one lets go of it.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class HostStore:
         )
         self.n_pages = n_pages
         self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
+        self._refs: List[int] = [0] * n_pages  # tables holding each page
         self._tables: Dict[Hashable, PageTable] = {}
 
     # --- requests -----------------------------------------------------------
@@ -82,12 +87,37 @@ class HostStore:
         self._tables[rid] = PageTable(first_pos)
 
     def release(self, rid: Hashable) -> int:
-        """Free a finished or aborted request's pages; returns how many."""
+        """Let go of a finished or aborted request's pages; returns how many became free
+        (pages another request shares stay stored)."""
         table = self._tables.pop(rid, None)
         if table is None:
             return 0
-        self._free.extend(reversed(table.pages))
-        return len(table.pages)
+        return self._unref(reversed(table.pages))
+
+    def share(self, src: Hashable, dst: Hashable, n_pages: int) -> List[int]:
+        """Admit dst with the first n_pages of src's table, attended in place (nothing is copied).
+
+        dst's host tokens start where src's do; pages dst allocates later follow them.
+        """
+        table = self.table(src)
+        if dst in self._tables:
+            raise ValueError(f"request {dst!r} is already admitted to the host store")
+        if not 0 <= n_pages <= len(table.pages):
+            raise ValueError(f"share: request {src!r} has {len(table.pages)} host pages, asked for {n_pages}")
+        pages = table.pages[:n_pages]
+        for p in pages:
+            self._refs[p] += 1
+        self._tables[dst] = PageTable(table.first_pos, list(pages))
+        return list(pages)
+
+    def _unref(self, pages) -> int:
+        freed = 0
+        for p in pages:
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+                freed += 1
+        return freed
 
     def table(self, rid: Hashable) -> PageTable:
         try:
@@ -108,6 +138,8 @@ class HostStore:
                 raise CapacityError(f"request {rid!r}", n, len(self._free), self.page_bytes)
             self._evict_for(n, protect=rid)
         ids = [self._free.pop() for _ in range(n)]
+        for p in ids:
+            self._refs[p] = 1
         table.pages.extend(ids)
         return ids
 
@@ -116,21 +148,24 @@ class HostStore:
         self.view.append(layer, torch.tensor(page_ids, dtype=torch.int32), k, v)
 
     def _evict_for(self, n: int, *, protect: Hashable) -> None:
-        """Drop oldest pages, largest request first, until n pages are free."""
+        """Drop oldest pages, largest request first, until n pages are free.
+
+        A shared page frees only when every table holding it has dropped it, so the
+        pages that could be freed are counted first: a refused eviction changes nothing.
+        """
         need = n - len(self._free)
         candidates = sorted(
             (rid for rid in self._tables if rid != protect), key=lambda r: len(self._tables[r].pages), reverse=True
         )
-        available = sum(len(self._tables[r].pages) for r in candidates) + len(self.table(protect).pages)
+        available = len({p for t in self._tables.values() for p in t.pages})
         if need > available:
             raise CapacityError("eviction", n, len(self._free) + available, self.page_bytes)
         for rid in candidates + [protect]:
             table = self._tables[rid]
             while need > 0 and table.pages:
-                self._free.append(table.pages.pop(0))
+                need -= self._unref([table.pages.pop(0)])
                 table.first_pos += self.page_tokens
                 table.dropped_tokens += self.page_tokens
-                need -= 1
             if need == 0:
                 return
 
