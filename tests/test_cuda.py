@@ -86,6 +86,58 @@ def test_hybrid_on_cuda_with_everything_equals_dense(group):
 
 
 @needs_flashinfer
+def test_a_fork_on_cuda_attends_the_shared_host_pages_and_equals_dense():
+    """TierManager.fork with copies in flight on the side stream: the fork settles them, shares
+    the host pages and copies the device part; both continuations equal dense."""
+    from kvtier.runtime.standalone import StandaloneTier
+
+    shape = ModelShape(n_layers=2, num_q_heads=8, kv_heads=2, head_dim=64)
+    cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
+                        "budget": {"kind": "all"}, "max_context_tokens": 8192})
+    dev = torch.device("cuda")
+    st = StandaloneTier(cfg, shape, device=dev, dtype=torch.bfloat16, device_tokens=2048, host_tokens=4096)
+    g = torch.Generator().manual_seed(11)
+
+    def rand(n):
+        return torch.randn(n, 2, 64, generator=g).to(torch.bfloat16)
+
+    try:
+        st.tier.add(0)
+        plan = st.tier.prefill(0, 1200)
+        full = {0: []}
+        for layer in range(shape.n_layers):
+            k, v = rand(1200), rand(1200)
+            st.tier.write_prefill_layer(plan, layer, k.to(dev), v.to(dev))
+            full[0].append([k, v])
+        st.tier.evict()
+        used = st.store.stats().used_pages
+        st.tier.fork(0, 1)
+        full[1] = [[k.clone(), v.clone()] for k, v in full[0]]
+        assert st.store.stats().used_pages == used
+        for _ in range(150):  # both continue apart; their own pages leave on the side stream
+            for r in (0, 1):
+                slot = st.tier.extend(r, 1).to(dev)
+                for layer in range(shape.n_layers):
+                    k, v = rand(1), rand(1)
+                    st.pool.k[layer, slot], st.pool.v[layer, slot] = k.to(dev), v.to(dev)
+                    full[r][layer] = [torch.cat([full[r][layer][0], k]), torch.cat([full[r][layer][1], v])]
+            st.tier.evict()
+        st.tier.drain()
+        st.attn.plan([0, 1])
+        lens = [full[r][0][0].shape[0] for r in (0, 1)]
+        for layer in range(shape.n_layers):
+            q = torch.randn(2, shape.num_q_heads, 64, generator=g).to(torch.bfloat16)
+            got = st.attn.run(q.to(dev), layer).cpu()
+            ks = torch.cat([full[r][layer][0] for r in (0, 1)]).double()
+            vs = torch.cat([full[r][layer][1] for r in (0, 1)]).double()
+            indptr = torch.tensor([0, lens[0], lens[0] + lens[1]])
+            ref = dense_attention(q.double(), ks, vs, indptr, sm_scale=64 ** -0.5).out
+            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)
+    finally:
+        st.close()
+
+
+@needs_flashinfer
 @pytest.mark.parametrize("prefilter", [None, 4])
 def test_pipelined_decode_equals_the_waiting_path(monkeypatch, prefilter):
     """Decode steps whose layers are queued without any wait (the engine fed through the stream)
