@@ -474,11 +474,31 @@ def test_breakable_graphs_keep_a_causal_lms_decode_output():
     assert bcg._alloc_full_buffer(t, 8).shape == (8, 3)
 
 
-def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_real_rows():
-    """sglang's breakable decode graph, as the backend sees it: a capture on a dummy batch, then
-    replays whose batch is padded to the captured size; the attention runs in the break."""
+class _SegmentedCapture:
+    """The part of sglang's BreakableCUDAGraphCapture that its eager_on_graph wrapper talks to
+    (the CUDA graph segments themselves need a GPU): the breaks it registers, in order."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cuda_graph = SimpleNamespace(_break_fns=[])
+        self._barrier_fn = None
+        self.segments = 1
+
+    def _end_current_segment(self):
+        pass
+
+    def _begin_new_segment(self):
+        self.segments += 1
+
+
+def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_real_rows(monkeypatch):
+    """sglang's breakable decode graph, as the backend sees it: a capture on a dummy batch through
+    sglang's own eager_on_graph wrapper, then replays of the break it registered, each after the
+    plan of a batch padded to the captured size."""
     from types import SimpleNamespace
 
+    import sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.breakable_cuda_graph as bcg
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     torch.manual_seed(7)
@@ -501,9 +521,19 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
                             out_cache_loc=torch.zeros(4, dtype=torch.long))
     backend.init_forward_metadata_out_graph(dummy, in_capture=True)
     q4, k4, v4 = torch.randn(4, 4 * 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64)
-    captured = backend.forward_decode(q4, k4, v4, layer, dummy)  # outside a capture: the break's body
-    assert captured.shape == (4, 4 * 64) and not captured.any()
+    warm = backend.forward_decode(q4, k4, v4, layer, dummy)  # the warm-up: the break's body, eagerly
+    assert warm.shape == (4, 4 * 64) and not warm.any()
+    capture = _SegmentedCapture()
+    monkeypatch.setattr(bcg, "_weak_ref_if_tensor", lambda x: x)  # sglang's weak refs need CUDA
+    token = bcg._current_capture_var.set(capture)
+    try:
+        captured = backend.forward_decode(q4, k4, v4, layer, dummy)
+    finally:
+        bcg._current_capture_var.reset(token)
+    assert capture.segments == 2 and len(capture.cuda_graph._break_fns) == 1  # the graph broke at attention
+    assert captured.data_ptr() == warm.data_ptr() and not captured.any()
     assert backend.tier_stats() == stats and set(backend._tier.requests) == tracked
+    replay_break = capture.cuda_graph._break_fns[0]
 
     # Replays: two real rows padded to the captured four; the graph's static buffers hold q, k, v.
     for _ in range(3):
@@ -519,7 +549,7 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
         q4.copy_(torch.randn(4, 4 * 64))
         k4.copy_(torch.randn(4, 2, 64))
         v4.copy_(torch.randn(4, 2, 64))
-        out = backend._decode_in_graph(q4, k4, v4, layer, True)
+        out = replay_break()  # what BreakableCUDAGraph.replay runs between two segments
         assert out.data_ptr() == captured.data_ptr()  # the next segment's input, refreshed in place
         for i, row in enumerate(reqs.rows):
             reqs.k[row] = torch.cat([reqs.k[row], k4[i:i + 1]])
