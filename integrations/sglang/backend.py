@@ -257,17 +257,23 @@ def _backend_class():
             if self._capturing:
                 return buf
             n = self._graph_rows
+            out = self._decode_rows(q, k, v, layer, n, self._graph_loc, self._graph_fb, save_kv_cache)
+            if n == q.shape[0]:
+                return out
+            buf[:n].copy_(out)
+            return buf
+
+        def _decode_rows(self, q, k, v, layer, n, loc, forward_batch, save_kv_cache):
+            """Decode of the batch's first n rows: their K, V written at loc (the tier is built at
+            the first decode), then the hybrid attention; [n, heads * head_dim]."""
             if save_kv_cache and k is not None and v is not None:
-                _save_kv(self.kv_pool, layer, self._graph_loc, k[:n], v[:n])
+                _save_kv(self.kv_pool, layer, loc, k[:n], v[:n])
             if self._attn is None:
                 self._build(layer)
-                self._plan(self._graph_fb, rows=n)
+                self._plan(forward_batch, rows=n)
             self._check_layer(layer)
             out = self._attn.run(q[:n].reshape(n, layer.tp_q_head_num, layer.qk_head_dim), layer.layer_id)
-            if n == q.shape[0]:
-                return out.reshape(n, width)
-            buf[:n].copy_(out.reshape(n, width))
-            return buf
+            return out.reshape(n, layer.tp_q_head_num * layer.v_head_dim)
 
         def get_cuda_graph_seq_len_fill_value(self):
             return self.inner.get_cuda_graph_seq_len_fill_value()
@@ -302,16 +308,8 @@ def _backend_class():
                 # A decode graph's warm-up (a placeholder; the tier is not touched) or its capture,
                 # where sglang's wrapper ends the segment here and replays the call between segments.
                 return self._decode_break(q, k, v, layer, save_kv_cache)
-            if save_kv_cache and k is not None and v is not None:
-                _save_kv(self.kv_pool, layer, forward_batch.out_cache_loc, k, v)
-            if self._attn is None:
-                self._build(layer)
-                self._plan(forward_batch)
-            self._check_layer(layer)
-            b = forward_batch.batch_size
-            q3 = q.reshape(b, layer.tp_q_head_num, layer.qk_head_dim)
-            out = self._attn.run(q3, layer.layer_id)
-            return out.reshape(b, layer.tp_q_head_num * layer.v_head_dim)
+            return self._decode_rows(q, k, v, layer, forward_batch.batch_size, forward_batch.out_cache_loc,
+                                     forward_batch, save_kv_cache)
 
         # --- tier -----------------------------------------------------------
 
