@@ -221,10 +221,11 @@ def _backend_class():
 
         def init_cuda_graph_state(self, max_bs, max_num_tokens):
             mode = launch.decode_graph_mode(self.server_args)
-            if mode != "breakable":
+            if mode != launch.GRAPH_MODE:
                 raise launch.KvTierLaunchError(
-                    f"the kvtier decode backend runs under breakable decode CUDA graphs only, and this launch "
-                    f"captures them with {mode!r}; use --cuda-graph-backend-decode breakable or disabled")
+                    f"the kvtier decode backend runs under {launch.GRAPH_MODE} decode CUDA graphs only, and this "
+                    f"launch captures them with {mode!r}; use --cuda-graph-backend-decode {launch.GRAPH_MODE} "
+                    "or disabled")
             self._graph_out = {}
 
         def init_forward_metadata_out_graph(self, forward_batch, in_capture=False):
