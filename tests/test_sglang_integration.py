@@ -407,7 +407,7 @@ def test_launch_turns_prefix_caching_off_and_refuses_mixed_chunks(tmp_path, tiny
     assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr
 
 
-def test_launch_keeps_decode_graphs_off_unless_breakable_ones_are_asked_for(tmp_path, monkeypatch, capsys):
+def test_launch_chooses_breakable_decode_graphs_where_they_can_run(tmp_path, monkeypatch, capsys):
     import argparse
     import importlib.machinery
     import importlib.util
@@ -424,7 +424,10 @@ def test_launch_keeps_decode_graphs_off_unless_breakable_ones_are_asked_for(tmp_
     present = importlib.machinery.ModuleSpec("cuda.bindings", None)
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: present if name == "cuda.bindings" else real(name, *a))
-    assert launched()[0] == "disabled"  # the default: eager decode
+    mode, err = launched()  # the default where cuda-python is there
+    assert mode == "breakable" and "CUDA graphs" not in err
+    mode, err = launched(cuda_graph_backend_decode="disabled")  # eager, as asked
+    assert mode == "disabled" and "CUDA graphs" not in err
     mode, err = launched(cuda_graph_backend_decode="full")
     assert mode == "disabled" and "would record the tier's attention" in err and "breakable" in err
     mode, err = launched(cuda_graph_backend_decode="breakable")
@@ -435,6 +438,8 @@ def test_launch_keeps_decode_graphs_off_unless_breakable_ones_are_asked_for(tmp_
     assert mode == "disabled" and "CUDA device" in err
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cuda.bindings" else real(name, *a))
     mode, err = launched(cuda_graph_backend_decode="breakable")
+    assert mode == "disabled" and "cuda-python" in err
+    mode, err = launched()
     assert mode == "disabled" and "cuda-python" in err
     # The dense policy leaves sglang's own graphs alone.
     ns = argparse.Namespace(device="cuda", cuda_graph_backend_decode=None)

@@ -106,25 +106,29 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         else:
             print(f"kvtier: --prefill-attention-backend {prefill} keeps prefill off the tier, so a prompt must "
                   "fit the GPU pool whole", file=sys.stderr)
-    # The hybrid decode waits on the CPU engine each layer, which no CUDA graph can record. By
-    # default decode runs eagerly (the documented fallback). Asked for with
-    # --cuda-graph-backend-decode breakable, decode graphs break at every attention call: the
-    # rest of the forward replays, the tier's attention runs between the segments.
+    # The hybrid decode waits on the CPU engine each layer, which no full CUDA graph can record.
+    # Decode graphs break at every attention call instead (sglang's breakable backend): the rest
+    # of the forward replays, the tier's attention runs between the segments. That is the default
+    # where it can run; elsewhere, or when asked, decode runs eagerly.
     if not hasattr(values, "cuda_graph_backend_decode"):
         if hasattr(values, "disable_cuda_graph"):  # releases with one graph switch
             values.disable_cuda_graph = True
         return
     chosen = values.cuda_graph_backend_decode
     off = getattr(values, "disable_cuda_graph", False) or getattr(values, "disable_decode_cuda_graph", False)
-    if chosen == GRAPH_MODE and not off:
+    if off or chosen == "disabled":
+        values.cuda_graph_backend_decode = "disabled"
+        return
+    if chosen in (None, GRAPH_MODE):
         why = breakable_graphs_unavailable(values)
         if why is None:
+            values.cuda_graph_backend_decode = GRAPH_MODE
             return
         print(f"kvtier: decode runs without CUDA graphs: {why}", file=sys.stderr)
-    elif chosen not in (None, "disabled"):
+    else:
         print(f"kvtier: --cuda-graph-backend-decode {chosen} would record the tier's attention into the graph; "
-              f"decode runs without CUDA graphs (--cuda-graph-backend-decode {GRAPH_MODE} keeps graphs for "
-              "the rest of the forward)", file=sys.stderr)
+              f"decode runs without CUDA graphs (--cuda-graph-backend-decode {GRAPH_MODE}, the default, keeps "
+              "graphs for the rest of the forward)", file=sys.stderr)
     values.cuda_graph_backend_decode = "disabled"
 
 
