@@ -31,6 +31,8 @@ typedef struct kvt_plan_state {
     int B, Hq, Hkv, G, mode, reduce;
     float tau, sm_scale, soft_cap;
     float prefilter;      /* > 0: candidates from summary-chunk bounds (TOPK/MASS) */
+    int residual;         /* 1: unselected host tokens join each set's softmax per summary chunk */
+    int64_t res_off;      /* the residual's part of each thread's scratch (floats from its start) */
     int32_t *page_table, *page_off, *ntok, *budget, *block; /* copies of the desc arrays */
     int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores */
     float *scores;

@@ -151,6 +151,17 @@ static inline const uint16_t *kvt_summary_ptr(const kvt_store *s, int layer, int
                               s->d.head_dim;
 }
 
+/* Chunk sums (f32 [L, H, P, T/S, 2, D], head-major like the summaries): per summary
+ * chunk the sum of its dequantized keys, then of its values. */
+static inline const float *kvt_chunk_sums_ptr(const kvt_store *s, int layer, int page, int head) {
+    return s->d.chunk_sums + (((int64_t)layer * s->d.kv_heads + head) * s->d.n_pages + page) * s->n_chunks * 2 *
+                                 s->d.head_dim;
+}
+
+/* Token t of one page/head, dequantized exactly as the engine attends it: o[0..D). */
+void kvt_dequant_key_row(const kvt_store *s, int64_t lph, int t, float *o);
+void kvt_dequant_value_row(const kvt_store *s, int64_t lph, int t, float *o);
+
 /* Scores tokens [t0, t0+n) of one page/head for G query heads (dispatches on key format). */
 void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
                     float *out, int64_t ostride);

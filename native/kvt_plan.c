@@ -85,6 +85,11 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
     if (d->prefilter > 0.f && d->mode != KVT_SELECT_TOPK && d->mode != KVT_SELECT_MASS)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: prefilter applies to modes topk and mass, got mode %d with "
                        "prefilter %g", d->mode, (double)d->prefilter);
+    if (d->residual != 0 && d->residual != 1)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected residual 0 (off) or 1 (on), got %d", d->residual);
+    if (d->residual && !s->d.chunk_sums)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: residual 1 needs a store opened with chunk_sums; this store has "
+                       "none");
     if (d->mode == KVT_SELECT_ALL) return KVT_OK;
     if (!d->budget_tokens)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens [batch * kv_heads], got NULL");
@@ -208,6 +213,7 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->mode = d->mode; p->reduce = d->group_reduce;
     p->tau = d->mass_threshold; p->sm_scale = d->sm_scale; p->soft_cap = d->soft_cap;
     p->prefilter = d->prefilter;
+    p->residual = d->residual;
     int64_t total_pages = d->page_offsets[B];
     p->page_table = dup_i32(d->page_table, total_pages);
     p->page_off = dup_i32(d->page_offsets, B + 1);
@@ -244,6 +250,13 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
     p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (3 * (int64_t)p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
     p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
+    /* residual: a bitmap of the selection (n bits, as 64-bit words), a chunk's key and value
+     * sums [2D], a token row [D], per head the running max and sum [2G] and the weighted
+     * values [G, D] */
+    p->res_off = p->scratch_floats;
+    if (p->residual)
+        p->scratch_floats += ((2 * ((n + 63) / 64) + 3 * D + 2 * (int64_t)p->G + (int64_t)p->G * D + 16 + 15) &
+                              ~(int64_t)15);
     p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||

@@ -214,9 +214,91 @@ static float q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, f
     return p->sm_scale * ksmax * kmax * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
 }
 
+/* q . k over D (a multiple of 16) in 8 independent lanes, so that it vectorizes */
+static float dot8(const float *q, const float *k, int D) {
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int d = 0; d < D; d += 8)
+        for (int j = 0; j < 8; j++) a[j] += q[d + j] * k[d + j];
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+static int is_set(const uint64_t *bits, int t) { return (int)((bits[t >> 6] >> (t & 63)) & 1); }
+
+/* The host tokens a selection left out, as one pseudo-token per summary chunk: the
+ * mean key and value of the chunk's unselected tokens, whose logit stands for all of
+ * them (+ log of their count). They join the softmax of query heads g0..g0+m of
+ * (b, h): out and lse, already holding the selection's, are merged with them in
+ * place. A whole chunk's means come from the store's chunk sums less the selected
+ * tokens (or from its unselected tokens, when those are fewer); the last chunk of a
+ * request that ends inside it, from its unselected tokens. */
+static void add_residual(run_ctx *r, int b, int h, int g0, int m, const int32_t *sel, int count, int tid) {
+    kvt_plan_state *p = r->p;
+    const kvt_store *s = p->store;
+    const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim, n = p->ntok[b];
+    if (count >= n) return;
+    float *w = p->scratch + (int64_t)tid * p->scratch_floats + p->res_off;
+    const int nw = (n + 63) / 64;
+    uint64_t *bits = (uint64_t *)w;
+    float *ks = w + 2 * (int64_t)nw, *vs = ks + D, *row = vs + D, *M = row + D, *L = M + m, *acc = L + m;
+    memset(bits, 0, sizeof(uint64_t) * (size_t)nw);
+    for (int j = 0; j < count; j++) bits[sel[j] >> 6] |= (uint64_t)1 << (sel[j] & 63);
+    for (int g = 0; g < m; g++) { M[g] = -INFINITY; L[g] = 0.f; }
+    memset(acc, 0, sizeof(float) * (size_t)m * D);
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G + g0;
+    const float *q = r->q + qh0 * D;
+    const int32_t *pages = p->page_table + p->page_off[b];
+    for (int c0 = 0; c0 < n; c0 += S) {
+        const int c1 = c0 + S < n ? c0 + S : n;
+        int nu = c1 - c0;
+        for (int t = c0; t < c1; t++) nu -= is_set(bits, t);
+        if (nu == 0) continue;
+        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
+        const int from_sums = c1 - c0 == S && 2 * nu > S; /* else add the unselected rows */
+        if (from_sums)
+            memcpy(ks, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) + (int64_t)((c0 % T) / S) * 2 * D,
+                   sizeof(float) * 2 * (size_t)D);
+        else
+            memset(ks, 0, sizeof(float) * 2 * (size_t)D);
+        const float sign = from_sums ? -1.f : 1.f;
+        for (int t = c0; t < c1; t++) {
+            if (is_set(bits, t) != from_sums) continue;
+            kvt_dequant_key_row(s, lph, t % T, row);
+            for (int d = 0; d < D; d++) ks[d] += sign * row[d];
+            kvt_dequant_value_row(s, lph, t % T, row);
+            for (int d = 0; d < D; d++) vs[d] += sign * row[d];
+        }
+        const float inv = 1.f / (float)nu, lc = logf((float)nu);
+        for (int g = 0; g < m; g++) {
+            float x = dot8(q + (int64_t)g * D, ks, D) * inv * p->sm_scale;
+            if (p->soft_cap > 0.f) x = p->soft_cap * tanhf(x / p->soft_cap);
+            x += lc;
+            float *a = acc + (int64_t)g * D;
+            if (x > M[g]) {
+                const float sc = expf(M[g] - x); /* 0 for the first chunk */
+                L[g] *= sc;
+                for (int d = 0; d < D; d++) a[d] *= sc;
+                M[g] = x;
+            }
+            const float wt = expf(x - M[g]);
+            L[g] += wt;
+            const float wv = wt * inv;
+            for (int d = 0; d < D; d++) a[d] += wv * vs[d];
+        }
+    }
+    for (int g = 0; g < m; g++) {
+        if (L[g] == 0.f) continue;
+        float *o = r->out + (qh0 + g) * D, le = r->lse[qh0 + g];
+        const float R = M[g] + logf(L[g]), hi = le > R ? le : R;
+        const float a0 = le == -INFINITY ? 0.f : expf(le - hi), a1 = expf(R - hi), z = a0 + a1;
+        const float c0 = a0 / z, c1 = a1 / (z * L[g]);
+        for (int d = 0; d < D; d++) o[d] = c0 * o[d] + c1 * acc[(int64_t)g * D + d];
+        r->lse[qh0 + g] = hi + logf(z);
+    }
+}
+
 /* softmax over the selection (X: [m, count] logits), then sum p * V */
 static void attend(run_ctx *r, int b, int h, int g0, int m, const float *X, const int32_t *sel,
-                   int count, float *prob, float *acc, const void **rows, float *vscale) {
+                   int count, float *prob, float *acc, const void **rows, float *vscale, int tid) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens, D = s->d.head_dim;
@@ -243,6 +325,7 @@ static void attend(run_ctx *r, int b, int h, int g0, int m, const float *X, cons
             for (int j = c; j < r->sel_cap; j++) o[j] = -1;
         }
     }
+    if (p->residual) add_residual(r, b, h, g0, m, sel, count, tid);
 }
 
 /* Block upper bounds from the min/max summaries: q.k <= sum_d max(q_d mn_d, q_d mx_d). */
@@ -326,7 +409,7 @@ static set_scratch set_scratch_at(const kvt_plan_state *p, float *sc, int n) {
 /* The exact logits of the candidates z.cand[0..cnt) (ascending) decide the top k;
  * MASS then keeps the smallest part of it reaching tau of the softmax mass, over
  * every host token when x holds their selection logits, else over the candidates. */
-static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z) {
+static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z, int tid) {
     kvt_plan_state *p = r->p;
     const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
     const int D = p->store->d.head_dim;
@@ -347,7 +430,7 @@ static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float 
     /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
     for (int g = 0; g < m; g++)
         for (int j = 0; j < count; j++) z.E[(int64_t)g * count + j] = z.E[(int64_t)g * cnt + z.pos[j]];
-    attend(r, b, h, g0, m, z.E, z.sel, count, z.prob, z.acc, (const void **)z.pairs, z.tmp);
+    attend(r, b, h, g0, m, z.E, z.sel, count, z.prob, z.acc, (const void **)z.pairs, z.tmp, tid);
 }
 
 /* q16 path, one selection set (heads g0..g0+m of (b, h)): x holds the
@@ -355,7 +438,7 @@ static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float 
  * logit lies within twice the error bound of the k-th largest is a candidate;
  * the exact logits of the candidates decide, so the selection is the one the
  * exact logits make. */
-static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, float *sc) {
+static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, float *sc, int tid) {
     kvt_plan_state *p = r->p;
     const int b = (int)(bh / p->Hkv), n = p->ntok[b];
     const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)(bh % p->Hkv) * p->G;
@@ -371,7 +454,7 @@ static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, f
         for (int t = 0; t < n; t++)
             if (x[t] >= cut) z.cand[cnt++] = t;
     }
-    decide_attend(r, bh, g0, m, cnt, x, z);
+    decide_attend(r, bh, g0, m, cnt, x, z, tid);
 }
 
 /* pages of summaries prefetched ahead of the bound pass */
@@ -439,7 +522,7 @@ static int prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const floa
  * (reduced over the set like the logits), ranks the chunks; the tokens of the
  * best ones, prefilter x budget of them, are the candidates whose exact logits
  * decide. Only the summaries and the candidates' keys are read. */
-static void select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float *sc) {
+static void select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float *sc, int tid) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
@@ -450,7 +533,7 @@ static void select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float
         chunk_bounds(p, r->layer, b, h, z.w, m, 0, (n + T - 1) / T, z.E);
     }
     int cnt = prefilter_pick(p, bh, m, z.E, z.re, z.tmp, z.pos, z.cand);
-    decide_attend(r, bh, g0, m, cnt, NULL, z);
+    decide_attend(r, bh, g0, m, cnt, NULL, z, tid);
 }
 
 /* empty request: out = 0, lse = -inf for query heads qh0 .. qh0 + m */
@@ -479,11 +562,11 @@ static void attend_task(void *c, int64_t item, int tid) {
     float *L = p->scores + p->score_off[item];
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
     if (p->prefilter > 0.f) {
-        for (int g0 = 0; g0 < G; g0 += m) select_attend_prefilter(r, item, g0, m, sc);
+        for (int g0 = 0; g0 < G; g0 += m) select_attend_prefilter(r, item, g0, m, sc, tid);
         return;
     }
     if (r->q16) {
-        for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc);
+        for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc, tid);
         return;
     }
     float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
@@ -516,7 +599,7 @@ static void attend_task(void *c, int64_t item, int tid) {
         for (int g = 0; g < m; g++)
             for (int j = 0; j < count; j++)
                 X[(int64_t)g * count + j] = L[(int64_t)(g0 + g) * n + sel[j]];
-        attend(r, b, h, g0, m, X, sel, count, prob, acc, (const void **)pairs, tmp);
+        attend(r, b, h, g0, m, X, sel, count, prob, acc, (const void **)pairs, tmp, tid);
     }
 }
 
@@ -599,7 +682,7 @@ static void select_task(void *c, int64_t s, int tid) {
             }
     }
     if (cnt < 0) { /* the band does not fit: the whole set on this thread */
-        select_attend_q16(r, bh, g0, m, x, sc);
+        select_attend_q16(r, bh, g0, m, x, sc, tid);
         return;
     }
     st->cnt = cnt;
@@ -666,7 +749,7 @@ static void exact_task(void *c, int64_t item, int tid) {
     if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) finalize_set(r, s, tid);
 }
 
-static void merge_set(run_ctx *r, int64_t s) {
+static void merge_set(run_ctx *r, int64_t s, int tid) {
     kvt_plan_state *p = r->p;
     const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
     int b, h, g0;
@@ -697,7 +780,7 @@ static void merge_set(run_ctx *r, int64_t s) {
             memcpy(os, sb.sel, sizeof(int32_t) * (size_t)cc);
             for (int j = cc; j < r->sel_cap; j++) os[j] = -1;
         }
-    }
+    }    if (p->residual) add_residual(r, b, h, g0, m, sb.sel, st->count, tid);
 }
 
 static void attend_chunk_task(void *c, int64_t item, int tid) {
@@ -717,7 +800,7 @@ static void attend_chunk_task(void *c, int64_t item, int tid) {
     float *prob = sc, *vscale = prob + (int64_t)m * n, *acc = vscale + n;
     const void **rows = (const void **)(acc + (((int64_t)m * D + 17) & ~(int64_t)1) + (((int64_t)(m + 1) * n) & 1));
     if (st->nca == 1) { /* one chunk: the one-item attend, bit for bit */
-        attend(r, b, h, g0, m, sb.E, sb.sel, count, prob, acc, rows, vscale);
+        attend(r, b, h, g0, m, sb.E, sb.sel, count, prob, acc, rows, vscale, tid);
         return;
     }
     const int j0 = (int)((int64_t)ci * count / st->nca), j1 = (int)((int64_t)(ci + 1) * count / st->nca);
@@ -736,7 +819,7 @@ static void attend_chunk_task(void *c, int64_t item, int tid) {
     memset(acc, 0, sizeof(float) * (size_t)m * D);
     kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, m, acc);
     for (int g = 0; g < m; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
-    if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) merge_set(r, s);
+    if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) merge_set(r, s, tid);
 }
 
 /* split prefilter: the chunk bounds of a part of a set's pages */

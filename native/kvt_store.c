@@ -145,6 +145,37 @@ static void load_row(const void *src, int32_t src_dtype, int64_t off, int D, flo
     }
 }
 
+void kvt_dequant_key_row(const kvt_store *s, int64_t lph, int t, float *o) {
+    const int D = s->d.head_dim;
+    const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)t * s->key_tok;
+    const float *ks = kvt_kscale_ptr(s, lph);
+    if (s->d.key_format == KVT_KEY_BF16) {
+        for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(((const uint16_t *)kp)[d]);
+    } else if (s->d.key_format == KVT_KEY_INT8) {
+        for (int d = 0; d < D; d++) o[d] = (float)((const int8_t *)kp)[d] * ks[t];
+    } else {
+        int grp = s->d.key_group;
+        const float *sc = ks + (int64_t)t * (D / grp);
+        for (int d = 0; d < D; d += 2) {
+            uint8_t b = kp[d / 2];
+            o[d] = (float)((int8_t)(uint8_t)(b << 4) >> 4) * sc[d / grp];
+            o[d + 1] = (float)((int8_t)b >> 4) * sc[d / grp];
+        }
+    }
+}
+
+void kvt_dequant_value_row(const kvt_store *s, int64_t lph, int t, float *o) {
+    const int D = s->d.head_dim;
+    if (s->d.value_format == KVT_VAL_BF16) {
+        const uint16_t *vp = (const uint16_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
+        for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(vp[d]);
+    } else {
+        const int8_t *vp = (const int8_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
+        float sc = kvt_vscale_ptr(s, lph)[t];
+        for (int d = 0; d < D; d++) o[d] = (float)vp[d] * sc;
+    }
+}
+
 typedef struct {
     const kvt_store *s;
     int32_t layer, src;
@@ -195,6 +226,14 @@ static void append_block(const append_ctx *a, int32_t i, int hh) {
             for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
         } else {
             vsp[t] = quant_sym(x, D, 127, (int8_t *)vp + (int64_t)t * D);
+        }
+        if (s->d.chunk_sums) { /* sums of the tokens as stored: what the engine would attend */
+            float *cs = (float *)kvt_chunk_sums_ptr(s, a->layer, a->ids[i], hh) + (int64_t)(t / S) * 2 * D;
+            if (t % S == 0) memset(cs, 0, sizeof(float) * 2 * (size_t)D);
+            kvt_dequant_key_row(s, lph, t, x);
+            for (int d = 0; d < D; d++) cs[d] += x[d];
+            kvt_dequant_value_row(s, lph, t, x);
+            for (int d = 0; d < D; d++) cs[D + d] += x[d];
         }
     }
 }
@@ -257,25 +296,6 @@ int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, cons
     return KVT_OK;
 }
 
-static void dequant_key_token(const kvt_store *s, int64_t lph, int t, float *o) {
-    const int D = s->d.head_dim;
-    const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)t * s->key_tok;
-    const float *ks = kvt_kscale_ptr(s, lph);
-    if (s->d.key_format == KVT_KEY_BF16) {
-        for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(((const uint16_t *)kp)[d]);
-    } else if (s->d.key_format == KVT_KEY_INT8) {
-        for (int d = 0; d < D; d++) o[d] = (float)((const int8_t *)kp)[d] * ks[t];
-    } else {
-        int grp = s->d.key_group;
-        const float *sc = ks + (int64_t)t * (D / grp);
-        for (int d = 0; d < D; d += 2) {
-            uint8_t b = kp[d / 2];
-            o[d] = (float)((int8_t)(uint8_t)(b << 4) >> 4) * sc[d / grp];
-            o[d + 1] = (float)((int8_t)b >> 4) * sc[d / grp];
-        }
-    }
-}
-
 static int32_t dequant(int32_t h, int32_t layer, int32_t n, const int32_t *ids, float *out, int keys) {
     const char *fn = keys ? "kvt_dequant_keys" : "kvt_dequant_values";
     kvt_store *s = kvt_store_get(h);
@@ -289,16 +309,8 @@ static int32_t dequant(int32_t h, int32_t layer, int32_t n, const int32_t *ids, 
             int64_t lph = kvt_lph(s, layer, ids[i], hh);
             for (int t = 0; t < T; t++) {
                 float *o = out + (((int64_t)i * H + hh) * T + t) * D;
-                if (keys) {
-                    dequant_key_token(s, lph, t, o);
-                } else if (s->d.value_format == KVT_VAL_BF16) {
-                    const uint16_t *vp = (const uint16_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
-                    for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(vp[d]);
-                } else {
-                    const int8_t *vp = (const int8_t *)kvt_val_ptr(s, lph) + (int64_t)t * D;
-                    float sc = kvt_vscale_ptr(s, lph)[t];
-                    for (int d = 0; d < D; d++) o[d] = (float)vp[d] * sc;
-                }
+                if (keys) kvt_dequant_key_row(s, lph, t, o);
+                else kvt_dequant_value_row(s, lph, t, o);
             }
         }
     return KVT_OK;

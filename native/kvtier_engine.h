@@ -45,6 +45,8 @@ typedef struct kvt_store_desc {
     void *values;
     float *value_scales;    /* NULL for BF16 values */
     uint16_t *summary;      /* bf16 [L, H, P, T/S, 2, D] */
+    float *chunk_sums;      /* NULL, or f32 [L, H, P, T/S, 2, D]: per summary chunk the sum of its
+                               dequantized keys, then of its values (needed by residual plans) */
 } kvt_store_desc;
 
 typedef struct kvt_plan_desc {
@@ -63,6 +65,9 @@ typedef struct kvt_plan_desc {
     float prefilter;              /* TOPK/MASS: >= 1 token-scores only the summary chunks
                                      with the best key upper bounds, holding prefilter x
                                      budget tokens; 0 scores every host token */
+    int32_t residual;             /* 1: the host tokens a selection leaves out join its softmax
+                                     as one pseudo-token per summary chunk (their mean key and
+                                     value, weighted by their count); needs chunk_sums */
 } kvt_plan_desc;
 
 int32_t kvt_init(void);

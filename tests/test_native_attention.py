@@ -61,8 +61,27 @@ def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
     return torch.cat([torch.arange(c * S, min((c + 1) * S, n)) for c in chosen.tolist()])
 
 
+def ref_residual(K, V, qg, sel, n, S, sm, cap):
+    """The unselected tokens as one pseudo-token per summary chunk of S: (logits [G, c], values [c, D])."""
+    out = torch.ones(n, dtype=torch.bool)
+    out[sel] = False
+    xs, vs = [], []
+    for c0 in range(0, n, S):
+        idx = torch.arange(c0, min(c0 + S, n))[out[c0:c0 + S]]
+        if len(idx) == 0:
+            continue
+        x = (qg @ K[idx].mean(0)) * sm
+        if cap > 0:
+            x = cap * torch.tanh(x / cap)
+        xs.append(x + math.log(len(idx)))
+        vs.append(V[idx].mean(0))
+    if not xs:
+        return torch.zeros(qg.shape[0], 0, dtype=torch.float64), torch.zeros(0, V.shape[-1], dtype=torch.float64)
+    return torch.stack(xs, -1), torch.stack(vs)
+
+
 def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, blocks, tau, sm, cap,
-                  prefilter=0.0):
+                  prefilter=0.0, residual=False):
     B, Hq, D = q.shape
     Hkv = store.kv_heads
     G = Hq // Hkv
@@ -116,24 +135,26 @@ def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, b
                         keep = int((cum < tau).sum()) + 1
                         sel = sel[order[: min(keep, len(sel))]]
                 sel = torch.sort(sel).values
+                rx, rv = ref_residual(K[h], V[h], qg[g0:g1], sel, n, store.summary_tokens, sm, cap) \
+                    if residual else (torch.zeros(g1 - g0, 0, dtype=torch.float64), V[h, :0])
                 for g in range(g0, g1):
-                    x = logit[g, sel]
+                    x = torch.cat([logit[g, sel], rx[g - g0]])
                     lse[b, h * G + g] = torch.logsumexp(x, 0)
-                    out[b, h * G + g] = torch.softmax(x, 0) @ V[h, sel]
+                    out[b, h * G + g] = torch.softmax(x, 0) @ torch.cat([V[h, sel], rv])
                     sels[b][h * G + g] = sel.tolist()
     return out, lse, sels
 
 
 # ---------------------------------------------------------------- harness
 def make_case(*, D=64, T=16, G=4, Hkv=2, lengths=(100,), kf="int8", vf="bf16", layers=2, seed=0,
-              S=None, grp=32):
+              S=None, grp=32, sums=False):
     g = torch.Generator().manual_seed(seed)
     npages = [max(1, -(-n // T)) for n in lengths]
     P = sum(npages) + 3
     S = S or min(16, T)
     store = N.HostStoreView.allocate(n_layers=layers, n_pages=P, kv_heads=Hkv, page_tokens=T, head_dim=D,
                                      key_format=kf, value_format=vf, summary_tokens=S,
-                                     key_group=grp if kf == "int4" else 32)
+                                     key_group=grp if kf == "int4" else 32, chunk_sums=sums)
     perm = torch.randperm(P, generator=g).to(torch.int32)
     for layer in range(layers):
         k = torch.randn(P, Hkv, T, D, generator=g) * 2
@@ -147,17 +168,18 @@ def make_case(*, D=64, T=16, G=4, Hkv=2, lengths=(100,), kf="int8", vf="bf16", l
 
 
 def run_both(store, table, offs, ntok, q, *, mode="topk", reduce="max", budget=None, blocks=None,
-             tau=1.0, cap=0.0, layer=1, threads=2, prefilter=0.0):
+             tau=1.0, cap=0.0, layer=1, threads=2, prefilter=0.0, residual=False):
     B, Hq, D = q.shape
     sm = 1.0 / math.sqrt(D)
     if budget is None:
         budget = torch.full((B, store.kv_heads), 20, dtype=torch.int32)
     with N.Engine(threads) as eng:
         eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
-                 block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap, prefilter=prefilter)
+                 block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap, prefilter=prefilter,
+                 residual=residual)
         res = eng.run(layer, q, return_selection=True)
     ref = ref_attention(store, layer, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget,
-                        blocks=blocks, tau=tau, sm=sm, cap=cap, prefilter=prefilter)
+                        blocks=blocks, tau=tau, sm=sm, cap=cap, prefilter=prefilter, residual=residual)
     return res, ref
 
 
@@ -314,6 +336,89 @@ def test_exact_ties_select_exactly_k(threads, prefilter):
         torch.testing.assert_close(res.out[0, h * G:(h + 1) * G].double(), ref, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(res.lse[0, h * G:(h + 1) * G].double(), torch.logsumexp(x, -1),
                                    atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- residual
+@pytest.mark.parametrize("mode", ["topk", "mass", "blocks", "all"])
+@pytest.mark.parametrize("reduce", ["max", "per_qhead"])
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("kf,vf", [("int8", "bf16"), ("int4", "int8"), ("bf16", "int8")])
+def test_residual_vs_reference(mode, reduce, cap, kf, vf):
+    """The unselected tokens' chunk means join the softmax: lengths ending inside a chunk and a
+    page, an empty request, a budget past the request."""
+    case = make_case(D=64, T=32, G=4, lengths=(150, 70, 0, 9), kf=kf, vf=vf, S=8, sums=True,
+                     seed=3 + len(mode) + len(reduce))
+    budget = torch.tensor([[40, 64], [33, 12], [5, 5], [20, 3]], dtype=torch.int32)
+    blocks = torch.tensor([16, 64], dtype=torch.int32) if mode == "blocks" else None
+    res, ref = run_both(*case, mode=mode, reduce=reduce, budget=budget, blocks=blocks, tau=0.9, cap=cap,
+                        residual=True)
+    assert_matches(res, ref)
+    if mode != "all":  # the residual changed the answer
+        store, table, offs, ntok, q = case
+        plain = ref_attention(store, 1, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget,
+                              blocks=blocks, tau=0.9, sm=1 / 8, cap=cap)
+        assert (ref[1][0] - plain[1][0]).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["topk", "mass"])
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("prefilter", [0.0, 3.0])
+def test_residual_long_request_vs_reference(mode, threads, prefilter):
+    """Batch 1 on many threads: the split select + attend paths add the residual too."""
+    case = make_case(D=64, T=64, G=4, Hkv=2, lengths=(5000,), S=32, sums=True, seed=12)
+    budget = torch.tensor([[60, 150]], dtype=torch.int32)
+    assert_matches(*run_both(*case, mode=mode, budget=budget, tau=0.8, threads=threads, prefilter=prefilter,
+                             residual=True))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("prefilter", [0.0, 4.0])
+def test_residual_isa_variants_match_generic(isa, prefilter):
+    case = make_case(D=128, T=64, G=4, Hkv=2, lengths=(2000, 333), S=16, sums=True, seed=5)
+    budget = torch.tensor([[64, 100], [30, 7]], dtype=torch.int32)
+    runs = {}
+    for name in ("generic", isa):
+        N.set_isa(name)
+        runs[name] = run_engine(*case, mode="topk", reduce="max", budget=budget, prefilter=prefilter, residual=True)
+    assert_same_as_generic(runs[isa], runs["generic"])
+
+
+def test_residual_lse_lies_between_the_selections_and_the_full():
+    """Without a soft-cap the mean key's logit bounds its tokens' log-sum-exp from below (Jensen):
+    the residual raises lse toward the full attention's and never past it, and the output error
+    against full attention falls."""
+    store, table, offs, ntok, q = make_case(D=64, T=16, G=4, lengths=(900, 400), S=16, sums=True, seed=21)
+    budget = torch.tensor([[30, 30], [30, 30]], dtype=torch.int32)
+    kw = dict(mode="topk", reduce="max", budget=budget, blocks=None, tau=1.0, sm=1 / 8, cap=0.0)
+    sel = ref_attention(store, 1, table, offs, ntok, q, **kw)
+    full = ref_attention(store, 1, table, offs, ntok, q, **{**kw, "mode": "all"})
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, 8, budget_tokens=budget, sm_scale=1 / 8, residual=True)
+        res = eng.run(1, q)
+    lse = res.lse.double()
+    assert (lse > sel[1] + 1e-3).all() and (lse <= full[1] + 1e-4).all()
+    err = (res.out.double() - full[0]).norm(dim=-1).mean()
+    assert err < 0.7 * (sel[0] - full[0]).norm(dim=-1).mean()
+
+
+def test_residual_needs_chunk_sums():
+    store, table, offs, ntok, q = make_case(lengths=(100,))
+    budget = torch.full((1, 2), 8, dtype=torch.int32)
+    with N.Engine(1) as eng:
+        with pytest.raises(N.NativeValueError, match="chunk_sums=True"):
+            eng.plan(store, table, offs, ntok, 8, budget_tokens=budget, sm_scale=0.125, residual=True)
+        with pytest.raises(N.NativeValueError, match="residual: expected a bool"):
+            eng.plan(store, table, offs, ntok, 8, budget_tokens=budget, sm_scale=0.125, residual=1)
+    with pytest.raises(N.NativeValueError, match="chunk_sums: expected a bool"):
+        N.HostStoreView.allocate(n_layers=1, n_pages=2, kv_heads=1, page_tokens=16, head_dim=64, chunk_sums="yes")
+
+
+def test_chunk_sums_hold_the_stored_tokens():
+    store, table, offs, ntok, q = make_case(D=64, T=32, S=8, kf="int4", vf="int8", sums=True, lengths=(64,))
+    pages = torch.arange(store.n_pages, dtype=torch.int32)
+    K, V = ref_keys(store, 1, pages), ref_values(store, 1, pages)  # [P, H, T, D]
+    want = torch.stack([K, V], 3).reshape(store.n_pages, 2, 4, 8, 2, 64).sum(3)  # [P, H, T/S, 2, D]
+    torch.testing.assert_close(store.chunk_sums[1].double(), want.transpose(0, 1), atol=1e-4, rtol=1e-5)
 
 
 def test_single_token_and_empty_request():
@@ -504,11 +609,13 @@ def even_divisors(D):
     return [g for g in range(2, D + 1, 2) if D % g == 0]
 
 
-def run_engine(store, table, offs, ntok, q, *, mode, reduce, budget, tau=0.7, cap=0.0, threads=2, prefilter=0.0):
+def run_engine(store, table, offs, ntok, q, *, mode, reduce, budget, tau=0.7, cap=0.0, threads=2, prefilter=0.0,
+               residual=False):
     B, Hq, D = q.shape
     with N.Engine(threads) as eng:
         eng.plan(store, table, offs, ntok, Hq, mode=mode, group_reduce=reduce, budget_tokens=budget,
-                 mass_threshold=tau, sm_scale=1.0 / math.sqrt(D), soft_cap=cap, prefilter=prefilter)
+                 mass_threshold=tau, sm_scale=1.0 / math.sqrt(D), soft_cap=cap, prefilter=prefilter,
+                 residual=residual)
         return eng.run(1, q, return_selection=True)
 
 

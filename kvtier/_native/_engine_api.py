@@ -112,12 +112,16 @@ class Engine:
              group_reduce: GroupReduce | str = GroupReduce.MAX,
              budget_tokens: torch.Tensor | None = None, block_tokens: torch.Tensor | None = None,
              mass_threshold: float = 1.0, sm_scale: float, soft_cap: float = 0.0,
-             prefilter: float = 0.0, sel_cap: int = 0) -> None:
+             prefilter: float = 0.0, residual: bool = False, sel_cap: int = 0) -> None:
         """Validate a batch and size all scratch; later run() calls allocate nothing in C.
 
         prefilter (topk and mass modes): 0 scores every host token; a factor >= 1
         ranks the store's summary chunks by their key upper bound and scores only
         the tokens of the best chunks, prefilter x budget of them.
+        residual: the host tokens a selection leaves out join its softmax as one
+        pseudo-token per summary chunk (their mean key and value; the logit plus the
+        log of their count), so out and lse estimate the whole host part rather than
+        the selection's. Needs a store allocated with chunk_sums=True.
         """
         h = self._h()
         if self._serving:
@@ -125,6 +129,10 @@ class Engine:
         if not isinstance(store, HostStoreView):
             raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
         sh = store._handle()
+        if not isinstance(residual, bool):
+            raise NativeValueError(f"residual: expected a bool, got {residual!r}")
+        if residual and store.chunk_sums is None:
+            raise NativeValueError("residual: needs a store allocated with chunk_sums=True, and this one has none")
         mode = _enum(SelectMode, mode, "mode")
         reduce = _enum(GroupReduce, group_reduce, "group_reduce")
         n_tok = C.int32_vector("n_tokens", n_tokens)
@@ -161,6 +169,7 @@ class Engine:
         d.sm_scale = _finite("sm_scale", sm_scale)
         d.soft_cap = _finite("soft_cap", soft_cap)
         d.prefilter = _finite("prefilter", prefilter)
+        d.residual = int(residual)
         check(lib.kvt_plan(h, sh, d))
         n_max = int(n_tok.max())
         if isinstance(sel_cap, bool) or not isinstance(sel_cap, int) or sel_cap < 0:

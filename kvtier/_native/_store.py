@@ -39,6 +39,7 @@ class StoreBuffers(NamedTuple):
     values: torch.Tensor
     value_scales: torch.Tensor | None
     summary: torch.Tensor
+    chunk_sums: torch.Tensor | None = None
 
 
 class HostStoreView:
@@ -49,21 +50,23 @@ class HostStoreView:
     values      bf16 [L,P,H,T,D] | int8 [L,P,H,T,D];  value_scales None | f32 [L,P,H,T]
     summary     bf16 [L,H,P,T/summary_tokens,2,D] (per-channel min rounded down and max rounded
                 up of the keys; head-major)
+    chunk_sums  None | f32 [L,H,P,T/summary_tokens,2,D] (per summary chunk the sum of its keys,
+                then of its values, as stored; for plans with residual=True)
 
-    All five are in ``.buffers``; ``keys``, ``key_scales``, ``value_scales`` and
+    All six are in ``.buffers``; ``keys``, ``key_scales``, ``value_scales`` and
     ``summary`` are also attributes, while ``values(layer, page_ids)`` dequantizes.
     """
 
     def __init__(self, *, n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format,
                  value_format, key_group, summary_tokens, keys, key_scales, values, value_scales,
-                 summary):
+                 summary, chunk_sums=None):
         self.n_layers, self.n_pages, self.kv_heads = n_layers, n_pages, kv_heads
         self.page_tokens, self.head_dim = page_tokens, head_dim
         self.key_format, self.value_format = key_format, value_format
         self.key_group, self.summary_tokens = key_group, summary_tokens
-        self.buffers = StoreBuffers(keys, key_scales, values, value_scales, summary)
+        self.buffers = StoreBuffers(keys, key_scales, values, value_scales, summary, chunk_sums)
         self.keys, self.key_scales = keys, key_scales
-        self.value_scales, self.summary = value_scales, summary
+        self.value_scales, self.summary, self.chunk_sums = value_scales, summary, chunk_sums
         desc = ffi.new("kvt_store_desc *")
         desc.n_layers, desc.n_pages, desc.kv_heads = n_layers, n_pages, kv_heads
         desc.page_tokens, desc.head_dim = page_tokens, head_dim
@@ -74,6 +77,7 @@ class HostStoreView:
         desc.values = C.ptr("void *", values)
         desc.value_scales = C.ptr("float *", value_scales)
         desc.summary = C.ptr("uint16_t *", summary)
+        desc.chunk_sums = C.ptr("float *", chunk_sums)
         h = ffi.new("int32_t *")
         check(lib.kvt_store_open(desc, h))
         self.handle = int(h[0])
@@ -82,7 +86,10 @@ class HostStoreView:
     def allocate(cls, *, n_layers: int, n_pages: int, kv_heads: int, page_tokens: int, head_dim: int,
                  key_format: KeyFormat | str = KeyFormat.INT8,
                  value_format: ValueFormat | str = ValueFormat.BF16, key_group: int = 32,
-                 summary_tokens: int = 16, pin_memory: bool = False) -> "HostStoreView":
+                 summary_tokens: int = 16, chunk_sums: bool = False,
+                 pin_memory: bool = False) -> "HostStoreView":
+        """Zeroed buffers for a store; chunk_sums=True adds the per-chunk key and value sums that
+        residual plans read (8 * head_dim bytes per summary chunk and kv-head)."""
         for name, v in (("n_layers", n_layers), ("n_pages", n_pages), ("kv_heads", kv_heads),
                         ("page_tokens", page_tokens), ("head_dim", head_dim),
                         ("key_group", key_group), ("summary_tokens", summary_tokens)):
@@ -113,10 +120,14 @@ class HostStoreView:
         else:
             values, vscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
         summary = z((n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim), torch.bfloat16)
+        if not isinstance(chunk_sums, bool):
+            raise NativeValueError(f"chunk_sums: expected a bool, got {chunk_sums!r}")
+        sums = (z((n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim), torch.float32)
+                if chunk_sums else None)
         return cls(n_layers=n_layers, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
                    head_dim=head_dim, key_format=kf, value_format=vf, key_group=key_group,
                    summary_tokens=summary_tokens, keys=keys, key_scales=kscales, values=values,
-                   value_scales=vscales, summary=summary)
+                   value_scales=vscales, summary=summary, chunk_sums=sums)
 
     @property
     def nbytes(self) -> int:

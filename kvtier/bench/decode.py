@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         dev_tokens = batch * (context + steps + 8) if name == "dense" else \
             batch * (sinks + window + cfg.window.page_tokens + steps + 8)
         need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
-        need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape)
+        need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape, chunk_sums=cfg.chunk_sums)
         return dev_tokens, need_dev, need_host
 
     def fits(name: str, context: int) -> int:

@@ -68,6 +68,11 @@ class TierConfig(Frozen):
         """Whether this policy moves KV to the host at all."""
         return True
 
+    @property
+    def chunk_sums(self) -> bool:
+        """Whether the host store keeps per-chunk key and value sums (for a residual estimate)."""
+        return False
+
 
 # --- HGCA -------------------------------------------------------------------
 
@@ -83,6 +88,10 @@ class HgcaKnobs(Frozen):
         ge=1,
         description="Rank the host store's summary chunks (host_store.summary_tokens each) by their key upper bound and score only the tokens of the best ones, this many times the budget; null scores every host token. Reads far fewer key bytes at long context; pair it with summary_tokens 32 or 64.",
     )
+    residual: bool = Field(
+        False,
+        description="Let the host tokens the selection leaves out join its softmax as one pseudo-token per summary chunk (their mean key and value, counted as many times as they are), so the host part's weight against the window stays close to full attention's. The store keeps each chunk's key and value sums (float32: 8 * head_dim / summary_tokens more bytes per token and kv-head, about 16% more than int8 keys and bf16 values at 16-token chunks), and each step reads them.",
+    )
 
 
 class HgcaConfig(TierConfig):
@@ -90,6 +99,10 @@ class HgcaConfig(TierConfig):
 
     policy: Literal["hgca"] = "hgca"
     hgca: HgcaKnobs = Field(default_factory=HgcaKnobs)
+
+    @property
+    def chunk_sums(self) -> bool:
+        return self.hgca.residual
 
 
 # --- Fluxion ----------------------------------------------------------------

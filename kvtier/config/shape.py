@@ -19,11 +19,12 @@ class ModelShape(NamedTuple):
     head_dim: int
 
 
-def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape) -> float:
+def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False) -> float:
     """Host bytes one token occupies across all layers and kv-heads.
 
-    Counts keys with their scales, values with theirs, and the key min/max
-    summary (bf16, amortised over a summary chunk).
+    Counts keys with their scales, values with theirs, the key min/max summary
+    (bf16, amortised over a summary chunk) and, with chunk_sums, the chunk's
+    float32 key and value sums (the residual estimate's).
     """
     d = shape.head_dim
     if store.key_format is KeyFormat.INT8:
@@ -34,7 +35,8 @@ def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape) -> float:
         key = 2 * d
     value = 2 * d if store.value_format is ValueFormat.BF16 else d + 4
     summary = 2 * 2 * d / store.summary_tokens
-    return (key + value + summary) * shape.kv_heads * shape.n_layers
+    sums = 2 * 4 * d / store.summary_tokens if chunk_sums else 0.0
+    return (key + value + summary + sums) * shape.kv_heads * shape.n_layers
 
 
 def device_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:

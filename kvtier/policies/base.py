@@ -26,6 +26,7 @@ class EngineArgs(NamedTuple):
     block_tokens: Optional[List[int]]  # [Hkv], blocks mode only
     mass_threshold: float
     prefilter: float = 0.0  # topk/mass: candidates from summary-chunk bounds, x budget; 0 = off
+    residual: bool = False  # the unselected host tokens join the softmax per summary chunk
 
 
 class Policy:

@@ -17,7 +17,8 @@ class Hgca(Policy):
         base = super().engine_args(host_tokens, context_tokens, kv_heads)
         knobs = self.config.hgca
         prefilter = knobs.prefilter if knobs.prefilter is not None and base.mode != "all" else 0.0
-        return base._replace(group_reduce=knobs.group_reduce.value, prefilter=prefilter)
+        return base._replace(group_reduce=knobs.group_reduce.value, prefilter=prefilter,
+                             residual=knobs.residual and base.mode != "all")
 
 
 @register

@@ -172,7 +172,7 @@ class HybridAttention:
                 budget_tokens=torch.tensor(args.budgets, dtype=torch.int32),
                 block_tokens=torch.tensor(args.block_tokens, dtype=torch.int32) if args.block_tokens else None,
                 mass_threshold=args.mass_threshold, sm_scale=self.sm_scale, soft_cap=self.soft_cap,
-                prefilter=args.prefilter,
+                prefilter=args.prefilter, residual=args.residual,
             )
         return hp
 

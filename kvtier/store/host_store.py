@@ -48,7 +48,7 @@ class StoreStats(NamedTuple):
 
 def page_bytes(config: TierConfig, shape: ModelShape) -> int:
     """Host bytes of one page across all layers and kv-heads under config's store formats."""
-    return int(round(host_bytes_per_token(config.host_store, shape) * config.window.page_tokens))
+    return int(round(host_bytes_per_token(config.host_store, shape, chunk_sums=config.chunk_sums) * config.window.page_tokens))
 
 
 def capacity_pages(config: TierConfig, shape: ModelShape) -> int:
@@ -72,7 +72,8 @@ class HostStore:
         self.view = HostStoreView.allocate(
             n_layers=shape.n_layers, n_pages=n_pages, kv_heads=shape.kv_heads, page_tokens=self.page_tokens,
             head_dim=shape.head_dim, key_format=store.key_format.value, value_format=store.value_format.value,
-            key_group=store.key_group_channels, summary_tokens=store.summary_tokens, pin_memory=pin_memory,
+            key_group=store.key_group_channels, summary_tokens=store.summary_tokens,
+            chunk_sums=config.chunk_sums, pin_memory=pin_memory,
         )
         self.n_pages = n_pages
         self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
