@@ -254,22 +254,25 @@ static void add_residual(run_ctx *r, int b, int h, int g0, int m, const int32_t 
         if (nu == 0) continue;
         const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
         const int from_sums = c1 - c0 == S && 2 * nu > S; /* else add the unselected rows */
-        if (from_sums)
-            memcpy(ks, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) + (int64_t)((c0 % T) / S) * 2 * D,
-                   sizeof(float) * 2 * (size_t)D);
-        else
-            memset(ks, 0, sizeof(float) * 2 * (size_t)D);
-        const float sign = from_sums ? -1.f : 1.f;
-        for (int t = c0; t < c1; t++) {
-            if (is_set(bits, t) != from_sums) continue;
-            kvt_dequant_key_row(s, lph, t % T, row);
-            for (int d = 0; d < D; d++) ks[d] += sign * row[d];
-            kvt_dequant_value_row(s, lph, t % T, row);
-            for (int d = 0; d < D; d++) vs[d] += sign * row[d];
+        const float *cs = from_sums ? kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
+                                      (int64_t)((c0 % T) / S) * 2 * D : NULL;
+        const float *kv = cs; /* [key sum | value sum] of the chunk's unselected tokens */
+        if (!from_sums || nu < c1 - c0) {
+            if (from_sums) memcpy(ks, cs, sizeof(float) * 2 * (size_t)D);
+            else memset(ks, 0, sizeof(float) * 2 * (size_t)D);
+            const float sign = from_sums ? -1.f : 1.f;
+            for (int t = c0; t < c1; t++) {
+                if (is_set(bits, t) != from_sums) continue;
+                kvt_dequant_key_row(s, lph, t % T, row);
+                for (int d = 0; d < D; d++) ks[d] += sign * row[d];
+                kvt_dequant_value_row(s, lph, t % T, row);
+                for (int d = 0; d < D; d++) vs[d] += sign * row[d];
+            }
+            kv = ks;
         }
         const float inv = 1.f / (float)nu, lc = logf((float)nu);
         for (int g = 0; g < m; g++) {
-            float x = dot8(q + (int64_t)g * D, ks, D) * inv * p->sm_scale;
+            float x = dot8(q + (int64_t)g * D, kv, D) * inv * p->sm_scale;
             if (p->soft_cap > 0.f) x = p->soft_cap * tanhf(x / p->soft_cap);
             x += lc;
             float *a = acc + (int64_t)g * D;
@@ -282,7 +285,7 @@ static void add_residual(run_ctx *r, int b, int h, int g0, int m, const int32_t 
             const float wt = expf(x - M[g]);
             L[g] += wt;
             const float wv = wt * inv;
-            for (int d = 0; d < D; d++) a[d] += wv * vs[d];
+            for (int d = 0; d < D; d++) a[d] += wv * kv[D + d];
         }
     }
     for (int g = 0; g < m; g++) {
