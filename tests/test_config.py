@@ -111,3 +111,23 @@ def test_capacity_against_context():
     with pytest.raises(ConfigError, match="host_store.capacity_gib: expected at least"):
         check_capacity(config, llama8b, batch=2)
     check_capacity(loads("policy: dense\nhost_store: {capacity_gib: 0.001}"), llama8b, batch=64)
+
+
+def test_residual_counts_its_chunk_sums_in_host_bytes():
+    """hgca.residual makes the store keep float32 key and value sums per summary chunk:
+    8 * head_dim / summary_tokens more bytes per token and kv-head, in every capacity check."""
+    from kvtier.config import host_bytes_per_token
+
+    shape = ModelShape(n_layers=32, num_q_heads=32, kv_heads=8, head_dim=128)
+    plain = loads("policy: hgca\nhost_store: {summary_tokens: 16}")
+    resid = loads("policy: hgca\nhost_store: {summary_tokens: 16}\nhgca: {residual: true}")
+    assert not plain.chunk_sums and resid.chunk_sums
+    assert not loads("policy: quest").chunk_sums
+    extra = host_bytes_per_token(resid.host_store, shape, chunk_sums=True) - \
+        host_bytes_per_token(plain.host_store, shape)
+    assert extra == 8 * 128 / 16 * 8 * 32
+    # 14.1 GiB of plain int8/bf16 KV for 128K tokens fits 15 GiB; with the sums (+2 GiB) it does not
+    check_capacity(loads("policy: hgca\nhost_store: {capacity_gib: 15}\nmax_context_tokens: 131072"), shape, batch=1)
+    with pytest.raises(ConfigError, match="host_store.capacity_gib: expected at least"):
+        check_capacity(loads("policy: hgca\nhost_store: {capacity_gib: 15}\nmax_context_tokens: 131072\n"
+                             "hgca: {residual: true}"), shape, batch=1)
