@@ -214,7 +214,7 @@ def _backend_class():
 
         # --- breakable decode CUDA graphs -------------------------------------
         # sglang captures the decode forward in segments that break at every attention call
-        # (`--cuda-graph-backend-decode breakable`, on request): the projections,
+        # (`--cuda-graph-backend-decode breakable`, the launch default): the projections,
         # norms and MLPs replay as graphs, and each layer's hybrid attention runs eagerly in
         # between (it waits on the CPU engine, which no graph can record). Nothing of the
         # tier is captured: the break reads the current batch's plan when it runs.
