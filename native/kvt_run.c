@@ -214,12 +214,29 @@ static float q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, f
     return p->sm_scale * ksmax * kmax * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
 }
 
-/* q . k over D (a multiple of 16) in 8 independent lanes, so that it vectorizes */
-static float dot8(const float *q, const float *k, int D) {
-    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int d = 0; d < D; d += 8)
-        for (int j = 0; j < 8; j++) a[j] += q[d + j] * k[d + j];
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+/* Four float lanes (GCC/Clang vector extensions: SSE2 on any x86-64, no ISA check). */
+typedef float kvt_f4 __attribute__((vector_size(16)));
+
+static kvt_f4 load4(const float *x) {
+    kvt_f4 v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* q . k over D (a multiple of 16), in a fixed order of 8 lanes */
+static float dot_f32(const float *q, const float *k, int D) {
+    kvt_f4 a0 = {0.f, 0.f, 0.f, 0.f}, a1 = a0;
+    for (int d = 0; d < D; d += 8) {
+        a0 += load4(q + d) * load4(k + d);
+        a1 += load4(q + d + 4) * load4(k + d + 4);
+    }
+    const kvt_f4 s = a0 + a1;
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+/* a[0..D) = a * s + w * x */
+static void scale_add(float *restrict a, float s, float w, const float *restrict x, int D) {
+    for (int d = 0; d < D; d++) a[d] = a[d] * s + w * x[d];
 }
 
 static int is_set(const uint64_t *bits, int t) { return (int)((bits[t >> 6] >> (t & 63)) & 1); }
@@ -272,20 +289,18 @@ static void add_residual(run_ctx *r, int b, int h, int g0, int m, const int32_t 
         }
         const float inv = 1.f / (float)nu, lc = logf((float)nu);
         for (int g = 0; g < m; g++) {
-            float x = dot8(q + (int64_t)g * D, kv, D) * inv * p->sm_scale;
+            float x = dot_f32(q + (int64_t)g * D, kv, D) * inv * p->sm_scale;
             if (p->soft_cap > 0.f) x = p->soft_cap * tanhf(x / p->soft_cap);
             x += lc;
-            float *a = acc + (int64_t)g * D;
+            float sc = 1.f, wt = 1.f;
             if (x > M[g]) {
-                const float sc = expf(M[g] - x); /* 0 for the first chunk */
-                L[g] *= sc;
-                for (int d = 0; d < D; d++) a[d] *= sc;
+                sc = expf(M[g] - x); /* 0 for the first chunk */
                 M[g] = x;
+            } else {
+                wt = expf(x - M[g]);
             }
-            const float wt = expf(x - M[g]);
-            L[g] += wt;
-            const float wv = wt * inv;
-            for (int d = 0; d < D; d++) a[d] += wv * kv[D + d];
+            L[g] = L[g] * sc + wt;
+            scale_add(acc + (int64_t)g * D, sc, wt * inv, kv + D, D);
         }
     }
     for (int g = 0; g < m; g++) {
