@@ -177,8 +177,14 @@ def run(args: argparse.Namespace) -> int:
     sm = 1.0 / math.sqrt(D)
     eng = Engine(args.threads)
     torch.set_num_threads(eng.n_threads)
-    eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-             H * G, budget_tokens=budget, sm_scale=sm)
+
+    def plan_one(store, table, tokens, budget, residual=False):
+        """Plan the engine for one request of `tokens` host tokens over `table`."""
+        eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32),
+                 torch.tensor([tokens], dtype=torch.int32), H * G, budget_tokens=budget, sm_scale=sm,
+                 residual=residual)
+
+    plan_one(store, table, n, budget)
     sel = min(k, n)
     bytes_touched = H * n * kbytes + H * sel * D * 2
     buf = torch.randint(0, 255, (bytes_touched,), dtype=torch.uint8)
@@ -189,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
     t_torch = timeit(lambda: torch_reference(store, table, n, q, k, sm), torch_repeats)
     err = (eng.run(0, q).out - torch_reference(store, table, n, q, k, sm)).abs().max().item()
     # the same selection, the unselected tokens added back as chunk means (hgca.residual)
-    eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-             H * G, budget_tokens=budget, sm_scale=sm, residual=True)
+    plan_one(store, table, n, budget, residual=True)
     t_resid = timeit(lambda: eng.run(0, q), repeats)
     del store, buf
 
@@ -208,13 +213,11 @@ def run(args: argparse.Namespace) -> int:
         nl = args.long_tokens
         store_l, table_l, q_l, budget_l = build_case(nl, H, G, D, args.page_tokens, k, seed=1,
                                                      key_format=kf, key_group=kg)
-        eng.plan(store_l, table_l, torch.tensor([0, len(table_l)], dtype=torch.int32),
-                 torch.tensor([nl], dtype=torch.int32), H * G, budget_tokens=budget_l, sm_scale=sm)
+        plan_one(store_l, table_l, nl, budget_l)
         rl = max(3, repeats // 2)
         t_ls = timeit(lambda: eng.score(0, q_l), rl)
         t_le = timeit(lambda: eng.run(0, q_l), rl)
-        eng.plan(store_l, table_l, torch.tensor([0, len(table_l)], dtype=torch.int32),
-                 torch.tensor([nl], dtype=torch.int32), H * G, budget_tokens=budget_l, sm_scale=sm, residual=True)
+        plan_one(store_l, table_l, nl, budget_l, residual=True)
         t_lr = timeit(lambda: eng.run(0, q_l), rl)
         bl = H * nl * kbytes + H * min(k, nl) * D * 2
         ml = {"score": statistics.median(t_ls), "engine": statistics.median(t_le),
