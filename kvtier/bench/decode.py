@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 
 from ..config import ModelShape, from_mapping
-from ..config.shape import device_bytes_per_token, host_bytes_per_token
+from ..config.shape import device_bytes_per_token
 from .results import machine, markdown_table, write
 from .stack import HIDDEN, LLAMA3_8B, StackWeights, context_kv, fill_context, make_weights, output, project_qkv
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         dev_tokens = batch * (context + steps + 8) if name == "dense" else \
             batch * (sinks + window + cfg.window.page_tokens + steps + 8)
         need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
-        need_host = 0 if name == "dense" else batch * context * host_bytes_per_token(cfg.host_store, shape, chunk_sums=cfg.chunk_sums)
+        need_host = 0 if name == "dense" else batch * context * cfg.host_bytes_per_token(shape)
         return dev_tokens, need_dev, need_host
 
     def fits(name: str, context: int) -> int:

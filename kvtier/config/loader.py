@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .policies import POLICY_CLASSES, PolicyConfig, TierConfig
-from .shape import GIB, ModelShape, host_bytes_per_token
+from .shape import GIB, ModelShape
 
 _ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
 
@@ -197,7 +197,7 @@ def check_capacity(config: TierConfig, shape: ModelShape, *, batch: int = 1, sou
     """Raise ConfigError when the host store cannot hold `batch` full-length requests."""
     if not config.offloads:
         return
-    need = host_bytes_per_token(config.host_store, shape, chunk_sums=config.chunk_sums) * config.max_context_tokens * batch
+    need = config.host_bytes_per_token(shape) * config.max_context_tokens * batch
     have = config.host_store.capacity_gib * GIB
     if need > have:
         raise ConfigError(source, [Problem(

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Optional, Tuple, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from .shape import ModelShape, host_bytes_per_token
 from .sections import (
     AllBudget,
     Budget,
@@ -72,6 +73,10 @@ class TierConfig(Frozen):
     def chunk_sums(self) -> bool:
         """Whether the host store keeps per-chunk key and value sums (for a residual estimate)."""
         return False
+
+    def host_bytes_per_token(self, shape: ModelShape) -> float:
+        """Host bytes one token of this policy's store occupies, across all layers and kv-heads."""
+        return host_bytes_per_token(self.host_store, shape, chunk_sums=self.chunk_sums)
 
 
 # --- HGCA -------------------------------------------------------------------

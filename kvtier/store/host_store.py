@@ -24,7 +24,7 @@ from typing import Dict, Hashable, List, NamedTuple
 import torch
 
 from .._native import HostStoreView
-from ..config import GIB_BYTES, ModelShape, OnFull, TierConfig, host_bytes_per_token
+from ..config import GIB_BYTES, ModelShape, OnFull, TierConfig
 from .errors import CapacityError, UnknownRequestError
 
 
@@ -48,7 +48,7 @@ class StoreStats(NamedTuple):
 
 def page_bytes(config: TierConfig, shape: ModelShape) -> int:
     """Host bytes of one page across all layers and kv-heads under config's store formats."""
-    return int(round(host_bytes_per_token(config.host_store, shape, chunk_sums=config.chunk_sums) * config.window.page_tokens))
+    return int(round(config.host_bytes_per_token(shape) * config.window.page_tokens))
 
 
 def capacity_pages(config: TierConfig, shape: ModelShape) -> int:
