@@ -55,6 +55,11 @@ def test_dense_policy_generates_exactly_what_plain_transformers_does(smollm):
     top2 = out.topk(2, dim=-1).values
     torch.testing.assert_close(torch.tensor(r.margins[0][:3]), top2[:, 0] - top2[:, 1], atol=1e-3, rtol=1e-3)
     assert all(len(m) in (len(g), len(g) + 1) for m, g in zip(r.margins, r.generations))
+    # each policy's own decode attention: only hgca has host tokens for the engine
+    dense_t, wo_t, hg_t = r.attention
+    assert all(t.wall_s > 0 and t.gpu_s > 0 for t in r.attention)
+    assert dense_t.cpu_s == 0 and wo_t.cpu_s == 0 and hg_t.cpu_s > 0
+    assert sum(t.wall_s for t in r.attention) <= r.decode_s
 
 
 def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
@@ -68,6 +73,17 @@ def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"worst_gap_points=-?\d+\.\d window_only_gap_points=-?\d+\.\d", last), last
     assert (tmp_path / "eval-smollm2-135m.json").is_file() and (tmp_path / "eval-smollm2-135m.md").is_file()
     assert not (tmp_path / "eval-smollm2-135m.partial.json").exists(), "the checkpoint outlived a finished run"
+    import json
+
+    saved = json.loads((tmp_path / "eval-smollm2-135m.json").read_text())
+    assert saved["settings"]["device"] == "auto"
+    timing = saved["summary"]["timing"]
+    assert timing["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert timing["prefill_s"] > 0 and timing["step_ms"] > 0 and timing["steps"] >= 1
+    cells = {c["policy"]: c for c in saved["cells"]}
+    assert cells["hgca@10%"]["engine_ms_per_step"] > 0 and cells["dense"]["engine_ms_per_step"] == 0
+    assert all(c["attn_ms_per_step"] > 0 for c in cells.values())
+    assert "attention ms/step" in (tmp_path / "eval-smollm2-135m.md").read_text()
 
 
 def test_checkpoint_keeps_the_answers_so_far(tmp_path, monkeypatch):
@@ -126,6 +142,16 @@ def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
     with pytest.raises(ValueError, match="--name"):
         grid.check_settings({**base, "policies": ["dense"], "name": "../out"})
     grid.check_settings({**base, "policies": ["dense", str(same)], "name": "eval-run_2"})
+    for device in ("bogus", "meta"):
+        with pytest.raises(ValueError, match="--device: expected auto, cpu, cuda or cuda:N"):
+            grid.check_settings({**base, "policies": ["dense"], "device": device})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="expected a CUDA GPU"):
+            grid.check_settings({**base, "policies": ["dense"], "device": "cuda"})
+    else:
+        with pytest.raises(ValueError, match="GPU index below"):
+            grid.check_settings({**base, "policies": ["dense"], "device": f"cuda:{torch.cuda.device_count()}"})
+    grid.check_settings({**base, "policies": ["dense"], "device": "cpu"})
     assert grid._name({**base, "name": "eval-run_2"}, False) == "eval-run_2"
     assert grid._name({**base, "name": None}, True) == "eval-smollm2-135m-quick"
 
@@ -168,3 +194,24 @@ def test_chunked_prefill_through_the_tiers_keeps_dense_exact(smollm):
     assert max(hg) < 0.05 and sum(hg) < sum(wo)  # every host token attended; window-only loses them
     with pytest.raises(ValueError, match="prefill_chunk"):
         run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=1, stop_ids=[], prefill_chunk=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_dense_generates_what_plain_transformers_does_there():
+    """The model and the tiers' device windows on the GPU (host stores and the engine on the CPU)."""
+    from kvtier.eval import models
+    from kvtier.eval.runner import policy_specs, run_prompt
+    from kvtier.eval.tasks import build
+
+    tok, model = models.load(models.resolve("smollm2-135m"))
+    model.to("cuda")
+    p = build("passkey", tok, 900, seed=5, sample=0)
+    ids = list(p.context_ids) + list(p.tail_ids)
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    specs = policy_specs(["dense", "window_only", "hgca"], [1.0], window_tokens=64, sink_tokens=4)
+    r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=8, stop_ids=[tok.eos_token_id],
+                   fidelity=True)
+    assert r.generations[0] == ref.tolist()[: len(r.generations[0])] and len(r.generations[0]) >= 4
+    assert all(f.rel_err < 1e-3 for f in r.fidelity[0])
+    assert max(f.rel_err for f in r.fidelity[2]) < 0.05 and r.attention[2].cpu_s > 0

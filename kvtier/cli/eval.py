@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, help="device window tokens (sinks: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="results file name under benchmarks/results/ (default eval-<model>[-quick])")
+    parser.add_argument("--device", default="auto",
+                        help="where the model and the tiers' device windows run: auto (CUDA when there is a GPU), "
+                             "cpu, cuda or cuda:N; host stores and the engine are always on the CPU")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer attention fidelity")
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                         help="prefill the context in chunks of this size through each policy's tier (as an "
@@ -55,6 +58,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
     out["name"] = getattr(args, "name", None)
     out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
+    out["device"] = getattr(args, "device", None) or "auto"
     return out
 
 

@@ -46,7 +46,7 @@ def attended_mask(tier: TierManager, rid, detail: HybridDetail, n: int, num_q_he
     mask[:, st.host_end:] = True  # recent tokens (pages in flight are still attended on the device)
     if detail.selection is not None:
         first = tier.store.table(rid).first_pos
-        sel = detail.selection[0].long()  # [Hq, cap]
+        sel = detail.selection[0].long().cpu()  # [Hq, cap]
         picked = sel >= 0
         pos = torch.where(picked, sel + first, torch.zeros_like(sel))
         mask.scatter_(1, pos, picked | mask.gather(1, pos))
@@ -55,16 +55,20 @@ def attended_mask(tier: TierManager, rid, detail: HybridDetail, n: int, num_q_he
 
 def layer_fidelity(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, detail: HybridDetail,
                    attended: torch.Tensor, *, sm_scale: float, top_k: int = TOP_K) -> LayerFidelity:
-    """q [1, Hq, D]; k_full, v_full [n, Hkv, D], every token of the request; attended [Hq, n] bool."""
+    """q [1, Hq, D]; k_full, v_full [n, Hkv, D], every token of the request; attended [Hq, n] bool.
+
+    Measured in float64 on the CPU, wherever the inputs live.
+    """
+    q, k_full, v_full, attended = q.cpu(), k_full.cpu(), v_full.cpu(), attended.cpu()
     n, hkv, d = k_full.shape
     hq = q.shape[1]
     if attended.shape != (hq, n):
         raise ValueError(f"attended must be [num_q_heads, n] = {(hq, n)}, found {tuple(attended.shape)}")
     indptr = torch.tensor([0, n])
     full = dense_attention(q.double(), k_full.double(), v_full.double(), indptr, sm_scale=sm_scale)
-    out = detail.out.double()
+    out = detail.out.double().cpu()
     rel = float((out - full.out).norm() / full.out.norm().clamp(min=1e-30))
-    lse = float((detail.lse.double() - full.lse).abs().mean())
+    lse = float((detail.lse.double().cpu() - full.lse).abs().mean())
     group = hq // hkv
     logits = torch.einsum("hd,nhd->hn", q[0].double(), k_full.double().repeat_interleave(group, dim=1))
     kk = min(top_k, n)

@@ -10,14 +10,18 @@ import time
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+import torch
+
 from ..bench import results
 from ..config import ConfigError, load
 from ..policies import REGISTRY
+from ..runtime.standalone import resolve_device
 from . import models
 from .runner import PolicySpec, entry_label, is_policy_file, policy_specs, run_prompt
 from .tasks import TASKS, build, score
 
 GAP_BUDGET = 0.1
+TIMES = ("attn_ms_per_step", "engine_ms_per_step", "window_ms_per_step")  # per policy, summed over layers
 
 
 class Report(NamedTuple):
@@ -49,6 +53,17 @@ def check_settings(s: dict) -> None:
         raise ValueError(f"--policies: expected distinct labels (a file is labelled by its stem), found {labels}")
     if s.get("name") is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", s["name"]):
         raise ValueError(f"--name: expected letters, digits, '.', '_' or '-', found {s['name']!r}")
+    device = s.get("device", "cpu")
+    try:
+        dev = resolve_device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, found {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, found {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: expected a CUDA GPU, but torch {torch.__version__} sees none")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: expected a GPU index below {torch.cuda.device_count()}")
     chunk = s.get("prefill_chunk")
     if chunk is not None and chunk < 1:
         raise ValueError(f"--prefill-chunk: expected a token count >= 1, found {chunk}")
@@ -65,8 +80,10 @@ def _stop_ids(tok, model) -> List[int]:
 
 def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[str], None]) -> Report:
     t_start = time.perf_counter()
-    log(f"eval: loading {s['model']}")
+    device = resolve_device(s.get("device", "cpu"))
+    log(f"eval: loading {s['model']} on {device}")
     tok, model = models.load(models.resolve(s["model"]))
+    model.to(device)  # the tiers' device pools follow the model; host stores and engines stay on the CPU
     specs = policy_specs(s["policies"], s["budgets"], window_tokens=s["window"])
     stops = _stop_ids(tok, model)
     records: List[dict] = []
@@ -88,9 +105,14 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                     text = tok.decode(r.generations[j], skip_special_tokens=True)
                     sc = score(text, p.answers)
                     scores.append(sc)
+                    at = r.attention[j]
                     records.append(dict(context=ctx, task=task, sample=i, policy=spec.label, score=sc,
                                         answer=text.strip()[:200], expected=list(p.answers),
-                                        min_margin=min(r.margins[j], default=float("nan"))))
+                                        min_margin=min(r.margins[j], default=float("nan")),
+                                        prefill_s=r.prefill_s, decode_s=r.decode_s, decode_steps=r.decode_steps,
+                                        attn_ms_per_step=1e3 * at.wall_s / max(r.decode_steps, 1),
+                                        engine_ms_per_step=1e3 * at.cpu_s / max(r.decode_steps, 1),
+                                        window_ms_per_step=1e3 * at.gpu_s / max(r.decode_steps, 1)))
                     host = 0.0
                     if r.fidelity is not None:
                         layers = r.fidelity[j]
@@ -138,6 +160,10 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     for rec in records:
         acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
     task_acc = {k: _mean(v) for k, v in acc.items()}
+    timed: Dict[tuple, List[dict]] = defaultdict(list)
+    for rec in records:
+        if all(k in rec for k in TIMES):
+            timed[(rec["context"], rec["policy"])].append(rec)
     ctx_acc = {(c, sp.label): _mean(task_acc[(c, t, sp.label)] for t in s["tasks"])
                for c in s["contexts"] for sp in specs}
     cells = []
@@ -153,7 +179,8 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
                 host_frac=_mean(u[0] for u in usage[(c, sp.label)]),
                 device_tokens=_mean(u[1] for u in usage[(c, sp.label)]),
                 rel_err=_mean(x[0] for x in per_layer), lse_err=_mean(x[1] for x in per_layer),
-                topk_recall=_mean(x[2] for x in per_layer), per_layer=per_layer))
+                topk_recall=_mean(x[2] for x in per_layer), per_layer=per_layer,
+                **{k: _mean(r[k] for r in timed.get((c, sp.label), [])) for k in TIMES}))
     at_gap = [x for x in cells if x["budget"] is not None and math.isclose(x["budget"], GAP_BUDGET)]
     worst = max((x["gap"] for x in at_gap), default=float("nan"))
     worst_task = max((ctx_acc_d - x["tasks"][t] for x in at_gap for t in s["tasks"]
@@ -162,7 +189,8 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     window_gap = max(wo) if wo else float("nan")
     name = _name(s, quick)
     summary = dict(worst_gap_points=worst, worst_task_drop_points=worst_task, window_only_gap_points=window_gap,
-                   gap_budget=GAP_BUDGET, seconds=seconds, drops=_drops(records, specs))
+                   gap_budget=GAP_BUDGET, seconds=seconds, drops=_drops(records, specs),
+                   timing=_timing(records, str(resolve_device(s.get("device", "cpu")))))
     table = _markdown(s, specs, cells, summary)
     payload = dict(name=name, settings=s, seed=seed, machine=results.machine(), summary=summary, cells=cells,
                    fidelity_top_k=32, records=records)
@@ -211,6 +239,7 @@ def _markdown(s, specs, cells, summary) -> str:
         for sp in specs:
             x = by[(c, sp.label)]
             lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x['tasks'][t]:.0f}" for t in s["tasks"]) + " |")
+    lines += _timing_lines(s, specs, by, summary)
     drops = summary.get("drops", [])
     if drops:
         lines += ["", f"Prompts a budgeted policy at {100 * GAP_BUDGET:g}% scored below dense, with dense's "
@@ -224,6 +253,44 @@ def _markdown(s, specs, cells, summary) -> str:
               f"{summary['worst_task_drop_points']:.1f} points; window_only gap: "
               f"{summary['window_only_gap_points']:.1f} points. Wall time {summary['seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def _timing_lines(s, specs, by, summary) -> List[str]:
+    t = summary.get("timing")
+    if not t:
+        return []
+    lines = ["", f"Timings on {t['device']} ({t['machine']}): prefill {t['prefill_s']:.2f} s per prompt "
+             f"({'per policy, chunked' if s.get('prefill_chunk') else 'once, shared by the policies'}); decode "
+             f"{t['step_ms']:.1f} ms per step with every policy's row in one batch, {t['steps']:.0f} steps per "
+             "prompt. Each policy's own attention per decode step, summed over the model's layers: the decoding "
+             "thread's time in the tier's attention, the CPU engine's time over host tokens, and the device "
+             "window's time (kernel time from CUDA events on a GPU, where the thread does not wait for those "
+             "kernels; wall time on the CPU):", "",
+             "| context | policy | attention ms/step | engine ms/step | window ms/step |", "|---|---|---|---|---|"]
+    for c in s["contexts"]:
+        for sp in specs:
+            x = by[(c, sp.label)]
+            lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x[k]:.2f}" for k in TIMES) + " |")
+    return lines
+
+
+def _timing(records: List[dict], device: str) -> Optional[dict]:
+    """Per-prompt times (the first record of each prompt carries them), averaged."""
+    seen = {}
+    for r in records:
+        if "decode_s" in r:
+            seen.setdefault((r["context"], r["task"], r["sample"]), r)
+    if not seen:
+        return None
+    xs = list(seen.values())
+    steps = sum(r["decode_steps"] for r in xs)
+    return dict(device=device, machine=_machine_words(), prefill_s=_mean(r["prefill_s"] for r in xs),
+                step_ms=1e3 * sum(r["decode_s"] for r in xs) / max(steps, 1), steps=steps / len(xs))
+
+
+def _machine_words() -> str:
+    m = results.machine()
+    return f"{m['cpu_cores']} CPU cores" + (f", {m['gpu']}" if "gpu" in m else "")
 
 
 def _family(sp: PolicySpec) -> str:

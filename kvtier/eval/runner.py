@@ -36,14 +36,23 @@ class PolicySpec(NamedTuple):
     config: TierConfig
 
 
+class AttentionTime(NamedTuple):
+    """One policy's decode attention over a prompt's decode steps, summed over layers (seconds)."""
+
+    wall_s: float  # in HybridAttention.run, as the decoding thread saw it
+    cpu_s: float  # the CPU engine's share (host tokens)
+    gpu_s: float  # the device window's share
+
+
 class PromptResult(NamedTuple):
     generations: List[List[int]]  # per spec, the greedy answer tokens (stop token excluded)
     fidelity: Optional[List[List[LayerFidelity]]]  # per spec, per layer, at the first tail token
     device_tokens: List[int]  # per spec, device-resident tokens at the first tail token
     prefill_s: float
-    decode_s: float
+    decode_s: float  # every policy's decode steps together (one batched forward per step)
     decode_steps: int
     margins: List[List[float]]  # per spec, per answer token: top-1 minus top-2 logit (how near a tie)
+    attention: List[AttentionTime]  # per spec, its own share of decode_s
 
 
 def is_policy_file(entry: str) -> bool:
@@ -88,15 +97,18 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
     return specs
 
 
-def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int, chunk: int = 0) -> StandaloneTier:
+def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int, chunk: int = 0, *,
+          device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> StandaloneTier:
     ms = ModelShape(shape.n_layers, shape.num_q_heads, shape.kv_heads, shape.head_dim)
     win = spec.config.window
-    device = total + 1 if spec.policy == "dense" else win.device_tokens_max + win.page_tokens + chunk + 1
-    return StandaloneTier(spec.config, ms, device="cpu", dtype=torch.float32, device_tokens=device,
-                          host_tokens=total, sm_scale=shape.sm_scale)
+    slots = total + 1 if spec.policy == "dense" else win.device_tokens_max + win.page_tokens + chunk + 1
+    # FlashInfer's kernels take fp16/bf16 KV; a float32 model's window runs in torch
+    flash = None if dtype in (torch.float16, torch.bfloat16) else False
+    return StandaloneTier(spec.config, ms, device=device, dtype=dtype, device_tokens=slots,
+                          host_tokens=total, sm_scale=shape.sm_scale, use_flashinfer=flash)
 
 
-def _shared_prefill(model, tiers, context_ids, n_layers: int, fidelity: bool):
+def _shared_prefill(model, tiers, context_ids, n_layers: int, fidelity: bool, device: torch.device):
     """Full attention once; every tier gets the K, V. Returns the per-layer full-precision K, V (or Nones)."""
     plans = [t.tier.prefill(0, len(context_ids)) for t in tiers]
     mirror: List[Optional[tuple]] = [None] * n_layers
@@ -107,12 +119,12 @@ def _shared_prefill(model, tiers, context_ids, n_layers: int, fidelity: bool):
         if fidelity:
             mirror[layer] = (k.contiguous().clone(), v.contiguous().clone())
 
-    model(input_ids=torch.tensor([list(context_ids)]), use_cache=False, kvtier_step=PrefillStep(write),
+    model(input_ids=torch.tensor([list(context_ids)], device=device), use_cache=False, kvtier_step=PrefillStep(write),
           logits_to_keep=1)
     return mirror
 
 
-def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidelity: bool):
+def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidelity: bool, device: torch.device):
     """The context in chunks through every tier (row i in tier i), evicting before each chunk.
 
     Returns per tier the per-layer K, V its own forward produced (for fidelity; Nones without).
@@ -138,8 +150,8 @@ def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidel
                 outs.append(t.attn.run_extend(q[i].transpose(0, 1), layer))  # [c, Hq, D]
             return torch.stack(outs)
 
-        ids = torch.tensor([list(context_ids[start: start + c])] * B)
-        pos = torch.arange(start, start + c).expand(B, c)
+        ids = torch.tensor([list(context_ids[start: start + c])] * B, device=device)
+        pos = torch.arange(start, start + c, device=device).expand(B, c)
         model(input_ids=ids, position_ids=pos, use_cache=False, kvtier_step=ExtendStep(attend), logits_to_keep=1)
     for t in tiers:
         t.tier.evict()  # as a server's first decode step does
@@ -147,6 +159,11 @@ def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidel
         return [[None] * n_layers for _ in range(B)]
     return [[(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer])) for layer in per]
             for per in parts]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -165,18 +182,23 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
                                       or prefill_chunk < 1):
         raise ValueError(f"run_prompt: expected prefill_chunk None or a token count >= 1, found {prefill_chunk!r}")
     shape = model_shape(model)
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype  # the tiers' device pools live beside the model
     n, m, B = len(context_ids), len(tail_ids), len(specs)
-    tiers = [_tier(s, shape, n + m + max_new_tokens, prefill_chunk or 0) for s in specs]
+    tiers = [_tier(s, shape, n + m + max_new_tokens, prefill_chunk or 0, device=device, dtype=dtype) for s in specs]
     try:
         for t in tiers:
             t.tier.add(0)
         t0 = time.perf_counter()
         if prefill_chunk is None:
-            shared = _shared_prefill(model, tiers, context_ids, shape.n_layers, fidelity)
+            shared = _shared_prefill(model, tiers, context_ids, shape.n_layers, fidelity, device)
             mirrors = [shared] * B
         else:
-            mirrors = _chunked_prefill(model, tiers, context_ids, shape.n_layers, prefill_chunk, fidelity)
+            mirrors = _chunked_prefill(model, tiers, context_ids, shape.n_layers, prefill_chunk, fidelity, device)
+        _sync(device)
         prefill_s = time.perf_counter() - t0
+        for t in tiers:
+            t.attn.take_times()  # from here on, each tier's decode attention only
         stops = set(int(s) for s in stop_ids)
         feed = [int(tail_ids[0])] * B
         out: List[List[int]] = [[] for _ in range(B)]
@@ -210,8 +232,8 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
                     outs.append(detail.out)
                 return torch.cat(outs)
 
-            pos = torch.full((B, 1), n + step, dtype=torch.long)
-            logits = model(input_ids=torch.tensor(feed)[:, None], position_ids=pos, use_cache=False,
+            pos = torch.full((B, 1), n + step, dtype=torch.long, device=device)
+            logits = model(input_ids=torch.tensor(feed, device=device)[:, None], position_ids=pos, use_cache=False,
                            kvtier_step=DecodeStep(attend), logits_to_keep=1).logits[:, -1]
             steps += 1
             for t in tiers:
@@ -231,10 +253,13 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
                         out[i].append(tok)
             if all(done):
                 break
-        return PromptResult(out, fid, device_tokens, prefill_s, time.perf_counter() - t1, steps, margins)
+        _sync(device)
+        decode_s = time.perf_counter() - t1
+        attention = [AttentionTime(x.wall_s, x.cpu_s, x.gpu_s) for x in (t.attn.take_times() for t in tiers)]
+        return PromptResult(out, fid, device_tokens, prefill_s, decode_s, steps, margins, attention)
     finally:
         for t in tiers:
             t.close()
 
 
-__all__ = ["PolicySpec", "PromptResult", "entry_label", "is_policy_file", "policy_specs", "run_prompt"]
+__all__ = ["AttentionTime", "PolicySpec", "PromptResult", "entry_label", "is_policy_file", "policy_specs", "run_prompt"]
