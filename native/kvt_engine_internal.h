@@ -33,6 +33,15 @@ typedef struct kvt_plan_state {
     float prefilter;      /* > 0: candidates from summary-chunk bounds (TOPK/MASS) */
     int residual;         /* 1: unselected host tokens join each set's softmax per summary chunk */
     int64_t res_off;      /* the residual's part of each thread's scratch (floats from its start) */
+    /* residual, after every set is attended: per set (index as the split path's) a bitmap of
+     * its selection at res_bits + res_bits_off[s]; work items (set, first chunk, end chunk)
+     * over summary chunks, each writing its partial [m, D + 2] (max, sum, weighted values)
+     * to res_part + item * res_part_floats; then one merge per set, in item order */
+    int64_t *res_bits_off, *res_item_off; /* [n_sets + 1] */
+    uint64_t *res_bits;
+    int64_t n_res_items, res_part_floats;
+    int32_t *res_items;
+    float *res_part;
     int32_t *page_table, *page_off, *ntok, *budget, *block; /* copies of the desc arrays */
     int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores */
     float *scores;

@@ -82,6 +82,10 @@ typedef struct kvt_kernels {
      * bf16: summary-chunk upper bounds, with s a chunk's [min | max] row and w the
      * query's [min(q, 0) | max(q, 0)] */
     void (*bound_bf16)(const uint16_t *s, int n, int D2, const float *w, int G, float *out, int64_t ostride);
+    /* out[g] = scale * dot(q[g*D:], x) for g < G (D % 16 == 0): the residual's chunk logits */
+    void (*dot_f32)(const float *x, int D, const float *q, int G, float scale, float *out);
+    /* acc[g*D + d] += w[g] * x[d] for g < G (D % 16 == 0): the residual's weighted value means */
+    void (*axpy_f32)(const float *x, int D, const float *w, int G, float *acc);
 } kvt_kernels;
 
 /* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */

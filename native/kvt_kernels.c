@@ -118,10 +118,27 @@ static void bound_bf16_generic(const uint16_t *s, int n, int D2, const float *w,
         }
 }
 
+/* in a fixed order of 8 lanes */
+static void dot_f32_generic(const float *x, int D, const float *q, int G, float scale, float *out) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (int64_t)g * D;
+        float a[8] = {0.f};
+        for (int d = 0; d < D; d += 8)
+            for (int l = 0; l < 8; l++) a[l] += qg[d + l] * x[d + l];
+        out[g] = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) * scale;
+    }
+}
+
+static void axpy_f32_generic(const float *x, int D, const float *w, int G, float *acc) {
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < D; d++) acc[(int64_t)g * D + d] += w[g] * x[d];
+}
+
 static const kvt_kernels K_GENERIC = {
     "generic", score_bf16_generic, score_i8_generic, score_i4_generic,
     accum_bf16_generic, accum_i8_generic, sum_bytes_generic, accum_rows_generic,
     softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_bf16_generic,
+    dot_f32_generic, axpy_f32_generic,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -244,10 +261,24 @@ T_AVX2 static void bound_bf16_avx2(const uint16_t *s, int n, int D2, const float
     }
 }
 
+T_AVX2 static void dot_f32_avx2(const float *x, int D, const float *q, int G, float scale, float *out) {
+    dot_group_avx2(x, D, q, G, scale, out, 1);
+}
+
+T_AVX2 static void axpy_f32_avx2(const float *x, int D, const float *w, int G, float *acc) {
+    for (int g = 0; g < G; g++) {
+        const __m256 wg = _mm256_set1_ps(w[g]);
+        float *a = acc + (int64_t)g * D;
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(a + d, _mm256_fmadd_ps(wg, _mm256_loadu_ps(x + d), _mm256_loadu_ps(a + d)));
+    }
+}
+
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
     softmax_generic, NULL, NULL, soft_cap_generic, sum_exp_generic, bound_bf16_avx2,
+    dot_f32_avx2, axpy_f32_avx2,
 };
 
 /* ----------------------------------------------------------------- AVX-512 */
@@ -944,10 +975,34 @@ T_512 static void bound_bf16_512(const uint16_t *s, int n, int D2, const float *
     }
 }
 
+T_512 static void dot_f32_512(const float *x, int D, const float *q, int G, float scale, float *out) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (int64_t)g * D;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int d = 0;
+        for (; d + 32 <= D; d += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(qg + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d + 16), _mm512_loadu_ps(qg + d + 16), a1);
+        }
+        for (; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(qg + d), a0);
+        out[g] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+    }
+}
+
+T_512 static void axpy_f32_512(const float *x, int D, const float *w, int G, float *acc) {
+    for (int g = 0; g < G; g++) {
+        const __m512 wg = _mm512_set1_ps(w[g]);
+        float *a = acc + (int64_t)g * D;
+        for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(a + d, _mm512_fmadd_ps(wg, _mm512_loadu_ps(x + d), _mm512_loadu_ps(a + d)));
+    }
+}
+
 static const kvt_kernels K_AVX512 = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
     softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_bf16_512,
+    dot_f32_512, axpy_f32_512,
 };
 
 /* K_AVX512 under its own name: KVTIER_ISA=avx512bw forces the AVX512BW selection
@@ -956,6 +1011,7 @@ static const kvt_kernels K_AVX512_BW = {
     "avx512bw", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
     softmax_512, score_i8_q16_bw, score_i4_q16_bw, soft_cap_512, sum_exp_512, bound_bf16_512,
+    dot_f32_512, axpy_f32_512,
 };
 
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
@@ -963,6 +1019,7 @@ static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
     accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
     softmax_512, score_i8_q16_vnni, score_i4_q16_vnni, soft_cap_512, sum_exp_512, bound_bf16_512,
+    dot_f32_512, axpy_f32_512,
 };
 #endif
 

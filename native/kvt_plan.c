@@ -15,6 +15,7 @@ void kvt_plan_free(kvt_plan_state *p) {
     free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
     free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->part); free(p->work);
     free(p->pf_off); free(p->pf_ub); free(p->pf_items);
+    free(p->res_bits_off); free(p->res_item_off); free(p->res_bits); free(p->res_items); free(p->res_part);
     memset(p, 0, sizeof *p);
 }
 
@@ -164,6 +165,49 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
     return KVT_OK;
 }
 
+/* Fewest summary chunks per residual work item */
+#define KVT_RES_MIN_CHUNKS 64
+
+/* Residual buffers and work items: each set's chunks in parts, about four
+ * items per thread in all, at least KVT_RES_MIN_CHUNKS chunks each. */
+static int32_t plan_residual(kvt_plan_state *p, const kvt_store *s) {
+    const int S = s->d.summary_tokens, D = s->d.head_dim, m = p->nsub > 1 ? 1 : p->G;
+    const int64_t ns = p->n_sets;
+    p->res_bits_off = malloc(sizeof(int64_t) * (size_t)(ns + 1));
+    p->res_item_off = malloc(sizeof(int64_t) * (size_t)(ns + 1));
+    if (!p->res_bits_off || !p->res_item_off) return KVT_ERR_NOMEM;
+    const int64_t want = (4 * (int64_t)p->n_threads + ns - 1) / (ns > 0 ? ns : 1);
+    int64_t words = 0, items = 0;
+    for (int64_t i = 0; i < ns; i++) {
+        const int n = p->ntok[i / p->nsub / p->Hkv], nc = (n + S - 1) / S;
+        int64_t parts = nc / KVT_RES_MIN_CHUNKS < want ? nc / KVT_RES_MIN_CHUNKS : want;
+        if (parts < 1) parts = nc > 0;
+        p->res_bits_off[i] = words;
+        p->res_item_off[i] = items;
+        words += (n + 63) / 64;
+        items += parts;
+    }
+    p->res_bits_off[ns] = words;
+    p->res_item_off[ns] = items;
+    p->res_part_floats = (int64_t)m * (D + 2);
+    p->res_bits = malloc(sizeof(uint64_t) * (size_t)(words > 0 ? words : 1));
+    p->res_items = malloc(sizeof(int32_t) * 3 * (size_t)(items > 0 ? items : 1));
+    p->res_part = malloc(sizeof(float) * (size_t)((items > 0 ? items : 1) * p->res_part_floats));
+    if (!p->res_bits || !p->res_items || !p->res_part) return KVT_ERR_NOMEM;
+    for (int64_t i = 0; i < ns; i++) {
+        const int n = p->ntok[i / p->nsub / p->Hkv], nc = (n + S - 1) / S;
+        const int64_t parts = p->res_item_off[i + 1] - p->res_item_off[i];
+        for (int64_t j = 0; j < parts; j++) {
+            int32_t *w = p->res_items + 3 * (p->res_item_off[i] + j);
+            w[0] = (int32_t)i;
+            w[1] = (int32_t)(j * nc / parts);
+            w[2] = (int32_t)((j + 1) * nc / parts);
+        }
+    }
+    p->n_res_items = items;
+    return KVT_OK;
+}
+
 static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : p->G, D = s->d.head_dim;
     p->nsub = per_q ? p->G : 1;
@@ -250,13 +294,13 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
     p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (3 * (int64_t)p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
     p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
-    /* residual: a bitmap of the selection (n bits, as 64-bit words), a chunk's key and value
-     * sums [2D], a token row [D], per head the running max and sum [2G] and the weighted
-     * values [G, D] */
+    /* residual: a chunk's adjusted key or value sum [D], a token row [D], and per chunk of
+     * a work item (at most every chunk of the longest request) its unselected count and
+     * the logits of up to G heads, and G floats for one chunk's logits or weights */
     p->res_off = p->scratch_floats;
     if (p->residual)
-        p->scratch_floats += ((2 * ((n + 63) / 64) + 3 * D + 2 * (int64_t)p->G + (int64_t)p->G * D + 16 + 15) &
-                              ~(int64_t)15);
+        p->scratch_floats += (2 * D + ((n + s->d.summary_tokens - 1) / s->d.summary_tokens) * (1 + (int64_t)p->G) +
+                              p->G + 16 + 15) & ~(int64_t)15;
     p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||
@@ -270,6 +314,11 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
         kvt_plan_free(p);
         pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing the split select + attend buffers");
+    }
+    if (p->residual && plan_residual(p, s) != KVT_OK) {
+        kvt_plan_free(p);
+        pthread_mutex_unlock(&e->mu);
+        return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing the residual's buffers");
     }
     int64_t it = 0;
     for (int b = 0; b < B; b++)

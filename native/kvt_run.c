@@ -215,103 +215,20 @@ static float q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, f
 }
 
 /* Four float lanes (GCC/Clang vector extensions: SSE2 on any x86-64, no ISA check). */
-typedef float kvt_f4 __attribute__((vector_size(16)));
-
-static kvt_f4 load4(const float *x) {
-    kvt_f4 v;
-    memcpy(&v, x, sizeof v);
-    return v;
-}
-
-/* q . k over D (a multiple of 16), in a fixed order of 8 lanes */
-static float dot_f32(const float *q, const float *k, int D) {
-    kvt_f4 a0 = {0.f, 0.f, 0.f, 0.f}, a1 = a0;
-    for (int d = 0; d < D; d += 8) {
-        a0 += load4(q + d) * load4(k + d);
-        a1 += load4(q + d + 4) * load4(k + d + 4);
-    }
-    const kvt_f4 s = a0 + a1;
-    return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-/* a[0..D) = a * s + w * x */
-static void scale_add(float *restrict a, float s, float w, const float *restrict x, int D) {
-    for (int d = 0; d < D; d++) a[d] = a[d] * s + w * x[d];
+/* a[0..D) += w * x */
+static void axpy(float *restrict a, float w, const float *restrict x, int D) {
+    for (int d = 0; d < D; d++) a[d] += w * x[d];
 }
 
 static int is_set(const uint64_t *bits, int t) { return (int)((bits[t >> 6] >> (t & 63)) & 1); }
 
-/* The host tokens a selection left out, as one pseudo-token per summary chunk: the
- * mean key and value of the chunk's unselected tokens, whose logit stands for all of
- * them (+ log of their count). They join the softmax of query heads g0..g0+m of
- * (b, h): out and lse, already holding the selection's, are merged with them in
- * place. A whole chunk's means come from the store's chunk sums less the selected
- * tokens (or from its unselected tokens, when those are fewer); the last chunk of a
- * request that ends inside it, from its unselected tokens. */
-static void add_residual(run_ctx *r, int b, int h, int g0, int m, const int32_t *sel, int count, int tid) {
-    kvt_plan_state *p = r->p;
-    const kvt_store *s = p->store;
-    const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim, n = p->ntok[b];
-    if (count >= n) return;
-    float *w = p->scratch + (int64_t)tid * p->scratch_floats + p->res_off;
-    const int nw = (n + 63) / 64;
-    uint64_t *bits = (uint64_t *)w;
-    float *ks = w + 2 * (int64_t)nw, *vs = ks + D, *row = vs + D, *M = row + D, *L = M + m, *acc = L + m;
-    memset(bits, 0, sizeof(uint64_t) * (size_t)nw);
+/* The residual's record of a set's selection (query heads g0.. of (b, h)): its
+ * bitmap, which the residual work items read once every set is attended. */
+static void mark_selection(const kvt_plan_state *p, int b, int h, int g0, const int32_t *sel, int count) {
+    const int64_t set = ((int64_t)b * p->Hkv + h) * p->nsub + (p->nsub > 1 ? g0 : 0);
+    uint64_t *bits = p->res_bits + p->res_bits_off[set];
+    memset(bits, 0, sizeof(uint64_t) * (size_t)(p->res_bits_off[set + 1] - p->res_bits_off[set]));
     for (int j = 0; j < count; j++) bits[sel[j] >> 6] |= (uint64_t)1 << (sel[j] & 63);
-    for (int g = 0; g < m; g++) { M[g] = -INFINITY; L[g] = 0.f; }
-    memset(acc, 0, sizeof(float) * (size_t)m * D);
-    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G + g0;
-    const float *q = r->q + qh0 * D;
-    const int32_t *pages = p->page_table + p->page_off[b];
-    for (int c0 = 0; c0 < n; c0 += S) {
-        const int c1 = c0 + S < n ? c0 + S : n;
-        int nu = c1 - c0;
-        for (int t = c0; t < c1; t++) nu -= is_set(bits, t);
-        if (nu == 0) continue;
-        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
-        const int from_sums = c1 - c0 == S && 2 * nu > S; /* else add the unselected rows */
-        const float *cs = from_sums ? kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
-                                      (int64_t)((c0 % T) / S) * 2 * D : NULL;
-        const float *kv = cs; /* [key sum | value sum] of the chunk's unselected tokens */
-        if (!from_sums || nu < c1 - c0) {
-            if (from_sums) memcpy(ks, cs, sizeof(float) * 2 * (size_t)D);
-            else memset(ks, 0, sizeof(float) * 2 * (size_t)D);
-            const float sign = from_sums ? -1.f : 1.f;
-            for (int t = c0; t < c1; t++) {
-                if (is_set(bits, t) != from_sums) continue;
-                kvt_dequant_key_row(s, lph, t % T, row);
-                for (int d = 0; d < D; d++) ks[d] += sign * row[d];
-                kvt_dequant_value_row(s, lph, t % T, row);
-                for (int d = 0; d < D; d++) vs[d] += sign * row[d];
-            }
-            kv = ks;
-        }
-        const float inv = 1.f / (float)nu, lc = logf((float)nu);
-        for (int g = 0; g < m; g++) {
-            float x = dot_f32(q + (int64_t)g * D, kv, D) * inv * p->sm_scale;
-            if (p->soft_cap > 0.f) x = p->soft_cap * tanhf(x / p->soft_cap);
-            x += lc;
-            float sc = 1.f, wt = 1.f;
-            if (x > M[g]) {
-                sc = expf(M[g] - x); /* 0 for the first chunk */
-                M[g] = x;
-            } else {
-                wt = expf(x - M[g]);
-            }
-            L[g] = L[g] * sc + wt;
-            scale_add(acc + (int64_t)g * D, sc, wt * inv, kv + D, D);
-        }
-    }
-    for (int g = 0; g < m; g++) {
-        if (L[g] == 0.f) continue;
-        float *o = r->out + (qh0 + g) * D, le = r->lse[qh0 + g];
-        const float R = M[g] + logf(L[g]), hi = le > R ? le : R;
-        const float a0 = le == -INFINITY ? 0.f : expf(le - hi), a1 = expf(R - hi), z = a0 + a1;
-        const float c0 = a0 / z, c1 = a1 / (z * L[g]);
-        for (int d = 0; d < D; d++) o[d] = c0 * o[d] + c1 * acc[(int64_t)g * D + d];
-        r->lse[qh0 + g] = hi + logf(z);
-    }
 }
 
 /* softmax over the selection (X: [m, count] logits), then sum p * V */
@@ -343,7 +260,7 @@ static void attend(run_ctx *r, int b, int h, int g0, int m, const float *X, cons
             for (int j = c; j < r->sel_cap; j++) o[j] = -1;
         }
     }
-    if (p->residual) add_residual(r, b, h, g0, m, sel, count, tid);
+    if (p->residual) mark_selection(p, b, h, g0, sel, count);
 }
 
 /* Block upper bounds from the min/max summaries: q.k <= sum_d max(q_d mn_d, q_d mx_d). */
@@ -798,7 +715,8 @@ static void merge_set(run_ctx *r, int64_t s, int tid) {
             memcpy(os, sb.sel, sizeof(int32_t) * (size_t)cc);
             for (int j = cc; j < r->sel_cap; j++) os[j] = -1;
         }
-    }    if (p->residual) add_residual(r, b, h, g0, m, sb.sel, st->count, tid);
+    }
+    if (p->residual) mark_selection(p, b, h, g0, sb.sel, st->count);
 }
 
 static void attend_chunk_task(void *c, int64_t item, int tid) {
@@ -853,6 +771,127 @@ static void bound_task(void *c, int64_t item, int tid) {
     float *q = p->scratch + (int64_t)tid * p->scratch_floats;
     bound_query(r->q + qh0 * D, m, D, q);
     chunk_bounds(p, r->layer, b, h, q, m, w[1], w[2], p->pf_ub + p->pf_off[w[0]]);
+}
+
+/* ---- residual (hgca.residual), after every set is attended -------------------
+ * The host tokens a selection left out, as one pseudo-token per summary chunk: the
+ * mean key and value of the chunk's unselected tokens, whose logit stands for all of
+ * them (+ log of their count). residual_task (per part of a set's chunks) folds its
+ * chunks into a partial softmax [m, D + 2] (running max, sum, weighted values);
+ * residual_merge_task (per set) merges the parts in order and then, by log-sum-exp,
+ * with the out and lse the selection left. A whole chunk's means come from the
+ * store's chunk sums less the selected tokens (or from its unselected tokens, when
+ * those are fewer); the last chunk of a request that ends inside it, from its
+ * unselected tokens. */
+/* The chunk's unselected tokens' key (part 0) or value (part 1) sum: the store's
+ * chunk sum when every token is unselected, else the sum less the selected rows (at
+ * least half unselected) or the unselected rows alone, written to buf. */
+static const float *chunk_part_sum(const kvt_store *s, const uint64_t *bits, const float *cs, int64_t lph,
+                                   int c0, int c1, int nu, int part, float *buf, float *row) {
+    const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim;
+    const int from_sums = c1 - c0 == S && 2 * nu > S;
+    if (from_sums && nu == c1 - c0) return cs + (int64_t)part * D;
+    if (from_sums) memcpy(buf, cs + (int64_t)part * D, sizeof(float) * (size_t)D);
+    else memset(buf, 0, sizeof(float) * (size_t)D);
+    const float sign = from_sums ? -1.f : 1.f;
+    for (int t = c0; t < c1; t++) {
+        if (is_set(bits, t) != from_sums) continue;
+        if (part == 0) kvt_dequant_key_row(s, lph, t % T, row);
+        else kvt_dequant_value_row(s, lph, t % T, row);
+        for (int d = 0; d < D; d++) buf[d] += sign * row[d];
+    }
+    return buf;
+}
+
+/* Two passes over the item's chunks: the pseudo-tokens' logits (key sums) and their
+ * maximum per head, then exp(logit - max) and the weighted value means. */
+static void residual_task(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const kvt_store *s = p->store;
+    const int32_t *w = p->res_items + 3 * item;
+    const int m = p->nsub > 1 ? 1 : p->G;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);
+    const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim, n = p->ntok[b];
+    const int nci = w[2] - w[1];
+    const uint64_t *bits = p->res_bits + p->res_bits_off[w[0]];
+    float *buf = p->scratch + (int64_t)tid * p->scratch_floats + p->res_off, *row = buf + D;
+    float *cnt = row + D, *x = cnt + nci; /* unselected count per chunk, logits [m, nci] */
+    float *lg = x + (int64_t)m * nci;     /* per head: a chunk's logit, then its weight */
+    float *M = p->res_part + item * p->res_part_floats, *L = M + m, *acc = L + m;
+    for (int g = 0; g < m; g++) { M[g] = -INFINITY; L[g] = 0.f; }
+    memset(acc, 0, sizeof(float) * (size_t)m * D);
+    const float *q = r->q + qh0 * D;
+    const int32_t *pages = p->page_table + p->page_off[b];
+    for (int j = 0; j < nci; j++) {
+        const int c0 = (w[1] + j) * S, c1 = c0 + S < n ? c0 + S : n;
+        int nu = c1 - c0;
+        for (int t = c0; t < c1; t++) nu -= is_set(bits, t);
+        cnt[j] = (float)nu;
+        if (nu == 0) continue;
+        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
+        const float *ks = chunk_part_sum(s, bits, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
+                                         (int64_t)((c0 % T) / S) * 2 * D, lph, c0, c1, nu, 0, buf, row);
+        const float lc = logf((float)nu);
+        kvt_k->dot_f32(ks, D, q, m, p->sm_scale / (float)nu, lg);
+        for (int g = 0; g < m; g++) {
+            float v = lg[g];
+            if (p->soft_cap > 0.f) v = p->soft_cap * tanhf(v / p->soft_cap);
+            v += lc;
+            x[(int64_t)g * nci + j] = v;
+            M[g] = kvt_maxf(M[g], v);
+        }
+    }
+    for (int j = 0; j < nci; j++) {
+        if (cnt[j] == 0.f) continue;
+        const int c0 = (w[1] + j) * S, c1 = c0 + S < n ? c0 + S : n;
+        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
+        const float *vs = chunk_part_sum(s, bits, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
+                                         (int64_t)((c0 % T) / S) * 2 * D, lph, c0, c1, (int)cnt[j], 1, buf, row);
+        const float inv = 1.f / cnt[j];
+        for (int g = 0; g < m; g++) {
+            const float e = expf(x[(int64_t)g * nci + j] - M[g]);
+            L[g] += e;
+            lg[g] = e * inv;
+        }
+        kvt_k->axpy_f32(vs, D, lg, m, acc);
+    }
+}
+
+static void residual_merge_task(void *c, int64_t set, int tid) {
+    (void)tid;
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, set, &b, &h, &g0, &bh, &qh0);
+    const int64_t i0 = p->res_item_off[set], i1 = p->res_item_off[set + 1], pf = p->res_part_floats;
+    for (int g = 0; g < m; g++) {
+        float Mx = -INFINITY;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *part = p->res_part + i * pf;
+            if (part[m + g] > 0.f) Mx = kvt_maxf(Mx, part[g]);
+        }
+        if (Mx == -INFINITY) continue; /* every token selected, or none on the host */
+        float Lx = 0.f;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *part = p->res_part + i * pf;
+            if (part[m + g] > 0.f) Lx += part[m + g] * expf(part[g] - Mx);
+        }
+        float *o = r->out + (qh0 + g) * D, le = r->lse[qh0 + g];
+        const float R = Mx + logf(Lx), hi = le > R ? le : R;
+        const float a0 = le == -INFINITY ? 0.f : expf(le - hi), a1 = expf(R - hi), z = a0 + a1;
+        const float c0 = a0 / z, c1 = a1 / (z * Lx);
+        for (int d = 0; d < D; d++) o[d] *= c0;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *part = p->res_part + i * pf;
+            if (part[m + g] > 0.f) axpy(o, c1 * expf(part[g] - Mx), part + 2 * m + (int64_t)g * D, D);
+        }
+        r->lse[qh0 + g] = hi + logf(z);
+    }
 }
 
 /* (set, chunk) work items of the exact (attend = 0) or attend (1) phase */
@@ -911,6 +950,10 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
             kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
         } else {
             kvt_pool_run(e->pool, (int64_t)p->B * p->Hkv, attend_task, &r);
+        }
+        if (p->residual) {
+            kvt_pool_run(e->pool, p->n_res_items, residual_task, &r);
+            kvt_pool_run(e->pool, p->n_sets, residual_merge_task, &r);
         }
     }
     pthread_mutex_unlock(&e->mu);
