@@ -294,13 +294,10 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     int64_t n = p->n_max > 0 ? p->n_max : 1, D = s->d.head_dim;
     p->scratch_floats = n * (7 + 2 * (int64_t)p->G) + D * (3 * (int64_t)p->G + 2) + (int64_t)p->G * KVT_SEG + 64;
     p->scratch_floats = (p->scratch_floats + 15) & ~(int64_t)15; /* threads on separate lines */
-    /* residual: a chunk's adjusted key or value sum [D], a token row [D], and per chunk of
-     * a work item (at most every chunk of the longest request) its unselected count and
-     * the logits of up to G heads, and G floats for one chunk's logits or weights */
+    /* residual: a chunk's adjusted key or value sum [D], a token row [D], and one chunk's
+     * logits or weights [G] */
     p->res_off = p->scratch_floats;
-    if (p->residual)
-        p->scratch_floats += (2 * D + ((n + s->d.summary_tokens - 1) / s->d.summary_tokens) * (1 + (int64_t)p->G) +
-                              p->G + 16 + 15) & ~(int64_t)15;
+    if (p->residual) p->scratch_floats += (2 * D + (int64_t)p->G + 16 + 15) & ~(int64_t)15;
     p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||

@@ -803,8 +803,11 @@ static const float *chunk_part_sum(const kvt_store *s, const uint64_t *bits, con
     return buf;
 }
 
-/* Two passes over the item's chunks: the pseudo-tokens' logits (key sums) and their
- * maximum per head, then exp(logit - max) and the weighted value means. */
+/* pages of chunk sums prefetched ahead of the residual's pass */
+#define KVT_RES_PF_PAGES 4
+
+/* One pass over the item's chunks with a running maximum per head: the accumulated
+ * values are rescaled only when a chunk's logit exceeds it. */
 static void residual_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -815,48 +818,56 @@ static void residual_task(void *c, int64_t item, int tid) {
     int64_t bh, qh0;
     set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);
     const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim, n = p->ntok[b];
-    const int nci = w[2] - w[1];
+    const int np = (n + T - 1) / T;
+    const int64_t page_bytes = (int64_t)(T / S) * 2 * D * sizeof(float);
     const uint64_t *bits = p->res_bits + p->res_bits_off[w[0]];
-    float *buf = p->scratch + (int64_t)tid * p->scratch_floats + p->res_off, *row = buf + D;
-    float *cnt = row + D, *x = cnt + nci; /* unselected count per chunk, logits [m, nci] */
-    float *lg = x + (int64_t)m * nci;     /* per head: a chunk's logit, then its weight */
+    float *buf = p->scratch + (int64_t)tid * p->scratch_floats + p->res_off, *row = buf + D, *lg = row + D;
     float *M = p->res_part + item * p->res_part_floats, *L = M + m, *acc = L + m;
     for (int g = 0; g < m; g++) { M[g] = -INFINITY; L[g] = 0.f; }
     memset(acc, 0, sizeof(float) * (size_t)m * D);
     const float *q = r->q + qh0 * D;
     const int32_t *pages = p->page_table + p->page_off[b];
-    for (int j = 0; j < nci; j++) {
-        const int c0 = (w[1] + j) * S, c1 = c0 + S < n ? c0 + S : n;
+    /* a page's sums are a few KB, pages apart in memory (pages in any order): prefetch ahead */
+    const int pi0 = w[1] * S / T, pi1 = (w[2] * S + T - 1) / T;
+    for (int pi = pi0; pi < pi0 + KVT_RES_PF_PAGES && pi < pi1 && pi < np; pi++) {
+        const char *a = (const char *)kvt_chunk_sums_ptr(s, r->layer, pages[pi], h);
+        for (int64_t o = 0; o < page_bytes; o += 64) __builtin_prefetch(a + o);
+    }
+    for (int ci = w[1]; ci < w[2]; ci++) {
+        const int c0 = ci * S, c1 = c0 + S < n ? c0 + S : n;
+        const int pi = c0 / T;
+        if (c0 % T == 0 && pi + KVT_RES_PF_PAGES < pi1 && pi + KVT_RES_PF_PAGES < np) {
+            const char *a = (const char *)kvt_chunk_sums_ptr(s, r->layer, pages[pi + KVT_RES_PF_PAGES], h);
+            for (int64_t o = 0; o < page_bytes; o += 64) __builtin_prefetch(a + o);
+        }
         int nu = c1 - c0;
         for (int t = c0; t < c1; t++) nu -= is_set(bits, t);
-        cnt[j] = (float)nu;
         if (nu == 0) continue;
-        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
-        const float *ks = chunk_part_sum(s, bits, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
-                                         (int64_t)((c0 % T) / S) * 2 * D, lph, c0, c1, nu, 0, buf, row);
-        const float lc = logf((float)nu);
-        kvt_k->dot_f32(ks, D, q, m, p->sm_scale / (float)nu, lg);
+        const int64_t lph = kvt_lph(s, r->layer, pages[pi], h);
+        const float *cs = kvt_chunk_sums_ptr(s, r->layer, pages[pi], h) + (int64_t)((c0 % T) / S) * 2 * D;
+        const float *ks = chunk_part_sum(s, bits, cs, lph, c0, c1, nu, 0, buf, row);
+        const float inv = 1.f / (float)nu, lc = logf((float)nu);
+        kvt_k->dot_f32(ks, D, q, m, p->sm_scale * inv, lg);
         for (int g = 0; g < m; g++) {
-            float v = lg[g];
-            if (p->soft_cap > 0.f) v = p->soft_cap * tanhf(v / p->soft_cap);
-            v += lc;
-            x[(int64_t)g * nci + j] = v;
-            M[g] = kvt_maxf(M[g], v);
-        }
-    }
-    for (int j = 0; j < nci; j++) {
-        if (cnt[j] == 0.f) continue;
-        const int c0 = (w[1] + j) * S, c1 = c0 + S < n ? c0 + S : n;
-        const int64_t lph = kvt_lph(s, r->layer, pages[c0 / T], h);
-        const float *vs = chunk_part_sum(s, bits, kvt_chunk_sums_ptr(s, r->layer, pages[c0 / T], h) +
-                                         (int64_t)((c0 % T) / S) * 2 * D, lph, c0, c1, (int)cnt[j], 1, buf, row);
-        const float inv = 1.f / cnt[j];
-        for (int g = 0; g < m; g++) {
-            const float e = expf(x[(int64_t)g * nci + j] - M[g]);
+            float x = lg[g];
+            if (p->soft_cap > 0.f) x = p->soft_cap * tanhf(x / p->soft_cap);
+            x += lc;
+            float e = 1.f;
+            if (x > M[g]) {
+                if (L[g] > 0.f) { /* a new maximum: rescale what is summed so far */
+                    const float sc = expf(M[g] - x);
+                    float *a = acc + (int64_t)g * D;
+                    for (int d = 0; d < D; d++) a[d] *= sc;
+                    L[g] *= sc;
+                }
+                M[g] = x;
+            } else {
+                e = expf(x - M[g]);
+            }
             L[g] += e;
             lg[g] = e * inv;
         }
-        kvt_k->axpy_f32(vs, D, lg, m, acc);
+        kvt_k->axpy_f32(chunk_part_sum(s, bits, cs, lph, c0, c1, nu, 1, buf, row), D, lg, m, acc);
     }
 }
 

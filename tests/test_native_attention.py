@@ -371,6 +371,16 @@ def test_residual_long_request_vs_reference(mode, threads, prefilter):
                              residual=True))
 
 
+@pytest.mark.parametrize("reduce", ["max", "per_qhead"])
+def test_residual_in_parts_vs_reference(reduce):
+    """The residual's work items split a long request's chunks (9000 tokens: 563 chunks of 16, in
+    parts of at least 64 on 8 threads) and merge per set; a short request stays one part."""
+    case = make_case(D=64, T=64, G=4, Hkv=2, lengths=(9000, 1500), S=16, sums=True, seed=31)
+    budget = torch.tensor([[100, 40], [64, 300]], dtype=torch.int32)
+    for threads in (1, 8):
+        assert_matches(*run_both(*case, mode="topk", reduce=reduce, budget=budget, threads=threads, residual=True))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("prefilter", [0.0, 4.0])
 def test_residual_isa_variants_match_generic(isa, prefilter):
