@@ -156,6 +156,21 @@ def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
     assert grid._name({**base, "name": None}, True) == "eval-smollm2-135m-quick"
 
 
+def test_report_marks_what_a_run_without_fidelity_did_not_measure():
+    from kvtier.eval import grid
+    from kvtier.eval.runner import policy_specs
+
+    s = dict(model="smollm2-135m", contexts=[600], budgets=[0.1], tasks=["passkey"], samples=1, window=128,
+             policies=["dense", "hgca"])
+    specs = policy_specs(s["policies"], s["budgets"], window_tokens=128)
+    nan = float("nan")
+    cells = [dict(context=600, policy=sp.label, accuracy=100.0, gap=0.0, tasks={"passkey": 100.0}, host_frac=nan,
+                  device_tokens=200.0, rel_err=nan, lse_err=nan, topk_recall=nan) for sp in specs]
+    summary = dict(worst_gap_points=0.0, worst_task_drop_points=0.0, window_only_gap_points=nan, seconds=1.0)
+    row = [x for x in grid._markdown(s, specs, cells, summary).splitlines() if x.startswith("| hgca@10% |")][0]
+    assert row == "| hgca@10% | 100.0 | +0.0 | n/a | 200 | n/a | n/a | n/a |"
+
+
 def test_drops_name_dense_margins():
     from kvtier.eval import grid
     from kvtier.eval.runner import policy_specs

@@ -113,7 +113,7 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                                         attn_ms_per_step=1e3 * at.wall_s / max(r.decode_steps, 1),
                                         engine_ms_per_step=1e3 * at.cpu_s / max(r.decode_steps, 1),
                                         window_ms_per_step=1e3 * at.gpu_s / max(r.decode_steps, 1)))
-                    host = 0.0
+                    host = float("nan")  # measured with the fidelity (the engine's selection at that step)
                     if r.fidelity is not None:
                         layers = r.fidelity[j]
                         fid[(ctx, spec.label)].append([tuple(x) for x in layers])
@@ -148,6 +148,11 @@ def _checkpoint(s: dict, quick: bool, seed: int, records: List[dict], done: int,
     tmp.write_text(json.dumps(dict(settings=s, seed=seed, prompts_done=done, prompts_total=total,
                                    records=records), indent=1))
     tmp.replace(path)
+
+
+def _fmt(x: float, spec: str) -> str:
+    """A table cell: n/a for what was not measured (NaN)."""
+    return "n/a" if math.isnan(x) else format(x, spec)
 
 
 def _mean(xs) -> float:
@@ -230,9 +235,9 @@ def _markdown(s, specs, cells, summary) -> str:
         xs = [by[(c, sp.label)] for c in ctxs]
         lines.append(f"| {sp.label} | " + " | ".join(f"{x['accuracy']:.1f}" for x in xs) + " | "
                      + " | ".join(f"{x['gap']:+.1f}" for x in xs) + " | "
-                     + f"{_mean(x['host_frac'] for x in xs):.3f} | {_mean(x['device_tokens'] for x in xs):.0f} | "
-                     + f"{_mean(x['rel_err'] for x in xs):.3g} | {_mean(x['lse_err'] for x in xs):.3g} | "
-                     + f"{_mean(x['topk_recall'] for x in xs):.3f} |")
+                     + f"{_fmt(_mean(x['host_frac'] for x in xs), '.3f')} | {_mean(x['device_tokens'] for x in xs):.0f} | "
+                     + f"{_fmt(_mean(x['rel_err'] for x in xs), '.3g')} | {_fmt(_mean(x['lse_err'] for x in xs), '.3g')} | "
+                     + f"{_fmt(_mean(x['topk_recall'] for x in xs), '.3f')} |")
     lines += ["", "Per task (points):", "",
               "| context | policy | " + " | ".join(s["tasks"]) + " |", "|" + "---|" * (2 + len(s["tasks"]))]
     for c in ctxs:
