@@ -214,12 +214,6 @@ static float q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, f
     return p->sm_scale * ksmax * kmax * qe + 1e-6f * (p->soft_cap + fabsf(theta)) + 1e-30f;
 }
 
-/* Four float lanes (GCC/Clang vector extensions: SSE2 on any x86-64, no ISA check). */
-/* a[0..D) += w * x */
-static void axpy(float *restrict a, float w, const float *restrict x, int D) {
-    for (int d = 0; d < D; d++) a[d] += w * x[d];
-}
-
 static int is_set(const uint64_t *bits, int t) { return (int)((bits[t >> 6] >> (t & 63)) & 1); }
 
 /* The residual's record of a set's selection (query heads g0.. of (b, h)): its
@@ -899,7 +893,8 @@ static void residual_merge_task(void *c, int64_t set, int tid) {
         for (int d = 0; d < D; d++) o[d] *= c0;
         for (int64_t i = i0; i < i1; i++) {
             const float *part = p->res_part + i * pf;
-            if (part[m + g] > 0.f) axpy(o, c1 * expf(part[g] - Mx), part + 2 * m + (int64_t)g * D, D);
+            const float wi = c1 * expf(part[g] - Mx);
+            if (part[m + g] > 0.f) kvt_k->axpy_f32(part + 2 * m + (int64_t)g * D, D, &wi, 1, o);
         }
         r->lse[qh0 + g] = hi + logf(z);
     }
