@@ -27,11 +27,11 @@ def case():
     store.close()
 
 
-def _plan(case, mode="topk", prefilter=0.0):
+def _plan(case, mode="topk", prefilter=0.0, residual=False):
     store, table, q, budget, eng = case
     eng.plan(store, table, torch.tensor([0, len(table)]), torch.tensor([TOKENS]), HKV * G, mode=mode,
              budget_tokens=budget, block_tokens=torch.full((HKV,), 64, dtype=torch.int32),
-             sm_scale=1 / math.sqrt(D), prefilter=prefilter)
+             sm_scale=1 / math.sqrt(D), prefilter=prefilter, residual=residual)
     return eng, q
 
 
@@ -55,6 +55,12 @@ def test_run(benchmark, case, mode):
 def test_run_prefilter(benchmark, case):
     """Candidates from the summary-chunk bounds (2 x the budget), then exact top-k."""
     eng, q = _plan(case, "topk", prefilter=2.0)
+    benchmark(eng.run, 0, q)
+
+
+def test_run_residual(benchmark, case):
+    """The same top-k, the unselected tokens added back as one mean per summary chunk."""
+    eng, q = _plan(case, "topk", residual=True)
     benchmark(eng.run, 0, q)
 
 
