@@ -212,8 +212,10 @@ def test_chunked_prefill_through_the_tiers_keeps_dense_exact(smollm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_dense_generates_what_plain_transformers_does_there():
-    """The model and the tiers' device windows on the GPU (host stores and the engine on the CPU)."""
+@pytest.mark.parametrize("prefill_chunk", [None, 128])
+def test_on_a_gpu_dense_generates_what_plain_transformers_does_there(prefill_chunk):
+    """The model and the tiers' device windows on the GPU (host stores and the engine on the CPU),
+    the context prefilled once or in chunks through the tiers."""
     from kvtier.eval import models
     from kvtier.eval.runner import policy_specs, run_prompt
     from kvtier.eval.tasks import build
@@ -226,7 +228,7 @@ def test_on_a_gpu_dense_generates_what_plain_transformers_does_there():
         ref = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=8, do_sample=False)[0, len(ids):]
     specs = policy_specs(["dense", "window_only", "hgca"], [1.0], window_tokens=64, sink_tokens=4)
     r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=8, stop_ids=[tok.eos_token_id],
-                   fidelity=True)
+                   fidelity=True, prefill_chunk=prefill_chunk)
     assert r.generations[0] == ref.tolist()[: len(r.generations[0])] and len(r.generations[0]) >= 4
     assert all(f.rel_err < 1e-3 for f in r.fidelity[0])
     assert max(f.rel_err for f in r.fidelity[2]) < 0.05 and r.attention[2].cpu_s > 0
