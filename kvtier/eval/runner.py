@@ -135,6 +135,7 @@ def _chunked_prefill(model, tiers, context_ids, n_layers: int, chunk: int, fidel
         c = min(chunk, n - start)
         for t in tiers:
             t.tier.evict()
+            t.tier.drain()  # on a GPU the copies land asynchronously; the chunk needs their slots
         slots = [t.tier.extend(0, c) for t in tiers]
         for t in tiers:
             t.attn.plan_extend([0], [c])
