@@ -280,7 +280,8 @@ def _timing_lines(s, specs, by, summary) -> List[str]:
 
 
 def _timing(records: List[dict], device: str) -> Optional[dict]:
-    """Per-prompt times (the first record of each prompt carries them), averaged."""
+    """Prefill and batched decode times averaged over prompts (each of a prompt's records carries
+    the same prompt times; one per prompt counts)."""
     seen = {}
     for r in records:
         if "decode_s" in r:
