@@ -976,17 +976,10 @@ T_512 static void bound_bf16_512(const uint16_t *s, int n, int D2, const float *
 }
 
 T_512 static void dot_f32_512(const float *x, int D, const float *q, int G, float scale, float *out) {
-    for (int g = 0; g < G; g++) {
-        const float *qg = q + (int64_t)g * D;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int d = 0;
-        for (; d + 32 <= D; d += 32) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(qg + d), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d + 16), _mm512_loadu_ps(qg + d + 16), a1);
-        }
-        for (; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(qg + d), a0);
-        out[g] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-    }
+    __m512 kf[64];
+    const int nv = D / 16;
+    for (int j = 0; j < nv; j++) kf[j] = _mm512_loadu_ps(x + 16 * j);
+    dot_group_512(kf, nv, q, D, G, scale, out, 1);
 }
 
 T_512 static void axpy_f32_512(const float *x, int D, const float *w, int G, float *acc) {
