@@ -124,7 +124,8 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                 log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
                     f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
                     + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
-    report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start)
+    report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start,
+                     device=str(device))
     _partial_path(s, quick).unlink(missing_ok=True)
     return report
 
@@ -160,7 +161,7 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds) -> Report:
+def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds, device: str) -> Report:
     acc: Dict[tuple, List[float]] = defaultdict(list)
     for rec in records:
         acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
@@ -195,7 +196,7 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     name = _name(s, quick)
     summary = dict(worst_gap_points=worst, worst_task_drop_points=worst_task, window_only_gap_points=window_gap,
                    gap_budget=GAP_BUDGET, seconds=seconds, drops=_drops(records, specs),
-                   timing=_timing(records, str(resolve_device(s.get("device", "cpu")))))
+                   timing=_timing(records, device))
     table = _markdown(s, specs, cells, summary)
     payload = dict(name=name, settings=s, seed=seed, machine=results.machine(), summary=summary, cells=cells,
                    fidelity_top_k=32, records=records)
