@@ -7,6 +7,7 @@ from kvtier.config import ModelShape, from_mapping
 from kvtier.policies import REGISTRY, PolicyUnavailableError, policy_for
 from kvtier.runtime import dense_attention
 from kvtier.runtime.standalone import StandaloneTier
+from kvtier.runtime.tier import slot_tensor
 from kvtier.store import CapacityError, HostStore
 
 SHAPE = ModelShape(n_layers=2, num_q_heads=8, kv_heads=2, head_dim=64)
@@ -276,6 +277,81 @@ def test_capacity_evict_frees_a_shared_page_only_when_no_table_holds_it():
             store.share("c", "d", 2)
     finally:
         store.close()
+
+
+def test_pins_keep_pages_past_their_tables_and_reclaim_comes_before_on_full():
+    store = HostStore(_config(host_store={"on_full": "evict"}), SHAPE, n_pages=3)
+    try:
+        store.admit("a", first_pos=4)
+        pages = store.allocate("a", 3)
+        store.pin(pages[:2] + pages[:1])  # a cache holding tokens of two pages (one page twice)
+        assert store.release("a") == 1 and store.pinned == 3  # the pinned pages outlive their table
+        store.adopt("b", first_pos=4, pages=pages[:2])  # a prefix hit starts on them
+        with pytest.raises(ValueError, match="not a stored page"):
+            store.adopt("c", first_pos=4, pages=[pages[2]])  # freed with a: not stored any more
+        assert "c" not in store
+        with pytest.raises(ValueError, match="not a stored page"):
+            store.pin([99])
+        store.admit("c", first_pos=4)
+        store.allocate("c", 1)
+        asked = []
+        store.reclaim = lambda n: asked.append(n) or 0  # a cache with nothing to give
+        # On_full evict may drop c's page, but b's are pinned as well: a request of 2 cannot be met.
+        with pytest.raises(CapacityError):
+            store.allocate("c", 2)
+        assert asked == [2] and store.table("b").pages == pages[:2] and len(store.table("c").pages) == 1
+        store.reclaim = lambda n: asked.append(n) or store.unpin(pages[:2] + pages[:1])
+        assert len(store.allocate("c", 2)) == 2  # the cache let go; on_full then dropped b's oldest pages
+        assert asked == [2, 2] and store.pinned == 0
+        with pytest.raises(ValueError, match="2 pins given back, 0 held"):
+            store.unpin(pages[:2])
+    finally:
+        store.close()
+
+
+def test_adopt_attends_cached_host_pages_in_place_and_keeps_the_servers_slots(gen):
+    """A request started on another's host pages by address (a prefix cache hit) equals dense, and
+    the device tail it took over is copied to the host, never freed, when it leaves the window."""
+    cfg = _config(budget={"kind": "all"}, host_store={"key_format": "bf16"})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [600], steps=3)
+        src, st = rids[0], tier.tier.requests[rids[0]]
+        n_host = tier.tier.host_tokens(src)
+        addresses = tier.tier.host_addresses(src, 4, 4 + n_host)
+        T = WINDOW["page_tokens"]
+        assert torch.equal(addresses % T, torch.arange(n_host) % T)
+        pages = (addresses[::T] // T).tolist()
+        assert pages == tier.store.table(src).pages[:len(pages)]
+        # The new request's device slots, which a server's cache would own: copies of the source's
+        # sinks and first 40 recent tokens.
+        src_dev = torch.cat([slot_tensor(st.sink_slots), slot_tensor(st.recent_slots)[:40]])
+        dev = tier.tier.alloc_slots(44)
+        for layer in range(SHAPE.n_layers):
+            tier.pool.k[layer, dev] = tier.pool.k[layer, src_dev]
+            tier.pool.v[layer, dev] = tier.pool.v[layer, src_dev]
+        sinks, tail = dev[:4], dev[4:]
+        tier.tier.adopt("b", sink_slots=sinks, host_pages=pages, recent_slots=tail, owned_until=4 + n_host + 40)
+        b = tier.tier.requests["b"]
+        assert b.length == 4 + n_host + 40 and tier.tier.host_tokens("b") == n_host
+        full["b"] = [[k[:b.length].clone(), v[:b.length].clone()] for k, v in full[src]]
+        tier.tier.release(src)  # the source finishes; b holds the pages
+        _check_against_dense(tier, gen, ["b"], full, 5e-3)
+        freed = []
+        tier.tier.free_slots, keep = freed.append, tier.tier.free_slots
+        _steps(tier, gen, ["b"], full, 80)  # b's window moves past the tail it took over
+        assert b.host_end > 4 + n_host + 40
+        gone = torch.cat(freed).tolist() if freed else []
+        assert not set(gone) & set(tail.tolist()), "the tier freed a slot the server's cache owns"
+        assert len(gone) == b.host_end - (4 + n_host + 40)
+        assert tier.tier.freed_positions("b") == (4 + n_host + 40, b.host_end)
+        tier.tier.free_slots = keep
+        _check_against_dense(tier, gen, ["b"], full, 5e-3)
+        with pytest.raises(ValueError, match="sink tokens"):
+            tier.tier.adopt("c", sink_slots=sinks[:2], host_pages=pages[:1], recent_slots=tail[:0], owned_until=0)
+        assert "c" not in tier.tier.requests and "c" not in tier.store
+    finally:
+        tier.close()
 
 
 def test_policy_without_runtime_is_refused_clearly():

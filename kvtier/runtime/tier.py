@@ -12,6 +12,13 @@ device until the copy has landed and been quantized at the next `settle()`;
 on the CPU eviction is synchronous. Either way a token is attended exactly
 once per step: from the device until its page is settled, then from the host.
 
+Requests may start on pages the store already holds (`adopt`: a prefix cache
+hit): the prefix's sinks and its device tail stay in the server's slots, which
+the server's cache owns (`owned_until`): when those tokens leave the window
+they are copied to the host like any others, but their slots are not freed.
+`host_addresses` names where each host token lives, so that a cache can keep
+and later hand back host pages by address.
+
 With `lockstep=True` (the sglang backend) settling does not depend on copy
 timing: each `evict()` first waits for the copies the previous `evict()`
 started and settles exactly those, and `settle()` alone settles nothing new.
@@ -58,6 +65,7 @@ class RequestState:
     recent_slots: array = field(default_factory=slot_array)  # positions host_end .. length-1
     host_end: int = 0  # one past the last settled host position
     in_flight: int = 0  # tokens of recent_slots[:in_flight] being copied to the host
+    owned_until: int = 0  # positions below this hold slots the server's cache owns: never freed here
 
 
 class TierStats(NamedTuple):
@@ -166,10 +174,53 @@ class TierManager:
                                           recent_slots=slot_array(cpu[sinks:]), host_end=st.host_end)
         return slots
 
+    def adopt(self, rid: Hashable, *, sink_slots: torch.Tensor, host_pages: Sequence[int],
+              recent_slots: torch.Tensor, owned_until: int) -> None:
+        """Start request rid on a cached prefix: its sinks and recent tokens in the server's
+        slots, the tokens between on stored host pages (full pages, in order), attended in place.
+
+        Positions below owned_until keep their slots when they leave the window (the server's
+        cache owns them); the request holds the pages like its own until it is released.
+        """
+        if rid in self.requests:
+            raise ValueError(f"request {rid!r} is already tracked by the tier")
+        win = self.config.window
+        sinks, recent = sink_slots.numel(), recent_slots.numel()
+        if host_pages and sinks != win.sink_tokens:
+            raise ValueError(f"adopt: host pages follow {win.sink_tokens} sink tokens, got {sinks}")
+        if host_pages and not self.offload:
+            raise ValueError("adopt: this tier keeps every token on the device")
+        if sinks > win.sink_tokens or (recent and sinks < win.sink_tokens):
+            raise ValueError(f"adopt: {sinks} sink slots and {recent} recent slots; the first "
+                             f"{win.sink_tokens} tokens are sinks")
+        host_end = sinks + len(host_pages) * win.page_tokens
+        if host_pages:
+            self._quiesce()
+            self.store.adopt(rid, first_pos=sinks, pages=list(host_pages))
+        elif self.offload:
+            self.store.admit(rid, first_pos=win.sink_tokens)
+        self.requests[rid] = RequestState(length=host_end + recent, sink_slots=slot_array(sink_slots.cpu()),
+                                          recent_slots=slot_array(recent_slots.cpu()), host_end=host_end,
+                                          owned_until=owned_until)
+
+    def host_addresses(self, rid: Hashable, lo: int, hi: int) -> torch.Tensor:
+        """Where positions [lo, hi) of the request live on the host: page * page_tokens + offset
+        (int64), positions its table holds (`host_tokens` counts them)."""
+        table = self.store.table(rid)
+        T = self.config.window.page_tokens
+        end = table.first_pos + len(table.pages) * T
+        if not table.first_pos <= lo <= hi <= min(end, self.requests[rid].host_end):
+            raise ValueError(f"host_addresses: positions [{lo}, {hi}) of request {rid!r}; its host tokens are "
+                             f"[{table.first_pos}, {self.requests[rid].host_end})")
+        rel = torch.arange(lo - table.first_pos, hi - table.first_pos)
+        pages = torch.as_tensor(table.pages, dtype=torch.long)
+        return pages[rel // T] * T + rel % T if rel.numel() else rel
+
     def freed_positions(self, rid: Hashable) -> Tuple[int, int]:
         """[lo, hi): the request's positions whose device slots went back through `free_slots`."""
         st = self.requests[rid]
-        return len(st.sink_slots), st.host_end
+        lo = max(len(st.sink_slots), st.owned_until)
+        return lo, max(lo, st.host_end)
 
     def extend(self, rid: Hashable, n: int, *, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Device slots for the request's next n tokens; the caller writes their K, V.
@@ -314,8 +365,10 @@ class TierManager:
             n = p.slots.numel()
             del st.recent_slots[:n]
             st.in_flight -= n
+            kept = min(n, max(0, st.owned_until - st.host_end))  # the server's cache owns these slots
             st.host_end += n
-            self.free_slots(p.slots)
+            if kept < n:
+                self.free_slots(p.slots[kept:])
             self._evicted += len(p.page_ids)
         self._pending = keep
 

@@ -12,14 +12,18 @@ holding the most pages are dropped (``first_pos`` advances); under
 failed call changes nothing that was stored.
 
 Requests may share pages (`share`: a request that continues another's
-prefix attends that prefix's pages in place). A page counts its tables and
-returns to the free list when the last one lets go of it.
+prefix attends that prefix's pages in place; `adopt`: a request starts on
+pages named by id, as a prefix cache hands them over). A page counts its
+tables and its pins (`pin`: a prefix cache keeping finished requests' pages)
+and returns to the free list when the last of them lets go of it. When pages
+run short, `reclaim` (if set) is asked to unpin some before the store rejects
+or evicts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, NamedTuple
+from typing import Callable, Dict, Hashable, Iterable, List, NamedTuple, Optional
 
 import torch
 
@@ -77,8 +81,12 @@ class HostStore:
         )
         self.n_pages = n_pages
         self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
-        self._refs: List[int] = [0] * n_pages  # tables holding each page
+        self._refs: List[int] = [0] * n_pages  # tables and pins holding each page
         self._tables: Dict[Hashable, PageTable] = {}
+        self.pinned = 0  # pins held in all (a page may be pinned more than once)
+        # Asked for n pages when the free list is short, before on_full applies: a prefix
+        # cache unpins what it holds; returns how many pages it freed.
+        self.reclaim: Optional[Callable[[int], int]] = None
 
     # --- requests -----------------------------------------------------------
 
@@ -111,6 +119,38 @@ class HostStore:
         self._tables[dst] = PageTable(table.first_pos, list(pages))
         return list(pages)
 
+    def adopt(self, rid: Hashable, *, first_pos: int, pages: List[int]) -> None:
+        """Admit rid with these stored pages as its first host pages, attended in place.
+
+        They must be held already (by another table or a pin); rid holds them too from now on.
+        """
+        if rid in self._tables:
+            raise ValueError(f"request {rid!r} is already admitted to the host store")
+        for p in pages:
+            if not 0 <= p < self.n_pages or self._refs[p] == 0:
+                raise ValueError(f"adopt: page {p} is not a stored page (the store has {self.n_pages} pages)")
+        for p in pages:
+            self._refs[p] += 1
+        self._tables[rid] = PageTable(first_pos, list(pages))
+
+    def pin(self, pages: Iterable[int]) -> None:
+        """Hold stored pages beyond their tables (once per id given; ids may repeat)."""
+        pages = list(pages)
+        for p in pages:
+            if not 0 <= p < self.n_pages or self._refs[p] == 0:
+                raise ValueError(f"pin: page {p} is not a stored page (the store has {self.n_pages} pages)")
+        for p in pages:
+            self._refs[p] += 1
+        self.pinned += len(pages)
+
+    def unpin(self, pages: Iterable[int]) -> int:
+        """Let go of pins taken by `pin`; returns how many pages became free."""
+        pages = list(pages)
+        if len(pages) > self.pinned:
+            raise ValueError(f"unpin: {len(pages)} pins given back, {self.pinned} held")
+        self.pinned -= len(pages)
+        return self._unref(pages)
+
     def _unref(self, pages) -> int:
         freed = 0
         for p in pages:
@@ -134,6 +174,8 @@ class HostStore:
     def allocate(self, rid: Hashable, n: int) -> List[int]:
         """Reserve n pages at the end of a request's table (not yet written)."""
         table = self.table(rid)
+        if n > len(self._free) and self.reclaim is not None:
+            self.reclaim(n - len(self._free))
         if n > len(self._free):
             if self.config.host_store.on_full is OnFull.REJECT:
                 raise CapacityError(f"request {rid!r}", n, len(self._free), self.page_bytes)
@@ -158,7 +200,12 @@ class HostStore:
         candidates = sorted(
             (rid for rid in self._tables if rid != protect), key=lambda r: len(self._tables[r].pages), reverse=True
         )
-        available = len({p for t in self._tables.values() for p in t.pages})
+        held: Dict[int, int] = {}
+        for t in self._tables.values():
+            for p in t.pages:
+                held[p] = held.get(p, 0) + 1
+        # A pinned page stays stored when its tables drop it: only the others can be freed here.
+        available = sum(1 for p, count in held.items() if count == self._refs[p])
         if need > available:
             raise CapacityError("eviction", n, len(self._free) + available, self.page_bytes)
         for rid in candidates + [protect]:
