@@ -17,7 +17,7 @@ sglang = pytest.importorskip("sglang", reason="sglang is not installed (see requ
 
 import kvtier_sglang  # noqa: E402
 from kvtier.config import load  # noqa: E402
-from kvtier_sglang import admission, launch, lifecycle, plugin, versions  # noqa: E402
+from kvtier_sglang import admission, launch, lifecycle, plugin, prefix, versions  # noqa: E402
 
 TIER = """policy: hgca
 window: {sink_tokens: 2, window_tokens: 8, page_tokens: 4}
@@ -190,7 +190,8 @@ def test_finished_request_releases_host_pages_through_the_real_pool():
 
 
 def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05,
-                    prefill_backend=None, keys="bf16", budget="{kind: all}", tp_size=1, tp_rank=0):
+                    prefill_backend=None, keys="bf16", budget="{kind: all}", tp_size=1, tp_rank=0,
+                    radix_cache_backend=None):
     """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
     from types import SimpleNamespace
 
@@ -210,7 +211,8 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
                              token_to_kv_pool_allocator=allocator, page_size=page_size, tp_size=tp_size,
                              tp_rank=tp_rank,
                              server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache,
-                                                         prefill_attention_backend=prefill_backend))
+                                                         prefill_attention_backend=prefill_backend,
+                                                         radix_cache_backend=radix_cache_backend))
     config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
                    f"host_store: {{capacity_gib: {capacity_gib}, key_format: {keys}, summary_tokens: 16}}\n"
                    f"budget: {budget}\nmax_context_tokens: 1024\nengine: {{threads: 1}}\n", "<test>")
@@ -395,13 +397,45 @@ def test_free_kv_row_ranges_lose_exactly_the_released_positions():
     assert lifecycle.subtract([(32, 48)], (16, 64)) == []
 
 
-def test_launch_turns_prefix_caching_off_and_refuses_mixed_chunks(tmp_path, tiny_model):
+def test_launch_keeps_prefix_caching_on_its_own_cache_or_turns_it_off(tmp_path, tiny_model, capsys):
     import argparse
 
     config = load(_tier_yaml(tmp_path))
     ns = argparse.Namespace(disable_radix_cache=False, enable_mixed_chunk=False)
     launch.apply_to_namespace(ns, config)
-    assert ns.disable_radix_cache and ns.decode_attention_backend == launch.BACKEND
+    assert ns.decode_attention_backend == launch.BACKEND
+    if prefix.registry_present():  # the 0.5.23 line: the kvtier radix cache
+        assert not ns.disable_radix_cache and ns.radix_cache_backend == prefix.NAME
+        assert prefix.NAME in __import__("sglang.srt.mem_cache.registry", fromlist=["x"]).registered_radix_cache_backends()
+    else:
+        assert ns.disable_radix_cache
+    if prefix.registry_present():  # what the scheduler's tree-cache factory builds from that name
+        from types import SimpleNamespace
+
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.registry import get_radix_cache_factory
+
+        backend, _, runner = _stage2_backend(disable_radix_cache=False, radix_cache_backend=prefix.NAME,
+                                             prefill_backend=launch.PREFILL_BACKEND)
+        params = CacheInitParams(disable=False, req_to_token_pool=runner.req_to_token_pool,
+                                 token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator, page_size=1)
+        tree = get_radix_cache_factory(prefix.NAME)(SimpleNamespace(params=params, is_hybrid_swa=False,
+                                                                    is_hybrid_ssm=False))
+        assert isinstance(tree, prefix.cache_class()) and lifecycle.cache_of(runner.req_to_token_pool) is tree
+        with pytest.raises(launch.KvTierLaunchError, match="full-attention models only"):
+            get_radix_cache_factory(prefix.NAME)(SimpleNamespace(params=params, is_hybrid_swa=True))
+    # Another radix cache, or prefill kept off the tier: prefix caching goes off, and the operator is told.
+    for other in (dict(radix_cache_backend="flexkv"), dict(prefill_attention_backend="triton")):
+        ns = argparse.Namespace(disable_radix_cache=False, enable_mixed_chunk=False, **other)
+        launch.apply_to_namespace(ns, config)
+        assert ns.disable_radix_cache
+        assert "prefix caching is off under an offloading policy" in capsys.readouterr().err
+
+
+def test_launch_refuses_mixed_chunks(tmp_path, tiny_model):
+    import argparse
+
+    config = load(_tier_yaml(tmp_path))
     assert "enable-mixed-chunk" in launch.tier_refusals(argparse.Namespace(enable_mixed_chunk=True), config)
     r = _launch("--model-path", str(tiny_model), "--kv-tier", str(_tier_yaml(tmp_path)), "--enable-mixed-chunk")
     assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr
@@ -949,3 +983,199 @@ def test_a_runner_that_cannot_hold_the_backend_is_refused_clearly(monkeypatch, t
         setattr(sealed, name, value)
     with pytest.raises(launch.KvTierLaunchError, match="refused it"):
         kb.create_backend(sealed)
+
+
+# --- prefix caching over host-resident pages (the kvtier radix cache, prefix.py) --------------------------
+
+
+def test_usable_prefix_is_sinks_whole_host_pages_in_order_then_device_slots():
+    S, T = 2, 4
+    enc = lambda pages: prefix.encode(torch.tensor([p * T + o for p in pages for o in range(T)]))  # noqa: E731
+    dev = lambda *xs: torch.tensor(xs)  # noqa: E731
+    row = torch.cat([dev(5, 6), enc([7, 3]), dev(9, 10, 11)])
+    assert prefix.usable_prefix(row, S, T) == row.numel()
+    assert prefix.usable_prefix(row[:7], S, T) == 6  # a partial page ends the prefix before it
+    assert prefix.usable_prefix(row[:1], S, T) == 1
+    assert prefix.usable_prefix(torch.cat([row, enc([1])]), S, T) == row.numel()  # a second host run
+    swapped = row.clone()
+    swapped[[2, 3]] = swapped[[3, 2]]  # offsets out of order in the first page
+    assert prefix.usable_prefix(swapped, S, T) == S
+    assert prefix.usable_prefix(torch.cat([enc([1])[:1], row[1:]]), S, T) == 0  # an address among the sinks
+    assert torch.equal(prefix.decode(prefix.encode(torch.arange(9))), torch.arange(9))
+
+
+@pytest.fixture
+def prefix_server():
+    """The kvtier backend and the kvtier radix cache over sglang's real pools and allocator."""
+    if not prefix.registry_present():
+        pytest.skip("this sglang has no radix-cache registry; the kvtier radix cache needs the 0.5.23 line")
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+    backend, layer, runner = _stage2_backend(disable_radix_cache=False, radix_cache_backend=prefix.NAME,
+                                             prefill_backend=launch.PREFILL_BACKEND, size=4096)
+    assert backend.stage3 and backend.prefix_cache
+    tree = prefix.cache_class()(CacheInitParams(disable=False, req_to_token_pool=runner.req_to_token_pool,
+                                                token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
+                                                page_size=1))
+    return backend, layer, runner, tree
+
+
+def _key(tokens):
+    from array import array
+
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    return RadixKey(array("q", tokens))
+
+
+def _finish(tree, runner, row, tokens, prefix_len=0, lock=None):
+    """sglang's release of a finished request (release_kv_cache), with the tree keeping it."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ReqKvInfo
+
+    from array import array
+
+    kv = ReqKvInfo(req_pool_idx=row, cache_protected_len=prefix_len)
+    req = SimpleNamespace(kv=kv, req_pool_idx=row, full_untruncated_fill_ids=array("q", tokens),
+                          origin_input_ids=list(tokens),
+                          extra_key=None, cache_salt=None, priority=None, lock=lock, last_node=None,
+                          finished=lambda: True)
+    tree.checkpoint(req, up_to=len(tokens))
+    tree.free_kv_row(kv, [(kv.cache_protected_len, len(tokens))])
+    tree.unlock(req.lock)
+    runner.req_to_token_pool.free(req)
+
+
+def _pool_invariant(runner, tree):
+    alloc = runner.token_to_kv_pool_allocator
+    return alloc.available_size() + tree.evictable_size() + tree.protected_size() == alloc.size
+
+
+def _prefill(reqs, backend, layer, prompt, chunk=96):
+    while any(reqs.k[r].shape[0] < n for r, n in prompt.items()):
+        step = {r: min(chunk, n - reqs.k[r].shape[0]) for r, n in prompt.items() if reqs.k[r].shape[0] < n}
+        out, ref = reqs.extend_step(backend, layer, step)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        _poison_free_slots(reqs.runner)
+
+
+def _start_on_match(reqs, tree, row, src, tokens):
+    """A new request in row whose prompt is `tokens`: the tree's match written into its row as
+    sglang's allocation does, its K/V history the source request's (the same tokens)."""
+    match = tree.match_prefix(__import__("sglang.srt.mem_cache.base_prefix_cache",
+                                         fromlist=["x"]).MatchPrefixParams(key=_key(tokens)))
+    m = match.device_prefix_len
+    lock = tree.lock(match.last_device_node)
+    reqs.runner.req_to_token_pool.req_to_token[row, :m] = tree.path_device_indices(match.last_device_node)[:m].to(
+        torch.int32)
+    reqs.k[row], reqs.v[row] = src[0][:m].clone(), src[1][:m].clone()
+    return m, lock
+
+
+def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
+    torch.manual_seed(11)
+    backend, layer, runner, tree = prefix_server
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [0, 0])
+    tokens_a = torch.randint(0, 30000, (700,)).tolist()
+    _prefill(reqs, backend, layer, {0: 700})
+    reqs.rows = [0]
+    for _ in range(2):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    reqs.rows = [1]  # request 0 finishes; its decode tokens extend its key
+    tokens_a += torch.randint(0, 30000, (2,)).tolist()
+    store = backend._tier.store
+    src = (reqs.k[0].clone(), reqs.v[0].clone())
+    _finish(tree, runner, 0, tokens_a)
+    assert 0 not in backend._tier.requests
+    # The tree keeps the whole request: the sinks and the tail in device slots, the middle as host
+    # pages (pinned once per token), kept rather than freed with the request.
+    assert tree.total_size() == 702 and store.pinned > 0
+    assert store.stats().used_pages == store.pinned // 16
+    assert tree.evictable_size() == 702 - store.pinned  # device tokens only
+    assert _pool_invariant(runner, tree)
+
+    # A second request shares 600 prompt tokens: the match stops at the last whole host page.
+    S, T = 16, 16
+    tokens_b = tokens_a[:600] + torch.randint(0, 30000, (108,)).tolist()
+    m, lock = _start_on_match(reqs, tree, 1, src, tokens_b)
+    assert m == S + (600 - S) // T * T == 592
+    used_before = alloc.size - alloc.available_size()
+    _prefill(reqs, backend, layer, {1: len(tokens_b)})  # the chunks after the match, against the dense reference
+    assert backend._tier.host_tokens(1) >= m - S  # attended in place from the adopted pages
+    for _ in range(2):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    # Its 108 new tokens needed a window of device slots, not the prefix's 592 again.
+    assert alloc.size - alloc.available_size() - used_before < 108 + 64 + 2 * 16 + 2
+    tokens_b += [7, 8]
+    _finish(tree, runner, 1, tokens_b, prefix_len=m, lock=lock)
+    assert _pool_invariant(runner, tree)
+
+    # Evicting the whole tree gives every slot and every host page back, each once.
+    tree.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["x"]).EvictParams(num_tokens=10**6))
+    assert tree.total_size() == 0 and store.pinned == 0 and store.stats().used_pages == 0
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
+
+
+def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window(prefix_server):
+    torch.manual_seed(12)
+    backend, layer, runner, tree = prefix_server
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [0, 0])
+    tokens_a = torch.randint(0, 30000, (400,)).tolist()
+    _prefill(reqs, backend, layer, {0: 400})
+    reqs.rows = [1]
+    src = (reqs.k[0].clone(), reqs.v[0].clone())
+    _finish(tree, runner, 0, tokens_a)
+    tail = 400 - 16 - backend._tier.store.pinned  # A's device tail, now the tree's
+    assert tail > 0
+    # The whole of A matches: sinks, host pages, then the tree's device tail.
+    tokens_b = tokens_a + torch.randint(0, 30000, (200,)).tolist()
+    m, lock = _start_on_match(reqs, tree, 1, src, tokens_b)
+    assert m == 400
+    _prefill(reqs, backend, layer, {1: 600})
+    for _ in range(3):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    # The tail left B's window for the host, but its slots stayed the tree's: never freed by the tier.
+    assert backend._tier.requests[1].host_end > 400
+    lo, hi = backend._tier.freed_positions(1)
+    assert lo == 400
+    _finish(tree, runner, 1, tokens_b + [1, 2, 3], prefix_len=m, lock=lock)
+    assert _pool_invariant(runner, tree)
+    # B's key is cached too, but a later match stops where host addresses resume after A's tail.
+    m2, lock2 = _start_on_match(reqs, tree, 1, src, tokens_b)
+    assert m2 == 400
+    tree.unlock(lock2)
+    tree.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["x"]).EvictParams(num_tokens=10**6))
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size
+    assert backend._tier.store.pinned == 0 and backend._tier.store.stats().used_pages == 0
+
+
+def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server):
+    torch.manual_seed(13)
+    backend, layer, runner, tree = prefix_server
+    reqs = _Requests(runner, [0, 0])
+    _prefill(reqs, backend, layer, {0: 500})
+    tokens_a = list(range(500))
+    reqs.rows = [1]
+    _finish(tree, runner, 0, tokens_a)
+    store = backend._tier.store
+    held = store.stats().used_pages
+    assert held > 0 and store.reclaim is not None
+    # Fill the store up to the pages the tree holds: the next request's evictions need them back.
+    filler = "filler"
+    store.admit(filler, first_pos=0)
+    store.allocate(filler, store.stats().free_pages)
+    pinned = store.pinned
+    _prefill(reqs, backend, layer, {1: 300})
+    # The tree gave pages back, least recently used first, so the running request's evictions went through.
+    assert backend._tier.host_tokens(1) > 0 and backend.evictions_refused == 0
+    assert store.pinned < pinned
+    store.release(filler)

@@ -16,8 +16,12 @@ Sequencing (DESIGN.md):
   go back to sglang's allocator, so the pool holds sinks and windows and
   admits more requests. The hooks (lifecycle.py) keep sglang from freeing
   those slots again when the request ends.
-  `--kv-tier` turns the radix cache off for offloading policies; a prefix hit
-  on host-resident pages is not served yet.
+  The radix cache stays on where sglang has a radix-cache registry (the 0.5.23
+  line) and prefill comes here (stage 3): `--kv-tier` selects the `kvtier`
+  radix cache (prefix.py). The tier writes each freed slot's host address into
+  the row, finished requests are cached with those addresses, and a request
+  that matches a cached prefix starts on its host pages in place (`_adopt`).
+  Elsewhere `--kv-tier` turns the radix cache off for offloading policies.
 - stage 3, on top of stage 2 when prefill comes here too (`--kv-tier` routes
   prefill to this backend under an offloading policy): a prompt is prefilled
   in sglang's chunks, and before each chunk the pages that left the window go
@@ -192,6 +196,9 @@ def _backend_class():
             # sglang's prefill chunk (--chunked-prefill-size; <= 0 when chunking is off)
             self.prefill_chunk_tokens = int(getattr(self.server_args, "chunked_prefill_size", 0) or 0)
             self.stage3 = self._stage3_why_not() is None
+            # The kvtier radix cache keeps finished requests, host pages included (prefix.py).
+            self.prefix_cache = self.stage3 and _prefix_cache_selected(self.server_args)
+            self._addressed: Dict[int, int] = {}  # row -> positions below hold host addresses (prefix cache)
             lifecycle.track(self)
 
         # --- metadata -------------------------------------------------------
@@ -354,6 +361,10 @@ def _backend_class():
             self._tier = TierManager(self.config, shape, k_pool, v_pool, store, alloc_slots=None,
                                      free_slots=self._free_evicted if self.releases_slots else _keep,
                                      offload=policy.offloads, lockstep=True)
+            cache = lifecycle.cache_of(self.req_to_token_pool)
+            if store is not None and self.prefix_cache and cache is not None:
+                store.reclaim = cache.reclaim_host  # cached prefixes give way to running requests
+                log.info("kvtier: prefix caching keeps finished requests' host pages; a hit attends them in place")
             # Each TP rank tiers its own kv-heads (layer.tp_k_head_num) on its own slice of the cores.
             share = rank_share(self.config, tp_size=self.tp_size, tp_rank=self.tp_rank,
                                total_kv_heads=layer.tp_k_head_num * self.tp_size)
@@ -385,7 +396,8 @@ def _backend_class():
                         "ChunkCache.cache_finished_req, which kvtier hooks")
             if not callable(getattr(self.allocator, "free", None)):
                 return "the model runner has no token allocator with free()"
-            if not getattr(self.server_args, "disable_radix_cache", False):
+            if not getattr(self.server_args, "disable_radix_cache", False) and not _prefix_cache_selected(
+                    self.server_args):
                 return "the radix cache is on, and a prefix hit must never reach a freed slot"
             if win.sink_tokens % self.page_size or win.page_tokens % self.page_size:
                 return (f"sglang's page size {self.page_size} does not divide window.sink_tokens "
@@ -430,6 +442,11 @@ def _backend_class():
                 return 0
             return len(store.table(row).pages) * self.config.window.page_tokens
 
+        def host_tokens_dropped(self, row: int) -> bool:
+            """Whether request row lost host pages under memory pressure (`on_full: evict`)."""
+            store = None if self._tier is None else self._tier.store
+            return store is not None and row in store and store.table(row).dropped_tokens > 0
+
         def host_free_tokens(self) -> int:
             """Tokens the host store can still take."""
             if self._tier is not None and self._tier.store is not None:
@@ -454,18 +471,57 @@ def _backend_class():
                     f"kvtier needs one softmax scale and soft-cap for all layers, found layer {layer.layer_id} "
                     f"with scale {layer.scaling} / cap {cap} against {self._scale} / {self._cap}")
 
-        def _track(self, row: int, n: int) -> None:
-            """Bring the tier's record of request row up to its first n tokens (all in sglang's row)."""
+        def _track(self, row: int, n: int, *, cached: bool = False) -> None:
+            """Bring the tier's record of request row up to its first n tokens (all in sglang's row).
+
+            cached: a new request's first n tokens are a prefix the radix cache matched.
+            """
             tier = self._tier
             st = tier.requests.get(row)
             if st is not None and st.length > n:  # the row was reused by a new request
-                tier.release(row)
+                self.release(row)
                 st = None
             if st is None:
+                if cached and n > 0 and self.prefix_cache:
+                    self._adopt(row, n)
+                    return
                 tier.add(row)
             have = tier.requests[row].length
             if n > have:
                 tier.extend(row, n - have, slots=self.req_to_token_pool.req_to_token[row, have:n].to(torch.long).cpu())
+
+        def _adopt(self, row: int, n: int) -> None:
+            """Start request row on the cached prefix its row names (prefix.py's layout)."""
+            from .prefix import decode, usable_prefix
+
+            win = self.config.window
+            S, T = win.sink_tokens, win.page_tokens
+            values = self.req_to_token_pool.req_to_token[row, :n].to("cpu", torch.long)
+            usable = usable_prefix(values, S, T)
+            if usable != n:  # the cache matches usable prefixes only
+                raise RuntimeError(f"kvtier: request row {row} starts on a cached prefix of {n} tokens, of which "
+                                   f"the tier can take {usable}")
+            host = values[S:] < 0
+            run = host.numel() if bool(host.all()) else int(host.to(torch.int8).argmin())
+            pages = (decode(values[S:S + run]).view(-1, T)[:, 0] // T).tolist() if run else []
+            self._tier.adopt(row, sink_slots=values[:min(n, S)], host_pages=pages,
+                             recent_slots=values[S + run:] if n > S else values[:0], owned_until=n)
+            self._addressed[row] = S + run
+
+        def _write_addresses(self) -> None:
+            """Prefix cache: the host address of each slot the tier freed, into the rows."""
+            from .prefix import encode
+
+            tier = self._tier
+            table = self.req_to_token_pool.req_to_token
+            for row in tier.requests:
+                lo, hi = tier.freed_positions(row)
+                if row not in tier.store:
+                    continue
+                lo = max(lo, self._addressed.get(row, lo), tier.store.table(row).first_pos)
+                if hi > lo:
+                    table[row, lo:hi] = encode(tier.host_addresses(row, lo, hi)).to(table.device, table.dtype)
+                    self._addressed[row] = hi
 
         def _evict(self) -> None:
             try:
@@ -478,6 +534,8 @@ def _backend_class():
                 if now - self._last_full_log >= self.stats_every_s:
                     self._last_full_log = now
                     log.warning("kvtier: host store full, pages stay on the GPU for now: %s", exc)
+            if self.prefix_cache:
+                self._write_addresses()
 
         def _plan_extend(self, forward_batch) -> None:
             """Stage 3: before a prefill chunk, evict what left the window, then add the chunk.
@@ -497,8 +555,8 @@ def _backend_class():
             for row, p in zip(rows, prefix):
                 st = tier.requests.get(row)
                 if st is not None and st.length != p:  # a new request on a reused row, or a re-prefill
-                    tier.release(row)
-                self._track(row, int(p))
+                    self.release(row)
+                self._track(row, int(p), cached=True)
             self._evict()  # settles the copies that have landed, then starts the new ones
             self._extend_hybrid = any(tier.host_tokens(r) > 0 for r in rows)
             for row, p, n in zip(rows, prefix, new):
@@ -536,6 +594,7 @@ def _backend_class():
                              t["window_gpu_ms"], t["plan_ms"])
 
         def release(self, row: int) -> None:
+            self._addressed.pop(row, None)
             if self._tier is not None and row in self._tier.requests:
                 self._tier.release(row)
 
@@ -548,6 +607,14 @@ def _backend_class():
 
     _CLASS = KvTierAttnBackend
     return _CLASS
+
+
+def _prefix_cache_selected(server_args) -> bool:
+    """Whether this server runs the kvtier radix cache (prefix.py) with the radix cache on."""
+    from .prefix import NAME
+
+    return (not getattr(server_args, "disable_radix_cache", True)
+            and getattr(server_args, "radix_cache_backend", None) == NAME)
 
 
 def device_bound_tokens(backend) -> int:

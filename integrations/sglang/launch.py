@@ -18,7 +18,7 @@ from typing import Any, Optional
 from kvtier.config import ConfigError, TierConfig, dump, env, load, loads
 from kvtier.runtime.ranks import check_host_memory
 
-from . import versions
+from . import prefix, versions
 
 ATTR = "_kvtier_config_yaml"
 BACKEND = "kvtier"
@@ -82,7 +82,32 @@ def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
 
 # ServerArgs fields apply_to_namespace may set (the Python API copies these into Engine kwargs).
 APPLIED = ("decode_attention_backend", "cuda_graph_backend_decode", "disable_cuda_graph", "disable_radix_cache",
+           "radix_cache_backend",
            "prefill_attention_backend", "cuda_graph_backend_prefill")
+
+
+def _server_args_field(name: str) -> bool:
+    from sglang.srt.server_args import ServerArgs
+
+    return hasattr(ServerArgs, name)
+
+
+def prefix_cache_unavailable(values: Any, stage3: bool) -> Optional[str]:
+    """Why the kvtier radix cache (prefix.py) cannot run under this launch, or None."""
+    if not prefix.registry_present():
+        return ("this sglang has no radix-cache registry, and its radix cache would match evicted "
+                "device slots that were freed")
+    if not _server_args_field("radix_cache_backend"):
+        return "this sglang has no --radix-cache-backend"
+    chosen = getattr(values, "radix_cache_backend", None)
+    if chosen not in (None, prefix.NAME):
+        return f"--radix-cache-backend {chosen} does not know host-resident pages"
+    if not stage3:
+        return "prefill does not come to the tier (--prefill-attention-backend)"
+    for flag in ("enable_hierarchical_cache", "enable_lmcache", "enable_flexkv"):
+        if getattr(values, flag, False):
+            return f"--{flag.replace('_', '-')} runs its own cache"
+    return None
 
 
 def apply_to_namespace(values: Any, config: TierConfig) -> None:
@@ -90,11 +115,7 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
     if config.policy == "dense":
         return  # the baseline runs sglang unchanged
     values.decode_attention_backend = BACKEND
-    if releases_slots(config) and not getattr(values, "disable_radix_cache", False):
-        # A freed evicted slot must never be matched as a cached prefix.
-        print("kvtier: prefix caching is off under an offloading policy (evicted device slots are freed)",
-              file=sys.stderr)
-        values.disable_radix_cache = True
+    stage3 = False
     if releases_slots(config):
         prefill = getattr(values, "prefill_attention_backend", None)
         if prefill in (None, PREFILL_BACKEND):
@@ -103,9 +124,19 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
             values.prefill_attention_backend = PREFILL_BACKEND
             if hasattr(values, "cuda_graph_backend_prefill"):
                 values.cuda_graph_backend_prefill = "disabled"
+            stage3 = True
         else:
             print(f"kvtier: --prefill-attention-backend {prefill} keeps prefill off the tier, so a prompt must "
                   "fit the GPU pool whole", file=sys.stderr)
+    if releases_slots(config) and not getattr(values, "disable_radix_cache", False):
+        # A freed evicted slot must never be matched as a cached prefix: the kvtier radix cache
+        # keeps host addresses in their place (prefix.py); any other cache is turned off.
+        why = prefix_cache_unavailable(values, stage3)
+        if why is None:
+            values.radix_cache_backend = prefix.NAME
+        else:
+            print(f"kvtier: prefix caching is off under an offloading policy: {why}", file=sys.stderr)
+            values.disable_radix_cache = True
     # The hybrid decode waits on the CPU engine each layer, which no full CUDA graph can record.
     # Decode graphs break at every attention call instead (sglang's breakable backend): the rest
     # of the forward replays, the tier's attention runs between the segments. That is the default

@@ -19,6 +19,7 @@ import weakref
 from typing import Any, List, Optional, Tuple
 
 _TIERS: "weakref.WeakSet" = weakref.WeakSet()
+_CACHES: "weakref.WeakSet" = weakref.WeakSet()  # kvtier radix caches (prefix.py)
 
 FREE_KV_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
 CHUNK_FINISH = "sglang.srt.mem_cache.chunk_cache.ChunkCache.cache_finished_req"
@@ -42,6 +43,23 @@ def track(backend: Any) -> None:
     _TIERS.add(backend)
 
 
+def track_cache(cache: Any) -> None:
+    _CACHES.add(cache)
+
+
+def cache_of(pool: Any) -> Optional[Any]:
+    """The kvtier radix cache over this request-to-token pool, if there is one."""
+    for cache in list(_CACHES):
+        if cache.req_to_token_pool is pool:
+            return cache
+    return None
+
+
+def backends_of(pool: Any) -> List[Any]:
+    """The live tiers over this request-to-token pool (one per model runner)."""
+    return [b for b in list(_TIERS) if b.req_to_token_pool is pool]
+
+
 def _row_of(req: Any) -> Optional[int]:
     index = getattr(req, "req_pool_idx", None)
     if index is None:  # 0.5.23 keeps it on req.kv
@@ -49,16 +67,11 @@ def _row_of(req: Any) -> Optional[int]:
     return None if index is None else int(index)
 
 
-def _backends_of(pool: Any) -> List[Any]:
-    """The live tiers over this request-to-token pool (one per model runner)."""
-    return [b for b in list(_TIERS) if b.req_to_token_pool is pool]
-
-
 def _freed_range(pool: Any, row: Any) -> Optional[Tuple[int, int]]:
     """Row positions whose device slots a tier over `pool` already gave back, if any."""
     if row is None:
         return None
-    for backend in _backends_of(pool):
+    for backend in backends_of(pool):
         freed = backend.freed_range(int(row))
         if freed is not None:
             return freed
@@ -69,7 +82,7 @@ def on_request_freed(pool: Any, req: Any, *args, **kwargs):
     """BEFORE ReqToTokenPool.free(req): release the tier's state for that row."""
     index = _row_of(req)
     if index is not None:
-        for backend in _backends_of(pool):
+        for backend in backends_of(pool):
             backend.release(index)
     return None
 

@@ -11,7 +11,7 @@ import pkgutil
 import sys
 from typing import Dict, List, Tuple
 
-from . import admission, graphs, launch, lifecycle
+from . import admission, graphs, launch, lifecycle, prefix
 
 _ORIGINALS: Dict[str, object] = {}
 
@@ -58,6 +58,7 @@ def register() -> None:
             _ORIGINALS[target] = _raw(pkgutil.resolve_name(target))
             HookRegistry.register(target, hook, kind)
     register_backend()
+    prefix.register()  # the kvtier radix cache, where sglang has a radix-cache registry
     HookRegistry.apply_hooks()
     missing = missing_hooks()
     if missing:

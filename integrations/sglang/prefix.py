@@ -1,0 +1,330 @@
+"""Prefix caching over host-resident pages: the `kvtier` radix-cache backend.
+
+Under an offloading policy the tier gives the device slots of evicted tokens
+back to sglang's allocator, so a request's row no longer names device KV for
+them. sglang's radix cache keys a prefix by the row's values, so the tier
+writes, in place of each freed slot, the token's host address as a negative
+number (`encode`: -1 - (page * page_tokens + offset)). A finished request's row
+then goes into the tree as it is: the sinks and the tail in device slots, the
+middle as host addresses. The tree pins the host pages its values name, and
+lets go of them when it evicts those values.
+
+A new request that matches a cached prefix gets those values in its row; the
+backend's `adopt` turns them back into a tier state (sinks, host pages attended
+in place, the device tail) instead of recomputing or reloading anything. Only
+usable prefixes are matched (`usable_prefix`): one run of whole host pages
+right after the sinks, in page order, then device slots.
+
+What changes against sglang's classic `RadixCache` (subclassed, registered as
+`--radix-cache-backend kvtier` on releases with a radix-cache registry):
+- the allocator the tree frees through skips host addresses (they are not
+  slots); under `evict` it unpins their pages instead;
+- `evictable_size` and `protected_size` count device tokens only, so sglang's
+  admission and its pool invariant (available + evictable + protected = total)
+  stay true;
+- running requests are not checkpointed into the tree, only finished ones:
+  the tier frees slots of a running request as its window moves on, and the
+  tree must never hold one of those;
+- a finished request whose host pages were dropped under host-memory pressure
+  (`on_full: evict`) is cached no further than its protected prefix;
+- when the host store runs short of pages it asks the tree to evict cached
+  prefixes first (`reclaim_host`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+
+from . import lifecycle
+
+log = logging.getLogger("kvtier")
+
+NAME = "kvtier"  # the --radix-cache-backend name
+REGISTRY = "sglang.srt.mem_cache.registry"
+
+
+def encode(addresses: torch.Tensor) -> torch.Tensor:
+    """Host addresses (page * page_tokens + offset, >= 0) as row values (< 0)."""
+    return -1 - addresses
+
+
+def decode(values: torch.Tensor) -> torch.Tensor:
+    """Row values < 0 back to host addresses."""
+    return -1 - values
+
+
+def usable_prefix(values: torch.Tensor, sink_tokens: int, page_tokens: int) -> int:
+    """How much of a cached prefix (its row values, CPU int) the tier can take over.
+
+    The tier's layout: device slots for the sinks, host addresses of whole pages
+    in order (each page's offsets 0..T-1), then device slots. Anything else ends
+    the usable part: a host address among the sinks, a partial page, a page whose
+    offsets are out of order, a second run of host addresses.
+    """
+    n = values.numel()
+    host = values < 0
+    head = min(n, sink_tokens)
+    if bool(host[:head].any()):
+        return int(host[:head].to(torch.int8).argmax())
+    if n <= sink_tokens:
+        return n
+    rest = host[sink_tokens:]
+    run = int(rest.to(torch.int8).argmin()) if not bool(rest.all()) else rest.numel()  # leading host run
+    pages = run // page_tokens
+    if pages:
+        addr = decode(values[sink_tokens: sink_tokens + pages * page_tokens]).view(pages, page_tokens)
+        ok = (addr % page_tokens == torch.arange(page_tokens)) & (addr // page_tokens == addr[:, :1] // page_tokens)
+        good = ok.all(dim=1)
+        if not bool(good.all()):
+            pages = int((~good).to(torch.int8).argmax())
+    if pages * page_tokens < run:  # a partial or out-of-order page ends the prefix there
+        return sink_tokens + pages * page_tokens
+    tail = rest[run:]
+    if bool(tail.any()):  # device slots, then host addresses again
+        return sink_tokens + run + int(tail.to(torch.int8).argmax())
+    return n
+
+
+def registry_present() -> bool:
+    import importlib
+
+    try:
+        module = importlib.import_module(REGISTRY)
+    except ImportError:
+        return False
+    return hasattr(module, "register_radix_cache_backend")
+
+
+def register() -> bool:
+    """Register the `kvtier` radix-cache backend where sglang has a registry; whether it is."""
+    if not registry_present():
+        return False
+    from sglang.srt.mem_cache import registry
+
+    if NAME not in registry.registered_radix_cache_backends():
+        registry.register_radix_cache_backend(NAME, _factory)
+    return True
+
+
+def _factory(ctx: Any):
+    from .launch import KvTierLaunchError
+
+    if getattr(ctx, "is_hybrid_swa", False) or getattr(ctx, "is_hybrid_ssm", False):
+        raise KvTierLaunchError("the kvtier radix cache serves full-attention models only; this model has "
+                                "sliding-window or state-space layers")
+    return cache_class()(ctx.params)
+
+
+_CLASS = None
+
+
+def cache_class():
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _build_class()
+    return _CLASS
+
+
+class _DeviceSlots:
+    """The tree's view of sglang's allocator: host addresses in what it frees are not
+    slots; while the tree evicts, their pages are unpinned instead."""
+
+    def __init__(self, allocator: Any, cache: Any):
+        self._inner = allocator
+        self._cache = cache
+        self.evicting = False
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _split(self, index: torch.Tensor) -> torch.Tensor:
+        host = index < 0
+        if not bool(host.any()):
+            return index
+        if self.evicting:
+            self._cache.unpin_host(index[host])
+        return index[~host]
+
+    def free(self, free_index: torch.Tensor, *args, **kwargs):
+        return self._inner.free(self._split(free_index), *args, **kwargs)
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int):
+        # Host addresses sit on whole tier pages, which sglang's page size divides, so what
+        # is left keeps its page alignment.
+        return self._inner.free_segment(self._split(free_index), start_pos=start_pos)
+
+    def free_segments(self, segments):
+        return self._inner.free_segments([(self._split(index), start) for index, start in segments])
+
+
+def _host_count(node: Any) -> int:
+    """Host addresses among a tree node's values, remembered per value tensor (a split replaces it)."""
+    cached = getattr(node, "_kvtier_host", None)
+    if cached is not None and cached[0] is node.value:
+        return cached[1]
+    count = int((node.value < 0).sum())
+    node._kvtier_host = (node.value, count)
+    return count
+
+
+def _build_class():
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    class TierRadixCache(RadixCache):
+        """sglang's radix cache over rows that hold host addresses where the tier freed slots."""
+
+        def __init__(self, params):
+            params = dataclasses.replace(params)
+            self._slots = _DeviceSlots(params.token_to_kv_pool_allocator, self)
+            params.token_to_kv_pool_allocator = self._slots
+            self._inserting = False  # inside checkpoint
+            self._version = 0  # bumped whenever the sizes below may change
+            self._sizes = (-1, 0, 0)  # (version, host tokens unlocked, host tokens locked)
+            super().__init__(params)
+            lifecycle.track_cache(self)
+
+        # --- the tier behind this tree --------------------------------------------------
+
+        def _backend(self) -> Optional[Any]:
+            for backend in lifecycle.backends_of(self.req_to_token_pool):
+                return backend
+            return None
+
+        def _store(self):
+            backend = self._backend()
+            tier = None if backend is None else backend._tier
+            return None if tier is None else tier.store
+
+        def _window(self):
+            backend = self._backend()
+            return None if backend is None else backend.config.window
+
+        # --- host pins ---------------------------------------------------------------------
+
+        def _pages(self, values: torch.Tensor):
+            window = self._window()
+            addr = decode(values[values < 0].to("cpu", torch.long))
+            return (addr // window.page_tokens).tolist()
+
+        def pin_host(self, values: torch.Tensor) -> None:
+            if values.numel() and bool((values < 0).any()):
+                self._store().pin(self._pages(values))
+
+        def unpin_host(self, values: torch.Tensor) -> None:
+            if values.numel():
+                self._store().unpin(self._pages(values))
+
+        def reclaim_host(self, pages: int) -> int:
+            """Evict cached prefixes, least recently used first, until `pages` host pages are
+            free or nothing evictable holds any; returns the pages freed."""
+            store = self._store()
+            start = store.stats().free_pages
+            step = max(1, self._window().page_tokens)
+            while store.stats().free_pages - start < pages and self._host_sizes()[0] > 0:
+                if self.evict(EvictParams(num_tokens=step)).num_tokens_evicted == 0:
+                    break
+            freed = store.stats().free_pages - start
+            log.info("kvtier: the host store was short of %d pages; evicting cached prefixes freed %d",
+                     pages, freed)
+            return freed
+
+        # --- sglang's tree interface --------------------------------------------------------
+
+        def reset(self):
+            store = None if not hasattr(self, "root_node") else self._store()
+            if store is not None:
+                self.unpin_host(self.all_values_flatten() if self.root_node.children else torch.zeros(0))
+            super().reset()
+            self._version = getattr(self, "_version", 0) + 1
+
+        def match_prefix(self, params):
+            result = super().match_prefix(params)
+            n = result.device_prefix_len
+            window = self._window()
+            if n == 0 or window is None or self._inserting:
+                return result  # checkpoint re-matches what it inserted, whole
+            values = self.path_device_indices(result.last_device_node)[:n].to("cpu", torch.long)
+            usable = usable_prefix(values, window.sink_tokens, window.page_tokens)
+            self._version += 1  # a match may split a node
+            if usable == n:
+                return result
+            return super().match_prefix(dataclasses.replace(params, key=params.key[:usable]))
+
+        def insert(self, params):
+            result = super().insert(params)
+            self._version += 1
+            value = params.value
+            if value is not None and self._window() is not None:
+                end = min(len(params.key.page_aligned(self.page_size)), value.numel())
+                self.pin_host(value[result.prefix_len:end])  # what the tree stored anew
+            return result
+
+        def checkpoint(self, req, *, up_to: int, **kwargs):
+            finished = getattr(req, "finished", None)
+            if not (callable(finished) and finished()):
+                # The tier frees a running request's slots as its window moves on; the tree
+                # must not hold them. The request is cached when it finishes.
+                return
+            backend = self._backend()
+            row = getattr(req.kv, "req_pool_idx", None)
+            if backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
+                # Host pages dropped under memory pressure: the row names pages that may hold
+                # other tokens by now. Keep what the tree already protects, nothing more.
+                up_to = min(up_to, int(req.kv.cache_protected_len))
+                if up_to <= 0:
+                    return
+            self._inserting = True
+            try:
+                super().checkpoint(req, up_to=up_to, **kwargs)
+            finally:
+                self._inserting = False
+
+        def evict(self, params):
+            self._slots.evicting = True
+            try:
+                result = super().evict(params)
+            finally:
+                self._slots.evicting = False
+                self._version += 1
+            return result
+
+        def inc_lock_ref(self, node):
+            self._version += 1
+            return super().inc_lock_ref(node)
+
+        def dec_lock_ref(self, node, params=None):
+            self._version += 1
+            return super().dec_lock_ref(node, params)
+
+        def _host_sizes(self):
+            """(unlocked, locked) tokens the tree holds as host addresses."""
+            version, unlocked, locked = self._sizes
+            if version != self._version:
+                unlocked = locked = 0
+                stack = list(self.root_node.children.values())
+                while stack:
+                    node = stack.pop()
+                    host = _host_count(node)
+                    if node.lock_ref > 0:
+                        locked += host
+                    else:
+                        unlocked += host
+                    stack.extend(node.children.values())
+                self._sizes = (self._version, unlocked, locked)
+            return unlocked, locked
+
+        def evictable_size(self):
+            return self.evictable_size_ - self._host_sizes()[0]
+
+        def protected_size(self):
+            return self.protected_size_ - self._host_sizes()[1]
+
+    return TierRadixCache
+
+
+__all__ = ("NAME", "encode", "decode", "usable_prefix", "register", "registry_present", "cache_class")
