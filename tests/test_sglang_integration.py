@@ -1105,6 +1105,8 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
     used_before = alloc.size - alloc.available_size()
     _prefill(reqs, backend, layer, {1: len(tokens_b)})  # the chunks after the match, against the dense reference
     assert backend._tier.host_tokens(1) >= m - S  # attended in place from the adopted pages
+    stats = backend.tier_stats()
+    assert stats["prefix_hit_host_tokens"] == m - S and stats["cached_host_tokens"] == store.pinned
     for _ in range(2):
         out, ref = reqs.decode_step(backend, layer)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -199,6 +199,7 @@ def _backend_class():
             # The kvtier radix cache keeps finished requests, host pages included (prefix.py).
             self.prefix_cache = self.stage3 and _prefix_cache_selected(self.server_args)
             self._addressed: Dict[int, int] = {}  # row -> positions below hold host addresses (prefix cache)
+            self.prefix_hit_host_tokens = 0  # host tokens new requests took over from cached prefixes
             lifecycle.track(self)
 
         # --- metadata -------------------------------------------------------
@@ -507,6 +508,7 @@ def _backend_class():
             self._tier.adopt(row, sink_slots=values[:min(n, S)], host_pages=pages,
                              recent_slots=values[S + run:] if n > S else values[:0], owned_until=n)
             self._addressed[row] = S + run
+            self.prefix_hit_host_tokens += run
 
         def _write_addresses(self) -> None:
             """Prefix cache: the host address of each slot the tier freed, into the rows."""
@@ -587,6 +589,10 @@ def _backend_class():
                 log.info("kvtier: %d requests, %d tokens on the device, %d on the host, %d device slots released, "
                          "%.1f MB device-to-host, %d pages evicted", len(tier.requests), st.device_tokens,
                          st.host_tokens, self.slots_released, st.bytes_d2h / 1e6, st.pages_evicted)
+                if self.prefix_cache:
+                    log.info("kvtier: prefix cache: %d host tokens kept, %d host tokens of prefix hits attended "
+                             "in place", tier.store.pinned if tier.store is not None else 0,
+                             self.prefix_hit_host_tokens)
                 t = self.last_timing = self.clock.take()
                 if t is not None:
                     log.info("kvtier: decode %d steps, %.2f ms/step: attention %.2f (engine %.2f, window GPU %.2f), "
@@ -601,9 +607,12 @@ def _backend_class():
         def tier_stats(self) -> Dict[str, float]:
             if self._tier is None:
                 return {}
+            store = self._tier.store
             return {**self._tier.stats()._asdict(), "requests": len(self._tier.requests),
                     "slots_released": self.slots_released,
-                    "evictions_refused": self.evictions_refused}
+                    "evictions_refused": self.evictions_refused,
+                    "cached_host_tokens": 0 if store is None else store.pinned,
+                    "prefix_hit_host_tokens": self.prefix_hit_host_tokens}
 
     _CLASS = KvTierAttnBackend
     return _CLASS

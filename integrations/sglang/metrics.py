@@ -24,6 +24,8 @@ METRICS = {
     "bytes_d2h": ("counter", "Bytes of KV copied from the GPU to the host store."),
     "pages_evicted": ("counter", "Pages evicted to the host store."),
     "evictions_refused": ("counter", "Decode steps whose eviction the full host store refused."),
+    "cached_host_tokens": ("gauge", "Tokens the kvtier radix cache keeps on the host store for later prefix hits."),
+    "prefix_hit_host_tokens": ("counter", "Host tokens of cached prefixes that new requests attended in place."),
 }
 
 _LOCK = threading.Lock()
