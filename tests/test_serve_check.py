@@ -27,6 +27,20 @@ def test_compare_reports_the_worst_request_and_the_speed_ratio():
     assert cmp["match_tokens"] == 0.5 and cmp["decode_vs_first"] == 0.8
 
 
+def test_follow_ups_count_in_the_comparison_and_the_table():
+    def res(name, follow):
+        return {"policy": name, "command": [], "requests": [], "batch": [],
+                "follow_ups": [{"context": 8160, "shares": 8128, "cached_tokens": c, "prefill_s": t,
+                                "output_ids": ids} for ids, c, t in follow]}
+
+    ref = res("dense", [([1, 2, 3, 4], 8128, 0.05)])
+    other = res("hgca", [([1, 2, 0, 0], 8128, 0.2)])
+    cmp = serve_check.compare([ref, other])["hgca"]
+    assert cmp["match_tokens"] == 0.5
+    table = serve_check._markdown([ref, other], {"hgca": cmp}, 4)
+    assert "| hgca | 8160 | 8128 | 8128 | 0.20 | 0.50 |" in table and "| dense | 8160 | 8128 | 8128 | 0.05 | (reference) |" in table
+
+
 def test_missing_policy_file_is_exit_2(tmp_path, capsys):
     assert serve_check.main(["--model-path", "m", "--policies", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml not found" in capsys.readouterr().err

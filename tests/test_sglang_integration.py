@@ -1023,28 +1023,43 @@ def prefix_server():
 def _key(tokens):
     from array import array
 
-    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-    return RadixKey(array("q", tokens))
+    # The token container sglang keys its tree with: an array on the 0.5.23 line, a list on 0.5.17.
+    return RadixKey(array("q", tokens) if hasattr(RadixCache, "checkpoint") else list(tokens))
 
 
 def _finish(tree, runner, row, tokens, prefix_len=0, lock=None):
-    """sglang's release of a finished request (release_kv_cache), with the tree keeping it."""
+    """sglang's release of a finished request, with the tree keeping it: release_kv_cache on the
+    0.5.23 line, RadixCache.cache_finished_req on 0.5.17."""
+    from array import array
     from types import SimpleNamespace
 
-    from sglang.srt.managers.schedule_batch import ReqKvInfo
+    from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from array import array
+    if not hasattr(RadixCache, "checkpoint"):  # 0.5.17: the lock is the matched node
+        req = SimpleNamespace(req_pool_idx=row, cache_protected_len=prefix_len, origin_input_ids=list(tokens),
+                              output_ids=[], extra_key=None, priority=None, last_node=lock)
+        tree.cache_finished_req(req, kv_len_to_handle=len(tokens))
+        runner.req_to_token_pool.free(req)
+        return
+    from sglang.srt.managers.schedule_batch import ReqKvInfo
 
     kv = ReqKvInfo(req_pool_idx=row, cache_protected_len=prefix_len)
     req = SimpleNamespace(kv=kv, req_pool_idx=row, full_untruncated_fill_ids=array("q", tokens),
-                          origin_input_ids=list(tokens),
-                          extra_key=None, cache_salt=None, priority=None, lock=lock, last_node=None,
-                          finished=lambda: True)
+                          origin_input_ids=list(tokens), extra_key=None, cache_salt=None, priority=None, lock=lock,
+                          last_node=None, finished=lambda: True)
     tree.checkpoint(req, up_to=len(tokens))
     tree.free_kv_row(kv, [(kv.cache_protected_len, len(tokens))])
     tree.unlock(req.lock)
     runner.req_to_token_pool.free(req)
+
+
+def _unlock(tree, lock):
+    if hasattr(tree, "unlock"):
+        tree.unlock(lock)
+    else:
+        tree.dec_lock_ref(lock)
 
 
 def _pool_invariant(runner, tree):
@@ -1065,10 +1080,15 @@ def _start_on_match(reqs, tree, row, src, tokens):
     sglang's allocation does, its K/V history the source request's (the same tokens)."""
     match = tree.match_prefix(__import__("sglang.srt.mem_cache.base_prefix_cache",
                                          fromlist=["x"]).MatchPrefixParams(key=_key(tokens)))
-    m = match.device_prefix_len
-    lock = tree.lock(match.last_device_node)
-    reqs.runner.req_to_token_pool.req_to_token[row, :m] = tree.path_device_indices(match.last_device_node)[:m].to(
-        torch.int32)
+    if hasattr(match, "device_indices"):  # 0.5.17
+        values = match.device_indices
+        tree.inc_lock_ref(match.last_device_node)
+        lock = match.last_device_node
+    else:
+        values = tree.path_device_indices(match.last_device_node)[:match.device_prefix_len]
+        lock = tree.lock(match.last_device_node)
+    m = values.numel()
+    reqs.runner.req_to_token_pool.req_to_token[row, :m] = values.to(torch.int32)
     reqs.k[row], reqs.v[row] = src[0][:m].clone(), src[1][:m].clone()
     return m, lock
 
@@ -1131,6 +1151,21 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     reqs = _Requests(runner, [0, 0])
     tokens_a = torch.randint(0, 30000, (400,)).tolist()
     _prefill(reqs, backend, layer, {0: 400})
+    # A running request is not cached (the tier frees its slots as its window moves); its next
+    # chunk continues from its row as under sglang's ChunkCache.
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    if hasattr(RadixCache, "checkpoint"):
+        from sglang.srt.managers.schedule_batch import ReqKvInfo
+
+        tree.checkpoint(SimpleNamespace(kv=ReqKvInfo(req_pool_idx=0), finished=lambda: False), up_to=400)
+    else:
+        running = SimpleNamespace(req_pool_idx=0, extend_range=SimpleNamespace(end=400))
+        tree.cache_unfinished_req(running, chunked=True)
+        assert torch.equal(running.prefix_indices, runner.req_to_token_pool.req_to_token[0, :400].long())
+    assert tree.total_size() == 0
     reqs.rows = [1]
     src = (reqs.k[0].clone(), reqs.v[0].clone())
     _finish(tree, runner, 0, tokens_a)
@@ -1153,7 +1188,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     # B's key is cached too, but a later match stops where host addresses resume after A's tail.
     m2, lock2 = _start_on_match(reqs, tree, 1, src, tokens_b)
     assert m2 == 400
-    tree.unlock(lock2)
+    _unlock(tree, lock2)
     tree.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["x"]).EvictParams(num_tokens=10**6))
     n, distinct = _free_slot_census(alloc)
     assert n == distinct and alloc.available_size() == alloc.size

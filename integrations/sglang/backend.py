@@ -16,8 +16,8 @@ Sequencing (DESIGN.md):
   go back to sglang's allocator, so the pool holds sinks and windows and
   admits more requests. The hooks (lifecycle.py) keep sglang from freeing
   those slots again when the request ends.
-  The radix cache stays on where sglang has a radix-cache registry (the 0.5.23
-  line) and prefill comes here (stage 3): `--kv-tier` selects the `kvtier`
+  The radix cache stays on where sglang has a radix-cache registry (0.5.17 and
+  the 0.5.23 line) and prefill comes here (stage 3): `--kv-tier` selects the `kvtier`
   radix cache (prefix.py). The tier writes each freed slot's host address into
   the row, finished requests are cached with those addresses, and a request
   that matches a cached prefix starts on its host pages in place (`_adopt`).

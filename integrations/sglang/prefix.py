@@ -16,13 +16,15 @@ usable prefixes are matched (`usable_prefix`): one run of whole host pages
 right after the sinks, in page order, then device slots.
 
 What changes against sglang's classic `RadixCache` (subclassed, registered as
-`--radix-cache-backend kvtier` on releases with a radix-cache registry):
+`--radix-cache-backend kvtier` on releases with a radix-cache registry: 0.5.17
+and the 0.5.23 line, whose tree interfaces differ; both are handled):
 - the allocator the tree frees through skips host addresses (they are not
   slots); under `evict` it unpins their pages instead;
 - `evictable_size` and `protected_size` count device tokens only, so sglang's
   admission and its pool invariant (available + evictable + protected = total)
   stay true;
-- running requests are not checkpointed into the tree, only finished ones:
+- running requests are not inserted into the tree (`checkpoint` on the 0.5.23
+  line, `cache_unfinished_req` on 0.5.17), only finished ones:
   the tier frees slots of a running request as its window moves on, and the
   tree must never hold one of those;
 - a finished request whose host pages were dropped under host-memory pressure
@@ -244,11 +246,14 @@ def _build_class():
 
         def match_prefix(self, params):
             result = super().match_prefix(params)
-            n = result.device_prefix_len
+            values = getattr(result, "device_indices", None)  # 0.5.17 returns the values
+            n = len(values) if values is not None else result.device_prefix_len
             window = self._window()
             if n == 0 or window is None or self._inserting:
                 return result  # checkpoint re-matches what it inserted, whole
-            values = self.path_device_indices(result.last_device_node)[:n].to("cpu", torch.long)
+            if values is None:
+                values = self.path_device_indices(result.last_device_node)[:n]
+            values = values.to("cpu", torch.long)
             usable = usable_prefix(values, window.sink_tokens, window.page_tokens)
             self._version += 1  # a match may split a node
             if usable == n:
@@ -263,6 +268,23 @@ def _build_class():
                 end = min(len(params.key.page_aligned(self.page_size)), value.numel())
                 self.pin_host(value[result.prefix_len:end])  # what the tree stored anew
             return result
+
+        def cache_unfinished_req(self, req, chunked=False, **kwargs):
+            """0.5.17: a running request is not cached (see checkpoint); its next chunk continues
+            from its row, as under sglang's ChunkCache."""
+            end = getattr(getattr(req, "extend_range", None), "end", None)
+            if end is None:
+                end = len(req.get_fill_ids())
+            row = self.req_to_token_pool.req_to_token[req.req_pool_idx, :end]
+            req.prefix_indices = row.to(dtype=torch.int64, copy=True)
+
+        def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
+            """0.5.17: a finished request is cached as checkpoint does on later releases."""
+            backend = self._backend()
+            row = getattr(req, "req_pool_idx", None)
+            if is_insert and backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
+                is_insert = False  # see checkpoint: the row may name pages that hold other tokens now
+            return super().cache_finished_req(req, is_insert, **kwargs)
 
         def checkpoint(self, req, *, up_to: int, **kwargs):
             finished = getattr(req, "finished", None)

@@ -192,6 +192,21 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
                   f"{rec['decode_tokens_per_s'] or float('nan'):.1f} tokens/s (after the first decode step "
                   f"{rec['steady_decode_tokens_per_s'] or float('nan'):.1f}; that step "
                   f"{rec['first_decode_step_s'] or float('nan'):.3f} s)", flush=True)
+        if args.follow_ups:
+            # A follow-up on each long context: its prompt minus the last 64 tokens, then new ones. The
+            # first request has finished, so a prefix cache serves the shared part (under an offloading
+            # policy, host pages included) and only the rest is prefilled.
+            for ctx in args.contexts:
+                ids = _prompt(ctx, seed=args.seed + ctx, vocab=args.vocab)[:-64] + _prompt(
+                    96, seed=args.seed + ctx + 1, vocab=args.vocab)
+                st = _generate_streamed(base, ids, args.new_tokens, args.request_timeout)
+                meta = st.out.get("meta_info") or {}
+                rec = {"context": len(ids), "shares": ctx - 64, "output_ids": _ids(st.out),
+                       "finish_reason": _finish_reason(st.out), "prefill_s": st.first_s, "total_s": st.last_s,
+                       "cached_tokens": meta.get("cached_tokens")}
+                result.setdefault("follow_ups", []).append(rec)
+                print(f"  follow-up sharing {ctx - 64} tokens: first token after {rec['prefill_s']:.2f} s, "
+                      f"{rec['cached_tokens']} prompt tokens from the cache", flush=True)
         # Mixed lengths in one batch: long ones with pages on the host, short ones with none yet.
         lens = [max(args.contexts), max(args.contexts) // 2, 900, 200]
         batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
@@ -258,8 +273,8 @@ def compare(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     first = results[0]
     out = {}
     for res in results[1:]:
-        pairs = list(zip(first["requests"], res["requests"])) + list(zip(first.get("batch", []),
-                                                                          res.get("batch", [])))
+        pairs = (list(zip(first["requests"], res["requests"])) + list(zip(first.get("batch", []), res.get("batch", [])))
+                 + list(zip(first.get("follow_ups", []), res.get("follow_ups", []))))
         match = [_agreement(a["output_ids"], b["output_ids"]) for a, b in pairs]
         speed = [b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(first["requests"],
                                                                                    res["requests"])
@@ -303,6 +318,18 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
                                                      "first_decode_step_s"))
             rows.append(f"| {Path(res['policy']).stem} | {r['context']} | {_num(tps, 1)} | {_num(steady, 1)} | "
                         f"{_num(step1, 3)} | {r['prefill_s']:.2f} | {agree} |")
+    follow = []
+    for res in results:
+        for i, r in enumerate(res.get("follow_ups", [])):
+            ref = first.get("follow_ups", [])
+            agree = "(reference)" if res is first else (
+                f"{_agreement(ref[i]['output_ids'], r['output_ids']):.2f}" if i < len(ref) else "n/a")
+            follow.append(f"| {Path(res['policy']).stem} | {r['context']} | {r['shares']} | "
+                          f"{r.get('cached_tokens', 'n/a')} | {r['prefill_s']:.2f} | {agree} |")
+    if follow:
+        rows += ["", "Follow-ups (a prompt sharing all but the last 64 tokens of a finished one, then 96 new "
+                 "tokens):", "", "| policy | context | shared tokens | prompt tokens from the cache | first token s "
+                 "| tokens equal to the first policy's |", "|---|---|---|---|---|---|", *follow]
     steps = [f"- {Path(r['policy']).stem}: {d['steps']} steps, {d['step_ms']:.1f} ms/step: attention "
              f"{d['attention_ms']:.1f} (engine {d['engine_ms']:.1f}, window GPU {d['window_gpu_ms']:.1f}), plan "
              f"{d['plan_ms']:.1f}" for r in results for d in [r.get("decode_steps")] if d]
@@ -332,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-timeout", type=float, default=400)
     p.add_argument("--request-timeout", type=float, default=600)
+    p.add_argument("--follow-ups", action="store_true",
+                   help="after each long request, one sharing its prompt but the last 64 tokens (a prefix cache hit)")
     p.add_argument("--name", default="serve")
     p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
     p.add_argument("--reference", default=None,
