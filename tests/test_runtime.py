@@ -286,7 +286,10 @@ def test_pins_keep_pages_past_their_tables_and_reclaim_comes_before_on_full():
         pages = store.allocate("a", 3)
         store.pin(pages[:2] + pages[:1])  # a cache holding tokens of two pages (one page twice)
         assert store.release("a") == 1 and store.pinned == 3  # the pinned pages outlive their table
+        brute = lambda: sum(1 for p in range(store.n_pages) if 0 < store._pins[p] == store._refs[p])  # noqa: E731
+        assert store.pinned_only_pages() == brute() == 2
         store.adopt("b", first_pos=4, pages=pages[:2])  # a prefix hit starts on them
+        assert store.pinned_only_pages() == brute() == 0  # b holds them too now
         with pytest.raises(ValueError, match="not a stored page"):
             store.adopt("c", first_pos=4, pages=[pages[2]])  # freed with a: not stored any more
         assert "c" not in store
@@ -302,8 +305,8 @@ def test_pins_keep_pages_past_their_tables_and_reclaim_comes_before_on_full():
         assert asked == [2] and store.table("b").pages == pages[:2] and len(store.table("c").pages) == 1
         store.reclaim = lambda n: asked.append(n) or store.unpin(pages[:2] + pages[:1])
         assert len(store.allocate("c", 2)) == 2  # the cache let go; on_full then dropped b's oldest pages
-        assert asked == [2, 2] and store.pinned == 0
-        with pytest.raises(ValueError, match="2 pins given back, 0 held"):
+        assert asked == [2, 2] and store.pinned == 0 and store.pinned_only_pages() == brute() == 0
+        with pytest.raises(ValueError, match="pins of page .* given back, 0 held"):
             store.unpin(pages[:2])
     finally:
         store.close()

@@ -1210,6 +1210,8 @@ def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server
     filler = "filler"
     store.admit(filler, first_pos=0)
     store.allocate(filler, store.stats().free_pages)
+    # Admission counts what the cache would give back as room: a new prompt does not wait on it.
+    assert store.stats().free_pages == 0 and backend.host_free_tokens() == held * 16
     pinned = store.pinned
     _prefill(reqs, backend, layer, {1: 300})
     # The tree gave pages back, least recently used first, so the running request's evictions went through.

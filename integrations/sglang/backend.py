@@ -449,9 +449,12 @@ def _backend_class():
             return store is not None and row in store and store.table(row).dropped_tokens > 0
 
         def host_free_tokens(self) -> int:
-            """Tokens the host store can still take."""
+            """Tokens the host store can still take (with the prefix cache: also the pages only the
+            cache holds, which it gives back when the store runs short)."""
             if self._tier is not None and self._tier.store is not None:
-                return self._tier.store.stats().free_pages * self.config.window.page_tokens
+                store = self._tier.store
+                pages = store.stats().free_pages + (store.pinned_only_pages() if store.reclaim is not None else 0)
+                return pages * self.config.window.page_tokens
             return self.host_capacity_tokens()
 
         def _free_evicted(self, slots: torch.Tensor) -> None:

@@ -84,6 +84,8 @@ class HostStore:
         self._refs: List[int] = [0] * n_pages  # tables and pins holding each page
         self._tables: Dict[Hashable, PageTable] = {}
         self.pinned = 0  # pins held in all (a page may be pinned more than once)
+        self._pins: List[int] = [0] * n_pages
+        self._pinned_only = 0  # pages only pins hold
         # Asked for n pages when the free list is short, before on_full applies: a prefix
         # cache unpins what it holds; returns how many pages it freed.
         self.reclaim: Optional[Callable[[int], int]] = None
@@ -115,7 +117,7 @@ class HostStore:
             raise ValueError(f"share: request {src!r} has {len(table.pages)} host pages, asked for {n_pages}")
         pages = table.pages[:n_pages]
         for p in pages:
-            self._refs[p] += 1
+            self._ref(p)
         self._tables[dst] = PageTable(table.first_pos, list(pages))
         return list(pages)
 
@@ -130,7 +132,7 @@ class HostStore:
             if not 0 <= p < self.n_pages or self._refs[p] == 0:
                 raise ValueError(f"adopt: page {p} is not a stored page (the store has {self.n_pages} pages)")
         for p in pages:
-            self._refs[p] += 1
+            self._ref(p)
         self._tables[rid] = PageTable(first_pos, list(pages))
 
     def pin(self, pages: Iterable[int]) -> None:
@@ -140,21 +142,42 @@ class HostStore:
             if not 0 <= p < self.n_pages or self._refs[p] == 0:
                 raise ValueError(f"pin: page {p} is not a stored page (the store has {self.n_pages} pages)")
         for p in pages:
-            self._refs[p] += 1
+            self._ref(p, pin=1)
         self.pinned += len(pages)
 
     def unpin(self, pages: Iterable[int]) -> int:
         """Let go of pins taken by `pin`; returns how many pages became free."""
         pages = list(pages)
-        if len(pages) > self.pinned:
-            raise ValueError(f"unpin: {len(pages)} pins given back, {self.pinned} held")
+        counts: Dict[int, int] = {}
+        for p in pages:
+            counts[p] = counts.get(p, 0) + 1
+        for p, n in counts.items():
+            if not 0 <= p < self.n_pages or self._pins[p] < n:
+                held = self._pins[p] if 0 <= p < self.n_pages else 0
+                raise ValueError(f"unpin: {n} pins of page {p} given back, {held} held")
         self.pinned -= len(pages)
-        return self._unref(pages)
+        return self._unref(pages, pin=1)
 
-    def _unref(self, pages) -> int:
+    def pinned_only_pages(self) -> int:
+        """Stored pages that only pins hold (no table): what a cache could give back."""
+        return self._pinned_only
+
+    def _only_pins(self, p: int) -> bool:
+        return 0 < self._pins[p] == self._refs[p]
+
+    def _ref(self, p: int, pin: int = 0) -> None:
+        before = self._only_pins(p)
+        self._refs[p] += 1
+        self._pins[p] += pin
+        self._pinned_only += self._only_pins(p) - before
+
+    def _unref(self, pages, pin: int = 0) -> int:
         freed = 0
         for p in pages:
+            before = self._only_pins(p)
             self._refs[p] -= 1
+            self._pins[p] -= pin
+            self._pinned_only += self._only_pins(p) - before
             if self._refs[p] == 0:
                 self._free.append(p)
                 freed += 1
