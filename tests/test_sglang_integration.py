@@ -1093,13 +1093,18 @@ def _start_on_match(reqs, tree, row, src, tokens):
     return m, lock
 
 
-def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
-    torch.manual_seed(11)
+def _first_request(prefix_server, seed, n):
+    """Request A (row 0) prefilled through the tier: n random tokens."""
+    torch.manual_seed(seed)
     backend, layer, runner, tree = prefix_server
-    alloc = runner.token_to_kv_pool_allocator
     reqs = _Requests(runner, [0, 0])
-    tokens_a = torch.randint(0, 30000, (700,)).tolist()
-    _prefill(reqs, backend, layer, {0: 700})
+    tokens = torch.randint(0, 30000, (n,)).tolist()
+    _prefill(reqs, backend, layer, {0: n})
+    return backend, layer, runner, tree, runner.token_to_kv_pool_allocator, reqs, tokens
+
+
+def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
+    backend, layer, runner, tree, alloc, reqs, tokens_a = _first_request(prefix_server, 11, 700)
     reqs.rows = [0]
     for _ in range(2):
         out, ref = reqs.decode_step(backend, layer)
@@ -1145,12 +1150,7 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
 
 
 def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window(prefix_server):
-    torch.manual_seed(12)
-    backend, layer, runner, tree = prefix_server
-    alloc = runner.token_to_kv_pool_allocator
-    reqs = _Requests(runner, [0, 0])
-    tokens_a = torch.randint(0, 30000, (400,)).tolist()
-    _prefill(reqs, backend, layer, {0: 400})
+    backend, layer, runner, tree, alloc, reqs, tokens_a = _first_request(prefix_server, 12, 400)
     # A running request is not cached (the tier frees its slots as its window moves); its next
     # chunk continues from its row as under sglang's ChunkCache.
     from types import SimpleNamespace
