@@ -1149,7 +1149,11 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
     assert alloc.available_size() == alloc.size, "a slot leaked"
 
 
-def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window(prefix_server):
+@pytest.mark.parametrize("tail_shared", [False, True])
+def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window(prefix_server, tail_shared):
+    """B starts on all of A (its device tail included) and moves on; when B finishes, the tree takes
+    B's host copies of the tail in place of its slots (unless another request holds the tail), so a
+    third request matches all of B."""
     backend, layer, runner, tree, alloc, reqs, tokens_a = _first_request(prefix_server, 12, 400)
     # A running request is not cached (the tier frees its slots as its window moves); its next
     # chunk continues from its row as under sglang's ChunkCache.
@@ -1183,15 +1187,45 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     assert backend._tier.requests[1].host_end > 400
     lo, hi = backend._tier.freed_positions(1)
     assert lo == 400
+    src_b = (reqs.k[1].clone(), reqs.v[1].clone())
+    held = None
+    if tail_shared:  # another request holds A's whole prefix, tail included
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+        held = tree.match_prefix(MatchPrefixParams(key=_key(tokens_a))).last_device_node
+        tree.inc_lock_ref(held)
+    free_before = alloc.available_size()
     _finish(tree, runner, 1, tokens_b + [1, 2, 3], prefix_len=m, lock=lock)
     assert _pool_invariant(runner, tree)
-    # B's key is cached too, but a later match stops where host addresses resume after A's tail.
-    m2, lock2 = _start_on_match(reqs, tree, 1, src, tokens_b)
-    assert m2 == 400
-    _unlock(tree, lock2)
+    m2, lock2 = _start_on_match(reqs, tree, 2, src_b, tokens_b)
+    if tail_shared:
+        # The tail stays a device run between host runs: a later match stops at its end.
+        assert m2 == 400 and backend.tail_tokens_demoted == 0
+        tree.dec_lock_ref(held)
+        _unlock(tree, lock2)
+        try:  # the row itself back, its prefix being the tree's
+            from sglang.srt.managers.schedule_batch import ReqKvInfo
+
+            kv = ReqKvInfo(req_pool_idx=2)
+        except TypeError:  # 0.5.17
+            kv = None
+        runner.req_to_token_pool.free(SimpleNamespace(req_pool_idx=2, kv=kv))
+    else:
+        # The tail's slots went back to the allocator and B's host copies took their place.
+        assert backend.tail_tokens_demoted == tail
+        assert alloc.available_size() - free_before >= tail
+        assert m2 == 600  # all of B's prompt: sinks, one run of host pages, B's device tail
+        reqs.rows = [2]
+        _prefill(reqs, backend, layer, {2: 650})
+        for _ in range(2):
+            out, ref = reqs.decode_step(backend, layer)
+            torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        _finish(tree, runner, 2, tokens_b + torch.randint(0, 30000, (52,)).tolist(), prefix_len=m2, lock=lock2)
+    assert _pool_invariant(runner, tree)
     tree.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["x"]).EvictParams(num_tokens=10**6))
     n, distinct = _free_slot_census(alloc)
-    assert n == distinct and alloc.available_size() == alloc.size
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
     assert backend._tier.store.pinned == 0 and backend._tier.store.stats().used_pages == 0
 
 

@@ -200,6 +200,8 @@ def _backend_class():
             self.prefix_cache = self.stage3 and _prefix_cache_selected(self.server_args)
             self._addressed: Dict[int, int] = {}  # row -> positions below hold host addresses (prefix cache)
             self.prefix_hit_host_tokens = 0  # host tokens new requests took over from cached prefixes
+            self._tails: Dict[int, Tuple[int, int]] = {}  # row -> cached device tail [lo, hi) it started on
+            self.tail_tokens_demoted = 0  # cached device-tail tokens replaced by host copies (prefix.py)
             lifecycle.track(self)
 
         # --- metadata -------------------------------------------------------
@@ -512,6 +514,21 @@ def _backend_class():
                              recent_slots=values[S + run:] if n > S else values[:0], owned_until=n)
             self._addressed[row] = S + run
             self.prefix_hit_host_tokens += run
+            if n > S + run:
+                self._tails[row] = (S + run, n)
+
+        def tail_on_host(self, row: int) -> Tuple[int, int]:
+            """[lo, hi): positions of the cached device tail request row started on that it has
+            since copied to its own host pages (empty when none)."""
+            lo, hi = self._tails.get(row, (0, 0))
+            st = None if self._tier is None else self._tier.requests.get(row)
+            if st is None or self.host_tokens_dropped(row):
+                return 0, 0
+            return lo, max(lo, min(hi, st.host_end))
+
+        def tail_demoted(self, row: int, tokens: int) -> None:
+            self.tail_tokens_demoted += tokens
+            self.slots_released += tokens
 
         def _write_addresses(self) -> None:
             """Prefix cache: the host address of each slot the tier freed, into the rows."""
@@ -604,6 +621,7 @@ def _backend_class():
 
         def release(self, row: int) -> None:
             self._addressed.pop(row, None)
+            self._tails.pop(row, None)
             if self._tier is not None and row in self._tier.requests:
                 self._tier.release(row)
 
@@ -615,7 +633,8 @@ def _backend_class():
                     "slots_released": self.slots_released,
                     "evictions_refused": self.evictions_refused,
                     "cached_host_tokens": 0 if store is None else store.pinned,
-                    "prefix_hit_host_tokens": self.prefix_hit_host_tokens}
+                    "prefix_hit_host_tokens": self.prefix_hit_host_tokens,
+                    "tail_tokens_demoted": self.tail_tokens_demoted}
 
     _CLASS = KvTierAttnBackend
     return _CLASS

@@ -30,7 +30,13 @@ and the 0.5.23 line, whose tree interfaces differ; both are handled):
 - a finished request whose host pages were dropped under host-memory pressure
   (`on_full: evict`) is cached no further than its protected prefix;
 - when the host store runs short of pages it asks the tree to evict cached
-  prefixes first (`reclaim_host`).
+  prefixes first (`reclaim_host`);
+- a finished request that had started on a cached device tail (the tree's
+  slots, copied to its host pages as its window moved on) hands the tree
+  those host copies in place of the slots, which go back to the allocator,
+  when no other request holds the tail (`_demote_tail`). Otherwise the tail
+  would stay a device run between host runs, where later matches stop, and a
+  conversation's third turn would reuse no more than its first.
 """
 
 from __future__ import annotations
@@ -284,7 +290,59 @@ def _build_class():
             row = getattr(req, "req_pool_idx", None)
             if is_insert and backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
                 is_insert = False  # see checkpoint: the row may name pages that hold other tokens now
+            if is_insert:
+                self._demote_tail(req)
             return super().cache_finished_req(req, is_insert, **kwargs)
+
+        def _demote_tail(self, req) -> int:
+            """Before a finished request is cached: the device tail it started on (the tree's
+            slots) becomes its host copies in the tree, and the slots go back to the allocator,
+            if only this request holds the tail. Returns the tokens converted."""
+            backend = self._backend()
+            row = getattr(req, "req_pool_idx", None)
+            if row is None:
+                row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
+            lock = getattr(req, "lock", None)
+            node = getattr(lock, "node", None) if lock is not None else getattr(req, "last_node", None)
+            if backend is None or row is None or node is None or node is self.root_node:
+                return 0
+            lo, hi = backend.tail_on_host(int(row))
+            if hi <= lo:
+                return 0
+            path = []
+            while node is not self.root_node:
+                path.append(node)
+                node = node.parent
+            path.reverse()
+            start, spans = 0, []
+            for nd in path:
+                end = start + len(nd.value)
+                a, b = max(lo, start), min(hi, end)
+                if a < b:
+                    if nd.lock_ref != 1:  # another request holds the tail too: leave it as it is
+                        return 0
+                    spans.append((nd, a - start, b - start, a, b))
+                start = end
+            tier = backend._tier
+            for nd, i, j, a, b in spans:
+                slots = nd.value[i:j]
+                if bool((slots < 0).any()):
+                    return 0
+            table = self.req_to_token_pool.req_to_token
+            converted = 0
+            for nd, i, j, a, b in spans:
+                values = nd.value.clone()
+                slots = values[i:j].clone()
+                addresses = encode(tier.host_addresses(int(row), a, b)).to(values.device, values.dtype)
+                values[i:j] = addresses
+                self.pin_host(addresses)
+                nd.value = values
+                table[int(row), a:b] = addresses.to(table.dtype)
+                self._slots._inner.free(slots)
+                converted += b - a
+            self._version += 1
+            backend.tail_demoted(int(row), converted)
+            return converted
 
         def checkpoint(self, req, *, up_to: int, **kwargs):
             finished = getattr(req, "finished", None)
@@ -292,6 +350,7 @@ def _build_class():
                 # The tier frees a running request's slots as its window moves on; the tree
                 # must not hold them. The request is cached when it finishes.
                 return
+            self._demote_tail(req)
             backend = self._backend()
             row = getattr(req.kv, "req_pool_idx", None)
             if backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
