@@ -39,6 +39,10 @@ def test_follow_ups_count_in_the_comparison_and_the_table():
     assert cmp["match_tokens"] == 0.5
     table = serve_check._markdown([ref, other], {"hgca": cmp}, 4)
     assert "| hgca | 8160 | 8128 | 8128 | 0.20 | 0.50 |" in table and "| dense | 8160 | 8128 | 8128 | 0.05 | (reference) |" in table
+    for r, ids in ((ref, [5, 6]), (other, [5, 7])):  # a conversation's turns count too
+        r["turns"] = [{"turn": 1, "context": 100, "cached_tokens": 0, "prefill_s": 0.1, "output_ids": ids}]
+    assert serve_check.compare([ref, other])["hgca"]["match_per_request"] == [0.5, 0.5]
+    assert "| hgca | 1 | 100 | 0 | 0.10 | 0.50 |" in serve_check._markdown([ref, other], {}, 4)
 
 
 def test_missing_policy_file_is_exit_2(tmp_path, capsys):

@@ -207,6 +207,21 @@ def run_policy(policy: Path, args: argparse.Namespace, log_dir: Path) -> Dict[st
                 result.setdefault("follow_ups", []).append(rec)
                 print(f"  follow-up sharing {ctx - 64} tokens: first token after {rec['prefill_s']:.2f} s, "
                       f"{rec['cached_tokens']} prompt tokens from the cache", flush=True)
+        if args.turns > 1:
+            # A conversation on the longest context: each turn's prompt is the previous prompt,
+            # its answer and 64 new tokens, so a prefix cache can serve all of the previous turn.
+            ctx = max(args.contexts)
+            ids = _prompt(ctx, seed=args.seed + 3 * ctx, vocab=args.vocab)
+            for turn in range(args.turns):
+                st = _generate_streamed(base, ids, args.new_tokens, args.request_timeout)
+                meta = st.out.get("meta_info") or {}
+                rec = {"turn": turn + 1, "context": len(ids), "output_ids": _ids(st.out),
+                       "finish_reason": _finish_reason(st.out), "prefill_s": st.first_s,
+                       "cached_tokens": meta.get("cached_tokens")}
+                result.setdefault("turns", []).append(rec)
+                print(f"  turn {turn + 1}: {len(ids)} prompt tokens, {rec['cached_tokens']} from the cache, first "
+                      f"token after {rec['prefill_s']:.2f} s", flush=True)
+                ids = ids + rec["output_ids"] + _prompt(64, seed=args.seed + ctx + 100 + turn, vocab=args.vocab)
         # Mixed lengths in one batch: long ones with pages on the host, short ones with none yet.
         lens = [max(args.contexts), max(args.contexts) // 2, 900, 200]
         batch = [_prompt(n, seed=args.seed + 7 * n, vocab=args.vocab) for n in lens]
@@ -274,7 +289,8 @@ def compare(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     out = {}
     for res in results[1:]:
         pairs = (list(zip(first["requests"], res["requests"])) + list(zip(first.get("batch", []), res.get("batch", [])))
-                 + list(zip(first.get("follow_ups", []), res.get("follow_ups", []))))
+                 + list(zip(first.get("follow_ups", []), res.get("follow_ups", [])))
+                 + list(zip(first.get("turns", []), res.get("turns", []))))
         match = [_agreement(a["output_ids"], b["output_ids"]) for a, b in pairs]
         speed = [b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(first["requests"],
                                                                                    res["requests"])
@@ -330,6 +346,18 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
         rows += ["", "Follow-ups (a prompt sharing all but the last 64 tokens of a finished one, then 96 new "
                  "tokens):", "", "| policy | context | shared tokens | prompt tokens from the cache | first token s "
                  "| tokens equal to the first policy's |", "|---|---|---|---|---|---|", *follow]
+    turns = []
+    for res in results:
+        for i, r in enumerate(res.get("turns", [])):
+            ref = first.get("turns", [])
+            agree = "(reference)" if res is first else (
+                f"{_agreement(ref[i]['output_ids'], r['output_ids']):.2f}" if i < len(ref) else "n/a")
+            turns.append(f"| {Path(res['policy']).stem} | {r['turn']} | {r['context']} | "
+                         f"{r.get('cached_tokens', 'n/a')} | {r['prefill_s']:.2f} | {agree} |")
+    if turns:
+        rows += ["", "A conversation (each turn: the previous prompt, its answer and 64 new tokens):", "",
+                 "| policy | turn | prompt tokens | from the cache | first token s | tokens equal to the first "
+                 "policy's |", "|---|---|---|---|---|---|", *turns]
     steps = [f"- {Path(r['policy']).stem}: {d['steps']} steps, {d['step_ms']:.1f} ms/step: attention "
              f"{d['attention_ms']:.1f} (engine {d['engine_ms']:.1f}, window GPU {d['window_gpu_ms']:.1f}), plan "
              f"{d['plan_ms']:.1f}" for r in results for d in [r.get("decode_steps")] if d]
@@ -361,6 +389,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--follow-ups", action="store_true",
                    help="after each long request, one sharing its prompt but the last 64 tokens (a prefix cache hit)")
+    p.add_argument("--turns", type=int, default=0,
+                   help="also a conversation of this many turns on the longest context (each turn's prompt: the "
+                        "previous prompt, its answer and 64 new tokens)")
     p.add_argument("--name", default="serve")
     p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
     p.add_argument("--reference", default=None,
