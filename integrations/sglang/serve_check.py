@@ -320,6 +320,25 @@ def _num(x: Optional[float], digits: int) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _extra_table(results: List[Dict[str, Any]], key: str, title: str, heads: Tuple[str, ...], cells) -> List[str]:
+    """Markdown lines of the requests under results[i][key] (follow-ups, turns): cells(r) gives the
+    leading columns, then the tokens from the cache, the first token's time and agreement with the
+    first policy's answers ([] when no result has any)."""
+    first, lines = results[0], []
+    for res in results:
+        ref = first.get(key, [])
+        for i, r in enumerate(res.get(key, [])):
+            agree = "(reference)" if res is first else (
+                f"{_agreement(ref[i]['output_ids'], r['output_ids']):.2f}" if i < len(ref) else "n/a")
+            lead = " | ".join(str(c) for c in cells(r))
+            lines.append(f"| {Path(res['policy']).stem} | {lead} | {r.get('cached_tokens', 'n/a')} | "
+                         f"{r['prefill_s']:.2f} | {agree} |")
+    if not lines:
+        return []
+    return ["", title, "", "| policy | " + " | ".join(heads) + " | first token s | tokens equal to the first "
+            "policy's |", "|---" * (len(heads) + 3) + "|", *lines]
+
+
 def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: int) -> str:
     rows = ["| policy | context | decode tokens/s | after the first step | first decode step s | first token s "
             "| tokens equal to the first policy's |", "|---|---|---|---|---|---|---|"]
@@ -334,30 +353,11 @@ def _markdown(results: List[Dict[str, Any]], cmp: Dict[str, Any], new_tokens: in
                                                      "first_decode_step_s"))
             rows.append(f"| {Path(res['policy']).stem} | {r['context']} | {_num(tps, 1)} | {_num(steady, 1)} | "
                         f"{_num(step1, 3)} | {r['prefill_s']:.2f} | {agree} |")
-    follow = []
-    for res in results:
-        for i, r in enumerate(res.get("follow_ups", [])):
-            ref = first.get("follow_ups", [])
-            agree = "(reference)" if res is first else (
-                f"{_agreement(ref[i]['output_ids'], r['output_ids']):.2f}" if i < len(ref) else "n/a")
-            follow.append(f"| {Path(res['policy']).stem} | {r['context']} | {r['shares']} | "
-                          f"{r.get('cached_tokens', 'n/a')} | {r['prefill_s']:.2f} | {agree} |")
-    if follow:
-        rows += ["", "Follow-ups (a prompt sharing all but the last 64 tokens of a finished one, then 96 new "
-                 "tokens):", "", "| policy | context | shared tokens | prompt tokens from the cache | first token s "
-                 "| tokens equal to the first policy's |", "|---|---|---|---|---|---|", *follow]
-    turns = []
-    for res in results:
-        for i, r in enumerate(res.get("turns", [])):
-            ref = first.get("turns", [])
-            agree = "(reference)" if res is first else (
-                f"{_agreement(ref[i]['output_ids'], r['output_ids']):.2f}" if i < len(ref) else "n/a")
-            turns.append(f"| {Path(res['policy']).stem} | {r['turn']} | {r['context']} | "
-                         f"{r.get('cached_tokens', 'n/a')} | {r['prefill_s']:.2f} | {agree} |")
-    if turns:
-        rows += ["", "A conversation (each turn: the previous prompt, its answer and 64 new tokens):", "",
-                 "| policy | turn | prompt tokens | from the cache | first token s | tokens equal to the first "
-                 "policy's |", "|---|---|---|---|---|---|", *turns]
+    rows += _extra_table(results, "follow_ups", "Follow-ups (a prompt sharing all but the last 64 tokens of a finished "
+                         "one, then 96 new tokens):", ("context", "shared tokens", "prompt tokens from the cache"),
+                         lambda r: (r["context"], r["shares"]))
+    rows += _extra_table(results, "turns", "A conversation (each turn: the previous prompt, its answer and 64 new "
+                         "tokens):", ("turn", "prompt tokens", "from the cache"), lambda r: (r["turn"], r["context"]))
     steps = [f"- {Path(r['policy']).stem}: {d['steps']} steps, {d['step_ms']:.1f} ms/step: attention "
              f"{d['attention_ms']:.1f} (engine {d['engine_ms']:.1f}, window GPU {d['window_gpu_ms']:.1f}), plan "
              f"{d['plan_ms']:.1f}" for r in results for d in [r.get("decode_steps")] if d]
