@@ -171,7 +171,7 @@ def owed(backend: Any, *, besides: Any = None) -> int:
     for req, need in list(_PROMISED.items()):
         if req is besides or _finished(req):
             continue
-        row = lifecycle._row_of(req)
+        row = lifecycle.row_of(req)
         total += max(0, need - (backend.host_tokens_of(row) if row is not None else 0))
     return total
 

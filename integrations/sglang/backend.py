@@ -498,7 +498,7 @@ def _backend_class():
 
         def _adopt(self, row: int, n: int) -> None:
             """Start request row on the cached prefix its row names (prefix.py's layout)."""
-            from .prefix import decode, usable_prefix
+            from .prefix import decode, host_run, usable_prefix
 
             win = self.config.window
             S, T = win.sink_tokens, win.page_tokens
@@ -507,8 +507,7 @@ def _backend_class():
             if usable != n:  # the cache matches usable prefixes only
                 raise RuntimeError(f"kvtier: request row {row} starts on a cached prefix of {n} tokens, of which "
                                    f"the tier can take {usable}")
-            host = values[S:] < 0
-            run = host.numel() if bool(host.all()) else int(host.to(torch.int8).argmin())
+            run = host_run(values, S)
             pages = (decode(values[S:S + run]).view(-1, T)[:, 0] // T).tolist() if run else []
             self._tier.adopt(row, sink_slots=values[:min(n, S)], host_pages=pages,
                              recent_slots=values[S + run:] if n > S else values[:0], owned_until=n)

@@ -60,7 +60,8 @@ def backends_of(pool: Any) -> List[Any]:
     return [b for b in list(_TIERS) if b.req_to_token_pool is pool]
 
 
-def _row_of(req: Any) -> Optional[int]:
+def row_of(req: Any) -> Optional[int]:
+    """The request's row of the request-to-token pool (on req, or on req.kv on the 0.5.23 line)."""
     index = getattr(req, "req_pool_idx", None)
     if index is None:  # 0.5.23 keeps it on req.kv
         index = getattr(getattr(req, "kv", None), "req_pool_idx", None)
@@ -80,7 +81,7 @@ def _freed_range(pool: Any, row: Any) -> Optional[Tuple[int, int]]:
 
 def on_request_freed(pool: Any, req: Any, *args, **kwargs):
     """BEFORE ReqToTokenPool.free(req): release the tier's state for that row."""
-    index = _row_of(req)
+    index = row_of(req)
     if index is not None:
         for backend in backends_of(pool):
             backend.release(index)

@@ -65,6 +65,12 @@ def decode(values: torch.Tensor) -> torch.Tensor:
     return -1 - values
 
 
+def host_run(values: torch.Tensor, sink_tokens: int) -> int:
+    """Length of the run of host addresses right after the sinks (row values, CPU int)."""
+    rest = values[sink_tokens:] < 0
+    return rest.numel() if bool(rest.all()) else int(rest.to(torch.int8).argmin())
+
+
 def usable_prefix(values: torch.Tensor, sink_tokens: int, page_tokens: int) -> int:
     """How much of a cached prefix (its row values, CPU int) the tier can take over.
 
@@ -80,8 +86,7 @@ def usable_prefix(values: torch.Tensor, sink_tokens: int, page_tokens: int) -> i
         return int(host[:head].to(torch.int8).argmax())
     if n <= sink_tokens:
         return n
-    rest = host[sink_tokens:]
-    run = int(rest.to(torch.int8).argmin()) if not bool(rest.all()) else rest.numel()  # leading host run
+    run = host_run(values, sink_tokens)
     pages = run // page_tokens
     if pages:
         addr = decode(values[sink_tokens: sink_tokens + pages * page_tokens]).view(pages, page_tokens)
@@ -91,7 +96,7 @@ def usable_prefix(values: torch.Tensor, sink_tokens: int, page_tokens: int) -> i
             pages = int((~good).to(torch.int8).argmax())
     if pages * page_tokens < run:  # a partial or out-of-order page ends the prefix there
         return sink_tokens + pages * page_tokens
-    tail = rest[run:]
+    tail = host[sink_tokens + run:]
     if bool(tail.any()):  # device slots, then host addresses again
         return sink_tokens + run + int(tail.to(torch.int8).argmax())
     return n
@@ -284,12 +289,16 @@ def _build_class():
             row = self.req_to_token_pool.req_to_token[req.req_pool_idx, :end]
             req.prefix_indices = row.to(dtype=torch.int64, copy=True)
 
+        def _dropped(self, req) -> bool:
+            """Whether the request lost host pages under memory pressure: its row may then name
+            pages that hold other tokens by now, so it is cached no further than the tree protects."""
+            backend, row = self._backend(), lifecycle.row_of(req)
+            return backend is not None and row is not None and backend.host_tokens_dropped(row)
+
         def cache_finished_req(self, req, is_insert: bool = True, **kwargs):
             """0.5.17: a finished request is cached as checkpoint does on later releases."""
-            backend = self._backend()
-            row = getattr(req, "req_pool_idx", None)
-            if is_insert and backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
-                is_insert = False  # see checkpoint: the row may name pages that hold other tokens now
+            if is_insert and self._dropped(req):
+                is_insert = False
             if is_insert:
                 self._demote_tail(req)
             return super().cache_finished_req(req, is_insert, **kwargs)
@@ -298,15 +307,12 @@ def _build_class():
             """Before a finished request is cached: the device tail it started on (the tree's
             slots) becomes its host copies in the tree, and the slots go back to the allocator,
             if only this request holds the tail. Returns the tokens converted."""
-            backend = self._backend()
-            row = getattr(req, "req_pool_idx", None)
-            if row is None:
-                row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
+            backend, row = self._backend(), lifecycle.row_of(req)
             lock = getattr(req, "lock", None)
             node = getattr(lock, "node", None) if lock is not None else getattr(req, "last_node", None)
             if backend is None or row is None or node is None or node is self.root_node:
                 return 0
-            lo, hi = backend.tail_on_host(int(row))
+            lo, hi = backend.tail_on_host(row)
             if hi <= lo:
                 return 0
             path = []
@@ -319,29 +325,26 @@ def _build_class():
                 end = start + len(nd.value)
                 a, b = max(lo, start), min(hi, end)
                 if a < b:
-                    if nd.lock_ref != 1:  # another request holds the tail too: leave it as it is
+                    # another request holds the tail too, or it is host addresses already: leave it
+                    if nd.lock_ref != 1 or bool((nd.value[a - start:b - start] < 0).any()):
                         return 0
                     spans.append((nd, a - start, b - start, a, b))
                 start = end
             tier = backend._tier
-            for nd, i, j, a, b in spans:
-                slots = nd.value[i:j]
-                if bool((slots < 0).any()):
-                    return 0
             table = self.req_to_token_pool.req_to_token
             converted = 0
             for nd, i, j, a, b in spans:
                 values = nd.value.clone()
                 slots = values[i:j].clone()
-                addresses = encode(tier.host_addresses(int(row), a, b)).to(values.device, values.dtype)
+                addresses = encode(tier.host_addresses(row, a, b)).to(values.device, values.dtype)
                 values[i:j] = addresses
                 self.pin_host(addresses)
                 nd.value = values
-                table[int(row), a:b] = addresses.to(table.dtype)
+                table[row, a:b] = addresses.to(table.dtype)
                 self._slots._inner.free(slots)
                 converted += b - a
             self._version += 1
-            backend.tail_demoted(int(row), converted)
+            backend.tail_demoted(row, converted)
             return converted
 
         def checkpoint(self, req, *, up_to: int, **kwargs):
@@ -351,11 +354,7 @@ def _build_class():
                 # must not hold them. The request is cached when it finishes.
                 return
             self._demote_tail(req)
-            backend = self._backend()
-            row = getattr(req.kv, "req_pool_idx", None)
-            if backend is not None and row is not None and backend.host_tokens_dropped(int(row)):
-                # Host pages dropped under memory pressure: the row names pages that may hold
-                # other tokens by now. Keep what the tree already protects, nothing more.
+            if self._dropped(req):
                 up_to = min(up_to, int(req.kv.cache_protected_len))
                 if up_to <= 0:
                     return
