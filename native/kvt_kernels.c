@@ -279,19 +279,13 @@ T_AVX2 static void axpy_f32_avx2(const float *x, int D, const float *w, int G, f
  * step, the integer sums exact as on AVX-512 (|q16| <= kvt_q16_max(D)). A tile of
  * TT tokens x GG query heads keeps TT * GG = 8 accumulators (16 ymm registers in
  * all), one key load serving every head of the tile; hsum8_epi32 reduces the 8
- * accumulators to one vector, lane i the sum of accumulator i. Channels past the
- * last multiple of 16 are added in scalar code. */
+ * accumulators to one vector, lane i the sum of accumulator i. D is a multiple of
+ * 16 (the store takes no other head dim). */
 T_AVX2 static inline __m256i hsum8_epi32(const __m256i *a) {
     __m256i s01 = _mm256_hadd_epi32(a[0], a[1]), s23 = _mm256_hadd_epi32(a[2], a[3]);
     __m256i s45 = _mm256_hadd_epi32(a[4], a[5]), s67 = _mm256_hadd_epi32(a[6], a[7]);
     __m256i lo4 = _mm256_hadd_epi32(s01, s23), hi4 = _mm256_hadd_epi32(s45, s67);
     return _mm256_add_epi32(_mm256_permute2x128_si256(lo4, hi4, 0x20), _mm256_permute2x128_si256(lo4, hi4, 0x31));
-}
-
-static inline int32_t dot_i8_i16_tail(const int8_t *k, const int16_t *q, int d0, int D) {
-    int32_t a = 0;
-    for (int d = d0; d < D; d++) a += (int32_t)k[d] * q[d];
-    return a;
 }
 
 #define TILE_Q16_AVX2(NAME, TT, GG)                                                               \
@@ -300,8 +294,7 @@ static inline int32_t dot_i8_i16_tail(const int8_t *k, const int16_t *q, int d0,
                                                       float *out, int64_t os) {                    \
         __m256i acc[8];                                                                           \
         _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_si256();      \
-        const int D16 = D & ~15;                                                                  \
-        for (int j = 0; j < D16; j += 16) {                                                       \
+        for (int j = 0; j < D; j += 16) {                                                         \
             __m256i qv[GG];                                                                       \
             _Pragma("GCC unroll 8") for (int g = 0; g < GG; g++)                                  \
                 qv[g] = _mm256_loadu_si256((const __m256i *)(q + (int64_t)g * D + j));            \
@@ -314,11 +307,7 @@ static inline int32_t dot_i8_i16_tail(const int8_t *k, const int16_t *q, int d0,
         int32_t sums[8] __attribute__((aligned(32)));                                             \
         _mm256_store_si256((__m256i *)sums, hsum8_epi32(acc));                                    \
         for (int g = 0; g < GG; g++)                                                              \
-            for (int t = 0; t < TT; t++) {                                                        \
-                int32_t a = sums[g * TT + t];                                                     \
-                if (D16 < D) a += dot_i8_i16_tail(k + (int64_t)t * D, q + (int64_t)g * D, D16, D); \
-                out[g * os + t] = ((float)a * ks[t]) * qs[g];                                     \
-            }                                                                                     \
+            for (int t = 0; t < TT; t++) out[g * os + t] = ((float)sums[g * TT + t] * ks[t]) * qs[g]; \
     }
 
 TILE_Q16_AVX2(tile_q16_2x4_avx2, 2, 4)
@@ -327,20 +316,18 @@ TILE_Q16_AVX2(tile_q16_8x1_avx2, 8, 1)
 
 T_AVX2 static void q16_tok_avx2(const int8_t *k, const float *ks, int n, int D, const int16_t *q,
                                 const float *qs, int G, float *out, int64_t os) {
-    const int D16 = D & ~15;
     for (int t = 0; t < n; t++, k += D)
         for (int g = 0; g < G; g++) {
             const int16_t *qg = q + (int64_t)g * D;
             __m256i a = _mm256_setzero_si256();
-            for (int j = 0; j < D16; j += 16)
+            for (int j = 0; j < D; j += 16)
                 a = _mm256_add_epi32(a, _mm256_madd_epi16(
                         _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(k + j))),
                         _mm256_loadu_si256((const __m256i *)(qg + j))));
             __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
             s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
             s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-            int32_t sum = _mm_cvtsi128_si32(s) + dot_i8_i16_tail(k, qg, D16, D);
-            out[g * os + t] = ((float)sum * ks[t]) * qs[g];
+            out[g * os + t] = ((float)_mm_cvtsi128_si32(s) * ks[t]) * qs[g];
         }
 }
 
