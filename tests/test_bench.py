@@ -53,6 +53,43 @@ def test_decode_bench_capacity_matches_the_cells_that_ran(tmp_path, monkeypatch,
     assert 0 < admitted["bf16"] < admitted["int8"]
 
 
+def test_decode_bench_full_model_carries_a_whole_models_weights(tmp_path, monkeypatch, capsys):
+    """--full-model adds MLPs and an untied embedding and LM head: the weights are all there, the step
+    runs through them, and the attention error against dense is what the attention stack alone gives."""
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = main(["bench", "decode", "--quick", "--contexts", "1024", "--batches", "1", "--steps", "1",
+               "--policies", "dense,offload_all,hgca", "--full-model"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
+    layers, hidden, hq, hkv, d, mlp, vocab = 2, 1024, 32, 8, 128, 4096, 8192
+    params = layers * (hidden * (hq + 2 * hkv) * d + hq * d * hidden + 3 * hidden * mlp) + 2 * vocab * hidden
+    params += layers * hkv * d  # the q bias directions
+    assert payload["memory"]["full_model"] is True
+    assert payload["memory"]["weights_gib"] == pytest.approx(params * 4 / 2**30)
+    rows = {r["policy"]: r for r in payload["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["dense"]["rel_err"] < 1e-5 and 0 < rows["hgca"]["rel_err"] < 0.2
+
+
+def test_decode_bench_no_fit_check_runs_what_the_accounting_rejects(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    # on a CPU the device budget is the host budget: 0.001 GiB admits no dense request of 1024 tokens
+    args = ["bench", "decode", "--quick", "--contexts", "1024", "--batches", "1", "--steps", "1",
+            "--policies", "dense", "--host-gib", "0.001"]
+    main(args)
+    row = json.loads((tmp_path / "decode-quick-cpu.json").read_text())["rows"][0]
+    assert row["status"].startswith("does not fit")
+    main(args + ["--no-fit-check"])
+    row = json.loads((tmp_path / "decode-quick-cpu.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["past_accounting"] is True
+    assert "past_accounting" in (tmp_path / "decode-quick-cpu.md").read_text()
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(args + ["--device-gib", "80"]) == 2
+        assert "--device-gib: expects a CUDA device, got cpu" in capsys.readouterr().err
+
+
 def test_prefill_bench_quick_keeps_the_device_to_a_window_and_stays_close_to_dense(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
     rc = main(["bench", "prefill", "--quick", "--contexts", "1536", "--chunk", "256"])

@@ -1,6 +1,10 @@
 """A Llama-3-8B-shaped attention stack with random weights, decoding through the tier.
 
-Real QKV and output projections give the GPU real work per layer. A q bias
+Real QKV and output projections give the GPU real work per layer; with
+`mlp` and `vocab` the stack also carries SwiGLU MLPs and an untied embedding
+and LM head, so the device holds a whole model's weights and each step does a
+whole model's GPU work (the next input is the embedding of the argmax token).
+A q bias
 along a per-(layer, kv-head) direction, matched by salient context keys,
 makes attention peaked the way trained models' is (see `synthetic`), so the
 sparse policies face a meaningful selection problem.
@@ -8,7 +12,7 @@ sparse policies face a meaningful selection problem.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -16,15 +20,27 @@ from ..config import ModelShape
 
 LLAMA3_8B = ModelShape(n_layers=32, num_q_heads=32, kv_heads=8, head_dim=128)
 HIDDEN = 4096
+LLAMA3_8B_MLP = 14336  # SwiGLU intermediate size
+LLAMA3_8B_VOCAB = 128256
 
 
 class StackWeights(NamedTuple):
-    w_qkv: List[torch.Tensor]  # [hidden, (Hq + 2 Hkv) * D]
-    w_o: List[torch.Tensor]  # [Hq * D, hidden]
+    w_qkv: Sequence[torch.Tensor]  # [hidden, (Hq + 2 Hkv) * D]
+    w_o: Sequence[torch.Tensor]  # [Hq * D, hidden]
     q_dir: torch.Tensor  # [L, Hkv, D] unit directions
+    w_gate_up: Sequence[torch.Tensor] = ()  # [hidden, 2 * mlp] per layer; empty: attention only
+    w_down: Sequence[torch.Tensor] = ()  # [mlp, hidden]
+    embed: Optional[torch.Tensor] = None  # [vocab, hidden]
+    head: Optional[torch.Tensor] = None  # [vocab, hidden], untied as in Llama-3-8B
+
+    def nbytes(self) -> int:
+        tensors = [*self.w_qkv, *self.w_o, self.q_dir, *self.w_gate_up, *self.w_down, self.embed, self.head]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def make_weights(shape: ModelShape, hidden: int, *, device, dtype, seed: int = 0) -> StackWeights:
+def make_weights(shape: ModelShape, hidden: int, *, device, dtype, seed: int = 0, mlp: int = 0,
+                 vocab: int = 0) -> StackWeights:
+    """Random weights; `mlp` > 0 adds SwiGLU MLPs, `vocab` > 0 an embedding and LM head (drawn on `device`)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d, hq, hkv = shape.head_dim, shape.num_q_heads, shape.kv_heads
     width = (hq + 2 * hkv) * d
@@ -33,7 +49,18 @@ def make_weights(shape: ModelShape, hidden: int, *, device, dtype, seed: int = 0
     w_o = [(torch.randn(hq * d, hidden, generator=gen) / (hq * d) ** 0.5).to(device, dtype)
            for _ in range(shape.n_layers)]
     q_dir = torch.nn.functional.normalize(torch.randn(shape.n_layers, hkv, d, generator=gen), dim=-1).to(device)
-    return StackWeights(w_qkv, w_o, q_dir)
+    # The large matrices are drawn where they live: a whole model's weights in float32 on the host
+    # would take twice their device size in host memory the host store needs.
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def draw(rows: int, cols: int, scale: float) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=dev_gen, device=device, dtype=dtype).mul_(scale)
+
+    w_gate_up = [draw(hidden, 2 * mlp, hidden ** -0.5) for _ in range(shape.n_layers)] if mlp else []
+    w_down = [draw(mlp, hidden, 0.5 * mlp ** -0.5) for _ in range(shape.n_layers)] if mlp else []
+    embed = draw(vocab, hidden, 1.0) if vocab else None
+    head = draw(vocab, hidden, hidden ** -0.5) if vocab else None
+    return StackWeights(w_qkv, w_o, q_dir, w_gate_up, w_down, embed, head)
 
 
 def context_kv(shape: ModelShape, w: StackWeights, layer: int, n: int, *, seed: int, device, dtype,
@@ -68,6 +95,21 @@ def project_qkv(x: torch.Tensor, w: StackWeights, layer: int, shape: ModelShape)
     return q.reshape(b, hq, d), k, v
 
 
+def _rms(y: torch.Tensor) -> torch.Tensor:
+    return y * (y.shape[1] ** 0.5 / y.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(y.dtype)
+
+
 def output(x: torch.Tensor, attn: torch.Tensor, w: StackWeights, layer: int) -> torch.Tensor:
-    y = x + attn.reshape(x.shape[0], -1) @ w.w_o[layer]
-    return y * (x.shape[1] ** 0.5 / y.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(y.dtype)
+    """The layer's output projection, residual and norm; then its MLP when the stack has one."""
+    y = _rms(x + attn.reshape(x.shape[0], -1) @ w.w_o[layer])
+    if w.w_gate_up:
+        gate, up = (y @ w.w_gate_up[layer]).chunk(2, dim=-1)
+        y = _rms(y + (torch.nn.functional.silu(gate) * up) @ w.w_down[layer])
+    return y
+
+
+def next_input(x: torch.Tensor, w: StackWeights) -> torch.Tensor:
+    """The next step's input: the embedding of the greedy token when the stack has a head, else x itself."""
+    if w.head is None:
+        return x
+    return _rms(w.embed[(x @ w.head.T).argmax(dim=-1)])
