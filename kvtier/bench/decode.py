@@ -4,7 +4,8 @@ Each (context, batch, policy) cell fills the tiers with the same synthetic
 context, decodes a few steps through the stack, and reports ms per step,
 tokens/s, device and host KV bytes, and the attention error against dense
 attention over the same q and the full context (sampled layers). Cells that
-do not fit in memory are reported as such, not run.
+do not fit in memory are reported as such, not run (with --no-fit-check those
+whose device KV does not fit run anyway, to fail for real or not).
 """
 
 from __future__ import annotations

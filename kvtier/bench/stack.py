@@ -4,10 +4,9 @@ Real QKV and output projections give the GPU real work per layer; with
 `mlp` and `vocab` the stack also carries SwiGLU MLPs and an untied embedding
 and LM head, so the device holds a whole model's weights and each step does a
 whole model's GPU work (the next input is the embedding of the argmax token).
-A q bias
-along a per-(layer, kv-head) direction, matched by salient context keys,
-makes attention peaked the way trained models' is (see `synthetic`), so the
-sparse policies face a meaningful selection problem.
+A q bias along a per-(layer, kv-head) direction, matched by salient context
+keys, makes attention peaked the way trained models' is (see `synthetic`), so
+the sparse policies face a meaningful selection problem.
 """
 
 from __future__ import annotations
