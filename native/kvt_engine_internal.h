@@ -88,6 +88,8 @@ typedef struct kvt_engine {
     kvt_pool *pool;
     pthread_mutex_t mu; /* one call at a time per engine */
     kvt_plan_state plan;
+    int trace;                         /* kvt_engine_trace; under mu */
+    int64_t phase_ns[KVT_N_PHASES], traced_runs;
 } kvt_engine;
 
 kvt_engine *kvt_engine_get(int32_t h);

@@ -3,6 +3,7 @@
  * (request, kv-head)). The logits used to select are the logits attended. */
 #include <math.h>
 #include <string.h>
+#include <time.h>
 #include "kvt_engine_internal.h"
 
 typedef struct {
@@ -926,6 +927,19 @@ static int use_q16(const kvt_plan_state *p, int for_run) {
     return !for_run || ((p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS) && p->prefilter == 0.f);
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* One phase of kvt_run: a pool run, its wall time added to the engine's counters while tracing. */
+static void phase(kvt_engine *e, int which, int64_t n_items, kvt_task_fn fn, run_ctx *r) {
+    const int64_t t0 = e->trace ? now_ns() : 0;
+    kvt_pool_run(e->pool, n_items, fn, r);
+    if (e->trace) e->phase_ns[which] += now_ns() - t0;
+}
+
 int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *lse,
                 int32_t *n_selected, int32_t *sel_index, int32_t sel_cap) {
     kvt_engine *e = kvt_engine_get(eh);
@@ -933,6 +947,7 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
     if (!q || !out || !lse) return kvt_err(KVT_ERR_VALUE, "kvt_run: expected q, out and lse buffers, got NULL");
     if (sel_index && sel_cap <= 0)
         return kvt_err(KVT_ERR_VALUE, "kvt_run: expected sel_cap > 0 with sel_index, got %d", sel_cap);
+    const int64_t t_call = now_ns();
     pthread_mutex_lock(&e->mu);
     int32_t rc = check_ready(e, layer, "kvt_run");
     if (rc == KVT_OK) {
@@ -940,30 +955,62 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         run_ctx r = {p, layer, q, out, lse, n_selected, sel_index, sel_index ? sel_cap : 0,
                      use_q16(p, 1), p->reduce != KVT_PER_QHEAD && p->G > 1, NULL, 0};
         if (r.q16) {
+            const int64_t t0 = e->trace ? now_ns() : 0;
             prepare_q16(p, q);
-            kvt_pool_run(e->pool, p->n_items, score_task_q16, &r);
+            if (e->trace) e->phase_ns[KVT_PHASE_QUERY] += now_ns() - t0;
+            phase(e, KVT_PHASE_SCORE, p->n_items, score_task_q16, &r);
         } else if (p->mode != KVT_SELECT_BLOCKS && p->prefilter == 0.f) {
-            kvt_pool_run(e->pool, p->n_items, score_task, &r);
+            phase(e, KVT_PHASE_SCORE, p->n_items, score_task, &r);
         }
         if (p->prefilter > 0.f && p->split) {
-            kvt_pool_run(e->pool, p->n_pf_items, bound_task, &r);
-            kvt_pool_run(e->pool, p->n_sets, select_task, &r);
-            kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
-            kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
+            phase(e, KVT_PHASE_BOUND, p->n_pf_items, bound_task, &r);
+            phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
+            phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
+            phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
         } else if (r.q16 && p->split) {
-            kvt_pool_run(e->pool, p->n_sets, select_task, &r);
-            kvt_pool_run(e->pool, split_items(p, 0), exact_task, &r);
-            kvt_pool_run(e->pool, split_items(p, 1), attend_chunk_task, &r);
+            phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
+            phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
+            phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
         } else {
-            kvt_pool_run(e->pool, (int64_t)p->B * p->Hkv, attend_task, &r);
+            phase(e, KVT_PHASE_ATTEND, (int64_t)p->B * p->Hkv, attend_task, &r);
         }
         if (p->residual) {
-            kvt_pool_run(e->pool, p->n_res_items, residual_task, &r);
-            kvt_pool_run(e->pool, p->n_sets, residual_merge_task, &r);
+            phase(e, KVT_PHASE_RESIDUAL, p->n_res_items, residual_task, &r);
+            phase(e, KVT_PHASE_RESIDUAL_MERGE, p->n_sets, residual_merge_task, &r);
         }
+    }
+    if (e->trace && rc == KVT_OK) {
+        e->phase_ns[KVT_PHASE_CALL] += now_ns() - t_call;
+        e->traced_runs++;
     }
     pthread_mutex_unlock(&e->mu);
     return rc;
+}
+
+int32_t kvt_engine_trace(int32_t eh, int32_t on) {
+    kvt_engine *e = kvt_engine_get(eh);
+    if (!e) return KVT_ERR_HANDLE;
+    pthread_mutex_lock(&e->mu);
+    if (on) {
+        memset(e->phase_ns, 0, sizeof e->phase_ns);
+        e->traced_runs = 0;
+    }
+    e->trace = on != 0;
+    pthread_mutex_unlock(&e->mu);
+    return KVT_OK;
+}
+
+int32_t kvt_engine_phase_times(int32_t eh, int64_t *ns, int32_t n, int64_t *runs) {
+    kvt_engine *e = kvt_engine_get(eh);
+    if (!e) return KVT_ERR_HANDLE;
+    if (!ns || !runs || n < 0 || n > KVT_N_PHASES)
+        return kvt_err(KVT_ERR_VALUE, "kvt_engine_phase_times: expected ns, runs and n in [0, %d], got n=%d",
+                       KVT_N_PHASES, n);
+    pthread_mutex_lock(&e->mu);
+    memcpy(ns, e->phase_ns, sizeof(int64_t) * (size_t)n);
+    *runs = e->traced_runs;
+    pthread_mutex_unlock(&e->mu);
+    return KVT_OK;
 }
 
 int32_t kvt_score(int32_t eh, int32_t layer, const float *q, float *scores, int32_t n_max) {

@@ -29,6 +29,12 @@ enum { KVT_VAL_BF16 = 0, KVT_VAL_INT8 = 1 };
 enum { KVT_SRC_F32 = 0, KVT_SRC_BF16 = 1 };
 enum { KVT_SELECT_TOPK = 0, KVT_SELECT_MASS = 1, KVT_SELECT_BLOCKS = 2, KVT_SELECT_ALL = 3 };
 enum { KVT_REDUCE_MAX = 0, KVT_REDUCE_MEAN = 1, KVT_PER_QHEAD = 2 };
+/* kvt_run's phases, as kvt_engine_phase_times reports them; CALL is the whole call */
+enum {
+    KVT_PHASE_QUERY = 0, KVT_PHASE_SCORE = 1, KVT_PHASE_BOUND = 2, KVT_PHASE_SELECT = 3, KVT_PHASE_EXACT = 4,
+    KVT_PHASE_ATTEND = 5, KVT_PHASE_RESIDUAL = 6, KVT_PHASE_RESIDUAL_MERGE = 7, KVT_PHASE_CALL = 8,
+    KVT_N_PHASES = 9
+};
 
 typedef struct kvt_store_desc {
     int32_t n_layers;
@@ -119,6 +125,11 @@ int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, const 
                             const float *p, int32_t m, float *out);
 int32_t kvt_serve(int32_t engine, const kvt_serve_desc *desc);
 int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
+/* Profiling: while on, every kvt_run adds the wall time of each of its phases (ns)
+ * to the engine's counters; turning it on clears them. */
+int32_t kvt_engine_trace(int32_t engine, int32_t on);
+/* The counters: ns[0..n) per KVT_PHASE_* (n <= KVT_N_PHASES) and the runs they add up. */
+int32_t kvt_engine_phase_times(int32_t engine, int64_t *ns, int32_t n, int64_t *runs);
 
 #ifdef __cplusplus
 }

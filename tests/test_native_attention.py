@@ -783,3 +783,32 @@ def test_replanning_reuses_buffers_without_changing_results():
             eng.plan(store, table, offs, ntok, 8, mode="mass", budget_tokens=budget, mass_threshold=0.9,
                      sm_scale=1 / 8)
             assert_same_as_generic(eng.run(1, q, return_selection=True), ref)
+
+
+def test_phase_times_count_the_traced_runs_and_their_phases():
+    """Tracing adds each phase's wall time to the engine's counters: the phases a mode runs are timed,
+    the others stay zero, the phases fit in the whole call, turning tracing on clears the counters
+    and off stops them; results are those of an untraced run."""
+    from kvtier._native._loader import lib
+
+    assert lib.KVT_N_PHASES == len(N.Engine.PHASES) and N.Engine.PHASES[lib.KVT_PHASE_CALL] == "call"
+    assert N.Engine.PHASES[lib.KVT_PHASE_RESIDUAL_MERGE] == "residual_merge"
+    store, table, offs, ntok, q = make_case(D=64, T=16, G=4, lengths=(900, 400), S=16, sums=True, seed=23)
+    budget = torch.tensor([[30, 30], [30, 30]], dtype=torch.int32)
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, 8, budget_tokens=budget, sm_scale=1 / 8, residual=True)
+        base = eng.run(1, q)
+        eng.trace(True)
+        for _ in range(3):
+            got = eng.run(1, q)
+        t = eng.phase_times()
+        assert t["runs"] == 3
+        torch.testing.assert_close(got.out, base.out, rtol=0, atol=0)
+        assert t["score"] > 0 and t["attend"] > 0 and t["residual"] > 0 and t["residual_merge"] > 0
+        assert t["bound"] == 0  # no prefilter in this plan
+        assert sum(v for k, v in t.items() if k not in ("call", "runs")) <= t["call"]
+        eng.trace(False)
+        eng.run(1, q)
+        assert eng.phase_times()["runs"] == 3
+        eng.trace(True)
+        assert eng.phase_times() == {**{name: 0.0 for name in N.Engine.PHASES}, "runs": 0.0}

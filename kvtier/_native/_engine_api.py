@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Dict, NamedTuple
 
 import torch
 
@@ -300,6 +300,22 @@ class Engine:
         s = ffi.new("uint64_t *")
         check(lib.kvt_stream_read(self._h(), C.ptr("void *", buf), buf.numel() * buf.element_size(), s))
         return int(s[0])
+
+    PHASES = ("query", "score", "bound", "select", "exact", "attend", "residual", "residual_merge", "call")
+
+    def trace(self, on: bool = True) -> None:
+        """Time each phase of every `run` from now on (clearing the counters), or stop timing."""
+        check(lib.kvt_engine_trace(self._h(), 1 if on else 0))
+
+    def phase_times(self) -> Dict[str, float]:
+        """Mean seconds per traced `run` of each phase (`PHASES`; `call` is the whole call), and `runs`."""
+        ns = ffi.new("int64_t[]", len(self.PHASES))
+        runs = ffi.new("int64_t *")
+        check(lib.kvt_engine_phase_times(self._h(), ns, len(self.PHASES), runs))
+        n = int(runs[0])
+        times = {name: (ns[i] / n * 1e-9 if n else 0.0) for i, name in enumerate(self.PHASES)}
+        times["runs"] = float(n)
+        return times
 
     def close(self) -> None:
         if getattr(self, "handle", None) is not None:

@@ -189,9 +189,19 @@ def run(args: argparse.Namespace) -> int:
     bytes_touched = H * n * kbytes + H * sel * D * 2
     buf = torch.randint(0, 255, (bytes_touched,), dtype=torch.uint8)
 
+    def phase_means(q, runs):
+        """Mean seconds per run of each phase of `runs` traced runs (the engine's own counters)."""
+        eng.trace(True)
+        for _ in range(runs):
+            eng.run(0, q)
+        t = eng.phase_times()
+        eng.trace(False)
+        return t
+
     t_stream = timeit(lambda: eng.stream_read(buf), repeats)
     t_score = timeit(lambda: eng.score(0, q), repeats)
     t_engine = timeit(lambda: eng.run(0, q), repeats)
+    phases = {str(n): phase_means(q, repeats)}
     t_torch = timeit(lambda: torch_reference(store, table, n, q, k, sm), torch_repeats)
     err = (eng.run(0, q).out - torch_reference(store, table, n, q, k, sm)).abs().max().item()
     # the same selection, the unselected tokens added back as chunk means (hgca.residual)
@@ -217,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         rl = max(3, repeats // 2)
         t_ls = timeit(lambda: eng.score(0, q_l), rl)
         t_le = timeit(lambda: eng.run(0, q_l), rl)
+        phases[str(nl)] = phase_means(q_l, rl)
         plan_one(store_l, table_l, nl, budget_l, residual=True)
         t_lr = timeit(lambda: eng.run(0, q_l), rl)
         bl = H * nl * kbytes + H * min(k, nl) * D * 2
@@ -257,6 +268,17 @@ def run(args: argparse.Namespace) -> int:
         shape["key_group"] = kg
     header = f"| op | median ms | GB/s (of {bytes_touched / 1e6:.1f} MB unless stated) |\n|---|---:|---:|\n"
     table_md = header + "".join(f"| {name} | {t * 1e3:.2f} | {g:.2f} |\n" for name, t, g in rows)
+    # where a run's time goes: each phase's mean over traced runs; `other` is the call outside them
+    # (argument checks, the lock, cffi)
+    cols = list(phases)
+    phase_md = ("\n| phase of a run (mean ms) | " + " | ".join(f"{c} tokens" for c in cols) + " |\n|---|"
+                + "---:|" * len(cols) + "\n")
+    for name in Engine.PHASES:
+        if any(phases[c][name] for c in cols):
+            phase_md += f"| {name} | " + " | ".join(f"{phases[c][name] * 1e3:.3f}" for c in cols) + " |\n"
+    other = [phases[c]["call"] - sum(phases[c][x] for x in Engine.PHASES if x != "call") for c in cols]
+    phase_md += "| other (call minus phases) | " + " | ".join(f"{o * 1e3:.3f}" for o in other) + " |\n"
+    table_md += phase_md
     last = f"engine_vs_stream={ratio_stream:.2f} engine_vs_torch={ratio_torch:.2f}"
     last += f" engine_vs_dram={gbps['engine'] / dram_gbps:.2f}"
     if long:
@@ -275,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
               "max_abs_diff_vs_torch": err,
               "dram": {"buffer_bytes": dram_bytes, "gbps": dram_gbps, "samples_s": t_dram},
               "engine_vs_dram": gbps["engine"] / dram_gbps, "long": long,
-              "residual_vs_engine": med["engine_residual"] / med["engine"],
+              "residual_vs_engine": med["engine_residual"] / med["engine"], "phases_s": phases,
               "samples_s": {"stream": t_stream, "score": t_score, "engine": t_engine, "torch": t_torch,
                             "engine_residual": t_resid}}
     (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
