@@ -11,6 +11,8 @@
  * selected tokens per chunk */
 #define KVT_SPLIT_MAX 16
 #define KVT_SPLIT_MIN 32
+/* exact logits of scattered candidates: rows gathered per kernel call */
+#define KVT_GATHER 64
 
 /* One selection set (request, kv-head, head group) of the split path. */
 typedef struct kvt_set_state {
@@ -33,6 +35,7 @@ typedef struct kvt_plan_state {
     float prefilter;      /* > 0: candidates from summary-chunk bounds (TOPK/MASS) */
     int residual;         /* 1: unselected host tokens join each set's softmax per summary chunk */
     int64_t res_off;      /* the residual's part of each thread's scratch (floats from its start) */
+    int64_t gather_off;   /* KVT_GATHER key rows and their scales, likewise */
     /* residual, after every set is attended: per set (index as the split path's) a bitmap of
      * its selection at res_bits + res_bits_off[s]; work items (set, first chunk, end chunk)
      * over summary chunks, each writing its partial [m, D + 2] (max, sum, weighted values)

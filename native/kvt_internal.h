@@ -169,6 +169,10 @@ void kvt_dequant_value_row(const kvt_store *s, int64_t lph, int t, float *o);
 /* Scores tokens [t0, t0+n) of one page/head for G query heads (dispatches on key format). */
 void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
                     float *out, int64_t ostride);
+/* The same for n key rows laid out as a page's (key_tok bytes each) with their scales
+ * (kscale_tok each), wherever they are. */
+void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int n, const float *q, int G,
+                    float *out, int64_t ostride);
 /* acc[g*D+d] += p[g*pstride] * v_t[d] for token t of one page/head. */
 void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t pstride,
                      int G, float *acc);

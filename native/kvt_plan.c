@@ -298,6 +298,8 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
      * logits or weights [G] */
     p->res_off = p->scratch_floats;
     if (p->residual) p->scratch_floats += (2 * D + (int64_t)p->G + 16 + 15) & ~(int64_t)15;
+    p->gather_off = p->scratch_floats;
+    p->scratch_floats += ((KVT_GATHER * (s->key_tok + 4 * s->kscale_tok) + 3) / 4 + 15) & ~(int64_t)15;
     p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||

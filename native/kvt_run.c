@@ -56,23 +56,31 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
  * one page go through the kernels together): E[g * es + j]. Scattered rows are
  * prefetched 16 candidates ahead; inside a run the hardware prefetcher follows
  * the sequential rows, so only the rows of later runs are prefetched. */
+/* Exact logits of the candidate tokens tok[0..cnt) (ascending, mostly scattered): their
+ * key rows and scales are gathered into the thread's buffer, KVT_GATHER at a time, and
+ * scored by one kernel call each, so the kernels' token tiles apply wherever the rows were. */
 static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
-                         int cnt, const float *q, int G, float *E, int64_t es) {
+                         int cnt, const float *q, int G, float *E, int64_t es, int tid) {
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens;
     const int32_t *pages = p->page_table + p->page_off[b];
-    const int64_t kb = s->key_tok;
+    const int64_t kb = s->key_tok, ns = s->kscale_tok;
+    uint8_t *gk = (uint8_t *)(p->scratch + (int64_t)tid * p->scratch_floats + p->gather_off);
+    float *gs = (float *)(gk + ((KVT_GATHER * kb + 3) & ~(int64_t)3));
     int pf = 0; /* candidates below pf are prefetched */
-    for (int j = 0; j < cnt;) {
-        int t = tok[j], len = 1, page_end = (t / T + 1) * T;
-        while (j + len < cnt && tok[j + len] == t + len && t + len < page_end) len++;
-        if (pf < j + len) pf = j + len;
-        for (; pf < j + len + 16 && pf < cnt; pf++) {
-            const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[pf] / T], h)) + (int64_t)(tok[pf] % T) * kb;
-            for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
+    for (int j0 = 0; j0 < cnt; j0 += KVT_GATHER) {
+        const int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+        for (int i = 0; i < len; i++) {
+            for (; pf < j0 + i + 16 && pf < cnt; pf++) {
+                const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[pf] / T], h)) + (int64_t)(tok[pf] % T) * kb;
+                for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
+            }
+            const int t = tok[j0 + i];
+            const int64_t lph = kvt_lph(s, layer, pages[t / T], h);
+            memcpy(gk + i * kb, kvt_key_ptr(s, lph) + (int64_t)(t % T) * kb, (size_t)kb);
+            if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + (int64_t)(t % T) * ns, sizeof(float) * (size_t)ns);
         }
-        kvt_score_page(s, kvt_lph(s, layer, pages[t / T], h), t % T, len, q, G, E + j, es);
-        j += len;
+        kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
     }
     for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);
 }
@@ -344,7 +352,7 @@ static void decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float 
     const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
     const int D = p->store->d.head_dim;
     const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G;
-    exact_logits(p, r->layer, b, h, z.cand, cnt, r->q + (qh0 + g0) * D, m, z.E, cnt);
+    exact_logits(p, r->layer, b, h, z.cand, cnt, r->q + (qh0 + g0) * D, m, z.E, cnt, tid);
     float *ex = z.E;
     if (m > 1) { group_reduce(p, z.E, cnt, m, cnt, z.re); ex = z.re; }
     int count = kvt_topk_indices(ex, cnt, p->budget[bh], z.tmp, z.pos);
@@ -664,7 +672,7 @@ static void exact_task(void *c, int64_t item, int tid) {
     const int cnt = st->cnt, n = p->ntok[b];
     const int c0 = (int)((int64_t)ci * cnt / st->nce), c1 = (int)((int64_t)(ci + 1) * cnt / st->nce);
     const int len = c1 - c0;
-    exact_logits(p, r->layer, b, h, sb.cand + c0, len, r->q + qh0 * D, m, sb.E + c0, cnt);
+    exact_logits(p, r->layer, b, h, sb.cand + c0, len, r->q + qh0 * D, m, sb.E + c0, cnt, tid);
     if (m > 1) group_reduce(p, sb.E + c0, cnt, m, len, sb.re + c0);
     else memcpy(sb.re + c0, sb.E + c0, sizeof(float) * (size_t)len);
     if (p->mode == KVT_SELECT_MASS) {

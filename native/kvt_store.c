@@ -324,17 +324,21 @@ int32_t kvt_dequant_values(int32_t h, int32_t layer, int32_t n, const int32_t *i
     return dequant(h, layer, n, ids, out, 0);
 }
 
-void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
+void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int n, const float *q, int G,
                     float *out, int64_t os) {
     const int D = s->d.head_dim;
-    const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)t0 * s->key_tok;
-    const float *ks = kvt_kscale_ptr(s, lph);
     switch (s->d.key_format) {
     case KVT_KEY_BF16: kvt_k->score_bf16((const uint16_t *)kp, n, D, q, G, out, os); break;
-    case KVT_KEY_INT8: kvt_k->score_i8((const int8_t *)kp, ks + t0, n, D, q, G, out, os); break;
-    default:
-        kvt_k->score_i4(kp, ks + (int64_t)t0 * s->kscale_tok, n, D, s->d.key_group, q, G, out, os);
+    case KVT_KEY_INT8: kvt_k->score_i8((const int8_t *)kp, ks, n, D, q, G, out, os); break;
+    default: kvt_k->score_i4(kp, ks, n, D, s->d.key_group, q, G, out, os);
     }
+}
+
+void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
+                    float *out, int64_t os) {
+    const float *ks = kvt_kscale_ptr(s, lph);
+    kvt_score_rows(s, kvt_key_ptr(s, lph) + (int64_t)t0 * s->key_tok, ks ? ks + (int64_t)t0 * s->kscale_tok : NULL,
+                   n, q, G, out, os);
 }
 
 void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t ps, int G,
