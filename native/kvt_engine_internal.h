@@ -19,6 +19,9 @@ typedef struct kvt_set_state {
     int32_t cnt, count; /* candidates, selected */
     int32_t nce, nca;   /* exact-logit chunks, attend chunks (0: the set is done) */
     float cut;          /* candidates: selection logit >= cut */
+    float lo;           /* a sampled lower bound of the k-th selection logit, */
+    int32_t nlo;        /* over this many token ranges, collected in parallel (0: none) */
+    int32_t nlo_found[KVT_SPLIT_MAX]; /* tokens >= lo of each range (-1: its share of cand overflowed) */
     atomic_int left;    /* chunks of the current phase not yet finished */
     float cm[KVT_SPLIT_MAX];          /* MASS: max exact logit of each candidate chunk, */
     double cs[KVT_SPLIT_MAX];         /* sum exp(logit - cm) over it, */

@@ -581,6 +581,101 @@ static float *set_logits(const kvt_plan_state *p, int64_t bh, int g0, int n) {
     return p->scores + p->score_off[bh] + (p->nsub > 1 ? (int64_t)g0 * n : 0);
 }
 
+/* ---- the candidate band of a long set, in parallel (q16 split path) ----
+ * select_lo_task (per set): a lower bound lo of the k-th selection logit from an
+ * evenly strided sample, as kvt_kth_value takes it, and how many token ranges to
+ * collect; select_collect_task (per set and range): the range's tokens at or above
+ * lo, in order, into the range's share of the set's candidate buffer. select_task
+ * then takes the exact k-th logit among them and cuts the band from them; when a
+ * share overflowed, fewer than k were found, or the band reaches below lo, it
+ * scans every token as before. Either way the band is the same. */
+#define KVT_LO_SAMPLE 1024
+#define KVT_LO_RANGE 2048 /* fewest tokens per collected range */
+
+static void select_lo_task(void *c, int64_t s, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    st->nlo = 0;
+    const int n = p->ntok[b], k = p->budget[bh];
+    if (n < 2 * KVT_LO_RANGE || k >= n) return;
+    const int stride = n / KVT_LO_SAMPLE;
+    const double e = (double)k * KVT_LO_SAMPLE / n;
+    const int j = (int)(e + 4.0 * sqrt(e) + 8.0);
+    if (j >= KVT_LO_SAMPLE) return;
+    const float *x = set_logits(p, bh, g0, n);
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    for (int i = 0; i < KVT_LO_SAMPLE; i++) sc[i] = x[(int64_t)i * stride];
+    st->lo = kvt_kth_largest(sc, KVT_LO_SAMPLE, j);
+    int nr = n / KVT_LO_RANGE;
+    st->nlo = nr < p->split_want ? nr : p->split_want;
+}
+
+static void select_collect_task(void *c, int64_t item, int tid) {
+    (void)tid;
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int64_t s = p->work[2 * item];
+    const int ri = p->work[2 * item + 1];
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    const int n = p->ntok[b], share = p->set_cap[s] / st->nlo;
+    const int t0 = (int)((int64_t)ri * n / st->nlo), t1 = (int)((int64_t)(ri + 1) * n / st->nlo);
+    const float *x = set_logits(p, bh, g0, n), lo = st->lo;
+    int32_t *dst = set_buffers(p, s).cand + (int64_t)ri * share;
+    int found = 0;
+    for (int t = t0; t < t1; t++) {
+        if (found == share) { found = -1; break; }
+        dst[found] = t; /* branch-free: kept when at or above lo */
+        found += x[t] >= lo;
+    }
+    st->nlo_found[ri] = found;
+}
+
+/* (set, range) work items of select_collect_task */
+static int64_t collect_items(kvt_plan_state *p) {
+    int64_t w = 0;
+    for (int64_t s = 0; s < p->n_sets; s++)
+        for (int i = 0; i < p->sets[s].nlo; i++) {
+            p->work[2 * w] = (int32_t)s;
+            p->work[2 * w + 1] = i;
+            w++;
+        }
+    return w;
+}
+
+/* The band from the tokens select_collect_task found: their count, or -1 when the
+ * scan of every token must decide (a share overflowed, fewer than k, band below lo). */
+static int band_from_collected(kvt_plan_state *p, int64_t s, const float *x, int k, int64_t bh, int64_t qh0,
+                               int m, float *sc, float *cut) {
+    kvt_set_state *st = &p->sets[s];
+    int32_t *cand = set_buffers(p, s).cand;
+    const int share = p->set_cap[s] / st->nlo;
+    int c = 0;
+    for (int i = 0; i < st->nlo; i++) {
+        const int f = st->nlo_found[i];
+        if (f < 0) return -1;
+        memmove(cand + c, cand + (int64_t)i * share, sizeof(int32_t) * (size_t)f); /* c <= i * share */
+        c += f;
+    }
+    if (c < k) return -1;
+    for (int i = 0; i < c; i++) sc[i] = x[cand[i]];
+    const float theta = kvt_kth_largest(sc, c, k);
+    *cut = theta - 3.f * q16_bound(p, bh, qh0, m, theta);
+    if (*cut < st->lo) return -1;
+    int cnt = 0;
+    for (int i = 0; i < c; i++) {
+        cand[cnt] = cand[i];
+        cnt += x[cand[i]] >= *cut;
+    }
+    return cnt;
+}
+
 static void select_task(void *c, int64_t s, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -610,7 +705,10 @@ static void select_task(void *c, int64_t s, int tid) {
         } else {
             cnt = -1;
         }
+    } else if (st->nlo > 0 && (cnt = band_from_collected(p, s, x, k, bh, qh0, m, sc, &cut)) >= 0) {
+        /* the band, from the tokens collected in parallel */
     } else {
+        cnt = 0;
         float theta = kvt_kth_value(x, n, k, sc);
         cut = theta - 3.f * q16_bound(p, bh, qh0, m, theta);
         for (int t = 0; t < n; t++)
@@ -976,6 +1074,8 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
             phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
             phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
         } else if (r.q16 && p->split) {
+            phase(e, KVT_PHASE_SELECT, p->n_sets, select_lo_task, &r);
+            phase(e, KVT_PHASE_SELECT, collect_items(p), select_collect_task, &r);
             phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
             phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
             phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
