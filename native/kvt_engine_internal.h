@@ -103,6 +103,10 @@ void kvt_plan_free(kvt_plan_state *p);
 
 /* selection helpers (kvt_select.c) */
 float kvt_kth_largest(float *a, int n, int k);
+/* A lower bound *lo of the k-th largest of r[0..n): the k-th largest of an evenly
+ * strided sample of 1024, taken with a margin above the expected rank. 0 (no bound)
+ * when n < 4096, k >= n or the margin reaches past the sample. vals: 1024 floats. */
+int kvt_sampled_floor(const float *r, int n, int k, float *vals, float *lo);
 /* k-th largest of r[0..n) (1 <= k <= n) without reordering r; vals: n floats scratch. */
 float kvt_kth_value(const float *r, int n, int k, float *vals);
 /* Writes the indices of the k largest r[0..n) in ascending order; returns the count. */

@@ -582,14 +582,13 @@ static float *set_logits(const kvt_plan_state *p, int64_t bh, int g0, int n) {
 }
 
 /* ---- the candidate band of a long set, in parallel (q16 split path) ----
- * select_lo_task (per set): a lower bound lo of the k-th selection logit from an
- * evenly strided sample, as kvt_kth_value takes it, and how many token ranges to
+ * select_lo_task (per set): a lower bound lo of the k-th selection logit
+ * (kvt_sampled_floor, as kvt_kth_value takes it), and how many token ranges to
  * collect; select_collect_task (per set and range): the range's tokens at or above
  * lo, in order, into the range's share of the set's candidate buffer. select_task
  * then takes the exact k-th logit among them and cuts the band from them; when a
  * share overflowed, fewer than k were found, or the band reaches below lo, it
  * scans every token as before. Either way the band is the same. */
-#define KVT_LO_SAMPLE 1024
 #define KVT_LO_RANGE 2048 /* fewest tokens per collected range */
 
 static void select_lo_task(void *c, int64_t s, int tid) {
@@ -600,17 +599,11 @@ static void select_lo_task(void *c, int64_t s, int tid) {
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
     kvt_set_state *st = &p->sets[s];
     st->nlo = 0;
-    const int n = p->ntok[b], k = p->budget[bh];
-    if (n < 2 * KVT_LO_RANGE || k >= n) return;
-    const int stride = n / KVT_LO_SAMPLE;
-    const double e = (double)k * KVT_LO_SAMPLE / n;
-    const int j = (int)(e + 4.0 * sqrt(e) + 8.0);
-    if (j >= KVT_LO_SAMPLE) return;
-    const float *x = set_logits(p, bh, g0, n);
-    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
-    for (int i = 0; i < KVT_LO_SAMPLE; i++) sc[i] = x[(int64_t)i * stride];
-    st->lo = kvt_kth_largest(sc, KVT_LO_SAMPLE, j);
-    int nr = n / KVT_LO_RANGE;
+    const int n = p->ntok[b];
+    if (!kvt_sampled_floor(set_logits(p, bh, g0, n), n, p->budget[bh], p->scratch + (int64_t)tid * p->scratch_floats,
+                           &st->lo))
+        return;
+    const int nr = n / KVT_LO_RANGE; /* >= 2: the floor needs n >= 4096 */
     st->nlo = nr < p->split_want ? nr : p->split_want;
 }
 

@@ -45,26 +45,30 @@ float kvt_kth_largest(float *a, int n, int k) {
     return a[want];
 }
 
-/* Long arrays: the k-th largest of an evenly strided sample, taken with a margin
- * above the expected rank, bounds the answer from below; only the values at or
- * above it go through the select. Falls back to the whole array when the bound
- * holds fewer than k values, so the result is always exact. Worth it up to
- * budgets of most of the array (k = n/4 still leaves a third of it). */
+int kvt_sampled_floor(const float *r, int n, int k, float *vals, float *lo) {
+    if (n < 4096 || k >= n) return 0;
+    const int s = 1024, stride = n / s;
+    for (int i = 0; i < s; i++) vals[i] = r[(int64_t)i * stride];
+    double e = (double)k * s / n;
+    int j = (int)(e + 4.0 * sqrt(e) + 8.0);
+    if (j >= s) return 0;
+    *lo = kvt_kth_largest(vals, s, j);
+    return 1;
+}
+
+/* Long arrays: only the values at or above the sampled floor go through the
+ * select. Falls back to the whole array when the floor holds fewer than k values,
+ * so the result is always exact. Worth it up to budgets of most of the array
+ * (k = n/4 still leaves a third of it). */
 float kvt_kth_value(const float *r, int n, int k, float *vals) {
-    if (n >= 4096 && k < n) {
-        const int s = 1024, stride = n / s;
-        for (int i = 0; i < s; i++) vals[i] = r[(int64_t)i * stride];
-        double e = (double)k * s / n;
-        int j = (int)(e + 4.0 * sqrt(e) + 8.0);
-        if (j < s) {
-            float lo = kvt_kth_largest(vals, s, j);
-            int c = 0;
-            for (int t = 0; t < n; t++) { /* branch-free collection */
-                vals[c] = r[t];
-                c += r[t] >= lo;
-            }
-            if (c >= k) return kvt_kth_largest(vals, c, k);
+    float lo;
+    if (kvt_sampled_floor(r, n, k, vals, &lo)) {
+        int c = 0;
+        for (int t = 0; t < n; t++) { /* branch-free collection */
+            vals[c] = r[t];
+            c += r[t] >= lo;
         }
+        if (c >= k) return kvt_kth_largest(vals, c, k);
     }
     for (int t = 0; t < n; t++) vals[t] = r[t];
     return kvt_kth_largest(vals, n, k);
