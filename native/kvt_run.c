@@ -52,13 +52,10 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
     for (int g = 0; g < G; g++) apply_scale(dst + (int64_t)g * ds + t0, t1 - t0, p->sm_scale, p->soft_cap);
 }
 
-/* Exact logits of the ascending tokens tok[0..cnt) (runs of consecutive tokens in
- * one page go through the kernels together): E[g * es + j]. Scattered rows are
- * prefetched 16 candidates ahead; inside a run the hardware prefetcher follows
- * the sequential rows, so only the rows of later runs are prefetched. */
-/* Exact logits of the candidate tokens tok[0..cnt) (ascending, mostly scattered): their
- * key rows and scales are gathered into the thread's buffer, KVT_GATHER at a time, and
- * scored by one kernel call each, so the kernels' token tiles apply wherever the rows were. */
+/* Exact logits of the ascending tokens tok[0..cnt) (mostly scattered): E[g * es + j].
+ * Their key rows and scales are gathered into the thread's buffer, KVT_GATHER at a
+ * time, and scored by one kernel call each, so the kernels' token tiles apply wherever
+ * the rows were; rows are prefetched 16 candidates ahead of the gather. */
 static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
                          int cnt, const float *q, int G, float *E, int64_t es, int tid) {
     const kvt_store *s = p->store;
@@ -630,18 +627,6 @@ static void select_collect_task(void *c, int64_t item, int tid) {
     st->nlo_found[ri] = found;
 }
 
-/* (set, range) work items of select_collect_task */
-static int64_t collect_items(kvt_plan_state *p) {
-    int64_t w = 0;
-    for (int64_t s = 0; s < p->n_sets; s++)
-        for (int i = 0; i < p->sets[s].nlo; i++) {
-            p->work[2 * w] = (int32_t)s;
-            p->work[2 * w + 1] = i;
-            w++;
-        }
-    return w;
-}
-
 /* The band from the tokens select_collect_task found: their count, or -1 when the
  * scan of every token must decide (a share overflowed, fewer than k, band below lo). */
 static int band_from_collected(kvt_plan_state *p, int64_t s, const float *x, int k, int64_t bh, int64_t qh0,
@@ -1000,11 +985,15 @@ static void residual_merge_task(void *c, int64_t set, int tid) {
     }
 }
 
-/* (set, chunk) work items of the exact (attend = 0) or attend (1) phase */
-static int64_t split_items(kvt_plan_state *p, int attend_phase) {
+enum { ITEMS_COLLECT, ITEMS_EXACT, ITEMS_ATTEND };
+
+/* (set, part) work items of a phase: the band's token ranges (select_collect_task),
+ * the candidate chunks (exact_task) or the selection's chunks (attend_chunk_task) */
+static int64_t split_items(kvt_plan_state *p, int phase_items) {
     int64_t w = 0;
     for (int64_t s = 0; s < p->n_sets; s++) {
-        int nc = attend_phase ? p->sets[s].nca : p->sets[s].nce;
+        const kvt_set_state *st = &p->sets[s];
+        int nc = phase_items == ITEMS_COLLECT ? st->nlo : phase_items == ITEMS_EXACT ? st->nce : st->nca;
         for (int i = 0; i < nc; i++) {
             p->work[2 * w] = (int32_t)s;
             p->work[2 * w + 1] = i;
@@ -1064,14 +1053,14 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         if (p->prefilter > 0.f && p->split) {
             phase(e, KVT_PHASE_BOUND, p->n_pf_items, bound_task, &r);
             phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
-            phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
-            phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
+            phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), exact_task, &r);
+            phase(e, KVT_PHASE_ATTEND, split_items(p, ITEMS_ATTEND), attend_chunk_task, &r);
         } else if (r.q16 && p->split) {
             phase(e, KVT_PHASE_SELECT, p->n_sets, select_lo_task, &r);
-            phase(e, KVT_PHASE_SELECT, collect_items(p), select_collect_task, &r);
+            phase(e, KVT_PHASE_SELECT, split_items(p, ITEMS_COLLECT), select_collect_task, &r);
             phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
-            phase(e, KVT_PHASE_EXACT, split_items(p, 0), exact_task, &r);
-            phase(e, KVT_PHASE_ATTEND, split_items(p, 1), attend_chunk_task, &r);
+            phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), exact_task, &r);
+            phase(e, KVT_PHASE_ATTEND, split_items(p, ITEMS_ATTEND), attend_chunk_task, &r);
         } else {
             phase(e, KVT_PHASE_ATTEND, (int64_t)p->B * p->Hkv, attend_task, &r);
         }
