@@ -86,6 +86,9 @@ typedef struct kvt_kernels {
     void (*dot_f32)(const float *x, int D, const float *q, int G, float scale, float *out);
     /* acc[g*D + d] += w[g] * x[d] for g < G (D % 16 == 0): the residual's weighted value means */
     void (*axpy_f32)(const float *x, int D, const float *w, int G, float *acc);
+    /* NULL, or the layout score_i8_q16 takes its query in: rearranges a group's G
+     * rows of D int16 in place (same size), once per run */
+    void (*q16_i8_layout)(int16_t *q, int D, int G);
 } kvt_kernels;
 
 /* Largest |q| integer for the q16 kernels at head dim D: D * 127 * qmax < 2^31. */

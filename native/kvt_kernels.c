@@ -2,9 +2,15 @@
  * (only the summation order differs); the build has no -march flags, so the
  * SIMD variants are compiled per function with target attributes and picked
  * at run time from CPUID. */
+#define _GNU_SOURCE /* syscall (the AMX permission) */
 #include <math.h>
 #include <string.h>
 #include <immintrin.h>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "kvt_internal.h"
 
 /* int4: two signed nibbles per byte, low nibble = even channel. */
@@ -1009,6 +1015,176 @@ T_512 static void i4_steps_init(i4_steps *st, int D, int grp) {
 I4Q16_FAMILY(T_512, bw, DP_BW)
 I4Q16_FAMILY(T_512V, vnni, DP_VNNI)
 
+/* ---- int8 keys x int16 query on AMX (selection stage) -------------------------
+ * The same exact int32 sums as the VNNI kernel, from tile dot products: with the
+ * query split as q = 256 * hi + lo (hi = q >> 8 signed, lo = q & 255 unsigned),
+ * tdpbssd sums k * hi and tdpbsud k * lo over 64 channels per step for 16 tokens
+ * (rows of the A tile, read straight from the page at stride D) times N <= 16
+ * query heads (columns of the B tiles). 256 * hi_sum + lo_sum is then the sum of
+ * k * q, which fits int32 (|q| <= kvt_q16_max(D)); the int32 arithmetic wraps, so
+ * the intermediate 256 * hi_sum may overflow without changing it. The query is in
+ * the B tiles' layout (q16_layout_amx), prepared once per run.
+ *
+ * Tiles: 0, 1 the hi and lo sums [16 tokens, N]; 2 a full 64-channel step of
+ * keys, 3 the last step (D - 64 * (nb - 1) channels); 4, 5 a full step's hi and
+ * lo query, 6, 7 the last step's. With nb <= 2 steps every query tile stays
+ * loaded for the whole call. The tile instructions are written as inline asm
+ * with memory clobbers (the compiler's intrinsics of this generation tell it
+ * nothing about the memory that tile loads and stores touch). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg;
+
+#define AMX_LOAD(t, base, stride) \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"((int64_t)(stride)) : "memory")
+#define AMX_STORE(t, base, stride) \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"((int64_t)(stride)) : "memory")
+#define AMX_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define AMX_DPBSSD(c, a, b) __asm__ volatile("tdpbssd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#define AMX_DPBSUD(c, a, b) __asm__ volatile("tdpbsud %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+#ifndef KVT_AMX_PF
+#define KVT_AMX_PF 8192 /* key prefetch distance: about a 64-token page of 128 channels ahead */
+#endif
+/* this thread's tile configuration: N * 128 + last step's channels, -1 none */
+static __thread int t_amx_cfg = -1;
+
+static void amx_configure(int N, int lastb) {
+    const int key = N * 128 + lastb;
+    if (t_amx_cfg == key) return;
+    amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16;
+    c.colsb[0] = c.colsb[1] = c.colsb[4] = c.colsb[5] = c.colsb[6] = c.colsb[7] = (uint16_t)(4 * N);
+    c.colsb[2] = 64;
+    c.colsb[3] = (uint16_t)lastb;
+    c.rows[6] = c.rows[7] = (uint8_t)(lastb / 4);
+    __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
+    t_amx_cfg = key;
+}
+
+/* AMX selection query, in place: per block of N = min(16, G - g0) heads (at
+ * q + g0 * D), the hi bytes as B rows [D / 4][N][4] (row r: channels 4r..4r+3 of
+ * each head), then the lo bytes likewise; 2 * N * D bytes, the block's size. */
+static void q16_layout_amx(int16_t *q, int D, int G) {
+    uint8_t tmp[2 * 16 * 1024];
+    for (int g0 = 0; g0 < G; g0 += 16) {
+        const int N = G - g0 < 16 ? G - g0 : 16;
+        int16_t *b = q + (int64_t)g0 * D;
+        uint8_t *hi = tmp, *lo = tmp + (int64_t)N * D;
+        for (int r = 0; r < D / 4; r++)
+            for (int n = 0; n < N; n++)
+                for (int i = 0; i < 4; i++) {
+                    const int v = b[(int64_t)n * D + 4 * r + i];
+                    hi[(r * N + n) * 4 + i] = (uint8_t)(int8_t)(v >> 8);
+                    lo[(r * N + n) * 4 + i] = (uint8_t)(v & 255);
+                }
+        memcpy(b, tmp, (size_t)2 * N * D);
+    }
+}
+
+/* 16 tokens (rows at kt, stride D) x N heads: the hi and lo sums into hs, ls
+ * ([16][N] int32). Query tiles 6, 7 (and with nb == 2 also 4, 5) are loaded. */
+T_512V static inline void amx_tile16(const int8_t *kt, int D, int nb, const uint8_t *bh, const uint8_t *bl,
+                                     int N, int32_t *hs, int32_t *ls) {
+    AMX_ZERO(0);
+    AMX_ZERO(1);
+    for (int s = 0; s < nb - 1; s++) {
+        AMX_LOAD(2, kt + 64 * s, D);
+        if (nb > 2) {
+            AMX_LOAD(4, bh + (int64_t)64 * N * s, 4 * N);
+            AMX_LOAD(5, bl + (int64_t)64 * N * s, 4 * N);
+        }
+        AMX_DPBSSD(0, 2, 4);
+        AMX_DPBSUD(1, 2, 5);
+    }
+    AMX_LOAD(3, kt + 64 * (nb - 1), D);
+    AMX_DPBSSD(0, 3, 6);
+    AMX_DPBSUD(1, 3, 7);
+    AMX_STORE(0, hs, 4 * N);
+    AMX_STORE(1, ls, 4 * N);
+}
+
+/* out[g * os + i] = ((float)(256 * hs + ls)[i][g] * ks[i]) * qs[g], i < cnt (<= 16):
+ * the VNNI kernel's arithmetic, in its order. The [16][N] sums are turned head-major
+ * by permutes for N = 1, 2, 4 (Llama's and Mistral's groups), else by gathers. */
+T_512V static inline void amx_finish16(int32_t *hs, const int32_t *ls, int N, const float *ks, int cnt,
+                                       const float *qs, float *out, int64_t os) {
+    const __mmask16 cm = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+    const __m512 kss = _mm512_maskz_loadu_ps(cm, ks);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i v[16], col[16];
+    const int nv = N < 16 ? N : 16; /* vectors of 16 sums */
+    for (int i = 0; i < nv; i++) {
+        const __mmask16 m = 16 * N - 16 * i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (16 * N - 16 * i)) - 1);
+        v[i] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, hs + 16 * i), 8),
+                                _mm512_maskz_loadu_epi32(m, ls + 16 * i));
+    }
+    if (N == 1) {
+        col[0] = v[0];
+    } else if (N == 2) { /* v[i]: tokens 8i..8i+7, lane 2t + g */
+        for (int g = 0; g < 2; g++)
+            col[g] = _mm512_permutex2var_epi32(v[0], _mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(g)), v[1]);
+    } else if (N == 4) { /* v[i]: tokens 4i..4i+3, lane 4t + g; first tokens 0..7 (and 8..15) of two heads */
+        const __m512i low8 = _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 2);
+        const __m512i hi8 = _mm512_srli_epi32(lane, 3); /* 0 for lanes 0..7, 1 for 8..15 */
+        for (int g = 0; g < 4; g += 2) {
+            const __m512i idx = _mm512_add_epi32(low8, _mm512_add_epi32(hi8, _mm512_set1_epi32(g)));
+            __m512i a = _mm512_permutex2var_epi32(v[0], idx, v[1]), b = _mm512_permutex2var_epi32(v[2], idx, v[3]);
+            col[g] = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+            col[g + 1] = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    } else {
+        for (int i = 0; i < nv; i++) _mm512_store_si512(hs + 16 * i, v[i]);
+        const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(N));
+        for (int g = 0; g < N; g++) col[g] = _mm512_i32gather_epi32(_mm512_add_epi32(idx, _mm512_set1_epi32(g)), hs, 4);
+    }
+    for (int g = 0; g < N; g++)
+        _mm512_mask_storeu_ps(out + g * os, cm,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(col[g]), kss), _mm512_set1_ps(qs[g])));
+}
+
+T_512V static void score_i8_q16_amx(const int8_t *k, const float *ks, int n, int D, const int16_t *q,
+                                    const float *qs, int G, float *out, int64_t os, const int8_t *next,
+                                    int64_t next_bytes) {
+    const int nb = (D + 63) / 64, lastb = D - 64 * (nb - 1), nt = n - n % 16;
+    const int64_t nbytes = (int64_t)n * D;
+    int32_t hs[256] __attribute__((aligned(64))), ls[256] __attribute__((aligned(64)));
+    for (int g0 = 0; g0 < G; g0 += 16) {
+        const int N = G - g0 < 16 ? G - g0 : 16;
+        const uint8_t *bh = (const uint8_t *)(q + (int64_t)g0 * D), *bl = bh + (int64_t)N * D;
+        amx_configure(N, lastb);
+        AMX_LOAD(6, bh + (int64_t)64 * N * (nb - 1), 4 * N);
+        AMX_LOAD(7, bl + (int64_t)64 * N * (nb - 1), 4 * N);
+        if (nb == 2) {
+            AMX_LOAD(4, bh, 4 * N);
+            AMX_LOAD(5, bl, 4 * N);
+        }
+        for (int t = 0; t < nt; t += 16) {
+            if (g0 == 0) { /* prefetch as the VNNI kernel, into the next segment past the end */
+                const int64_t a = (int64_t)t * D + KVT_AMX_PF;
+                const char *pf = NULL;
+                if (a + 16 * (int64_t)D <= nbytes) pf = (const char *)k + a;
+                else if (next && a - nbytes + 16 * (int64_t)D <= next_bytes) pf = (const char *)next + (a - nbytes);
+                if (pf)
+                    for (int i = 0; i < 16 * D; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+            }
+            amx_tile16(k + (int64_t)t * D, D, nb, bh, bl, N, hs, ls);
+            amx_finish16(hs, ls, N, ks + t, 16, qs + g0, out + (int64_t)g0 * os + t, os);
+        }
+        if (nt < n) { /* the last n % 16 tokens, padded with zero rows */
+            int8_t pad[16 * 1024] __attribute__((aligned(64)));
+            memset(pad, 0, (size_t)16 * D);
+            memcpy(pad, k + (int64_t)nt * D, (size_t)(n - nt) * D);
+            amx_tile16(pad, D, nb, bh, bl, N, hs, ls);
+            amx_finish16(hs, ls, N, ks + nt, n - nt, qs + g0, out + (int64_t)g0 * os + nt, os);
+        }
+    }
+}
+
 /* The sums of four vectors at once: [sum a0, sum a1, sum a2, sum a3]. */
 T_512 static inline __m128 hsum4_512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     __m512 b01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -1083,6 +1259,14 @@ static const kvt_kernels K_AVX512_BW = {
     dot_f32_512, axpy_f32_512,
 };
 
+/* the VNNI table with the AMX selection kernel for int8 keys (ISA "amx") */
+static const kvt_kernels K_AMX = {
+    "amx", score_bf16_512, score_i8_512, score_i4_512,
+    accum_bf16_512, accum_i8_512, sum_bytes_512, accum_rows_512,
+    softmax_512, score_i8_q16_amx, score_i4_q16_vnni, soft_cap_512, sum_exp_512, bound_bf16_512,
+    dot_f32_512, axpy_f32_512, q16_layout_amx,
+};
+
 /* the same table with the VNNI selection kernel (picked when the CPU has it) */
 static const kvt_kernels K_AVX512_VNNI = {
     "avx512", score_bf16_512, score_i8_512, score_i4_512,
@@ -1096,8 +1280,26 @@ const kvt_kernels *kvt_k = &K_GENERIC;
 
 int kvt_isa_name_known(const char *name) {
     return name && (!strcmp(name, "generic") || !strcmp(name, "avx2") || !strcmp(name, "avx512") ||
-                    !strcmp(name, "avx512bw"));
+                    !strcmp(name, "avx512bw") || !strcmp(name, "amx"));
 }
+
+#if defined(__x86_64__) && defined(__linux__)
+/* AMX-TILE and AMX-INT8 in CPUID, tile state enabled by the OS (XCR0 bits 17, 18),
+ * and the kernel's permission for this process to use tile data (asked once). */
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable >= 0) return usable;
+    unsigned a, b, c, d;
+    usable = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return usable;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return usable; /* OSXSAVE */
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return usable;
+    usable = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return usable;
+}
+#endif
 
 const kvt_kernels *kvt_kernels_for(const char *name) {
     if (!name) return NULL;
@@ -1112,6 +1314,12 @@ const kvt_kernels *kvt_kernels_for(const char *name) {
             return NULL;
         if (!strcmp(name, "avx512bw")) return &K_AVX512_BW;
         return __builtin_cpu_supports("avx512vnni") ? &K_AVX512_VNNI : &K_AVX512;
+    }
+    if (!strcmp(name, "amx")) {
+#if defined(__x86_64__) && defined(__linux__)
+        if (kvt_kernels_for("avx512") == &K_AVX512_VNNI && amx_usable()) return &K_AMX;
+#endif
+        return NULL;
     }
 #endif
     return NULL;

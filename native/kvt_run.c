@@ -198,6 +198,9 @@ static void prepare_q16(kvt_plan_state *p, const float *q) {
         p->q16s[i] = sc * p->sm_scale;
         p->qerr[i] = (float)(err + l1 * D * (1.0 / 1048576.0));
     }
+    if (!i4 && kvt_k->q16_i8_layout)
+        for (int64_t bh = 0; bh < (int64_t)p->B * p->Hkv; bh++)
+            kvt_k->q16_i8_layout(p->q16 + bh * p->G * p->q16_stride, D, p->G);
 }
 
 /* Bound on |selection logit - exact logit| for one selection set; ksmax is the

@@ -43,14 +43,15 @@ static void init_once(void) {
         if (!k) {
             g_init_rc = kvt_isa_name_known(want) ? KVT_ERR_UNSUPPORTED : KVT_ERR_VALUE;
             snprintf(g_init_msg, sizeof g_init_msg,
-                     "KVTIER_ISA: expected generic, avx2, avx512 or avx512bw supported by this CPU, got '%s'%s",
+                     "KVTIER_ISA: expected generic, avx2, avx512, avx512bw or amx supported by this CPU, got '%s'%s",
                      want, kvt_isa_name_known(want) ? " (not supported by this CPU)" : "");
             return;
         }
         kvt_k = k;
         return;
     }
-    const kvt_kernels *k = kvt_kernels_for("avx512");
+    const kvt_kernels *k = kvt_kernels_for("amx");
+    if (!k) k = kvt_kernels_for("avx512");
     if (!k) k = kvt_kernels_for("avx2");
     if (k) kvt_k = k;
 }
@@ -74,7 +75,7 @@ int32_t kvt_isa_supported(const char *name) { return kvt_kernels_for(name) != NU
 int32_t kvt_set_isa(const char *name) {
     pthread_once(&g_once, init_once);
     if (!kvt_isa_name_known(name))
-        return kvt_err(KVT_ERR_VALUE, "kvt_set_isa: expected generic, avx2, avx512 or avx512bw, got '%s'",
+        return kvt_err(KVT_ERR_VALUE, "kvt_set_isa: expected generic, avx2, avx512, avx512bw or amx, got '%s'",
                        name ? name : "(null)");
     const kvt_kernels *k = kvt_kernels_for(name);
     if (!k) return kvt_err(KVT_ERR_UNSUPPORTED, "kvt_set_isa: '%s' is not supported by this CPU", name);

@@ -10,8 +10,9 @@ import torch
 
 import kvtier._native as N
 
-# avx512bw: the AVX-512 table with the BW (non-VNNI) selection kernels, forced
-ISAS = [name for name in ("generic", "avx2", "avx512", "avx512bw") if N.isa_supported(name)]
+# avx512bw: the AVX-512 table with the BW (non-VNNI) selection kernels, forced;
+# amx: the VNNI table with the AMX selection kernel for int8 keys
+ISAS = [name for name in ("generic", "avx2", "avx512", "avx512bw", "amx") if N.isa_supported(name)]
 
 
 @pytest.fixture(autouse=True)
@@ -538,6 +539,29 @@ def test_selection_scores_vs_generic(isa, G, kf):
     gap = 2 * selection_bound(q[0].double(), K, sm)
     for g in range(2 * G):
         assert_topk_faithful(scores[isa][g], ref[g], k, gap[g])
+
+
+@pytest.mark.skipif(not N.isa_supported("amx"), reason="needs a CPU with AMX-INT8 and the OS's permission to use it")
+@pytest.mark.parametrize("D", [16, 48, 64, 80, 128, 192, 256])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8, 16, 20])
+def test_amx_selection_scores_equal_vnni(D, G, gen):
+    """The AMX kernel's integer sums are the VNNI kernel's, and its float steps the
+    same in the same order: selection scores equal bit for bit, over head dims with a
+    partial 64-channel step, groups wider than one tile (20 heads) and requests that
+    end inside a 16-token tile; the cap path scores through the scratch rows."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    store, table, offs, ntok, q = make_case(D=D, T=32, G=G, Hkv=2, lengths=(517, 40, 1), seed=seed)
+    scores = {}
+    for name in ("avx512", "amx"):
+        for cap in (0.0, 30.0):
+            N.set_isa(name)
+            with N.Engine(2) as eng:
+                eng.plan(store, table, offs, ntok, G * 2, budget_tokens=torch.full((3, 2), 8, dtype=torch.int32),
+                         sm_scale=1 / math.sqrt(D), soft_cap=cap)
+                scores[name, cap] = eng.score(1, q)
+    for cap in (0.0, 30.0):
+        assert torch.isfinite(scores["amx", cap][0, :, :517]).all()
+        assert torch.equal(scores["amx", cap], scores["avx512", cap])
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])

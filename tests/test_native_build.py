@@ -68,7 +68,7 @@ def test_isa_env_override():
     assert r.returncode == 0 and r.stdout.strip() == "generic"
     r = py("import kvtier._native", {"KVTIER_ISA": "neon"})
     assert r.returncode != 0 and "KVTIER_ISA" in r.stderr and "neon" in r.stderr
-    for isa in ("avx2", "avx512", "avx512bw"):
+    for isa in ("avx2", "avx512", "avx512bw", "amx"):
         r = py("import kvtier._native as N; print(N.active_isa())", {"KVTIER_ISA": isa})
         if N.isa_supported(isa):
             assert r.stdout.strip() == isa
@@ -78,5 +78,5 @@ def test_isa_env_override():
 
 def test_default_isa_is_best_supported():
     r = py("import kvtier._native as N; print(N.active_isa())")
-    best = next(i for i in ("avx512", "avx2", "generic") if N.isa_supported(i))
+    best = next(i for i in ("amx", "avx512", "avx2", "generic") if N.isa_supported(i))
     assert r.stdout.strip() == best

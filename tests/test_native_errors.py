@@ -158,5 +158,5 @@ def test_errors_are_the_documented_bases():
     assert issubclass(N.NativeError, RuntimeError) and issubclass(N.NativeIndexError, IndexError)
     with pytest.raises(N.NativeValueError):
         N.Engine(-1)
-    with pytest.raises(N.NativeValueError, match="generic, avx2, avx512 or avx512bw"):
+    with pytest.raises(N.NativeValueError, match="generic, avx2, avx512, avx512bw or amx"):
         N.set_isa("sse9")

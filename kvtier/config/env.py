@@ -14,7 +14,7 @@ class EnvVar(NamedTuple):
     meaning: str
 
 
-ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2, avx512, or avx512bw (AVX-512 without the VNNI kernels; read by the C engine at load).")
+ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2, avx512, avx512bw (AVX-512 without the VNNI kernels) or amx (AVX-512 with the AMX int8 selection kernel); read by the C engine at load.")
 CONFIG = EnvVar("KVTIER_CONFIG", "Path of the resolved policy YAML handed to sglang's scheduler and worker processes.")
 RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks write JSON and tables (default: benchmarks/results).")
 CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model files from wheels (default: ~/.cache/kvtier/models).")
