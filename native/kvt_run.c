@@ -52,6 +52,34 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
     for (int g = 0; g < G; g++) apply_scale(dst + (int64_t)g * ds + t0, t1 - t0, p->sm_scale, p->soft_cap);
 }
 
+/* Where token t of request b lies for kv-head h of a layer: its (layer, page, head)
+ * block is lph0 + page_table[t / T] * kv_heads, its row t % T (a shift and a mask
+ * when T is a power of two, as page sizes are in practice). */
+typedef struct {
+    const int32_t *pages;
+    int64_t lph0, heads;
+    int T, shift; /* shift < 0: T is not a power of two */
+} tok_loc;
+
+static inline tok_loc tok_locator(const kvt_plan_state *p, int layer, int b, int h) {
+    const kvt_store *s = p->store;
+    const int T = s->d.page_tokens;
+    tok_loc L = {p->page_table + p->page_off[b], kvt_lph(s, layer, 0, h), s->d.kv_heads, T,
+                 (T & (T - 1)) ? -1 : __builtin_ctz((unsigned)T)};
+    return L;
+}
+static inline int64_t tok_lph(const tok_loc *L, int t) {
+    return L->lph0 + (int64_t)L->pages[L->shift >= 0 ? t >> L->shift : t / L->T] * L->heads;
+}
+static inline int64_t tok_off(const tok_loc *L, int t) { return L->shift >= 0 ? t & (L->T - 1) : t % L->T; }
+
+/* n bytes (a multiple of 8) in 16- and 8-byte moves, inline */
+static inline void copy_row(uint8_t *d, const uint8_t *src, int64_t n) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) memcpy(d + o, src + o, 16);
+    for (; o < n; o += 8) memcpy(d + o, src + o, 8);
+}
+
 /* Exact logits of the ascending tokens tok[0..cnt) (mostly scattered): E[g * es + j].
  * Their key rows and scales are gathered into the thread's buffer, KVT_GATHER at a
  * time, and scored by one kernel call each, so the kernels' token tiles apply wherever
@@ -59,23 +87,25 @@ static void score_range(const kvt_plan_state *p, int layer, int b, int h, int t0
 static void exact_logits(const kvt_plan_state *p, int layer, int b, int h, const int32_t *tok,
                          int cnt, const float *q, int G, float *E, int64_t es, int tid) {
     const kvt_store *s = p->store;
-    const int T = s->d.page_tokens;
-    const int32_t *pages = p->page_table + p->page_off[b];
+    const tok_loc L = tok_locator(p, layer, b, h);
     const int64_t kb = s->key_tok, ns = s->kscale_tok;
     uint8_t *gk = (uint8_t *)(p->scratch + (int64_t)tid * p->scratch_floats + p->gather_off);
     float *gs = (float *)(gk + ((KVT_GATHER * kb + 3) & ~(int64_t)3));
-    int pf = 0; /* candidates below pf are prefetched */
+    int pf = 0; /* candidates below pf are prefetched (key row and scales) */
     for (int j0 = 0; j0 < cnt; j0 += KVT_GATHER) {
         const int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
         for (int i = 0; i < len; i++) {
             for (; pf < j0 + i + 16 && pf < cnt; pf++) {
-                const uint8_t *a = kvt_key_ptr(s, kvt_lph(s, layer, pages[tok[pf] / T], h)) + (int64_t)(tok[pf] % T) * kb;
-                for (int64_t o = 0; o < kb; o += 64) __builtin_prefetch((const char *)a + o);
+                const int64_t lph = tok_lph(&L, tok[pf]), o = tok_off(&L, tok[pf]);
+                const char *a = (const char *)kvt_key_ptr(s, lph) + o * kb;
+                for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(a + x);
+                if (ns) __builtin_prefetch(kvt_kscale_ptr(s, lph) + o * ns);
             }
             const int t = tok[j0 + i];
-            const int64_t lph = kvt_lph(s, layer, pages[t / T], h);
-            memcpy(gk + i * kb, kvt_key_ptr(s, lph) + (int64_t)(t % T) * kb, (size_t)kb);
-            if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + (int64_t)(t % T) * ns, sizeof(float) * (size_t)ns);
+            const int64_t lph = tok_lph(&L, t), o = tok_off(&L, t);
+            copy_row(gk + i * kb, kvt_key_ptr(s, lph) + o * kb, kb);
+            if (ns == 1) gs[i] = kvt_kscale_ptr(s, lph)[o];
+            else if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + o * ns, sizeof(float) * (size_t)ns);
         }
         kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
     }
@@ -239,18 +269,17 @@ static void attend(run_ctx *r, int b, int h, int g0, int m, const float *X, cons
                    int count, float *prob, float *acc, const void **rows, float *vscale, int tid) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
-    const int T = s->d.page_tokens, D = s->d.head_dim;
+    const int D = s->d.head_dim;
     int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G + g0;
     for (int g = 0; g < m; g++)
         r->lse[qh0 + g] = kvt_k->softmax(X + (int64_t)g * count, count, prob + (int64_t)g * count);
     memset(acc, 0, sizeof(float) * (size_t)m * D);
-    const int32_t *pages = p->page_table + p->page_off[b];
+    const tok_loc L = tok_locator(p, r->layer, b, h);
     const int is_i8 = s->d.value_format == KVT_VAL_INT8;
     for (int j = 0; j < count; j++) {
-        int tok = sel[j];
-        int64_t lph = kvt_lph(s, r->layer, pages[tok / T], h);
-        rows[j] = kvt_val_ptr(s, lph) + (int64_t)(tok % T) * s->val_tok;
-        if (is_i8) vscale[j] = kvt_vscale_ptr(s, lph)[tok % T];
+        const int64_t lph = tok_lph(&L, sel[j]), o = tok_off(&L, sel[j]);
+        rows[j] = kvt_val_ptr(s, lph) + o * s->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(s, lph)[o];
     }
     kvt_k->accum_rows(rows, vscale, is_i8, count, D, prob, count, m, acc);
     for (int g = 0; g < m; g++) {
@@ -807,7 +836,6 @@ static void attend_chunk_task(void *c, int64_t item, int tid) {
     const kvt_store *st_ = p->store;
     const int64_t s = p->work[2 * item];
     const int ci = p->work[2 * item + 1], m = p->nsub > 1 ? 1 : p->G, D = st_->d.head_dim;
-    const int T = st_->d.page_tokens;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
@@ -826,13 +854,13 @@ static void attend_chunk_task(void *c, int64_t item, int tid) {
     float *part = p->part + ((s * KVT_SPLIT_MAX + ci) * m) * (D + 1);
     for (int g = 0; g < m; g++)
         part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(sb.E + (int64_t)g * count + j0, len, prob + (int64_t)g * len);
-    const int32_t *pages = p->page_table + p->page_off[b];
+    const tok_loc L = tok_locator(p, r->layer, b, h);
     const int is_i8 = st_->d.value_format == KVT_VAL_INT8;
     for (int j = 0; j < len; j++) {
-        int tok = sb.sel[j0 + j];
-        int64_t lph = kvt_lph(st_, r->layer, pages[tok / T], h);
-        rows[j] = kvt_val_ptr(st_, lph) + (int64_t)(tok % T) * st_->val_tok;
-        if (is_i8) vscale[j] = kvt_vscale_ptr(st_, lph)[tok % T];
+        const int tok = sb.sel[j0 + j];
+        const int64_t lph = tok_lph(&L, tok), o = tok_off(&L, tok);
+        rows[j] = kvt_val_ptr(st_, lph) + o * st_->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(st_, lph)[o];
     }
     memset(acc, 0, sizeof(float) * (size_t)m * D);
     kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, m, acc);
