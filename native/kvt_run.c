@@ -5,6 +5,9 @@
 #include <string.h>
 #include <time.h>
 #include "kvt_engine_internal.h"
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 typedef struct {
     kvt_plan_state *p;
@@ -134,6 +137,44 @@ static void score_task(void *c, int64_t item, int tid) {
                 p->G, dst, ds);
 }
 
+/* The largest of x[0..n) and 0 (max is exact in any order: 8 SSE lanes on x86-64). */
+static inline float max_of(const float *x, int64_t n) {
+    float m = 0.f;
+    int64_t i = 0;
+#if defined(__x86_64__)
+    __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        a = _mm_max_ps(a, _mm_loadu_ps(x + i));
+        b = _mm_max_ps(b, _mm_loadu_ps(x + i + 4));
+    }
+    float l[4];
+    _mm_storeu_ps(l, _mm_max_ps(a, b));
+    m = kvt_maxf(kvt_maxf(l[0], l[1]), kvt_maxf(l[2], l[3]));
+#endif
+    for (; i < n; i++) m = kvt_maxf(m, x[i]);
+    return m;
+}
+
+/* o[i] = max over g of loc[g * KVT_SEG + i], or their mean (summed in g order, then
+ * times 1/G), i < cnt; restrict lets both loops vectorize, each element's arithmetic
+ * in the same order as one at a time */
+static void reduce_group(float *restrict o, const float *restrict loc, int G, int cnt, int mean) {
+    for (int i = 0; i < cnt; i++) o[i] = loc[i];
+    if (mean) {
+        const float inv = 1.f / (float)G;
+        for (int g = 1; g < G; g++) {
+            const float *restrict lg = loc + (int64_t)g * KVT_SEG;
+            for (int i = 0; i < cnt; i++) o[i] += lg[i];
+        }
+        for (int i = 0; i < cnt; i++) o[i] *= inv;
+    } else {
+        for (int g = 1; g < G; g++) {
+            const float *restrict lg = loc + (int64_t)g * KVT_SEG;
+            for (int i = 0; i < cnt; i++) o[i] = kvt_maxf(o[i], lg[i]);
+        }
+    }
+}
+
 /* Selection-stage scores (int16 query): per-head logits, or with `reduced` the
  * group max/mean, of tokens [t0, t1). Records the largest key scale seen. */
 static void score_task_q16(void *c, int64_t item, int tid) {
@@ -157,7 +198,7 @@ static void score_task_q16(void *c, int64_t item, int tid) {
         int64_t lph = kvt_lph(s, r->layer, p->page_table[p->page_off[b] + t / T], h);
         const uint8_t *kp = kvt_key_ptr(s, lph) + (int64_t)off * rb;
         const float *ks = kvt_kscale_ptr(s, lph) + (int64_t)off * ns;
-        for (int64_t i = 0; i < (int64_t)cnt * ns; i++) ksmax = kvt_maxf(ksmax, ks[i]);
+        ksmax = kvt_maxf(ksmax, max_of(ks, (int64_t)cnt * ns));
         /* the next segment of this item, for the kernel's prefetch */
         const uint8_t *next = NULL;
         int64_t next_bytes = 0;
@@ -184,17 +225,8 @@ static void score_task_q16(void *c, int64_t item, int tid) {
             if (!r->reduced) {
                 for (int g = 0; g < G; g++)
                     memcpy(dst + g * ds + t, loc + g * KVT_SEG, sizeof(float) * (size_t)cnt);
-            } else if (p->reduce == KVT_REDUCE_MEAN) {
-                float *o = dst + t, inv = 1.f / (float)G;
-                for (int i = 0; i < cnt; i++) o[i] = loc[i];
-                for (int g = 1; g < G; g++)
-                    for (int i = 0; i < cnt; i++) o[i] += loc[g * KVT_SEG + i];
-                for (int i = 0; i < cnt; i++) o[i] *= inv;
             } else {
-                float *o = dst + t;
-                for (int i = 0; i < cnt; i++) o[i] = loc[i];
-                for (int g = 1; g < G; g++)
-                    for (int i = 0; i < cnt; i++) o[i] = kvt_maxf(o[i], loc[g * KVT_SEG + i]);
+                reduce_group(dst + t, loc, G, cnt, p->reduce == KVT_REDUCE_MEAN);
             }
         }
         t += cnt;
