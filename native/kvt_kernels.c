@@ -187,8 +187,8 @@ T_AVX2 static void score_bf16_avx2(const uint16_t *k, int n, int D, const float 
     }
 }
 
-T_AVX2 static void score_i8_avx2(const int8_t *k, const float *ks, int n, int D, const float *q,
-                                 int G, float *out, int64_t os) {
+T_AVX2 static void score_i8_avx2_tok(const int8_t *k, const float *ks, int n, int D, const float *q,
+                                     int G, float *out, int64_t os) {
     float kf[1024] __attribute__((aligned(32)));
     for (int t = 0; t < n; t++, k += D) {
         for (int d = 0; d < D; d += 8) {
@@ -196,6 +196,58 @@ T_AVX2 static void score_i8_avx2(const int8_t *k, const float *ks, int n, int D,
             _mm256_store_ps(kf + d, _mm256_cvtepi32_ps(w));
         }
         dot_group_avx2(kf, D, q, G, ks[t], out + t, os);
+    }
+}
+
+/* Throughput kernel as TILE_512: TT tokens x GG heads (TT * GG = 8) keep 8
+ * accumulators, one key conversion serves every head of the tile, and one
+ * transpose-reduce (hsum8_ps) turns them into 8 logits; lane i = g * TT + t. */
+T_AVX2 static inline __m256 hsum8_ps(const __m256 *a) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 lo4 = _mm256_hadd_ps(s01, s23), hi4 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo4, hi4, 0x20), _mm256_permute2f128_ps(lo4, hi4, 0x31));
+}
+
+#define TILE_I8_AVX2(NAME, TT, GG)                                                                \
+    T_AVX2 __attribute__((noinline)) static void NAME(const int8_t *k, const float *ks, int D,    \
+                                                      const float *q, float *out, int64_t os) {    \
+        __m256 acc[8];                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();         \
+        for (int j = 0; j < D; j += 8) {                                                          \
+            __m256 qv[GG];                                                                        \
+            _Pragma("GCC unroll 8") for (int g = 0; g < GG; g++) qv[g] = _mm256_loadu_ps(q + (int64_t)g * D + j); \
+            _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++) {                                \
+                __m256 kv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                              \
+                    _mm_loadl_epi64((const __m128i *)(k + (int64_t)t * D + j))));                 \
+                _Pragma("GCC unroll 8") for (int g = 0; g < GG; g++)                              \
+                    acc[g * TT + t] = _mm256_fmadd_ps(kv, qv[g], acc[g * TT + t]);                \
+            }                                                                                     \
+        }                                                                                         \
+        float r[8] __attribute__((aligned(32)));                                                  \
+        _mm256_store_ps(r, hsum8_ps(acc));                                                        \
+        for (int g = 0; g < GG; g++)                                                              \
+            for (int t = 0; t < TT; t++) out[g * os + t] = r[g * TT + t] * ks[t];                 \
+    }
+
+TILE_I8_AVX2(tile_i8_2x4_avx2, 2, 4)
+TILE_I8_AVX2(tile_i8_4x2_avx2, 4, 2)
+TILE_I8_AVX2(tile_i8_8x1_avx2, 8, 1)
+
+T_AVX2 static void score_i8_avx2(const int8_t *k, const float *ks, int n, int D, const float *q,
+                                 int G, float *out, int64_t os) {
+    for (int g = 0; g < G;) {
+        const int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 8 / gg;
+        const int nt = n - n % tt;
+        const float *qg = q + (int64_t)g * D;
+        for (int t = 0; t < nt; t += tt) {
+            const int8_t *kt = k + (int64_t)t * D;
+            if (gg == 4) tile_i8_2x4_avx2(kt, ks + t, D, qg, out + g * os + t, os);
+            else if (gg == 2) tile_i8_4x2_avx2(kt, ks + t, D, qg, out + g * os + t, os);
+            else tile_i8_8x1_avx2(kt, ks + t, D, qg, out + g * os + t, os);
+        }
+        if (nt < n) score_i8_avx2_tok(k + (int64_t)nt * D, ks + nt, n - nt, D, qg, gg, out + g * os + nt, os);
+        g += gg;
     }
 }
 
@@ -245,7 +297,44 @@ T_AVX2 static uint64_t sum_bytes_avx2(const uint8_t *buf, int64_t n) {
     return s;
 }
 
-ACCUM_ROWS_VIA_TOKENS(accum_rows_avx2, accum_bf16_avx2, accum_i8_avx2, T_AVX2)
+/* Register-tiled as accum_rows_512: 4 heads x 16 channels of accumulators (8 ymm)
+ * stay in registers across all selected rows, instead of a load/store of acc per
+ * (row, head); acc gets each tile's sums added once at the end. */
+T_AVX2 static void accum_rows_avx2(const void *const *rows, const float *scales, int is_i8, int count, int D,
+                                   const float *p, int64_t ps, int G, float *acc) {
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const int gg = G - g0 < 4 ? G - g0 : 4;
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            __m256 a[4][2];
+            for (int g = 0; g < 4; g++) a[g][0] = a[g][1] = _mm256_setzero_ps();
+            for (int j = 0; j < count; j++) {
+                if (j + 8 < count) /* rows are scattered: prefetch 8 ahead */
+                    _mm_prefetch((const char *)rows[j + 8] + (is_i8 ? d0 : 2 * d0), _MM_HINT_T0);
+                __m256 x0, x1;
+                if (is_i8) {
+                    const __m128i w = _mm_loadu_si128((const __m128i *)((const int8_t *)rows[j] + d0));
+                    x0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
+                    x1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(w, w)));
+                } else {
+                    const uint16_t *r = (const uint16_t *)rows[j] + d0;
+                    x0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)r)), 16));
+                    x1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + 8))), 16));
+                }
+                for (int g = 0; g < 4; g++) {
+                    if (g >= gg) break;
+                    const __m256 w = _mm256_set1_ps(p[(g0 + g) * ps + j] * (is_i8 ? scales[j] : 1.f));
+                    a[g][0] = _mm256_fmadd_ps(w, x0, a[g][0]);
+                    a[g][1] = _mm256_fmadd_ps(w, x1, a[g][1]);
+                }
+            }
+            for (int g = 0; g < gg; g++) {
+                float *o = acc + (int64_t)(g0 + g) * D + d0;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[g][0]));
+                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), a[g][1]));
+            }
+        }
+    }
+}
 
 T_AVX2 static void bound_bf16_avx2(const uint16_t *s, int n, int D2, const float *w, int G, float *out,
                                    int64_t os) {
