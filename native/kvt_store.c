@@ -1,13 +1,16 @@
 /* Host store: handle table, append (quantize + summarize), dequantization.
  * The store never owns memory: Python allocates the buffers and keeps them
  * alive for as long as the handle is open. */
-#define _GNU_SOURCE /* sched_getaffinity */
+#define _GNU_SOURCE /* sched_getaffinity, MADV_HUGEPAGE */
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include "kvt_internal.h"
 
 #define MAX_STORES 1024
@@ -349,4 +352,18 @@ void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int
         kvt_k->accum_bf16((const uint16_t *)vp, D, p, ps, G, acc);
     else
         kvt_k->accum_i8((const int8_t *)vp, kvt_vscale_ptr(s, lph)[t], D, p, ps, G, acc);
+}
+
+int32_t kvt_advise_hugepages(void *p, int64_t nbytes, int32_t *advised) {
+    if (!advised) return kvt_err(KVT_ERR_VALUE, "kvt_advise_hugepages: expected an advised pointer, got NULL");
+    *advised = 0;
+    if (nbytes < 0 || (!p && nbytes > 0))
+        return kvt_err(KVT_ERR_VALUE, "kvt_advise_hugepages: expected a buffer and nbytes >= 0, got %p, %lld", p,
+                       (long long)nbytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21, a = (uintptr_t)p, e = a + (uintptr_t)nbytes;
+    const uintptr_t lo = (a + huge - 1) & ~(huge - 1), hi = e & ~(huge - 1);
+    if (hi > lo && madvise((void *)lo, hi - lo, MADV_HUGEPAGE) == 0) *advised = 1;
+#endif
+    return KVT_OK;
 }

@@ -119,3 +119,38 @@ def test_raw_pages_reject_bad_pages_and_layers():
         store.raw_pages(0, torch.tensor([0.0]))
     with pytest.raises(N.NativeValueError, match="key_format"):
         N.dequant_raw_keys(store.raw_pages(0, torch.tensor([0])), "fp8", 32)
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1: text.index("]")]
+
+
+def test_large_store_buffers_are_zero_and_keep_what_is_appended():
+    """Buffers of 4 MiB and more are allocated untouched, advised, then zeroed: they start
+    at zero like the small ones, and appends land as before."""
+    store = N.HostStoreView.allocate(n_layers=1, n_pages=2048, kv_heads=2, page_tokens=16, head_dim=128)
+    assert store.keys.numel() >= 4 << 20
+    for t in store.buffers:
+        if t is not None:
+            assert not t.any()
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 2, 16, 128, generator=g), torch.randn(2, 2, 16, 128, generator=g)
+    store.append(0, torch.tensor([2047, 5], dtype=torch.int32), k, v)
+    assert store.keys[0, 2047].any() and store.keys[0, 5].any() and not store.keys[0, 6].any()
+
+
+@pytest.mark.skipif(_thp_mode() in ("never", "absent"), reason="needs Linux transparent huge pages (madvise or always)")
+def test_huge_page_advice_is_taken_where_the_os_offers_it():
+    t = torch.empty(8 << 20, dtype=torch.uint8)
+    assert N.advise_hugepages(t) is True
+    small = torch.empty(1 << 20, dtype=torch.uint8)  # no whole aligned 2 MiB page in 1 MiB
+    assert N.advise_hugepages(small) is False
+
+
+def test_huge_page_advice_rejects_what_it_cannot_advise():
+    with pytest.raises(N.NativeValueError, match="contiguous CPU tensor"):
+        N.advise_hugepages(torch.empty(64, 64)[:, ::2])

@@ -15,7 +15,15 @@ from ._loader import (
     isa_supported,
     set_isa,
 )
-from ._store import HostStoreView, KeyFormat, StoreBuffers, ValueFormat, dequant_raw_keys, dequant_raw_values
+from ._store import (
+    HostStoreView,
+    KeyFormat,
+    StoreBuffers,
+    ValueFormat,
+    advise_hugepages,
+    dequant_raw_keys,
+    dequant_raw_values,
+)
 from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, ServeBuffers, stream_read_gbps
 
 __all__ = [
@@ -23,5 +31,5 @@ __all__ = [
     "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError", "NativeTimeoutError",
     "NativeUnsupportedError", "NativeValueError", "SelectMode", "ServeBuffers", "StoreBuffers", "ValueFormat", "dequant_raw_keys",
     "dequant_raw_values",
-    "active_isa", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
+    "active_isa", "advise_hugepages", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
 ]

@@ -26,6 +26,23 @@ _KEY_CODE = {KeyFormat.BF16: lib.KVT_KEY_BF16, KeyFormat.INT8: lib.KVT_KEY_INT8,
 _VAL_CODE = {ValueFormat.BF16: lib.KVT_VAL_BF16, ValueFormat.INT8: lib.KVT_VAL_INT8}
 
 
+# Buffers at least this large get huge-page advice (two 2 MiB pages: one whole
+# aligned huge page at the least, whatever the allocation's alignment).
+HUGE_ADVICE_BYTES = 4 << 20
+
+
+def advise_hugepages(t: torch.Tensor) -> bool:
+    """Ask the OS for huge pages behind a CPU tensor's whole 2 MiB-aligned pages (Linux,
+    transparent huge pages on or madvise); call it before the memory is first touched.
+    True when the advice was taken."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise NativeValueError(f"advise_hugepages: expected a contiguous CPU tensor, got {t.device} "
+                               f"{'contiguous' if t.is_contiguous() else 'non-contiguous'}")
+    advised = ffi.new("int32_t *")
+    check(lib.kvt_advise_hugepages(ffi.cast("void *", t.data_ptr()), t.numel() * t.element_size(), advised))
+    return bool(advised[0])
+
+
 def _enum(cls, v, name):
     try:
         return cls(v)
@@ -106,7 +123,12 @@ class HostStoreView:
         base = (n_layers, n_pages, kv_heads, page_tokens)
 
         def z(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+            if pin_memory:
+                return torch.zeros(shape, dtype=dtype, pin_memory=True)
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel() * t.element_size() >= HUGE_ADVICE_BYTES:  # huge pages before the first touch
+                advise_hugepages(t)
+            return t.zero_()
 
         if kf is KeyFormat.BF16:
             keys, kscales = z(base + (head_dim,), torch.bfloat16), None
