@@ -251,12 +251,80 @@ T_AVX2 static void score_i8_avx2(const int8_t *k, const float *ks, int n, int D,
     }
 }
 
-T_AVX2 static void score_i4_avx2(const uint8_t *k, const float *ks, int n, int D, int grp,
-                                 const float *q, int G, float *out, int64_t os) {
+/* int4 keys, 8 channels (4 bytes) -> floats in channel order times the group
+ * scale, the same products as i4_dequant_token (the nibble split of i4_dq16_512). */
+T_AVX2 static inline __m256 i4_dq8_avx2(const uint8_t *kp, float sc) {
+    int32_t b4;
+    memcpy(&b4, kp, 4);
+    __m128i w = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(b4));
+    __m128i x = _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(0x000f)),
+                             _mm_and_si128(_mm_slli_epi16(w, 4), _mm_set1_epi16(0x0f00)));
+    x = _mm_sub_epi8(_mm_xor_si128(x, _mm_set1_epi8(8)), _mm_set1_epi8(8));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), _mm256_set1_ps(sc));
+}
+
+/* grp % 8 == 0: one scale per 8 channels. Tiles as TILE_I8_AVX2. */
+#define TILE_I4_AVX2(NAME, TT, GG)                                                                \
+    T_AVX2 __attribute__((noinline)) static void NAME(const uint8_t *k, const float *ks, int D,   \
+                                                      int grp, const float *q, float *out,        \
+                                                      int64_t os) {                               \
+        __m256 acc[8];                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();         \
+        const int rb = D / 2, ng = D / grp;                                                       \
+        for (int j = 0, gi = 0, left = grp; j < D; j += 8) {                                      \
+            __m256 qv[GG];                                                                        \
+            _Pragma("GCC unroll 8") for (int g = 0; g < GG; g++) qv[g] = _mm256_loadu_ps(q + (int64_t)g * D + j); \
+            _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++) {                                \
+                __m256 kv = i4_dq8_avx2(k + (int64_t)t * rb + j / 2, ks[t * ng + gi]);            \
+                _Pragma("GCC unroll 8") for (int g = 0; g < GG; g++)                              \
+                    acc[g * TT + t] = _mm256_fmadd_ps(kv, qv[g], acc[g * TT + t]);                \
+            }                                                                                     \
+            if ((left -= 8) == 0) { gi++; left = grp; }                                           \
+        }                                                                                         \
+        float r[8] __attribute__((aligned(32)));                                                  \
+        _mm256_store_ps(r, hsum8_ps(acc));                                                        \
+        for (int g = 0; g < GG; g++)                                                              \
+            for (int t = 0; t < TT; t++) out[g * os + t] = r[g * TT + t];                         \
+    }
+
+TILE_I4_AVX2(tile_i4_2x4_avx2, 2, 4)
+TILE_I4_AVX2(tile_i4_4x2_avx2, 4, 2)
+TILE_I4_AVX2(tile_i4_8x1_avx2, 8, 1)
+
+T_AVX2 static void score_i4_avx2_tok(const uint8_t *k, const float *ks, int n, int D, int grp,
+                                     const float *q, int G, float *out, int64_t os) {
     float kf[1024] __attribute__((aligned(32)));
     for (int t = 0; t < n; t++, k += D / 2, ks += D / grp) {
-        i4_dequant_token(k, ks, D, grp, kf);
+        if (grp % 8 == 0)
+            for (int d = 0; d < D; d += 8) _mm256_store_ps(kf + d, i4_dq8_avx2(k + d / 2, ks[d / grp]));
+        else
+            i4_dequant_token(k, ks, D, grp, kf);
         dot_group_avx2(kf, D, q, G, 1.f, out + t, os);
+    }
+}
+
+T_AVX2 static void score_i4_avx2(const uint8_t *k, const float *ks, int n, int D, int grp,
+                                 const float *q, int G, float *out, int64_t os) {
+    if (grp % 8 != 0) { /* groups that split an 8-channel vector: per token */
+        score_i4_avx2_tok(k, ks, n, D, grp, q, G, out, os);
+        return;
+    }
+    const int rb = D / 2, ng = D / grp;
+    for (int g = 0; g < G;) {
+        const int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 8 / gg;
+        const int nt = n - n % tt;
+        const float *qg = q + (int64_t)g * D;
+        for (int t = 0; t < nt; t += tt) {
+            const uint8_t *kt = k + (int64_t)t * rb;
+            const float *kst = ks + (int64_t)t * ng;
+            if (gg == 4) tile_i4_2x4_avx2(kt, kst, D, grp, qg, out + g * os + t, os);
+            else if (gg == 2) tile_i4_4x2_avx2(kt, kst, D, grp, qg, out + g * os + t, os);
+            else tile_i4_8x1_avx2(kt, kst, D, grp, qg, out + g * os + t, os);
+        }
+        if (nt < n)
+            score_i4_avx2_tok(k + (int64_t)nt * rb, ks + (int64_t)nt * ng, n - nt, D, grp, qg, gg,
+                              out + g * os + nt, os);
+        g += gg;
     }
 }
 
@@ -445,10 +513,120 @@ T_AVX2 static void score_i8_q16_avx2(const int8_t *k, const float *ks, int n, in
     }
 }
 
+/* ---- int4 keys x int16 query (selection stage), AVX2 --------------------------
+ * As the AVX-512 kernel (score_i4_q16_*), in half steps of 32 channels = 16 key
+ * bytes: vpmovsxbw widens them to 16-bit lanes w, (w << 12) >> 8 is 16 x the low
+ * nibble (even channel) and w & 0xfff0 16 x the high nibble (odd channel); the
+ * query is in kvt_i4_q16_layout's order, so vpmaddwd of the low nibbles with the
+ * even channels' query plus that of the high nibbles with the odd ones gives int32
+ * lane i = the exact sum of channels 4i..4i+3 of the half, all in one scale group
+ * (grp % 4 == 0). Each half's lanes are converted to float and multiplied by
+ * their group's scale. A half of 16 channels (D % 32 == 16) loads 8 bytes. */
+typedef struct {
+    __m256i idx[32];  /* lane i -> group of channel 32h + 4i, relative to base[h] */
+    __m256i smask[32]; /* scales that exist from base[h] on (at most 8) */
+    int base[32];     /* first group of half h */
+    int nh, last8;    /* halves; 1 when the last holds 16 channels */
+} i4_halves;
+
+T_AVX2 static void i4_halves_init(i4_halves *st, int D, int grp) {
+    const int ng = D / grp;
+    st->nh = (D + 31) / 32;
+    st->last8 = D % 32 != 0;
+    for (int h = 0; h < st->nh; h++) {
+        int32_t ix[8], mk[8];
+        const int j = 32 * h, b = j / grp, cnt = ng - b < 8 ? ng - b : 8;
+        for (int i = 0; i < 8; i++) {
+            ix[i] = j + 4 * i < D ? (j + 4 * i) / grp - b : 0;
+            mk[i] = i < cnt ? -1 : 0;
+        }
+        st->idx[h] = _mm256_loadu_si256((const __m256i *)ix);
+        st->smask[h] = _mm256_loadu_si256((const __m256i *)mk);
+        st->base[h] = b;
+    }
+}
+
+/* half h of token kp (its bytes at kp + 16h) against GG heads: acc[g * TT] += scale * sum */
+#define I4Q16_HALF_AVX2(GG, TT, kp, ksr, h, qg, Dp, acc)                                          \
+    do {                                                                                          \
+        const __m128i b_ = (h) == st->nh - 1 && st->last8 ? _mm_loadl_epi64((const __m128i *)((kp) + 16 * (h))) \
+                                                          : _mm_loadu_si128((const __m128i *)((kp) + 16 * (h))); \
+        const __m256i w_ = _mm256_cvtepi8_epi16(b_);                                              \
+        const __m256i lo_ = _mm256_srai_epi16(_mm256_slli_epi16(w_, 12), 8);                      \
+        const __m256i hi_ = _mm256_and_si256(w_, _mm256_set1_epi16((short)0xfff0));               \
+        const __m256 sc_ = _mm256_permutevar8x32_ps(_mm256_maskload_ps((ksr) + st->base[h], st->smask[h]), st->idx[h]); \
+        const int o_ = 64 * ((h) >> 1) + 16 * ((h) & 1);                                           \
+        _Pragma("GCC unroll 8") for (int g_ = 0; g_ < GG; g_++) {                                 \
+            const int16_t *q_ = (qg) + (int64_t)g_ * (Dp) + o_;                                   \
+            const __m256i s_ = _mm256_add_epi32(                                                  \
+                _mm256_madd_epi16(lo_, _mm256_loadu_si256((const __m256i *)q_)),                  \
+                _mm256_madd_epi16(hi_, _mm256_loadu_si256((const __m256i *)(q_ + 32))));          \
+            (acc)[g_ * (TT)] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_), sc_, (acc)[g_ * (TT)]);    \
+        }                                                                                         \
+    } while (0)
+
+#define TILE_I4Q16_AVX2(NAME, TT, GG)                                                             \
+    T_AVX2 __attribute__((noinline)) static void NAME(const uint8_t *k, const float *ks, int D,   \
+                                                      int ng, const int16_t *q, int Dp,           \
+                                                      const float *qs, const i4_halves *st,        \
+                                                      float *out, int64_t os) {                    \
+        __m256 acc[8];                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();         \
+        for (int h = 0; h < st->nh; h++)                                                          \
+            _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++)                                  \
+                I4Q16_HALF_AVX2(GG, TT, k + (int64_t)t * (D / 2), ks + (int64_t)t * ng, h, q, Dp, acc + t); \
+        float r[8] __attribute__((aligned(32)));                                                  \
+        _mm256_store_ps(r, hsum8_ps(acc));                                                        \
+        for (int g = 0; g < GG; g++)                                                              \
+            for (int t = 0; t < TT; t++) out[g * os + t] = r[g * TT + t] * (qs[g] * 0.0625f);     \
+    }
+
+TILE_I4Q16_AVX2(tile_i4q16_2x4_avx2, 2, 4)
+TILE_I4Q16_AVX2(tile_i4q16_4x2_avx2, 4, 2)
+TILE_I4Q16_AVX2(tile_i4q16_8x1_avx2, 8, 1)
+
+T_AVX2 static void i4q16_tok_avx2(const uint8_t *k, const float *ks, int n, int D, int ng, const int16_t *q,
+                                  int Dp, const float *qs, const i4_halves *st, int G, float *out, int64_t os) {
+    for (int t = 0; t < n; t++, k += D / 2, ks += ng)
+        for (int g = 0; g < G; g++) {
+            __m256 a[1] = {_mm256_setzero_ps()};
+            for (int h = 0; h < st->nh; h++) I4Q16_HALF_AVX2(1, 1, k, ks, h, q + (int64_t)g * Dp, Dp, a);
+            __m128 x = _mm_add_ps(_mm256_castps256_ps128(a[0]), _mm256_extractf128_ps(a[0], 1));
+            x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+            out[g * os + t] = _mm_cvtss_f32(x) * (qs[g] * 0.0625f);
+        }
+}
+
+T_AVX2 static void score_i4_q16_avx2(const uint8_t *k, const float *ks, int n, int D, int grp, const int16_t *q,
+                                     const float *qs, int G, float *out, int64_t os, const uint8_t *next,
+                                     int64_t next_bytes) {
+    (void)next, (void)next_bytes; /* sequential keys: the hardware prefetcher keeps up on AVX2 machines */
+    i4_halves st;
+    i4_halves_init(&st, D, grp);
+    const int ng = D / grp, Dp = kvt_i4_q16_dp(D), rb = D / 2;
+    for (int g = 0; g < G;) {
+        const int gg = G - g >= 4 ? 4 : (G - g >= 2 ? 2 : 1), tt = 8 / gg;
+        const int nt = n - n % tt;
+        const int16_t *qg = q + (int64_t)g * Dp;
+        for (int t = 0; t < nt; t += tt) {
+            const uint8_t *kt = k + (int64_t)t * rb;
+            const float *kst = ks + (int64_t)t * ng;
+            if (gg == 4) tile_i4q16_2x4_avx2(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os);
+            else if (gg == 2) tile_i4q16_4x2_avx2(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os);
+            else tile_i4q16_8x1_avx2(kt, kst, D, ng, qg, Dp, qs + g, &st, out + g * os + t, os);
+        }
+        if (nt < n)
+            i4q16_tok_avx2(k + (int64_t)nt * rb, ks + (int64_t)nt * ng, n - nt, D, ng, qg, Dp, qs + g, &st, gg,
+                           out + g * os + nt, os);
+        g += gg;
+    }
+}
+
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, score_i8_q16_avx2, NULL, soft_cap_generic, sum_exp_generic, bound_bf16_avx2,
+    softmax_generic, score_i8_q16_avx2, score_i4_q16_avx2, soft_cap_generic, sum_exp_generic, bound_bf16_avx2,
     dot_f32_avx2, axpy_f32_avx2,
 };
 

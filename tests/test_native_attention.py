@@ -716,6 +716,15 @@ def test_int4_every_group_matches_generic(isa, D, T, G, gen):
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("G", [2, 3, 6])
+def test_int4_odd_group_counts_match_generic(isa, G, gen):
+    """Query groups that leave 2- and 1-head remainders for the int4 tiles (the
+    4x2 and 8x1 token x head shapes and the per-token tail)."""
+    for reduce in ("max", "mean"):  # shared selections: one exact-logit call per group
+        check_int4_vs_generic(isa, gen, D=128, T=16, G=G, grps=(8, 16, 32, 128), reduce=reduce)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
 @pytest.mark.parametrize("D", [16, 48, 80, 96, 160])
 def test_int4_partial_steps_match_generic(isa, D, gen):
     """Head dims that end in a partial 64-channel step of the int4 selection kernel,
