@@ -153,3 +153,16 @@ def test_random_checkpoint_refuses_what_it_cannot_draw(tmp_path, capsys):
     assert "expected the key 'hidden_size'" in capsys.readouterr().out
     assert main(["bench", "random-checkpoint", str(tmp_path / "none"), str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().out
+
+
+def test_random_checkpoint_without_safetensors_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    cfg = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 8, "vocab_size": 10,
+           "num_hidden_layers": 1, "num_attention_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # the import fails as if not installed
+    assert main(["bench", "random-checkpoint", str(tmp_path), str(tmp_path / "o")]) == 2
+    assert "needs the safetensors package" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()  # nothing half-written

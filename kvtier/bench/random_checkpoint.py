@@ -75,14 +75,17 @@ def random_weights(config: Dict, *, seed: int = 0, device: str = "cpu") -> Dict[
 
 
 def write(config_dir: Path, out_dir: Path, *, seed: int = 0, device: str = "cpu") -> Path:
-    from safetensors.torch import save_file
-
     config_dir, out_dir = Path(config_dir), Path(out_dir)
     cfg_path = config_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"random-checkpoint: expected {cfg_path}")
     config = json.loads(cfg_path.read_text())
     weights = random_weights(config, seed=seed, device=device)
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise ImportError("random-checkpoint: writing model.safetensors needs the safetensors package "
+                          "(pip install -e '.[eval]' installs it)") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in config_dir.iterdir():
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf"):
@@ -95,6 +98,9 @@ def write(config_dir: Path, out_dir: Path, *, seed: int = 0, device: str = "cpu"
 def run(args: argparse.Namespace) -> int:
     try:
         target = write(Path(args.config_dir), Path(args.out_dir), seed=args.seed, device=args.device)
+    except ImportError as exc:
+        print(exc)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"random-checkpoint: {exc}")
         return 2
