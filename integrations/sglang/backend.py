@@ -328,7 +328,7 @@ def _backend_class():
             # The runtime (and the native engine) load here, in the scheduler,
             # so that a missing build fails with its rebuild message at the
             # first decode instead of silently disabling the plugin.
-            from kvtier._native import Engine
+            from kvtier._native import Engine, use_isa
             from kvtier.policies import policy_for
             from kvtier.runtime.hybrid import HybridAttention, pipeline_possible
             from kvtier.runtime.ranks import pinned_to, rank_share
@@ -377,6 +377,7 @@ def _backend_class():
                 if (not self.config.engine.threads and threads > 2
                         and pipeline_possible(policy, self.device)):
                     threads -= 1  # pipelined, the scheduler thread keeps queueing while the engine runs
+                use_isa(self.config.engine.isa.value)
                 with pinned_to(share.cores[:threads] if self.tp_size > 1 else ()):
                     engine = Engine(threads)
             self._engine = engine

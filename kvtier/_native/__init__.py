@@ -24,12 +24,13 @@ from ._store import (
     dequant_raw_keys,
     dequant_raw_values,
 )
-from ._engine_api import Engine, EngineResult, GroupReduce, SelectMode, ServeBuffers, stream_read_gbps
+from ._engine_api import (ISA_NAMES, Engine, EngineResult, GroupReduce, SelectMode, ServeBuffers, stream_read_gbps,
+                          use_isa)
 
 __all__ = [
-    "Engine", "EngineResult", "GroupReduce", "HostStoreView", "KeyFormat", "NativeError",
+    "ISA_NAMES", "Engine", "EngineResult", "GroupReduce", "HostStoreView", "KeyFormat", "NativeError",
     "NativeHandleError", "NativeIndexError", "NativeMemoryError", "NativeStateError", "NativeTimeoutError",
     "NativeUnsupportedError", "NativeValueError", "SelectMode", "ServeBuffers", "StoreBuffers", "ValueFormat", "dequant_raw_keys",
     "dequant_raw_values",
-    "active_isa", "advise_hugepages", "build_info", "isa_supported", "set_isa", "stream_read_gbps",
+    "active_isa", "advise_hugepages", "build_info", "isa_supported", "set_isa", "stream_read_gbps", "use_isa",
 ]

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
+import os
 import time
+import weakref
 from typing import Callable, Dict, NamedTuple
 
 import torch
 
 from . import _checks as C
-from ._loader import NativeStateError, NativeValueError, check, ffi, lib
+from ._loader import (NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check, ffi,
+                      isa_supported, lib, set_isa)
 from ._store import HostStoreView
+
+log = logging.getLogger("kvtier")
+
+ISA_NAMES = ("generic", "avx2", "avx512", "avx512bw", "amx")
+_open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 class SelectMode(str, enum.Enum):
@@ -91,6 +100,40 @@ def _finite(name: str, v: object) -> float:
     return float(v)
 
 
+def use_isa(name: str) -> str:
+    """Apply a policy's ``engine.isa`` to this process and return the active variant.
+
+    The kernel variant is process-wide. ``auto`` keeps what the engine chose at
+    load (the best one CPUID and the OS allow, or ``KVTIER_ISA``); a named
+    variant is switched to, unless ``KVTIER_ISA`` forces one (the environment
+    wins, with a warning when the two differ). Switching while an engine is open
+    is refused: a run in flight would mix two variants' layouts."""
+    if name == "auto":
+        return active_isa()
+    if name not in ISA_NAMES:
+        raise NativeValueError(f"engine.isa: expected auto or one of {', '.join(ISA_NAMES)}, got {name!r}")
+    forced = os.environ.get("KVTIER_ISA", "")
+    if forced:
+        if forced != name:
+            log.warning("kvtier: engine.isa %s is not applied: KVTIER_ISA=%s forces the engine's variant (%s)",
+                        name, forced, active_isa())
+        return active_isa()
+    current = active_isa()
+    if current == name:
+        return name
+    if not isa_supported(name):
+        have = ", ".join(n for n in ISA_NAMES if isa_supported(n))
+        raise NativeUnsupportedError(f"engine.isa: expected a variant this CPU and OS support ({have}), got {name!r}")
+    still_open = sum(1 for e in list(_open_engines) if e.handle is not None)
+    if still_open:
+        raise NativeStateError(f"engine.isa: cannot switch the process-wide kernel variant from {current} to "
+                               f"{name} while {still_open} engine(s) are open; close them first or give every "
+                               f"policy in this process the same engine.isa")
+    set_isa(name)
+    log.info("kvtier: engine.isa=%s (the engine had picked %s)", name, current)
+    return name
+
+
 class Engine:
     def __init__(self, n_threads: int = 0):
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 0:
@@ -98,6 +141,7 @@ class Engine:
         h = ffi.new("int32_t *")
         check(lib.kvt_engine_create(n_threads, h))
         self.handle: int | None = int(h[0])
+        _open_engines.add(self)
         self.n_threads = int(lib.kvt_engine_threads(self.handle))
         self._plan: dict | None = None
         self._serving = False
@@ -322,6 +366,7 @@ class Engine:
             check(lib.kvt_engine_destroy(self.handle))
             self.handle = None
             self._plan = None
+            _open_engines.discard(self)
 
     def __del__(self):
         try:

@@ -39,6 +39,8 @@ class Isa(str, Enum):
     GENERIC = "generic"
     AVX2 = "avx2"
     AVX512 = "avx512"
+    AVX512BW = "avx512bw"
+    AMX = "amx"
 
 
 class WindowConfig(Frozen):
@@ -88,7 +90,7 @@ class EngineConfig(Frozen):
     """The native CPU engine."""
 
     threads: int = Field(0, ge=0, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined).")
-    isa: Isa = Field(Isa.AUTO, description="SIMD variant: auto (CPUID), generic, avx2 or avx512.")
+    isa: Isa = Field(Isa.AUTO, description="SIMD variant, process-wide: auto (the best the CPU and OS allow), generic, avx2, avx512, avx512bw (AVX-512 without VNNI) or amx. KVTIER_ISA, when set, wins.")
 
 
 class AllBudget(Frozen):

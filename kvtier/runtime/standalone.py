@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .._native import Engine
+from .._native import Engine, use_isa
 from ..config import ModelShape, TierConfig
 from ..policies import Policy, policy_for
 from ..store import HostStore
@@ -49,6 +49,7 @@ class StandaloneTier:
             self.store = HostStore(config, shape, pin_memory=pin, n_pages=pages)
         self.engine = None
         if offload and self.policy.host_path == "engine":
+            use_isa(config.engine.isa.value)
             self.engine = Engine(config.engine.threads or default_engine_threads(
                 use_flashinfer is not False and pipeline_possible(self.policy, device)))
         self.tier = TierManager(config, shape, self.pool.k, self.pool.v, self.store,
