@@ -115,11 +115,13 @@ def test_sparse_budget_is_close_but_not_exact(gen):
         tier.close()
 
 
-def _hgca_outputs(seed, **hgca):
+def _hgca_outputs(seed, before_run=None, **hgca):
     """Hybrid output of every layer for one long request, the same inputs for every call."""
     gen = torch.Generator().manual_seed(seed)
     cfg = _config(budget={"kind": "tokens", "tokens": 64}, hgca=hgca)
     tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    if before_run is not None:
+        before_run(tier)
     try:
         rids, _ = _decode(tier, gen, [1500], steps=1)
         tier.attn.plan(rids)
@@ -137,6 +139,33 @@ def test_hgca_prefilter_reaches_the_engine():
     for f, c, w in zip(full, cut, wide):
         torch.testing.assert_close(w, f, atol=1e-6, rtol=1e-5)  # the split path sums in another order
         assert not torch.allclose(c, f, atol=1e-4)
+
+
+def test_hgca_overlap_off_runs_the_engine_after_the_window_with_the_same_result():
+    """overlap: false never hands the engine to the helper thread, and changes no output."""
+    def refuse_thread(tier):
+        assert tier.attn.overlap is False
+
+        def submit(*args, **kwargs):
+            raise AssertionError("overlap: false handed the engine to a thread")
+        tier.attn._pool.submit = submit
+
+    def count_thread(tier):
+        assert tier.attn.overlap is True
+        real = tier.attn._pool.submit
+
+        def submit(*args, **kwargs):
+            handed.append(1)
+            return real(*args, **kwargs)
+        tier.attn._pool.submit = submit
+
+    handed = []
+    serial = _hgca_outputs(7, before_run=refuse_thread, overlap=False)
+    overlapped = _hgca_outputs(7, before_run=count_thread)
+    assert len(handed) == SHAPE.n_layers  # the default overlaps: one hand-off per layer
+    for s, o in zip(serial, overlapped):
+        torch.testing.assert_close(s, o, atol=0, rtol=0)
+        assert s.abs().sum() > 0
 
 
 def _rel_errors(gen, cfg, prompt=1500):

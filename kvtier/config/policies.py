@@ -87,7 +87,8 @@ class HgcaKnobs(Frozen):
         GroupReduce.MAX,
         description="How a kv-head ranks tokens from its query heads: max or mean of logits, or per_qhead (each query head selects its own set).",
     )
-    overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently.")
+    overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently; false runs the engine "
+                          "after the window, one after the other (to measure what overlap saves).")
     prefilter: Optional[float] = Field(
         None,
         ge=1,

@@ -6,7 +6,8 @@ A policy is built from its frozen config and answers, per batch:
   CPU (`engine`), by fetching it to the device every step (`fetch`), or not
   at all (`none`, the window-only baseline);
 - the engine's selection arguments (`engine_args`) for requests with the
-  given host and context lengths.
+  given host and context lengths;
+- whether the host part runs concurrently with the device window (`overlap`).
 Policies hold no tensors on any device and never touch the store.
 """
 
@@ -43,6 +44,11 @@ class Policy:
         if config.policy != self.name:
             raise ValueError(f"{type(self).__name__} needs a '{self.name}' config, found '{config.policy}'")
         self.config = config
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the engine's host part runs while the device attends the window."""
+        return True
 
     def token_budgets(self, host_tokens: List[int], context_tokens: List[int], kv_heads: int) -> List[List[int]]:
         caps = [budget_tokens(self.config.budget, host_tokens=h, context_tokens=c)

@@ -13,6 +13,10 @@ class Hgca(Policy):
 
     name = "hgca"
 
+    @property
+    def overlap(self) -> bool:
+        return self.config.hgca.overlap
+
     def engine_args(self, host_tokens: List[int], context_tokens: List[int], kv_heads: int) -> EngineArgs:
         base = super().engine_args(host_tokens, context_tokens, kv_heads)
         knobs = self.config.hgca

@@ -74,7 +74,8 @@ class _HostPlan(NamedTuple):
 
 def pipeline_possible(policy: Policy, device: torch.device, default: bool = True) -> bool:
     """Whether HybridAttention(pipeline_default=default) would pipeline this policy on this device."""
-    return (pipeline_setting(default) and policy.host_path == "engine" and policy.offloads and device.type == "cuda"
+    return (pipeline_setting(default) and policy.overlap and policy.host_path == "engine" and policy.offloads
+            and device.type == "cuda"
             and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
 
 
@@ -124,6 +125,8 @@ class HybridAttention:
         self._window_empty = True
         self._gpu_events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._event_pool: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []  # reused after each fold
+        # overlap off (hgca.overlap: false): the window, then the engine, one after the other
+        self.overlap = policy.overlap
         self.pipelined = self.fused and engine is not None and pipeline_possible(policy, self.device, want_pipe)
         self._piped = False  # this plan runs pipelined
         # a slot per layer: each layer's flag is stored once, not at every step
@@ -282,7 +285,7 @@ class HybridAttention:
                 ready = torch.cuda.Event()
                 ready.record()
                 ready.synchronize()
-            else:
+            elif self.overlap:
                 # On the CPU the window is computed here too: the engine runs beside it on a thread.
                 future = self._pool.submit(self._engine_run, layer, host)
         if cuda:
@@ -298,11 +301,15 @@ class HybridAttention:
             end.record()
             self._gpu_events.append((start, end))
             if engine:
+                if not self.overlap:
+                    end.synchronize()
                 # The window's kernels are queued; the GPU runs them while this thread runs the
                 # engine (cffi releases the GIL), with no thread hand-off per layer.
                 self._engine_run(layer, host)
         else:
             self._gpu_s += time.perf_counter() - g0
+            if engine and not self.overlap:
+                self._engine_run(layer, host)
         if fused:
             out = win_out
             if engine:
