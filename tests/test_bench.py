@@ -19,7 +19,7 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     assert m, last
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
-    assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual"}
+    assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial"}
     # hgca keeps only sinks + window on the device and attends a sparse subset: small but nonzero error
     hgca = next(r for r in payload["rows"] if r["policy"] == "hgca")
     assert 0 < hgca["rel_err"] < 0.2
@@ -27,6 +27,10 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     resid = next(r for r in payload["rows"] if r["policy"] == "hgca_residual")
     assert 0 < resid["rel_err"] < hgca["rel_err"]
     assert re.search(r"hgca_residual_vs_hgca=[\d.]+ hgca_residual_vs_dense=[\d.]+ hgca_residual_rel_err=", out)
+    # overlap off runs the same attention one part after the other: the same selection, the same error
+    serial = next(r for r in payload["rows"] if r["policy"] == "hgca_serial")
+    assert serial["rel_err"] == pytest.approx(hgca["rel_err"], rel=1e-3)
+    assert re.search(r"hgca_vs_serial=[\d.]+ \(overlap on over off\)", out)
     assert hgca["device_tokens"] < 1024 and hgca["host_tokens"] > 0
     assert (tmp_path / "decode-quick-cpu.md").read_text().startswith("| policy |")
 

@@ -141,7 +141,8 @@ def test_a_fork_on_cuda_attends_the_shared_host_pages_and_equals_dense():
 @pytest.mark.parametrize("prefilter", [None, 4])
 def test_pipelined_decode_equals_the_waiting_path(monkeypatch, prefilter):
     """Decode steps whose layers are queued without any wait (the engine fed through the stream)
-    give the same bits as the path that waits for the engine at every layer, eviction included."""
+    give the same bits as the path that waits for the engine at every layer, eviction included,
+    and as hgca.overlap: false (the engine after the window, never pipelined)."""
     from kvtier.runtime import stream_ops
     from kvtier.runtime.standalone import StandaloneTier
 
@@ -149,14 +150,14 @@ def test_pipelined_decode_equals_the_waiting_path(monkeypatch, prefilter):
     if not stream_ops.available(dev):
         pytest.skip("the CUDA driver lacks stream memory operations")
     shape = ModelShape(n_layers=4, num_q_heads=8, kv_heads=2, head_dim=64)
-    cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
-                        "host_store": {"summary_tokens": 16},
-                        "budget": {"kind": "mass", "threshold": 0.9, "max_tokens": 96},
-                        "hgca": {"prefilter": prefilter}, "max_context_tokens": 8192})
     lens = [3000, 900]
     outs = {}
-    for mode in ("on", "off"):
-        monkeypatch.setenv("KVTIER_PIPELINE", mode)
+    for mode, overlap in (("on", True), ("off", True), ("serial", False)):
+        cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
+                            "host_store": {"summary_tokens": 16},
+                            "budget": {"kind": "mass", "threshold": 0.9, "max_tokens": 96},
+                            "hgca": {"prefilter": prefilter, "overlap": overlap}, "max_context_tokens": 8192})
+        monkeypatch.setenv("KVTIER_PIPELINE", "off" if mode == "off" else "on")
         st = StandaloneTier(cfg, shape, device=dev, dtype=torch.bfloat16, device_tokens=2048, host_tokens=8192)
         assert st.attn.pipelined == (mode == "on")
         g = torch.Generator().manual_seed(17)
@@ -185,8 +186,9 @@ def test_pipelined_decode_equals_the_waiting_path(monkeypatch, prefilter):
             assert st.attn.take_times().cpu_s > 0
         finally:
             st.close()
-    for step, (a, b) in enumerate(zip(outs["on"], outs["off"])):
+    for step, (a, b, c) in enumerate(zip(outs["on"], outs["off"], outs["serial"])):
         assert torch.equal(a, b), f"step {step}: pipelined output differs from the waiting path"
+        assert torch.equal(c, b), f"step {step}: overlap: false differs from the waiting path"
 
 
 @needs_flashinfer

@@ -25,8 +25,9 @@ from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, StackWeig
 
 POLICIES = ("dense", "offload_all", "hgca")
 # hgca with the summary prefilter (64-token pages, 32-token summary chunks, 4x the budget in candidates);
-# hgca with the residual (the unselected host tokens as one mean key and value per 16-token chunk)
-EXTRA = ("hgca_prefilter", "hgca_residual")
+# hgca with the residual (the unselected host tokens as one mean key and value per 16-token chunk);
+# hgca with overlap off (the engine after the window, one after the other: what overlap saves)
+EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +75,9 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
         "hgca_residual": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"residual": True}}),
+        "hgca_serial": from_mapping({
+            "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
+            "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
     }
 
 
@@ -328,6 +332,9 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
             summary.update(hgca_residual_vs_dense=d["ms_per_step"] / rs["ms_per_step"],
                            hgca_residual_vs_hgca=h["ms_per_step"] / rs["ms_per_step"],
                            hgca_residual_rel_err=rs["rel_err"])
+        se = ok.get(("hgca_serial", c, b))
+        if se:
+            summary.update(hgca_vs_serial=se["ms_per_step"] / h["ms_per_step"])
     payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
                "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
@@ -349,6 +356,8 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
         print(f"hgca_residual_vs_hgca={summary['hgca_residual_vs_hgca']:.3f} "
               f"hgca_residual_vs_dense={summary['hgca_residual_vs_dense']:.3f} "
               f"hgca_residual_rel_err={summary['hgca_residual_rel_err']:.3e}")
+    if "hgca_vs_serial" in summary:
+        print(f"hgca_vs_serial={summary['hgca_vs_serial']:.3f} (overlap on over off)")
     print(f"hgca_vs_offload_all={summary['hgca_vs_offload_all']:.3f} hgca_vs_dense={summary['hgca_vs_dense']:.3f} "
           f"hgca_rel_err={summary['hgca_rel_err']:.3e}")
     return 0
