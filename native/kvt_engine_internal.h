@@ -72,6 +72,7 @@ typedef struct kvt_plan_state {
     int32_t *set_cap;
     float *set_buf;
     kvt_set_state *sets;
+    atomic_int *bh_left;  /* [B*Hkv]: score items of (b, h) not yet finished (q16 split path) */
     float *part;          /* [n_sets, KVT_SPLIT_MAX, m, D + 1]: partial sum p.V and lse */
     /* split prefilter: per set its chunk bounds [m, nc] at pf_off[s]; bound work
      * items (set, first page, end page) */

@@ -13,7 +13,7 @@ void kvt_plan_free(kvt_plan_state *p) {
     free(p->page_table); free(p->page_off); free(p->ntok); free(p->budget); free(p->block);
     free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
     free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
-    free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->part); free(p->work);
+    free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->bh_left); free(p->part); free(p->work);
     free(p->pf_off); free(p->pf_ub); free(p->pf_items);
     free(p->res_bits_off); free(p->res_item_off); free(p->res_bits); free(p->res_items); free(p->res_part);
     memset(p, 0, sizeof *p);
@@ -225,7 +225,8 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     p->sets = calloc((size_t)p->n_sets, sizeof(kvt_set_state));
     p->part = malloc(sizeof(float) * (size_t)(p->n_sets * KVT_SPLIT_MAX * m * (D + 1)));
     p->work = malloc(sizeof(int32_t) * 2 * (size_t)(p->n_sets * KVT_SPLIT_MAX));
-    if (!p->set_off || !p->set_cap || !p->sets || !p->part || !p->work) return KVT_ERR_NOMEM;
+    p->bh_left = calloc((size_t)p->B * p->Hkv, sizeof(atomic_int));
+    if (!p->set_off || !p->set_cap || !p->sets || !p->part || !p->work || !p->bh_left) return KVT_ERR_NOMEM;
     int64_t total = 0;
     for (int64_t i = 0; i < p->n_sets; i++) {
         int64_t bh = i / p->nsub, n = p->ntok[bh / p->Hkv], cap = 2 * (int64_t)p->budget[bh] + 4096;

@@ -6,7 +6,7 @@
 #include <time.h>
 #include "kvt_engine_internal.h"
 #if defined(__x86_64__)
-#include <xmmintrin.h>
+#include <emmintrin.h>
 #endif
 
 typedef struct {
@@ -20,7 +20,12 @@ typedef struct {
     int reduced;    /* q16 path: score items write the group-reduced logit only */
     float *dst;     /* per-head logits: (b, h) rows at dst + dst_off(b, h), stride dst_stride */
     int64_t dst_stride; /* 0: the plan's own buffer, stride n_b */
+    int fused_select; /* q16 split path: the last score item of a (b, h) takes its sets' floors,
+                       * the last collected range of a set its band (no phase of their own) */
 } run_ctx;
+
+static void set_floor(run_ctx *r, int64_t s, int tid);
+static void select_task(void *c, int64_t s, int tid);
 
 static int32_t check_ready(kvt_engine *e, int32_t layer, const char *fn) {
     kvt_plan_state *p = &e->plan;
@@ -232,33 +237,81 @@ static void score_task_q16(void *c, int64_t item, int tid) {
         t += cnt;
     }
     p->item_ksmax[item] = ksmax;
+    if (r->fused_select) { /* the last item of (b, h): every logit and key scale of its sets is in */
+        const int64_t bh = (int64_t)b * p->Hkv + h;
+        if (atomic_fetch_sub_explicit(&p->bh_left[bh], 1, memory_order_acq_rel) == 1)
+            for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) set_floor(r, s, tid);
+    }
 }
 
 /* int16 selection query: q16 = round(q / scale) with scale = max|q| / kvt_q16_max(D);
  * q16s folds sm_scale in; qerr bounds the logit error per unit of key scale times
  * the largest key integer (see q16_bound). int4 keys take the query in the
- * kernel's nibble order (kvt_i4_q16_layout). */
+ * kernel's nibble order (kvt_i4_q16_layout).
+ * On x86-64 four channels at a time in SSE2 (in the baseline, so every build has it):
+ * cvtps2dq rounds half to even as lrintf does in the default mode. The sums of |q -
+ * scale * q16| and |q| then run in float lanes. Each term of the first is off by at
+ * most 2^-24 * (|q_d| + scale) (the product's rounding) plus 2^-24 of itself (the
+ * difference's), and a lane sum by (D / 4 + 4) * 2^-24 of itself, so the exact sum is
+ * at most the float one times 1 + (D / 4 + 6) * 2^-24 <= 1 + 2^-15 (D <= 1024) plus
+ * 2^-24 * (sum|q| + D * scale) <= 2^-23 * sum|q| (D * scale <= max|q|, as kvt_q16_max(D)
+ * >= D); the same factor covers the float sum of |q| in the kernels' D * 2^-20 * sum|q|. */
+static void q16_row(const float *x, int D, int qmax, int16_t *o, float *scale, float *err_out, float *l1_out) {
+    float mx = 0.f, err = 0.f, l1 = 0.f;
+#if defined(__x86_64__)
+    const __m128 sign = _mm_set1_ps(-0.f);
+    __m128 m4 = _mm_setzero_ps();
+    for (int d = 0; d < D; d += 4) m4 = _mm_max_ps(m4, _mm_andnot_ps(sign, _mm_loadu_ps(x + d)));
+    float ml[4];
+    _mm_storeu_ps(ml, m4);
+    for (int j = 0; j < 4; j++) mx = kvt_maxf(mx, ml[j]);
+#else
+    for (int d = 0; d < D; d++) mx = kvt_maxf(mx, fabsf(x[d]));
+#endif
+    const float sc = mx / (float)qmax, inv = sc > 0.f ? 1.f / sc : 0.f;
+#if defined(__x86_64__)
+    const __m128 vinv = _mm_set1_ps(inv), vsc = _mm_set1_ps(sc), lim = _mm_set1_ps((float)qmax);
+    const __m128 nlim = _mm_set1_ps(-(float)qmax);
+    __m128 e4 = _mm_setzero_ps(), l4 = _mm_setzero_ps();
+    for (int d = 0; d < D; d += 4) {
+        const __m128 xv = _mm_loadu_ps(x + d);
+        const __m128i vi = _mm_cvtps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(xv, vinv), nlim), lim));
+        _mm_storel_epi64((__m128i *)(o + d), _mm_packs_epi32(vi, vi));
+        e4 = _mm_add_ps(e4, _mm_andnot_ps(sign, _mm_sub_ps(xv, _mm_mul_ps(vsc, _mm_cvtepi32_ps(vi)))));
+        l4 = _mm_add_ps(l4, _mm_andnot_ps(sign, xv));
+    }
+    float el[4], ll[4];
+    _mm_storeu_ps(el, e4);
+    _mm_storeu_ps(ll, l4);
+    for (int j = 0; j < 4; j++) {
+        err += el[j];
+        l1 += ll[j];
+    }
+#else
+    for (int d = 0; d < D; d++) {
+        long v = lrintf(x[d] * inv);
+        v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
+        o[d] = (int16_t)v;
+        err += fabsf(x[d] - sc * (float)v);
+        l1 += fabsf(x[d]);
+    }
+#endif
+    *scale = sc;
+    *err_out = err;
+    *l1_out = l1;
+}
+
 static void prepare_q16(kvt_plan_state *p, const float *q) {
     const int D = p->store->d.head_dim, qmax = kvt_q16_max(D);
     const int i4 = p->store->d.key_format == KVT_KEY_INT4;
     int16_t row[1024];
     for (int64_t i = 0; i < (int64_t)p->B * p->Hq; i++) {
-        const float *x = q + i * D;
-        int16_t *o = i4 ? row : p->q16 + i * p->q16_stride;
-        float mx = 0.f;
-        for (int d = 0; d < D; d++) mx = kvt_maxf(mx, fabsf(x[d]));
-        float sc = mx / (float)qmax, inv = sc > 0.f ? 1.f / sc : 0.f;
-        double err = 0.0, l1 = 0.0;
-        for (int d = 0; d < D; d++) {
-            long v = lrintf(x[d] * inv);
-            v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
-            o[d] = (int16_t)v;
-            err += fabs((double)x[d] - (double)sc * (double)v);
-            l1 += fabs((double)x[d]);
-        }
+        float sc, err, l1;
+        q16_row(q + i * D, D, qmax, i4 ? row : p->q16 + i * p->q16_stride, &sc, &err, &l1);
         if (i4) kvt_i4_q16_layout(row, D, p->q16 + i * p->q16_stride);
         p->q16s[i] = sc * p->sm_scale;
-        p->qerr[i] = (float)(err + l1 * D * (1.0 / 1048576.0));
+        const double up = 1.0 + 1.0 / 32768.0;
+        p->qerr[i] = (float)((double)err * up + (double)l1 * up * (D / 1048576.0 + 1.0 / 8388608.0));
     }
     if (!i4 && kvt_k->q16_i8_layout)
         for (int64_t bh = 0; bh < (int64_t)p->B * p->Hkv; bh++)
@@ -689,6 +742,18 @@ static void select_collect_task(void *c, int64_t item, int tid) {
         found += x[t] >= lo;
     }
     st->nlo_found[ri] = found;
+    if (r->fused_select && atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1)
+        select_task(r, s, tid); /* the set's last range: its band */
+}
+
+/* Fused select (q16 split path), once every logit of set s is in: its sampled floor;
+ * a set with ranges to collect is selected by the last of them (st->left counts
+ * them), any other at once. */
+static void set_floor(run_ctx *r, int64_t s, int tid) {
+    kvt_set_state *st = &r->p->sets[s];
+    select_lo_task(r, s, tid);
+    if (st->nlo == 0) select_task(r, s, tid);
+    else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
 }
 
 /* The band from the tokens select_collect_task found: their count, or -1 when the
@@ -1104,10 +1169,15 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
     if (rc == KVT_OK) {
         kvt_plan_state *p = &e->plan;
         run_ctx r = {p, layer, q, out, lse, n_selected, sel_index, sel_index ? sel_cap : 0,
-                     use_q16(p, 1), p->reduce != KVT_PER_QHEAD && p->G > 1, NULL, 0};
+                     use_q16(p, 1), p->reduce != KVT_PER_QHEAD && p->G > 1, NULL, 0, 0};
         if (r.q16) {
             const int64_t t0 = e->trace ? now_ns() : 0;
             prepare_q16(p, q);
+            r.fused_select = p->split;
+            if (r.fused_select)
+                for (int64_t bh = 0; bh < (int64_t)p->B * p->Hkv; bh++)
+                    atomic_store_explicit(&p->bh_left[bh], (int)(p->item_off[bh + 1] - p->item_off[bh]),
+                                          memory_order_relaxed);
             if (e->trace) e->phase_ns[KVT_PHASE_QUERY] += now_ns() - t0;
             phase(e, KVT_PHASE_SCORE, p->n_items, score_task_q16, &r);
         } else if (p->mode != KVT_SELECT_BLOCKS && p->prefilter == 0.f) {
@@ -1119,9 +1189,12 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
             phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), exact_task, &r);
             phase(e, KVT_PHASE_ATTEND, split_items(p, ITEMS_ATTEND), attend_chunk_task, &r);
         } else if (r.q16 && p->split) {
-            phase(e, KVT_PHASE_SELECT, p->n_sets, select_lo_task, &r);
+            /* the score phase took each set's floor (and the band of sets without ranges to
+             * collect); a request without host tokens had no score items: its sets here */
+            for (int64_t bh = 0; bh < (int64_t)p->B * p->Hkv; bh++)
+                if (p->item_off[bh + 1] == p->item_off[bh])
+                    for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) set_floor(&r, s, 0);
             phase(e, KVT_PHASE_SELECT, split_items(p, ITEMS_COLLECT), select_collect_task, &r);
-            phase(e, KVT_PHASE_SELECT, p->n_sets, select_task, &r);
             phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), exact_task, &r);
             phase(e, KVT_PHASE_ATTEND, split_items(p, ITEMS_ATTEND), attend_chunk_task, &r);
         } else {

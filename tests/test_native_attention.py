@@ -608,6 +608,29 @@ def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf, kf
     assert_same_as_generic(got, base)
 
 
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+@pytest.mark.parametrize("mode,reduce", [("topk", "max"), ("mass", "per_qhead")])
+def test_split_batch_with_empty_short_and_long_requests_matches_generic(isa, mode, reduce):
+    """The split path's select runs inside the score and collect phases (the last score item
+    of a kv item takes its sets' floors, the last collected range of a set its band): a
+    request past the floor's 4096 tokens, one below it (selected at once) and an empty one
+    (no score items at all), on more threads than sets."""
+    case = make_case(D=64, T=32, G=4, Hkv=2, lengths=(9000, 0, 3000, 5000), layers=1, seed=53)
+    budget = torch.tensor([[700, 64], [5, 5], [200, 3000], [4096, 1]], dtype=torch.int32)
+    kw = dict(mode=mode, reduce=reduce, tau=0.6, budget=budget, layer=0, threads=12)
+    N.set_isa("generic")
+    base, ref = run_both(*case, **kw)
+    assert_matches(base, ref)
+    N.set_isa(isa)
+    got, ref = run_both(*case, **kw)
+    assert_matches(got, ref)
+    assert torch.equal(got.n_selected[1], torch.zeros_like(got.n_selected[1]))
+    if mode == "topk":
+        assert_same_as_generic(got, base)
+    else:
+        assert_same_or_mass_tie(got, base, case, tau=0.6, reduce=reduce, cap=0.0, layer=0)
+
+
 def test_weighted_values_matches_reference():
     store, table, offs, ntok, q = make_case(lengths=(50, 20), vf="int8", seed=9)
     g = torch.Generator().manual_seed(1)
