@@ -30,9 +30,26 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     # overlap off runs the same attention one part after the other: the same selection, the same error
     serial = next(r for r in payload["rows"] if r["policy"] == "hgca_serial")
     assert serial["rel_err"] == pytest.approx(hgca["rel_err"], rel=1e-3)
-    assert re.search(r"hgca_vs_serial=[\d.]+ \(overlap on over off\)", out)
+    assert re.search(r"hgca_vs_serial=[\d.]+ \(overlap on over off, context \d+ batch \d+\)", out)
     assert hgca["device_tokens"] < 1024 and hgca["host_tokens"] > 0
     assert (tmp_path / "decode-quick-cpu.md").read_text().startswith("| policy |")
+
+
+def test_decode_bench_overlap_ratio_without_offload_all(tmp_path, monkeypatch, capsys):
+    """hgca against hgca_serial alone: the overlap ratio is still reported (of the largest shape that
+    ran both), and the missing baseline summary is an exit status of 1 with the reason on stderr."""
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = main(["bench", "decode", "--quick", "--contexts", "1024", "--batches", "1,2", "--steps", "1",
+               "--policies", "hgca,hgca_serial"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "no summary line" in cap.err
+    m = re.search(r"hgca_vs_serial=([\d.]+) \(overlap on over off, context 1024 batch 2\)", cap.out)
+    assert m, cap.out
+    summary = json.loads((tmp_path / "decode-quick-cpu.json").read_text())["summary"]
+    rows = {(r["policy"], r["batch"]): r for r in json.loads((tmp_path / "decode-quick-cpu.json").read_text())["rows"]}
+    want = rows[("hgca_serial", 2)]["ms_per_step"] / rows[("hgca", 2)]["ms_per_step"]
+    assert summary["hgca_vs_serial"] == pytest.approx(want) and float(m.group(1)) == pytest.approx(want, abs=1e-3)
 
 
 def test_decode_bench_capacity_matches_the_cells_that_ran(tmp_path, monkeypatch, capsys):
