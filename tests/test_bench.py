@@ -187,3 +187,30 @@ def test_random_checkpoint_without_safetensors_says_what_to_install(tmp_path, ca
     assert main(["bench", "random-checkpoint", str(tmp_path), str(tmp_path / "o")]) == 2
     assert "needs the safetensors package" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_engine_bench_quick_reports_its_ratios_against_baselines_of_the_same_run(tmp_path, capsys):
+    """`kvtier bench engine` at a small shape: the issue's last line, ratios recomputed from the
+    medians it stores, the engine equal to the torch computation, and the long case flagged
+    when its bytes fit the LLC (then it is not a DRAM measurement)."""
+    from kvtier.bench.engine import llc_bytes
+
+    rc = main(["bench", "engine", "--quick", "--tokens", "4096", "--topk", "256", "--long-tokens", "8192",
+               "--dram-bytes", str(64 << 20), "--threads", "2", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"engine_vs_stream=([\d.]+) engine_vs_torch=([\d.]+) engine_vs_dram=([\d.]+) "
+                     r"engine_vs_dram@8192=([\d.]+)", last)
+    assert m, last
+    res = json.loads((tmp_path / "engine.json").read_text())
+    med = res["median_s"]
+    assert res["engine_vs_stream"] == pytest.approx(med["stream"] / med["engine"])
+    assert res["engine_vs_torch"] == pytest.approx(med["torch"] / med["engine"])
+    assert float(m.group(2)) == pytest.approx(res["engine_vs_torch"], abs=6e-3)
+    assert res["max_abs_diff_vs_torch"] < 1e-4
+    assert res["shape"]["bytes_touched"] == 8 * 4096 * (128 + 4) + 8 * 256 * 128 * 2
+    llc = llc_bytes() or (64 << 20)
+    assert res["long"]["fits_llc"] == (res["long"]["bytes_touched"] <= llc)
+    assert ("within the" in out) == res["long"]["fits_llc"]
+    assert (tmp_path / "engine.md").read_text().startswith("# engine benchmark")
