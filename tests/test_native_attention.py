@@ -196,6 +196,15 @@ def assert_matches(res, ref, atol=2e-4):
     torch.testing.assert_close(res.out.double(), out, atol=atol, rtol=1e-4)
     torch.testing.assert_close(res.lse.double(), lse, atol=atol, rtol=1e-4)
 
+def generic_then(isa, case, **kw):
+    """The case on `generic`, then on `isa`: (base, base's reference, got, got's reference)."""
+    N.set_isa("generic")
+    base, base_ref = run_both(*case, **kw)
+    N.set_isa(isa)
+    got, ref = run_both(*case, **kw)
+    return base, base_ref, got, ref
+
+
 def assert_same_as_generic(got, base, *, counts=True):
     """A SIMD variant selects exactly the generic path's tokens and matches its output."""
     assert torch.equal(got.sel_index, base.sel_index)
@@ -575,11 +584,8 @@ def test_long_context_selection_matches_generic(isa, mode, reduce, cap, kf):
     case = make_case(D=128, T=64, G=4, Hkv=2, lengths=(9000, 5000), seed=31, kf=kf)
     kw = dict(mode=mode, reduce=reduce, cap=cap, tau=0.5,
               budget=torch.tensor([[300, 700], [64, 1000]], dtype=torch.int32))
-    N.set_isa("generic")
-    base, ref = run_both(*case, **kw)
+    base, ref, got, _ = generic_then(isa, case, **kw)
     assert_matches(base, ref)
-    N.set_isa(isa)
-    got, _ = run_both(*case, **kw)
     assert_same_as_generic(got, base)
 
 
@@ -599,12 +605,9 @@ def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf, kf
     case = make_case(D=128, T=64, G=4, Hkv=8, lengths=(20_000,), layers=1, seed=41, vf=vf, kf=kf)
     budget = torch.tensor([[2048, 300, 1000, 64, 4000, 2048, 20_000, 1]], dtype=torch.int32)
     kw = dict(mode=mode, reduce=reduce, cap=cap, tau=0.5, budget=budget, layer=0, threads=12)
-    N.set_isa("generic")
-    base, ref = run_both(*case, **kw)
+    base, ref, got, _ = generic_then(isa, case, **kw)
     if cap != 0.05:  # saturated logits tie in float; torch.topk breaks ties differently
         assert_matches(base, ref)
-    N.set_isa(isa)
-    got, _ = run_both(*case, **kw)
     assert_same_as_generic(got, base)
 
 
@@ -618,11 +621,8 @@ def test_split_batch_with_empty_short_and_long_requests_matches_generic(isa, mod
     case = make_case(D=64, T=32, G=4, Hkv=2, lengths=(9000, 0, 3000, 5000), layers=1, seed=53)
     budget = torch.tensor([[700, 64], [5, 5], [200, 3000], [4096, 1]], dtype=torch.int32)
     kw = dict(mode=mode, reduce=reduce, tau=0.6, budget=budget, layer=0, threads=12)
-    N.set_isa("generic")
-    base, ref = run_both(*case, **kw)
-    assert_matches(base, ref)
-    N.set_isa(isa)
-    got, ref = run_both(*case, **kw)
+    base, base_ref, got, ref = generic_then(isa, case, **kw)
+    assert_matches(base, base_ref)
     assert_matches(got, ref)
     assert torch.equal(got.n_selected[1], torch.zeros_like(got.n_selected[1]))
     if mode == "topk":
