@@ -1315,13 +1315,13 @@ typedef struct {
 #ifndef KVT_AMX_PF
 #define KVT_AMX_PF 8192 /* key prefetch distance: about a 64-token page of 128 channels ahead */
 #endif
-/* this thread's tile configuration: N * 128 + last step's channels, -1 none */
-static __thread int t_amx_cfg = -1;
-
+/* Loads the tile configuration for N heads and a last step of lastb channels unless the
+ * thread already holds exactly it. The thread's tile state is read back (sttilecfg, about
+ * 12 ns) rather than remembered: other code on the same thread (oneDNN's AMX kernels under
+ * torch, for one) configures tiles its own way or releases them (tilerelease), and a tile
+ * instruction after a release raises #UD, which kills the process with SIGILL. */
 static void amx_configure(int N, int lastb) {
-    const int key = N * 128 + lastb;
-    if (t_amx_cfg == key) return;
-    amx_cfg c;
+    amx_cfg c, cur;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) c.rows[t] = 16;
@@ -1329,8 +1329,8 @@ static void amx_configure(int N, int lastb) {
     c.colsb[2] = 64;
     c.colsb[3] = (uint16_t)lastb;
     c.rows[6] = c.rows[7] = (uint8_t)(lastb / 4);
-    __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
-    t_amx_cfg = key;
+    __asm__ volatile("sttilecfg %0" : "=m"(cur)::"memory");
+    if (memcmp(&c, &cur, sizeof c) != 0) __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
 }
 
 /* AMX selection query, in place: per block of N = min(16, G - g0) heads (at

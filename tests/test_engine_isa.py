@@ -91,3 +91,37 @@ def test_isa_names_are_validated():
         _config("sse4")
     with pytest.raises(N.NativeValueError, match="expected auto or one of generic"):
         N.use_isa("sse4")
+
+
+AMX_AFTER_TORCH = r"""
+import math, sys, torch
+import kvtier._native as N
+from kvtier.bench.engine import build_case
+N.set_isa("amx")
+store, table, q, budget = build_case(4096, 4, 4, 128, 64, 256)
+with N.Engine(2) as eng:
+    eng.plan(store, table, torch.tensor([0, len(table)], dtype=torch.int32), torch.tensor([4096], dtype=torch.int32),
+             16, budget_tokens=budget, sm_scale=1 / math.sqrt(128))
+    before = eng.score(0, q).clone()
+    # torch's CPU kernels on this thread: oneDNN runs bf16 on AMX where there is AMX and releases
+    # the tiles afterwards; the engine must configure them again, not trust what it set last time
+    a = torch.randn(256, 256).bfloat16()
+    for _ in range(3):
+        (a @ a).sum()
+        torch.nn.functional.conv2d(torch.randn(1, 32, 16, 16).bfloat16(), torch.randn(32, 32, 3, 3).bfloat16())
+    after = eng.score(0, q)
+    run = eng.run(0, q)
+sys.exit(0 if torch.equal(before, after) and torch.isfinite(run.out).all() else 3)
+"""
+
+
+@pytest.mark.skipif(not N.isa_supported("amx"), reason="needs a CPU and OS that grant AMX tile data")
+def test_amx_after_torch_released_the_tiles_on_the_same_thread():
+    """Tile state is per thread and other libraries configure or release it; a tile
+    instruction after a release is an illegal instruction (SIGILL), so this runs in a
+    child process, where a crash is a failed exit status rather than the end of the suite."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", AMX_AFTER_TORCH], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (-4: SIGILL): {r.stderr[-2000:]}"
