@@ -24,7 +24,7 @@ typedef struct {
                        * the last collected range of a set its band (no phase of their own) */
 } run_ctx;
 
-static void set_floor(run_ctx *r, int64_t s, int tid);
+static void kv_item_scored(run_ctx *r, int64_t bh, int tid);
 static void select_task(void *c, int64_t s, int tid);
 
 static int32_t check_ready(kvt_engine *e, int32_t layer, const char *fn) {
@@ -239,8 +239,7 @@ static void score_task_q16(void *c, int64_t item, int tid) {
     p->item_ksmax[item] = ksmax;
     if (r->fused_select) { /* the last item of (b, h): every logit and key scale of its sets is in */
         const int64_t bh = (int64_t)b * p->Hkv + h;
-        if (atomic_fetch_sub_explicit(&p->bh_left[bh], 1, memory_order_acq_rel) == 1)
-            for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) set_floor(r, s, tid);
+        if (atomic_fetch_sub_explicit(&p->bh_left[bh], 1, memory_order_acq_rel) == 1) kv_item_scored(r, bh, tid);
     }
 }
 
@@ -287,14 +286,17 @@ static void q16_row(const float *x, int D, int qmax, int16_t *o, float *scale, f
         err += el[j];
         l1 += ll[j];
     }
-#else
+#else /* one sum of D terms, not four lanes: in double, so the bound above holds here too */
+    double errd = 0.0, l1d = 0.0;
     for (int d = 0; d < D; d++) {
         long v = lrintf(x[d] * inv);
         v = v > qmax ? qmax : (v < -qmax ? -qmax : v);
         o[d] = (int16_t)v;
-        err += fabsf(x[d] - sc * (float)v);
-        l1 += fabsf(x[d]);
+        errd += fabs((double)x[d] - (double)sc * (double)v);
+        l1d += fabs((double)x[d]);
     }
+    err = (float)errd;
+    l1 = (float)l1d;
 #endif
     *scale = sc;
     *err_out = err;
@@ -746,14 +748,17 @@ static void select_collect_task(void *c, int64_t item, int tid) {
         select_task(r, s, tid); /* the set's last range: its band */
 }
 
-/* Fused select (q16 split path), once every logit of set s is in: its sampled floor;
- * a set with ranges to collect is selected by the last of them (st->left counts
- * them), any other at once. */
-static void set_floor(run_ctx *r, int64_t s, int tid) {
-    kvt_set_state *st = &r->p->sets[s];
-    select_lo_task(r, s, tid);
-    if (st->nlo == 0) select_task(r, s, tid);
-    else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
+/* Fused select (q16 split path), once every logit of kv item bh is in: each of its
+ * sets' sampled floor; a set with ranges to collect is selected by the last of them
+ * (st->left counts them), any other at once. */
+static void kv_item_scored(run_ctx *r, int64_t bh, int tid) {
+    kvt_plan_state *p = r->p;
+    for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) {
+        kvt_set_state *st = &p->sets[s];
+        select_lo_task(r, s, tid);
+        if (st->nlo == 0) select_task(r, s, tid);
+        else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
+    }
 }
 
 /* The band from the tokens select_collect_task found: their count, or -1 when the
@@ -1192,8 +1197,7 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
             /* the score phase took each set's floor (and the band of sets without ranges to
              * collect); a request without host tokens had no score items: its sets here */
             for (int64_t bh = 0; bh < (int64_t)p->B * p->Hkv; bh++)
-                if (p->item_off[bh + 1] == p->item_off[bh])
-                    for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) set_floor(&r, s, 0);
+                if (p->item_off[bh + 1] == p->item_off[bh]) kv_item_scored(&r, bh, 0);
             phase(e, KVT_PHASE_SELECT, split_items(p, ITEMS_COLLECT), select_collect_task, &r);
             phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), exact_task, &r);
             phase(e, KVT_PHASE_ATTEND, split_items(p, ITEMS_ATTEND), attend_chunk_task, &r);

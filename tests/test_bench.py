@@ -46,8 +46,9 @@ def test_decode_bench_overlap_ratio_without_offload_all(tmp_path, monkeypatch, c
     assert "no summary line" in cap.err
     m = re.search(r"hgca_vs_serial=([\d.]+) \(overlap on over off, context 1024 batch 2\)", cap.out)
     assert m, cap.out
-    summary = json.loads((tmp_path / "decode-quick-cpu.json").read_text())["summary"]
-    rows = {(r["policy"], r["batch"]): r for r in json.loads((tmp_path / "decode-quick-cpu.json").read_text())["rows"]}
+    payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
+    summary = payload["summary"]
+    rows = {(r["policy"], r["batch"]): r for r in payload["rows"]}
     want = rows[("hgca_serial", 2)]["ms_per_step"] / rows[("hgca", 2)]["ms_per_step"]
     assert summary["hgca_vs_serial"] == pytest.approx(want) and float(m.group(1)) == pytest.approx(want, abs=1e-3)
 

@@ -196,6 +196,7 @@ def assert_matches(res, ref, atol=2e-4):
     torch.testing.assert_close(res.out.double(), out, atol=atol, rtol=1e-4)
     torch.testing.assert_close(res.lse.double(), lse, atol=atol, rtol=1e-4)
 
+
 def generic_then(isa, case, **kw):
     """The case on `generic`, then on `isa`: (base, base's reference, got, got's reference)."""
     N.set_isa("generic")
