@@ -311,7 +311,11 @@ class Engine:
         return layer
 
     def score(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Scaled (and soft-capped) logits [B, Hq, n_max] of every host token; -inf past n_tokens."""
+        """Scaled (and soft-capped) logits [B, Hq, n_max] of every host token; -inf past n_tokens.
+
+        With int8 keys, or int4 keys in groups of a multiple of 4 channels, on a SIMD ISA
+        these are the selection stage's int16-query logits, within the error bound that
+        native/README.md states; other keys and `generic` give float logits."""
         h = self._h()
         p = self._planned()
         q = self._q(q)
