@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
 
 import pytest
@@ -894,6 +896,42 @@ def test_replanning_reuses_buffers_without_changing_results():
             eng.plan(store, table, offs, ntok, 8, mode="mass", budget_tokens=budget, mass_threshold=0.9,
                      sm_scale=1 / 8)
             assert_same_as_generic(eng.run(1, q, return_selection=True), ref)
+
+
+def test_run_releases_the_gil():
+    """Engine.run lets other Python threads run while it works (cffi drops the GIL around
+    the call), so the GPU side is driven meanwhile. A thread that wakes every 0.5 ms must
+    run well inside a long call (generic, one thread, ALL over 50K tokens); with the GIL
+    held it could run only within a switch interval of the call's ends (a C sort that
+    holds the GIL for 0.5 s let it in once)."""
+    N.set_isa("generic")
+    store, table, offs, ntok, q = make_case(D=128, T=64, G=4, Hkv=2, lengths=(50_000,), layers=1, seed=4)
+    stamps, stop = [], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    ticker = threading.Thread(target=tick)
+    try:
+        with N.Engine(1) as eng:
+            eng.plan(store, table, offs, ntok, 8, mode="all", sm_scale=1 / math.sqrt(128))
+            ticker.start()
+            time.sleep(0.01)
+            t0 = time.perf_counter()
+            eng.run(0, q)
+            t1 = time.perf_counter()
+    finally:
+        stop.set()
+        if ticker.is_alive():
+            ticker.join()
+        sys.setswitchinterval(before)
+    assert t1 - t0 > 0.02, f"the call took {1e3 * (t1 - t0):.1f} ms, too short to tell"
+    inside = [t for t in stamps if t0 + 0.002 < t < t1 - 0.002]
+    assert len(inside) >= 10, f"{len(inside)} wake-ups in a {1e3 * (t1 - t0):.1f} ms call"
 
 
 def test_phase_times_count_the_traced_runs_and_their_phases():
