@@ -5,13 +5,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import time
 import weakref
 from typing import Callable, Dict, NamedTuple
 
 import torch
 
+from ..config import env
 from . import _checks as C
 from ._loader import (NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check, ffi,
                       isa_supported, lib, set_isa)
@@ -112,7 +112,7 @@ def use_isa(name: str) -> str:
         return active_isa()
     if name not in ISA_NAMES:
         raise NativeValueError(f"engine.isa: expected auto or one of {', '.join(ISA_NAMES)}, got {name!r}")
-    forced = os.environ.get("KVTIER_ISA", "")
+    forced = env.get(env.ISA)
     if forced:
         if forced != name:
             log.warning("kvtier: engine.isa %s is not applied: KVTIER_ISA=%s forces the engine's variant (%s)",
