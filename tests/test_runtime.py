@@ -313,30 +313,30 @@ def test_pins_keep_pages_past_their_tables_and_reclaim_comes_before_on_full():
     try:
         store.admit("a", first_pos=4)
         pages = store.allocate("a", 3)
-        store.pin(pages[:2] + pages[:1])  # a cache holding tokens of two pages (one page twice)
-        assert store.release("a") == 1 and store.pinned == 3  # the pinned pages outlive their table
-        brute = lambda: sum(1 for p in range(store.n_pages) if 0 < store._pins[p] == store._refs[p])  # noqa: E731
-        assert store.pinned_only_pages() == brute() == 2
+        store.cache_hold(pages[:2] + pages[:1])  # a cache holding tokens of two pages (one page twice)
+        assert store.release("a") == 1 and store.cache_holds == 3  # the held pages outlive their table
+        brute = lambda: sum(1 for p in range(store.n_pages) if 0 < store._holds[p] == store._refs[p])  # noqa: E731
+        assert store.cache_only_pages() == brute() == 2
         store.adopt("b", first_pos=4, pages=pages[:2])  # a prefix hit starts on them
-        assert store.pinned_only_pages() == brute() == 0  # b holds them too now
+        assert store.cache_only_pages() == brute() == 0  # b holds them too now
         with pytest.raises(ValueError, match="not a stored page"):
             store.adopt("c", first_pos=4, pages=[pages[2]])  # freed with a: not stored any more
         assert "c" not in store
         with pytest.raises(ValueError, match="not a stored page"):
-            store.pin([99])
+            store.cache_hold([99])
         store.admit("c", first_pos=4)
         store.allocate("c", 1)
         asked = []
         store.reclaim = lambda n: asked.append(n) or 0  # a cache with nothing to give
-        # On_full evict may drop c's page, but b's are pinned as well: a request of 2 cannot be met.
+        # On_full evict may drop c's page, but b's are held by the cache as well: a request of 2 cannot be met.
         with pytest.raises(CapacityError):
             store.allocate("c", 2)
         assert asked == [2] and store.table("b").pages == pages[:2] and len(store.table("c").pages) == 1
-        store.reclaim = lambda n: asked.append(n) or store.unpin(pages[:2] + pages[:1])
+        store.reclaim = lambda n: asked.append(n) or store.cache_release(pages[:2] + pages[:1])
         assert len(store.allocate("c", 2)) == 2  # the cache let go; on_full then dropped b's oldest pages
-        assert asked == [2, 2] and store.pinned == 0 and store.pinned_only_pages() == brute() == 0
-        with pytest.raises(ValueError, match="pins of page .* given back, 0 held"):
-            store.unpin(pages[:2])
+        assert asked == [2, 2] and store.cache_holds == 0 and store.cache_only_pages() == brute() == 0
+        with pytest.raises(ValueError, match="holds of page .* given back, 0 held"):
+            store.cache_release(pages[:2])
     finally:
         store.close()
 

@@ -1117,9 +1117,9 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
     assert 0 not in backend._tier.requests
     # The tree keeps the whole request: the sinks and the tail in device slots, the middle as host
     # pages (pinned once per token), kept rather than freed with the request.
-    assert tree.total_size() == 702 and store.pinned > 0
-    assert store.stats().used_pages == store.pinned // 16
-    assert tree.evictable_size() == 702 - store.pinned  # device tokens only
+    assert tree.total_size() == 702 and store.cache_holds > 0
+    assert store.stats().used_pages == store.cache_holds // 16
+    assert tree.evictable_size() == 702 - store.cache_holds  # device tokens only
     assert _pool_invariant(runner, tree)
 
     # A second request shares 600 prompt tokens: the match stops at the last whole host page.
@@ -1131,7 +1131,7 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
     _prefill(reqs, backend, layer, {1: len(tokens_b)})  # the chunks after the match, against the dense reference
     assert backend._tier.host_tokens(1) >= m - S  # attended in place from the adopted pages
     stats = backend.tier_stats()
-    assert stats["prefix_hit_host_tokens"] == m - S and stats["cached_host_tokens"] == store.pinned
+    assert stats["prefix_hit_host_tokens"] == m - S and stats["cached_host_tokens"] == store.cache_holds
     for _ in range(2):
         out, ref = reqs.decode_step(backend, layer)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
@@ -1143,7 +1143,7 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
 
     # Evicting the whole tree gives every slot and every host page back, each once.
     tree.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["x"]).EvictParams(num_tokens=10**6))
-    assert tree.total_size() == 0 and store.pinned == 0 and store.stats().used_pages == 0
+    assert tree.total_size() == 0 and store.cache_holds == 0 and store.stats().used_pages == 0
     n, distinct = _free_slot_census(alloc)
     assert n == distinct, "a slot was freed twice"
     assert alloc.available_size() == alloc.size, "a slot leaked"
@@ -1173,7 +1173,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     reqs.rows = [1]
     src = (reqs.k[0].clone(), reqs.v[0].clone())
     _finish(tree, runner, 0, tokens_a)
-    tail = 400 - 16 - backend._tier.store.pinned  # A's device tail, now the tree's
+    tail = 400 - 16 - backend._tier.store.cache_holds  # A's device tail, now the tree's
     assert tail > 0
     # The whole of A matches: sinks, host pages, then the tree's device tail.
     tokens_b = tokens_a + torch.randint(0, 30000, (200,)).tolist()
@@ -1226,7 +1226,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     n, distinct = _free_slot_census(alloc)
     assert n == distinct, "a slot was freed twice"
     assert alloc.available_size() == alloc.size, "a slot leaked"
-    assert backend._tier.store.pinned == 0 and backend._tier.store.stats().used_pages == 0
+    assert backend._tier.store.cache_holds == 0 and backend._tier.store.stats().used_pages == 0
 
 
 def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server):
@@ -1246,9 +1246,9 @@ def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server
     store.allocate(filler, store.stats().free_pages)
     # Admission counts what the cache would give back as room: a new prompt does not wait on it.
     assert store.stats().free_pages == 0 and backend.host_free_tokens() == held * 16
-    pinned = store.pinned
+    holds = store.cache_holds
     _prefill(reqs, backend, layer, {1: 300})
     # The tree gave pages back, least recently used first, so the running request's evictions went through.
     assert backend._tier.host_tokens(1) > 0 and backend.evictions_refused == 0
-    assert store.pinned < pinned
+    assert store.cache_holds < holds
     store.release(filler)

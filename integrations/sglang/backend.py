@@ -456,7 +456,7 @@ def _backend_class():
             cache holds, which it gives back when the store runs short)."""
             if self._tier is not None and self._tier.store is not None:
                 store = self._tier.store
-                pages = store.stats().free_pages + (store.pinned_only_pages() if store.reclaim is not None else 0)
+                pages = store.stats().free_pages + (store.cache_only_pages() if store.reclaim is not None else 0)
                 return pages * self.config.window.page_tokens
             return self.host_capacity_tokens()
 
@@ -611,7 +611,7 @@ def _backend_class():
                          st.host_tokens, self.slots_released, st.bytes_d2h / 1e6, st.pages_evicted)
                 if self.prefix_cache:
                     log.info("kvtier: prefix cache: %d host tokens kept, %d host tokens of prefix hits attended "
-                             "in place", tier.store.pinned if tier.store is not None else 0,
+                             "in place", tier.store.cache_holds if tier.store is not None else 0,
                              self.prefix_hit_host_tokens)
                 t = self.last_timing = self.clock.take()
                 if t is not None:
@@ -632,7 +632,7 @@ def _backend_class():
             return {**self._tier.stats()._asdict(), "requests": len(self._tier.requests),
                     "slots_released": self.slots_released,
                     "evictions_refused": self.evictions_refused,
-                    "cached_host_tokens": 0 if store is None else store.pinned,
+                    "cached_host_tokens": 0 if store is None else store.cache_holds,
                     "prefix_hit_host_tokens": self.prefix_hit_host_tokens,
                     "tail_tokens_demoted": self.tail_tokens_demoted}
 

@@ -226,11 +226,11 @@ def _build_class():
 
         def pin_host(self, values: torch.Tensor) -> None:
             if values.numel() and bool((values < 0).any()):
-                self._store().pin(self._pages(values))
+                self._store().cache_hold(self._pages(values))
 
         def unpin_host(self, values: torch.Tensor) -> None:
             if values.numel():
-                self._store().unpin(self._pages(values))
+                self._store().cache_release(self._pages(values))
 
         def reclaim_host(self, pages: int) -> int:
             """Evict cached prefixes, least recently used first, until `pages` host pages are

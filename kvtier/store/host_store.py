@@ -14,9 +14,9 @@ failed call changes nothing that was stored.
 Requests may share pages (`share`: a request that continues another's
 prefix attends that prefix's pages in place; `adopt`: a request starts on
 pages named by id, as a prefix cache hands them over). A page counts its
-tables and its pins (`pin`: a prefix cache keeping finished requests' pages)
+tables and its cache holds (`cache_hold`: a prefix cache keeping finished requests' pages)
 and returns to the free list when the last of them lets go of it. When pages
-run short, `reclaim` (if set) is asked to unpin some before the store rejects
+run short, `reclaim` (if set) is asked to let go of some before the store rejects
 or evicts.
 """
 
@@ -81,13 +81,13 @@ class HostStore:
         )
         self.n_pages = n_pages
         self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
-        self._refs: List[int] = [0] * n_pages  # tables and pins holding each page
+        self._refs: List[int] = [0] * n_pages  # tables and cache holds keeping each page
         self._tables: Dict[Hashable, PageTable] = {}
-        self.pinned = 0  # pins held in all (a page may be pinned more than once)
-        self._pins: List[int] = [0] * n_pages
-        self._pinned_only = 0  # pages only pins hold
+        self.cache_holds = 0  # holds a cache keeps in all (a page may be held more than once)
+        self._holds: List[int] = [0] * n_pages
+        self._cache_only = 0  # pages only a cache's holds keep
         # Asked for n pages when the free list is short, before on_full applies: a prefix
-        # cache unpins what it holds; returns how many pages it freed.
+        # cache lets go of what it holds; returns how many pages it freed.
         self.reclaim: Optional[Callable[[int], int]] = None
 
     # --- requests -----------------------------------------------------------
@@ -124,7 +124,7 @@ class HostStore:
     def adopt(self, rid: Hashable, *, first_pos: int, pages: List[int]) -> None:
         """Admit rid with these stored pages as its first host pages, attended in place.
 
-        They must be held already (by another table or a pin); rid holds them too from now on.
+        They must be held already (by another table or a cache hold); rid holds them too from now on.
         """
         if rid in self._tables:
             raise ValueError(f"request {rid!r} is already admitted to the host store")
@@ -135,49 +135,51 @@ class HostStore:
             self._ref(p)
         self._tables[rid] = PageTable(first_pos, list(pages))
 
-    def pin(self, pages: Iterable[int]) -> None:
-        """Hold stored pages beyond their tables (once per id given; ids may repeat)."""
+    def cache_hold(self, pages: Iterable[int]) -> None:
+        """A cache (of finished requests' prefixes) holds stored pages beyond their tables,
+        once per id given; ids may repeat. Not to be confused with page-locked memory
+        (`host_store.pinned`)."""
         pages = list(pages)
         for p in pages:
             if not 0 <= p < self.n_pages or self._refs[p] == 0:
-                raise ValueError(f"pin: page {p} is not a stored page (the store has {self.n_pages} pages)")
+                raise ValueError(f"cache_hold: page {p} is not a stored page (the store has {self.n_pages} pages)")
         for p in pages:
-            self._ref(p, pin=1)
-        self.pinned += len(pages)
+            self._ref(p, hold=1)
+        self.cache_holds += len(pages)
 
-    def unpin(self, pages: Iterable[int]) -> int:
-        """Let go of pins taken by `pin`; returns how many pages became free."""
+    def cache_release(self, pages: Iterable[int]) -> int:
+        """Let go of holds taken by `cache_hold`; returns how many pages became free."""
         pages = list(pages)
         counts: Dict[int, int] = {}
         for p in pages:
             counts[p] = counts.get(p, 0) + 1
         for p, n in counts.items():
-            if not 0 <= p < self.n_pages or self._pins[p] < n:
-                held = self._pins[p] if 0 <= p < self.n_pages else 0
-                raise ValueError(f"unpin: {n} pins of page {p} given back, {held} held")
-        self.pinned -= len(pages)
-        return self._unref(pages, pin=1)
+            if not 0 <= p < self.n_pages or self._holds[p] < n:
+                held = self._holds[p] if 0 <= p < self.n_pages else 0
+                raise ValueError(f"cache_release: {n} holds of page {p} given back, {held} held")
+        self.cache_holds -= len(pages)
+        return self._unref(pages, hold=1)
 
-    def pinned_only_pages(self) -> int:
-        """Stored pages that only pins hold (no table): what a cache could give back."""
-        return self._pinned_only
+    def cache_only_pages(self) -> int:
+        """Stored pages that only a cache holds (no table): what the cache could give back."""
+        return self._cache_only
 
-    def _only_pins(self, p: int) -> bool:
-        return 0 < self._pins[p] == self._refs[p]
+    def _only_held(self, p: int) -> bool:
+        return 0 < self._holds[p] == self._refs[p]
 
-    def _ref(self, p: int, pin: int = 0) -> None:
-        before = self._only_pins(p)
+    def _ref(self, p: int, hold: int = 0) -> None:
+        before = self._only_held(p)
         self._refs[p] += 1
-        self._pins[p] += pin
-        self._pinned_only += self._only_pins(p) - before
+        self._holds[p] += hold
+        self._cache_only += self._only_held(p) - before
 
-    def _unref(self, pages, pin: int = 0) -> int:
+    def _unref(self, pages, hold: int = 0) -> int:
         freed = 0
         for p in pages:
-            before = self._only_pins(p)
+            before = self._only_held(p)
             self._refs[p] -= 1
-            self._pins[p] -= pin
-            self._pinned_only += self._only_pins(p) - before
+            self._holds[p] -= hold
+            self._cache_only += self._only_held(p) - before
             if self._refs[p] == 0:
                 self._free.append(p)
                 freed += 1
@@ -227,7 +229,7 @@ class HostStore:
         for t in self._tables.values():
             for p in t.pages:
                 held[p] = held.get(p, 0) + 1
-        # A pinned page stays stored when its tables drop it: only the others can be freed here.
+        # A page a cache holds stays stored when its tables drop it: only the others can be freed here.
         available = sum(1 for p, count in held.items() if count == self._refs[p])
         if need > available:
             raise CapacityError("eviction", n, len(self._free) + available, self.page_bytes)
