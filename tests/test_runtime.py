@@ -148,16 +148,16 @@ def test_hgca_overlap_off_runs_the_engine_after_the_window_with_the_same_result(
 
         def submit(*args, **kwargs):
             raise AssertionError("overlap: false handed the engine to a thread")
-        tier.attn._pool.submit = submit
+        tier.attn.host._pool.submit = submit
 
     def count_thread(tier):
         assert tier.attn.overlap is True
-        real = tier.attn._pool.submit
+        real = tier.attn.host._pool.submit
 
         def submit(*args, **kwargs):
             handed.append(1)
             return real(*args, **kwargs)
-        tier.attn._pool.submit = submit
+        tier.attn.host._pool.submit = submit
 
     handed = []
     serial = _hgca_outputs(7, before_run=refuse_thread, overlap=False)
@@ -487,7 +487,7 @@ def test_chunked_prefill_equals_dense_and_keeps_only_the_window_on_the_device(ge
     the host, so the device holds at most sinks + window + a page + one chunk. host_block: the
     host part read a few pages at a time (40 tokens: 2 pages of 16, the last block partial)."""
     if host_block:
-        monkeypatch.setattr("kvtier.runtime.hybrid._EXTEND_HOST_TOKENS", host_block)
+        monkeypatch.setattr("kvtier.runtime.hybrid.extend.HOST_TOKENS_AT_ONCE", host_block)
     cfg = _config(host_store={"key_format": key_format})
     tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=1024, host_tokens=2048)
     n, chunk = 1000, 96
@@ -557,7 +557,7 @@ def test_extend_host_blocks_move_stored_bytes_and_equal_the_c_dequant(gen, key_f
 def test_chunked_prefill_falls_back_to_torch_when_flashinfer_fails(gen, monkeypatch, caplog):
     """A FlashInfer prefill kernel that cannot build or run ends in a warning and the float32
     torch path, with the same result, never in a failed prefill."""
-    import kvtier.runtime.hybrid as hybrid
+    import kvtier.runtime.hybrid.extend as hybrid
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this head_dim\nsecond line")
@@ -589,7 +589,7 @@ def test_warm_extend_runs_the_chunk_kernel_once_each_way(monkeypatch, caplog):
     """The server prepares the chunk kernel at its first prefill: one causal and one
     non-causal call on random tokens in the model's dtype; a kernel that fails there
     turns into the torch path with a warning, as it would inside a prompt."""
-    import kvtier.runtime.hybrid as hybrid
+    import kvtier.runtime.hybrid.extend as hybrid
     from kvtier.runtime.extend import block_attention
 
     calls = []

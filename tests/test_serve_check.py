@@ -168,7 +168,7 @@ def test_serve_compare_pairs_each_policy_across_runs(tmp_path, capsys):
 
 def test_the_decode_clock_counts_steps_from_plan_to_plan():
     from kvtier.runtime.hybrid import StepTimes
-    from kvtier_sglang.backend import DecodeClock
+    from kvtier.runtime.session import DecodeClock
 
     clock = DecodeClock()
     clock.decode_planned(10.0, 10.001, StepTimes(9.0, 9.0, 9.0))  # no earlier plan: not a step, times dropped

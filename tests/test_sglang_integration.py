@@ -200,7 +200,7 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
     from kvtier.config import loads
-    from kvtier_sglang.backend import _backend_class
+    from kvtier_sglang.backend import KvTierAttnBackend
 
     req_pool = ReqToTokenPool(size=4, max_context_len=1024, device="cpu", enable_memory_saver=False)
     kv_pool = MHATokenToKVPool(size=size, page_size=page_size, dtype=torch.float32, head_num=hkv, head_dim=d,
@@ -216,7 +216,7 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
     config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
                    f"host_store: {{capacity_gib: {capacity_gib}, key_format: {keys}, summary_tokens: 16}}\n"
                    f"budget: {budget}\nmax_context_tokens: 1024\nengine: {{threads: 1}}\n", "<test>")
-    backend = _backend_class()(runner, config)
+    backend = KvTierAttnBackend(runner, config)
     layer = RadixAttention(hq, d, d ** -0.5, hkv, layer_id=0)
     return backend, layer, runner
 
@@ -353,8 +353,8 @@ def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once(tp_size
 
     out, ref = reqs.decode_step(backend, layer)
     used += 2
-    assert backend.releases_slots and backend._tier.lockstep
-    released = backend.slots_released
+    assert backend.releases_slots and backend.session.tier.lockstep
+    released = backend.session.slots_released
     # Sinks (16) and at most a window plus a page (64 + 16) stay per request; the rest went back.
     assert released >= (301 - 16 - 80) + (151 - 16 - 80)
     assert alloc.available_size() == alloc.size - used + released
@@ -383,7 +383,7 @@ def test_stage2_stays_off_while_the_radix_cache_is_on():
     backend, layer, runner = _stage2_backend(disable_radix_cache=False)
     reqs = _Requests(runner, [200])
     out, ref = reqs.decode_step(backend, layer)
-    assert not backend.releases_slots and backend.slots_released == 0
+    assert not backend.releases_slots and backend.session.slots_released == 0
     assert backend.tier_stats()["host_tokens"] > 0  # stage 1: still tiered, device KV kept on both sides
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     _free_row(runner, 0, reqs.k[0].shape[0])
@@ -554,7 +554,7 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
     assert backend._decode_break is not backend._decode_in_graph  # sglang's eager_on_graph wrapper
 
     # Capture (and its warm-up) on sglang's dummy batch: placeholders, and the tier is untouched.
-    stats, tracked = backend.tier_stats(), set(backend._tier.requests)
+    stats, tracked = backend.tier_stats(), set(backend.session.tier.requests)
     dummy = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=4, req_pool_indices=torch.zeros(4, dtype=torch.long),
                             seq_lens=torch.ones(4, dtype=torch.long), seq_lens_cpu=torch.ones(4, dtype=torch.long),
                             out_cache_loc=torch.zeros(4, dtype=torch.long))
@@ -571,7 +571,7 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
         bcg._current_capture_var.reset(token)
     assert capture.segments == 2 and len(capture.cuda_graph._break_fns) == 1  # the graph broke at attention
     assert captured.data_ptr() == warm.data_ptr() and not captured.any()
-    assert backend.tier_stats() == stats and set(backend._tier.requests) == tracked
+    assert backend.tier_stats() == stats and set(backend.session.tier.requests) == tracked
     replay_break = capture.cuda_graph._break_fns[0]
 
     # Replays: two real rows padded to the captured four; the graph's static buffers hold q, k, v.
@@ -600,7 +600,7 @@ def test_breakable_graph_capture_leaves_the_tier_alone_and_replay_serves_the_rea
             ref.append(torch.einsum("hgn,nhd->hgd", s.softmax(-1), reqs.v[row].double()).reshape(-1))
         torch.testing.assert_close(out[:2], torch.stack(ref).float(), rtol=2e-2, atol=2e-2)
         assert not out[2:].any()
-    assert backend._tier.requests[0].length == reqs.k[0].shape[0]
+    assert backend.session.tier.requests[0].length == reqs.k[0].shape[0]
     assert backend.tier_stats()["host_tokens"] > 0
 
 
@@ -646,12 +646,12 @@ def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
 def test_stats_interval_comes_from_the_environment(monkeypatch):
     from kvtier_sglang import backend as kb
 
-    monkeypatch.delenv(kb.STATS_ENV, raising=False)
+    monkeypatch.delenv("KVTIER_STATS_INTERVAL_S", raising=False)
     assert kb.stats_interval_s() == kb.STATS_EVERY_S
-    monkeypatch.setenv(kb.STATS_ENV, "0.5")
+    monkeypatch.setenv("KVTIER_STATS_INTERVAL_S", "0.5")
     assert kb.stats_interval_s() == 0.5
     for bad in ("0", "-3", "soon", "nan"):
-        monkeypatch.setenv(kb.STATS_ENV, bad)
+        monkeypatch.setenv("KVTIER_STATS_INTERVAL_S", bad)
         with pytest.raises(launch.KvTierLaunchError, match="KVTIER_STATS_INTERVAL_S: expected a number of seconds > 0"):
             kb.stats_interval_s()
 
@@ -663,7 +663,7 @@ def test_the_statistics_line_says_where_decode_steps_spend_their_time(monkeypatc
 
     from kvtier_sglang import backend as kb
 
-    monkeypatch.setenv(kb.STATS_ENV, "1e-9")  # a statistics line at every decode step
+    monkeypatch.setenv("KVTIER_STATS_INTERVAL_S", "1e-9")  # a statistics line at every decode step
     torch.manual_seed(6)
     backend, layer, runner = _stage2_backend()
     reqs = _Requests(runner, [300, 40])
@@ -676,7 +676,7 @@ def test_the_statistics_line_says_where_decode_steps_spend_their_time(monkeypatc
     from kvtier_sglang import serve_check  # it reads these lines back from a server's log
 
     assert serve_check.decode_steps(lines)["steps"] == 2
-    t = backend.last_timing
+    t = backend.session.last_timing
     assert t["steps"] == 1 and t["step_ms"] > 0 and t["plan_ms"] > 0
     # one layer, pages on the host: the engine ran inside the attention, both inside the step
     assert 0 < t["engine_ms"] <= t["attention_ms"] < t["step_ms"]
@@ -684,7 +684,7 @@ def test_the_statistics_line_says_where_decode_steps_spend_their_time(monkeypatc
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="kvtier"):
         reqs.decode_step(backend, layer)
-    assert backend.clock.take() is None and not [r for r in caplog.records if "ms/step" in r.getMessage()]
+    assert backend.session.clock.take() is None and not [r for r in caplog.records if "ms/step" in r.getMessage()]
     for row in reqs.rows:
         _free_row(runner, row, reqs.k[row].shape[0])
 
@@ -758,7 +758,7 @@ def test_stage3_chunked_prefill_evicts_between_chunks_and_matches_dense(caplog):
         _poison_free_slots(runner)
     # Later chunks attended host pages; the pool never held more than each request's bound,
     # though the prompts (1000 tokens) are far longer than that.
-    assert hybrid_chunks >= 5 and backend.slots_released > 0
+    assert hybrid_chunks >= 5 and backend.session.slots_released > 0
     assert peak <= 2 * bound < sum(prompt.values())
     assert "prefill chunks evict as they go (stage 3)" in caplog.text  # the operator is told
     for _ in range(3):  # decode continues from the tiers the prefill left
@@ -789,7 +789,7 @@ def test_stage3_chunks_with_int8_keys_and_a_token_budget_stay_close():
 
 def test_stage3_stays_off_unless_prefill_comes_to_the_tier():
     backend, _, _ = _stage2_backend()
-    assert not backend.stage3 and "prefill" in backend._stage3_why_not()
+    assert not backend.stage3 and "prefill" in backend.mode.why_not_higher
     backend, _, _ = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND, disable_radix_cache=False)
     assert not backend.stage3
 
@@ -808,12 +808,12 @@ def test_launch_routes_prefill_to_the_tier_under_an_offloading_policy(tmp_path):
 def test_both_backend_names_give_the_runner_one_instance(monkeypatch, tmp_path):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
-    from kvtier_sglang import backend as kb
+    from kvtier_sglang import attention
 
     monkeypatch.setenv("KVTIER_CONFIG", str(_tier_yaml(tmp_path)))
     _, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
     decode = ATTENTION_BACKENDS[launch.BACKEND](runner)  # as sglang builds its two backends
-    assert ATTENTION_BACKENDS[launch.PREFILL_BACKEND](runner) is decode is kb.create_backend(runner)
+    assert ATTENTION_BACKENDS[launch.PREFILL_BACKEND](runner) is decode is attention.create_backend(runner)
 
 
 def test_stage3_lifts_the_input_cap_to_the_context_or_host_capacity():
@@ -957,20 +957,20 @@ def test_stage3_a_prompt_aborted_between_chunks_frees_everything_once():
     # the next chunk is written to the row but never runs: the request is aborted before it
     pending = alloc.alloc(96)
     runner.req_to_token_pool.req_to_token[0, 384:480] = pending.to(torch.int32)
-    assert backend.tier_stats()["host_tokens"] > 0 and backend.slots_released > 0
+    assert backend.tier_stats()["host_tokens"] > 0 and backend.session.slots_released > 0
     # what admission counts as this request's host tokens: its allocated pages (landed here on the CPU)
-    assert backend.host_tokens_of(0) == backend._tier.host_tokens(0) > 0 and backend.host_tokens_of(7) == 0
+    assert backend.host_tokens_of(0) == backend.session.tier.host_tokens(0) > 0 and backend.host_tokens_of(7) == 0
     _free_row(runner, 0, 480)
     n, distinct = _free_slot_census(alloc)
     assert n == distinct, "a slot was freed twice"
     assert alloc.available_size() == alloc.size, "a slot leaked"
     stats = backend.tier_stats()
     assert stats["requests"] == 0 and stats["host_tokens"] == 0
-    assert backend._tier.store.stats().used_pages == 0
+    assert backend.session.tier.store.stats().used_pages == 0
 
 
 def test_a_runner_that_cannot_hold_the_backend_is_refused_clearly(monkeypatch, tmp_path):
-    from kvtier_sglang import backend as kb
+    from kvtier_sglang import attention
 
     monkeypatch.setenv("KVTIER_CONFIG", str(_tier_yaml(tmp_path)))  # how a scheduler finds the policy
     _, _, runner = _stage2_backend(prefill_backend=launch.PREFILL_BACKEND)
@@ -982,7 +982,7 @@ def test_a_runner_that_cannot_hold_the_backend_is_refused_clearly(monkeypatch, t
     for name, value in vars(runner).items():
         setattr(sealed, name, value)
     with pytest.raises(launch.KvTierLaunchError, match="refused it"):
-        kb.create_backend(sealed)
+        attention.create_backend(sealed)
 
 
 # --- prefix caching over host-resident pages (the kvtier radix cache, prefix.py) --------------------------
@@ -1111,10 +1111,10 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     reqs.rows = [1]  # request 0 finishes; its decode tokens extend its key
     tokens_a += torch.randint(0, 30000, (2,)).tolist()
-    store = backend._tier.store
+    store = backend.session.tier.store
     src = (reqs.k[0].clone(), reqs.v[0].clone())
     _finish(tree, runner, 0, tokens_a)
-    assert 0 not in backend._tier.requests
+    assert 0 not in backend.session.tier.requests
     # The tree keeps the whole request: the sinks and the tail in device slots, the middle as host
     # pages (pinned once per token), kept rather than freed with the request.
     assert tree.total_size() == 702 and store.cache_holds > 0
@@ -1129,7 +1129,7 @@ def test_a_prefix_hit_on_host_pages_is_attended_in_place(prefix_server):
     assert m == S + (600 - S) // T * T == 592
     used_before = alloc.size - alloc.available_size()
     _prefill(reqs, backend, layer, {1: len(tokens_b)})  # the chunks after the match, against the dense reference
-    assert backend._tier.host_tokens(1) >= m - S  # attended in place from the adopted pages
+    assert backend.session.tier.host_tokens(1) >= m - S  # attended in place from the adopted pages
     stats = backend.tier_stats()
     assert stats["prefix_hit_host_tokens"] == m - S and stats["cached_host_tokens"] == store.cache_holds
     for _ in range(2):
@@ -1173,7 +1173,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     reqs.rows = [1]
     src = (reqs.k[0].clone(), reqs.v[0].clone())
     _finish(tree, runner, 0, tokens_a)
-    tail = 400 - 16 - backend._tier.store.cache_holds  # A's device tail, now the tree's
+    tail = 400 - 16 - backend.session.tier.store.cache_holds  # A's device tail, now the tree's
     assert tail > 0
     # The whole of A matches: sinks, host pages, then the tree's device tail.
     tokens_b = tokens_a + torch.randint(0, 30000, (200,)).tolist()
@@ -1184,8 +1184,8 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
         out, ref = reqs.decode_step(backend, layer)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     # The tail left B's window for the host, but its slots stayed the tree's: never freed by the tier.
-    assert backend._tier.requests[1].host_end > 400
-    lo, hi = backend._tier.freed_positions(1)
+    assert backend.session.tier.requests[1].host_end > 400
+    lo, hi = backend.session.tier.freed_positions(1)
     assert lo == 400
     src_b = (reqs.k[1].clone(), reqs.v[1].clone())
     held = None
@@ -1200,7 +1200,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     m2, lock2 = _start_on_match(reqs, tree, 2, src_b, tokens_b)
     if tail_shared:
         # The tail stays a device run between host runs: a later match stops at its end.
-        assert m2 == 400 and backend.tail_tokens_demoted == 0
+        assert m2 == 400 and backend.session.tail_tokens_demoted == 0
         tree.dec_lock_ref(held)
         _unlock(tree, lock2)
         try:  # the row itself back, its prefix being the tree's
@@ -1212,7 +1212,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
         runner.req_to_token_pool.free(SimpleNamespace(req_pool_idx=2, kv=kv))
     else:
         # The tail's slots went back to the allocator and B's host copies took their place.
-        assert backend.tail_tokens_demoted == tail
+        assert backend.session.tail_tokens_demoted == tail
         assert alloc.available_size() - free_before >= tail
         assert m2 == 600  # all of B's prompt: sinks, one run of host pages, B's device tail
         reqs.rows = [2]
@@ -1226,7 +1226,7 @@ def test_a_hit_on_a_device_tail_keeps_the_trees_slots_when_they_leave_the_window
     n, distinct = _free_slot_census(alloc)
     assert n == distinct, "a slot was freed twice"
     assert alloc.available_size() == alloc.size, "a slot leaked"
-    assert backend._tier.store.cache_holds == 0 and backend._tier.store.stats().used_pages == 0
+    assert backend.session.tier.store.cache_holds == 0 and backend.session.tier.store.stats().used_pages == 0
 
 
 def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server):
@@ -1237,7 +1237,7 @@ def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server
     tokens_a = list(range(500))
     reqs.rows = [1]
     _finish(tree, runner, 0, tokens_a)
-    store = backend._tier.store
+    store = backend.session.tier.store
     held = store.stats().used_pages
     assert held > 0 and store.reclaim is not None
     # Fill the store up to the pages the tree holds: the next request's evictions need them back.
@@ -1249,6 +1249,6 @@ def test_a_short_host_store_evicts_cached_prefixes_before_refusing(prefix_server
     holds = store.cache_holds
     _prefill(reqs, backend, layer, {1: 300})
     # The tree gave pages back, least recently used first, so the running request's evictions went through.
-    assert backend._tier.host_tokens(1) > 0 and backend.evictions_refused == 0
+    assert backend.session.tier.host_tokens(1) > 0 and backend.session.evictions_refused == 0
     assert store.cache_holds < holds
     store.release(filler)

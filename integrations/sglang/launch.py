@@ -18,17 +18,10 @@ from typing import Any, Optional
 from kvtier.config import ConfigError, TierConfig, dump, env, load, loads
 from kvtier.runtime.ranks import check_host_memory
 
-from . import prefix, versions
-
-ATTR = "_kvtier_config_yaml"
-BACKEND = "kvtier"
-# Prefill reaches the same backend instance under a second name: sglang builds one backend when
-# the prefill and decode names are equal, from --attention-backend on some releases.
-PREFILL_BACKEND = "kvtier_prefill"
-
-
-class KvTierLaunchError(ValueError):
-    """The launch asks for something the tier cannot serve."""
+from . import prefix, serving, versions
+from .hooks import verify_hooks
+from .names import BACKEND, CONFIG_ATTR, GRAPH_MODE, PREFILL_BACKEND, RADIX_CACHE, KvTierLaunchError
+from .serving import decode_graph_mode
 
 
 def add_cli_args(result: Any, parser: argparse.ArgumentParser) -> Any:
@@ -57,15 +50,6 @@ def refusals(values: Any) -> Optional[str]:
     return None
 
 
-def releases_slots(config: TierConfig) -> bool:
-    """Whether this launch gives evicted device slots back to sglang (stage 2, backend.py)."""
-    from kvtier.policies import policy_for
-
-    from .lifecycle import funnels_present
-
-    return policy_for(config).offloads and bool(funnels_present())
-
-
 def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
     """Why this policy cannot serve this launch, or None."""
     from kvtier.policies import PolicyUnavailableError, policy_for
@@ -74,7 +58,7 @@ def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
         policy_for(config)
     except PolicyUnavailableError as exc:
         return f"--kv-tier: {exc}"
-    if releases_slots(config) and getattr(values, "enable_mixed_chunk", False):
+    if serving.can_release_slots(config) and getattr(values, "enable_mixed_chunk", False):
         return ("--kv-tier with an offloading policy frees evicted device slots, and --enable-mixed-chunk "
                 "would prefill decode requests over them; drop --enable-mixed-chunk")
     return None
@@ -100,7 +84,7 @@ def prefix_cache_unavailable(values: Any, stage3: bool) -> Optional[str]:
     if not _server_args_field("radix_cache_backend"):
         return "this sglang has no --radix-cache-backend"
     chosen = getattr(values, "radix_cache_backend", None)
-    if chosen not in (None, prefix.NAME):
+    if chosen not in (None, RADIX_CACHE):
         return f"--radix-cache-backend {chosen} does not know host-resident pages"
     if not stage3:
         return "prefill does not come to the tier (--prefill-attention-backend)"
@@ -116,7 +100,7 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         return  # the baseline runs sglang unchanged
     values.decode_attention_backend = BACKEND
     stage3 = False
-    if releases_slots(config):
+    if serving.can_release_slots(config):
         prefill = getattr(values, "prefill_attention_backend", None)
         if prefill in (None, PREFILL_BACKEND):
             # Stage 3: prefill chunks come to the tier too, which evicts between them, so a
@@ -128,12 +112,12 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
         else:
             print(f"kvtier: --prefill-attention-backend {prefill} keeps prefill off the tier, so a prompt must "
                   "fit the GPU pool whole", file=sys.stderr)
-    if releases_slots(config) and not getattr(values, "disable_radix_cache", False):
+    if serving.can_release_slots(config) and not getattr(values, "disable_radix_cache", False):
         # A freed evicted slot must never be matched as a cached prefix: the kvtier radix cache
         # keeps host addresses in their place (prefix.py); any other cache is turned off.
         why = prefix_cache_unavailable(values, stage3)
         if why is None:
-            values.radix_cache_backend = prefix.NAME
+            values.radix_cache_backend = RADIX_CACHE
         else:
             print(f"kvtier: prefix caching is off under an offloading policy: {why}", file=sys.stderr)
             values.disable_radix_cache = True
@@ -163,7 +147,6 @@ def apply_to_namespace(values: Any, config: TierConfig) -> None:
     values.cuda_graph_backend_decode = "disabled"
 
 
-GRAPH_MODE = "breakable"  # sglang's decode CUDA graphs that break at each attention call
 BREAKABLE_MODULE = "sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph"
 
 
@@ -186,15 +169,6 @@ def breakable_graphs_unavailable(values: Any) -> Optional[str]:
     if not found:
         return "sglang's breakable CUDA graphs need the cuda-python package (pip install cuda-python)"
     return None
-
-
-def decode_graph_mode(server_args: Any) -> str:
-    """The decode CUDA graph backend this server resolved ("full" when it says nothing)."""
-    phase = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
-    mode = getattr(phase, "backend", None) or getattr(server_args, "cuda_graph_backend_decode", None)
-    if mode is None and getattr(server_args, "disable_cuda_graph", False):
-        mode = "disabled"
-    return str(mode or "full")
 
 
 def load_or_exit(path: str) -> TierConfig:
@@ -223,8 +197,6 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     path = getattr(args, "kv_tier", None)
     if not path:
         return original(cls, args)
-    from .plugin import verify_hooks
-
     verify_hooks()
     config = load_or_exit(path)
     why = refusals(args) or tier_refusals(args, config)
@@ -239,6 +211,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     apply_to_namespace(args, config)
     server_args = original(cls, args)
     _attach(server_args, publish(config))
+    if config.offloads:
+        serving.attach(server_args, serving.decide(server_args, config))
     return server_args
 
 
@@ -262,7 +236,7 @@ def engine_init(*args, **kwargs):
 
 def config_for(server_args: Any) -> TierConfig:
     """The policy a scheduler process serves: from the record, else from KVTIER_CONFIG."""
-    text = getattr(server_args, ATTR, None) if server_args is not None else None
+    text = getattr(server_args, CONFIG_ATTR, None) if server_args is not None else None
     if text:
         return loads(text, "<--kv-tier>")
     path = env.get(env.CONFIG)
@@ -273,6 +247,6 @@ def config_for(server_args: Any) -> TierConfig:
 
 def _attach(server_args: Any, text: str) -> None:
     try:
-        setattr(server_args, ATTR, text)
+        setattr(server_args, CONFIG_ATTR, text)
     except (AttributeError, TypeError):
-        object.__setattr__(server_args, ATTR, text)
+        object.__setattr__(server_args, CONFIG_ATTR, text)

@@ -7,13 +7,11 @@ the launch with a message naming it.
 
 from __future__ import annotations
 
-import pkgutil
 import sys
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 from . import admission, graphs, launch, lifecycle, prefix
-
-_ORIGINALS: Dict[str, object] = {}
+from .hooks import missing_hooks, remember, slot_release_hooked, verify_hooks
 
 
 def _targets():
@@ -42,20 +40,15 @@ def _optional_targets():
     return out
 
 
-def _raw(obj: object) -> object:
-    return getattr(obj, "__func__", obj)
-
-
 def register() -> None:
     """Entry point of the `sglang.srt.plugins` group."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from .backend import register_backend
+    from .attention import register_backend
 
     targets = {**_targets(), **_optional_targets()}
     for target, (hook, kind) in targets.items():
-        if target not in _ORIGINALS:
-            _ORIGINALS[target] = _raw(pkgutil.resolve_name(target))
+        if remember(target):
             HookRegistry.register(target, hook, kind)
     register_backend()
     prefix.register()  # the kvtier radix cache, where sglang has a radix-cache registry
@@ -65,33 +58,6 @@ def register() -> None:
         print("kvtier: sglang did not apply these hooks, so --kv-tier cannot work: " + ", ".join(missing)
               + ". Check that the sglang version is supported (kvtier supports 0.5.17 to 0.5.x).",
               file=sys.stderr)
-        raise SystemExit(2)
-
-
-def missing_hooks() -> List[str]:
-    """Targets whose function is still sglang's original."""
-    out = []
-    for target, original in _ORIGINALS.items():
-        try:
-            current = _raw(pkgutil.resolve_name(target))
-        except (ImportError, AttributeError):
-            out.append(target)
-            continue
-        if current is original:
-            out.append(target)
-    return out
-
-
-def slot_release_hooked() -> bool:
-    """Whether this process's sglang frees rows through a hooked funnel (stage 2 possible)."""
-    missing = missing_hooks()
-    return any(t in _ORIGINALS and t not in missing for t in (lifecycle.FREE_KV_ROW, lifecycle.CHUNK_FINISH))
-
-
-def verify_hooks() -> None:
-    missing = missing_hooks()
-    if missing:
-        print("kvtier: hooks missing: " + ", ".join(missing), file=sys.stderr)
         raise SystemExit(2)
 
 

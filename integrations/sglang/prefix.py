@@ -47,59 +47,15 @@ from typing import Any, Optional
 
 import torch
 
+from kvtier.runtime.addresses import decode, encode, usable_prefix
+
 from . import lifecycle
+from .names import RADIX_CACHE, KvTierLaunchError
 
 log = logging.getLogger("kvtier")
 
-NAME = "kvtier"  # the --radix-cache-backend name
+NAME = RADIX_CACHE  # the --radix-cache-backend name
 REGISTRY = "sglang.srt.mem_cache.registry"
-
-
-def encode(addresses: torch.Tensor) -> torch.Tensor:
-    """Host addresses (page * page_tokens + offset, >= 0) as row values (< 0)."""
-    return -1 - addresses
-
-
-def decode(values: torch.Tensor) -> torch.Tensor:
-    """Row values < 0 back to host addresses."""
-    return -1 - values
-
-
-def host_run(values: torch.Tensor, sink_tokens: int) -> int:
-    """Length of the run of host addresses right after the sinks (row values, CPU int)."""
-    rest = values[sink_tokens:] < 0
-    return rest.numel() if bool(rest.all()) else int(rest.to(torch.int8).argmin())
-
-
-def usable_prefix(values: torch.Tensor, sink_tokens: int, page_tokens: int) -> int:
-    """How much of a cached prefix (its row values, CPU int) the tier can take over.
-
-    The tier's layout: device slots for the sinks, host addresses of whole pages
-    in order (each page's offsets 0..T-1), then device slots. Anything else ends
-    the usable part: a host address among the sinks, a partial page, a page whose
-    offsets are out of order, a second run of host addresses.
-    """
-    n = values.numel()
-    host = values < 0
-    head = min(n, sink_tokens)
-    if bool(host[:head].any()):
-        return int(host[:head].to(torch.int8).argmax())
-    if n <= sink_tokens:
-        return n
-    run = host_run(values, sink_tokens)
-    pages = run // page_tokens
-    if pages:
-        addr = decode(values[sink_tokens: sink_tokens + pages * page_tokens]).view(pages, page_tokens)
-        ok = (addr % page_tokens == torch.arange(page_tokens)) & (addr // page_tokens == addr[:, :1] // page_tokens)
-        good = ok.all(dim=1)
-        if not bool(good.all()):
-            pages = int((~good).to(torch.int8).argmax())
-    if pages * page_tokens < run:  # a partial or out-of-order page ends the prefix there
-        return sink_tokens + pages * page_tokens
-    tail = host[sink_tokens + run:]
-    if bool(tail.any()):  # device slots, then host addresses again
-        return sink_tokens + run + int(tail.to(torch.int8).argmax())
-    return n
 
 
 def registry_present() -> bool:
@@ -124,8 +80,6 @@ def register() -> bool:
 
 
 def _factory(ctx: Any):
-    from .launch import KvTierLaunchError
-
     if getattr(ctx, "is_hybrid_swa", False) or getattr(ctx, "is_hybrid_ssm", False):
         raise KvTierLaunchError("the kvtier radix cache serves full-attention models only; this model has "
                                 "sliding-window or state-space layers")
@@ -210,8 +164,7 @@ def _build_class():
 
         def _store(self):
             backend = self._backend()
-            tier = None if backend is None else backend._tier
-            return None if tier is None else tier.store
+            return None if backend is None else backend.session.store
 
         def _window(self):
             backend = self._backend()
@@ -330,13 +283,13 @@ def _build_class():
                         return 0
                     spans.append((nd, a - start, b - start, a, b))
                 start = end
-            tier = backend._tier
+            session = backend.session
             table = self.req_to_token_pool.req_to_token
             converted = 0
             for nd, i, j, a, b in spans:
                 values = nd.value.clone()
                 slots = values[i:j].clone()
-                addresses = encode(tier.host_addresses(row, a, b)).to(values.device, values.dtype)
+                addresses = encode(session.host_addresses(row, a, b)).to(values.device, values.dtype)
                 values[i:j] = addresses
                 self.pin_host(addresses)
                 nd.value = values

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 
 class Frozen(BaseModel):
@@ -81,7 +81,7 @@ class HostStoreConfig(Frozen):
     key_format: KeyFormat = Field(KeyFormat.INT8, description="Key storage: int8 (per-token scale), int4 (per-group scale) or bf16 (exact).")
     key_group_channels: int = Field(32, gt=0, description="Channels per int4 scale group; must divide head_dim.")
     value_format: ValueFormat = Field(ValueFormat.BF16, description="Value storage: bf16 or int8 (per-token scale).")
-    pinned: bool = Field(True, description="Page-locked host memory (faster PCIe); ignored on machines without CUDA.")
+    pinned: Union[Literal["auto"], StrictBool] = Field("auto", description="Page-locked host memory for fast PCIe copies, on CUDA machines only: true, false, or auto (pin when the policy's host strategy copies host pages to the GPU, as offload_all does; a store that only the CPU engine reads gains nothing from it).")
     summary_tokens: int = Field(16, gt=0, description="Tokens per key min/max summary chunk, the finest block for block scoring. Must divide page_tokens.")
     on_full: OnFull = Field(OnFull.REJECT, description="When the arena is full: reject the new request, or evict by the policy's rule.")
 

@@ -2,9 +2,10 @@
 
 A policy is built from its frozen config and answers, per batch:
 - whether KV leaves the device at all (`offloads`);
-- how the host part is attended (`host_path`): by the native engine on the
-  CPU (`engine`), by fetching it to the device every step (`fetch`), or not
-  at all (`none`, the window-only baseline);
+- which host strategy answers its host part (`strategy`, a name registered in
+  `kvtier.runtime.strategies`): the native engine on the CPU (`cpu_engine`),
+  fetching every host token to the device each step (`fetch_all`), or nothing
+  (`window_only`); a new strategy is a new module there, found by this name;
 - the engine's selection arguments (`engine_args`) for requests with the
   given host and context lengths;
 - whether the host part runs concurrently with the device window (`overlap`).
@@ -35,7 +36,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     offloads: ClassVar[bool] = True
-    host_path: ClassVar[str] = "engine"
+    strategy: ClassVar[str] = "cpu_engine"
     # With budget "all" the hybrid result equals dense attention (the
     # conformance test holds every policy that says so to it).
     exact_with_all_budget: ClassVar[bool] = True

@@ -43,7 +43,7 @@ class Dense(Policy):
 
     name = "dense"
     offloads = False
-    host_path = "none"
+    strategy = "window_only"
 
 
 @register
@@ -51,9 +51,7 @@ class OffloadAll(Policy):
     """Everything past the window on the host, fetched to the device each step."""
 
     name = "offload_all"
-    host_path = "fetch"
-
-
+    strategy = "fetch_all"
 
 
 @register
@@ -61,5 +59,5 @@ class WindowOnly(Policy):
     """StreamingLLM-style baseline: sinks + recent window; evicted tokens are never attended."""
 
     name = "window_only"
-    host_path = "none"
+    strategy = "window_only"
     exact_with_all_budget = False

@@ -1,0 +1,155 @@
+"""The host-strategy contract: how the host part of one layer's decode attention is answered.
+
+A policy decides *what* to attend (selection, budgets); a host strategy answers the
+host part of one layer and returns it as an `AttnPart` (float32 out, natural-log LSE)
+for the LSE merge with the device window. `HybridAttention` owns the window, the
+merge and the timing; it calls its strategy and never asks which one it is.
+
+Who calls what, and when (all on the decoding thread):
+- `plan(batch)` once per decode batch, after the tier has settled: the batch's host
+  page tables and lengths (`HostBatch`). The strategy owns every scratch buffer of
+  the batch from here on. Only batches with host tokens to attend are planned.
+- per layer, `submit(q, layer)` before the window's kernels are queued and
+  `collect(q, layer)` after them; what runs between the two overlaps the window.
+  `collect` returns the host part on q's device.
+- `detail(q, layer)`: the same part computed without overlap, with the host-token
+  selection where the strategy selects tokens (diagnostics and evaluation).
+- `stop()` ends anything still reading the host store; it is registered with the
+  tier (`TierManager.host_readers`), which calls it before the store changes, and
+  called before every plan. `take_cpu_s()` returns the host-side seconds since the
+  last call. `close()` releases the strategy's threads.
+
+Class attributes tell the assembly (`kvtier.runtime.assembly`) what a strategy needs:
+`needs_engine` (the native CPU engine), `copies_pages_to_device` (page-locked host
+memory pays), `attends_host` (False: evicted tokens are never attended). A strategy
+registers itself by name (`@register_strategy`); a policy names its strategy
+(`Policy.strategy`) and `strategy_class` finds it, importing
+`kvtier.runtime.strategies.<name>` on first use, so adding a strategy adds a file
+and edits none.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import ClassVar, Dict, Hashable, List, NamedTuple, Optional, Tuple, Type
+
+import torch
+
+from ...config import ModelShape
+from ...policies import Policy
+from ..merge import AttnPart
+
+
+class StrategyContext(NamedTuple):
+    """What a strategy is built with; fixed for the life of the tier."""
+
+    policy: Policy
+    shape: ModelShape
+    tier: "TierManager"  # noqa: F821  (kvtier.runtime.tier; typed loosely to keep imports one-way)
+    engine: Optional["Engine"]  # noqa: F821  the native engine when the strategy needs one, else None
+    sm_scale: float
+    soft_cap: float
+    device: torch.device
+    pipeline: bool  # the window runs fused on FlashInfer and the caller allows a pipelined host part
+
+
+class HostBatch(NamedTuple):
+    """One decode batch's host side, in request order."""
+
+    rids: List[Hashable]
+    host_tokens: List[int]  # tokens attendable from the host store, per request
+    context_tokens: List[int]  # each request's whole length
+    page_table: torch.Tensor  # int32 [sum of pages], CPU: the requests' host pages, concatenated
+    page_offsets: torch.Tensor  # int32 [B + 1], CPU: request i's pages are page_table[off[i]:off[i+1]]
+    n_tokens: torch.Tensor  # int32 [B], CPU: host_tokens as a tensor
+    window_empty: bool  # no request has a token on the device
+
+
+class HostStrategy(ABC):
+    """Base of every host strategy (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    attends_host: ClassVar[bool] = True
+    needs_engine: ClassVar[bool] = False
+    copies_pages_to_device: ClassVar[bool] = False
+
+    def __init__(self, ctx: StrategyContext):
+        if self.needs_engine and ctx.engine is None and ctx.policy.offloads:
+            raise ValueError(f"host strategy '{self.name}' (policy '{ctx.policy.name}') attends the host with "
+                             "the native engine; pass engine=")
+        self.ctx = ctx
+        self.batch: Optional[HostBatch] = None
+        self._cpu_s = 0.0
+
+    @classmethod
+    def pipelines(cls, policy: Policy, device: torch.device, default: bool = True) -> bool:
+        """Whether this strategy would hand its host part to a serving loop fed by the GPU stream
+        (then the decoding thread leaves a core to the loop: `default_engine_threads`)."""
+        return False
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether this strategy's plans run pipelined when they can."""
+        return False
+
+    @property
+    def reads_in_background(self) -> bool:
+        """Whether host-store reads may still run between calls (then `stop()` is registered
+        with the tier, which calls it before the store changes)."""
+        return self.pipelined
+
+    def plan(self, batch: HostBatch) -> None:
+        self.batch = batch
+
+    def submit(self, q: torch.Tensor, layer: int) -> None:
+        """Start the host part of layer for q [B, Hq, D] (on the device); default: nothing yet."""
+
+    @abstractmethod
+    def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
+        """The host part of layer: out [B, Hq, D] float32 and lse [B, Hq] natural log, on q's device."""
+
+    def detail(self, q: torch.Tensor, layer: int) -> Tuple[AttnPart, Optional[torch.Tensor]]:
+        """The host part without overlap, and the selection ([B, Hq, cap] int32, -1 padded) if any."""
+        self.submit(q, layer)
+        return self.collect(q, layer), None
+
+    def stop(self) -> None:
+        """End anything still reading the host store (raising its error, if any)."""
+
+    def take_cpu_s(self) -> float:
+        self.stop()
+        s, self._cpu_s = self._cpu_s, 0.0
+        return s
+
+    def close(self) -> None:
+        self.stop()
+
+
+STRATEGIES: Dict[str, Type[HostStrategy]] = {}
+
+
+def register_strategy(cls: Type[HostStrategy]) -> Type[HostStrategy]:
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"host strategy class {cls.__name__} needs a unique name, found {cls.name!r}")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+class UnknownStrategyError(LookupError):
+    """A policy names a host strategy that no module registers."""
+
+
+def strategy_class(name: str) -> Type[HostStrategy]:
+    """The strategy registered as `name`, importing `kvtier.runtime.strategies.<name>` on first use."""
+    cls = STRATEGIES.get(name)
+    if cls is None and name.isidentifier():
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
+        cls = STRATEGIES.get(name)
+    if cls is None:
+        raise UnknownStrategyError(f"no host strategy named {name!r}; registered: {', '.join(sorted(STRATEGIES))}")
+    return cls
