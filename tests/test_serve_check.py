@@ -119,10 +119,12 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
     finally:
         server.shutdown()
     assert serve_check._ids(st.out) == [0, 1, 2, 3, 4] and st.first_tokens == 1
-    assert st.first_s >= 0.2 and st.last_s - st.first_s >= 0.45
+    # the server sleeps 0.45 s between its first and last chunk; the client may read the first
+    # chunk a few ms late, so its span is a little shorter (0.4486 s seen on a loaded 2-core machine)
+    assert st.first_s >= 0.2 and st.last_s - st.first_s >= 0.4
     assert [n for _, n in st.chunks] == [1, 2, 3, 4, 5] and st.chunks[0][0] == st.first_s
     rate = serve_check.decode_rate(st)
-    assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.45 + 1e-9
+    assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.4
     assert serve_check.first_decode_step_s(st) >= 0.3
     steady = serve_check.steady_decode_rate(st)
     assert steady == 3 / (st.last_s - st.chunks[1][0]) and steady > rate
