@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from kvtier.cli import main
 from kvtier.config import loads
 
@@ -47,3 +49,13 @@ def test_policy_reference_is_current_in_readme(root):
 
     readme = (root / "README.md").read_text()
     assert policy_reference() in readme, "README policy reference is stale: paste `kvtier policies` into it"
+
+
+def test_bench_help_names_every_bench(capsys):
+    from kvtier.cli.bench import BENCHES
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"run a benchmark: {', '.join(BENCHES)}" in out
