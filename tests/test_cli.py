@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from kvtier.cli import main
 from kvtier.config import loads
 
@@ -42,8 +44,19 @@ def test_module_entry_point_exit_code(tmp_path):
     assert "policy: expected one of" in proc.stderr
 
 
-def test_policy_reference_is_current_in_readme(root):
+def test_policy_reference_is_current_in_docs(root):
     from kvtier.config.reference import policy_reference
 
-    readme = (root / "README.md").read_text()
-    assert policy_reference() in readme, "README policy reference is stale: paste `kvtier policies` into it"
+    reference = (root / "docs" / "policies.md").read_text()
+    assert reference.endswith(policy_reference()), \
+        "docs/policies.md is stale: replace its generated part with the output of `kvtier policies`"
+
+
+def test_bench_help_names_every_bench(capsys):
+    from kvtier.cli.bench import BENCHES
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"run a benchmark: {', '.join(BENCHES)}" in out

@@ -1,11 +1,21 @@
-"""Where benchmarks write, and how: JSON plus a short markdown table."""
+"""Where benchmarks write, and how: JSON plus a short markdown table.
+
+Every JSON written here also records when it was made (`date`, UTC), the
+command line that made it (`command`) and the kvtier commit it ran
+(`commit`, null outside a git checkout), which the results index
+(`python -m kvtier.bench.index`) lists.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
 import platform
+import shlex
+import subprocess
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -37,8 +47,46 @@ def markdown_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str
     return "\n".join(lines) + "\n"
 
 
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The running command as a user would type it (`python -m kvtier ...`, `kvtier ...`,
+    `python benchmarks/x.py ...`), without the directories of the machine it ran on."""
+    args = list(sys.argv if argv is None else argv)
+    if not args:
+        return ""
+    first = pathlib.Path(args[0])
+    if first.name == "__main__.py":
+        head = ["python", "-m", first.parent.name]
+    else:
+        if first.is_absolute():
+            try:
+                first = first.relative_to(pathlib.Path.cwd())
+            except ValueError:
+                first = pathlib.Path(first.name)
+        head = ["python", first.as_posix()] if first.suffix == ".py" else [first.name]
+    return shlex.join(head + args[1:])
+
+
+def source_commit() -> Optional[str]:
+    """The commit of the kvtier checkout this code runs from, or None (no git, not a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    head = out.stdout.strip()
+    return head if out.returncode == 0 and head else None
+
+
+def provenance() -> Dict[str, Optional[str]]:
+    """When, by which command and at which commit a result is being written."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"date": now.isoformat(), "command": command_line(), "commit": source_commit()}
+
+
 def write(name: str, payload: Dict[str, object], table: str) -> pathlib.Path:
+    """`name`.json (payload plus `provenance()`, unless the payload sets those keys) and `name`.md."""
     out = results_dir()
+    payload = {**provenance(), **payload}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(table)
     return out / f"{name}.json"

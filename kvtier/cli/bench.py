@@ -15,6 +15,8 @@ BENCHES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # The description names every registered bench, so `kvtier bench --help` cannot fall behind BENCHES.
+    parser.description = f"run a benchmark: {', '.join(BENCHES)}"
     subs = parser.add_subparsers(dest="bench", metavar="NAME")
     subs.required = True
     for name, (module, help_text) in BENCHES.items():

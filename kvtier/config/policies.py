@@ -283,7 +283,7 @@ class QuestKnobs(Frozen):
 
 
 class QuestConfig(TierConfig):
-    """Quest: top-k pages by summary upper bound, fetched to the GPU."""
+    """Quest's page selection (key min/max bound per block), scored and attended by the CPU engine; the paper fetches the selected pages to the GPU instead."""
 
     policy: Literal["quest"] = "quest"
     quest: QuestKnobs = Field(default_factory=QuestKnobs)

@@ -1,6 +1,6 @@
 """Markdown reference of every policy field, generated from the models.
 
-The README embeds this output; a test keeps the two in step.
+docs/policies.md ends with this output; a test keeps the two in step.
 """
 
 from __future__ import annotations
