@@ -5,7 +5,7 @@ This class keeps only what sglang asks of an attention backend; the tier's work
 framework-free `kvtier.runtime.session.TierSession`. It wraps sglang's stock backend
 (FlashInfer on CUDA, torch_native on the CPU), which keeps doing prefill while no
 request has host tokens. The serving stage (1, 2 or 3), the prefix cache and the
-decode graph mode are decided once (`serving.py`): see there and DESIGN.md.
+decode graph mode are decided once (`serving.py`): see there and docs/design.md.
 
 - Decode: each batch's rows and lengths go to `session.plan_decode` (track, evict,
   plan once per step); each layer's query to `session.run_decode`.

@@ -1,6 +1,6 @@
 """How this server runs the tier, decided once: the stage, the prefix cache, the decode graphs.
 
-Stages (DESIGN.md's sequencing):
+Stages (docs/design.md's sequencing):
 - 1: the merge runs while evicted pages keep their device slots too;
 - 2: evicted slots go back to sglang's allocator (a row-freeing funnel is hooked, the
      radix cache is off or is kvtier's own, sglang's page size divides the tier's pages);

@@ -6,7 +6,7 @@ docs/policies.md ends with this output; a test keeps the two in step.
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple, Union
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -16,6 +16,8 @@ from .sections import AllBudget, FractionBudget, MassBudget, TokensBudget
 
 
 def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__metadata__", None) is not None:  # Annotated[...] (StrictBool): the type it annotates
+        return _type_name(annotation.__origin__)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " \\| ".join(m.value for m in annotation)
     args = getattr(annotation, "__args__", None)
@@ -27,6 +29,8 @@ def _type_name(annotation: Any) -> str:
         return _type_name(inner[0]) + " or null"
     if origin in (tuple, Tuple):
         return "list"
+    if origin is Union and args:
+        return " \\| ".join(_type_name(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
 
 
