@@ -1,4 +1,4 @@
-/* Engine and plan structures shared by kvtier_engine.c and kvt_run.c. */
+/* Engine and plan structures shared by kvtier_engine.c, kvt_plan.c, kvt_serve.c and kvt_run*.c. */
 #ifndef KVT_ENGINE_INTERNAL_H
 #define KVT_ENGINE_INTERNAL_H
 #include <pthread.h>

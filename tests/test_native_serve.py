@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvtier._native as N
-from test_native_attention import make_case
+from native_cases import make_case
 
 
 def plan(eng, case, *, mode="mass", prefilter=0.0):

@@ -1,0 +1,279 @@
+/* Selection. The one-item path: per (request, kv-head) every selection set is
+ * selected and attended on one thread. The split path (few sets): per set the
+ * candidate band of the selection-stage logits, found in parallel for long sets,
+ * whose exact logits kvt_run_attend.c then computes in chunks across threads. */
+#include <math.h>
+#include <string.h>
+#include "kvt_run_internal.h"
+
+/* rr[t] = max or mean over g < m of x[g * xs + t] (the order of operations is fixed) */
+void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr) {
+    for (int t = 0; t < n; t++) rr[t] = x[t];
+    for (int g = 1; g < m; g++) {
+        const float *y = x + (int64_t)g * xs;
+        if (p->reduce == KVT_REDUCE_MEAN)
+            for (int t = 0; t < n; t++) rr[t] += y[t];
+        else
+            for (int t = 0; t < n; t++) rr[t] = kvt_maxf(rr[t], y[t]);
+    }
+    if (p->reduce == KVT_REDUCE_MEAN)
+        for (int t = 0; t < n; t++) rr[t] /= (float)m;
+}
+
+static int find_i32(const int32_t *a, int n, int32_t v) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (a[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* The exact logits of the candidates z.cand[0..cnt) (ascending) decide the top k;
+ * MASS then keeps the smallest part of it reaching tau of the softmax mass, over
+ * every host token when x holds their selection logits, else over the candidates. */
+void kvtr_decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z, int tid) {
+    kvt_plan_state *p = r->p;
+    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
+    const int D = p->store->d.head_dim;
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G;
+    kvtr_exact_logits(p, r->layer, b, h, z.cand, cnt, r->q + (qh0 + g0) * D, m, z.E, cnt, tid);
+    float *ex = z.E;
+    if (m > 1) { kvtr_group_reduce(p, z.E, cnt, m, cnt, z.re); ex = z.re; }
+    int count = kvt_topk_indices(ex, cnt, p->budget[bh], z.tmp, z.pos);
+    if (p->mode == KVT_SELECT_MASS && x) {
+        for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
+        for (int j = 0; j < cnt; j++) x[z.cand[j]] = ex[j];
+        count = kvt_mass_cut(x, n, z.sel, count, p->tau, z.pairs);
+        for (int j = 0; j < count; j++) z.pos[j] = find_i32(z.cand, cnt, z.sel[j]);
+    } else if (p->mode == KVT_SELECT_MASS) {
+        count = kvt_mass_cut(ex, cnt, z.pos, count, p->tau, z.pairs);
+    }
+    for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
+    /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
+    for (int g = 0; g < m; g++)
+        for (int j = 0; j < count; j++) z.E[(int64_t)g * count + j] = z.E[(int64_t)g * cnt + z.pos[j]];
+    kvtr_attend(r, b, h, g0, m, z.E, z.sel, count, z.prob, z.acc, (const void **)z.pairs, z.tmp, tid);
+}
+
+/* q16 path, one selection set (heads g0..g0+m of (b, h)): x holds the
+ * selection-stage logits (reduced over the set when m > 1). Every token whose
+ * logit lies within twice the error bound of the k-th largest is a candidate;
+ * the exact logits of the candidates decide, so the selection is the one the
+ * exact logits make. */
+static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, float *sc, int tid) {
+    kvt_plan_state *p = r->p;
+    const int b = (int)(bh / p->Hkv), n = p->ntok[b];
+    const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)(bh % p->Hkv) * p->G;
+    set_scratch z = set_scratch_at(p, sc, n);
+    const int k = p->budget[bh];
+    int cnt = 0;
+    if (k >= n) {
+        for (int t = 0; t < n; t++) z.cand[t] = t;
+        cnt = n;
+    } else {
+        float theta = kvt_kth_value(x, n, k, z.tmp);
+        float cut = theta - 3.f * kvtr_q16_bound(p, bh, qh0 + g0, m, theta);
+        for (int t = 0; t < n; t++)
+            if (x[t] >= cut) z.cand[cnt++] = t;
+    }
+    kvtr_decide_attend(r, bh, g0, m, cnt, x, z, tid);
+}
+
+/* The one-item path: every selection set of kv item `item` on this thread. */
+void kvtr_attend_task(void *c, int64_t item, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int b = (int)(item / p->Hkv), h = (int)(item % p->Hkv), G = p->G, n = p->ntok[b];
+    const int D = p->store->d.head_dim;
+    int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * G;
+    if (n == 0) {
+        kvtr_write_empty(r, qh0, G);
+        return;
+    }
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    float *L = p->scores + p->score_off[item];
+    const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
+    if (p->prefilter > 0.f) {
+        for (int g0 = 0; g0 < G; g0 += m) kvtr_select_attend_prefilter(r, item, g0, m, sc, tid);
+        return;
+    }
+    if (r->q16) {
+        for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc, tid);
+        return;
+    }
+    float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
+    int32_t *sel = (int32_t *)(prob + (int64_t)G * n);
+    float *acc = (float *)(sel + n), *mnmx = acc + (int64_t)G * D, *X = mnmx + 2 * D;
+    const int k = p->mode == KVT_SELECT_ALL ? n : p->budget[item];
+    for (int g0 = 0; g0 < G; g0 += m) {
+        int count;
+        if (p->mode == KVT_SELECT_ALL) {
+            for (int t = 0; t < n; t++) sel[t] = t;
+            count = n;
+        } else if (p->mode == KVT_SELECT_BLOCKS) {
+            int bt = p->block[h];
+            int nb = kvtr_block_scores(r, b, h, g0, m, bt, rr, mnmx);
+            int32_t *bsel = (int32_t *)pairs;
+            int nsb = kvt_topk_indices(rr, nb, (k + bt - 1) / bt, tmp, bsel);
+            count = 0;
+            const float *qs = r->q + (qh0 + g0) * D;
+            for (int i = 0; i < nsb; i++) {
+                int t0 = bsel[i] * bt, t1 = t0 + bt < n ? t0 + bt : n;
+                kvtr_score_range(p, r->layer, b, h, t0, t1, qs, m, L + (int64_t)g0 * n, n);
+                for (int t = t0; t < t1; t++) sel[count++] = t;
+            }
+        } else {
+            const float *x = L + (int64_t)g0 * n;
+            if (m > 1) { kvtr_group_reduce(p, x, n, m, n, rr); x = rr; }
+            count = kvt_topk_indices(x, n, k, tmp, sel);
+            if (p->mode == KVT_SELECT_MASS) count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
+        }
+        for (int g = 0; g < m; g++)
+            for (int j = 0; j < count; j++)
+                X[(int64_t)g * count + j] = L[(int64_t)(g0 + g) * n + sel[j]];
+        kvtr_attend(r, b, h, g0, m, X, sel, count, prob, acc, (const void **)pairs, tmp, tid);
+    }
+}
+
+/* ---- the candidate band of a long set, in parallel (q16 split path) ----
+ * select_lo_task (per set): a lower bound lo of the k-th selection logit
+ * (kvt_sampled_floor, as kvt_kth_value takes it), and how many token ranges to
+ * collect; kvtr_select_collect_task (per set and range): the range's tokens at or
+ * above lo, in order, into the range's share of the set's candidate buffer.
+ * kvtr_select_task then takes the exact k-th logit among them and cuts the band from
+ * them; when a share overflowed, fewer than k were found, or the band reaches below
+ * lo, it scans every token as before. Either way the band is the same. */
+#define KVT_LO_RANGE 2048 /* fewest tokens per collected range */
+
+static void select_lo_task(void *c, int64_t s, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    st->nlo = 0;
+    const int n = p->ntok[b];
+    if (!kvt_sampled_floor(set_logits(p, bh, g0, n), n, p->budget[bh], p->scratch + (int64_t)tid * p->scratch_floats,
+                           &st->lo))
+        return;
+    const int nr = n / KVT_LO_RANGE; /* >= 2: the floor needs n >= 4096 */
+    st->nlo = nr < p->split_want ? nr : p->split_want;
+}
+
+void kvtr_select_collect_task(void *c, int64_t item, int tid) {
+    (void)tid;
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int64_t s = p->work[2 * item];
+    const int ri = p->work[2 * item + 1];
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    const int n = p->ntok[b], share = p->set_cap[s] / st->nlo;
+    const int t0 = (int)((int64_t)ri * n / st->nlo), t1 = (int)((int64_t)(ri + 1) * n / st->nlo);
+    const float *x = set_logits(p, bh, g0, n), lo = st->lo;
+    int32_t *dst = set_buffers(p, s).cand + (int64_t)ri * share;
+    int found = 0;
+    for (int t = t0; t < t1; t++) {
+        if (found == share) { found = -1; break; }
+        dst[found] = t; /* branch-free: kept when at or above lo */
+        found += x[t] >= lo;
+    }
+    st->nlo_found[ri] = found;
+    if (r->fused_select && atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1)
+        kvtr_select_task(r, s, tid); /* the set's last range: its band */
+}
+
+/* Fused select (q16 split path), once every logit of kv item bh is in: each of its
+ * sets' sampled floor; a set with ranges to collect is selected by the last of them
+ * (st->left counts them), any other at once. */
+void kvtr_kv_item_scored(run_ctx *r, int64_t bh, int tid) {
+    kvt_plan_state *p = r->p;
+    for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) {
+        kvt_set_state *st = &p->sets[s];
+        select_lo_task(r, s, tid);
+        if (st->nlo == 0) kvtr_select_task(r, s, tid);
+        else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
+    }
+}
+
+/* The band from the tokens kvtr_select_collect_task found: their count, or -1 when the
+ * scan of every token must decide (a share overflowed, fewer than k, band below lo). */
+static int band_from_collected(kvt_plan_state *p, int64_t s, const float *x, int k, int64_t bh, int64_t qh0,
+                               int m, float *sc, float *cut) {
+    kvt_set_state *st = &p->sets[s];
+    int32_t *cand = set_buffers(p, s).cand;
+    const int share = p->set_cap[s] / st->nlo;
+    int c = 0;
+    for (int i = 0; i < st->nlo; i++) {
+        const int f = st->nlo_found[i];
+        if (f < 0) return -1;
+        memmove(cand + c, cand + (int64_t)i * share, sizeof(int32_t) * (size_t)f); /* c <= i * share */
+        c += f;
+    }
+    if (c < k) return -1;
+    for (int i = 0; i < c; i++) sc[i] = x[cand[i]];
+    const float theta = kvt_kth_largest(sc, c, k);
+    *cut = theta - 3.f * kvtr_q16_bound(p, bh, qh0, m, theta);
+    if (*cut < st->lo) return -1;
+    int cnt = 0;
+    for (int i = 0; i < c; i++) {
+        cand[cnt] = cand[i];
+        cnt += x[cand[i]] >= *cut;
+    }
+    return cnt;
+}
+
+void kvtr_select_task(void *c, int64_t s, int tid) {
+    run_ctx *r = c;
+    kvt_plan_state *p = r->p;
+    const int m = p->nsub > 1 ? 1 : p->G;
+    int b, h, g0;
+    int64_t bh, qh0;
+    set_coords(p, s, &b, &h, &g0, &bh, &qh0);
+    kvt_set_state *st = &p->sets[s];
+    st->nce = st->nca = 0;
+    const int n = p->ntok[b], k = p->budget[bh];
+    if (n == 0) {
+        kvtr_write_empty(r, qh0, m);
+        return;
+    }
+    float *x = set_logits(p, bh, g0, n), *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    set_bufs sb = set_buffers(p, s);
+    const int cap = p->set_cap[s];
+    int cnt = 0;
+    float cut = -INFINITY;
+    if (p->prefilter > 0.f) { /* candidates from the chunk bounds; MASS over them (cut = -inf) */
+        cnt = kvtr_prefilter_pick(p, bh, m, p->pf_ub + p->pf_off[s], sc, sc + n, (int32_t *)(sc + 2 * (int64_t)n),
+                                  sb.cand);
+    } else if (k >= n) {
+        if (n <= cap) {
+            for (int t = 0; t < n; t++) sb.cand[t] = t;
+            cnt = n;
+        } else {
+            cnt = -1;
+        }
+    } else if (st->nlo > 0 && (cnt = band_from_collected(p, s, x, k, bh, qh0, m, sc, &cut)) >= 0) {
+        /* the band, from the tokens collected in parallel */
+    } else {
+        cnt = 0;
+        float theta = kvt_kth_value(x, n, k, sc);
+        cut = theta - 3.f * kvtr_q16_bound(p, bh, qh0, m, theta);
+        for (int t = 0; t < n; t++)
+            if (x[t] >= cut) {
+                if (cnt == cap) { cnt = -1; break; }
+                sb.cand[cnt++] = t;
+            }
+    }
+    if (cnt < 0) { /* the band does not fit: the whole set on this thread */
+        select_attend_q16(r, bh, g0, m, x, sc, tid);
+        return;
+    }
+    st->cnt = cnt;
+    st->cut = cut;
+    st->nce = split_chunks(p, cnt);
+    atomic_store_explicit(&st->left, st->nce, memory_order_relaxed);
+}
