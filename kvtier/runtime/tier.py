@@ -110,6 +110,11 @@ class TierManager:
         # Called before the host store changes: whoever reads it concurrently
         # (the pipelined engine) finishes first.
         self.host_readers: List[Callable[[], None]] = []
+        # Called with (layer, page ids, keys [pages, Hkv, T, D]) whenever pages' keys are
+        # written to the host store: a host strategy that keeps its own copy of the keys
+        # (compressed, on the device) takes it here. On CUDA eviction calls it on the copy
+        # stream with the device's keys, before the copy's event, so settling waits for it.
+        self.key_listeners: List[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
     # --- request lifecycle --------------------------------------------------
 
@@ -277,8 +282,10 @@ class TierManager:
             self._quiesce()
             hk = k[plan.sinks: plan.sinks + plan.host_tokens]
             hv = v[plan.sinks: plan.sinks + plan.host_tokens]
-            self.store.write(layer, plan.page_ids, _to_pages(hk, self.config.window.page_tokens),
-                             _to_pages(hv, self.config.window.page_tokens))
+            pages_k = _to_pages(hk, self.config.window.page_tokens)
+            self.store.write(layer, plan.page_ids, pages_k, _to_pages(hv, self.config.window.page_tokens))
+            for listener in self.key_listeners:
+                listener(layer, torch.as_tensor(plan.page_ids, dtype=torch.long), pages_k)
             self._d2h += 2 * hk.numel() * hk.element_size() if k.device.type == "cuda" else 0
 
     # --- eviction -----------------------------------------------------------
@@ -322,6 +329,7 @@ class TierManager:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 k_dev, v_dev = gather(self.k_pool), gather(self.v_pool)
+                self._tell_keys(page_ids, k_dev)
                 k = torch.empty(k_dev.shape, dtype=k_dev.dtype, pin_memory=True)
                 v = torch.empty_like(k, pin_memory=True)
                 k.copy_(k_dev, non_blocking=True)
@@ -330,8 +338,17 @@ class TierManager:
                 event.record(self._stream)
         else:
             k, v, event = gather(self.k_pool).contiguous(), gather(self.v_pool).contiguous(), None
+            self._tell_keys(page_ids, k)
         self._d2h += 2 * k.numel() * k.element_size()
         self._pending.append(_Pending(rid, page_ids, slots, k, v, event))
+
+    def _tell_keys(self, page_ids: List[int], k: torch.Tensor) -> None:
+        """k [L, pages, Hkv, T, D]: each layer's keys of the pages to the key listeners."""
+        if self.key_listeners:
+            ids = torch.as_tensor(page_ids, dtype=torch.long)
+            for layer in range(self.shape.n_layers):
+                for listener in self.key_listeners:
+                    listener(layer, ids, k[layer])
 
     def settle(self) -> None:
         """Finish copies that have landed: quantize into the store, free device slots.
