@@ -19,6 +19,7 @@ from .sections import (
     Frozen,
     HostStoreConfig,
     KeyFormat,
+    MassBudget,
     TokensBudget,
     WindowConfig,
 )
@@ -213,22 +214,30 @@ class SpardaConfig(TierConfig):
 
 
 class CodebookKnobs(Frozen):
-    groups: int = Field(8, gt=0, description="Channel groups, each with its own codebook.")
-    entries: int = Field(256, gt=1, description="Codewords per group.")
+    groups: int = Field(32, gt=0, description="Channel groups of each key, each with its own codebook; must divide head_dim (head_dim/4, 32 at head_dim 128, is what the paper found to work; 16 groups at head_dim 128 collapsed).")
+    entries: int = Field(256, ge=2, le=32768, description="Centroids per group's codebook (k-means); up to 256 an index takes one byte, above two.")
+    train_tokens: int = Field(16384, gt=0, description="Keys of a layer stored before its codebooks are trained on them (per kv-head); until then that layer's keys are kept as they came and scored exactly.")
 
 
 class EvictionKnobs(Frozen):
-    rule: Literal["none", "low_attention"] = Field("low_attention", description="Drop tokens whose approximate attention stays low under capacity pressure.")
-    decay: float = Field(0.9, gt=0, lt=1, description="Exponential decay of the per-token attention score.")
-    capacity_tokens: int = Field(1_048_576, gt=0, description="Tokens kept per request before eviction starts.")
+    rule: Literal["none", "low_attention"] = Field("none", description="none: the host store's own on_full applies. low_attention (not built yet; refused when the tier is built): drop tokens whose approximate attention stays low under capacity pressure.")
+    decay: float = Field(0.9, gt=0, lt=1, description="Exponential decay of the per-token attention score (low_attention).")
+    capacity_tokens: int = Field(1_048_576, gt=0, description="Tokens kept per request before eviction starts (low_attention).")
 
 
 class HcattentionKnobs(Frozen):
-    key_bits: Optional[int] = Field(4, description="Scalar quantization of the device-resident keys: 2, 4 or 8 bits; null to use a codebook.")
-    codebook: Optional[CodebookKnobs] = Field(None, description="Grouped vector quantization of keys instead of key_bits.")
-    mass_threshold: float = Field(0.95, gt=0, le=1, description="Keep the smallest set of tokens reaching this approximate softmax mass.")
-    max_tokens: int = Field(4096, gt=0, description="Cap of that set per (request, kv-head).")
+    key_bits: Optional[int] = Field(None, description="Scalar quantization of the device-resident keys: 2, 4 or 8 bits with a scale per token and kv-head; null to use the codebook.")
+    codebook: Optional[CodebookKnobs] = Field(default_factory=CodebookKnobs, description="Grouped vector quantization of the device-resident keys (the paper's form); null when key_bits is set.")
+    logits: Literal["approximate", "exact"] = Field("approximate", description="approximate: the host part is weighted by the compressed keys' logits (the paper); exact: the CPU recomputes the selected tokens' logits from the host store's keys.")
     eviction: EvictionKnobs = Field(default_factory=EvictionKnobs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, value: object) -> object:
+        # `key_bits: 4` alone means the scalar form: the codebook's default gives way.
+        if isinstance(value, dict) and value.get("key_bits") is not None and "codebook" not in value:
+            return {**value, "codebook": None}
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "HcattentionKnobs":
@@ -239,10 +248,20 @@ class HcattentionKnobs(Frozen):
         return self
 
 
+def _hcattention_budget() -> MassBudget:
+    return MassBudget(threshold=0.9, max_tokens=4096)
+
+
 class HcattentionConfig(TierConfig):
-    """HCAttention: compressed keys on the GPU, values on the host."""
+    """HCAttention: compressed keys on the GPU select per query head, values on the host answer.
+
+    The budget is per query head: mass (the smallest set reaching the threshold of the
+    approximate softmax over the host tokens, capped; the paper's rule, 0.9), tokens or
+    fraction (that many top tokens), or all (every host token with exact logits).
+    """
 
     policy: Literal["hcattention"] = "hcattention"
+    budget: Budget = Field(default_factory=_hcattention_budget, description="Host tokens attended per (request, query head).")
     hcattention: HcattentionKnobs = Field(default_factory=HcattentionKnobs)
 
 

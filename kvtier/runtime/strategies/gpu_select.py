@@ -1,0 +1,138 @@
+"""GPU-side selection, host values (HCAttention): compressed keys on the device choose each
+query head's host tokens; the CPU engine returns softmax·V over the host store's values.
+
+Per layer (`submit`, before the window's kernels are queued):
+1. approximate logits of every host token of the batch from the compressed keys
+   (`key_index`: scalar low-bit keys, or grouped VQ codes with a lookup table per group);
+2. per query head, the smallest set reaching the policy's mass threshold of the
+   approximate softmax (capped), or the top tokens up to the budget;
+3. only the selected indices and their weights go to the host, where (`collect`, while
+   the GPU runs the window) the engine sums the weighted values of those tokens.
+
+The host part's LSE is that of the selected tokens' approximate logits, and its weights
+are their softmax within the set, as the paper computes it. With budget `all` every host
+token is attended by the engine with exact logits (the reference: equals dense).
+
+The device holds the compressed keys of every page of the host store (`KeyIndex.nbytes`);
+the CPU reads only the selected tokens' values, so its bytes per step follow the budget,
+not the context.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+
+from ..key_index import KeyIndex, ScalarKeys, VqKeys, select_mass
+from ..merge import AttnPart
+from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
+
+
+class GpuSelectUnavailable(ValueError):
+    """A setting of the policy that this strategy does not run."""
+
+
+def make_index(ctx: StrategyContext) -> KeyIndex:
+    knobs = ctx.policy.config.hcattention
+    store = ctx.tier.store
+    if knobs.key_bits is not None:
+        return ScalarKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, bits=knobs.key_bits)
+    book = knobs.codebook
+    return VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=book.groups, entries=book.entries,
+                  train_tokens=book.train_tokens)
+
+
+@register_strategy
+class GpuSelect(HostStrategy):
+    name = "gpu_select"
+    needs_engine = True
+
+    def __init__(self, ctx: StrategyContext):
+        super().__init__(ctx)
+        knobs = ctx.policy.config.hcattention
+        if knobs.eviction.rule != "none":
+            raise GpuSelectUnavailable("hcattention.eviction.rule: low_attention is not built yet; expected none")
+        if knobs.logits == "exact" and not ctx.policy.attends_everything:
+            raise GpuSelectUnavailable("hcattention.logits: exact logits for the selected tokens are not built yet; "
+                                       "expected approximate")
+        self.index: Optional[KeyIndex] = None
+        if ctx.policy.offloads and ctx.tier.store is not None:
+            self.index = make_index(ctx)
+            ctx.tier.key_listeners.append(self.index.store)
+        self._event: Optional[torch.cuda.Event] = None
+
+    # --- plan ---------------------------------------------------------------
+
+    def plan(self, batch: HostBatch) -> None:
+        super().plan(batch)
+        ctx, policy = self.ctx, self.ctx.policy
+        b, hq, d = len(batch.rids), ctx.shape.num_q_heads, ctx.shape.head_dim
+        self.all = policy.attends_everything
+        caps = policy.selection_caps(batch.host_tokens, batch.context_tokens)
+        self.m = min(max(caps), max(batch.host_tokens))
+        self.caps = torch.tensor(caps, dtype=torch.int64, device=ctx.device)
+        off = batch.page_offsets.tolist()
+        self.tables: List[torch.Tensor] = [batch.page_table[off[i]: off[i + 1]].to(ctx.device, torch.long)
+                                           for i in range(b)]
+        pin = ctx.device.type == "cuda"
+        self.q_host = torch.empty(b, hq, d, pin_memory=pin)
+        self.out_host = torch.empty(b, hq, d, pin_memory=pin)
+        self.lse_host = torch.empty(b, hq, pin_memory=pin)
+        self.idx_host = torch.empty(b, hq, self.m, dtype=torch.int32, pin_memory=pin)
+        self.p_host = torch.empty(b, hq, self.m, pin_memory=pin)
+        # The engine serves the batch's page tables: weighted values (or, for budget all, the
+        # exact attention over every host token).
+        ctx.engine.plan(ctx.tier.store.view, batch.page_table, batch.page_offsets, batch.n_tokens, hq,
+                        mode="all" if self.all else "topk", group_reduce="max",
+                        budget_tokens=torch.ones(b, ctx.shape.kv_heads, dtype=torch.int32),
+                        sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
+
+    # --- run ----------------------------------------------------------------
+
+    def select(self, q: torch.Tensor, layer: int):
+        """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device."""
+        ctx, batch = self.ctx, self.batch
+        scores = self.index.scores(layer, q, self.tables, batch.host_tokens, sm_scale=ctx.sm_scale,
+                                   soft_cap=ctx.soft_cap)
+        idx, logits = select_mass(scores, ctx.policy.mass_threshold, self.m)
+        within = torch.arange(idx.shape[-1], device=idx.device) < self.caps[:, None, None]
+        idx = torch.where(within, idx, torch.full_like(idx, -1))
+        return idx, torch.where(within, logits, torch.full_like(logits, float("-inf")))
+
+    def submit(self, q: torch.Tensor, layer: int) -> None:
+        if self.all:
+            self.q_host.copy_(q, non_blocking=True)
+        else:
+            idx, logits = self.select(q, layer)
+            lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
+            p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+            self._lse_dev = lse
+            self.idx_host.copy_(idx, non_blocking=True)
+            self.p_host.copy_(p, non_blocking=True)
+        if q.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
+        if self._event is not None:
+            self._event.synchronize()  # the indices (or q) have landed; the window runs on
+            self._event = None
+        c0 = time.perf_counter()
+        engine, view = self.ctx.engine, self.ctx.tier.store.view
+        if self.all:
+            engine.run(layer, self.q_host, out=self.out_host, lse=self.lse_host)
+            self._cpu_s += time.perf_counter() - c0
+            return AttnPart(self.out_host.to(q.device, non_blocking=True), self.lse_host.to(q.device, non_blocking=True))
+        engine.weighted_values(view, layer, self.idx_host, self.p_host, out=self.out_host)
+        self._cpu_s += time.perf_counter() - c0
+        return AttnPart(self.out_host.to(q.device, non_blocking=True), self._lse_dev)
+
+    def detail(self, q: torch.Tensor, layer: int):
+        if self.all:
+            res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
+            return AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
+        idx, _ = self.select(q, layer)
+        self.submit(q, layer)
+        return self.collect(q, layer), idx

@@ -1,0 +1,204 @@
+"""HCAttention (the gpu_select strategy): compressed keys select, the engine sums host values.
+
+Every piece is checked against a float64 reference computed here from the same inputs:
+the compressed keys' scores, the mass selection, and the whole hybrid output.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kvtier.config import ModelShape, from_mapping
+from kvtier.runtime import dense_attention
+from kvtier.runtime.key_index import ScalarKeys, VqKeys, assign, kmeans, select_mass
+from kvtier.runtime.standalone import StandaloneTier
+
+from test_runtime import _decode
+
+SHAPE = ModelShape(n_layers=2, num_q_heads=8, kv_heads=2, head_dim=64)
+WINDOW = {"sink_tokens": 4, "window_tokens": 64, "page_tokens": 16}
+
+
+def _config(**hc):
+    budget = hc.pop("budget", {"kind": "mass", "threshold": 0.9, "max_tokens": 256})
+    return from_mapping({"policy": "hcattention", "window": WINDOW, "max_context_tokens": 8192, "budget": budget,
+                         "host_store": {"key_format": "bf16"}, "hcattention": hc})
+
+
+# --- compressed keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_scalar_keys_score_like_their_dequantized_keys_within_the_rounding_bound(gen, bits):
+    shape = ModelShape(1, 8, 2, 64)
+    idx = ScalarKeys(shape, 8, 16, "cpu", bits=bits)
+    k = torch.randn(5, 2, 16, 64, generator=gen)
+    pages = torch.tensor([6, 1, 3, 0, 7])
+    idx.store(0, pages, k)
+    q = torch.randn(8, 64, generator=gen)
+    got = idx._chunk_scores(0, q, pages)  # [Hq, 80]
+    kt = k.double().transpose(1, 2).reshape(80, 2, 64).repeat_interleave(4, dim=1)
+    exact = torch.einsum("hd,nhd->hn", q.double(), kt)
+    # each channel is off by at most half a step: scale / 2 = amax / (2 qmax)
+    amax = k.double().abs().amax(-1).transpose(1, 2).reshape(80, 2).repeat_interleave(4, dim=1).T  # [Hq, N]
+    bound = amax / (2 ** bits - 2) * q.double().abs().sum(-1, keepdim=True) * (1 + 1e-3) + 1e-4
+    assert ((got.double() - exact).abs() <= bound).all()
+    if bits == 8:
+        assert float((got.double() - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+def test_vq_scores_equal_the_reconstructed_keys_and_kmeans_beats_its_start(gen):
+    shape = ModelShape(1, 8, 2, 64)
+    vq = VqKeys(shape, 64, 16, "cpu", groups=16, entries=32, train_tokens=512)
+    k = torch.randn(64, 2, 16, 64, generator=gen) * torch.linspace(0.2, 3, 64)  # uneven channels
+    pages = torch.randperm(64, generator=gen)
+    vq.store(0, pages[:8], k[:8])  # 128 tokens: below train_tokens, kept as they came
+    assert not vq.trained[0]
+    q = torch.randn(8, 64, generator=gen)
+    kt = k[:8].double().transpose(1, 2).reshape(128, 2, 64).repeat_interleave(4, dim=1)
+    torch.testing.assert_close(vq._chunk_scores(0, q, pages[:8]).double(),
+                               torch.einsum("hd,nhd->hn", q.double(), kt), atol=0.1, rtol=0.02)  # bf16 keys
+    vq.store(0, pages[8:], k[8:])  # 1024 tokens in all: trained, every page encoded
+    assert vq.trained[0] and not vq._staged[0]
+    codes, books = vq.codes[0, pages].long(), vq.codebooks[0].double()  # [P, H, T, g], [H, g, c, s]
+    rec = torch.stack([books[h, torch.arange(16)[None, None, :], codes[:, h]] for h in range(2)], dim=1)
+    rec = rec.reshape(64, 2, 16, 64)  # [P, H, T, D]
+    got = vq._chunk_scores(0, q, pages).double()
+    kt = rec.transpose(1, 2).reshape(1024, 2, 64).repeat_interleave(4, dim=1)
+    torch.testing.assert_close(got, torch.einsum("hd,nhd->hn", q.double(), kt), atol=1e-3, rtol=1e-4)
+    # k-means lowers the distortion of its own random start
+    x = k.permute(1, 0, 2, 3).reshape(2, 1024, 16, 4)
+    start = kmeans(x, 32, 0, 4096, seed=1)
+    trained = kmeans(x, 32, 10, 4096, seed=1)
+
+    def distortion(books):
+        c = assign(x, books)  # [H, N, g]
+        r = torch.stack([books[h, torch.arange(16)[None, :], c[h]] for h in range(2)])
+        return float((r - x).pow(2).sum())
+    assert distortion(trained) < 0.8 * distortion(start)
+
+
+def test_vq_refuses_groups_that_do_not_divide_the_head_dim():
+    with pytest.raises(ValueError, match="codebook.groups must divide head_dim 64, got 24"):
+        VqKeys(SHAPE, 4, 16, "cpu", groups=24, entries=16)
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+def test_mass_selection_is_the_smallest_prefix_reaching_tau_within_the_cap(gen):
+    scores = torch.randn(3, 4, 50, generator=gen) * 3
+    scores[1, :, 40:] = float("-inf")  # a shorter request
+    for tau, cap in ((0.9, 50), (0.5, 50), (0.99, 7), (float("inf"), 12)):
+        idx, logits = select_mass(scores, tau, cap)
+        for b in range(3):
+            for h in range(4):
+                s = scores[b, h].double()
+                p = torch.softmax(s, 0)
+                order = torch.argsort(s, descending=True)
+                want, mass = [], 0.0
+                for t in order.tolist():
+                    if mass >= tau or len(want) == cap or not math.isfinite(float(s[t])):
+                        break
+                    want.append(t)
+                    mass += float(p[t])
+                got = [t for t in idx[b, h].tolist() if t >= 0]
+                assert sorted(got) == sorted(want), (tau, cap, b, h)
+                assert torch.equal(logits[b, h][idx[b, h] >= 0], scores[b, h][idx[b, h][idx[b, h] >= 0].long()])
+
+
+# --- the hybrid output ---------------------------------------------------------------------------
+
+
+def _reference(tier, rid, layer, q, full, policy_tau, cap):
+    """float64: the window exactly, the host part from the index's own approximate logits."""
+    st, T = tier.tier.requests[rid], WINDOW["page_tokens"]
+    k, v = full[rid][layer]
+    n = k.shape[0]
+    first, host_end = tier.store.table(rid).first_pos, st.host_end
+    scale = SHAPE.head_dim ** -0.5
+    pages = torch.tensor(tier.store.table(rid).pages, dtype=torch.long)
+    nh = host_end - first
+    approx = torch.cat([tier.attn.host.index._chunk_scores(layer, q[0].float(), pages[i: i + 64])
+                        for i in range(0, len(pages), 64)], dim=1)[:, :nh].double() * scale  # [Hq, nh]
+    dev = torch.cat([torch.arange(first), torch.arange(host_end, n)])
+    g = SHAPE.num_q_heads // SHAPE.kv_heads
+    kd, vd = k[dev].double().repeat_interleave(g, 1), v[dev].double().repeat_interleave(g, 1)
+    logit_d = torch.einsum("hd,nhd->hn", q[0].double(), kd) * scale
+    idx, sel = select_mass(approx[None], policy_tau, cap)
+    out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
+    vh = v[first:host_end].double().repeat_interleave(g, 1)
+    for h in range(SHAPE.num_q_heads):
+        keep = idx[0, h][idx[0, h] >= 0].long()
+        logits = torch.cat([logit_d[h], approx[h, keep]])
+        vals = torch.cat([vd[:, h], vh[keep, h]])
+        out[h] = torch.softmax(logits, 0) @ vals
+    return out
+
+
+@pytest.mark.parametrize("form", [{"key_bits": 4}, {"codebook": {"groups": 16, "entries": 32, "train_tokens": 256}}])
+def test_the_hybrid_output_is_the_window_plus_the_selected_values_at_their_approximate_weights(gen, form):
+    cfg = _config(**form)
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [600, 1500], steps=3)
+        tier.attn.plan(rids)
+        for layer in range(SHAPE.n_layers):
+            q = torch.randn(2, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+            got = tier.attn.run(q, layer)
+            for i, r in enumerate(rids):
+                ref = _reference(tier, r, layer, q[i: i + 1], full, 0.9, 256)
+                torch.testing.assert_close(got[i].double(), ref, atol=2e-3, rtol=2e-3)
+    finally:
+        tier.close()
+
+
+def test_budget_all_attends_every_host_token_exactly(gen):
+    cfg = _config(key_bits=2, budget={"kind": "all"})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [900], steps=2)
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        got = tier.attn.run(q, 0)
+        k, v = full[0][0]
+        ref = dense_attention(q.double(), k.double(), v.double(), torch.tensor([0, k.shape[0]]),
+                              sm_scale=SHAPE.head_dim ** -0.5)
+        assert float((got.double() - ref.out).norm() / ref.out.norm()) < 5e-3
+    finally:
+        tier.close()
+
+
+def test_detail_reports_each_query_heads_selection_within_its_cap(gen):
+    cfg = _config(key_bits=8, budget={"kind": "tokens", "tokens": 40})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [1200], steps=1)
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        detail = tier.attn.run_detail(q, 1)
+        sel = detail.selection
+        assert sel.shape == (1, SHAPE.num_q_heads, 40) and bool((sel >= 0).all())  # top-40, no mass cut
+        assert all(len(set(row.tolist())) == 40 for row in sel[0])
+        torch.testing.assert_close(detail.out.float(), tier.attn.run(q, 1).float(), atol=1e-5, rtol=1e-5)
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"eviction": {"rule": "low_attention"}}, "hcattention.eviction.rule: low_attention is not built yet"),
+    ({"logits": "exact"}, "hcattention.logits: exact logits for the selected tokens are not built yet"),
+])
+def test_settings_not_built_yet_are_refused_when_the_tier_is_built(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        StandaloneTier(_config(**knobs), SHAPE, device="cpu", dtype=torch.float32, device_tokens=64, host_tokens=64)
+
+
+def test_exactly_one_key_form():
+    from kvtier.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set exactly one of key_bits and codebook"):
+        _config(key_bits=4, codebook={"groups": 16})
+    assert _config(key_bits=4).hcattention.codebook is None
+    assert _config().hcattention.codebook.groups == 32
