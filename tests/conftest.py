@@ -5,6 +5,9 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# The sglang tests' shared helpers assert too: rewrite them as pytest does a test module.
+pytest.register_assert_rewrite("sglang_kit")
+
 
 @pytest.fixture
 def root() -> pathlib.Path:

@@ -1,0 +1,150 @@
+"""The decode backend: sglang's own attention-backend kit, the release of a finished request's
+host pages, and stage 2, where evicted device slots go back to sglang's allocator.
+
+Runs where sglang is installed (CI builds a second venv from
+requirements/sglang-cpu.txt); skipped elsewhere.
+"""
+
+import unittest
+
+import pytest
+import torch
+
+pytest.importorskip("sglang", reason="sglang is not installed (see requirements/sglang-cpu.txt)")
+
+from kvtier_sglang import lifecycle  # noqa: E402
+from sglang_kit import registered  # noqa: E402, F401 - pytest finds fixtures by name
+from sglang_kit import _free_row, _free_slot_census, _Requests, _stage2_backend, _tier_yaml  # noqa: E402
+
+
+def _run_kit(monkeypatch, config_path):
+    from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
+
+    from kvtier.runtime import hybrid
+
+    monkeypatch.setenv("KVTIER_CONFIG", str(config_path))
+    host_seen = []
+    original = hybrid.HybridAttention.plan
+
+    def plan(self, rids):
+        original(self, rids)
+        host_seen.append(sum(self.tier.host_tokens(r) for r in rids))
+
+    monkeypatch.setattr(hybrid.HybridAttention, "plan", plan)
+    tc = unittest.TestCase()
+    cases = list(kit.make_dense_cases("kvtier"))
+    for case in cases:
+        with torch.no_grad():
+            kit.run_dense_attention_case(tc, case, dtype=torch.float32, device="cpu")
+    return cases, host_seen
+
+
+def test_sglang_attention_kit_passes_with_budget_all(monkeypatch, tmp_path):
+    cases, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path))
+    assert any(c.forward_mode.is_decode() for c in cases)
+    assert max(host_seen) > 0, "no kit case put tokens on the host: the tier was not exercised"
+
+
+def test_sglang_attention_kit_at_the_default_budget_with_int8_keys(monkeypatch, tmp_path):
+    _, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path, keys="int8", budget="{kind: tokens, tokens: 2048}"))
+    assert max(host_seen) > 0
+
+
+def test_finished_request_releases_host_pages_through_the_real_pool():
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    pool = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+
+    class Probe:
+        req_to_token_pool = pool
+        released = []
+
+        def release(self, row):
+            self.released.append(row)
+
+    probe = Probe()
+    lifecycle.track(probe)
+
+    class Kv:  # where 0.5.23 keeps the row
+        holds_kv = True
+        req_pool_idx = 3
+
+    class Req:  # the attributes ReqToTokenPool.free and the hook read, in either layout
+        req_pool_idx = 3
+        kv = Kv()
+
+    pool.free(Req())
+    assert probe.released == [3]
+
+
+@pytest.mark.parametrize("tp_size, tp_rank", [(1, 0), (2, 1)])
+def test_stage2_evicted_slots_return_to_the_allocator_and_are_freed_once(tp_size, tp_rank):
+    """Also as rank 1 of two (this rank's own kv-heads); the tier settles in lockstep either way."""
+    torch.manual_seed(0)
+    backend, layer, runner = _stage2_backend(tp_size=tp_size, tp_rank=tp_rank)
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [300, 150])
+    used = 450
+    assert alloc.available_size() == alloc.size - used
+
+    out, ref = reqs.decode_step(backend, layer)
+    used += 2
+    assert backend.releases_slots and backend.session.tier.lockstep
+    released = backend.session.slots_released
+    # Sinks (16) and at most a window plus a page (64 + 16) stay per request; the rest went back.
+    assert released >= (301 - 16 - 80) + (151 - 16 - 80)
+    assert alloc.available_size() == alloc.size - used + released
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+    # The freed slots really are reusable: another request takes all of them and overwrites their KV.
+    filler = alloc.alloc(alloc.available_size() - 8)
+    runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
+    runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    for _ in range(3):  # later steps still attend the evicted tokens, from the host store
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+    # Finishing both through sglang's own release path frees every remaining slot exactly once.
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc.free(filler)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, "a slot was freed twice"
+    assert alloc.available_size() == alloc.size, "a slot leaked"
+    assert backend.tier_stats()["host_tokens"] == 0
+
+
+def test_stage2_stays_off_while_the_radix_cache_is_on():
+    torch.manual_seed(1)
+    backend, layer, runner = _stage2_backend(disable_radix_cache=False)
+    reqs = _Requests(runner, [200])
+    out, ref = reqs.decode_step(backend, layer)
+    assert not backend.releases_slots and backend.session.slots_released == 0
+    assert backend.tier_stats()["host_tokens"] > 0  # stage 1: still tiered, device KV kept on both sides
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    _free_row(runner, 0, reqs.k[0].shape[0])
+    assert runner.token_to_kv_pool_allocator.available_size() == runner.token_to_kv_pool_allocator.size
+
+
+def test_free_kv_row_ranges_lose_exactly_the_released_positions():
+    assert lifecycle.subtract([(0, 100)], (16, 64)) == [(0, 16), (64, 100)]
+    assert lifecycle.subtract([(0, 10), (20, 30)], (5, 25)) == [(0, 5), (25, 30)]
+    assert lifecycle.subtract([(0, 100)], (16, 16)) == [(0, 100)]
+    assert lifecycle.subtract([(32, 48)], (16, 64)) == []
+
+
+def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
+    torch.manual_seed(2)
+    # Room for 4 host pages (8 KiB each here): the first request's 3 fit, the second's 14 do not.
+    backend, layer, runner = _stage2_backend(capacity_gib=4 * 8192 / 2 ** 30)
+    reqs = _Requests(runner, [120, 300])
+    for _ in range(2):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    stats = backend.tier_stats()
+    assert stats["evictions_refused"] > 0 and stats["host_tokens"] == 3 * 16  # 3 pages of the first request
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc = runner.token_to_kv_pool_allocator
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size
