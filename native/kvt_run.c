@@ -218,3 +218,78 @@ int32_t kvt_weighted_values(int32_t eh, int32_t sh, int32_t layer, const int32_t
     pthread_mutex_unlock(&e->mu);
     return rc;
 }
+
+typedef struct {
+    kvt_plan_state *p;
+    int layer, m;
+    const float *q;
+    const int32_t *idx;
+    float *out, *lse;
+} ai_ctx;
+
+/* One (request, query head): its tokens' exact logits, then softmax . V (kvtr_attend).
+ * Scratch: the thread's plan scratch holds a set of up to n_max tokens with G query
+ * heads; one head's tokens, logits, weights, row pointers and scales take 6 n + D. */
+static void ai_task(void *c, int64_t item, int tid) {
+    ai_ctx *a = c;
+    kvt_plan_state *p = a->p;
+    const int D = p->store->d.head_dim, b = (int)(item / p->Hq), qh = (int)(item % p->Hq), h = qh / p->G;
+    const int64_t n = p->n_max > 0 ? p->n_max : 1;
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    int32_t *tok = (int32_t *)sc;
+    float *E = sc + n, *prob = E + n, *vscale = prob + n, *acc = vscale + n;
+    const void **rows = (const void **)(acc + D + (D & 1)); /* 2 n floats, 8-byte aligned */
+    const int32_t *ix = a->idx + item * a->m;
+    int cnt = 0;
+    for (int j = 0; j < a->m; j++)
+        if (ix[j] >= 0) tok[cnt++] = ix[j];
+    run_ctx r = {0};
+    r.p = p;
+    r.layer = a->layer;
+    r.q = a->q;
+    r.out = a->out;
+    r.lse = a->lse;
+    if (cnt == 0) {
+        kvtr_write_empty(&r, item, 1);
+        return;
+    }
+    kvtr_exact_logits(p, a->layer, b, h, tok, cnt, a->q + item * D, 1, E, cnt, tid);
+    kvtr_attend(&r, b, h, qh - h * p->G, 1, E, tok, cnt, prob, acc, rows, vscale, tid);
+}
+
+int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, const float *q, const int32_t *idx,
+                           int32_t m, float *out, float *lse) {
+    kvt_engine *e = kvt_engine_get(eh);
+    if (!e) return KVT_ERR_HANDLE;
+    if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
+        return kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected m >= 0 and q, idx, out, lse buffers, got m=%d", m);
+    pthread_mutex_lock(&e->mu);
+    int32_t rc = check_ready(e, layer, "kvt_attend_indices");
+    kvt_plan_state *p = &e->plan;
+    if (rc == KVT_OK && sh != p->store_h)
+        rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected the planned store (handle %d), got %d",
+                     p->store_h, sh);
+    if (rc == KVT_OK && p->residual)
+        rc = kvt_err(KVT_ERR_STATE, "kvt_attend_indices: expected a plan without the residual");
+    for (int64_t row = 0; rc == KVT_OK && row < (int64_t)p->B * p->Hq; row++) {
+        const int b = (int)(row / p->Hq);
+        int valid = 0;
+        for (int j = 0; rc == KVT_OK && j < m; j++) {
+            const int32_t t = idx[row * m + j];
+            if (t < -1 || t >= p->ntok[b])
+                rc = kvt_err(KVT_ERR_RANGE, "kvt_attend_indices: request %d: expected token index in [-1, %d), "
+                             "got %d", b, p->ntok[b], t);
+            valid += t >= 0;
+        }
+        /* more tokens than the request has means repeats (and more than the scratch holds) */
+        if (rc == KVT_OK && valid > p->ntok[b])
+            rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: request %d: expected unique token indices, got %d "
+                         "of its %d tokens in one row", b, valid, p->ntok[b]);
+    }
+    if (rc == KVT_OK) {
+        ai_ctx a = {p, layer, m, q, idx, out, lse};
+        kvt_pool_run(e->pool, (int64_t)p->B * p->Hq, ai_task, &a);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return rc;
+}

@@ -128,6 +128,13 @@ int32_t kvt_score(int32_t engine, int32_t layer, const float *q, float *scores,
                   int32_t n_max);
 int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, const int32_t *idx,
                             const float *p, int32_t m, float *out);
+/* Exact attention over given host tokens, per (request, query head): idx [B, Hq, m]
+ * (token indices of the planned request, -1 = none; unique within a row), q [B, Hq, D].
+ * The logits come from the store's keys, scaled and soft-capped as the plan says;
+ * out [B, Hq, D] = softmax . V over the row's tokens, lse [B, Hq] (natural log; an
+ * empty row gives out 0, lse -inf). */
+int32_t kvt_attend_indices(int32_t engine, int32_t store, int32_t layer, const float *q, const int32_t *idx,
+                           int32_t m, float *out, float *lse);
 int32_t kvt_serve(int32_t engine, const kvt_serve_desc *desc);
 int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
 /* Profiling: while on, every kvt_run adds the wall time of each of its phases (ns)

@@ -1,4 +1,4 @@
-"""The engine around the attention: kvt_weighted_values, the stream-read probe, the thread
+"""The engine around the attention: kvt_weighted_values, kvt_attend_indices, the stream-read probe, the thread
 pool under oversubscription, plan buffer reuse, the GIL, and phase tracing."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 import kvtier._native as N
 from native_cases import _restore_isa  # noqa: F401  (autouse)
-from native_cases import ISAS, ref_values, flat, make_case, assert_same_as_generic, run_engine
+from native_cases import ISAS, ref_keys, ref_values, flat, make_case, assert_same_as_generic, run_engine
 
 
 def test_weighted_values_matches_reference():
@@ -30,6 +30,60 @@ def test_weighted_values_matches_reference():
             keep = idx[b, qh] >= 0
             want = p[b, qh, keep].double() @ V[qh // 4, idx[b, qh, keep].long()]
             torch.testing.assert_close(out[b, qh].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kf, cap", [("int8", 0.0), ("bf16", 0.0), ("int4", 30.0)])
+def test_attend_indices_matches_exact_attention_over_each_rows_tokens(isa, kf, cap):
+    """Fresh random inputs: each (request, query head) attends exactly the tokens its row names."""
+    N.set_isa(isa)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    store, table, offs, ntok, q = make_case(lengths=(90, 37, 1), kf=kf, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    m = 20
+    idx = torch.full((3, 8, m), -1, dtype=torch.int32)
+    for b in range(3):
+        for qh in range(8):
+            k = int(torch.randint(0, min(m, int(ntok[b])) + 1, (1,), generator=g))
+            idx[b, qh, :k] = torch.randperm(int(ntok[b]), generator=g)[:k].to(torch.int32)
+            idx[b, qh] = idx[b, qh, torch.randperm(m, generator=g)]  # -1s anywhere in the row
+    sm = 0.125
+    with N.Engine(2) as eng:
+        eng.plan(store, table, offs, ntok, 8, mode="topk", budget_tokens=torch.ones(3, 2, dtype=torch.int32),
+                 sm_scale=sm, soft_cap=cap)
+        out, lse = eng.attend_indices(store, 1, q, idx)
+    for b in range(3):
+        pages = table[offs[b]:offs[b + 1]]
+        K = flat(ref_keys(store, 1, pages), int(ntok[b]))
+        V = flat(ref_values(store, 1, pages), int(ntok[b]))
+        for qh in range(8):
+            keep = idx[b, qh][idx[b, qh] >= 0].long()
+            if keep.numel() == 0:
+                assert lse[b, qh] == float("-inf") and not out[b, qh].any(), (seed, b, qh)
+                continue
+            x = (K[qh // 4, keep] @ q[b, qh].double()) * sm
+            if cap:
+                x = cap * torch.tanh(x / cap)
+            torch.testing.assert_close(lse[b, qh].double(), torch.logsumexp(x, 0), atol=2e-4, rtol=1e-5,
+                                       msg=f"seed {seed}")
+            torch.testing.assert_close(out[b, qh].double(), torch.softmax(x, 0) @ V[qh // 4, keep], atol=2e-4,
+                                       rtol=1e-4, msg=f"seed {seed}")
+
+
+def test_attend_indices_refuses_out_of_range_and_repeated_rows():
+    store, table, offs, ntok, q = make_case(lengths=(10,), seed=3)
+    with N.Engine(1) as eng:
+        eng.plan(store, table, offs, ntok, 8, mode="topk", budget_tokens=torch.ones(1, 2, dtype=torch.int32),
+                 sm_scale=0.1)
+        bad = torch.full((1, 8, 12), -1, dtype=torch.int32)
+        bad[0, 3, 0] = 10
+        with pytest.raises(N.NativeIndexError, match=r"expected token index in \[-1, 10\), got 10"):
+            eng.attend_indices(store, 0, q, bad)
+        bad[0, 3] = torch.tensor([1] * 11 + [-1], dtype=torch.int32)
+        with pytest.raises(N.NativeValueError, match="expected unique token indices, got 11 of its 10 tokens"):
+            eng.attend_indices(store, 0, q, bad)
+        with pytest.raises(N.NativeValueError, match="idx"):
+            eng.attend_indices(store, 0, q, bad.long())
 
 
 @pytest.mark.parametrize("isa", ISAS)

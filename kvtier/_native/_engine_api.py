@@ -341,6 +341,28 @@ class Engine:
                                       C.ptr("float *", p), m, C.ptr("float *", out)))
         return out
 
+    def attend_indices(self, store: HostStoreView, layer: int, q: torch.Tensor, idx: torch.Tensor, *,
+                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+        """Exact attention of each (request, query head) over the host tokens idx[b, h, :] names
+        (-1 = none; unique within a row), over the planned batch: (out [B, Hq, D], lse [B, Hq]),
+        logits from the store's keys, scaled and soft-capped as planned; lse in natural log,
+        -inf for an empty row."""
+        h = self._h()
+        pl = self._planned()
+        if not isinstance(store, HostStoreView):
+            raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
+        B, Hq, D = pl["B"], pl["Hq"], pl["D"]
+        q = self._q(q)
+        C.tensor("idx", idx, (torch.int32,), (B, Hq, None))
+        out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
+            C.tensor("out", out, (torch.float32,), (B, Hq, D))
+        lse = torch.empty((B, Hq), dtype=torch.float32) if lse is None else \
+            C.tensor("lse", lse, (torch.float32,), (B, Hq))
+        check(lib.kvt_attend_indices(h, store._handle(), self._layer(layer), C.ptr("float *", q),
+                                     C.ptr("int32_t *", idx), idx.shape[2], C.ptr("float *", out),
+                                     C.ptr("float *", lse)))
+        return out, lse
+
     def stream_read(self, buf: torch.Tensor) -> int:
         """Sum of the bytes of buf, read by the engine's pool (the bandwidth ceiling probe)."""
         if not isinstance(buf, torch.Tensor) or buf.device.type != "cpu" or not buf.is_contiguous():
