@@ -186,9 +186,32 @@ def test_detail_reports_each_query_heads_selection_within_its_cap(gen):
         tier.close()
 
 
+def test_exact_logits_weigh_the_selection_with_the_host_stores_keys(gen):
+    """logits: exact keeps the compressed keys' choice of tokens and recomputes their weights
+    (and the LSE) from the host store's keys (bf16 here: the reference rounds k and v alike)."""
+    cfg = _config(key_bits=2, logits="exact", budget={"kind": "tokens", "tokens": 64})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [1400], steps=1)
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        detail = tier.attn.run_detail(q, 1)
+        idx, _ = tier.attn.host.select(q, 1)
+        assert torch.equal(detail.selection, idx) and bool((idx >= 0).all())
+    finally:
+        tier.close()
+    k, v = (t.bfloat16().double() for t in full[0][1])
+    first = WINDOW["sink_tokens"]
+    for h in range(SHAPE.num_q_heads):
+        keep = idx[0, h].long() + first
+        x = (k[keep, h // 4] @ q[0, h].double()) * SHAPE.head_dim ** -0.5
+        torch.testing.assert_close(detail.host.lse[0, h].double(), torch.logsumexp(x, 0), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(detail.host.out[0, h].double(), torch.softmax(x, 0) @ v[keep, h // 4],
+                                   atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("knobs, message", [
     ({"eviction": {"rule": "low_attention"}}, "hcattention.eviction.rule: low_attention is not built yet"),
-    ({"logits": "exact"}, "hcattention.logits: exact logits for the selected tokens are not built yet"),
 ])
 def test_settings_not_built_yet_are_refused_when_the_tier_is_built(knobs, message):
     with pytest.raises(ValueError, match=message):

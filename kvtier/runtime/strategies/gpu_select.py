@@ -9,9 +9,11 @@ Per layer (`submit`, before the window's kernels are queued):
 3. only the selected indices and their weights go to the host, where (`collect`, while
    the GPU runs the window) the engine sums the weighted values of those tokens.
 
-The host part's LSE is that of the selected tokens' approximate logits, and its weights
-are their softmax within the set, as the paper computes it. With budget `all` every host
-token is attended by the engine with exact logits (the reference: equals dense).
+With `logits: approximate` (the paper) the host part's LSE is that of the selected tokens'
+approximate logits and its weights their softmax within the set; with `logits: exact` the
+engine recomputes the selected tokens' logits from the host store's keys
+(`kvt_attend_indices`), so only the choice of tokens is approximate. With budget `all`
+every host token is attended by the engine with exact logits (the reference: equals dense).
 
 The device holds the compressed keys of every page of the host store (`KeyIndex.nbytes`);
 the CPU reads only the selected tokens' values, so its bytes per step follow the budget,
@@ -54,13 +56,11 @@ class GpuSelect(HostStrategy):
         knobs = ctx.policy.config.hcattention
         if knobs.eviction.rule != "none":
             raise GpuSelectUnavailable("hcattention.eviction.rule: low_attention is not built yet; expected none")
-        if knobs.logits == "exact" and not ctx.policy.attends_everything:
-            raise GpuSelectUnavailable("hcattention.logits: exact logits for the selected tokens are not built yet; "
-                                       "expected approximate")
         self.index: Optional[KeyIndex] = None
         if ctx.policy.offloads and ctx.tier.store is not None:
             self.index = make_index(ctx)
             ctx.tier.key_listeners.append(self.index.store)
+        self.exact = knobs.logits == "exact"
         self._event: Optional[torch.cuda.Event] = None
 
     # --- plan ---------------------------------------------------------------
@@ -102,9 +102,11 @@ class GpuSelect(HostStrategy):
         return idx, torch.where(within, logits, torch.full_like(logits, float("-inf")))
 
     def submit(self, q: torch.Tensor, layer: int) -> None:
-        if self.all:
+        if self.all or self.exact:
             self.q_host.copy_(q, non_blocking=True)
-        else:
+        if self.exact and not self.all:
+            self.idx_host.copy_(self.select(q, layer)[0], non_blocking=True)
+        elif not self.all:
             idx, logits = self.select(q, layer)
             lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
             p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
@@ -121,8 +123,11 @@ class GpuSelect(HostStrategy):
             self._event = None
         c0 = time.perf_counter()
         engine, view = self.ctx.engine, self.ctx.tier.store.view
-        if self.all:
-            engine.run(layer, self.q_host, out=self.out_host, lse=self.lse_host)
+        if self.all or self.exact:
+            if self.all:
+                engine.run(layer, self.q_host, out=self.out_host, lse=self.lse_host)
+            else:  # the selected tokens' logits recomputed from the host store's keys
+                engine.attend_indices(view, layer, self.q_host, self.idx_host, out=self.out_host, lse=self.lse_host)
             self._cpu_s += time.perf_counter() - c0
             return AttnPart(self.out_host.to(q.device, non_blocking=True), self.lse_host.to(q.device, non_blocking=True))
         engine.weighted_values(view, layer, self.idx_host, self.p_host, out=self.out_host)
