@@ -123,6 +123,18 @@ def test_policy_files_keep_their_knobs_under_the_grids_window_and_budget():
     assert pf.window.window_tokens == 512 and specs[4].config.window.page_tokens == 16
 
 
+def test_keep_budget_runs_a_policy_file_once_at_its_own_budget():
+    from kvtier.eval.runner import policy_specs
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    specs = policy_specs(["dense", str(root / "policies/hcattention.yaml"), "hgca"], [0.1], window_tokens=512,
+                         keep_budget=True)
+    assert [s.label for s in specs] == ["dense", "hcattention", "hgca@10%"]  # a name still takes the fractions
+    hc = specs[1]
+    assert hc.budget is None and hc.config.budget.kind == "mass" and hc.config.budget.threshold == 0.9
+    assert hc.config.window.window_tokens == 512
+
+
 def test_grid_settings_refuse_bad_policy_files_and_names(tmp_path):
     from kvtier.eval import grid
 

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model and the tiers' device windows run: auto (CUDA when there is a GPU), "
                              "cpu, cuda or cuda:N; host stores and the engine are always on the CPU")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer attention fidelity")
+    parser.add_argument("--keep-budget", action="store_true",
+                        help="a policy YAML file keeps its own budget (one cell, labelled by the file's stem) "
+                             "instead of running at each --budgets fraction")
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                         help="prefill the context in chunks of this size through each policy's tier (as an "
                              "SGLang server does: evicting before each chunk, the host part attended exactly "
@@ -58,6 +61,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
     out["name"] = getattr(args, "name", None)
     out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
+    out["keep_budget"] = bool(getattr(args, "keep_budget", False))
     out["device"] = getattr(args, "device", None) or "auto"
     return out
 

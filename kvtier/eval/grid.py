@@ -84,7 +84,7 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
     log(f"eval: loading {s['model']} on {device}")
     tok, model = models.load(models.resolve(s["model"]))
     model.to(device)  # the tiers' device pools follow the model; host stores and engines stay on the CPU
-    specs = policy_specs(s["policies"], s["budgets"], window_tokens=s["window"])
+    specs = policy_specs(s["policies"], s["budgets"], window_tokens=s["window"], keep_budget=s.get("keep_budget", False))
     stops = _stop_ids(tok, model)
     records: List[dict] = []
     fid: Dict[tuple, List[List[tuple]]] = defaultdict(list)  # (ctx, label) -> per prompt, per layer

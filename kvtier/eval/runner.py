@@ -65,14 +65,16 @@ def entry_label(entry: str) -> str:
 
 
 def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_tokens: int, sink_tokens: int = 64,
-                 page_tokens: int = 16, max_context_tokens: int = 131072) -> List[PolicySpec]:
+                 page_tokens: int = 16, max_context_tokens: int = 131072,
+                 keep_budget: bool = False) -> List[PolicySpec]:
     """Configs of the grid: budgeted policies once per budget, the baselines once.
 
     An entry is a policy name (its defaults) or a policy YAML file, labelled
     by the file's stem: the file's own knobs (hgca.group_reduce, host_store
     formats and summary chunks, the window's page size, ...) are kept, while
     the grid sets the window's sinks and length, the context cap and the
-    budget so that every entry is compared at the same budgets.
+    budget so that every entry is compared at the same budgets. With
+    keep_budget a file keeps its own budget too (one cell, no budget fraction).
     """
     window = {"sink_tokens": sink_tokens, "window_tokens": window_tokens, "page_tokens": page_tokens}
     common = {"window": window, "max_context_tokens": max_context_tokens, "engine": {"threads": 0}}
@@ -90,6 +92,10 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
             specs.append(PolicySpec(label, name, None, from_mapping({**base, **common})))
             continue
         own = {**common, "window": {**window, "page_tokens": base.get("window", {}).get("page_tokens", page_tokens)}}
+        if keep_budget and is_policy_file(entry):
+            data = {**base, **own, "engine": {**base.get("engine", {}), "threads": 0}}
+            specs.append(PolicySpec(label, name, None, from_mapping(data)))
+            continue
         for f in budgets:
             data = {**base, **own, "engine": {**base.get("engine", {}), "threads": 0},
                     "budget": {"kind": "fraction", "fraction": f, "min_tokens": 1, "max_tokens": 10 ** 6}}
