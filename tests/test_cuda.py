@@ -46,13 +46,21 @@ def test_fused_merge_equals_the_reference(d, dtype):
 
 
 @needs_flashinfer
+@pytest.mark.parametrize("policy", [
+    {"policy": "hgca", "budget": {"kind": "all"}},
+    {"policy": "hcattention", "budget": {"kind": "all"}},
+    # every host token kept by the GPU selection: with exact logits the engine recomputes them all
+    {"policy": "hcattention", "budget": {"kind": "tokens", "tokens": 100000}, "hcattention": {"logits": "exact"}},
+    # ... and with the approximate logits of 8-bit device keys, still within bf16-level agreement
+    {"policy": "hcattention", "budget": {"kind": "tokens", "tokens": 100000}, "hcattention": {"key_bits": 8}},
+], ids=["hgca", "hcattention-all", "hcattention-exact", "hcattention-int8-approximate"])
 @pytest.mark.parametrize("group", [4, 7])
-def test_hybrid_on_cuda_with_everything_equals_dense(group):
+def test_hybrid_on_cuda_with_everything_equals_dense(group, policy):
     from kvtier.runtime.standalone import StandaloneTier
 
     shape = ModelShape(n_layers=2, num_q_heads=2 * group, kv_heads=2, head_dim=64)
-    cfg = from_mapping({"policy": "hgca", "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
-                        "budget": {"kind": "all"}, "max_context_tokens": 8192})
+    cfg = from_mapping({**policy, "window": {"sink_tokens": 16, "window_tokens": 128, "page_tokens": 16},
+                        "max_context_tokens": 8192})
     dev = torch.device("cuda")
     st = StandaloneTier(cfg, shape, device=dev, dtype=torch.bfloat16, device_tokens=2048, host_tokens=4096)
     g = torch.Generator().manual_seed(group)
@@ -260,3 +268,14 @@ def test_lockstep_settles_by_evict_round_not_by_copy_timing(lockstep):
         assert tier.stats().pages_evicted == (17 if lockstep else 16)
     finally:
         store.close()
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_key_index_kernels_match_the_torch_path_on_the_gpu(seed):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from key_index_kernel_check import check
+
+    assert check("cuda", seed) < 1e-4

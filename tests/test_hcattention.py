@@ -79,6 +79,31 @@ def test_vq_scores_equal_the_reconstructed_keys_and_kmeans_beats_its_start(gen):
     assert distortion(trained) < 0.8 * distortion(start)
 
 
+def test_soft_capped_scores_stay_minus_infinity_past_each_requests_tokens(gen):
+    idx = ScalarKeys(ModelShape(1, 8, 2, 64), 4, 16, "cpu", bits=8)
+    idx.store(0, torch.arange(4), torch.randn(4, 2, 16, 64, generator=gen))
+    table = torch.tensor([[0, 1, 2], [3, 0, 0]], dtype=torch.int32)
+    s = idx.scores(0, torch.randn(2, 8, 64, generator=gen), table, torch.tensor([40, 5], dtype=torch.int32),
+                   sm_scale=0.125, soft_cap=3.0)
+    assert s.shape == (2, 8, 40) and bool(torch.isfinite(s[0]).all()) and bool(torch.isfinite(s[1, :, :5]).all())
+    assert bool((s[1, :, 5:] == float("-inf")).all()) and float(s[0].abs().max()) < 3.0
+
+
+def test_the_triton_kernels_match_the_torch_path_under_the_interpreter():
+    """Triton's CPU interpreter runs the GPU scoring kernels here (tests/test_cuda.py runs them on a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is not installed (the CPU wheel of torch does not bring it)")
+    script = __import__("pathlib").Path(__file__).with_name("key_index_kernel_check.py")
+    seed = str(int(torch.randint(0, 2**31 - 1, (1,))))
+    proc = subprocess.run([sys.executable, str(script), "cpu", seed], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-2000:]}"
+    assert "kernels match the torch path" in proc.stdout
+
+
 def test_vq_refuses_groups_that_do_not_divide_the_head_dim():
     with pytest.raises(ValueError, match="codebook.groups must divide head_dim 64, got 24"):
         VqKeys(SHAPE, 4, 16, "cpu", groups=24, entries=16)
@@ -122,6 +147,7 @@ def _reference(tier, rid, layer, q, full, policy_tau, cap):
     nh = host_end - first
     approx = torch.cat([tier.attn.host.index._chunk_scores(layer, q[0].float(), pages[i: i + 64])
                         for i in range(0, len(pages), 64)], dim=1)[:, :nh].double() * scale  # [Hq, nh]
+    assert pages.numel() * T >= nh
     dev = torch.cat([torch.arange(first), torch.arange(host_end, n)])
     g = SHAPE.num_q_heads // SHAPE.kv_heads
     kd, vd = k[dev].double().repeat_interleave(g, 1), v[dev].double().repeat_interleave(g, 1)

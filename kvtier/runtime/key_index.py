@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import ModelShape
+from . import key_index_triton
 
 SCORE_TOKENS_AT_ONCE = 16384  # host tokens scored per chunk (bounds the scratch of a long request)
 
@@ -56,28 +57,47 @@ class KeyIndex(ABC):
     def _chunk_scores(self, layer: int, q: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         """Unscaled q·k~ [Hq, len(pages) * T] of one request's q [Hq, D] over whole pages."""
 
-    def scores(self, layer: int, q: torch.Tensor, tables: List[torch.Tensor], n_tokens: List[int], *,
+    def scores(self, layer: int, q: torch.Tensor, table: torch.Tensor, n_tokens: torch.Tensor, *,
                sm_scale: float, soft_cap: float = 0.0) -> torch.Tensor:
-        """Approximate logits [B, Hq, max(n_tokens)] of each request's host tokens (its pages in
-        `tables`, int64 on the device), scaled and soft-capped as the exact logits are."""
+        """Approximate logits [B, Hq, max(n_tokens)] of each request's host tokens.
+
+        table [B, P] int32 on the device: request b's host pages, padded; n_tokens [B] int32 on
+        the device. Scaled and soft-capped as the exact logits are; -inf past a request's tokens.
+        On CUDA with Triton one kernel scores the batch (`key_index_triton`); elsewhere torch
+        does, a request and SCORE_TOKENS_AT_ONCE tokens at a time (the reference).
+        """
         b, hq = q.shape[0], q.shape[1]
-        n_max = max(n_tokens) if n_tokens else 0
-        out = torch.full((b, hq, max(n_max, 1)), float("-inf"), dtype=torch.float32, device=self.device)
+        counts = [int(n) for n in n_tokens.tolist()]
+        n_max = max(counts, default=0)
+        out = torch.full((b, hq, n_max), float("-inf"), dtype=torch.float32, device=self.device)
+        qf = q.to(self.device, torch.float32)
+        if n_max and self._kernel(layer):
+            self._kernel_scores(layer, qf, table, n_tokens, out, sm_scale, soft_cap)
+            return out
         T = self.page_tokens
         per = max(1, SCORE_TOKENS_AT_ONCE // T)
-        qf = q.to(self.device, torch.float32)
-        for i, (pages, n) in enumerate(zip(tables, n_tokens)):
-            for j in range(0, -(-n // T), per):
-                chunk = pages[j: j + per]
-                s = self._chunk_scores(layer, qf[i], chunk)
+        for i, n in enumerate(counts):
+            pages = table[i, : -(-n // T)].to(torch.long)
+            for j in range(0, pages.numel(), per):
+                s = self._chunk_scores(layer, qf[i], pages[j: j + per])
                 lo = j * T
                 hi = min(n, lo + s.shape[1])
                 out[i, :, lo:hi] = s[:, : hi - lo]
-        out = out[:, :, :n_max] if n_max else out[:, :, :0]
-        out = out * sm_scale
-        if soft_cap > 0:
-            out = soft_cap * torch.tanh(out / soft_cap)
+        out *= sm_scale
+        if soft_cap > 0:  # -inf past the tokens stays -inf (tanh would bring it to -soft_cap)
+            out = torch.where(torch.isfinite(out), soft_cap * torch.tanh(out / soft_cap), out)
         return out
+
+    def _kernel(self, layer: int) -> bool:
+        """Whether the Triton kernel scores this layer (CUDA, Triton, power-of-two tile shapes)."""
+        return False
+
+    def _kernel_scores(self, layer, q, table, n_tokens, out, sm_scale, soft_cap) -> None:
+        raise AssertionError("no kernel for this index")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 class ScalarKeys(KeyIndex):
@@ -126,6 +146,14 @@ class ScalarKeys(KeyIndex):
         k = (c.to(torch.float32) - self.qmax) * self.scale[layer, pages].to(torch.float32)[..., None]
         p, h, t, d = k.shape
         return k.transpose(1, 2).reshape(p * t, h, d)
+
+    def _kernel(self, layer: int) -> bool:
+        return key_index_triton.available(self.device) and _pow2(self.shape.head_dim)
+
+    def _kernel_scores(self, layer, q, table, n_tokens, out, sm_scale, soft_cap) -> None:
+        key_index_triton.scalar_scores(q, self.codes[layer], self.scale[layer], table, n_tokens, out,
+                                       page_tokens=self.page_tokens, group=self.group, bits=self.bits,
+                                       scale=sm_scale, soft_cap=soft_cap)
 
     def _chunk_scores(self, layer: int, q: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         k = self.keys(layer, pages)  # [N, Hkv, D]
@@ -192,16 +220,27 @@ class VqKeys(KeyIndex):
         codes = assign(x, self.codebooks[layer]).view(h, p, t, self.groups).permute(1, 0, 2, 3)
         self.codes[layer, page_ids.to(self.device, torch.long)] = codes.to(self.codes.dtype)
 
+    def lut(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [..., Hq, D] -> the lookup tables q·C [..., Hq, groups, entries] of layer's codebooks."""
+        qg = q.reshape(*q.shape[:-1], self.groups, self.sub)
+        books = self.codebooks[layer].repeat_interleave(self.group, dim=0)  # [Hq, g, c, sub]
+        return torch.einsum("...hgs,hgcs->...hgc", qg, books)
+
+    def _kernel(self, layer: int) -> bool:
+        return key_index_triton.available(self.device) and self.trained[layer] and _pow2(self.groups)
+
+    def _kernel_scores(self, layer, q, table, n_tokens, out, sm_scale, soft_cap) -> None:
+        key_index_triton.vq_scores(self.lut(layer, q), self.codes[layer], table, n_tokens, out,
+                                   page_tokens=self.page_tokens, group=self.group, scale=sm_scale,
+                                   soft_cap=soft_cap)
+
     def _chunk_scores(self, layer: int, q: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-        hq = q.shape[0]
         if not self.trained[layer]:  # the layer's first keys, kept as they came: exact scores
             k = torch.stack([self._staged[layer][p] for p in pages.tolist()]).to(torch.float32)
             p, h, t, d = k.shape
             k = k.transpose(1, 2).reshape(p * t, h, d).repeat_interleave(self.group, dim=1)
             return torch.einsum("hd,nhd->hn", q, k)
-        qg = q.view(hq, self.groups, self.sub)
-        books = self.codebooks[layer].repeat_interleave(self.group, dim=0)  # [Hq, g, c, sub]
-        lut = torch.einsum("hgs,hgcs->hgc", qg, books)  # [Hq, g, c]
+        lut = self.lut(layer, q)  # [Hq, g, c]
         codes = self.codes[layer, pages].to(torch.long)  # [P, Hkv, T, g]
         p, h, t, g = codes.shape
         codes = codes.permute(1, 3, 0, 2).reshape(h, g, p * t).repeat_interleave(self.group, dim=0)  # [Hq, g, N]
@@ -211,7 +250,8 @@ class VqKeys(KeyIndex):
 def assign(x: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Nearest centroid per group: x [H, N, g, s], books [H, g, c, s] -> codes [H, N, g] (int64)."""
     out = torch.empty(x.shape[:3], dtype=torch.long, device=x.device)
-    step = max(1, (1 << 24) // max(1, books.shape[2] * x.shape[2] * x.shape[0]))
+    scratch = 1 << (27 if x.is_cuda else 24)  # distance elements at a time
+    step = max(1, scratch // max(1, books.shape[2] * x.shape[2] * x.shape[0]))
     bn = (books * books).sum(-1)  # [H, g, c]
     for i in range(0, x.shape[1], step):
         xi = x[:, i: i + step]  # [H, n, g, s]

@@ -94,6 +94,11 @@ class HostStrategy(ABC):
         return False
 
     @property
+    def device_bytes(self) -> int:
+        """Device memory the strategy holds besides the window (compressed keys, block caches)."""
+        return 0
+
+    @property
     def reads_in_background(self) -> bool:
         """Whether host-store reads may still run between calls (then `stop()` is registered
         with the tier, which calls it before the store changes)."""

@@ -23,7 +23,7 @@ not the context.
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -63,6 +63,10 @@ class GpuSelect(HostStrategy):
         self.exact = knobs.logits == "exact"
         self._event: Optional[torch.cuda.Event] = None
 
+    @property
+    def device_bytes(self) -> int:
+        return 0 if self.index is None else self.index.nbytes
+
     # --- plan ---------------------------------------------------------------
 
     def plan(self, batch: HostBatch) -> None:
@@ -74,8 +78,11 @@ class GpuSelect(HostStrategy):
         self.m = min(max(caps), max(batch.host_tokens))
         self.caps = torch.tensor(caps, dtype=torch.int64, device=ctx.device)
         off = batch.page_offsets.tolist()
-        self.tables: List[torch.Tensor] = [batch.page_table[off[i]: off[i + 1]].to(ctx.device, torch.long)
-                                           for i in range(b)]
+        table = torch.zeros(b, max(max(off[i + 1] - off[i] for i in range(b)), 1), dtype=torch.int32)
+        for i in range(b):
+            table[i, : off[i + 1] - off[i]] = batch.page_table[off[i]: off[i + 1]]
+        self.table = table.to(ctx.device)  # [B, pages] padded: the scoring kernels' page tables
+        self.n_tokens = batch.n_tokens.to(ctx.device)
         pin = ctx.device.type == "cuda"
         self.q_host = torch.empty(b, hq, d, pin_memory=pin)
         self.out_host = torch.empty(b, hq, d, pin_memory=pin)
@@ -93,9 +100,8 @@ class GpuSelect(HostStrategy):
 
     def select(self, q: torch.Tensor, layer: int):
         """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device."""
-        ctx, batch = self.ctx, self.batch
-        scores = self.index.scores(layer, q, self.tables, batch.host_tokens, sm_scale=ctx.sm_scale,
-                                   soft_cap=ctx.soft_cap)
+        ctx = self.ctx
+        scores = self.index.scores(layer, q, self.table, self.n_tokens, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
         idx, logits = select_mass(scores, ctx.policy.mass_threshold, self.m)
         within = torch.arange(idx.shape[-1], device=idx.device) < self.caps[:, None, None]
         idx = torch.where(within, idx, torch.full_like(idx, -1))
