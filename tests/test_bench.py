@@ -19,7 +19,13 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     assert m, last
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
-    assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial"}
+    assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial",
+                        "hcattention", "hcattention_int4", "hcattention_exact"}
+    graph = next(r for r in payload["rows"] if r["policy"] == "dense_graph")
+    assert graph["status"] == "needs CUDA (a CUDA graph)"  # the CPU machine runs no graph; said so
+    # the GPU-selecting policies report what they keep per query head (mass 0.9, capped at the budget)
+    hc = next(r for r in payload["rows"] if r["policy"] == "hcattention")
+    assert 0 < hc["host_tokens_per_qhead"] <= 256 and hc["device_index_gib"] > 0
     # hgca keeps only sinks + window on the device and attends a sparse subset: small but nonzero error
     hgca = next(r for r in payload["rows"] if r["policy"] == "hgca")
     assert 0 < hgca["rel_err"] < 0.2

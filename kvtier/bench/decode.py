@@ -20,14 +20,19 @@ import torch
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
 from .results import machine, markdown_table, write
+from .dense_graph import run_dense_graph
 from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, StackWeights, context_kv, fill_context,
                     make_weights, next_input, output, project_qkv)
 
 POLICIES = ("dense", "offload_all", "hgca")
 # hgca with the summary prefilter (64-token pages, 32-token summary chunks, 4x the budget in candidates);
 # hgca with the residual (the unselected host tokens as one mean key and value per 16-token chunk);
-# hgca with overlap off (the engine after the window, one after the other: what overlap saves)
-EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial")
+# hgca with overlap off (the engine after the window, one after the other: what overlap saves);
+# dense with the whole step in one CUDA graph (the strongest dense: dense_graph.py);
+# hcattention: the GPU selects per query head from compressed keys (codebook 32 x 256, or 4-bit
+# keys), mass 0.9 capped at the budget, the host sums the selected values (or, exact, attends them)
+EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
+         "hcattention_exact")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
              prefilter: float = 4.0, value_format: str = "bf16") -> Dict[str, object]:
     win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
+    hc_budget = {"kind": "mass", "threshold": 0.9, "max_tokens": budget}
     return {
         "hgca_prefilter": from_mapping({
             "policy": "hgca", "window": {**win, "page_tokens": 64}, "budget": {"kind": "tokens", "tokens": budget},
@@ -75,6 +81,15 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
         "hgca_residual": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"residual": True}}),
+        "dense_graph": from_mapping({"policy": "dense", "window": win}),
+        "hcattention": from_mapping({"policy": "hcattention", "window": win, "budget": hc_budget,
+                                     "host_store": {"key_format": key_format, "value_format": value_format}}),
+        "hcattention_int4": from_mapping({
+            "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"key_bits": 4},
+            "host_store": {"key_format": key_format, "value_format": value_format}}),
+        "hcattention_exact": from_mapping({
+            "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"logits": "exact"},
+            "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -132,10 +147,10 @@ def run(args: argparse.Namespace) -> int:
     def need(name: str, batch: int, context: int):
         """Device tokens, device bytes and host bytes a cell needs (the KV only)."""
         cfg = configs[name]
-        dev_tokens = batch * (context + steps + 8) if name == "dense" else \
+        dev_tokens = batch * (context + steps + 8) if name in ("dense", "dense_graph") else \
             batch * (sinks + window + cfg.window.page_tokens + steps + 8)
         need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
-        need_host = 0 if name == "dense" else batch * context * cfg.host_bytes_per_token(shape)
+        need_host = 0 if name in ("dense", "dense_graph") else batch * context * cfg.host_bytes_per_token(shape)
         return dev_tokens, need_dev, need_host
 
     def fits(name: str, context: int) -> int:
@@ -158,9 +173,23 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
                     rows.append(row)
                     continue
+                if name == "dense_graph" and device.type != "cuda":
+                    row["status"] = "needs CUDA (a CUDA graph)"
+                    rows.append(row)
+                    continue
                 try:
                     if need_dev > dev_cap:
                         row["past_accounting"] = True
+                    if name == "dense_graph":
+                        row.update(run_dense_graph(weights, shape, hidden, context, batch, steps, device, dtype,
+                                                   sm_scale=shape.head_dim ** -0.5))
+                        row["status"] = "ok"
+                        print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
+                              f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  "
+                              f"{row['vs_byte_floor']:.2f}x its byte floor ({row['byte_floor_ms']:.2f} ms at "
+                              f"{row['hbm_gbps']:.0f} GB/s)", flush=True)
+                        rows.append(row)
+                        continue
                     tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
                                           host_tokens=batch * context)
                     row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype))
@@ -270,9 +299,26 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "cpu_attn_ms_per_step": times.cpu_s / steps * 1e3, "gpu_attn_ms_per_step": times.gpu_s / steps * 1e3,
             "overlap_ms_per_step": times.overlap_s / steps * 1e3, "pipelined": st.attn.pipelined,
             "engine_threads": st.engine.n_threads if st.engine is not None else 0,
+            "device_index_gib": st.attn.host.device_bytes / 2**30,
+            **_host_reads(st, last_q, shape, batch),
         }
     finally:
         st.close()
+
+
+def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
+    """For a strategy that selects on the device: host tokens each query head kept at the sampled
+    layers of the last step (untimed, recomputed), and the value bytes that implies per step."""
+    select = getattr(st.attn.host, "select", None)
+    if select is None or not last_q or getattr(st.attn.host, "all", True):
+        return {}
+    kept = [float((select(q.to(st.attn.device), layer)[0] >= 0).float().sum(-1).mean())
+            for layer, (q, _) in last_q.items()]
+    mean = sum(kept) / len(kept)
+    value_bytes = st.store.view.buffers.values.element_size()
+    return {"host_tokens_per_qhead": mean,
+            "host_value_gib_per_step": mean * shape.num_q_heads * shape.head_dim * value_bytes * shape.n_layers
+            * batch / 2**30}
 
 
 def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device) -> float:
@@ -311,7 +357,8 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
 def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",
-            "device_kv_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step", "pipelined", "status"]
+            "device_kv_gib", "device_index_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step",
+            "host_tokens_per_qhead", "vs_byte_floor", "pipelined", "status"]
     if any(r.get("past_accounting") for r in rows):
         cols.append("past_accounting")
     ok = {(r["policy"], r["context"], r["batch"]): r for r in rows if r.get("status") == "ok"}
@@ -338,6 +385,11 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
         c, b = both[-1]
         summary.update(serial_context=c, serial_batch=b,
                        hgca_vs_serial=ok[("hgca_serial", c, b)]["ms_per_step"] / ok[("hgca", c, b)]["ms_per_step"])
+    # every policy against dense with CUDA graphs, at each shape both ran (> 1: faster than dense_graph)
+    vs_graph = {f"{p}@{c}x{b}": round(ok[("dense_graph", c, b)]["ms_per_step"] / r["ms_per_step"], 4)
+                for (p, c, b), r in ok.items() if p != "dense_graph" and ("dense_graph", c, b) in ok}
+    if vs_graph:
+        summary["vs_dense_graph"] = vs_graph
     payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
                "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
@@ -348,6 +400,8 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
     for ctx, by_policy in payload["capacity"].items():
         print(f"capacity at {ctx} tokens (largest batch that ran / that the KV accounting admits): " +
               ", ".join(f"{name} {v['largest_batch_ran']}/{v['batch_that_fits']}" for name, v in by_policy.items()))
+    for key, ratio in summary.get("vs_dense_graph", {}).items():
+        print(f"vs_dense_graph {key}={ratio:.3f}")
     if "hgca_vs_serial" in summary:
         print(f"hgca_vs_serial={summary['hgca_vs_serial']:.3f} (overlap on over off, context "
               f"{summary['serial_context']} batch {summary['serial_batch']})")
