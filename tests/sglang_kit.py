@@ -15,7 +15,7 @@ import torch
 import kvtier_sglang
 
 
-TIER = """policy: hgca
+TIER = """policy: POLICY
 window: {sink_tokens: 2, window_tokens: 8, page_tokens: 4}
 host_store: {capacity_gib: 0.01, key_format: KEYS, summary_tokens: 4}
 budget: BUDGET
@@ -45,9 +45,9 @@ def tiny_model(tmp_path):
     return d
 
 
-def _tier_yaml(tmp_path, keys="bf16", budget="{kind: all}"):
+def _tier_yaml(tmp_path, keys="bf16", budget="{kind: all}", policy="hgca", knobs=""):
     path = tmp_path / "tier.yaml"
-    path.write_text(TIER.replace("KEYS", keys).replace("BUDGET", budget))
+    path.write_text(TIER.replace("POLICY", policy).replace("KEYS", keys).replace("BUDGET", budget) + knobs)
     return path
 
 
@@ -58,7 +58,7 @@ def _launch(*args):
 
 def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, hkv=2, d=64, capacity_gib=0.05,
                     prefill_backend=None, keys="bf16", budget="{kind: all}", tp_size=1, tp_rank=0,
-                    radix_cache_backend=None):
+                    radix_cache_backend=None, policy="hgca", knobs=""):
     """The kvtier backend over sglang's real pools and allocator (CPU, fp32, one layer)."""
     from types import SimpleNamespace
 
@@ -80,9 +80,9 @@ def _stage2_backend(*, disable_radix_cache=True, page_size=1, size=2048, hq=4, h
                              server_args=SimpleNamespace(disable_radix_cache=disable_radix_cache,
                                                          prefill_attention_backend=prefill_backend,
                                                          radix_cache_backend=radix_cache_backend))
-    config = loads("policy: hgca\nwindow: {sink_tokens: 16, window_tokens: 64, page_tokens: 16}\n"
+    config = loads(f"policy: {policy}\nwindow: {{sink_tokens: 16, window_tokens: 64, page_tokens: 16}}\n"
                    f"host_store: {{capacity_gib: {capacity_gib}, key_format: {keys}, summary_tokens: 16}}\n"
-                   f"budget: {budget}\nmax_context_tokens: 1024\nengine: {{threads: 1}}\n", "<test>")
+                   f"budget: {budget}\nmax_context_tokens: 1024\nengine: {{threads: 1}}\n{knobs}", "<test>")
     backend = KvTierAttnBackend(runner, config)
     layer = RadixAttention(hq, d, d ** -0.5, hkv, layer_id=0)
     return backend, layer, runner

@@ -45,6 +45,37 @@ def test_sglang_attention_kit_passes_with_budget_all(monkeypatch, tmp_path):
     assert max(host_seen) > 0, "no kit case put tokens on the host: the tier was not exercised"
 
 
+def test_sglang_attention_kit_passes_with_hcattention_at_budget_all(monkeypatch, tmp_path):
+    cases, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path, policy="hcattention",
+                                                        knobs="hcattention: {key_bits: 4}\n"))
+    assert max(host_seen) > 0
+
+
+def test_hcattention_selects_from_device_keys_through_the_backend_and_matches_dense():
+    """Every host token kept by the selection over 4-bit device keys, weighed with exact logits: equal to
+    dense, across evictions whose slots went back to sglang and were overwritten by another request."""
+    torch.manual_seed(3)
+    backend, layer, runner = _stage2_backend(policy="hcattention", budget="{kind: tokens, tokens: 100000}",
+                                             knobs="hcattention: {key_bits: 4, logits: exact}\n")
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [300, 150])
+    out, ref = reqs.decode_step(backend, layer)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    host = backend.session.attn.host
+    assert host.name == "gpu_select" and host.device_bytes > 0 and backend.session.slots_released > 0
+    filler = alloc.alloc(alloc.available_size() - 8)
+    runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
+    runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    for _ in range(3):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc.free(filler)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size
+
+
 def test_sglang_attention_kit_at_the_default_budget_with_int8_keys(monkeypatch, tmp_path):
     _, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path, keys="int8", budget="{kind: tokens, tokens: 2048}"))
     assert max(host_seen) > 0
