@@ -222,9 +222,10 @@ class VqKeys(KeyIndex):
 
     def lut(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [..., Hq, D] -> the lookup tables q·C [..., Hq, groups, entries] of layer's codebooks."""
-        qg = q.reshape(*q.shape[:-1], self.groups, self.sub)
-        books = self.codebooks[layer].repeat_interleave(self.group, dim=0)  # [Hq, g, c, sub]
-        return torch.einsum("...hgs,hgcs->...hgc", qg, books)
+        hq = q.shape[-2]
+        qg = q.reshape(*q.shape[:-2], hq // self.group, self.group, self.groups, self.sub)  # [..., Hkv, G, g, s]
+        lut = torch.einsum("...kqgs,kgcs->...kqgc", qg, self.codebooks[layer])
+        return lut.reshape(*q.shape[:-2], hq, self.groups, self.entries)
 
     def _kernel(self, layer: int) -> bool:
         return key_index_triton.available(self.device) and self.trained[layer] and _pow2(self.groups)

@@ -61,7 +61,8 @@ class GpuSelect(HostStrategy):
             self.index = make_index(ctx)
             ctx.tier.key_listeners.append(self.index.store)
         self.exact = knobs.logits == "exact"
-        self._event: Optional[torch.cuda.Event] = None
+        self._event: Optional[torch.cuda.Event] = None  # this layer's: the host's inputs have landed
+        self._ready: Optional[torch.cuda.Event] = None  # reused every layer
 
     @property
     def device_bytes(self) -> int:
@@ -120,8 +121,10 @@ class GpuSelect(HostStrategy):
             self.idx_host.copy_(idx, non_blocking=True)
             self.p_host.copy_(p, non_blocking=True)
         if q.device.type == "cuda":
-            self._event = torch.cuda.Event()
-            self._event.record()
+            if self._ready is None:
+                self._ready = torch.cuda.Event()
+            self._ready.record()
+            self._event = self._ready
 
     def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
         if self._event is not None:
