@@ -42,7 +42,8 @@ def make_index(ctx: StrategyContext) -> KeyIndex:
     if knobs.key_bits is not None:
         return ScalarKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, bits=knobs.key_bits)
     book = knobs.codebook
-    return VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=book.groups, entries=book.entries,
+    groups = book.groups or max(1, ctx.shape.head_dim // 4)
+    return VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=groups, entries=book.entries,
                   train_tokens=book.train_tokens)
 
 
