@@ -220,9 +220,9 @@ class CodebookKnobs(Frozen):
 
 
 class EvictionKnobs(Frozen):
-    rule: Literal["none", "low_attention"] = Field("none", description="none: the host store's own on_full applies. low_attention (not built yet; refused when the tier is built): drop tokens whose approximate attention stays low under capacity pressure.")
-    decay: float = Field(0.9, gt=0, lt=1, description="Exponential decay of the per-token attention score (low_attention).")
-    capacity_tokens: int = Field(1_048_576, gt=0, description="Tokens kept per request before eviction starts (low_attention).")
+    rule: Literal["none", "low_attention"] = Field("none", description="none: the host store's own on_full applies. low_attention: pages whose approximate attention stays low are dropped, per request past capacity_tokens and (with on_full: evict) when the store is full; the newest window's worth of host pages is kept.")
+    decay: float = Field(0.9, gt=0, lt=1, description="Per step, a page's score becomes decay * score + (1 - decay) * its share of the approximate softmax (low_attention).")
+    capacity_tokens: int = Field(1_048_576, gt=0, description="Host tokens a request keeps before its lowest-scored pages are dropped (low_attention).")
 
 
 class HcattentionKnobs(Frozen):

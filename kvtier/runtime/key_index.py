@@ -27,7 +27,7 @@ Shapes: k [pages, Hkv, T, D]; q [B, Hq, D] float32; scores [B, Hq, N] float32 wi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -285,35 +285,28 @@ def kmeans(x: torch.Tensor, entries: int, iterations: int, max_points: int, seed
     return books
 
 
-def select_mass(scores: torch.Tensor, tau: float, cap: int):
+def select_mass(scores: torch.Tensor, tau: float, cap: int, *, with_lse: bool = False):
     """The smallest set of each row's tokens reaching softmax mass tau, at most cap.
 
     scores [B, H, N] (-inf padded). Returns (idx [B, H, m] int32, -1 where not kept;
-    logits [B, H, m] of the kept tokens, -inf elsewhere), m = min(cap, N). The mass is
-    measured against the softmax over all N tokens of the row, so a capped set may hold
-    less than tau.
+    logits [B, H, m] of the kept tokens, -inf elsewhere), m = min(cap, N), and with_lse the
+    row's LSE over all N tokens [B, H]. The mass is measured against the softmax over all
+    N tokens of the row, so a capped set may hold less than tau.
     """
     b, h, n = scores.shape
     m = min(cap, n)
     if m == 0:
-        return (torch.full((b, h, 0), -1, dtype=torch.int32, device=scores.device),
-                scores.new_full((b, h, 0), float("-inf")))
+        out = (torch.full((b, h, 0), -1, dtype=torch.int32, device=scores.device),
+               scores.new_full((b, h, 0), float("-inf")))
+        return out + (scores.new_full((b, h), float("-inf")),) if with_lse else out
     top, idx = torch.topk(scores, m, dim=-1)  # sorted, descending
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     p = torch.exp(top - lse).nan_to_num(0.0)
     before = torch.cumsum(p, dim=-1) - p
     keep = (before < tau) & torch.isfinite(top)
-    return (torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32),
-            torch.where(keep, top, torch.full_like(top, float("-inf"))))
+    out = (torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32),
+           torch.where(keep, top, torch.full_like(top, float("-inf"))))
+    return out + (lse[..., 0],) if with_lse else out
 
 
-def index_bytes_per_token(shape: ModelShape, *, bits: Optional[int] = None, groups: int = 0, entries: int = 0) -> float:
-    """Device bytes one host token's compressed keys take, across layers and kv-heads."""
-    if bits is not None:
-        per = shape.head_dim * bits / 8 + 2
-    else:
-        per = groups * (1 if entries <= 256 else 2)
-    return per * shape.n_layers * shape.kv_heads
-
-
-__all__ = ["KeyIndex", "ScalarKeys", "VqKeys", "assign", "index_bytes_per_token", "kmeans", "select_mass"]
+__all__ = ["KeyIndex", "ScalarKeys", "VqKeys", "assign", "kmeans", "select_mass"]
