@@ -9,6 +9,7 @@ BENCHES = {
     "engine": ("kvtier.bench.engine", "native engine vs a streaming read and vs torch on the CPU"),
     "decode": ("kvtier.bench.decode", "Llama-3-8B-shaped decode: dense vs offload_all vs hgca"),
     "prefill": ("kvtier.bench.prefill", "a long prompt in chunks through the tier vs all on the device"),
+    "capture-kv": ("kvtier.bench.capture_kv", "a model's real K, V and queries, replayed by decode --kv"),
     "random-checkpoint": ("kvtier.bench.random_checkpoint",
                           "a random-weight checkpoint from a model config, the same for every TP layout"),
 }
