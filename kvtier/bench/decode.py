@@ -19,7 +19,7 @@ import torch
 
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
-from .results import machine, markdown_table, write
+from .results import add_results_dir_argument, machine, markdown_table, write
 from .dense_graph import run_dense_graph
 from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, StackWeights, context_kv, fill_context,
                     make_weights, next_input, output, project_qkv)
@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fit-check", action="store_true",
                         help="also run the cells whose device KV the accounting rejects, to see whether they really "
                              "fail (host limits still apply)")
+    add_results_dir_argument(parser)
 
 
 def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
@@ -209,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     memory = {"full_model": args.full_model, "weights_gib": weights.nbytes() / 2**30,
               "device_gib": args.device_gib or None, "device_kv_cap_gib": dev_cap / 2**30,
               "host_kv_cap_gib": host_cap / 2**30, "value_format": args.value_format}
-    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory)
+    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory,
+                   out_dir=args.results_dir)
 
 
 def _cap_device(device, gib: float):
@@ -354,7 +356,8 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
     return out
 
 
-def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None) -> int:
+def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None, *,
+            out_dir=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",
             "device_kv_gib", "device_index_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step",
@@ -394,7 +397,7 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
                "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
                "capacity": _capacity(rows, fit or {}), "memory": memory or {}}
-    path = write(name, payload, markdown_table(rows, cols))
+    path = write(name, payload, markdown_table(rows, cols), out_dir=out_dir)
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
     for ctx, by_policy in payload["capacity"].items():
