@@ -175,3 +175,33 @@ def test_demo_device_that_is_not_there(capsys):
     assert "sees no CUDA device" in capsys.readouterr().err
     assert main(["demo", "--device", "nonsense", "--context", "2048"]) == 2
     assert "demo: --device: " in capsys.readouterr().err
+
+
+# --- benches and eval: sizes are usage errors before any work ------------------------------------------
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "prefill", "--quick", "--contexts", "0"], "--contexts: expected comma-separated positive integers"),
+    (["bench", "decode", "--quick", "--batches", "1,0"], "--batches: expected comma-separated positive integers"),
+])
+def test_bench_sizes_are_usage_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--contexts", "abc"], "eval: --contexts: expected comma-separated integers, found 'abc'"),
+    (["--window", "100"], "window.page_tokens: page_tokens must divide window_tokens"),
+    (["--window", "-5"], "window.window_tokens: expected greater than 0, found -5"),
+])
+def test_eval_settings_are_refused_before_a_model_loads(argv, words, capsys):
+    pytest.importorskip("transformers")
+    assert main(["eval", "--quick", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "loading" not in err
+
+
+def test_a_policy_read_from_a_device_stops_at_the_size_limit(capsys):
+    assert main(["show", "/dev/zero"]) == 2
+    assert "/dev/zero: expected a policy file of at most 1 MiB, found more" in capsys.readouterr().err

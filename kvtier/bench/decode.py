@@ -19,6 +19,7 @@ import torch
 
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
+from .arguments import positive_ints
 from .results import add_results_dir_argument, machine, markdown_table, write
 from .dense_graph import run_dense_graph
 from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, StackWeights, context_kv, fill_context,
@@ -37,8 +38,8 @@ EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcatt
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 32768,131072")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,4,16")
+    parser.add_argument("--contexts", type=positive_ints, help="e.g. 32768,131072")
+    parser.add_argument("--batches", type=positive_ints, help="e.g. 1,4,16")
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES + EXTRA),
                         help=f"comma list of {', '.join(POLICIES + EXTRA)} (default: all)")
     parser.add_argument("--prefilter", type=float, default=4.0,

@@ -25,13 +25,14 @@ import torch
 
 from ..config import ModelShape, from_mapping
 from . import results
+from .arguments import positive_ints
 
 NAME = "prefill"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 8192,32768")
+    parser.add_argument("--contexts", type=positive_ints, help="e.g. 8192,32768")
     parser.add_argument("--chunk", type=int, default=0, help="prefill chunk tokens (default 2048, quick 256)")
     parser.add_argument("--layers", type=int, default=0, help="attention layers timed (default 4, quick 2)")
     parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"))

@@ -56,12 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with its stored keys); default: once with full attention, shared by the policies")
 
 
+def _numbers(flag: str, text: object, kind: type) -> list:
+    try:
+        return [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"--{flag}: expected comma-separated {what}, found {str(text)[:100]!r}") from None
+
+
 def _settings(args: argparse.Namespace) -> dict:
     base = QUICK if args.quick else FULL
     out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    out["contexts"] = [int(x) for x in str(out["contexts"]).split(",")]
+    out["contexts"] = _numbers("contexts", out["contexts"], int)
     out["policies"] = [x for x in str(out["policies"]).split(",") if x]
-    out["budgets"] = [float(x) for x in str(out["budgets"]).split(",")]
+    out["budgets"] = _numbers("budgets", out["budgets"], float)
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
     out["name"] = getattr(args, "name", None)
     out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
@@ -76,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"eval: needs the eval extra (pip install -e '.[eval]'): {exc}", file=sys.stderr)
         return 2
-    s = _settings(args)
     try:
+        s = _settings(args)
         grid.check_settings(s)
     except ValueError as exc:
         print(f"eval: {exc}", file=sys.stderr)

@@ -133,4 +133,6 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 
 def too_big_message(size: int) -> str:
-    return f"expected a policy file of at most {MAX_BYTES >> 20} MiB, found {size / (1 << 20):.1f} MiB"
+    """`size`: bytes found, or at most MAX_BYTES when only the first MAX_BYTES + 1 were read (a pipe, a device)."""
+    found = f"{size / (1 << 20):.1f} MiB" if size > MAX_BYTES + 1 else "more"
+    return f"expected a policy file of at most {MAX_BYTES >> 20} MiB, found {found}"

@@ -70,6 +70,8 @@ def check_settings(s: dict) -> None:
     if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
         raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
                          f"{s['contexts']}, {s['samples']}")
+    # The grid's policies, built before any model loads: a bad --window fails here, with its field.
+    policy_specs(s["policies"], s["budgets"], window_tokens=s["window"], keep_budget=s.get("keep_budget", False))
 
 
 def _stop_ids(tok, model) -> List[int]:
