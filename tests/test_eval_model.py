@@ -87,14 +87,13 @@ def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
     assert "attention ms/step" in (tmp_path / "eval-smollm2-135m.md").read_text()
 
 
-def test_checkpoint_keeps_the_answers_so_far(tmp_path, monkeypatch):
+def test_checkpoint_keeps_the_answers_so_far(tmp_path):
     import json
 
     from kvtier.eval import grid
 
-    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
     s = {"model": "smollm2-135m"}
-    grid._checkpoint(s, False, 3, [{"task": "passkey", "score": 1.0}], 1, 6)
+    grid._checkpoint(tmp_path / grid._partial_name(s, False), s, 3, [{"task": "passkey", "score": 1.0}], 1, 6)
     saved = json.loads((tmp_path / "eval-smollm2-135m.partial.json").read_text())
     assert saved["prompts_done"] == 1 and saved["prompts_total"] == 6 and saved["records"][0]["score"] == 1.0
 

@@ -210,3 +210,50 @@ def loads_dense():
     from kvtier.config import loads
 
     return loads("policy: dense\n", "<test>")
+
+
+def _policy_file(tmp_path, text):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_launch_refuses_what_this_host_cannot_run(tmp_path, tiny_model):
+    cores = len(os.sched_getaffinity(0))
+    bad = _policy_file(tmp_path, f"engine: {{threads: {cores + 1}}}\n")
+    proc = _launch("--model-path", str(tiny_model), "--device", "cpu", "--kv-tier", str(bad))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{bad}: engine.threads: expected at most {cores} (the {cores} cores this process may use)" in proc.stderr
+    assert "Load weight" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_launch_checks_isa_and_memory_of_this_host(tmp_path, root):
+    from kvtier._native import isa_supported
+    from kvtier.config import ConfigError
+    from kvtier.config.host import host_memory_available
+
+    if not isa_supported("amx"):
+        with pytest.raises(ConfigError, match="engine.isa: expected auto or a variant this CPU and OS run"):
+            launch.check_this_host(load(_policy_file(tmp_path, "engine: {isa: amx}\n")), ranks_on_host=1,
+                                   model_path=None, source="p.yaml")
+    have = host_memory_available()
+    default = load(root / "kvtier.yaml")  # 16 GiB of host store per rank
+    ranks = int(have // (16 << 30)) + 1
+    with pytest.raises(ConfigError, match="host_store.capacity_gib: expected at most"):
+        launch.check_this_host(default, ranks_on_host=ranks, model_path=None, source="kvtier.yaml")
+
+
+def test_launch_checks_int4_groups_against_a_local_models_head_dim(tmp_path):
+    import json
+
+    from kvtier.config import ConfigError
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_attention_heads": 32}))
+    config = load(_policy_file(tmp_path, "host_store: {key_format: int4, key_group_channels: 48}\n"))
+    with pytest.raises(ConfigError) as info:
+        launch.check_this_host(config, ranks_on_host=1, model_path=str(model), source="p.yaml")
+    assert "p.yaml: host_store.key_group_channels: expected an even divisor of the model's head_dim 128" in \
+        str(info.value)
+    launch.check_this_host(config, ranks_on_host=1, model_path="org/hub-model", source="p.yaml")  # unknown: later

@@ -19,7 +19,8 @@ import torch
 
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
-from .results import machine, markdown_table, write
+from .arguments import positive_ints
+from .results import add_results_dir_argument, machine, markdown_table, write
 from .dense_graph import run_dense_graph
 from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, Replay, StackWeights, fill_context,
                     make_weights, next_input, output, project_qkv, request_kv)
@@ -37,8 +38,8 @@ EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcatt
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 32768,131072")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,4,16")
+    parser.add_argument("--contexts", type=positive_ints, help="e.g. 32768,131072")
+    parser.add_argument("--batches", type=positive_ints, help="e.g. 1,4,16")
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES + EXTRA),
                         help=f"comma list of {', '.join(POLICIES + EXTRA)} (default: all)")
     parser.add_argument("--prefilter", type=float, default=4.0,
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fit-check", action="store_true",
                         help="also run the cells whose device KV the accounting rejects, to see whether they really "
                              "fail (host limits still apply)")
+    add_results_dir_argument(parser)
 
 
 def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
@@ -235,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
               "device_gib": args.device_gib or None, "device_kv_cap_gib": dev_cap / 2**30,
               "host_kv_cap_gib": host_cap / 2**30, "value_format": args.value_format}
     data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else {"kind": "synthetic"}
-    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory, data)
+    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory, data,
+                   out_dir=args.results_dir)
 
 
 def _cap_device(device, gib: float):
@@ -385,7 +388,7 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
 
 
 def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None,
-            data=None) -> int:
+            data=None, *, out_dir=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",
             "device_kv_gib", "device_index_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step",
@@ -425,7 +428,7 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
                "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
                "capacity": _capacity(rows, fit or {}), "memory": memory or {}}
-    path = write(name, payload, markdown_table(rows, cols))
+    path = write(name, payload, markdown_table(rows, cols), out_dir=out_dir)
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
     for ctx, by_policy in payload["capacity"].items():
