@@ -345,7 +345,7 @@ def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
     select = getattr(st.attn.host, "select", None)
     if select is None or not last_q or getattr(st.attn.host, "all", True):
         return {}
-    kept = [float((select(q.to(st.attn.device), layer)[0] >= 0).float().sum(-1).mean())
+    kept = [float((select(q.to(st.attn.device), layer, record=False)[0] >= 0).float().sum(-1).mean())
             for layer, (q, _) in last_q.items()]
     mean = sum(kept) / len(kept)
     value_bytes = st.store.view.buffers.values.element_size()

@@ -136,6 +136,7 @@ class GpuSelect(HostStrategy):
         self.exact = knobs.logits == "exact"
         self._event: Optional[torch.cuda.Event] = None  # this layer's: the host's inputs have landed
         self._ready: Optional[torch.cuda.Event] = None  # reused every layer
+        self.last_idx: Optional[torch.Tensor] = None  # the last layer's selection (for detail)
 
     @property
     def device_bytes(self) -> int:
@@ -176,15 +177,17 @@ class GpuSelect(HostStrategy):
 
     # --- run ----------------------------------------------------------------
 
-    def select(self, q: torch.Tensor, layer: int):
-        """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device."""
+    def select(self, q: torch.Tensor, layer: int, *, record: bool = True):
+        """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device.
+
+        record: count the kept tokens' attention toward eviction (off for a look that is not a step)."""
         ctx = self.ctx
         scores = self.index.scores(layer, q, self.table, self.n_tokens, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
         idx, logits, lse_all = select_mass(scores, ctx.policy.mass_threshold, self.m, with_lse=True)
         within = torch.arange(idx.shape[-1], device=idx.device) < self.caps[:, None, None]
         idx = torch.where(within, idx, torch.full_like(idx, -1))
         logits = torch.where(within, logits, torch.full_like(logits, float("-inf")))
-        if self.eviction is not None:  # each kept token's share of the whole host softmax
+        if record and self.eviction is not None:  # each kept token's share of the whole host softmax
             self.eviction.add(self.table, idx, torch.exp(logits - lse_all[..., None]).nan_to_num(0.0))
         return idx, logits
 
@@ -192,9 +195,11 @@ class GpuSelect(HostStrategy):
         if self.all or self.exact:
             self.q_host.copy_(q, non_blocking=True)
         if self.exact and not self.all:
-            self.idx_host.copy_(self.select(q, layer)[0], non_blocking=True)
+            self.last_idx = self.select(q, layer)[0]
+            self.idx_host.copy_(self.last_idx, non_blocking=True)
         elif not self.all:
             idx, logits = self.select(q, layer)
+            self.last_idx = idx
             lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
             p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
             self._lse_dev = lse
@@ -227,6 +232,5 @@ class GpuSelect(HostStrategy):
         if self.all:
             res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
             return AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
-        idx, _ = self.select(q, layer)
         self.submit(q, layer)
-        return self.collect(q, layer), idx
+        return self.collect(q, layer), self.last_idx
