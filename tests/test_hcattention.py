@@ -317,3 +317,40 @@ def test_exactly_one_key_form():
         _config(key_bits=4, codebook={"groups": 16})
     assert _config(key_bits=4).hcattention.codebook is None
     assert _config().hcattention.codebook.groups is None  # head_dim / 4 when the tier is built
+
+
+def test_codebooks_from_a_file_are_used_from_the_first_key(gen, tmp_path):
+    """A codebook file (kvtier bench codebooks) trains nothing at run time: every layer scores by its
+    codes from the first page on; a file for another shape is refused with the field path."""
+    from kvtier.cli import main
+    from kvtier.eval.capture import KvCapture
+    from kvtier.runtime.key_index import CodebookFileError
+
+    cap = KvCapture(torch.randn(2, 300, 2, 64, generator=gen).bfloat16(), torch.randn(2, 300, 2, 64).bfloat16(),
+                    torch.randn(2, 4, 8, 64).bfloat16(), 0.125, {"model": "test"})
+    cap.save(tmp_path / "cap.pt")
+    assert main(["bench", "codebooks", str(tmp_path / "cap.pt"), str(tmp_path / "books.pt"), "--entries", "16",
+                 "--device", "cpu"]) == 0
+    cfg = _config(codebook={"entries": 16, "path": str(tmp_path / "books.pt")})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        index = tier.attn.host.index
+        assert all(index.trained) and index.groups == 16 and not any(index._staged)
+        books = torch.load(tmp_path / "books.pt", weights_only=True)["codebooks"]
+        torch.testing.assert_close(index.codebooks.cpu(), books)
+        rids, full = _decode(tier, gen, [300], steps=1)
+        assert tier.tier.host_tokens(0) > 0 and not any(index._staged)  # encoded on arrival
+    finally:
+        tier.close()
+    for bad, message in (({"entries": 32}, r"expected codebooks of shape \(2, 2, 16, 32, 4\)"),
+                         ({"entries": 16, "groups": 8}, r"expected codebooks of shape \(2, 2, 8, 16, 8\)")):
+        with pytest.raises(CodebookFileError, match="hcattention.codebook.path: " + message):
+            StandaloneTier(_config(codebook={**bad, "path": str(tmp_path / "books.pt")}), SHAPE, device="cpu",
+                           dtype=torch.float32, device_tokens=64, host_tokens=64)
+    with pytest.raises(CodebookFileError, match="found no file"):
+        StandaloneTier(_config(codebook={"path": str(tmp_path / "none.pt")}), SHAPE, device="cpu",
+                       dtype=torch.float32, device_tokens=64, host_tokens=64)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CodebookFileError, match="expected a codebook file"):
+        StandaloneTier(_config(codebook={"path": str(tmp_path / "junk.pt")}), SHAPE, device="cpu",
+                       dtype=torch.float32, device_tokens=64, host_tokens=64)

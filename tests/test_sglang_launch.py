@@ -46,6 +46,27 @@ def test_bad_yaml_stops_the_launch_with_exit_2(tmp_path, tiny_model):
     assert "Load weight" not in proc.stderr + proc.stdout  # stopped before any model loads
 
 
+def test_a_codebook_file_that_does_not_fit_the_model_stops_the_launch(tmp_path, tiny_model):
+    """The tiny model: 2 layers, 2 kv-heads, head_dim 16 (4 groups of 4 channels); a file for another
+    shape, or none, is refused at launch with the field path, before any model loads."""
+    import torch
+
+    from kvtier.runtime.key_index import save_codebooks
+
+    policy = tmp_path / "hc.yaml"
+    for books, want in ((None, "found no file"),
+                        (torch.zeros(2, 2, 4, 8, 4), r"expected codebooks of shape (2, 2, 4, 16, 4)")):
+        path = tmp_path / "books.pt"
+        if books is not None:
+            save_codebooks(path, books, {})
+        policy.write_text(f"policy: hcattention\nhost_store: {{capacity_gib: 0.1}}\n"
+                          f"hcattention: {{codebook: {{entries: 16, path: {path}}}}}\n")
+        proc = _launch("--model-path", str(tiny_model), "--device", "cpu", "--kv-tier", str(policy))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{policy}: hcattention.codebook.path: " in proc.stderr and want in proc.stderr, proc.stderr[-1000:]
+        assert "Load weight" not in proc.stderr + proc.stdout
+
+
 def test_arguments_parse_into_the_typed_policy(tmp_path, tiny_model, root):
     from sglang.srt.server_args import prepare_server_args
 

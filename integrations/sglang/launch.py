@@ -18,7 +18,8 @@ import sys
 import tempfile
 from typing import Any, Optional
 
-from kvtier.config import ConfigError, Isa, ModelShape, TierConfig, check_host, check_shape, dump, env, load, loads
+from kvtier.config import (ConfigError, Isa, ModelShape, Problem, TierConfig, check_host, check_shape, dump, env, load,
+                           loads)
 
 from . import prefix, serving, versions
 from .hooks import verify_hooks
@@ -184,15 +185,36 @@ def load_or_exit(path: str) -> TierConfig:
     raise SystemExit(2)
 
 
-def _local_head_dim(model_path: Any) -> Optional[int]:
-    """head_dim from a local model directory's config.json, or None (a hub id, no such file)."""
+def _local_shape(model_path: Any) -> Optional[ModelShape]:
+    """The attention shape from a local model directory's config.json, or None (a hub id, no such file)."""
     try:
         with open(os.path.join(str(model_path), "config.json")) as f:
             hf = json.load(f)
         cfg = hf.get("text_config", hf)
-        return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        hq = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // hq)
+        return ModelShape(int(cfg["num_hidden_layers"]), hq, int(cfg.get("num_key_value_heads") or hq), head_dim)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return None
+
+
+def _codebook_problem(config: TierConfig, shape: Optional[ModelShape], tp_size: int) -> Optional[str]:
+    """Why hcattention's codebook file cannot serve this launch, or None."""
+    book = getattr(getattr(config, "hcattention", None), "codebook", None)
+    if book is None or not book.path:
+        return None
+    from kvtier.runtime.key_index import CodebookFileError, load_codebooks
+
+    if not os.path.isfile(book.path):
+        return f"expected a codebook file (kvtier bench codebooks), found no file {book.path}"
+    if tp_size > 1:
+        return f"expected --tp-size 1: a codebook file holds every kv-head, and ranks load their own (found {tp_size})"
+    if shape is not None:
+        try:
+            load_codebooks(book.path, shape, book.groups or max(1, shape.head_dim // 4), book.entries, field="")
+        except CodebookFileError as exc:
+            return str(exc).lstrip(": ")
+    return None
 
 
 def check_this_host(config: TierConfig, *, ranks_on_host: int, model_path: Any, source: str) -> None:
@@ -204,9 +226,12 @@ def check_this_host(config: TierConfig, *, ranks_on_host: int, model_path: Any, 
         except ImportError:  # not built: the scheduler says so, with the rebuild command, when it loads the tier
             pass
     check_host(config, source=source, ranks_on_host=ranks_on_host, isa_supported=isa_supported)
-    head_dim = _local_head_dim(model_path) if model_path else None
-    if head_dim:
-        check_shape(config, ModelShape(1, 1, 1, head_dim), source=source)
+    shape = _local_shape(model_path) if model_path else None
+    if shape:
+        check_shape(config, shape, source=source)
+    why = _codebook_problem(config, shape, ranks_on_host)
+    if why:
+        raise ConfigError(source, [Problem("hcattention.codebook.path", why)])
 
 
 def publish(config: TierConfig) -> str:

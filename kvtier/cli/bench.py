@@ -14,6 +14,7 @@ BENCHES = {
     "decode": ("kvtier.bench.decode", "Llama-3-8B-shaped decode: dense vs offload_all vs hgca"),
     "prefill": ("kvtier.bench.prefill", "a long prompt in chunks through the tier vs all on the device"),
     "capture-kv": ("kvtier.bench.capture_kv", "a model's real K, V and queries, replayed by decode --kv"),
+    "codebooks": ("kvtier.bench.codebooks", "hcattention's codebooks trained offline from a capture's keys"),
     "random-checkpoint": ("kvtier.bench.random_checkpoint",
                           "a random-weight checkpoint from a model config, the same for every TP layout"),
 }

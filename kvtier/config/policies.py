@@ -229,6 +229,7 @@ class CodebookKnobs(Frozen):
     groups: Optional[int] = Field(None, gt=0, le=1024, description="Channel groups of each key, each with its own codebook; must divide head_dim. null: head_dim/4 (4 channels a group: 32 groups at head_dim 128, what the paper found to work; 16 groups at head_dim 128 collapsed).")
     entries: int = Field(256, ge=2, le=32768, description="Centroids per group's codebook (k-means); up to 256 an index takes one byte, above two.")
     train_tokens: int = Field(16384, gt=0, le=MAX_TOKENS, description="Keys of a layer stored before its codebooks are trained on them (per kv-head); until then that layer's keys are kept as they came and scored exactly.")
+    path: Optional[str] = Field(None, max_length=4096, description="Codebooks trained offline for this model (kvtier bench codebooks, from a capture of its keys); null: trained on each layer's first train_tokens keys.")
 
 
 class EvictionKnobs(Frozen):

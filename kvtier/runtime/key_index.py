@@ -248,6 +248,50 @@ class VqKeys(KeyIndex):
         return torch.gather(lut, 2, codes).sum(dim=1)
 
 
+class CodebookFileError(ValueError):
+    """A codebook file that is missing, unreadable, or not for this model and codebook shape."""
+
+
+def save_codebooks(path, books: torch.Tensor, meta: dict) -> None:
+    """books [L, Hkv, groups, entries, D/groups] float32, with where they came from."""
+    torch.save({"codebooks": books.float().cpu(), "meta": dict(meta)}, path)
+
+
+def load_codebooks(path, shape: ModelShape, groups: int, entries: int, field: str = "hcattention.codebook.path"):
+    """The codebooks of a file for this model shape and codebook: [L, Hkv, groups, entries, D/groups]."""
+    import pathlib
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise CodebookFileError(f"{field}: expected a codebook file (kvtier bench codebooks), found no file {p}")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+        books = data["codebooks"]
+    except Exception as exc:  # not an archive of tensors, or no codebooks in it
+        raise CodebookFileError(f"{field}: expected a codebook file (kvtier bench codebooks): {p}: {exc}") from None
+    want = (shape.n_layers, shape.kv_heads, groups, entries, shape.head_dim // groups)
+    if not isinstance(books, torch.Tensor) or tuple(books.shape) != want or not books.is_floating_point():
+        found = tuple(books.shape) if isinstance(books, torch.Tensor) else type(books).__name__
+        raise CodebookFileError(f"{field}: expected codebooks of shape {want} (layers, kv-heads, groups, entries, "
+                                f"channels) for this model and codebook, found {found} in {p}")
+    if not bool(torch.isfinite(books).all()):
+        raise CodebookFileError(f"{field}: expected finite codebooks, found NaN or Inf in {p}")
+    return books.float()
+
+
+def train_codebooks(keys: torch.Tensor, groups: int, entries: int, *, iterations: int = 10,
+                    max_points: int = 65536, seed: int = 0) -> torch.Tensor:
+    """k-means codebooks of keys [L, N, Hkv, D] per (layer, kv-head, group): [L, Hkv, groups, entries, D/groups]."""
+    L, n, h, d = keys.shape
+    if groups < 1 or d % groups:
+        raise ValueError(f"codebook.groups must divide head_dim {d}, got {groups!r}")
+    out = []
+    for layer in range(L):
+        x = keys[layer].float().permute(1, 0, 2).reshape(h, n, groups, d // groups)
+        out.append(kmeans(x, entries, iterations, max_points, seed + layer))
+    return torch.stack(out)
+
+
 def assign(x: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Nearest centroid per group: x [H, N, g, s], books [H, g, c, s] -> codes [H, N, g] (int64)."""
     out = torch.empty(x.shape[:3], dtype=torch.long, device=x.device)
@@ -309,4 +353,5 @@ def select_mass(scores: torch.Tensor, tau: float, cap: int, *, with_lse: bool = 
     return out + (lse[..., 0],) if with_lse else out
 
 
-__all__ = ["KeyIndex", "ScalarKeys", "VqKeys", "assign", "kmeans", "select_mass"]
+__all__ = ["CodebookFileError", "KeyIndex", "ScalarKeys", "VqKeys", "assign", "kmeans", "load_codebooks",
+           "save_codebooks", "select_mass", "train_codebooks"]

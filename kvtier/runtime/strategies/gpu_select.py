@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import torch
 
-from ..key_index import KeyIndex, ScalarKeys, VqKeys, select_mass
+from ..key_index import KeyIndex, ScalarKeys, VqKeys, load_codebooks, select_mass
 from ..merge import AttnPart
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
 
@@ -43,8 +43,13 @@ def make_index(ctx: StrategyContext) -> KeyIndex:
         return ScalarKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, bits=knobs.key_bits)
     book = knobs.codebook
     groups = book.groups or max(1, ctx.shape.head_dim // 4)
-    return VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=groups, entries=book.entries,
-                  train_tokens=book.train_tokens)
+    index = VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=groups, entries=book.entries,
+                   train_tokens=book.train_tokens)
+    if book.path:
+        books = load_codebooks(book.path, ctx.shape, groups, book.entries)
+        for layer in range(ctx.shape.n_layers):
+            index.set_codebooks(layer, books[layer])
+    return index
 
 
 class LowAttention:
