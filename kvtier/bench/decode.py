@@ -33,7 +33,9 @@ POLICIES = ("dense", "offload_all", "hgca")
 # hcattention: the GPU selects per query head from compressed keys (codebook 32 x 256, or 4-bit
 # keys), mass 0.9 capped at the budget, the host sums the selected values (or, exact, attends them)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact")
+         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none")
+# sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
+# fetches the misses before attending; sparda_none (SparDA's own) leaves them out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +97,10 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
         "hcattention_exact": from_mapping({
             "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"logits": "exact"},
             "host_store": {"key_format": key_format, "value_format": value_format}}),
+        **{name: from_mapping({"policy": "sparda", "window": win, "budget": {"kind": "tokens", "tokens": budget},
+                               "host_store": {"key_format": key_format, "value_format": value_format},
+                               "sparda": {"correction": correction}})
+           for name, correction in (("sparda", "cpu"), ("sparda_fetch", "fetch"), ("sparda_none", "none"))},
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -334,6 +340,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "engine_threads": st.engine.n_threads if st.engine is not None else 0,
             "device_index_gib": st.attn.host.device_bytes / 2**30,
             **_host_reads(st, last_q, shape, batch),
+            **_block_stats(st, steps),
         }
     finally:
         st.close()
@@ -352,6 +359,18 @@ def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
     return {"host_tokens_per_qhead": mean,
             "host_value_gib_per_step": mean * shape.num_q_heads * shape.head_dim * value_bytes * shape.n_layers
             * batch / 2**30}
+
+
+def _block_stats(st, steps: int) -> Dict[str, float]:
+    """A block cache's hits, misses, fetched and wasted blocks and bytes host -> device per step."""
+    take = getattr(st.attn.host, "take_stats", None)
+    if take is None:
+        return {}
+    s = take()
+    per = steps + 1  # the warm-up step too
+    return {"block_hits_per_step": s.hits / per, "block_misses_per_step": s.misses / per,
+            "blocks_fetched_per_step": s.fetched / per, "blocks_wasted_per_step": s.wasted / per,
+            "fetched_mib_per_step": s.fetched_bytes / per / 2**20}
 
 
 def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay=None) -> float:

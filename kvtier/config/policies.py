@@ -186,8 +186,8 @@ class FluxionConfig(TierConfig):
 
 class ForecastKnobs(Frozen):
     source: Literal["trained", "next_query", "reuse"] = Field(
-        "next_query",
-        description="trained: a per-layer forecast projection from weights_path; next_query: the next layer's query projection on the current hidden state; reuse: the current layer's selection.",
+        "reuse",
+        description="reuse: each layer's blocks are the ones its query selected at the previous step (fetched during that step); next_query: the next layer's query projection on the current hidden state; trained: a per-layer forecast projection from weights_path. next_query and trained need the model's hidden states, which the attention layer does not see: not built yet (refused when the tier is built).",
     )
     weights_path: Optional[str] = Field(None, max_length=4096, description="safetensors file of forecast projections (source: trained).")
 
@@ -200,10 +200,10 @@ class ForecastKnobs(Frozen):
 
 class SpardaKnobs(Frozen):
     forecast: ForecastKnobs = Field(default_factory=ForecastKnobs)
-    block_tokens: int = Field(64, gt=0, le=MAX_TOKENS, description="Block size of selection and prefetch.")
-    prefetch_depth: int = Field(1, ge=1, le=4, description="Layers ahead the forecast prefetches.")
-    device_cache_blocks: int = Field(4096, gt=0, le=MAX_TOKENS, description="Blocks held in the device block cache.")
-    correction: Literal["fetch", "cpu"] = Field("cpu", description="Blocks the real query selects but the forecast missed: fetch to the GPU, or compute on the CPU.")
+    block_tokens: int = Field(64, gt=0, le=MAX_TOKENS, description="Block size of selection and prefetch; a multiple of window.page_tokens.")
+    prefetch_depth: int = Field(1, ge=1, le=4, description="Steps (reuse) or layers ahead the forecast prefetches; only 1 is built.")
+    device_cache_blocks: Optional[int] = Field(None, gt=0, le=MAX_TOKENS, description="Cap of the device block cache, in blocks over all layers, kv-heads and requests (each request holds budget / block_tokens blocks per layer and kv-head); null: as many as the batch needs. A batch past it is refused with the numbers.")
+    correction: Literal["none", "fetch", "cpu"] = Field("cpu", description="Blocks the real query selects but the forecast missed: none (SparDA: the forecast's set is the attended set), fetch them to the GPU before attending, or attend them on the CPU (merged by LSE).")
 
 
 class SpardaConfig(TierConfig):
