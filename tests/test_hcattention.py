@@ -154,7 +154,7 @@ def _reference(tier, rid, layer, q, full, policy_tau, cap):
     logit_d = torch.einsum("hd,nhd->hn", q[0].double(), kd) * scale
     idx, sel = select_mass(approx[None], policy_tau, cap)
     out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
-    vh = v[first:host_end].double().repeat_interleave(g, 1)
+    vh = v[first:host_end].bfloat16().double().repeat_interleave(g, 1)  # as the store holds them
     for h in range(SHAPE.num_q_heads):
         keep = idx[0, h][idx[0, h] >= 0].long()
         logits = torch.cat([logit_d[h], approx[h, keep]])

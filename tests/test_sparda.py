@@ -76,7 +76,9 @@ def test_a_budget_attends_the_cached_blocks_and_the_cpu_the_misses(gen):
                 got = tier.attn.run(q, layer)
                 st, T = tier.tier.requests[0], 32
                 first, host_end = tier.store.table(0).first_pos, st.host_end
+                # host tokens as the store holds them (bf16), device tokens as the pool does (float32)
                 k, v = (x.double() for x in full[0][layer])
+                k[first:host_end], v[first:host_end] = (x[first:host_end].bfloat16().double() for x in (k, v))
                 out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
                 for h in range(SHAPE.kv_heads):
                     blocks = set(chosen[h].tolist()) | set(b for b in before[h].tolist() if b >= 0)
