@@ -30,8 +30,9 @@ POLICIES = ("dense", "offload_all", "hgca")
 # hgca with the residual (the unselected host tokens as one mean key and value per 16-token chunk);
 # hgca with overlap off (the engine after the window, one after the other: what overlap saves);
 # dense with the whole step in one CUDA graph (the strongest dense: dense_graph.py);
-# hcattention: the GPU selects per query head from compressed keys (codebook 32 x 256, or 4-bit
-# keys), mass 0.9 capped at the budget, the host sums the selected values (or, exact, attends them)
+# hcattention: the GPU selects per query head from compressed keys (codebook head_dim/4 x 256, or 4-bit
+# keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
+# (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
          "hcattention_exact", "sparda", "sparda_fetch", "sparda_none")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
@@ -90,9 +91,11 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"residual": True}}),
         "dense_graph": from_mapping({"policy": "dense", "window": win}),
         "hcattention": from_mapping({"policy": "hcattention", "window": win, "budget": hc_budget,
+                                     "hcattention": {"logits": "approximate"},
                                      "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hcattention_int4": from_mapping({
-            "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"key_bits": 4},
+            "policy": "hcattention", "window": win, "budget": hc_budget,
+            "hcattention": {"key_bits": 4, "logits": "approximate"},
             "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hcattention_exact": from_mapping({
             "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"logits": "exact"},
