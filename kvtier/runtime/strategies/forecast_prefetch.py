@@ -22,6 +22,7 @@ the rest, `none` (SparDA's own) leaves them out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Dict, Hashable, List, NamedTuple, Optional
 
@@ -216,7 +217,7 @@ class ForecastPrefetch(HostStrategy):
             stream = self._fetch_stream
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(q.device))
-            with torch.cuda.stream(stream) if stream is not None else _null():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for i, rid in enumerate(self.batch.rids):
                     self._add(self._fetch(rid, i, layer, chosen[i]))
                 if stream is not None:
@@ -283,10 +284,3 @@ class ForecastPrefetch(HostStrategy):
         st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
         return st
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
