@@ -283,4 +283,3 @@ class ForecastPrefetch(HostStrategy):
     def take_stats(self) -> StepStats:
         st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
         return st
-
