@@ -34,7 +34,8 @@ from kvtier.bench import results
 HQ, HKV, D = 14, 2, 64
 
 
-def build(rows: int, context: int, layers: int, threads: int, budget: int, seed: int = 0):
+def build(rows: int, context: int, layers: int, threads: int, budget: int, seed: int = 0, *, sinks: int = 64,
+          window: int = 1024):
     """The backend over sglang's pools, rows prefilled with random K, V; returns (backend, step)."""
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -56,7 +57,7 @@ def build(rows: int, context: int, layers: int, threads: int, budget: int, seed:
                              token_to_kv_pool_allocator=alloc, page_size=1, tp_size=1, tp_rank=0,
                              server_args=SimpleNamespace(disable_radix_cache=True, prefill_attention_backend=None,
                                                          radix_cache_backend=None))
-    config = loads("policy: hgca\nwindow: {sink_tokens: 64, window_tokens: 1024, page_tokens: 16}\n"
+    config = loads(f"policy: hgca\nwindow: {{sink_tokens: {sinks}, window_tokens: {window}, page_tokens: 16}}\n"
                    "host_store: {capacity_gib: 4, key_format: int8, value_format: bf16}\n"
                    f"budget: {{kind: mass, threshold: 0.95, max_tokens: {budget}}}\n"
                    f"hgca: {{overlap: false}}\nengine: {{threads: {threads}}}\n", "<bench>")
@@ -94,7 +95,8 @@ def build(rows: int, context: int, layers: int, threads: int, budget: int, seed:
 
 def measure(args) -> dict:
     torch.set_num_threads(1)
-    backend, step = build(args.rows, args.context, args.layers, args.threads, args.budget)
+    backend, step = build(args.rows, args.context, args.layers, args.threads, args.budget, sinks=args.sinks,
+                          window=args.window)
     parts = {k: [] for k in ("step_ms", "plan_ms", "engine_ms", "window_ms", "overhead_ms")}
     with torch.no_grad():
         for i in range(args.steps + 3):
@@ -120,11 +122,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="engine threads")
     p.add_argument("--budget", type=int, default=256, help="hgca's host tokens per kv-head at most")
+    p.add_argument("--sinks", type=int, default=64, help="sink tokens (window.sink_tokens)")
+    p.add_argument("--window", type=int, default=1024, help="recent tokens on the device (window.window_tokens); "
+                   "small, with a short context, leaves mostly the step's overhead")
     p.add_argument("--label", default="", help="a name for this run's row (e.g. the commit)")
     p.add_argument("--name", default="sglang-decode-step")
     results.add_results_dir_argument(p)
     args = p.parse_args(argv)
-    row = {"label": args.label, "rows": args.rows, "context": args.context, "layers": args.layers, **measure(args)}
+    row = {"label": args.label, "rows": args.rows, "context": args.context, "layers": args.layers,
+           "window": args.sinks + args.window, **measure(args)}
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     cols = list(row)
     path = results.write(args.name, {"bench": "sglang-decode-step", "machine": results.machine(), "rows": [row]},

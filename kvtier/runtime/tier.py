@@ -251,6 +251,16 @@ class TierManager:
         st.length += n
         return slots
 
+    def append(self, rid: Hashable, slot: int) -> None:
+        """extend(rid, 1, slots=...) for one decode token in the server's slot `slot`, without tensors."""
+        st = self.requests[rid]
+        if st.length < self.config.window.sink_tokens:
+            st.sink_slots.append(slot)
+            st.host_end = max(st.host_end, len(st.sink_slots))
+        else:
+            st.recent_slots.append(slot)
+        st.length += 1
+
     # --- prefill straight into the tiers -------------------------------------
 
     def prefill(self, rid: Hashable, n: int) -> "PrefillPlan":

@@ -78,9 +78,10 @@ class CpuEngine(HostStrategy):
         ctx = self.ctx
         pin = ctx.device.type == "cuda"
         b, hq, d = len(batch.rids), ctx.shape.num_q_heads, ctx.shape.head_dim
-        far = torch.empty(b * hq * (d + 1), pin_memory=pin)
-        self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
-                              far[b * hq * d:].view(b, hq), far)
+        if self._bufs is None or self._bufs.q_host.shape[0] != b:  # a batch of another size: new buffers
+            far = torch.empty(b * hq * (d + 1), pin_memory=pin)
+            self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
+                                  far[b * hq * d:].view(b, hq), far)
         args = ctx.policy.engine_args(batch.host_tokens, batch.context_tokens, ctx.shape.kv_heads)
         ctx.engine.plan(
             ctx.tier.store.view, batch.page_table, batch.page_offsets, batch.n_tokens, hq, mode=args.mode,
