@@ -391,8 +391,9 @@ class TierManager:
             st = self.requests.get(p.rid)
             if st is None:
                 continue  # released meanwhile; its pages were freed with it
+            ids = torch.tensor(p.page_ids, dtype=torch.int32)  # once for every layer
             for layer in range(self.shape.n_layers):
-                self.store.write(layer, p.page_ids, p.k[layer], p.v[layer])
+                self.store.write(layer, ids, p.k[layer], p.v[layer])
             n = p.slots.numel()
             del st.recent_slots[:n]
             st.in_flight -= n

@@ -267,9 +267,11 @@ class HostStore:
             table.first_pos = table.starts[0]
         return freed
 
-    def write(self, layer: int, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer."""
-        self.view.append(layer, torch.tensor(page_ids, dtype=torch.int32), k, v)
+    def write(self, layer: int, page_ids, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer (page_ids: ints, or an
+        int32 CPU tensor of them, which a caller writing every layer of the pages builds once)."""
+        ids = page_ids if isinstance(page_ids, torch.Tensor) else torch.tensor(page_ids, dtype=torch.int32)
+        self.view.append(layer, ids, k, v)
 
     def _evict_for(self, n: int, *, protect: Hashable) -> None:
         """Drop oldest pages, largest request first, until n pages are free.
