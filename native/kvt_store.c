@@ -95,9 +95,9 @@ static int32_t validate_desc(const kvt_store_desc *d) {
     if (d->summary_tokens <= 0 || d->page_tokens % d->summary_tokens != 0)
         return kvt_err(KVT_ERR_VALUE, "store desc: expected summary_tokens dividing page_tokens %d, got %d",
                        d->page_tokens, d->summary_tokens);
-    if (d->page_tokens > KVT_MAX_PAGE_TOKENS)
-        return kvt_err(KVT_ERR_VALUE, "store desc: expected page_tokens <= %d, got %d", KVT_MAX_PAGE_TOKENS,
-                       d->page_tokens);
+    if (d->page_tokens > KVT_MAX_PAGE_TOKENS || d->kv_heads > KVT_MAX_Q_HEADS)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected page_tokens <= %d and kv_heads <= %d, got %d and %d",
+                       KVT_MAX_PAGE_TOKENS, KVT_MAX_Q_HEADS, d->page_tokens, d->kv_heads);
     /* the largest buffer, f32 chunk sums or keys of 4 bytes a channel at most, must be addressable */
     int64_t elems = 8;
     const int32_t dims[5] = {d->n_layers, d->n_pages, d->kv_heads, d->page_tokens, d->head_dim};

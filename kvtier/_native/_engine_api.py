@@ -13,8 +13,8 @@ import torch
 
 from ..config import env
 from . import _checks as C
-from ._loader import (NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check, ffi,
-                      isa_supported, lib, set_isa)
+from ._loader import (NativeIndexError, NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check,
+                      ffi, isa_supported, lib, set_isa)
 from ._store import HostStoreView
 
 log = logging.getLogger("kvtier")
@@ -99,7 +99,8 @@ def _clamp_budgets(budget: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor
     (at least 1): a larger budget selects the same tokens, and every budget then fits int32. Zero and
     negative budgets pass through for the engine to refuse."""
     if budget.dtype not in C._INT_DTYPES:
-        raise NativeValueError(f"budget_tokens: expected an integer dtype, got {str(budget.dtype).replace('torch.', '')}")
+        got = str(budget.dtype).replace("torch.", "")
+        raise NativeValueError(f"budget_tokens: expected an integer dtype, got {got}")
     b = budget.to(torch.int64)
     cap = n_tokens.to(torch.int64).clamp(min=1)[:, None]
     return torch.where(b > 0, torch.minimum(b, cap), b)
@@ -321,6 +322,8 @@ class Engine:
     def _layer(layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        if not -2**31 <= layer < 2**31:
+            raise NativeIndexError(f"layer: expected a layer of the store, got {layer}")
         return layer
 
     def score(self, layer: int, q: torch.Tensor) -> torch.Tensor:

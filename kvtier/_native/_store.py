@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as C
-from ._loader import NativeMemoryError, NativeValueError, check, ffi, lib
+from ._loader import NativeIndexError, NativeMemoryError, NativeValueError, check, ffi, lib
 
 
 class KeyFormat(str, enum.Enum):
@@ -198,9 +198,10 @@ class HostStoreView:
                 t = torch.empty(shape, dtype=dtype)
             except RuntimeError as exc:  # torch's allocators raise RuntimeError, not MemoryError
                 one = store_nbytes(StoreBuffers(spec, None, None, None, None))
+                kind = ", page-locked" if pin_memory else ""
                 raise NativeMemoryError(
                     f"HostStoreView.allocate: cannot allocate {name} {tuple(shape)} "
-                    f"{str(dtype).replace('torch.', '')} ({one / 2**30:.3f} GiB{', page-locked' if pin_memory else ''}) "
+                    f"{str(dtype).replace('torch.', '')} ({one / 2**30:.3f} GiB{kind}) "
                     f"of a store of {total / 2**30:.3f} GiB: {exc}") from exc
             if t.numel() * t.element_size() >= HUGE_ADVICE_BYTES:  # huge pages before the first touch
                 advise_hugepages(t)
@@ -237,6 +238,8 @@ class HostStoreView:
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        if not -2**31 <= layer < 2**31:
+            raise NativeIndexError(f"layer: expected a layer of the store, got {layer}")
         return layer
 
     def append(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
