@@ -7,8 +7,8 @@
 # CPU runs (KVTIER_ISA=generic, avx2, ...), with the ASan runtime preloaded into the
 # (unsanitized) Python. Any sanitizer report fails the run and is printed.
 #
-#   native/sanitize.sh                  every native test file, 1000 fuzz cases per ISA
-#   native/sanitize.sh --quick          the misuse, error, serve and store tests, 150 fuzz cases per ISA (CI)
+#   native/sanitize.sh                  every native test file, 5000 fuzz cases per ISA
+#   native/sanitize.sh --quick          the misuse, error, serve and store tests, 500 fuzz cases per ISA (CI)
 #   native/sanitize.sh --fuzz N [--seed S]   the fuzzer only, N cases per ISA
 #   --reports DIR    keep the sanitizer logs, the fuzz reports (JSON) and progress files in DIR
 #   --isa NAME       only this ISA variant
@@ -19,10 +19,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-python3}"
-mode=full fuzz_cases=1000 seed=1 reports= only_isa=
+mode=full fuzz_cases=5000 seed=1 reports= only_isa=
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --quick) mode=quick; fuzz_cases=150 ;;
+        --quick) mode=quick; fuzz_cases=500 ;;
         --fuzz) mode=fuzz; fuzz_cases="$2"; shift ;;
         --seed) seed="$2"; shift ;;
         --reports) reports="$(mkdir -p "$2" && cd "$2" && pwd)"; shift ;;

@@ -247,6 +247,7 @@ def case_edges(rng: random.Random, g: torch.Generator) -> str:
     outcome, _ = _typed(lambda: None)
     with store, N.Engine(rng.choice((1, 2))) as eng:
         outcome, _ = _typed(lambda: eng.plan(store, tb, of, nt, heads, **kw))
+        planned = (B, heads, D) if outcome == "ok" else None
         if outcome == "ok":
             layer = pick(0, 0, -1, 1, I32, I32 + 1)
             got, res = _typed(lambda: eng.run(layer, q if heads == Hq else torch.randn(B, heads, D, generator=g)))
@@ -257,16 +258,13 @@ def case_edges(rng: random.Random, g: torch.Generator) -> str:
                     raise Mismatch(f"a run with sane inputs gave non-finite output ({kw})")
             outcome = got
         # the C calls over the plan with sizes that are not the plan's, bogus handles, NULL buffers
-        qb = ffi.new("float[]", max(1, B * Hq * D) + 64)
+        # big enough for every shape below: a call the engine wrongly accepted reads and writes in bounds
+        qb = ffi.new("float[]", (B + 1) * (max(Hq, heads if heads < 2**13 else 0) + 1) * (D + 16) + 64)
         for args in ((eng.handle, 0, B + 1, Hq, D), (eng.handle, 0, B, Hq + 1, D), (eng.handle, 0, B, Hq, D + 16),
                      (pick(0, -1, I32, eng.handle + 256), 0, B, Hq, D), (eng.handle, I32, B, Hq, D)):
-            try:
-                check(lib.kvt_run(*args, qb, qb, qb, ffi.NULL, ffi.NULL, 0))
-            except N.NativeError:
-                pass
-            else:
-                if args[2:] != (B, Hq, D) or args[1] != 0 or args[0] != eng.handle:
-                    raise Mismatch(f"kvt_run{args} with sizes or handle not the plan's was accepted")
+            accepted = _typed(lambda: check(lib.kvt_run(*args, qb, qb, qb, ffi.NULL, ffi.NULL, 0)))[0] == "ok"
+            if accepted != (args[:2] == (eng.handle, 0) and args[2:] == planned):
+                raise Mismatch(f"kvt_run{args} over a plan of {planned}: {'accepted' if accepted else 'refused'}")
         null_q = _typed(lambda: check(lib.kvt_run(eng.handle, 0, B, Hq, D, ffi.NULL, qb, qb, ffi.NULL, ffi.NULL, 0)))
         if null_q[0] == "ok":
             raise Mismatch("kvt_run with a NULL query was accepted")

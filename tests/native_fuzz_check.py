@@ -74,15 +74,19 @@ class SetRef:
     def residual(self, sel: torch.Tensor):
         """native_cases.ref_residual, vectorized: per summary chunk with unselected tokens their mean key
         and value, and the logit of the mean key plus the log of their count."""
-        out = torch.ones(self.n, dtype=torch.bool)
-        out[sel] = False
-        chunk = torch.arange(self.n)[out] // self.S
         nc = -(-self.n // self.S)
-        cnt = torch.bincount(chunk, minlength=nc).double()
-        K = torch.zeros(nc, self.D, dtype=torch.float64).index_add_(0, chunk, self.K[out])
-        V = torch.zeros(nc, self.D, dtype=torch.float64).index_add_(0, chunk, self.V[out])
+        out = torch.zeros(nc * self.S, dtype=torch.float64)
+        out[: self.n] = 1.0
+        out[sel] = 0.0
+
+        def sums(X):
+            Xp = torch.zeros(nc * self.S, self.D, dtype=torch.float64)
+            Xp[: self.n] = X
+            return (Xp * out[:, None]).view(nc, self.S, self.D).sum(1)
+
+        cnt = out.view(nc, self.S).sum(1)
         keep = cnt > 0
-        K, V, cnt = K[keep] / cnt[keep, None], V[keep] / cnt[keep, None], cnt[keep]
+        K, V, cnt = sums(self.K)[keep] / cnt[keep, None], sums(self.V)[keep] / cnt[keep, None], cnt[keep]
         x = (self.qg @ K.T) * self.sm
         if self.cap > 0:
             x = self.cap * torch.tanh(x / self.cap)
@@ -99,18 +103,40 @@ class SetRef:
 
     def block_bounds(self, bt: int):
         """(ub [nb], tolerance) of BLOCKS: min/max over each block's summary chunks, sm-scaled, reduced."""
-        nb, S = -(-self.n // bt), self.S
-        summ = self.summ[: -(-self.n // S)]
-        ubs, tols = [], []
-        for bi in range(nb):
-            c = summ[bi * bt // S: min((bi + 1) * bt, self.n + S - 1) // S]
-            mn, mx = c[:, 0].amin(0), c[:, 1].amax(0)
-            t = torch.maximum(self.qg * mn, self.qg * mx)
-            u = t.sum(-1) * self.sm
-            ubs.append(u.mean() if self.reduce == "mean" else u.max())
-            tols.append(2 * self.D * 2.0**-24 * self.sm * float((self.qg.abs() * torch.maximum(mn.abs(), mx.abs()))
-                                                                .sum(-1).max()) + 1e-12)
-        return torch.stack(ubs), torch.tensor(tols, dtype=torch.float64)
+        S, nb, nc = self.S, -(-self.n // bt), -(-self.n // self.S)
+        per = bt // S
+        s = torch.empty(nb * per, 2, self.D, dtype=torch.float64)
+        s[:, 0], s[:, 1] = math.inf, -math.inf  # chunks past the request take no part
+        s[:nc] = self.summ[:nc]
+        s = s.view(nb, per, 2, self.D)
+        mn, mx = s[:, :, 0].amin(1), s[:, :, 1].amax(1)  # [nb, D]
+        u = torch.maximum(self.qg[:, None] * mn, self.qg[:, None] * mx).sum(-1) * self.sm  # [m, nb]
+        mag = (self.qg.abs()[:, None] * torch.maximum(mn.abs(), mx.abs())).sum(-1).amax(0)
+        tol = 2 * self.D * 2.0**-24 * self.sm * mag + 1e-12
+        return (u.mean(0) if self.reduce == "mean" else u.amax(0)), tol
+
+    def select(self, case: dict, k: int, h: int) -> list[int]:
+        """The reference selection, as native_cases.ref_attention makes it (the same torch calls, so
+        ties break alike), from this set's logits and summaries."""
+        n, r = self.n, self.r
+        if case["mode"] == "all":
+            return list(range(n))
+        if case["mode"] == "blocks":
+            bt = int(case["blocks"][h])
+            ub, _ = self.block_bounds(bt)
+            chosen = torch.topk(ub, min(ub.numel(), -(-k // bt))).indices
+            return sorted(t for c in chosen.tolist() for t in range(c * bt, min((c + 1) * bt, n)))
+        cand = torch.tensor(_prefilter_candidates(self, k, case["prefilter"], loose=False)) \
+            if case["prefilter"] > 0 else torch.arange(n)
+        probs = torch.softmax(r[cand], 0)
+        pick = torch.topk(r[cand], min(k, len(cand))).indices
+        sel = cand[pick]
+        if case["mode"] == "mass":
+            p = probs[pick]
+            order = torch.argsort(p, descending=True)
+            keep = int((torch.cumsum(p[order], 0) < case["tau"]).sum()) + 1
+            sel = sel[order[: min(keep, len(sel))]]
+        return sorted(sel.tolist())
 
 
 def _token_tie(ref: SetRef, a: set, c: set) -> bool:
@@ -187,9 +213,9 @@ def _prefilter_candidates(ref: SetRef, k: int, pf: float, *, loose: bool, sure: 
     return [t for c in chosen.tolist() for t in range(c * ref.S, min((c + 1) * ref.S, ref.n))]
 
 
-def judge(case: dict, res, ref_sels) -> list[str]:
-    """Check one run (EngineResult with selections) against the reference selections; returns the
-    explanations used for selections that differ (empty when all equal)."""
+def judge(case: dict, res) -> list[str]:
+    """Check one run (EngineResult with selections) against the reference; returns the explanations
+    used for selections that differ (empty when all equal)."""
     store, q = case["store"], case["q"]
     B, Hq, D = q.shape
     Hkv = store.kv_heads
@@ -216,8 +242,8 @@ def judge(case: dict, res, ref_sels) -> list[str]:
                     continue
                 if got != sorted(set(got)) or (got and (got[0] < 0 or got[-1] >= n)):
                     raise Mismatch(f"request {b} head {qh}: selection not ascending, unique, in [0, {n}): {got[:8]}")
-                want = ref_sels[b][qh]
                 ref = SetRef(case, b, h, g0, g1, KV)
+                want = ref.select(case, k, h)
                 if got != want:
                     why = _explain(case, ref, got, want, k, h)
                     if why is None:
