@@ -147,6 +147,16 @@ def use_isa(name: str) -> str:
 
 
 class Engine:
+    """A native thread pool and the one plan it runs (`plan` once per batch, `run` per layer).
+
+    The C engine owns the plan: `run`, `score`, `weighted_values` and `attend_indices` size their
+    buffers from the plan this object last made and pass that shape to C, which refuses it
+    (NativeStateError) when another thread has planned again since. Calls from several threads
+    are serialized; `plan` is refused while a run or the serving loop is in flight, `close`
+    while any call is, and a second `server` while one serves. A query with a NaN or infinity is
+    refused (NativeValueError naming request and head). native/README.md, "Ownership".
+    """
+
     def __init__(self, n_threads: int = 0):
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 0:
             raise NativeValueError(f"n_threads: expected an int >= 0 (0 = all CPUs), got {n_threads!r}")

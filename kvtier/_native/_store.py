@@ -294,6 +294,8 @@ class HostStoreView:
                             pick(self.value_scales), None)
 
     def close(self) -> None:
+        """Close the C store: new calls over it are refused at once; this returns once the engine calls
+        in flight over it (runs, plans, appends) have returned. Idempotent."""
         if getattr(self, "handle", None) is not None:
             check(lib.kvt_store_close(self.handle))
             self.handle = None
