@@ -484,7 +484,7 @@ def test_a_write_to_a_page_that_left_the_writer_is_refused():
     store.write("b", 0, pb, kv(3, 2), kv(3, 2))
     taken = [p for p in pa if p in pb]
     assert taken
-    with pytest.raises(PageOwnerError, match=r"not in request 'a'"):
+    with pytest.raises(PageOwnerError, match=r"are not in the table of request 'a'"):
         store.write("a", 0, pa, kv(3, 9), kv(3, 9))
     assert (store.view.values(0, torch.tensor(pb)) == 2).all()  # b's tokens are untouched
     store.release("a")

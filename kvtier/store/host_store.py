@@ -246,7 +246,7 @@ class HostStore:
         held = set(pages)
         stray = [p for p in page_ids if p not in held]
         if stray:
-            raise PageOwnerError(f"HostStore.write: pages {stray[:8]} are not in request {rid!r}'s table "
+            raise PageOwnerError(f"HostStore.write: pages {stray[:8]} are not in the table of request {rid!r} "
                                  f"(released, evicted or never allocated to it); nothing was written")
 
     def _evict_for(self, n: int, *, protect: Hashable) -> None:
