@@ -29,7 +29,11 @@ def _same(store, snap) -> bool:
 
 
 def _quant_ok(store, layer, ids, k, v) -> str | None:
-    """Appended pages within the format's bounds (tests/test_native_store.py) and inside their summaries."""
+    """Appended pages within the format's bounds (tests/test_native_store.py) and inside their summaries.
+
+    The bounds get 1e-4 of themselves for float rounding: x / scale is rounded in float32, so where it
+    lands within ~127·2^-23 of a half-integer it may round to the farther integer, and the stored
+    scale is itself rounded (1e-5, as test_native_store allows, was exceeded once in 10^4 cases)."""
     kd, vd = store.dequant_keys(layer, ids), store.values(layer, ids)
     k, v = k.float(), v.float()
     kf, G = store.key_format.value, store.key_group
@@ -39,10 +43,10 @@ def _quant_ok(store, layer, ids, k, v) -> str | None:
         bound = (k.unflatten(-1, (-1, G)).abs().amax(-1) / 7 / 2).repeat_interleave(G, -1)
     else:
         bound = k.abs() * 2.0**-8
-    if not ((kd - k).abs() <= bound * (1 + 1e-5) + 1e-7).all():
+    if not ((kd - k).abs() <= bound * (1 + 1e-4) + 1e-7).all():
         return "keys off their quantization bound"
     vb = v.abs().amax(-1, keepdim=True) / 127 / 2 if store.value_format.value == "int8" else v.abs() * 2.0**-8
-    if not ((vd - v).abs() <= vb * (1 + 1e-5) + 1e-7).all():
+    if not ((vd - v).abs() <= vb * (1 + 1e-4) + 1e-7).all():
         return "values off their quantization bound"
     S = store.summary_tokens
     s = store.summary[layer][:, ids.long()].transpose(0, 1).float()  # [n, H, T/S, 2, D]
