@@ -11,7 +11,8 @@ available) or, slowly, on the CPU. Per case, medians over the steps of:
   engine_ms  the CPU engine's time summed over the layers;
   run_ms     the decoding thread's time inside HybridAttention.run.
 When issue_ms is close to step_ms the step is bound by the decoding thread;
-when engine_ms is, by the engine. Writes benchmarks/results/decode-chain.{json,md}.
+when engine_ms is, by the engine. Writes decode-chain.{json,md} to the results directory
+(--results-dir; default $KVTIER_RESULTS_DIR, else ~/.cache/kvtier/results).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--name", default="decode-chain")
+    results.add_results_dir_argument(ap)
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -107,10 +109,12 @@ def main() -> int:
                   f"{r['engine_ms']:7.2f}  run {r['run_ms']:7.2f} ms/step  pipelined {r['pipelined']}", flush=True)
             rows.append(r)
     cols = ["policy", "context", "pipelined", "issue_ms", "step_ms", "engine_ms", "run_ms"]
-    results.write(args.name, {"bench": "decode_chain", "device": str(device), "machine": results.machine(),
-                              "shape": SHAPE._asdict() if hasattr(SHAPE, "_asdict") else str(SHAPE), "rows": rows},
-                  "# Where a decode step goes (Qwen2.5-0.5B shape, one request)\n\n"
-                  + results.markdown_table(rows, cols))
+    path = results.write(args.name, {"bench": "decode_chain", "device": str(device), "machine": results.machine(),
+                                     "shape": SHAPE._asdict() if hasattr(SHAPE, "_asdict") else str(SHAPE),
+                                     "rows": rows},
+                         "# Where a decode step goes (Qwen2.5-0.5B shape, one request)\n\n"
+                         + results.markdown_table(rows, cols), out_dir=args.results_dir)
+    print(f"wrote {path}")
     return 0
 
 

@@ -6,7 +6,8 @@ The Qwen2.5-0.5B shape the sglang runs serve (2 kv-heads x 7 query heads,
 head_dim 64, pages of 16, int8 keys, bf16 values, budget 2048, group max) at
 1K to 120K host tokens, mass 0.95 against top-k in the same run, and a
 Llama-3-8B-shaped layer (8 x 4, head_dim 128). Prints one line per case and
-writes benchmarks/results/engine-select-modes.{json,md}.
+writes engine-select-modes.{json,md} to the results directory (--results-dir; default
+$KVTIER_RESULTS_DIR, else ~/.cache/kvtier/results).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--reps", type=int, default=60)
+    results.add_results_dir_argument(ap)
     args = ap.parse_args()
     thr, reps, Q = args.threads, args.reps, (2, 7, 64, 16)
     rows = [case("qwen", 29000, *Q, thr, reps=reps),
@@ -79,10 +81,12 @@ def main() -> int:
     mass, topk = rows[0]["median_ms"], rows[2]["median_ms"]
     print(f"mass_vs_topk={mass / topk:.2f}")
     cols = ["case", "host_tokens", "mode", "group_reduce", "prefilter", "gap_ms", "median_ms"]
-    results.write("engine-select-modes", {"bench": "select_modes", "isa": active_isa(), "threads": thr,
-                                          "machine": results.machine(), "rows": rows,
-                                          "mass_vs_topk": mass / topk},
-                  "# Engine time per layer by selection mode\n\n" + results.markdown_table(rows, cols))
+    path = results.write("engine-select-modes", {"bench": "select_modes", "isa": active_isa(), "threads": thr,
+                                                 "machine": results.machine(), "rows": rows,
+                                                 "mass_vs_topk": mass / topk},
+                         "# Engine time per layer by selection mode\n\n" + results.markdown_table(rows, cols),
+                         out_dir=args.results_dir)
+    print(f"wrote {path}")
     return 0
 
 

@@ -20,7 +20,10 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
     assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial",
-                        "hcattention", "hcattention_int4", "hcattention_exact"}
+                        "hcattention", "hcattention_int4", "hcattention_exact", "sparda", "sparda_fetch", "sparda_none"}
+    # the block cache reports what it held and fetched
+    sp = next(r for r in payload["rows"] if r["policy"] == "sparda")
+    assert sp["block_hits_per_step"] + sp["block_misses_per_step"] > 0 and sp["blocks_fetched_per_step"] > 0
     graph = next(r for r in payload["rows"] if r["policy"] == "dense_graph")
     assert graph["status"] == "needs CUDA (a CUDA graph)"  # the CPU machine runs no graph; said so
     # the GPU-selecting policies report what they keep per query head (mass 0.9, capped at the budget)

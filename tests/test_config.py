@@ -68,12 +68,12 @@ def test_unknown_policy_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("text, path, words", [
-    ("window: {sink_tokens: 100, window_tokens: 64}", "window", "window_tokens must be >= sink_tokens"),
-    ("window: {window_tokens: 100, page_tokens: 16}", "window", "page_tokens must divide window_tokens"),
-    ("window: {page_tokens: 8}\nhost_store: {summary_tokens: 16}", "", "summary_tokens must divide"),
+    ("window: {sink_tokens: 100, window_tokens: 64}", "window.window_tokens", "window_tokens must be >= sink_tokens"),
+    ("window: {window_tokens: 100, page_tokens: 16}", "window.page_tokens", "page_tokens must divide window_tokens"),
+    ("window: {page_tokens: 8}\nhost_store: {summary_tokens: 16}", "host_store.summary_tokens", "summary_tokens must divide"),
     ("budget: {kind: tokens, tokens: 0}", "budget.tokens", "greater than 0"),
     ("budget: {kind: fraction, fraction: 0.1, min_tokens: 10, max_tokens: 5}", "budget", "min_tokens must be <= max_tokens"),
-    ("max_context_tokens: 100", "", "max_context_tokens must be >="),
+    ("max_context_tokens: 100", "max_context_tokens", "max_context_tokens must be >="),
     ("policy: offload_all\nbudget: {kind: tokens, tokens: 5}", "", "budget.kind must be 'all'"),
     ("policy: sparda\nsparda: {forecast: {source: trained}}", "sparda.forecast", "weights_path is required"),
     ("policy: sparda\nsparda: {block_tokens: 24}", "", "multiple of window.page_tokens"),

@@ -52,7 +52,8 @@ def test_fused_merge_equals_the_reference(d, dtype):
     # every host token kept by the GPU selection: with exact logits the engine recomputes them all
     {"policy": "hcattention", "budget": {"kind": "tokens", "tokens": 100000}, "hcattention": {"logits": "exact"}},
     # ... and with the approximate logits of 8-bit device keys, still within bf16-level agreement
-    {"policy": "hcattention", "budget": {"kind": "tokens", "tokens": 100000}, "hcattention": {"key_bits": 8}},
+    {"policy": "hcattention", "budget": {"kind": "tokens", "tokens": 100000},
+     "hcattention": {"key_bits": 8, "logits": "approximate"}},
 ], ids=["hgca", "hcattention-all", "hcattention-exact", "hcattention-int8-approximate"])
 @pytest.mark.parametrize("group", [4, 7])
 def test_hybrid_on_cuda_with_everything_equals_dense(group, policy):

@@ -1,6 +1,7 @@
 """A real model (SmolLM2-135M from its wheel) decoding through the tier; the eval command's last line."""
 
 import importlib.util
+import json
 import re
 from importlib import metadata
 
@@ -86,14 +87,13 @@ def test_eval_command_prints_the_gap_line_last(tmp_path, monkeypatch, capsys):
     assert "attention ms/step" in (tmp_path / "eval-smollm2-135m.md").read_text()
 
 
-def test_checkpoint_keeps_the_answers_so_far(tmp_path, monkeypatch):
+def test_checkpoint_keeps_the_answers_so_far(tmp_path):
     import json
 
     from kvtier.eval import grid
 
-    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
     s = {"model": "smollm2-135m"}
-    grid._checkpoint(s, False, 3, [{"task": "passkey", "score": 1.0}], 1, 6)
+    grid._checkpoint(tmp_path / grid._partial_name(s, False), s, 3, [{"task": "passkey", "score": 1.0}], 1, 6)
     saved = json.loads((tmp_path / "eval-smollm2-135m.partial.json").read_text())
     assert saved["prompts_done"] == 1 and saved["prompts_total"] == 6 and saved["records"][0]["score"] == 1.0
 
@@ -244,3 +244,30 @@ def test_on_a_gpu_dense_generates_what_plain_transformers_does_there(prefill_chu
     assert r.generations[0] == ref.tolist()[: len(r.generations[0])] and len(r.generations[0]) >= 4
     assert all(f.rel_err < 1e-3 for f in r.fidelity[0])
     assert max(f.rel_err for f in r.fidelity[2]) < 0.05 and r.attention[2].cpu_s > 0
+
+
+def test_a_capture_replays_through_the_decode_bench_on_real_attention(tmp_path, monkeypatch, capsys):
+    """Real SmolLM2 K/V and queries through the tiers: dense and offload_all reproduce full attention over
+    the captured tokens, the sparse policies err a little, and the report names its data."""
+    from kvtier.cli import main
+    from kvtier.eval.capture import load_capture
+
+    path = tmp_path / "cap.pt"
+    assert main(["bench", "capture-kv", str(path), "--context", "600", "--queries", "3"]) == 0
+    cap = load_capture(path)
+    assert cap.k.shape == (30, 600, 3, 64) and cap.q.shape == (30, 3, 9, 64) and cap.context == 597
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    assert main(["bench", "decode", "--quick", "--kv", str(path), "--batches", "1", "--steps", "2",
+                 "--policies", "dense,offload_all,hgca,hcattention"]) == 0
+    payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
+    assert payload["data"]["kind"] == "capture" and payload["data"]["context"] == 597
+    rows = {r["policy"]: r for r in payload["rows"]}
+    assert all(r["status"] == "ok" and r["context"] == 597 for r in rows.values())
+    assert rows["dense"]["rel_err"] < 1e-2 and rows["offload_all"]["rel_err"] < 1e-2  # bf16 pools
+    assert 0 < rows["hgca"]["rel_err"] < 0.2 and 0 < rows["hcattention"]["rel_err"] < 0.3
+    assert main(["bench", "decode", "--kv", str(path), "--steps", "5"]) == 2  # 3 queries: at most 2 steps
+    assert "the capture holds 3 queries, for at most 2 timed steps" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a capture")
+    assert main(["bench", "decode", "--kv", str(bad)]) == 2
+    assert "expected a torch archive" in capsys.readouterr().err

@@ -22,6 +22,7 @@ WINDOW = {"sink_tokens": 4, "window_tokens": 64, "page_tokens": 16}
 
 def _config(**hc):
     budget = hc.pop("budget", {"kind": "mass", "threshold": 0.9, "max_tokens": 256})
+    hc.setdefault("logits", "approximate")  # the tests name exact where they mean it
     return from_mapping({"policy": "hcattention", "window": WINDOW, "max_context_tokens": 8192, "budget": budget,
                          "host_store": {"key_format": "bf16"}, "hcattention": hc})
 
@@ -154,7 +155,7 @@ def _reference(tier, rid, layer, q, full, policy_tau, cap):
     logit_d = torch.einsum("hd,nhd->hn", q[0].double(), kd) * scale
     idx, sel = select_mass(approx[None], policy_tau, cap)
     out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
-    vh = v[first:host_end].double().repeat_interleave(g, 1)
+    vh = v[first:host_end].bfloat16().double().repeat_interleave(g, 1)  # as the store holds them
     for h in range(SHAPE.num_q_heads):
         keep = idx[0, h][idx[0, h] >= 0].long()
         logits = torch.cat([logit_d[h], approx[h, keep]])
@@ -236,12 +237,78 @@ def test_exact_logits_weigh_the_selection_with_the_host_stores_keys(gen):
                                    atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"eviction": {"rule": "low_attention"}}, "hcattention.eviction.rule: low_attention is not built yet"),
-])
-def test_settings_not_built_yet_are_refused_when_the_tier_is_built(knobs, message):
-    with pytest.raises(ValueError, match=message):
-        StandaloneTier(_config(**knobs), SHAPE, device="cpu", dtype=torch.float32, device_tokens=64, host_tokens=64)
+def test_low_attention_eviction_keeps_the_attended_pages_and_the_cap(gen):
+    """A request past capacity_tokens drops its least-attended pages (never the newest window's);
+    what remains is attended exactly (every kept host token, exact logits): equal to dense attention
+    over exactly those tokens."""
+    cfg = _config(key_bits=8, logits="exact", budget={"kind": "tokens", "tokens": 100000},
+                  eviction={"rule": "low_attention", "decay": 0.5, "capacity_tokens": 512})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    T, n = WINDOW["page_tokens"], 2000
+    try:
+        tier.tier.add(0)
+        plan = tier.tier.prefill(0, n)
+        direction = torch.nn.functional.normalize(torch.randn(SHAPE.head_dim, generator=gen), dim=0)
+        hot = torch.arange(4 + 16 * 10, 4 + 16 * 14)  # host pages 10..13 hold keys along the query's direction
+        full = []
+        for layer in range(SHAPE.n_layers):
+            k = torch.randn(n, SHAPE.kv_heads, SHAPE.head_dim, generator=gen)
+            k[hot] += 6 * direction
+            v = torch.randn(n, SHAPE.kv_heads, SHAPE.head_dim, generator=gen)
+            tier.tier.write_prefill_layer(plan, layer, k, v)
+            full.append((k, v))
+        q = (direction * 3).expand(1, SHAPE.num_q_heads, SHAPE.head_dim).contiguous()
+        before = tier.tier.host_tokens(0)
+        assert before > 512
+        tier.attn.plan([0])
+        assert tier.tier.host_tokens(0) == before  # no page has been scored yet: none may go
+        for _ in range(3):  # steps that attend the hot pages raise their scores
+            tier.attn.plan([0])
+            for layer in range(SHAPE.n_layers):
+                tier.attn.run(q, layer)
+        host = tier.tier.host_tokens(0)
+        assert host <= 512 and tier.attn.host.eviction.dropped > 0
+        table = tier.store.table(0)
+        kept = torch.cat([torch.arange(s, s + T) for s in table.starts])
+        assert set(hot.tolist()) <= set(kept.tolist()), "a page the query attends was dropped"
+        newest = table.starts[-1]
+        assert newest + T == tier.tier.requests[0].host_end  # the newest host page stays
+        positions = torch.cat([torch.arange(4), kept, torch.arange(tier.tier.requests[0].host_end, n)])
+        got = tier.attn.run(q, 1)
+        k, v = full[1]
+        ref = dense_attention(q.double(), k[positions].double(), v[positions].double(),
+                              torch.tensor([0, positions.numel()]), sm_scale=SHAPE.head_dim ** -0.5)
+        torch.testing.assert_close(got.double(), ref.out, atol=2e-3, rtol=2e-3)
+    finally:
+        tier.close()
+
+
+def test_dropped_pages_leave_holes_that_keep_the_other_pages_positions():
+    from kvtier.config import from_mapping as fm
+    from kvtier.store import HostStore
+
+    cfg = fm({"policy": "hgca", "window": WINDOW, "host_store": {"on_full": "evict"}})
+    store = HostStore(cfg, SHAPE, n_pages=8)
+    try:
+        store.admit("a", first_pos=4)
+        pages = store.allocate("a", 5)
+        assert store.table("a").starts == [4, 20, 36, 52, 68] and store.table("a").hole_tokens(16) == 0
+        assert store.drop_pages("a", [1, 3]) == 2
+        t = store.table("a")
+        assert t.pages == [pages[0], pages[2], pages[4]] and t.starts == [4, 36, 68] and t.hole_tokens(16) == 32
+        assert store.allocate("a", 1) and t.starts[-1] == 84  # new pages follow the last one
+        store.drop_pages("a", [0])
+        assert t.first_pos == 36 and t.hole_tokens(16) == 16 and t.dropped_tokens == 48  # 52..67 is missing
+        with pytest.raises(ValueError, match="has 3 host pages, got indices"):
+            store.drop_pages("a", [3])
+        # on_full: evict drops pages in the victim order a policy gives
+        store.admit("b", first_pos=4)
+        store.allocate("b", 4)
+        store.victim_order = lambda rid: [1, 0] if rid == "a" else []
+        store.allocate("b", 2)  # one page short: request a (the largest other) gives its page index 1
+        assert store.table("a").starts == [36, 84]
+    finally:
+        store.close()
 
 
 def test_exactly_one_key_form():
@@ -251,3 +318,40 @@ def test_exactly_one_key_form():
         _config(key_bits=4, codebook={"groups": 16})
     assert _config(key_bits=4).hcattention.codebook is None
     assert _config().hcattention.codebook.groups is None  # head_dim / 4 when the tier is built
+
+
+def test_codebooks_from_a_file_are_used_from_the_first_key(gen, tmp_path):
+    """A codebook file (kvtier bench codebooks) trains nothing at run time: every layer scores by its
+    codes from the first page on; a file for another shape is refused with the field path."""
+    from kvtier.cli import main
+    from kvtier.eval.capture import KvCapture
+    from kvtier.runtime.key_index import CodebookFileError
+
+    cap = KvCapture(torch.randn(2, 300, 2, 64, generator=gen).bfloat16(), torch.randn(2, 300, 2, 64).bfloat16(),
+                    torch.randn(2, 4, 8, 64).bfloat16(), 0.125, {"model": "test"})
+    cap.save(tmp_path / "cap.pt")
+    assert main(["bench", "codebooks", str(tmp_path / "cap.pt"), str(tmp_path / "books.pt"), "--entries", "16",
+                 "--device", "cpu"]) == 0
+    cfg = _config(codebook={"entries": 16, "path": str(tmp_path / "books.pt")})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        index = tier.attn.host.index
+        assert all(index.trained) and index.groups == 16 and not any(index._staged)
+        books = torch.load(tmp_path / "books.pt", weights_only=True)["codebooks"]
+        torch.testing.assert_close(index.codebooks.cpu(), books)
+        rids, full = _decode(tier, gen, [300], steps=1)
+        assert tier.tier.host_tokens(0) > 0 and not any(index._staged)  # encoded on arrival
+    finally:
+        tier.close()
+    for bad, message in (({"entries": 32}, r"expected codebooks of shape \(2, 2, 16, 32, 4\)"),
+                         ({"entries": 16, "groups": 8}, r"expected codebooks of shape \(2, 2, 8, 16, 8\)")):
+        with pytest.raises(CodebookFileError, match="hcattention.codebook.path: " + message):
+            StandaloneTier(_config(codebook={**bad, "path": str(tmp_path / "books.pt")}), SHAPE, device="cpu",
+                           dtype=torch.float32, device_tokens=64, host_tokens=64)
+    with pytest.raises(CodebookFileError, match="found no file"):
+        StandaloneTier(_config(codebook={"path": str(tmp_path / "none.pt")}), SHAPE, device="cpu",
+                       dtype=torch.float32, device_tokens=64, host_tokens=64)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CodebookFileError, match="expected a codebook file"):
+        StandaloneTier(_config(codebook={"path": str(tmp_path / "junk.pt")}), SHAPE, device="cpu",
+                       dtype=torch.float32, device_tokens=64, host_tokens=64)

@@ -125,7 +125,10 @@ def test_a_streamed_answer_times_prefill_and_decode_apart(incremental):
     assert [n for _, n in st.chunks] == [1, 2, 3, 4, 5] and st.chunks[0][0] == st.first_s
     rate = serve_check.decode_rate(st)
     assert 4 / (st.last_s - st.first_s) == rate and rate < 4 / 0.4
-    assert serve_check.first_decode_step_s(st) >= 0.3
+    # the first step sleeps 0.3 s on the server, the later ones 0.05 s; a late read of the first
+    # chunk shortens the measured gap by a few ms (0.2985 s seen), never to the later steps' size
+    first = serve_check.first_decode_step_s(st)
+    assert first >= 0.25 and first > 2 * max(b[0] - a[0] for a, b in zip(st.chunks[1:], st.chunks[2:]))
     steady = serve_check.steady_decode_rate(st)
     assert steady == 3 / (st.last_s - st.chunks[1][0]) and steady > rate
     assert serve_check._finish_reason(st.out) == {"type": "length"}

@@ -76,6 +76,31 @@ def test_hcattention_selects_from_device_keys_through_the_backend_and_matches_de
     assert n == distinct and alloc.available_size() == alloc.size
 
 
+def test_sparda_attends_its_block_cache_and_the_cpus_misses_through_the_backend():
+    """Every block selected: the first step's misses on the CPU, the next steps from the device block
+    cache; equal to dense across evictions whose slots were reused by another request."""
+    torch.manual_seed(4)
+    backend, layer, runner = _stage2_backend(policy="sparda", budget="{kind: tokens, tokens: 100000}",
+                                             knobs="sparda: {block_tokens: 32, correction: cpu}\n")
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [300, 150])
+    filler = None
+    for step in range(4):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        if filler is None:
+            filler = alloc.alloc(alloc.available_size() - 8)
+            runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
+            runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    host = backend.session.attn.host
+    assert host.name == "forecast_prefetch" and host.take_stats().hits > 0
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc.free(filler)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size
+
+
 def test_sglang_attention_kit_at_the_default_budget_with_int8_keys(monkeypatch, tmp_path):
     _, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path, keys="int8", budget="{kind: tokens, tokens: 2048}"))
     assert max(host_seen) > 0

@@ -46,6 +46,27 @@ def test_bad_yaml_stops_the_launch_with_exit_2(tmp_path, tiny_model):
     assert "Load weight" not in proc.stderr + proc.stdout  # stopped before any model loads
 
 
+def test_a_codebook_file_that_does_not_fit_the_model_stops_the_launch(tmp_path, tiny_model):
+    """The tiny model: 2 layers, 2 kv-heads, head_dim 16 (4 groups of 4 channels); a file for another
+    shape, or none, is refused at launch with the field path, before any model loads."""
+    import torch
+
+    from kvtier.runtime.key_index import save_codebooks
+
+    policy = tmp_path / "hc.yaml"
+    for books, want in ((None, "found no file"),
+                        (torch.zeros(2, 2, 4, 8, 4), r"expected codebooks of shape (2, 2, 4, 16, 4)")):
+        path = tmp_path / "books.pt"
+        if books is not None:
+            save_codebooks(path, books, {})
+        policy.write_text(f"policy: hcattention\nhost_store: {{capacity_gib: 0.1}}\n"
+                          f"hcattention: {{codebook: {{entries: 16, path: {path}}}}}\n")
+        proc = _launch("--model-path", str(tiny_model), "--device", "cpu", "--kv-tier", str(policy))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{policy}: hcattention.codebook.path: " in proc.stderr and want in proc.stderr, proc.stderr[-1000:]
+        assert "Load weight" not in proc.stderr + proc.stdout
+
+
 def test_arguments_parse_into_the_typed_policy(tmp_path, tiny_model, root):
     from sglang.srt.server_args import prepare_server_args
 
@@ -210,3 +231,50 @@ def loads_dense():
     from kvtier.config import loads
 
     return loads("policy: dense\n", "<test>")
+
+
+def _policy_file(tmp_path, text):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_launch_refuses_what_this_host_cannot_run(tmp_path, tiny_model):
+    cores = len(os.sched_getaffinity(0))
+    bad = _policy_file(tmp_path, f"engine: {{threads: {cores + 1}}}\n")
+    proc = _launch("--model-path", str(tiny_model), "--device", "cpu", "--kv-tier", str(bad))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{bad}: engine.threads: expected at most {cores} (the {cores} cores this process may use)" in proc.stderr
+    assert "Load weight" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_launch_checks_isa_and_memory_of_this_host(tmp_path, root):
+    from kvtier._native import isa_supported
+    from kvtier.config import ConfigError
+    from kvtier.config.host import host_memory_available
+
+    if not isa_supported("amx"):
+        with pytest.raises(ConfigError, match="engine.isa: expected auto or a variant this CPU and OS run"):
+            launch.check_this_host(load(_policy_file(tmp_path, "engine: {isa: amx}\n")), ranks_on_host=1,
+                                   model_path=None, source="p.yaml")
+    have = host_memory_available()
+    default = load(root / "kvtier.yaml")  # 16 GiB of host store per rank
+    ranks = int(have // (16 << 30)) + 1
+    with pytest.raises(ConfigError, match="host_store.capacity_gib: expected at most"):
+        launch.check_this_host(default, ranks_on_host=ranks, model_path=None, source="kvtier.yaml")
+
+
+def test_launch_checks_int4_groups_against_a_local_models_head_dim(tmp_path):
+    import json
+
+    from kvtier.config import ConfigError
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_attention_heads": 32}))
+    config = load(_policy_file(tmp_path, "host_store: {key_format: int4, key_group_channels: 48}\n"))
+    with pytest.raises(ConfigError) as info:
+        launch.check_this_host(config, ranks_on_host=1, model_path=str(model), source="p.yaml")
+    assert "p.yaml: host_store.key_group_channels: expected an even divisor of the model's head_dim 128" in \
+        str(info.value)
+    launch.check_this_host(config, ranks_on_host=1, model_path="org/hub-model", source="p.yaml")  # unknown: later

@@ -2,7 +2,9 @@
 
 The YAML is validated while the arguments are parsed; a bad file stops the
 launch with exit code 2 and kvtier's `FILE: field.path: ...` message before
-any model loads. The resolved policy rides on the ServerArgs record (which
+any model loads. So does a policy this host or model cannot run: threads
+beyond the cores, a SIMD variant the CPU lacks, stores beyond the memory
+available, group sizes that do not divide a local model's head_dim. The resolved policy rides on the ServerArgs record (which
 is pickled to the scheduler processes) and in KVTIER_CONFIG for processes
 built from the Python API.
 """
@@ -10,13 +12,14 @@ built from the Python API.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from typing import Any, Optional
 
-from kvtier.config import ConfigError, TierConfig, dump, env, load, loads
-from kvtier.runtime.ranks import check_host_memory
+from kvtier.config import (ConfigError, Isa, ModelShape, Problem, TierConfig, check_host, check_shape, dump, env, load,
+                           loads)
 
 from . import prefix, serving, versions
 from .hooks import verify_hooks
@@ -182,6 +185,55 @@ def load_or_exit(path: str) -> TierConfig:
     raise SystemExit(2)
 
 
+def _local_shape(model_path: Any) -> Optional[ModelShape]:
+    """The attention shape from a local model directory's config.json, or None (a hub id, no such file)."""
+    try:
+        with open(os.path.join(str(model_path), "config.json")) as f:
+            hf = json.load(f)
+        cfg = hf.get("text_config", hf)
+        hq = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // hq)
+        return ModelShape(int(cfg["num_hidden_layers"]), hq, int(cfg.get("num_key_value_heads") or hq), head_dim)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _codebook_problem(config: TierConfig, shape: Optional[ModelShape], tp_size: int) -> Optional[str]:
+    """Why hcattention's codebook file cannot serve this launch, or None."""
+    book = getattr(getattr(config, "hcattention", None), "codebook", None)
+    if book is None or not book.path:
+        return None
+    from kvtier.runtime.key_index import CodebookFileError, load_codebooks
+
+    if not os.path.isfile(book.path):
+        return f"expected a codebook file (kvtier bench codebooks), found no file {book.path}"
+    if tp_size > 1:
+        return f"expected --tp-size 1: a codebook file holds every kv-head, and ranks load their own (found {tp_size})"
+    if shape is not None:
+        try:
+            load_codebooks(book.path, shape, book.groups or max(1, shape.head_dim // 4), book.entries, field="")
+        except CodebookFileError as exc:
+            return str(exc).lstrip(": ")
+    return None
+
+
+def check_this_host(config: TierConfig, *, ranks_on_host: int, model_path: Any, source: str) -> None:
+    """ConfigError for what this host (cores, SIMD variant, memory) or a local model cannot run."""
+    isa_supported = None
+    if config.engine.isa is not Isa.AUTO:
+        try:
+            from kvtier._native import isa_supported
+        except ImportError:  # not built: the scheduler says so, with the rebuild command, when it loads the tier
+            pass
+    check_host(config, source=source, ranks_on_host=ranks_on_host, isa_supported=isa_supported)
+    shape = _local_shape(model_path) if model_path else None
+    if shape:
+        check_shape(config, shape, source=source)
+    why = _codebook_problem(config, shape, ranks_on_host)
+    if why:
+        raise ConfigError(source, [Problem("hcattention.codebook.path", why)])
+
+
 def publish(config: TierConfig) -> str:
     """Write the resolved policy where spawned processes find it; returns the YAML."""
     text = dump(config)
@@ -204,7 +256,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
         print(why, file=sys.stderr)
         raise SystemExit(2)
     try:
-        check_host_memory(config, ranks_on_host=int(getattr(args, "tp_size", 1) or 1), source=path)
+        check_this_host(config, ranks_on_host=int(getattr(args, "tp_size", 1) or 1),
+                        model_path=getattr(args, "model_path", None), source=path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(2)
@@ -223,7 +276,8 @@ def engine_init(*args, **kwargs):
         return args, kwargs
     versions.check(versions.running())
     config = load(path)  # ConfigError propagates: the caller gets the typed error
-    check_host_memory(config, ranks_on_host=int(kwargs.get("tp_size", 1) or 1), source=path)
+    check_this_host(config, ranks_on_host=int(kwargs.get("tp_size", 1) or 1), model_path=kwargs.get("model_path"),
+                    source=path)
     ns = argparse.Namespace(**kwargs)
     why = refusals(ns) or tier_refusals(ns, config)
     if why:

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from kvtier.bench.results import results_dir
+from kvtier.bench.results import add_results_dir_argument, results_dir
 from kvtier.config import env as kvtier_env
 
 
@@ -393,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also a conversation of this many turns on the longest context (each turn's prompt: the "
                         "previous prompt, its answer and 64 new tokens)")
     p.add_argument("--name", default="serve")
-    p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
+    add_results_dir_argument(p, "--out-dir")
     p.add_argument("--reference", default=None,
                    help="an earlier run's JSON whose first policy is the reference (e.g. dense launched with other "
                         "arguments); it must have used the same --contexts, --seed, --vocab and --new-tokens")
@@ -412,7 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"serve_check: --reference {args.reference}: {exc}", file=sys.stderr)
             return 2
-    out_dir = results_dir(args.out_dir)
+    out_dir = results_dir(args.results_dir)
     for path in policies:
         try:
             results.append(run_policy(path, args, out_dir))
@@ -426,6 +426,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(results) > 1:
             c = cmp[str(path)]
             print(f"{path.stem}: match_tokens={c['match_tokens']} decode_vs_first={c['decode_vs_first']}", flush=True)
+    print(f"wrote {out_dir / f'{args.name}.json'}")
     return 0
 
 

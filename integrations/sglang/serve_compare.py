@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from kvtier.bench.results import results_dir
+from kvtier.bench.results import add_results_dir_argument, results_dir
 
 from .serve_check import agree_tokens
 
@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("runs", nargs="+", metavar="LABEL=RUN.json", help="serve_check JSON files, each with a label")
     p.add_argument("--name", default="serve-compare")
     p.add_argument("--title", default="serve_check runs compared")
-    p.add_argument("--out-dir", default=None, help="default: KVTIER_RESULTS_DIR or benchmarks/results")
+    add_results_dir_argument(p, "--out-dir")
     args = p.parse_args(argv)
     runs: Dict[str, List[Dict[str, Any]]] = {}
     for spec in args.runs:
@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         runs[label] = results
     cmp = compare_runs(runs)
-    out_dir = results_dir(args.out_dir)
+    out_dir = results_dir(args.results_dir)
     (out_dir / f"{args.name}.json").write_text(json.dumps({"runs": list(runs), **cmp}, indent=1))
     md = markdown(cmp, args.title)
     (out_dir / f"{args.name}.md").write_text(md)

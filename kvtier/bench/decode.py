@@ -13,32 +13,36 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
-from .results import machine, markdown_table, write
+from .arguments import positive_ints
+from .results import add_results_dir_argument, machine, markdown_table, write
 from .dense_graph import run_dense_graph
-from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, StackWeights, context_kv, fill_context,
-                    make_weights, next_input, output, project_qkv)
+from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, Replay, StackWeights, fill_context,
+                    make_weights, next_input, output, project_qkv, request_kv)
 
 POLICIES = ("dense", "offload_all", "hgca")
 # hgca with the summary prefilter (64-token pages, 32-token summary chunks, 4x the budget in candidates);
 # hgca with the residual (the unselected host tokens as one mean key and value per 16-token chunk);
 # hgca with overlap off (the engine after the window, one after the other: what overlap saves);
 # dense with the whole step in one CUDA graph (the strongest dense: dense_graph.py);
-# hcattention: the GPU selects per query head from compressed keys (codebook 32 x 256, or 4-bit
-# keys), mass 0.9 capped at the budget, the host sums the selected values (or, exact, attends them)
+# hcattention: the GPU selects per query head from compressed keys (codebook head_dim/4 x 256, or 4-bit
+# keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
+# (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact")
+         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none")
+# sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
+# fetches the misses before attending; sparda_none (SparDA's own) leaves them out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 32768,131072")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,4,16")
+    parser.add_argument("--contexts", type=positive_ints, help="e.g. 32768,131072")
+    parser.add_argument("--batches", type=positive_ints, help="e.g. 1,4,16")
     parser.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES + EXTRA),
                         help=f"comma list of {', '.join(POLICIES + EXTRA)} (default: all)")
     parser.add_argument("--prefilter", type=float, default=4.0,
@@ -59,9 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-gib", type=float, default=0,
                         help="treat the GPU as having this much memory: PyTorch may allocate it less what the CUDA "
                              "context already holds (e.g. 79.6 for an 80 GB H100; default: the whole GPU)")
+    parser.add_argument("--kv", metavar="FILE",
+                        help="replay a capture's real K, V and queries (kvtier bench capture-kv) instead of synthetic "
+                             "ones: the model's shape and context, one captured query per step")
     parser.add_argument("--no-fit-check", action="store_true",
                         help="also run the cells whose device KV the accounting rejects, to see whether they really "
                              "fail (host limits still apply)")
+    add_results_dir_argument(parser)
 
 
 def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
@@ -83,13 +91,19 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"residual": True}}),
         "dense_graph": from_mapping({"policy": "dense", "window": win}),
         "hcattention": from_mapping({"policy": "hcattention", "window": win, "budget": hc_budget,
+                                     "hcattention": {"logits": "approximate"},
                                      "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hcattention_int4": from_mapping({
-            "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"key_bits": 4},
+            "policy": "hcattention", "window": win, "budget": hc_budget,
+            "hcattention": {"key_bits": 4, "logits": "approximate"},
             "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hcattention_exact": from_mapping({
             "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"logits": "exact"},
             "host_store": {"key_format": key_format, "value_format": value_format}}),
+        **{name: from_mapping({"policy": "sparda", "window": win, "budget": {"kind": "tokens", "tokens": budget},
+                               "host_store": {"key_format": key_format, "value_format": value_format},
+                               "sparda": {"correction": correction}})
+           for name, correction in (("sparda", "cpu"), ("sparda_fetch", "fetch"), ("sparda_none", "none"))},
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -107,6 +121,28 @@ def run(args: argparse.Namespace) -> int:
     contexts = args.contexts or ([2048, 8192] if quick else [32768, 131072])
     batches = args.batches or ([1, 2] if quick else [1, 4, 16])
     steps = args.steps or (2 if quick else 8)
+    replay = None
+    if args.kv:
+        from ..eval.capture import CaptureFileError, load_capture
+
+        try:
+            cap = load_capture(args.kv)
+        except CaptureFileError as exc:
+            print(f"kvtier bench decode: --kv {exc}", file=sys.stderr)
+            return 2
+        L, hq, hkv, d = cap.n_layers, cap.q.shape[2], cap.k.shape[2], cap.k.shape[3]
+        shape, hidden, replay = ModelShape(L, hq, hkv, d), hq * d, Replay(cap.k, cap.v, cap.q)
+        why = None
+        if args.contexts and args.contexts != [cap.context]:
+            why = f"--contexts: a capture replays its own context, {cap.context} tokens; got {args.contexts}"
+        elif steps + 1 > cap.q.shape[1]:
+            why = f"--steps: the capture holds {cap.q.shape[1]} queries, for at most {cap.q.shape[1] - 1} timed steps"
+        elif abs(cap.sm_scale - d ** -0.5) > 1e-6:
+            why = f"the capture's softmax scale {cap.sm_scale} is not 1/sqrt({d}), which the bench's tiers use"
+        if why:
+            print(f"kvtier bench decode: {why}", file=sys.stderr)
+            return 2
+        contexts = [cap.context]
     budget = args.budget_tokens or (256 if quick else 2048)
     window, sinks = (256, 16) if quick else (1024, 64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -182,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                         row["past_accounting"] = True
                     if name == "dense_graph":
                         row.update(run_dense_graph(weights, shape, hidden, context, batch, steps, device, dtype,
-                                                   sm_scale=shape.head_dim ** -0.5))
+                                                   sm_scale=shape.head_dim ** -0.5, replay=replay))
                         row["status"] = "ok"
                         print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
                               f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  "
@@ -192,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                         continue
                     tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
                                           host_tokens=batch * context)
-                    row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype))
+                    row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype, replay))
                     row["status"] = "ok"
                 except (RuntimeError, MemoryError) as exc:  # allocation failures (pinned or device) end the cell only
                     row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
@@ -209,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
     memory = {"full_model": args.full_model, "weights_gib": weights.nbytes() / 2**30,
               "device_gib": args.device_gib or None, "device_kv_cap_gib": dev_cap / 2**30,
               "host_kv_cap_gib": host_cap / 2**30, "value_format": args.value_format}
-    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory)
+    data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else {"kind": "synthetic"}
+    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory, data,
+                   out_dir=args.results_dir)
 
 
 def _cap_device(device, gib: float):
@@ -229,12 +267,13 @@ def _cap_device(device, gib: float):
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
-              device, dtype) -> Dict[str, object]:
+              device, dtype, replay: Optional[Replay] = None) -> Dict[str, object]:
     rids = list(range(batch))
+    n_step = 0  # decode steps run (a replay's step j takes the capture's j-th query and token)
     try:
         t_fill = time.perf_counter()
         for r in rids:
-            fill_context(st.tier, shape, w, r, context, device=device, dtype=dtype)
+            fill_context(st.tier, shape, w, r, context, device=device, dtype=dtype, replay=replay)
             if batch * context >= 1 << 20:  # long fills show progress
                 print(f"    filled {r + 1}/{batch} contexts of {context} tokens "
                       f"({time.perf_counter() - t_fill:.0f} s)", file=sys.stderr, flush=True)
@@ -248,13 +287,15 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         host_side = []  # per step: seconds in extend + plan and in evict (the tier's own work)
 
         def step(record: bool):
-            nonlocal x
+            nonlocal x, n_step
             h0 = time.perf_counter()
             slots = torch.cat([st.tier.extend(r, 1) for r in rids]).to(device)
             st.attn.plan(rids)
             h1 = time.perf_counter()
             for layer in range(shape.n_layers):
-                q, k, v = project_qkv(x, w, layer, shape)
+                q, k, v = project_qkv(x, w, layer, shape)  # the GPU work of a layer, whatever the data
+                if replay is not None:
+                    q, k, v = replay.step(layer, n_step, batch, device, dtype)
                 st.pool.k[layer, slots] = k
                 st.pool.v[layer, slots] = v
                 new_k[layer].append(k.float())
@@ -264,6 +305,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
                     last_q[layer] = (q.float(), attn.float())
                 x = output(x, attn, w, layer)
             x = next_input(x, w)
+            n_step += 1
             h2 = time.perf_counter()
             st.tier.evict()
             host_side.append((h1 - h0, time.perf_counter() - h2))
@@ -281,7 +323,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         dt = (time.perf_counter() - t0) / steps
         times = st.attn.take_times()
         try:
-            err = _attention_error(shape, w, last_q, new_k, new_v, context, batch, device)
+            err = _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay)
         except torch.cuda.OutOfMemoryError:  # the decode ran; only its float32 reference did not fit beside it
             err = float("nan")
             print("    attention error not measured: its float32 reference did not fit in the device memory "
@@ -301,6 +343,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "engine_threads": st.engine.n_threads if st.engine is not None else 0,
             "device_index_gib": st.attn.host.device_bytes / 2**30,
             **_host_reads(st, last_q, shape, batch),
+            **_block_stats(st, steps),
         }
     finally:
         st.close()
@@ -312,7 +355,7 @@ def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
     select = getattr(st.attn.host, "select", None)
     if select is None or not last_q or getattr(st.attn.host, "all", True):
         return {}
-    kept = [float((select(q.to(st.attn.device), layer)[0] >= 0).float().sum(-1).mean())
+    kept = [float((select(q.to(st.attn.device), layer, record=False)[0] >= 0).float().sum(-1).mean())
             for layer, (q, _) in last_q.items()]
     mean = sum(kept) / len(kept)
     value_bytes = st.store.view.buffers.values.element_size()
@@ -321,14 +364,26 @@ def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
             * batch / 2**30}
 
 
-def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device) -> float:
+def _block_stats(st, steps: int) -> Dict[str, float]:
+    """A block cache's hits, misses, fetched and wasted blocks and bytes host -> device per step."""
+    take = getattr(st.attn.host, "take_stats", None)
+    if take is None:
+        return {}
+    s = take()
+    per = steps + 1  # the warm-up step too
+    return {"block_hits_per_step": s.hits / per, "block_misses_per_step": s.misses / per,
+            "blocks_fetched_per_step": s.fetched / per, "blocks_wasted_per_step": s.wasted / per,
+            "fetched_mib_per_step": s.fetched_bytes / per / 2**20}
+
+
+def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay=None) -> float:
     """Relative error of the tier's attention output against dense over the full context."""
     from ..runtime import dense_attention
 
     num = den = 0.0
     for layer, (q, got) in last_q.items():
         for r in range(min(batch, 2)):
-            k, v = context_kv(shape, w, layer, context, seed=r, device=device, dtype=torch.float32)
+            k, v = request_kv(shape, w, layer, context, seed=r, device=device, dtype=torch.float32, replay=replay)
             k = torch.cat([k] + [s[r: r + 1] for s in new_k[layer]])
             v = torch.cat([v] + [s[r: r + 1] for s in new_v[layer]])
             indptr = torch.tensor([0, k.shape[0]], device=device)
@@ -354,7 +409,8 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
     return out
 
 
-def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None) -> int:
+def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None,
+            data=None, *, out_dir=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",
             "device_kv_gib", "device_index_gib", "host_kv_gib", "rel_err", "cpu_attn_ms_per_step",
@@ -390,11 +446,11 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
                 for (p, c, b), r in ok.items() if p != "dense_graph" and ("dense_graph", c, b) in ok}
     if vs_graph:
         summary["vs_dense_graph"] = vs_graph
-    payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(),
+    payload = {"bench": "decode", "quick": quick, "device": str(device), "machine": machine(), "data": data or {},
                "shape": shape._asdict(), "hgca_budget_tokens": budget,
                "hgca_key_format": key_format, "prefilter": prefilter, "rows": rows, "summary": summary,
                "capacity": _capacity(rows, fit or {}), "memory": memory or {}}
-    path = write(name, payload, markdown_table(rows, cols))
+    path = write(name, payload, markdown_table(rows, cols), out_dir=out_dir)
     _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
     for ctx, by_policy in payload["capacity"].items():

@@ -14,12 +14,12 @@ device-to-device copy bandwidth measured in the same process.
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from ..config import ModelShape
-from .stack import StackWeights, context_kv, next_input, output, project_qkv
+from .stack import Replay, StackWeights, next_input, output, project_qkv, request_kv
 
 
 def hbm_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -39,7 +39,7 @@ def hbm_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
 
 
 def run_dense_graph(w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
-                    device, dtype, *, sm_scale: float) -> Dict[str, object]:
+                    device, dtype, *, sm_scale: float, replay: Optional[Replay] = None) -> Dict[str, object]:
     import flashinfer
 
     hq, hkv, d, L = shape.num_q_heads, shape.kv_heads, shape.head_dim, shape.n_layers
@@ -48,7 +48,7 @@ def run_dense_graph(w: StackWeights, shape: ModelShape, hidden: int, context: in
     v_pool = torch.empty_like(k_pool)
     for r in range(batch):
         for layer in range(L):
-            k, v = context_kv(shape, w, layer, context, seed=r, device=device, dtype=dtype)
+            k, v = request_kv(shape, w, layer, context, seed=r, device=device, dtype=dtype, replay=replay)
             k_pool[layer, r * n: r * n + context] = k
             v_pool[layer, r * n: r * n + context] = v
     indptr = (torch.arange(batch + 1, dtype=torch.int32, device=device) * n)

@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from kvtier.bench.results import add_results_dir_argument, results_dir
 from kvtier.runtime.ranks import host_memory_available
 
-DEFAULT_OUT = pathlib.Path("benchmarks/results")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the engine at this many host tokens (bytes beyond the LLC); 0 = skip")
     parser.add_argument("--dram-bytes", type=int, default=0,
                         help="buffer of the DRAM stream-read ceiling; 0 = max(4 x LLC, 1 GiB), capped by free memory")
-    parser.add_argument("--out-dir", type=pathlib.Path, default=DEFAULT_OUT)
+    add_results_dir_argument(parser, "--out-dir")
 
 
 def key_bytes_per_token(key_format, head_dim, key_group=32):
@@ -294,8 +294,7 @@ def run(args: argparse.Namespace) -> int:
           f"isa {machine['isa']}, LLC {llc_mb}, flags {' '.join(machine['cpu_flags'])}")
     print(table_md, end="")
     print(f"max |engine - torch| = {err:.2e}")
-    print(last)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.results_dir)
     result = {"shape": shape, "machine": machine, "quick": bool(args.quick), "repeats": repeats,
               "median_s": med, "gbps": gbps, "engine_vs_stream": ratio_stream, "engine_vs_torch": ratio_torch,
               "max_abs_diff_vs_torch": err,
@@ -304,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
               "residual_vs_engine": med["engine_residual"] / med["engine"], "phases_s": phases,
               "samples_s": {"stream": t_stream, "score": t_score, "engine": t_engine, "torch": t_torch,
                             "engine_residual": t_resid}}
-    (args.out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "engine.md").write_text(
+    (out_dir / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "engine.md").write_text(
         f"# engine benchmark\n\n{machine['cpu']}, {machine['online_cpus']} CPUs, {machine['threads']} threads, "
         f"isa `{machine['isa']}`, LLC {llc_mb}; {H} kv-heads x {G} q/group x {n} tokens x d{D}, {kf} keys"
         f"{f' (group {kg})' if kf == 'int4' else ''}, "
@@ -313,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         "`engine_vs_stream` compares with a read of the same bytes (cache resident when they fit in the LLC); "
         "`engine_vs_dram` with a read of a buffer larger than the LLC"
         f"{' (the long case fits the LLC here, so its ratio compares a cache-resident run with DRAM)' if long and long['fits_llc'] else ''}.\n")
+    print(f"wrote {out_dir / 'engine.json'}")
+    print(last)
     return 0
 
 

@@ -9,7 +9,7 @@ so the ratio is what the host part costs. The tier is timed twice: with the stor
 and FlashInfer's prefill kernel where there is one (the default), and through the reference
 path: the C store's float32 dequant on the CPU and torch float32 attention in blocks.
 
-Prints a table, writes JSON and markdown under benchmarks/results/, and ends with
+Prints a table, writes JSON and markdown to the results directory (--results-dir), and ends with
 `prefill_tier_vs_dense=<time ratio> speedup_vs_reference=<speedup> tier_rel_err=<last chunk's
 relative output error against dense>` for the largest context.
 """
@@ -25,19 +25,21 @@ import torch
 
 from ..config import ModelShape, from_mapping
 from . import results
+from .arguments import positive_ints
 
 NAME = "prefill"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes for CPU machines and CI")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 8192,32768")
+    parser.add_argument("--contexts", type=positive_ints, help="e.g. 8192,32768")
     parser.add_argument("--chunk", type=int, default=0, help="prefill chunk tokens (default 2048, quick 256)")
     parser.add_argument("--layers", type=int, default=0, help="attention layers timed (default 4, quick 2)")
     parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"))
     parser.add_argument("--value-format", default="bf16", choices=("bf16", "int8"))
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--name", default=None, help="results file name (default prefill or prefill-quick)")
+    results.add_results_dir_argument(parser)
 
 
 def _configs(window: int, sinks: int, key_format: str, value_format: str):
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
              "dequantizes on the CPU and attends in float32 torch blocks.\n\n"
              + results.markdown_table(rows, ["context", "path", "seconds", "tokens_per_s", "vs_dense",
                                              "peak_device_tokens", "host_tokens", "rel_err"]))
-    path = results.write(name, payload, table)
+    path = results.write(name, payload, table, out_dir=args.results_dir)
     print(f"wrote {path}")
     print(f"prefill_tier_vs_dense={last['vs_dense']:.2f} speedup_vs_reference={last['speedup']:.2f} "
           f"tier_rel_err={last['rel_err']:.2e}")

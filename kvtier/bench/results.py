@@ -1,5 +1,11 @@
 """Where benchmarks write, and how: JSON plus a short markdown table.
 
+A run writes outside the checkout unless told otherwise: `--results-dir DIR`,
+else $KVTIER_RESULTS_DIR, else ~/.cache/kvtier/results. The repository's
+record, benchmarks/results/, is written on purpose
+(`--results-dir benchmarks/results`), so running a README command leaves
+`git status` clean.
+
 Every JSON written here also records when it was made (`date`, UTC), the
 command line that made it (`command`) and the kvtier commit it ran
 (`commit`, null outside a git checkout), which the results index
@@ -18,19 +24,34 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import torch
-
 from ..config import env
 
 
+REPOSITORY_RESULTS = "benchmarks/results"  # the checkout's record: --results-dir benchmarks/results
+
+
+def default_results_dir() -> pathlib.Path:
+    return pathlib.Path.home() / ".cache" / "kvtier" / "results"
+
+
 def results_dir(override: Optional[str] = None) -> pathlib.Path:
-    """`override`, else $KVTIER_RESULTS_DIR, else benchmarks/results (created)."""
-    path = pathlib.Path(override or env.get(env.RESULTS_DIR) or "benchmarks/results")
+    """`override`, else $KVTIER_RESULTS_DIR, else ~/.cache/kvtier/results (created)."""
+    path = pathlib.Path(override or env.get(env.RESULTS_DIR) or default_results_dir()).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def add_results_dir_argument(parser, *aliases: str) -> None:
+    """The --results-dir option every writing benchmark takes."""
+    parser.add_argument("--results-dir", *aliases, dest="results_dir", default=None, metavar="DIR",
+                        help=f"where the JSON and tables go (default: ${env.RESULTS_DIR.name}, else "
+                             f"~/.cache/kvtier/results; --results-dir {REPOSITORY_RESULTS} saves them into the "
+                             f"repository's record)")
+
+
 def machine() -> Dict[str, object]:
+    import torch  # here, so that commands declaring --results-dir do not load it
+
     info: Dict[str, object] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
                                "torch": torch.__version__}
     if torch.cuda.is_available():
@@ -83,9 +104,11 @@ def provenance() -> Dict[str, Optional[str]]:
     return {"date": now.isoformat(), "command": command_line(), "commit": source_commit()}
 
 
-def write(name: str, payload: Dict[str, object], table: str) -> pathlib.Path:
-    """`name`.json (payload plus `provenance()`, unless the payload sets those keys) and `name`.md."""
-    out = results_dir()
+def write(name: str, payload: Dict[str, object], table: str, *,
+          out_dir: Optional[os.PathLike] = None) -> pathlib.Path:
+    """`name`.json (payload plus `provenance()`, unless the payload sets those keys) and `name`.md,
+    in `out_dir` (None: `results_dir()`)."""
+    out = results_dir(out_dir)
     payload = {**provenance(), **payload}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(table)

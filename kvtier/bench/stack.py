@@ -74,12 +74,39 @@ def context_kv(shape: ModelShape, w: StackWeights, layer: int, n: int, *, seed: 
     return k.to(dtype), v.to(dtype)
 
 
-def fill_context(tier, shape: ModelShape, w: StackWeights, rid: int, n: int, *, device, dtype) -> None:
-    """Add request rid to a TierManager with n context tokens, every layer's K, V from `context_kv`."""
+class Replay(NamedTuple):
+    """A capture's real K, V and queries in place of the stack's (`kvtier.eval.capture`)."""
+
+    k: torch.Tensor  # [L, N, Hkv, D]
+    v: torch.Tensor
+    q: torch.Tensor  # [L, S, Hq, D]: step j's query is q[:, j], its new K, V are k[:, N - S + j]
+
+    @property
+    def context(self) -> int:
+        return self.k.shape[1] - self.q.shape[1]
+
+    def step(self, layer: int, j: int, batch: int, device, dtype):
+        """(q [B, Hq, D], k, v [B, Hkv, D]) of decode step j, the same for every request."""
+        t = self.context + j
+        return tuple(x.to(device, dtype).unsqueeze(0).expand(batch, *x.shape).contiguous()
+                     for x in (self.q[layer, j], self.k[layer, t], self.v[layer, t]))
+
+
+def request_kv(shape: ModelShape, w: StackWeights, layer: int, n: int, *, seed: int, device, dtype,
+               replay: Optional[Replay] = None):
+    """A request's first n tokens' K, V [n, Hkv, D] at one layer: the capture's, else synthetic."""
+    if replay is not None:
+        return replay.k[layer, :n].to(device, dtype), replay.v[layer, :n].to(device, dtype)
+    return context_kv(shape, w, layer, n, seed=seed, device=device, dtype=dtype)
+
+
+def fill_context(tier, shape: ModelShape, w: StackWeights, rid: int, n: int, *, device, dtype,
+                 replay: Optional[Replay] = None) -> None:
+    """Add request rid to a TierManager with n context tokens, every layer's K, V from `request_kv`."""
     tier.add(rid)
     plan = tier.prefill(rid, n)
     for layer in range(shape.n_layers):
-        k, v = context_kv(shape, w, layer, n, seed=rid, device=device, dtype=dtype)
+        k, v = request_kv(shape, w, layer, n, seed=rid, device=device, dtype=dtype, replay=replay)
         tier.write_prefill_layer(plan, layer, k, v)
 
 

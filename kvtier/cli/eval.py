@@ -4,7 +4,8 @@ Grid: tasks x context lengths x policies (dense, window_only, and each
 budgeted policy at each budget). Every policy sees the same seeded prompts.
 Per cell: accuracy, the KV budget actually used and per-layer attention
 fidelity at the first question token. Writes JSON, a markdown table and a
-PNG under benchmarks/results/ and prints, last:
+PNG under --results-dir (default: $KVTIER_RESULTS_DIR, else
+~/.cache/kvtier/results) and prints, last:
 
     worst_gap_points=<G> window_only_gap_points=<W>
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from ..bench.results import add_results_dir_argument
 
 QUICK = dict(model="smollm2-135m", contexts="1536", policies="dense,window_only,hgca", budgets="0.1",
              tasks="niah_single,passkey", samples=2, window=256)
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="prompts per task and context")
     parser.add_argument("--window", type=int, help="device window tokens (sinks: 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", help="results file name under benchmarks/results/ (default eval-<model>[-quick])")
+    parser.add_argument("--name", help="results file name in the results directory (default eval-<model>[-quick])")
+    add_results_dir_argument(parser)
     parser.add_argument("--device", default="auto",
                         help="where the model and the tiers' device windows run: auto (CUDA when there is a GPU), "
                              "cpu, cuda or cuda:N; host stores and the engine are always on the CPU")
@@ -52,12 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with its stored keys); default: once with full attention, shared by the policies")
 
 
+def _numbers(flag: str, text: object, kind: type) -> list:
+    try:
+        return [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"--{flag}: expected comma-separated {what}, found {str(text)[:100]!r}") from None
+
+
 def _settings(args: argparse.Namespace) -> dict:
     base = QUICK if args.quick else FULL
     out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    out["contexts"] = [int(x) for x in str(out["contexts"]).split(",")]
+    out["contexts"] = _numbers("contexts", out["contexts"], int)
     out["policies"] = [x for x in str(out["policies"]).split(",") if x]
-    out["budgets"] = [float(x) for x in str(out["budgets"]).split(",")]
+    out["budgets"] = _numbers("budgets", out["budgets"], float)
     out["tasks"] = [x for x in str(out["tasks"]).split(",") if x]
     out["name"] = getattr(args, "name", None)
     out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
@@ -72,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"eval: needs the eval extra (pip install -e '.[eval]'): {exc}", file=sys.stderr)
         return 2
-    s = _settings(args)
     try:
+        s = _settings(args)
         grid.check_settings(s)
     except ValueError as exc:
         print(f"eval: {exc}", file=sys.stderr)
@@ -81,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         report = grid.run_grid(s, seed=args.seed, quick=args.quick, fidelity=not args.no_fidelity,
-                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                               results_dir=getattr(args, "results_dir", None))
     except ValueError as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2

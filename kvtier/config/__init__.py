@@ -5,7 +5,9 @@ chosen by the file's ``policy:`` tag. Deeper layers receive these objects,
 never dicts.
 """
 
-from .loader import ConfigError, Problem, check_capacity, dump, from_mapping, load, loads
+from .errors import ConfigError, Problem
+from .host import HostFacts, check_host
+from .loader import check_capacity, check_shape, dump, from_mapping, load, loads, shape_problems
 from .policies import (
     POLICY_CLASSES,
     DenseConfig,
@@ -42,5 +44,6 @@ __all__ = [
     "GroupReduce", "HcattentionConfig", "HgcaConfig", "HostStoreConfig", "Isa", "KeyFormat", "MassBudget",
     "ModelShape", "OffloadAllConfig", "OnFull", "POLICY_CLASSES", "PolicyConfig", "Problem", "QuestConfig",
     "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "WindowOnlyConfig", "budget_tokens",
-    "check_capacity", "device_bytes_per_token", "dump", "from_mapping", "host_bytes_per_token", "load", "loads",
+    "HostFacts", "check_capacity", "check_host", "check_shape", "device_bytes_per_token", "dump", "from_mapping",
+    "host_bytes_per_token", "load", "loads", "shape_problems",
 ]

@@ -16,7 +16,7 @@ class EnvVar(NamedTuple):
 
 ISA = EnvVar("KVTIER_ISA", "Force the native engine's SIMD variant: generic, avx2, avx512, avx512bw (AVX-512 without the VNNI kernels) or amx (AVX-512 with the AMX int8 selection kernel); read by the C engine at load.")
 CONFIG = EnvVar("KVTIER_CONFIG", "Path of the resolved policy YAML handed to sglang's scheduler and worker processes.")
-RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks write JSON and tables (default: benchmarks/results).")
+RESULTS_DIR = EnvVar("KVTIER_RESULTS_DIR", "Where benchmarks and `kvtier eval` write JSON, tables and plots when no --results-dir is given (default: ~/.cache/kvtier/results, outside the checkout; benchmarks/results is the repository's record, written on purpose).")
 CACHE_DIR = EnvVar("KVTIER_CACHE_DIR", "Where `kvtier eval` assembles model files from wheels (default: ~/.cache/kvtier/models).")
 
 STATS_INTERVAL = EnvVar("KVTIER_STATS_INTERVAL_S", "Seconds between a serving scheduler's `kvtier:` statistics lines (default 30).")

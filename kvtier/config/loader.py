@@ -6,66 +6,18 @@ Parsing happens once, here, at the edge. Nothing deeper sees a dict.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Iterable, List, NamedTuple, Union
+from typing import Any, List, Union
 
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from .errors import ConfigError, Problem, clip, quote
 from .policies import POLICY_CLASSES, PolicyConfig, TierConfig
+from .sections import FieldError, KeyFormat
 from .shape import GIB, ModelShape
+from .yaml_input import MAX_BYTES, parse_yaml, too_big_message
 
 _ADAPTER: TypeAdapter = TypeAdapter(PolicyConfig)
-
-
-class Problem(NamedTuple):
-    """One thing wrong with a config file: where, and what."""
-
-    path: str  # dotted field path, or "" for the whole file
-    message: str  # "what was expected, what was found"
-
-    def render(self, source: str) -> str:
-        return f"{source}: {self.path}: {self.message}" if self.path else f"{source}: {self.message}"
-
-
-class ConfigError(ValueError):
-    """A config file or mapping that does not describe a valid policy."""
-
-    def __init__(self, source: str, problems: List[Problem]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(p.render(source) for p in problems))
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping", node.start_mark,
-                f"found the key '{key}' twice (first at line {seen[key] + 1})", key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse YAML text, raising ConfigError with the line of any syntax error."""
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem("", f"expected valid YAML, found a syntax error at {where}{what}")]) from None
 
 
 def _union_members(annotation: Any) -> dict:
@@ -136,14 +88,14 @@ def _problems(exc: ValidationError) -> List[Problem]:
             path, owner = _walk(loc[:-1])
             path = path + [loc[-1]]
             allowed = ", ".join(owner.model_fields) if owner is not None else "a documented key"
-            message = f"unknown key, expected one of: {allowed}; found '{loc[-1]}'"
+            message = f"unknown key, expected one of: {allowed}; found {quote(str(loc[-1]))}"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             path, _ = _walk(loc)
             tag = err.get("ctx", {}).get("discriminator", "'policy'").strip("'")
             path = path + [tag]
             tags = err.get("ctx", {}).get("expected_tags") or "'all', 'tokens', 'fraction', 'mass'"
             if kind == "union_tag_invalid":
-                message = f"expected one of {tags}, found {err['ctx'].get('tag')!r}"
+                message = f"expected one of {tags}, found {quote(err['ctx'].get('tag'))}"
             else:
                 message = f"required, expected one of {tags}, found nothing"
         elif kind == "missing":
@@ -151,11 +103,17 @@ def _problems(exc: ValidationError) -> List[Problem]:
             message = "required, found nothing"
         elif kind == "value_error":
             path, _ = _walk(loc)
-            message = err["msg"].removeprefix("Value error, ")
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, FieldError):  # a cross-field rule that names the field at fault
+                path = path + cause.field.split(".")
+                message = cause.message
+            else:
+                message = err["msg"].removeprefix("Value error, ")
         else:
             path, _ = _walk(loc)
-            message = f"{_expected(err['msg'])}, found {found!r}"
-        problems.append(Problem(".".join(str(p) for p in path), message))
+            message = f"{_expected(err['msg'])}, found {quote(found)}"
+        problems.append(Problem(".".join(clip(p, 40) if isinstance(p, str) else str(p) for p in path),
+                                message))
     return problems
 
 
@@ -181,7 +139,12 @@ def load(path: Union[str, os.PathLike]) -> TierConfig:
     """Read a policy YAML file and return its typed, frozen config."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)  # a file past the limit (or /dev/zero) is not read whole
+            if len(data) > MAX_BYTES:
+                size = os.fstat(f.fileno()).st_size
+                raise ConfigError(source, [Problem("", too_big_message(max(size, len(data))))])
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(source, [Problem("", f"expected a readable UTF-8 YAML file, found: {reason}")]) from None
@@ -206,3 +169,31 @@ def check_capacity(config: TierConfig, shape: ModelShape, *, batch: int = 1, sou
             f"{config.max_context_tokens} for {shape.n_layers} layers x {shape.kv_heads} kv-heads x "
             f"head_dim {shape.head_dim}, found {config.host_store.capacity_gib} GiB",
         )])
+
+
+def shape_problems(config: TierConfig, shape: ModelShape) -> List[Problem]:
+    """What the config asks that this model's attention shape cannot give (group sizes against head_dim)."""
+    if not config.offloads:
+        return []
+    d, problems = shape.head_dim, []
+    if d % 16 or d > 1024:  # the host store's layout (native/kvt_store.c)
+        problems.append(Problem("", f"expected a model head_dim that is a multiple of 16 and at most 1024 for the "
+                                    f"host store, found {d}"))
+    store = config.host_store
+    if store.key_format is KeyFormat.INT4 and d % store.key_group_channels:
+        fits = ", ".join(str(g) for g in range(2, min(d, 1024) + 1, 2) if d % g == 0)
+        problems.append(Problem("host_store.key_group_channels", f"expected an even divisor of the model's "
+                                f"head_dim {d} ({fits}), found {store.key_group_channels}"))
+    book = getattr(getattr(config, "hcattention", None), "codebook", None)
+    if book is not None and book.groups is not None and d % book.groups:
+        fits = ", ".join(str(g) for g in range(1, d + 1) if d % g == 0)
+        problems.append(Problem("hcattention.codebook.groups", f"expected a divisor of the model's head_dim {d} "
+                                f"({fits}), found {book.groups}"))
+    return problems
+
+
+def check_shape(config: TierConfig, shape: ModelShape, *, source: str = "<config>") -> None:
+    """Raise ConfigError when the policy's group sizes do not fit this model (see `shape_problems`)."""
+    problems = shape_problems(config, shape)
+    if problems:
+        raise ConfigError(source, problems)

@@ -1,7 +1,10 @@
 """Sections shared by every policy: device window, host store, CPU engine, budget.
 
 Every model is frozen and forbids unknown keys, so a typo in a YAML file is an
-error rather than a silently ignored setting. Units are in the field names.
+error rather than a silently ignored setting. Types are strict: `true` is not
+a number and `"64"` is not an integer (enums still take their names). Sizes
+have ceilings, so an absurd value fails here rather than in an allocation.
+Units are in the field names.
 """
 
 from __future__ import annotations
@@ -12,10 +15,25 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 
-class Frozen(BaseModel):
-    """Base of every config model: immutable, strict about unknown keys."""
+# The engine counts tokens in int32.
+MAX_TOKENS = (1 << 31) - 1
+# 64 TiB: beyond the memory of any one host today; the real bound is checked against the host.
+MAX_CAPACITY_GIB = 65536.0
+MAX_THREADS = 4096
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+class FieldError(ValueError):
+    """A cross-field rule's failure that names the field at fault (dotted, relative to the model)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+class Frozen(BaseModel):
+    """Base of every config model: immutable, strict about unknown keys and about types."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, strict=True)
 
 
 class KeyFormat(str, Enum):
@@ -46,24 +64,26 @@ class Isa(str, Enum):
 class WindowConfig(Frozen):
     """What stays on the device: the first sink tokens and the recent window."""
 
-    sink_tokens: int = Field(64, ge=0, description="First tokens of each request, never evicted.")
+    sink_tokens: int = Field(64, ge=0, le=MAX_TOKENS, description="First tokens of each request, never evicted.")
     window_tokens: int = Field(
-        1024, gt=0, description="Recent tokens kept on the device; whole pages leave once it is exceeded."
+        1024, gt=0, le=MAX_TOKENS,
+        description="Recent tokens kept on the device; whole pages leave once it is exceeded. At most max_context_tokens."
     )
     page_tokens: int = Field(
-        16, gt=0, description="Tokens per page, the unit of eviction and of the host store. Must divide window_tokens."
+        16, gt=0, le=MAX_TOKENS,
+        description="Tokens per page, the unit of eviction and of the host store. Must divide window_tokens."
     )
 
     @model_validator(mode="after")
     def _check(self) -> "WindowConfig":
         if self.window_tokens < self.sink_tokens:
-            raise ValueError(
-                f"window_tokens must be >= sink_tokens, found window_tokens={self.window_tokens} "
+            raise FieldError(
+                "window_tokens", f"window_tokens must be >= sink_tokens, found window_tokens={self.window_tokens} "
                 f"< sink_tokens={self.sink_tokens}"
             )
         if self.window_tokens % self.page_tokens:
-            raise ValueError(
-                f"page_tokens must divide window_tokens, found {self.window_tokens} % {self.page_tokens} "
+            raise FieldError(
+                "page_tokens", f"page_tokens must divide window_tokens, found {self.window_tokens} % {self.page_tokens} "
                 f"= {self.window_tokens % self.page_tokens}"
             )
         return self
@@ -77,20 +97,27 @@ class WindowConfig(Frozen):
 class HostStoreConfig(Frozen):
     """The host tier: a (pinned) arena of pages with compressed keys."""
 
-    capacity_gib: float = Field(16.0, gt=0, description="Size of the host arena in GiB, shared by all requests.")
-    key_format: KeyFormat = Field(KeyFormat.INT8, description="Key storage: int8 (per-token scale), int4 (per-group scale) or bf16 (exact).")
-    key_group_channels: int = Field(32, gt=0, description="Channels per int4 scale group; must divide head_dim.")
-    value_format: ValueFormat = Field(ValueFormat.BF16, description="Value storage: bf16 or int8 (per-token scale).")
+    capacity_gib: float = Field(16.0, gt=0, le=MAX_CAPACITY_GIB, allow_inf_nan=False, description="Size of the host arena in GiB, shared by all requests (per rank under tensor parallelism). Checked against the memory this host has available: `kvtier validate` warns, a launch refuses.")
+    key_format: KeyFormat = Field(KeyFormat.INT8, strict=False, description="Key storage: int8 (per-token scale), int4 (per-group scale) or bf16 (exact).")
+    key_group_channels: int = Field(32, gt=0, le=1024, description="Channels per int4 scale group: even (two channels a byte) and a divisor of head_dim (checked when the tier is built for a model).")
+    value_format: ValueFormat = Field(ValueFormat.BF16, strict=False, description="Value storage: bf16 or int8 (per-token scale).")
     pinned: Union[Literal["auto"], StrictBool] = Field("auto", description="Page-locked host memory for fast PCIe copies, on CUDA machines only: true, false, or auto (pin when the policy's host strategy copies host pages to the GPU, as offload_all does; a store that only the CPU engine reads gains nothing from it).")
-    summary_tokens: int = Field(16, gt=0, description="Tokens per key min/max summary chunk, the finest block for block scoring. Must divide page_tokens.")
-    on_full: OnFull = Field(OnFull.REJECT, description="When the arena is full: reject the new request, or evict by the policy's rule.")
+    summary_tokens: int = Field(16, gt=0, le=MAX_TOKENS, description="Tokens per key min/max summary chunk, the finest block for block scoring. Must divide page_tokens.")
+    on_full: OnFull = Field(OnFull.REJECT, strict=False, description="When the arena is full: reject the new request, or evict by the policy's rule.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "HostStoreConfig":
+        if self.key_format is KeyFormat.INT4 and self.key_group_channels % 2:
+            raise FieldError("key_group_channels", f"expected an even number of channels per int4 scale group "
+                             f"(two channels a byte), found {self.key_group_channels}")
+        return self
 
 
 class EngineConfig(Frozen):
     """The native CPU engine."""
 
-    threads: int = Field(0, ge=0, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined).")
-    isa: Isa = Field(Isa.AUTO, description="SIMD variant, process-wide: auto (the best the CPU and OS allow), generic, avx2, avx512, avx512bw (AVX-512 without VNNI) or amx. KVTIER_ISA, when set, wins.")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined). At most the cores this process may use (`kvtier validate` and a launch check).")
+    isa: Isa = Field(Isa.AUTO, strict=False, description="SIMD variant, process-wide: auto (the best the CPU and OS allow), generic, avx2, avx512, avx512bw (AVX-512 without VNNI) or amx; a named one must run on this CPU and OS (`kvtier validate` and a launch check). KVTIER_ISA, when set, wins.")
 
 
 class AllBudget(Frozen):
@@ -103,16 +130,16 @@ class TokensBudget(Frozen):
     """A fixed number of host tokens per (request, kv-head)."""
 
     kind: Literal["tokens"] = "tokens"
-    tokens: int = Field(2048, gt=0, description="Host tokens attended per (request, kv-head).")
+    tokens: int = Field(2048, gt=0, le=MAX_TOKENS, description="Host tokens attended per (request, kv-head).")
 
 
 class FractionBudget(Frozen):
     """A fraction of each request's context, clamped to [min_tokens, max_tokens]."""
 
     kind: Literal["fraction"] = "fraction"
-    fraction: float = Field(0.1, gt=0, le=1, description="Fraction of the context attended from the host.")
-    min_tokens: int = Field(256, gt=0, description="Lower clamp of the per-head budget.")
-    max_tokens: int = Field(8192, gt=0, description="Upper clamp of the per-head budget.")
+    fraction: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="Fraction of the context attended from the host.")
+    min_tokens: int = Field(256, gt=0, le=MAX_TOKENS, description="Lower clamp of the per-head budget.")
+    max_tokens: int = Field(8192, gt=0, le=MAX_TOKENS, description="Upper clamp of the per-head budget.")
 
     @model_validator(mode="after")
     def _check(self) -> "FractionBudget":
@@ -125,8 +152,8 @@ class MassBudget(Frozen):
     """The smallest set of top tokens reaching softmax mass `threshold`, capped."""
 
     kind: Literal["mass"] = "mass"
-    threshold: float = Field(0.95, gt=0, le=1, description="Cumulative softmax mass over the host tokens to reach.")
-    max_tokens: int = Field(4096, gt=0, description="Cap of the per-head selection.")
+    threshold: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="Cumulative softmax mass over the host tokens to reach.")
+    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Cap of the per-head selection.")
 
 
 Budget = Annotated[

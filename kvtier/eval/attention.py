@@ -14,6 +14,8 @@ SGLang's pool does). What it does depends on the `TierStep` passed as the
   tier i (prefill as SGLang's stage 3 does it): the chunk's K, V go to its
   device slots and q to `HybridAttention.run_extend`, which attends the host
   part exactly and the device tokens causally;
+- `CaptureStep`: plain SDPA attention; each layer's q, k, v (after RoPE) are handed
+  to a recorder (`capture.py`: real K/V for the benches);
 - `DecodeStep`: batch row i is one request in tier i. The new token's K, V
   are written to its device slot and q goes to `HybridAttention.run`; the
   tier, not any transformers cache, is the source of truth.
@@ -40,6 +42,11 @@ class ExtendStep(NamedTuple):
     attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class CaptureStep(NamedTuple):
+    # (layer, q [Hq, S, D], k [Hkv, S, D], v [Hkv, S, D]) of batch row 0, after RoPE; attention stays SDPA
+    record: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 class DecodeStep(NamedTuple):
     # (layer, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D]) -> attention output [B, Hq, D]
     attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,6 +69,9 @@ def kvtier_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         if query.shape[0] != 1:
             raise ValueError(f"prefill through the tier takes one prompt, found batch {query.shape[0]}")
         kvtier_step.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if isinstance(kvtier_step, CaptureStep):
+        kvtier_step.record(layer, query[0], key[0], value[0])
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if isinstance(kvtier_step, ExtendStep):
         return kvtier_step.attend(layer, query, key, value).to(query.dtype), None
@@ -98,5 +108,5 @@ def model_shape(model) -> ModelShapeInfo:
     return ModelShapeInfo(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, head_dim, float(scale))
 
 
-__all__ = ["ATTN_NAME", "DecodeStep", "ExtendStep", "ModelShapeInfo", "PrefillStep", "kvtier_attention", "model_shape",
+__all__ = ["ATTN_NAME", "CaptureStep", "DecodeStep", "ExtendStep", "ModelShapeInfo", "PrefillStep", "kvtier_attention", "model_shape",
            "register"]

@@ -45,10 +45,12 @@ def attended_mask(tier: TierManager, rid, detail: HybridDetail, n: int, num_q_he
     mask[:, : len(st.sink_slots)] = True
     mask[:, st.host_end:] = True  # recent tokens (pages in flight are still attended on the device)
     if detail.selection is not None:
-        first = tier.store.table(rid).first_pos
+        table, T = tier.store.table(rid), tier.config.window.page_tokens
+        starts = torch.tensor(table.starts or [table.first_pos], dtype=torch.long)
         sel = detail.selection[0].long().cpu()  # [Hq, cap]
         picked = sel >= 0
-        pos = torch.where(picked, sel + first, torch.zeros_like(sel))
+        safe = torch.where(picked, sel, torch.zeros_like(sel))
+        pos = torch.where(picked, starts[safe // T] + safe % T, torch.zeros_like(sel))
         mask.scatter_(1, pos, picked | mask.gather(1, pos))
     return mask
 

@@ -70,6 +70,8 @@ def check_settings(s: dict) -> None:
     if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
         raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
                          f"{s['contexts']}, {s['samples']}")
+    # The grid's policies, built before any model loads: a bad --window fails here, with its field.
+    policy_specs(s["policies"], s["budgets"], window_tokens=s["window"], keep_budget=s.get("keep_budget", False))
 
 
 def _stop_ids(tok, model) -> List[int]:
@@ -78,8 +80,11 @@ def _stop_ids(tok, model) -> List[int]:
     return sorted({int(i) for i in ids + [tok.eos_token_id] if i is not None})
 
 
-def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[str], None]) -> Report:
+def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[str], None],
+             results_dir: Optional[str] = None) -> Report:
+    """Run the grid; results go to `results_dir` (None: `results.results_dir()`'s default)."""
     t_start = time.perf_counter()
+    out = results.results_dir(results_dir)
     device = resolve_device(s.get("device", "cpu"))
     log(f"eval: loading {s['model']} on {device}")
     tok, model = models.load(models.resolve(s["model"]))
@@ -119,14 +124,14 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                         fid[(ctx, spec.label)].append([tuple(x) for x in layers])
                         host = sum(x.host_frac for x in layers) / len(layers)
                     usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
-                _checkpoint(s, quick, seed, records, done, n_total)
+                _checkpoint(out / _partial_name(s, quick), s, seed, records, done, n_total)
                 eta = t_prompts / done * (n_total - done)
                 log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
                     f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
                     + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
     report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start,
-                     device=str(device))
-    _partial_path(s, quick).unlink(missing_ok=True)
+                     device=str(device), out=out)
+    (out / _partial_name(s, quick)).unlink(missing_ok=True)
     return report
 
 
@@ -137,13 +142,12 @@ def _name(s: dict, quick: bool) -> str:
         ("-quick" if quick else "")
 
 
-def _partial_path(s: dict, quick: bool) -> pathlib.Path:
-    return results.results_dir() / f"{_name(s, quick)}.partial.json"
+def _partial_name(s: dict, quick: bool) -> str:
+    return f"{_name(s, quick)}.partial.json"
 
 
-def _checkpoint(s: dict, quick: bool, seed: int, records: List[dict], done: int, total: int) -> None:
+def _checkpoint(path: pathlib.Path, s: dict, seed: int, records: List[dict], done: int, total: int) -> None:
     """The answers so far, after every prompt: a long run that stops early keeps what it measured."""
-    path = _partial_path(s, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(settings=s, seed=seed, prompts_done=done, prompts_total=total,
@@ -161,7 +165,8 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds, device: str) -> Report:
+def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds, device: str,
+            out: pathlib.Path) -> Report:
     acc: Dict[tuple, List[float]] = defaultdict(list)
     for rec in records:
         acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
@@ -200,7 +205,7 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     table = _markdown(s, specs, cells, summary)
     payload = dict(name=name, settings=s, seed=seed, machine=results.machine(), summary=summary, cells=cells,
                    fidelity_top_k=32, records=records)
-    path = results.write(name, payload, table)
+    path = results.write(name, payload, table, out_dir=out)
     _plot(s, specs, cells, path.with_suffix(".png"))
     return Report(table, path, worst, window_gap)
 

@@ -11,7 +11,9 @@ the SGLang backend's session alike, so the choices below are made once:
   rank's share of the cores (`ranks.rank_share`), less one when the strategy pipelines
   (the decoding thread keeps queueing while the engine runs); under tensor parallelism
   its pool is pinned to the rank's cores;
-- the policy's `engine.isa` is applied before the engine starts.
+- the policy's `engine.isa` is applied before the engine starts;
+- the policy's group sizes are checked against the model's head_dim before the store or
+  the engine is built (`config.check_shape`: a ConfigError naming the field).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Type, Union
 import torch
 
 from .._native import Engine, use_isa
-from ..config import ModelShape, TierConfig
+from ..config import ModelShape, TierConfig, check_shape
 from ..policies import Policy, policy_for
 from ..store import HostStore
 from .hybrid import HybridAttention
@@ -70,6 +72,7 @@ def assemble(config: TierConfig, shape: ModelShape, *, k_pool: Union[torch.Tenso
     the config's (tests, experiments).
     """
     device = k_pool[0].device
+    check_shape(config, shape)
     policy = policy_for(config) if policy is None else policy
     strategy = strategy_class(policy.strategy) if strategy is None else strategy
     offload = policy.offloads

@@ -27,7 +27,7 @@ Shapes: k [pages, Hkv, T, D]; q [B, Hq, D] float32; scores [B, Hq, N] float32 wi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -248,6 +248,50 @@ class VqKeys(KeyIndex):
         return torch.gather(lut, 2, codes).sum(dim=1)
 
 
+class CodebookFileError(ValueError):
+    """A codebook file that is missing, unreadable, or not for this model and codebook shape."""
+
+
+def save_codebooks(path, books: torch.Tensor, meta: dict) -> None:
+    """books [L, Hkv, groups, entries, D/groups] float32, with where they came from."""
+    torch.save({"codebooks": books.float().cpu(), "meta": dict(meta)}, path)
+
+
+def load_codebooks(path, shape: ModelShape, groups: int, entries: int, field: str = "hcattention.codebook.path"):
+    """The codebooks of a file for this model shape and codebook: [L, Hkv, groups, entries, D/groups]."""
+    import pathlib
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise CodebookFileError(f"{field}: expected a codebook file (kvtier bench codebooks), found no file {p}")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+        books = data["codebooks"]
+    except Exception as exc:  # not an archive of tensors, or no codebooks in it
+        raise CodebookFileError(f"{field}: expected a codebook file (kvtier bench codebooks): {p}: {exc}") from None
+    want = (shape.n_layers, shape.kv_heads, groups, entries, shape.head_dim // groups)
+    if not isinstance(books, torch.Tensor) or tuple(books.shape) != want or not books.is_floating_point():
+        found = tuple(books.shape) if isinstance(books, torch.Tensor) else type(books).__name__
+        raise CodebookFileError(f"{field}: expected codebooks of shape {want} (layers, kv-heads, groups, entries, "
+                                f"channels) for this model and codebook, found {found} in {p}")
+    if not bool(torch.isfinite(books).all()):
+        raise CodebookFileError(f"{field}: expected finite codebooks, found NaN or Inf in {p}")
+    return books.float()
+
+
+def train_codebooks(keys: torch.Tensor, groups: int, entries: int, *, iterations: int = 10,
+                    max_points: int = 65536, seed: int = 0) -> torch.Tensor:
+    """k-means codebooks of keys [L, N, Hkv, D] per (layer, kv-head, group): [L, Hkv, groups, entries, D/groups]."""
+    L, n, h, d = keys.shape
+    if groups < 1 or d % groups:
+        raise ValueError(f"codebook.groups must divide head_dim {d}, got {groups!r}")
+    out = []
+    for layer in range(L):
+        x = keys[layer].float().permute(1, 0, 2).reshape(h, n, groups, d // groups)
+        out.append(kmeans(x, entries, iterations, max_points, seed + layer))
+    return torch.stack(out)
+
+
 def assign(x: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Nearest centroid per group: x [H, N, g, s], books [H, g, c, s] -> codes [H, N, g] (int64)."""
     out = torch.empty(x.shape[:3], dtype=torch.long, device=x.device)
@@ -285,35 +329,29 @@ def kmeans(x: torch.Tensor, entries: int, iterations: int, max_points: int, seed
     return books
 
 
-def select_mass(scores: torch.Tensor, tau: float, cap: int):
+def select_mass(scores: torch.Tensor, tau: float, cap: int, *, with_lse: bool = False):
     """The smallest set of each row's tokens reaching softmax mass tau, at most cap.
 
     scores [B, H, N] (-inf padded). Returns (idx [B, H, m] int32, -1 where not kept;
-    logits [B, H, m] of the kept tokens, -inf elsewhere), m = min(cap, N). The mass is
-    measured against the softmax over all N tokens of the row, so a capped set may hold
-    less than tau.
+    logits [B, H, m] of the kept tokens, -inf elsewhere), m = min(cap, N), and with_lse the
+    row's LSE over all N tokens [B, H]. The mass is measured against the softmax over all
+    N tokens of the row, so a capped set may hold less than tau.
     """
     b, h, n = scores.shape
     m = min(cap, n)
     if m == 0:
-        return (torch.full((b, h, 0), -1, dtype=torch.int32, device=scores.device),
-                scores.new_full((b, h, 0), float("-inf")))
+        out = (torch.full((b, h, 0), -1, dtype=torch.int32, device=scores.device),
+               scores.new_full((b, h, 0), float("-inf")))
+        return out + (scores.new_full((b, h), float("-inf")),) if with_lse else out
     top, idx = torch.topk(scores, m, dim=-1)  # sorted, descending
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     p = torch.exp(top - lse).nan_to_num(0.0)
     before = torch.cumsum(p, dim=-1) - p
     keep = (before < tau) & torch.isfinite(top)
-    return (torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32),
-            torch.where(keep, top, torch.full_like(top, float("-inf"))))
+    out = (torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32),
+           torch.where(keep, top, torch.full_like(top, float("-inf"))))
+    return out + (lse[..., 0],) if with_lse else out
 
 
-def index_bytes_per_token(shape: ModelShape, *, bits: Optional[int] = None, groups: int = 0, entries: int = 0) -> float:
-    """Device bytes one host token's compressed keys take, across layers and kv-heads."""
-    if bits is not None:
-        per = shape.head_dim * bits / 8 + 2
-    else:
-        per = groups * (1 if entries <= 256 else 2)
-    return per * shape.n_layers * shape.kv_heads
-
-
-__all__ = ["KeyIndex", "ScalarKeys", "VqKeys", "assign", "index_bytes_per_token", "kmeans", "select_mass"]
+__all__ = ["CodebookFileError", "KeyIndex", "ScalarKeys", "VqKeys", "assign", "kmeans", "load_codebooks",
+           "save_codebooks", "select_mass", "train_codebooks"]

@@ -15,7 +15,10 @@ import contextlib
 import os
 from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
-from ..config import GIB_BYTES, ConfigError, Problem, TierConfig
+from ..config import ConfigError, Problem, TierConfig
+from ..config.host import host_memory_available, memory_problems
+
+__all__ = ["RankShare", "check_host_memory", "host_memory_available", "pinned_to", "rank_kv_heads", "rank_share"]
 
 
 class RankShare(NamedTuple):
@@ -54,31 +57,13 @@ def rank_share(config: TierConfig, *, tp_size: int, tp_rank: int, total_kv_heads
     return RankShare(tp_size, tp_rank, rank_kv_heads(total_kv_heads, tp_size), threads, cores)
 
 
-def host_memory_available() -> int:
-    """MemAvailable in bytes (0 when unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def check_host_memory(config: TierConfig, *, ranks_on_host: int, available_bytes: Optional[int] = None,
                       source: str = "<config>") -> None:
     """ConfigError when every rank's host store together exceeds the host's available memory."""
-    if not config.offloads:
-        return
     have = host_memory_available() if available_bytes is None else available_bytes
-    need = config.host_store.capacity_gib * GIB_BYTES * ranks_on_host
-    if have and need > have:
-        raise ConfigError(source, [Problem(
-            "host_store.capacity_gib",
-            f"expected at most {have / GIB_BYTES / ranks_on_host:.2f} GiB per rank: {ranks_on_host} rank(s) x "
-            f"{config.host_store.capacity_gib} GiB = {need / GIB_BYTES:.2f} GiB, found {have / GIB_BYTES:.2f} GiB "
-            f"available on this host")])
+    problems = memory_problems(config, ranks_on_host=ranks_on_host, available_bytes=have)
+    if problems:
+        raise ConfigError(source, problems)
 
 
 @contextlib.contextmanager

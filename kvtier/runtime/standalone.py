@@ -28,11 +28,13 @@ class StandaloneTier:
     """Everything one decode loop needs; `close()` releases the engine and the store.
 
     The host store is sized to `host_tokens` (the workload's host part), not to the
-    policy's capacity, so that a small run takes small memory.
+    policy's capacity, so that a small run takes small memory; `host_pages`, when given,
+    sizes it instead (the demo passes what the policy's capacity holds).
     """
 
     def __init__(self, config: TierConfig, shape: ModelShape, *, device, dtype=torch.bfloat16,
-                 device_tokens: int, host_tokens: int = 0, sm_scale: Optional[float] = None,
+                 device_tokens: int, host_tokens: int = 0, host_pages: Optional[int] = None,
+                 sm_scale: Optional[float] = None,
                  soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None, policy: Optional[Policy] = None,
                  strategy=None):
         device = torch.device(device)
@@ -42,7 +44,7 @@ class StandaloneTier:
         scale = shape.head_dim ** -0.5 if sm_scale is None else sm_scale
         self.parts = assemble(config, shape, k_pool=self.pool.k, v_pool=self.pool.v, alloc_slots=self.pool.alloc,
                               free_slots=self.pool.free, sm_scale=scale, soft_cap=soft_cap,
-                              host_pages=-(-max(host_tokens, 1) // config.window.page_tokens) + 1,
+                              host_pages=host_pages or -(-max(host_tokens, 1) // config.window.page_tokens) + 1,
                               use_flashinfer=use_flashinfer, policy=policy, strategy=strategy)
         self.policy, self.store, self.engine = self.parts.policy, self.parts.store, self.parts.engine
         self.tier, self.attn = self.parts.tier, self.parts.attn

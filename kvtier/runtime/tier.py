@@ -173,7 +173,8 @@ class TierManager:
         if self.offload:
             self._quiesce()
             table = self.store.table(src)
-            self.store.share(src, dst, -(-(st.host_end - table.first_pos) // self.config.window.page_tokens))
+            T = self.config.window.page_tokens
+            self.store.share(src, dst, -(-(st.host_end - table.first_pos - table.hole_tokens(T)) // T))
         cpu = slots.cpu()
         self.requests[dst] = RequestState(length=n, sink_slots=slot_array(cpu[:sinks]),
                                           recent_slots=slot_array(cpu[sinks:]), host_end=st.host_end)
@@ -213,6 +214,9 @@ class TierManager:
         (int64), positions its table holds (`host_tokens` counts them)."""
         table = self.store.table(rid)
         T = self.config.window.page_tokens
+        if table.hole_tokens(T):
+            raise ValueError(f"host_addresses: request {rid!r} had host pages dropped from the middle; its "
+                             "host tokens no longer follow its positions")
         end = table.first_pos + len(table.pages) * T
         if not table.first_pos <= lo <= hi <= min(end, self.requests[rid].host_end):
             raise ValueError(f"host_addresses: positions [{lo}, {hi}) of request {rid!r}; its host tokens are "
@@ -409,7 +413,7 @@ class TierManager:
         if not self.offload or rid not in self.store:
             return 0
         table = self.store.table(rid)
-        return max(0, self.requests[rid].host_end - table.first_pos)
+        return max(0, self.requests[rid].host_end - table.first_pos - table.hole_tokens(self.config.window.page_tokens))
 
     def stats(self) -> TierStats:
         dev = sum(len(s.sink_slots) + len(s.recent_slots) for s in self.requests.values())

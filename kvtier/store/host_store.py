@@ -34,11 +34,28 @@ from .errors import CapacityError, HostMemoryError, PageOwnerError, UnknownReque
 
 @dataclass
 class PageTable:
-    """One request's host pages, in token order."""
+    """One request's host pages, in token order.
 
-    first_pos: int  # sequence position of the first host token
+    starts[i] is the sequence position of pages[i]'s first token. Pages are contiguous
+    until a policy drops some from the middle (`HostStore.drop_pages`); the host tokens
+    are then the pages' tokens, in order, with the dropped ones missing.
+    """
+
+    first_pos: int  # sequence position of the first host token (where the first page starts)
     pages: List[int] = field(default_factory=list)
-    dropped_tokens: int = 0  # tokens evicted from the host under pressure
+    dropped_tokens: int = 0  # tokens dropped from the host under pressure or by a policy
+    starts: List[int] = field(default_factory=list)
+
+    def hole_tokens(self, page_tokens: int) -> int:
+        """Tokens between the first and the last page that no page holds (dropped from the middle)."""
+        if not self.pages:
+            return 0
+        return self.starts[-1] + page_tokens - self.starts[0] - page_tokens * len(self.pages)
+
+    def _append(self, pages: List[int], page_tokens: int) -> None:
+        start = self.starts[-1] + page_tokens if self.starts else self.first_pos
+        self.pages.extend(pages)
+        self.starts.extend(start + i * page_tokens for i in range(len(pages)))
 
 
 class StoreStats(NamedTuple):
@@ -106,6 +123,9 @@ class HostStore:
         # Asked for n pages when the free list is short, before on_full applies: a prefix
         # cache lets go of what it holds; returns how many pages it freed.
         self.reclaim: Optional[Callable[[int], int]] = None
+        # on_full: evict drops, per request, its pages in this order (indices into its table;
+        # None: oldest first); a policy that scores pages sets it.
+        self.victim_order: Optional[Callable[[Hashable], List[int]]] = None
 
     # --- requests -----------------------------------------------------------
 
@@ -135,7 +155,7 @@ class HostStore:
         pages = table.pages[:n_pages]
         for p in pages:
             self._ref(p)
-        self._tables[dst] = PageTable(table.first_pos, list(pages))
+        self._tables[dst] = PageTable(table.first_pos, list(pages), starts=table.starts[:n_pages])
         return list(pages)
 
     def adopt(self, rid: Hashable, *, first_pos: int, pages: List[int]) -> None:
@@ -150,7 +170,8 @@ class HostStore:
                 raise ValueError(f"adopt: page {p} is not a stored page (the store has {self.n_pages} pages)")
         for p in pages:
             self._ref(p)
-        self._tables[rid] = PageTable(first_pos, list(pages))
+        table = self._tables[rid] = PageTable(first_pos)
+        table._append(list(pages), self.page_tokens)
 
     def cache_hold(self, pages: Iterable[int]) -> None:
         """A cache (of finished requests' prefixes) holds stored pages beyond their tables,
@@ -225,8 +246,26 @@ class HostStore:
         ids = [self._free.pop() for _ in range(n)]
         for p in ids:
             self._refs[p] = 1
-        table.pages.extend(ids)
+        table._append(ids, self.page_tokens)
         return ids
+
+    def drop_pages(self, rid: Hashable, indices: Iterable[int]) -> int:
+        """Drop pages of a request's table by their index in it (a policy's eviction: any pages,
+        not only the oldest); returns how many pages became free. Positions of the other pages
+        do not change; the dropped tokens are no longer attended."""
+        table = self.table(rid)
+        idx = sorted(set(indices), reverse=True)
+        if idx and not 0 <= idx[-1] <= idx[0] < len(table.pages):
+            raise ValueError(f"drop_pages: request {rid!r} has {len(table.pages)} host pages, got indices "
+                             f"{sorted(idx)[:8]}")
+        freed = 0
+        for i in idx:
+            freed += self._unref([table.pages.pop(i)])
+            table.starts.pop(i)
+        table.dropped_tokens += len(idx) * self.page_tokens
+        if table.starts:
+            table.first_pos = table.starts[0]
+        return freed
 
     def write(self, rid: Hashable, layer: int, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer of request rid.
@@ -269,11 +308,20 @@ class HostStore:
             raise CapacityError("eviction", n, len(self._free) + available, self.page_bytes)
         for rid in candidates + [protect]:
             table = self._tables[rid]
+            if self.victim_order is not None:
+                order, taken = self.victim_order(rid), []
+                for i in order:
+                    if need <= 0:
+                        break
+                    taken.append(i)
+                    need -= self._refs[table.pages[i]] == 1
+                self.drop_pages(rid, taken)
             while need > 0 and table.pages:
                 need -= self._unref([table.pages.pop(0)])
-                table.first_pos += self.page_tokens
+                start = table.starts.pop(0)
+                table.first_pos = table.starts[0] if table.starts else start + self.page_tokens
                 table.dropped_tokens += self.page_tokens
-            if need == 0:
+            if need <= 0:
                 return
 
     # --- accounting ---------------------------------------------------------

@@ -95,6 +95,8 @@ class HybridAttention:
         tier.settle()
         self._rids = list(rids)
         self._timer.fold()
+        if tier.offload:
+            self.host.prepare(self._rids)
         slot_lists = [tier.device_slots(r) for r in rids]
         self._window_empty = not any(slot_lists)  # decided here: no per-layer device sync
         self._window = plan_window(slot_lists, self.device)

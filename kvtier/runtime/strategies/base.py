@@ -6,7 +6,9 @@ for the LSE merge with the device window. `HybridAttention` owns the window, the
 merge and the timing; it calls its strategy and never asks which one it is.
 
 Who calls what, and when (all on the decoding thread):
-- `plan(batch)` once per decode batch, after the tier has settled: the batch's host
+- `prepare(rids)` once per decode batch, after the tier has settled and before the
+  host side is read: a strategy with its own eviction rule drops pages here.
+- `plan(batch)` once per decode batch, after `prepare`: the batch's host
   page tables and lengths (`HostBatch`). The strategy owns every scratch buffer of
   the batch from here on. Only batches with host tokens to attend are planned.
 - per layer, `submit(q, layer)` before the window's kernels are queued and
@@ -103,6 +105,10 @@ class HostStrategy(ABC):
         """Whether host-store reads may still run between calls (then `stop()` is registered
         with the tier, which calls it before the store changes)."""
         return self.pipelined
+
+    def prepare(self, rids: List[Hashable]) -> None:
+        """Before a decode batch's host side is read (the tier has settled): a strategy that
+        evicts by its own rule may change the host store here."""
 
     def plan(self, batch: HostBatch) -> None:
         self.batch = batch

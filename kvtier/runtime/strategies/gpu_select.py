@@ -23,11 +23,11 @@ not the context.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from ..key_index import KeyIndex, ScalarKeys, VqKeys, select_mass
+from ..key_index import KeyIndex, ScalarKeys, VqKeys, load_codebooks, select_mass
 from ..merge import AttnPart
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
 
@@ -43,8 +43,84 @@ def make_index(ctx: StrategyContext) -> KeyIndex:
         return ScalarKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, bits=knobs.key_bits)
     book = knobs.codebook
     groups = book.groups or max(1, ctx.shape.head_dim // 4)
-    return VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=groups, entries=book.entries,
-                  train_tokens=book.train_tokens)
+    index = VqKeys(ctx.shape, store.n_pages, store.page_tokens, ctx.device, groups=groups, entries=book.entries,
+                   train_tokens=book.train_tokens)
+    if book.path:
+        books = load_codebooks(book.path, ctx.shape, groups, book.entries)
+        for layer in range(ctx.shape.n_layers):
+            index.set_codebooks(layer, books[layer])
+    return index
+
+
+class LowAttention:
+    """Dynamic eviction (`hcattention.eviction.rule: low_attention`): pages whose approximate
+    attention stays low leave the host store, so capacity, not context length, bounds memory.
+
+    Each step, every selected token's share of its query head's approximate softmax over the
+    host part is added to its page (averaged over layers and query heads); at the next plan
+    the page's score becomes decay * score + (1 - decay) * that step's share. A request past
+    `capacity_tokens` host tokens drops its lowest-scored pages down to the cap. A page may
+    go only once a step has scored it (a prompt's pages are all kept through its first
+    decode step), and the newest window's worth of host pages never goes. Under
+    `host_store.on_full: evict` the store drops pages in the same order.
+    """
+
+    def __init__(self, ctx: StrategyContext, knobs):
+        tier, store = ctx.tier, ctx.tier.store
+        self.tier, self.store, self.T = tier, store, store.page_tokens
+        self.decay, self.capacity = knobs.decay, knobs.capacity_tokens
+        self.recent_pages = -(-tier.config.window.window_tokens // self.T)
+        self.norm = 1.0 / (ctx.shape.n_layers * ctx.shape.num_q_heads)
+        self.score = torch.zeros(store.n_pages, device=ctx.device)  # by page id
+        self.step = torch.zeros_like(self.score)
+        self.born = [0] * store.n_pages  # by page id: the scored steps there were when it was stored
+        self.scored_steps = 0
+        self._scored = False  # add() ran since the last fold
+        self.dropped = 0  # pages this rule dropped
+        store.victim_order = self.order
+        tier.key_listeners.append(self._new_pages)
+
+    def _new_pages(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor) -> None:
+        if layer == 0:  # a page id given to new tokens starts without history
+            ids = page_ids.to(self.score.device)
+            self.score[ids] = 0.0
+            self.step[ids] = 0.0
+            for p in page_ids.tolist():
+                self.born[p] = self.scored_steps
+
+    def add(self, table: torch.Tensor, idx: torch.Tensor, mass: torch.Tensor) -> None:
+        """table [B, P] page ids; idx [B, Hq, m] host-token indices (-1: none); mass [B, Hq, m]."""
+        b = idx.shape[0]
+        keep = idx >= 0
+        pos = (idx.clamp(min=0) // self.T).long().reshape(b, -1)
+        pages = table.long().gather(1, pos).view(idx.shape)
+        self.step.index_add_(0, pages[keep], mass[keep].float() * self.norm)
+        self._scored = True
+
+    def order(self, rid) -> List[int]:
+        """Indices of the request's settled pages it may drop, lowest score first (the newest kept)."""
+        table = self.store.table(rid)
+        settled = -(-self.tier.host_tokens(rid) // self.T) if rid in self.tier.requests else len(table.pages)
+        n = max(0, settled - self.recent_pages)
+        ids = [i for i in range(n) if self.born[table.pages[i]] < self.scored_steps]  # scored at least once
+        if not ids:
+            return []
+        pages = torch.as_tensor([table.pages[i] for i in ids], device=self.score.device)
+        return [ids[j] for j in torch.argsort(self.score[pages].cpu(), stable=True).tolist()]
+
+    def enforce(self, rids) -> None:
+        """Fold the last step's shares into the scores; bring every request to its capacity."""
+        if self._scored:
+            self.score.mul_(self.decay).add_(self.step, alpha=1.0 - self.decay)
+            self.step.zero_()
+            self.scored_steps += 1
+            self._scored = False
+        for rid in rids:
+            over = self.tier.host_tokens(rid) - self.capacity
+            if over > 0:
+                victims = self.order(rid)[: -(-over // self.T)]
+                self.store.drop_pages(rid, victims)
+                self.dropped += len(victims)
 
 
 @register_strategy
@@ -55,21 +131,27 @@ class GpuSelect(HostStrategy):
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
         knobs = ctx.policy.config.hcattention
-        if knobs.eviction.rule != "none":
-            raise GpuSelectUnavailable("hcattention.eviction.rule: low_attention is not built yet; expected none")
         self.index: Optional[KeyIndex] = None
+        self.eviction: Optional[LowAttention] = None
         if ctx.policy.offloads and ctx.tier.store is not None:
             self.index = make_index(ctx)
             ctx.tier.key_listeners.append(self.index.store)
+            if knobs.eviction.rule == "low_attention":
+                self.eviction = LowAttention(ctx, knobs.eviction)
         self.exact = knobs.logits == "exact"
         self._event: Optional[torch.cuda.Event] = None  # this layer's: the host's inputs have landed
         self._ready: Optional[torch.cuda.Event] = None  # reused every layer
+        self.last_idx: Optional[torch.Tensor] = None  # the last layer's selection (for detail)
 
     @property
     def device_bytes(self) -> int:
         return 0 if self.index is None else self.index.nbytes
 
     # --- plan ---------------------------------------------------------------
+
+    def prepare(self, rids) -> None:
+        if self.eviction is not None:
+            self.eviction.enforce(rids)
 
     def plan(self, batch: HostBatch) -> None:
         super().plan(batch)
@@ -100,22 +182,29 @@ class GpuSelect(HostStrategy):
 
     # --- run ----------------------------------------------------------------
 
-    def select(self, q: torch.Tensor, layer: int):
-        """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device."""
+    def select(self, q: torch.Tensor, layer: int, *, record: bool = True):
+        """(idx [B, Hq, m] int32 -1 padded, approximate logits [B, Hq, m], -inf where not kept) on the device.
+
+        record: count the kept tokens' attention toward eviction (off for a look that is not a step)."""
         ctx = self.ctx
         scores = self.index.scores(layer, q, self.table, self.n_tokens, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
-        idx, logits = select_mass(scores, ctx.policy.mass_threshold, self.m)
+        idx, logits, lse_all = select_mass(scores, ctx.policy.mass_threshold, self.m, with_lse=True)
         within = torch.arange(idx.shape[-1], device=idx.device) < self.caps[:, None, None]
         idx = torch.where(within, idx, torch.full_like(idx, -1))
-        return idx, torch.where(within, logits, torch.full_like(logits, float("-inf")))
+        logits = torch.where(within, logits, torch.full_like(logits, float("-inf")))
+        if record and self.eviction is not None:  # each kept token's share of the whole host softmax
+            self.eviction.add(self.table, idx, torch.exp(logits - lse_all[..., None]).nan_to_num(0.0))
+        return idx, logits
 
     def submit(self, q: torch.Tensor, layer: int) -> None:
         if self.all or self.exact:
             self.q_host.copy_(q, non_blocking=True)
         if self.exact and not self.all:
-            self.idx_host.copy_(self.select(q, layer)[0], non_blocking=True)
+            self.last_idx = self.select(q, layer)[0]
+            self.idx_host.copy_(self.last_idx, non_blocking=True)
         elif not self.all:
             idx, logits = self.select(q, layer)
+            self.last_idx = idx
             lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
             p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
             self._lse_dev = lse
@@ -148,6 +237,5 @@ class GpuSelect(HostStrategy):
         if self.all:
             res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
             return AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
-        idx, _ = self.select(q, layer)
         self.submit(q, layer)
-        return self.collect(q, layer), idx
+        return self.collect(q, layer), self.last_idx

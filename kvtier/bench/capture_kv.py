@@ -1,0 +1,40 @@
+"""`kvtier bench capture-kv`: real K, V and queries of a model, for `kvtier bench decode --kv`.
+
+One prompt of an evaluation task runs through the model with plain attention
+(`kvtier.eval.capture`); the file holds every layer's K, V after RoPE and the queries of
+the prompt's last tokens, so the decode bench times each policy on the attention it
+would see in a real run and measures its error against full attention on that data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="FILE", help="where to write the capture (a torch archive)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="qwen2.5-coder-0.5b, smollm2-135m or a local model (as kvtier eval takes it)")
+    parser.add_argument("--task", default="niah_single", help="the evaluation task whose prompt is captured")
+    parser.add_argument("--context", type=int, default=4096, help="prompt tokens")
+    parser.add_argument("--queries", type=int, default=9, help="queries of the prompt's last tokens kept (steps + 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.capture import capture
+    from ..runtime.standalone import resolve_device
+
+    if not 1 <= args.queries < args.context:
+        print(f"kvtier bench capture-kv: --queries: expected 1 to --context - 1 ({args.context - 1}), found "
+              f"{args.queries}", file=sys.stderr)
+        return 2
+    cap = capture(args.model, task=args.task, context=args.context, queries=args.queries, seed=args.seed,
+                  device=str(resolve_device(args.device)))
+    cap.save(args.out)
+    L, n, hkv, d = cap.k.shape
+    print(f"captured {args.model} {args.task}: {L} layers, {n} tokens ({cap.context} context + {cap.q.shape[1]} "
+          f"queries), {cap.q.shape[2]} q / {hkv} kv heads, head_dim {d} -> {args.out}")
+    return 0

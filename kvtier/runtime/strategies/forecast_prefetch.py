@@ -1,0 +1,285 @@
+"""Forecast prefetch (SparDA-style): each layer attends on the device over a cache of host blocks
+chosen a step ahead; what the cache misses is corrected on the CPU or fetched late.
+
+Selection is block-level: the device keeps every host page's mean key per (layer,
+kv-head) (`PageMeans`); a block of `block_tokens` tokens scores the best of its pages'
+q·mean (max over the kv-head's query heads), and each (request, kv-head) selects its
+top `budget / block_tokens` blocks.
+
+The device keeps, per (request, layer, kv-head), exactly that many block slots, reused
+from step to step. With the `reuse` forecast the blocks a layer attends at step t are
+the ones its real query selected at step t-1: after a layer's selection, the blocks it
+selected that are not resident are fetched into the slots of resident ones it did not
+select (a diff: resident blocks stay), for the next step. So the fetch of step t-1 has a
+whole step to land (on CUDA it runs on a side stream; the layer's next use waits for it).
+
+At step t a layer attends the resident blocks (dequantized from the host store's bytes
+when fetched) and, by `sparda.correction`, the blocks its real query selected but the
+cache misses: `cpu` attends them exactly on the CPU engine over the host store and
+merges by LSE (the sets are disjoint), `fetch` fetches them now and attends them with
+the rest, `none` (SparDA's own) leaves them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Dict, Hashable, List, NamedTuple, Optional
+
+import torch
+
+from ...store import CapacityError
+from ..._native import dequant_raw_keys, dequant_raw_values
+from ..merge import AttnPart, merge
+from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
+
+
+class ForecastUnavailable(ValueError):
+    """A forecast setting this strategy does not run."""
+
+
+class PageMeans:
+    """Every host page's mean key per (layer, kv-head), on the device, by page id."""
+
+    def __init__(self, ctx: StrategyContext):
+        s = ctx.shape
+        self.mean = torch.zeros(s.n_layers, ctx.tier.store.n_pages, s.kv_heads, s.head_dim, device=ctx.device)
+
+    def store(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor) -> None:
+        """k [pages, Hkv, T, D]."""
+        self.mean[layer, page_ids.to(self.mean.device, torch.long)] = k.to(self.mean.device, torch.float32).mean(2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mean.numel() * self.mean.element_size()
+
+
+class _Cache(NamedTuple):
+    """One request's block slots: k, v [L, Hkv, nb, block_tokens, D]; block [L, Hkv, nb] (the table
+    block each slot holds, -1 none); filled [L, Hkv, nb] (its tokens when fetched)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block: torch.Tensor
+    filled: torch.Tensor
+    first_page: List[int]  # the table's first page when the slots were filled (a dropped page resets them)
+
+
+class StepStats(NamedTuple):
+    hits: int  # selected blocks that were resident
+    misses: int  # selected blocks that were not
+    fetched: int  # blocks copied host -> device
+    wasted: int  # resident blocks the real query did not select
+    fetched_bytes: int
+
+
+@register_strategy
+class ForecastPrefetch(HostStrategy):
+    name = "forecast_prefetch"
+    needs_engine = True  # the CPU correction
+    copies_pages_to_device = True
+
+    def __init__(self, ctx: StrategyContext):
+        super().__init__(ctx)
+        knobs = ctx.policy.config.sparda
+        if knobs.forecast.source != "reuse":
+            raise ForecastUnavailable(f"sparda.forecast.source: {knobs.forecast.source} needs the model's hidden "
+                                      "states, which the attention layer does not see; expected reuse (not built "
+                                      "yet)")
+        if knobs.prefetch_depth != 1:
+            raise ForecastUnavailable(f"sparda.prefetch_depth: expected 1 (one step ahead), found "
+                                      f"{knobs.prefetch_depth} (not built yet)")
+        self.knobs = knobs
+        self.bt = knobs.block_tokens
+        self.means: Optional[PageMeans] = None
+        if ctx.policy.offloads and ctx.tier.store is not None:
+            self.means = PageMeans(ctx)
+            ctx.tier.key_listeners.append(self.means.store)
+        self.caches: Dict[Hashable, _Cache] = {}
+        self.stats = StepStats(0, 0, 0, 0, 0)
+        self._part: Optional[AttnPart] = None
+        self._fetch_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
+        self._fetched: Dict[int, torch.cuda.Event] = {}  # layer -> its last fetch's event (CUDA)
+
+    @property
+    def device_bytes(self) -> int:
+        caches = sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches.values())
+        return caches + (0 if self.means is None else self.means.nbytes)
+
+    # --- plan ---------------------------------------------------------------
+
+    def prepare(self, rids) -> None:
+        live = self.ctx.tier.requests
+        for rid in [r for r in self.caches if r not in live]:  # finished requests give their slots back
+            del self.caches[rid]
+
+    def plan(self, batch: HostBatch) -> None:
+        super().plan(batch)
+        ctx, s = self.ctx, self.ctx.shape
+        self.nb = ctx.policy.block_budget(batch.host_tokens, batch.context_tokens)
+        need = len(batch.rids) * s.n_layers * s.kv_heads * self.nb
+        cap = self.knobs.device_cache_blocks
+        if cap is not None and need > cap:
+            raise CapacityError("the device block cache (sparda.device_cache_blocks)", need, cap,
+                                self.bt * s.kv_heads * s.head_dim * 4)
+        off = batch.page_offsets.tolist()
+        self.tables = [batch.page_table[off[i]: off[i + 1]].to(torch.long) for i in range(len(batch.rids))]
+        dtype = ctx.tier.k_pool[0].dtype
+        for i, rid in enumerate(batch.rids):
+            c = self.caches.get(rid)
+            first = self.tables[i][:1].tolist()
+            if c is None or c.k.shape[2] != self.nb or (c.first_page and first != c.first_page):
+                shape = (s.n_layers, s.kv_heads, self.nb, self.bt, s.head_dim)
+                self.caches[rid] = _Cache(torch.zeros(shape, dtype=dtype, device=ctx.device),
+                                          torch.zeros(shape, dtype=dtype, device=ctx.device),
+                                          torch.full(shape[:3], -1, dtype=torch.long, device=ctx.device),
+                                          torch.zeros(shape[:3], dtype=torch.long, device=ctx.device), first)
+        self.q_host = torch.empty(len(batch.rids), s.num_q_heads, s.head_dim, pin_memory=ctx.device.type == "cuda")
+        if self.knobs.correction == "cpu":
+            ctx.engine.plan(ctx.tier.store.view, batch.page_table, batch.page_offsets, batch.n_tokens, s.num_q_heads,
+                            mode="topk", budget_tokens=torch.ones(len(batch.rids), s.kv_heads, dtype=torch.int32),
+                            sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
+
+    # --- selection -----------------------------------------------------------
+
+    def select(self, q: torch.Tensor, layer: int) -> List[torch.Tensor]:
+        """Per request: the top blocks [Hkv, nb] of each kv-head (-1 past the request's blocks)."""
+        s, ppb = self.ctx.shape, self.bt // self.ctx.tier.config.window.page_tokens
+        g = s.num_q_heads // s.kv_heads
+        out = []
+        for i, pages in enumerate(self.tables):
+            n_pages = -(-int(self.batch.n_tokens[i]) // self.ctx.tier.config.window.page_tokens)
+            means = self.means.mean[layer, pages[:n_pages].to(q.device)]  # [P, Hkv, D]
+            qg = q[i].float().view(s.kv_heads, g, s.head_dim)
+            page_score = torch.einsum("hgd,phd->hgp", qg, means).amax(1)  # [Hkv, P]
+            n_blocks = -(-n_pages // ppb)
+            pad = n_blocks * ppb - n_pages
+            page_score = torch.nn.functional.pad(page_score, (0, pad), value=float("-inf"))
+            block_score = page_score.view(s.kv_heads, n_blocks, ppb).amax(-1)
+            k = min(self.nb, n_blocks)
+            top = torch.topk(block_score, k, dim=-1).indices
+            out.append(torch.nn.functional.pad(top, (0, self.nb - k), value=-1))
+        return out
+
+    # --- fetch ---------------------------------------------------------------
+
+    def _fetch(self, rid, i: int, layer: int, want: torch.Tensor) -> StepStats:
+        """Make the cache of request i hold `want` [Hkv, nb] blocks of layer whole: resident blocks stay,
+        a block held in part is completed in its slot, the others go to slots of blocks not wanted."""
+        c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, int(self.batch.n_tokens[i])
+        view = self.ctx.tier.store.view
+        hits = misses = fetched = wasted = nbytes = 0
+        have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
+        for h, blocks in enumerate(want.cpu().tolist()):
+            full = {b: min(self.bt, n - b * self.bt) for b in blocks if b >= 0}
+            slot = {b: j for j, b in enumerate(have[h]) if b >= 0}
+            missing = [b for b in full if b not in slot or filled[h][slot[b]] < full[b]]
+            hits += len(full) - len(missing)
+            misses += len(missing)
+            wasted += sum(1 for b in slot if b not in full)
+            spare = [j for j, b in enumerate(have[h]) if b not in full]
+            for b in missing:
+                j = slot[b] if b in slot else spare.pop(0)
+                pages = self.tables[i][b * (self.bt // T): b * (self.bt // T) + -(-full[b] // T)]
+                raw = view.raw_pages(layer, pages.to(torch.int32))
+                one = type(raw)(*(None if t is None else t[:, h] for t in raw))  # head h of the pages
+                nbytes += sum(t.numel() * t.element_size() for t in one if t is not None)
+                one = type(one)(*(None if t is None else t.to(self.ctx.device, non_blocking=True) for t in one))
+                d = c.k.shape[-1]
+                c.k[layer, h, j, : full[b]] = dequant_raw_keys(one, view.key_format, view.key_group).reshape(-1, d)[
+                    : full[b]].to(c.k.dtype)
+                c.v[layer, h, j, : full[b]] = dequant_raw_values(one, view.value_format).reshape(-1, d)[
+                    : full[b]].to(c.v.dtype)
+                c.block[layer, h, j] = b
+                c.filled[layer, h, j] = full[b]
+                fetched += 1
+        self.ctx.tier.count_h2d(nbytes if self.ctx.device.type == "cuda" else 0)
+        return StepStats(hits, misses, fetched, wasted, nbytes)
+
+    # --- run ----------------------------------------------------------------
+
+    def submit(self, q: torch.Tensor, layer: int) -> None:
+        ctx = self.ctx
+        if layer in self._fetched:  # the slots this layer's last fetch filled have landed
+            torch.cuda.current_stream(q.device).wait_event(self._fetched.pop(layer))
+        chosen = self.select(q, layer)
+        correction = self.knobs.correction
+        missed = []
+        for i, rid in enumerate(self.batch.rids):
+            if correction == "fetch":
+                self._add(self._fetch(rid, i, layer, chosen[i]))
+            missed.append(self._missed(rid, layer, chosen[i], int(self.batch.n_tokens[i])))
+        self._part = self._attend_cached(q, layer)
+        self._cpu_part = None
+        if correction == "cpu" and any(m.numel() for m in missed):
+            self._cpu_part = self._attend_missed(q, layer, missed)
+        if correction != "fetch":  # the real selection becomes the next step's resident set
+            stream = self._fetch_stream
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(q.device))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for i, rid in enumerate(self.batch.rids):
+                    self._add(self._fetch(rid, i, layer, chosen[i]))
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    self._fetched[layer] = event
+
+    def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
+        part = self._part
+        if self._cpu_part is not None:
+            part = merge(part, self._cpu_part)
+        return AttnPart(part.out.float(), part.lse.float())
+
+    def _missed(self, rid, layer: int, chosen: torch.Tensor, n: int) -> torch.Tensor:
+        """Token indices [Hkv, m] (-1 padded) of the chosen blocks' tokens the cache does not hold (a
+        block held in part misses only its tokens past what its slot holds)."""
+        c = self.caches[rid]
+        have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
+        rows = []
+        for h, blocks in enumerate(chosen.cpu().tolist()):
+            held = {b: filled[h][j] for j, b in enumerate(have[h]) if b >= 0}
+            rows.append([t for b in blocks if b >= 0
+                         for t in range(b * self.bt + held.get(b, 0), min((b + 1) * self.bt, n))])
+        m = max((len(r) for r in rows), default=0)
+        return torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.int32).view(len(rows), m)
+
+    def _attend_cached(self, q: torch.Tensor, layer: int) -> AttnPart:
+        """Attention of each request's query heads over its resident blocks of layer."""
+        s = self.ctx.shape
+        g = s.num_q_heads // s.kv_heads
+        outs, lses = [], []
+        for i, rid in enumerate(self.batch.rids):
+            c = self.caches[rid]
+            k = c.k[layer].reshape(s.kv_heads, -1, s.head_dim).float()  # [Hkv, nb * bt, D]
+            v = c.v[layer].reshape(s.kv_heads, -1, s.head_dim).float()
+            valid = (torch.arange(self.bt, device=k.device) < c.filled[layer][..., None]) & (c.block[layer] >= 0)[..., None]
+            x = torch.einsum("hgd,hnd->hgn", q[i].float().view(s.kv_heads, g, s.head_dim), k) * self.ctx.sm_scale
+            if self.ctx.soft_cap > 0:
+                x = self.ctx.soft_cap * torch.tanh(x / self.ctx.soft_cap)
+            x = x.masked_fill(~valid.reshape(s.kv_heads, 1, -1), float("-inf"))
+            lse = torch.logsumexp(x, dim=-1)
+            p = torch.exp(x - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+            outs.append(torch.einsum("hgn,hnd->hgd", p, v).reshape(s.num_q_heads, s.head_dim))
+            lses.append(lse.reshape(s.num_q_heads))
+        return AttnPart(torch.stack(outs), torch.stack(lses))
+
+    def _attend_missed(self, q: torch.Tensor, layer: int, missed: List[torch.Tensor]) -> AttnPart:
+        """The missed blocks' tokens attended exactly by the CPU engine (each query head its kv-head's)."""
+        s, c0 = self.ctx.shape, time.perf_counter()
+        g = s.num_q_heads // s.kv_heads
+        m = max(t.shape[1] for t in missed)
+        idx = torch.full((len(missed), s.num_q_heads, max(m, 1)), -1, dtype=torch.int32)
+        for i, t in enumerate(missed):
+            idx[i, :, : t.shape[1]] = t.repeat_interleave(g, dim=0)
+        self.q_host.copy_(q)
+        out, lse = self.ctx.engine.attend_indices(self.ctx.tier.store.view, layer, self.q_host, idx)
+        self._cpu_s += time.perf_counter() - c0
+        return AttnPart(out.to(q.device), lse.to(q.device))
+
+    def _add(self, st: StepStats) -> None:
+        self.stats = StepStats(*(a + b for a, b in zip(self.stats, st)))
+
+    def take_stats(self) -> StepStats:
+        st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
+        return st
