@@ -82,9 +82,11 @@ class CpuEngine(HostStrategy):
         self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
                               far[b * hq * d:].view(b, hq), far)
         args = self._args = ctx.policy.engine_args(batch.host_tokens, batch.context_tokens, ctx.shape.kv_heads)
+        # A cap past a request's host tokens selects all of them: clamped before it becomes int32.
+        budgets = [[int(min(c, max(h, 1))) for c in row] for row, h in zip(args.budgets, batch.host_tokens)]
         ctx.engine.plan(
             ctx.tier.store.view, batch.page_table, batch.page_offsets, batch.n_tokens, hq, mode=args.mode,
-            group_reduce=args.group_reduce, budget_tokens=torch.tensor(args.budgets, dtype=torch.int32),
+            group_reduce=args.group_reduce, budget_tokens=torch.tensor(budgets, dtype=torch.int32),
             block_tokens=torch.tensor(args.block_tokens, dtype=torch.int32) if args.block_tokens else None,
             mass_threshold=args.mass_threshold, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap,
             prefilter=args.prefilter, residual=args.residual,
