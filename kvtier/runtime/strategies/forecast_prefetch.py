@@ -100,6 +100,7 @@ class ForecastPrefetch(HostStrategy):
         self._part: Optional[AttnPart] = None
         self._fetch_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
         self._fetched: Dict[int, torch.cuda.Event] = {}  # layer -> its last fetch's event (CUDA)
+        self._record: Optional[dict] = None  # detail() records what submit attends
 
     @property
     def device_bytes(self) -> int:
@@ -209,6 +210,10 @@ class ForecastPrefetch(HostStrategy):
             if correction == "fetch":
                 self._add(self._fetch(rid, i, layer, chosen[i]))
             missed.append(self._missed(rid, layer, chosen[i], int(self.batch.n_tokens[i])))
+        if self._record is not None:  # detail(): what is attended, as the cache holds it now
+            self._record.update(chosen=chosen, missed=missed, resident=[
+                (self.caches[rid].block[layer].cpu().clone(), self.caches[rid].filled[layer].cpu().clone())
+                for rid in self.batch.rids])
         self._part = self._attend_cached(q, layer)
         self._cpu_part = None
         if correction == "cpu" and any(m.numel() for m in missed):
@@ -276,6 +281,43 @@ class ForecastPrefetch(HostStrategy):
         out, lse = self.ctx.engine.attend_indices(self.ctx.tier.store.view, layer, self.q_host, idx)
         self._cpu_s += time.perf_counter() - c0
         return AttnPart(out.to(q.device), lse.to(q.device))
+
+    def detail(self, q: torch.Tensor, layer: int):
+        """The host part, and as its selection the host tokens attended: the resident blocks' tokens as
+        the cache held them when it attended, and with the CPU correction the chosen blocks' others."""
+        self._record, before = {}, self.stats
+        try:
+            self.submit(q, layer)
+            part = self.collect(q, layer)
+            rec = self._record
+        finally:
+            self._record = None
+        s = self.ctx.shape
+        g = s.num_q_heads // s.kv_heads
+        rows = []
+        for i in range(len(self.batch.rids)):
+            block, filled = rec["resident"][i]
+            for h in range(s.kv_heads):
+                toks = {b * self.bt + t for b, f in zip(block[h].tolist(), filled[h].tolist()) if b >= 0
+                        for t in range(f)}
+                if self.knobs.correction == "cpu":
+                    toks.update(t for t in rec["missed"][i][h].tolist() if t >= 0)
+                rows.append(sorted(toks))
+        cap = max(1, max(len(r) for r in rows))
+        sel = torch.full((len(rows), cap), -1, dtype=torch.int32)
+        for j, r in enumerate(rows):
+            sel[j, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        sel = sel.view(len(self.batch.rids), s.kv_heads, 1, cap).expand(-1, -1, g, -1).reshape(
+            len(self.batch.rids), s.num_q_heads, cap)
+        step = StepStats(*(a - b for a, b in zip(self.stats, before)))
+        missed = sum(int((m >= 0).sum()) for m in rec["missed"]) if self.knobs.correction == "cpu" else 0
+        tb = self.token_bytes()
+        self._detail_read = step.fetched_bytes + missed * (tb.key + tb.value)
+        return part, sel
+
+    def read_bytes(self, layer: int, selection) -> Optional[float]:
+        """The last detail()'s copies into the block cache and the CPU correction's keys and values."""
+        return getattr(self, "_detail_read", None)
 
     def _add(self, st: StepStats) -> None:
         self.stats = StepStats(*(a + b for a, b in zip(self.stats, st)))
