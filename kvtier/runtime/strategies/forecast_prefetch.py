@@ -29,7 +29,7 @@ from typing import Dict, Hashable, List, NamedTuple, Optional
 import torch
 
 from ...store import CapacityError
-from ..._native import dequant_raw_keys, dequant_raw_values
+from ..._native import StoreBuffers, dequant_raw_keys, dequant_raw_values
 from ..merge import AttnPart, merge
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
 
@@ -166,11 +166,16 @@ class ForecastPrefetch(HostStrategy):
 
     def _fetch(self, rid, i: int, layer: int, want: torch.Tensor) -> StepStats:
         """Make the cache of request i hold `want` [Hkv, nb] blocks of layer whole: resident blocks stay,
-        a block held in part is completed in its slot, the others go to slots of blocks not wanted."""
+        a block held in part is completed in its slot, the others go to slots of blocks not wanted.
+
+        The missing blocks of every kv-head move together: one gather on the host of each block's pages
+        for its head (the store's own format), one copy to the device, one dequantization there, one
+        scatter into the slots."""
         c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, int(self.batch.n_tokens[i])
-        view = self.ctx.tier.store.view
-        hits = misses = fetched = wasted = nbytes = 0
+        ppb = self.bt // T
+        hits = misses = wasted = 0
         have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
+        jobs = []  # (kv-head, slot, block, tokens)
         for h, blocks in enumerate(want.cpu().tolist()):
             full = {b: min(self.bt, n - b * self.bt) for b in blocks if b >= 0}
             slot = {b: j for j, b in enumerate(have[h]) if b >= 0}
@@ -180,22 +185,36 @@ class ForecastPrefetch(HostStrategy):
             wasted += sum(1 for b in slot if b not in full)
             spare = [j for j, b in enumerate(have[h]) if b not in full]
             for b in missing:
-                j = slot[b] if b in slot else spare.pop(0)
-                pages = self.tables[i][b * (self.bt // T): b * (self.bt // T) + -(-full[b] // T)]
-                raw = view.raw_pages(layer, pages.to(torch.int32))
-                one = type(raw)(*(None if t is None else t[:, h] for t in raw))  # head h of the pages
-                nbytes += sum(t.numel() * t.element_size() for t in one if t is not None)
-                one = type(one)(*(None if t is None else t.to(self.ctx.device, non_blocking=True) for t in one))
-                d = c.k.shape[-1]
-                c.k[layer, h, j, : full[b]] = dequant_raw_keys(one, view.key_format, view.key_group).reshape(-1, d)[
-                    : full[b]].to(c.k.dtype)
-                c.v[layer, h, j, : full[b]] = dequant_raw_values(one, view.value_format).reshape(-1, d)[
-                    : full[b]].to(c.v.dtype)
-                c.block[layer, h, j] = b
-                c.filled[layer, h, j] = full[b]
-                fetched += 1
-        self.ctx.tier.count_h2d(nbytes if self.ctx.device.type == "cuda" else 0)
-        return StepStats(hits, misses, fetched, wasted, nbytes)
+                jobs.append((h, slot[b] if b in slot else spare.pop(0), b, full[b]))
+        if not jobs:
+            self.ctx.tier.count_h2d(0)
+            return StepStats(hits, misses, 0, wasted, 0)
+        heads, slots, blocks, sizes = (torch.tensor(x, dtype=torch.long) for x in zip(*jobs))
+        table = self.tables[i]
+        # each block's pages (a block past the table's end repeats its last page: masked by `filled`)
+        pos = (blocks[:, None] * ppb + torch.arange(ppb)[None, :]).clamp(max=table.numel() - 1)
+        pages, rows = table[pos].reshape(-1), heads.repeat_interleave(ppb)
+        view = self.ctx.tier.store.view
+
+        def pick(t):
+            return None if t is None else t[layer][pages, rows].unsqueeze(1)  # [J * ppb, 1, T, ...]
+
+        raw = StoreBuffers(pick(view.keys), pick(view.key_scales), pick(view.buffers.values),
+                           pick(view.value_scales), None)
+        nbytes = sum(t.numel() * t.element_size() for t in raw if t is not None)
+        dev = self.ctx.device
+        if dev.type == "cuda":
+            raw = StoreBuffers(*(None if t is None else t.pin_memory().to(dev, non_blocking=True) for t in raw))
+        d = c.k.shape[-1]
+        k = dequant_raw_keys(raw, view.key_format, view.key_group).reshape(len(jobs), self.bt, d)
+        v = dequant_raw_values(raw, view.value_format).reshape(len(jobs), self.bt, d)
+        heads, slots = heads.to(dev), slots.to(dev)
+        c.k[layer][heads, slots] = k.to(c.k.dtype)
+        c.v[layer][heads, slots] = v.to(c.v.dtype)
+        c.block[layer][heads, slots] = blocks.to(dev)
+        c.filled[layer][heads, slots] = sizes.to(dev)
+        self.ctx.tier.count_h2d(nbytes if dev.type == "cuda" else 0)
+        return StepStats(hits, misses, len(jobs), wasted, nbytes)
 
     # --- run ----------------------------------------------------------------
 
