@@ -48,11 +48,15 @@ def test_every_block_selected_equals_dense_once_the_cache_holds_them(gen, correc
                     assert err > 1e-2  # nothing resident yet: the host part is left out
                 else:
                     assert err < 5e-3, (step, layer, err)
+            recall = tier.attn.host.forecast_recall()
+            assert sorted(recall) == list(range(SHAPE.n_layers))
             st = tier.attn.host.take_stats()
+            assert tier.attn.host.forecast_recall() == {}  # taken with the stats
             if step == 0:
-                assert st.hits == 0 and st.fetched > 0
+                assert st.hits == 0 and st.fetched > 0 and set(recall.values()) == {0.0}
             else:  # the blocks stay resident; new tokens only complete their block
                 assert st.hits > 0 and st.misses <= 2 * SHAPE.n_layers * SHAPE.kv_heads
+                assert all(r > 0.5 for r in recall.values()), recall
             _steps(tier, gen, rids, full, 1)
     finally:
         tier.close()

@@ -453,11 +453,14 @@ def _block_stats(st, steps: int) -> Dict[str, float]:
     take = getattr(st.attn.host, "take_stats", None)
     if take is None:
         return {}
+    recall = st.attn.host.forecast_recall()
     s = take()
     per = steps + 1  # the warm-up step too
     return {"block_hits_per_step": s.hits / per, "block_misses_per_step": s.misses / per,
             "blocks_fetched_per_step": s.fetched / per, "blocks_wasted_per_step": s.wasted / per,
-            "fetched_mib_per_step": s.fetched_bytes / per / 2**20}
+            "fetched_mib_per_step": s.fetched_bytes / per / 2**20,
+            "forecast_recall_per_layer": {str(k): round(v, 4) for k, v in recall.items()},
+            "forecast_recall": s.hits / (s.hits + s.misses) if s.hits + s.misses else None}
 
 
 def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay=None) -> float:

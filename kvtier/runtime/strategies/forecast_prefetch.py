@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Hashable, List, NamedTuple, Optional
+from typing import Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -97,6 +97,7 @@ class ForecastPrefetch(HostStrategy):
             ctx.tier.key_listeners.append(self.means.store)
         self.caches: Dict[Hashable, _Cache] = {}
         self.stats = StepStats(0, 0, 0, 0, 0)
+        self.layer_hits: Dict[int, Tuple[int, int]] = {}  # layer -> (hits, misses) since take_stats
         self._part: Optional[AttnPart] = None
         self._fetch_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
         self._fetched: Dict[int, torch.cuda.Event] = {}  # layer -> its last fetch's event (CUDA)
@@ -227,7 +228,7 @@ class ForecastPrefetch(HostStrategy):
         missed = []
         for i, rid in enumerate(self.batch.rids):
             if correction == "fetch":
-                self._add(self._fetch(rid, i, layer, chosen[i]))
+                self._add(self._fetch(rid, i, layer, chosen[i]), layer)
             missed.append(self._missed(rid, layer, chosen[i], int(self.batch.n_tokens[i])))
         if self._record is not None:  # detail(): what is attended, as the cache holds it now
             self._record.update(chosen=chosen, missed=missed, resident=[
@@ -243,7 +244,7 @@ class ForecastPrefetch(HostStrategy):
                 stream.wait_stream(torch.cuda.current_stream(q.device))
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for i, rid in enumerate(self.batch.rids):
-                    self._add(self._fetch(rid, i, layer, chosen[i]))
+                    self._add(self._fetch(rid, i, layer, chosen[i]), layer)
                 if stream is not None:
                     event = torch.cuda.Event()
                     event.record(stream)
@@ -338,9 +339,17 @@ class ForecastPrefetch(HostStrategy):
         """The last detail()'s copies into the block cache and the CPU correction's keys and values."""
         return getattr(self, "_detail_read", None)
 
-    def _add(self, st: StepStats) -> None:
+    def _add(self, st: StepStats, layer: int) -> None:
         self.stats = StepStats(*(a + b for a, b in zip(self.stats, st)))
+        hits, misses = self.layer_hits.get(layer, (0, 0))
+        self.layer_hits[layer] = (hits + st.hits, misses + st.misses)
+
+    def forecast_recall(self) -> Dict[int, float]:
+        """Per layer since the last `take_stats`: the share of the blocks the real query selected
+        that the forecast had made resident (hits over hits and misses)."""
+        return {layer: h / (h + m) for layer, (h, m) in sorted(self.layer_hits.items()) if h + m}
 
     def take_stats(self) -> StepStats:
         st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
+        self.layer_hits = {}
         return st
