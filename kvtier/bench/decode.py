@@ -348,9 +348,11 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             st.tier.evict()
             host_side.append((h1 - h0, time.perf_counter() - h2))
 
-        step(False)  # warm-up: plans, FlashInfer JIT, engine threads
+        step(False)  # warm-up: plans, FlashInfer JIT, engine threads, a block cache's first fill
         _sync(device)
         st.attn.take_times()
+        if hasattr(st.attn.host, "take_stats"):
+            st.attn.host.take_stats()  # block stats count the timed steps only
         each = []  # per-step wall times (a sync per step: stalls show as outliers, not as a mean)
         h2d0 = st.tier.stats().bytes_h2d
         t0 = time.perf_counter()
@@ -368,6 +370,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             print("    attention error not measured: its float32 reference did not fit in the device memory "
                   "left", file=sys.stderr, flush=True)
         h2d_timed = st.tier.stats().bytes_h2d
+        blocks = _block_stats(st, steps)  # the timed steps' (before a probe step adds to them)
         probed = {}
         if probe:
             step(False, probing=True)
@@ -389,7 +392,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "engine_threads": st.engine.n_threads if st.engine is not None else 0,
             "device_index_gib": st.attn.host.device_bytes / 2**30,
             **_host_reads(st, last_q, shape, batch),
-            **_block_stats(st, steps),
+            **blocks,
             **probed,
         }
     finally:
@@ -455,7 +458,7 @@ def _block_stats(st, steps: int) -> Dict[str, float]:
         return {}
     recall = st.attn.host.forecast_recall()
     s = take()
-    per = steps + 1  # the warm-up step too
+    per = steps
     return {"block_hits_per_step": s.hits / per, "block_misses_per_step": s.misses / per,
             "blocks_fetched_per_step": s.fetched / per, "blocks_wasted_per_step": s.wasted / per,
             "fetched_mib_per_step": s.fetched_bytes / per / 2**20,
