@@ -297,7 +297,7 @@ class TierManager:
             hk = k[plan.sinks: plan.sinks + plan.host_tokens]
             hv = v[plan.sinks: plan.sinks + plan.host_tokens]
             pages_k = _to_pages(hk, self.config.window.page_tokens)
-            self.store.write(layer, plan.page_ids, pages_k, _to_pages(hv, self.config.window.page_tokens))
+            self.store.write(plan.rid, layer, plan.page_ids, pages_k, _to_pages(hv, self.config.window.page_tokens))
             for listener in self.key_listeners:
                 listener(layer, torch.as_tensor(plan.page_ids, dtype=torch.long), pages_k)
             self._d2h += 2 * hk.numel() * hk.element_size() if k.device.type == "cuda" else 0
@@ -391,9 +391,7 @@ class TierManager:
             st = self.requests.get(p.rid)
             if st is None:
                 continue  # released meanwhile; its pages were freed with it
-            ids = torch.tensor(p.page_ids, dtype=torch.int32)  # once for every layer
-            for layer in range(self.shape.n_layers):
-                self.store.write(layer, ids, p.k[layer], p.v[layer])
+            self.store.write_layers(p.rid, p.page_ids, p.k, p.v)
             n = p.slots.numel()
             del st.recent_slots[:n]
             st.in_flight -= n
