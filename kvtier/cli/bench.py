@@ -19,6 +19,8 @@ BENCHES = {
     "codebooks": ("kvtier.bench.codebooks", "hcattention's codebooks trained offline from a capture's keys"),
     "random-checkpoint": ("kvtier.bench.random_checkpoint",
                           "a random-weight checkpoint from a model config, the same for every TP layout"),
+    "serve": ("kvtier.bench.serve", "sglang servers, dense and per policy, under sglang's bench_serving: "
+                                    "throughput, TPOT, TTFT, admitted requests, memory"),
 }
 
 

@@ -78,9 +78,10 @@ class CpuEngine(HostStrategy):
         ctx = self.ctx
         pin = ctx.device.type == "cuda"
         b, hq, d = len(batch.rids), ctx.shape.num_q_heads, ctx.shape.head_dim
-        far = torch.empty(b * hq * (d + 1), pin_memory=pin)
-        self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
-                              far[b * hq * d:].view(b, hq), far)
+        if self._bufs is None or self._bufs.q_host.shape[0] != b:  # a batch of another size: new buffers
+            far = torch.empty(b * hq * (d + 1), pin_memory=pin)
+            self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
+                                  far[b * hq * d:].view(b, hq), far)
         args = self._args = ctx.policy.engine_args(batch.host_tokens, batch.context_tokens, ctx.shape.kv_heads)
         # A cap past a request's host tokens selects all of them: clamped before it becomes int32.
         budgets = [[int(min(c, max(h, 1))) for c in row] for row, h in zip(args.budgets, batch.host_tokens)]
