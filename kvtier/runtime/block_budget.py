@@ -13,9 +13,9 @@ From them, for each query head g:
   (kbar_c its mean key) and sigma^2 = s^2 * sum_d q_d^2 (mx_d - mn_d)^2 / 12: the second-order
   (log-normal) term of the mean of exp over the chunk's logits, each channel's spread taken as
   uniform over its min/max range, capped at n_c * exp(upper bound). exp of the mean logit alone
-  (the residual's pseudo-token) underestimates the mass by Jensen; on SmolLM2-135M's real keys
-  it put the true output change at a median 2.6x (up to 24x) the estimate, the correction at
-  0.84x (5-95%: 0.25x-2.1x; tests/test_fluxion_real.py). And its mean value vbar_c.
+  (the residual's pseudo-token) underestimates the mass by Jensen: on a SmolLM2-135M needle
+  prompt (tests/test_fluxion_real.py) the true output change was a median 2.8x the estimate
+  without the spread term, 0.86x with it. And its mean value vbar_c.
 
 Output-aware budget: with the device window's (lse_w, o_w) and the host's estimated total
 (M, S = sum of mass * vbar), attending only a prefix P of the ranked blocks changes the
