@@ -134,7 +134,9 @@ class Split(HostStrategy):
         self.heads: Dict[Hashable, _Heads] = {}
         # per (layer, kv-head), how many requests' heads fell in each class
         self.class_counts = torch.zeros(s.n_layers, s.kv_heads, len(self.knobs.head_classes), dtype=torch.long)
-        self.stats = _ZERO
+        # per class: (request, layer, kv-head) selections, host tokens kept, host tokens the caps allowed
+        self.class_tokens = torch.zeros(len(self.knobs.head_classes), 3, dtype=torch.long)
+        self.stats = self.totals = _ZERO
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-split")
         self._future: Optional[Future] = None
         self._gpu: Optional[AttnPart] = None
@@ -228,8 +230,10 @@ class Split(HostStrategy):
                 blocks, keep, share = choice.blocks.cpu(), choice.keep.cpu().tolist(), choice.share.cpu()
                 for j, h in enumerate(heads):
                     picks.append((i, h, blocks[j, : keep[j]], bt, share[j, : keep[j]]))
-                    kept += min(keep[j] * bt, n)
-                    caps_sum += min(caps[h], n)
+                    got, cap = min(keep[j] * bt, n), min(caps[h], n)
+                    kept += got
+                    caps_sum += cap
+                    self.class_tokens[classes[h]] += torch.tensor([1, got, cap])  # calibrating: its class
         return picks, kept, caps_sum
 
     def _tokens(self, picks, on_gpu: torch.Tensor):
@@ -308,6 +312,7 @@ class Split(HostStrategy):
 
     def _add(self, st: SplitStats) -> None:
         self.stats = SplitStats(*(a + b for a, b in zip(self.stats, st)))
+        self.totals = SplitStats(*(a + b for a, b in zip(self.totals, st)))
 
     def take_split_stats(self) -> SplitStats:
         st, self.stats = self.stats, _ZERO
@@ -317,6 +322,14 @@ class Split(HostStrategy):
         """Per class name, per layer, per kv-head: how many requests' heads were classified so."""
         names = [c.name for c in self.knobs.head_classes]
         return {name: self.class_counts[:, :, j].tolist() for j, name in enumerate(names)}
+
+    def report(self) -> Dict[str, object]:
+        """Head classes per layer and kv-head, tokens kept per class, and the split's totals."""
+        names = [c.name for c in self.knobs.head_classes]
+        tokens = {name: dict(zip(("selections", "kept_tokens", "cap_tokens"), self.class_tokens[j].tolist()))
+                  for j, name in enumerate(names)}
+        return {"head_classes": self.head_classes(), "class_tokens": tokens, "split": self.totals._asdict(),
+                "rates": self.rates._asdict()}
 
     def stop(self) -> None:
         if self._future is not None:
