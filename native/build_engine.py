@@ -4,6 +4,12 @@
 directly compiles the extension in place into ``kvtier/_native/`` for
 development. The package version and a SHA-256 of the C sources are compiled
 in, so the loader can refuse a build that does not match the checkout.
+
+``--sanitize`` compiles with AddressSanitizer and UndefinedBehaviorSanitizer
+(``-O1 -g``, every undefined-behaviour report fatal). Such a build needs the
+ASan runtime loaded first (``LD_PRELOAD``), so it belongs in a copy of the
+checkout, never the working one: ``native/sanitize.sh`` makes that copy,
+builds it and runs the native tests under it.
 """
 
 from __future__ import annotations
@@ -54,7 +60,13 @@ def cdef_text() -> str:
     return "\n".join(keep)
 
 
-def make_builder(*, relative: bool) -> cffi.FFI:
+# -O1 keeps the stacks readable; recover=none turns every UBSan report into an abort;
+# -fno-wrapv undoes Python's -fwrapv, under which signed overflow goes unreported.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g",
+                  "-fno-wrapv"]
+
+
+def make_builder(*, relative: bool, sanitize: bool = False) -> cffi.FFI:
     """setuptools wants source paths relative to setup.py; an in-place build
     compiles from a temporary directory and needs them absolute."""
 
@@ -72,8 +84,9 @@ def make_builder(*, relative: bool) -> cffi.FFI:
             ("KVT_VERSION", f'"{package_version()}"'),
             ("KVT_BUILD_HASH", f'"{source_hash()}"'),
         ],
-        extra_compile_args=["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing"],
-        extra_link_args=["-pthread", "-lm"],
+        extra_compile_args=(["-O1", *SANITIZE_FLAGS] if sanitize else ["-O3"])
+        + ["-std=c11", "-pthread", "-fno-strict-aliasing"],
+        extra_link_args=(SANITIZE_FLAGS if sanitize else []) + ["-pthread", "-lm"],
     )
     return builder
 
@@ -81,12 +94,12 @@ def make_builder(*, relative: bool) -> cffi.FFI:
 ffibuilder = make_builder(relative=True)
 
 
-def build_in_place() -> pathlib.Path:
+def build_in_place(*, sanitize: bool = False) -> pathlib.Path:
     """Compile into kvtier/_native/ so a source checkout imports it without installing."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kvtier-build-") as tmp:
-        so = make_builder(relative=False).compile(tmpdir=tmp, verbose=False)
+        so = make_builder(relative=False, sanitize=sanitize).compile(tmpdir=tmp, verbose=False)
         built = pathlib.Path(so)
         dest = ROOT / "kvtier" / "_native" / built.name
         # A new file renamed over the old one: a process that has the old library
@@ -99,4 +112,7 @@ def build_in_place() -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    print(f"built {build_in_place()}", file=sys.stderr)
+    args = sys.argv[1:]
+    if args not in ([], ["--sanitize"]):
+        sys.exit(f"usage: {sys.argv[0]} [--sanitize]")
+    print(f"built {build_in_place(sanitize=bool(args))}", file=sys.stderr)

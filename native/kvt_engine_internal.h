@@ -33,9 +33,10 @@ typedef struct kvt_plan_state {
     kvt_store *store;
     int32_t store_h;
     int64_t serial;
-    int B, Hq, Hkv, G, mode, reduce;
+    int B, Hq, Hkv, G, D, mode, reduce; /* D: the store's head_dim (kept should the store close) */
     float tau, sm_scale, soft_cap;
-    float prefilter;      /* > 0: candidates from summary-chunk bounds (TOPK/MASS) */
+    double prefilter;     /* > 0: candidates from summary-chunk bounds (TOPK/MASS); double, as the
+                           * documented ceil(prefilter * budget / S) is computed */
     int residual;         /* 1: unselected host tokens join each set's softmax per summary chunk */
     int64_t res_off;      /* the residual's part of each thread's scratch (floats from its start) */
     int64_t gather_off;   /* KVT_GATHER key rows and their scales, likewise */
@@ -48,7 +49,8 @@ typedef struct kvt_plan_state {
     int64_t n_res_items, res_part_floats;
     int32_t *res_items;
     float *res_part;
-    int32_t *page_table, *page_off, *ntok, *budget, *block; /* copies of the desc arrays */
+    int32_t *page_table, *page_off, *ntok, *block; /* copies of the desc arrays */
+    int32_t *budget;      /* the desc's budgets clamped to [1, the request's host tokens] */
     int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores */
     float *scores;
     int n_max;
@@ -97,9 +99,25 @@ typedef struct kvt_engine {
     kvt_plan_state plan;
     int trace;                         /* kvt_engine_trace; under mu */
     int64_t phase_ns[KVT_N_PHASES], traced_runs;
+    /* under the handle table's lock (kvtier_engine.c): calls holding the engine, of which
+     * runs over its plan, and whether a kvt_serve loop is on. kvt_engine_destroy refuses
+     * while any is non-zero, kvt_plan while runs or serving is. */
+    int calls, runs, serving;
+    int32_t handle;
 } kvt_engine;
 
-kvt_engine *kvt_engine_get(int32_t h);
+/* The engine of handle h, held until kvt_engine_release (NULL + error if not open);
+ * run = 1 counts the call as a run over the plan. */
+kvt_engine *kvt_engine_acquire(int32_t h, int run);
+void kvt_engine_release(kvt_engine *e, int run);
+/* KVT_ERR_STATE (message naming fn) while a run over the plan or a serve loop is on. */
+int32_t kvt_engine_check_idle(kvt_engine *e, const char *fn);
+/* on = 1: marks the engine serving, or KVT_ERR_STATE if it already is; on = 0: clears it. */
+int32_t kvt_engine_serving(kvt_engine *e, int on);
+/* kvt_run on a held engine (the caller holds the ISA lock): what kvt_serve's jobs call. */
+int32_t kvt_run_held(kvt_engine *e, int32_t layer, int32_t batch, int32_t num_q_heads, int32_t head_dim,
+                     const float *q, float *out, float *lse, int32_t *n_selected, int32_t *sel_index,
+                     int32_t sel_cap);
 void kvt_plan_free(kvt_plan_state *p);
 
 /* selection helpers (kvt_select.c) */

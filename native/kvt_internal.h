@@ -8,6 +8,22 @@
 /* Error reporting: records a thread-local message and returns code. */
 int32_t kvt_err(int32_t code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int32_t kvt_ensure_init(void);
+/* The kernel table's lock, held shared by every call that runs kernels (kvt_set_isa
+ * takes it exclusively, or refuses while it is held). */
+void kvt_isa_hold(void);
+void kvt_isa_drop(void);
+
+/* Limits that keep every token and page count in int32 arithmetic: n + T - 1 and the
+ * like never overflow. */
+#define KVT_MAX_TOKENS (1 << 30)      /* host tokens of one request */
+#define KVT_MAX_PAGE_TOKENS (1 << 20) /* tokens per page */
+#define KVT_MAX_BATCH (1 << 20)       /* requests of one plan */
+#define KVT_MAX_Q_HEADS (1 << 12)     /* query heads (so kv heads too) of one plan */
+#define KVT_MAX_ROWS (1 << 24)        /* batch x query heads of one plan */
+
+/* Index of the first element of x[0..n) that is NaN or infinite, or -1. */
+int64_t kvt_first_nonfinite_f32(const float *x, int64_t n);
+int64_t kvt_first_nonfinite_bf16(const uint16_t *x, int64_t n);
 
 /* fmaxf/fminf are library calls under strict IEEE flags; these inline to maxss/minss. */
 static inline float kvt_maxf(float a, float b) { return a > b ? a : b; }
@@ -126,13 +142,18 @@ void kvt_pool_run(kvt_pool *p, int64_t n_items, kvt_task_fn fn, void *ctx);
 typedef struct kvt_store {
     kvt_store_desc d;
     int64_t serial;      /* distinguishes a reopened handle slot from the planned store */
+    int holds;           /* calls using the store (under the store table's lock); close waits for 0 */
+    int32_t handle;
     int64_t key_tok;     /* bytes of one token's key */
     int64_t kscale_tok;  /* key scales per token (0, 1 or D/G) */
     int64_t val_tok;     /* bytes of one token's value */
     int64_t n_chunks;    /* summary chunks per page */
 } kvt_store;
 
-kvt_store *kvt_store_get(int32_t handle); /* NULL + error if invalid */
+/* The store of a handle, held until kvt_store_release: kvt_store_close waits for every
+ * hold to end. NULL + KVT_ERR_HANDLE error if not open. */
+kvt_store *kvt_store_acquire(int32_t handle);
+void kvt_store_release(kvt_store *s);
 
 /* (layer, page, head) -> flat index of the [T, ...] block */
 static inline int64_t kvt_lph(const kvt_store *s, int layer, int page, int head) {

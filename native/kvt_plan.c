@@ -29,9 +29,11 @@ static void plan_clear(kvt_plan_state *p) {
     p->scores_cap = c0; p->scratch_cap = c1; p->set_buf_cap = c2;
 }
 
-/* buf if it holds need floats, else a fresh allocation (NULL when out of memory) */
+/* buf if it holds need floats, else a fresh allocation (NULL when out of memory, or
+ * when need passes 2^52 floats: a count that large came from a saturated sum) */
 static float *reuse(float *buf, int64_t *cap, int64_t need) {
     if (need < 1) need = 1;
+    if (need > ((int64_t)1 << 52)) return NULL;
     if (buf && *cap >= need) return buf;
     free(buf);
     buf = malloc(sizeof(float) * (size_t)need);
@@ -47,10 +49,14 @@ static int32_t *dup_i32(const int32_t *src, int64_t n) {
 
 static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
     const int Hkv = s->d.kv_heads, T = s->d.page_tokens, S = s->d.summary_tokens;
-    if (d->batch <= 0) return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected batch > 0, got %d", d->batch);
-    if (d->num_q_heads <= 0 || d->num_q_heads % Hkv != 0)
-        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected num_q_heads a positive multiple of kv_heads %d, got %d",
-                       Hkv, d->num_q_heads);
+    if (d->batch <= 0 || d->batch > KVT_MAX_BATCH)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected batch in [1, %d], got %d", KVT_MAX_BATCH, d->batch);
+    if (d->num_q_heads <= 0 || d->num_q_heads % Hkv != 0 || d->num_q_heads > KVT_MAX_Q_HEADS)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected num_q_heads a positive multiple of kv_heads %d, at most "
+                       "%d, got %d", Hkv, KVT_MAX_Q_HEADS, d->num_q_heads);
+    if ((int64_t)d->batch * d->num_q_heads > KVT_MAX_ROWS)
+        return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected batch x num_q_heads <= %d query rows, got %d x %d",
+                       KVT_MAX_ROWS, d->batch, d->num_q_heads);
     if (!d->page_offsets || !d->n_tokens)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected page_offsets and n_tokens, got NULL");
     if (d->page_offsets[0] < 0)
@@ -63,6 +69,9 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
         if (d->n_tokens[b] < 0 || (int64_t)d->n_tokens[b] > (int64_t)(e - a) * T)
             return kvt_err(KVT_ERR_VALUE, "kvt_plan: request %d: expected n_tokens in [0, %lld] (%d pages of %d), got %d",
                            b, (long long)(e - a) * T, e - a, T, d->n_tokens[b]);
+        if (d->n_tokens[b] > KVT_MAX_TOKENS)
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: request %d: expected at most %d host tokens, got %d", b,
+                           KVT_MAX_TOKENS, d->n_tokens[b]);
     }
     int32_t n_pages = d->page_offsets[d->batch];
     if (n_pages > 0 && !d->page_table)
@@ -80,12 +89,12 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite sm_scale > 0, got %g", (double)d->sm_scale);
     if (!isfinite(d->soft_cap) || d->soft_cap < 0.f)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a finite soft_cap >= 0, got %g", (double)d->soft_cap);
-    if (!isfinite(d->prefilter) || (d->prefilter != 0.f && d->prefilter < 1.f))
+    if (!isfinite(d->prefilter) || (d->prefilter != 0.0 && d->prefilter < 1.0))
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected prefilter 0 (off) or a finite factor >= 1, got %g",
-                       (double)d->prefilter);
-    if (d->prefilter > 0.f && d->mode != KVT_SELECT_TOPK && d->mode != KVT_SELECT_MASS)
+                       d->prefilter);
+    if (d->prefilter > 0.0 && d->mode != KVT_SELECT_TOPK && d->mode != KVT_SELECT_MASS)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: prefilter applies to modes topk and mass, got mode %d with "
-                       "prefilter %g", d->mode, (double)d->prefilter);
+                       "prefilter %g", d->mode, d->prefilter);
     if (d->residual != 0 && d->residual != 1)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected residual 0 (off) or 1 (on), got %d", d->residual);
     if (d->residual && !s->d.chunk_sums)
@@ -94,10 +103,10 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
     if (d->mode == KVT_SELECT_ALL) return KVT_OK;
     if (!d->budget_tokens)
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens [batch * kv_heads], got NULL");
-    for (int i = 0; i < d->batch * Hkv; i++)
+    for (int64_t i = 0; i < (int64_t)d->batch * Hkv; i++)
         if (d->budget_tokens[i] <= 0)
-            return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens > 0, got %d for request %d kv-head %d",
-                           d->budget_tokens[i], i / Hkv, i % Hkv);
+            return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected budget_tokens > 0, got %d for request %lld kv-head %lld",
+                           d->budget_tokens[i], (long long)(i / Hkv), (long long)(i % Hkv));
     if (d->mode == KVT_SELECT_MASS && !(d->mass_threshold > 0.f && d->mass_threshold <= 1.f))
         return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected mass_threshold in (0, 1], got %g",
                        (double)d->mass_threshold);
@@ -106,7 +115,7 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
             return kvt_err(KVT_ERR_VALUE, "kvt_plan: blocks mode expects block_tokens [kv_heads], got NULL");
         for (int h = 0; h < Hkv; h++) {
             int B = d->block_tokens[h];
-            if (B <= 0 || B % S != 0 || (T % B != 0 && B % T != 0))
+            if (B <= 0 || B > KVT_MAX_TOKENS || B % S != 0 || (T % B != 0 && B % T != 0))
                 return kvt_err(KVT_ERR_VALUE,
                                "kvt_plan: kv-head %d: expected block_tokens a multiple of summary_tokens %d that "
                                "divides or is a multiple of page_tokens %d, got %d", h, S, T, B);
@@ -123,7 +132,7 @@ static int32_t validate(const kvt_store *s, const kvt_plan_desc *d) {
  * the request). */
 static int64_t prefilter_cap(const kvt_plan_state *p, const kvt_store *s, int64_t bh) {
     const int S = s->d.summary_tokens, n = p->ntok[bh / p->Hkv];
-    const double want = ceil((double)p->prefilter * p->budget[bh] / S) * S;
+    const double want = ceil(p->prefilter * p->budget[bh] / S) * S;
     return want < n ? (int64_t)want : n;
 }
 
@@ -214,7 +223,7 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     p->n_sets = (int64_t)p->B * p->Hkv * p->nsub;
     const int q16_keys = s->d.key_format == KVT_KEY_INT8 ||
                          (s->d.key_format == KVT_KEY_INT4 && kvt_i4_q16_ok(D, s->d.key_group));
-    const int pf = p->prefilter > 0.f;
+    const int pf = p->prefilter > 0.0;
     if ((!q16_keys && !pf) || (p->mode != KVT_SELECT_TOPK && p->mode != KVT_SELECT_MASS) ||
         p->n_threads < 2 || p->n_sets >= 4 * (int64_t)p->n_threads)
         return KVT_OK;
@@ -241,20 +250,33 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     return KVT_OK;
 }
 
+static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan_desc *d);
+
 int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
-    kvt_engine *e = kvt_engine_get(eh);
+    kvt_engine *e = kvt_engine_acquire(eh, 0);
     if (!e) return KVT_ERR_HANDLE;
-    kvt_store *s = kvt_store_get(sh);
-    if (!s) return KVT_ERR_HANDLE;
-    if (!d) return kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a plan descriptor, got NULL");
-    int32_t rc = validate(s, d);
-    if (rc) return rc;
-    pthread_mutex_lock(&e->mu);
+    kvt_store *s = kvt_store_acquire(sh);
+    int32_t rc = s ? KVT_OK : KVT_ERR_HANDLE;
+    if (rc == KVT_OK) rc = kvt_engine_check_idle(e, "kvt_plan");
+    if (rc == KVT_OK && !d) rc = kvt_err(KVT_ERR_VALUE, "kvt_plan: expected a plan descriptor, got NULL");
+    if (rc == KVT_OK) rc = validate(s, d);
+    if (rc == KVT_OK) {
+        pthread_mutex_lock(&e->mu);
+        rc = plan_held(e, s, sh, d);
+        pthread_mutex_unlock(&e->mu);
+    }
+    if (s) kvt_store_release(s);
+    kvt_engine_release(e, 0);
+    return rc;
+}
+
+/* The plan, under e->mu; d is valid for s. */
+static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan_desc *d) {
     kvt_plan_state *p = &e->plan;
     plan_clear(p);
     const int B = d->batch, Hkv = s->d.kv_heads, T = s->d.page_tokens;
     p->store = s; p->store_h = sh; p->serial = s->serial;
-    p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv;
+    p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv; p->D = s->d.head_dim;
     p->mode = d->mode; p->reduce = d->group_reduce;
     p->tau = d->mass_threshold; p->sm_scale = d->sm_scale; p->soft_cap = d->soft_cap;
     p->prefilter = d->prefilter;
@@ -265,6 +287,13 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->ntok = dup_i32(d->n_tokens, B);
     p->budget = dup_i32(d->mode == KVT_SELECT_ALL ? NULL : d->budget_tokens,
                         d->mode == KVT_SELECT_ALL ? 0 : (int64_t)B * Hkv);
+    /* a budget past the request's host tokens selects all of them either way: clamped here,
+     * every later budget sum (2k + 4096, k + block - 1, prefilter x k) stays small */
+    if (p->budget && p->ntok && d->mode != KVT_SELECT_ALL)
+        for (int64_t i = 0; i < (int64_t)B * Hkv; i++) {
+            const int32_t n = p->ntok[i / Hkv] > 0 ? p->ntok[i / Hkv] : 1;
+            if (p->budget[i] > n) p->budget[i] = n;
+        }
     p->block = dup_i32(d->mode == KVT_SELECT_BLOCKS ? d->block_tokens : NULL,
                        d->mode == KVT_SELECT_BLOCKS ? Hkv : 0);
     p->score_off = malloc(sizeof(int64_t) * (size_t)B * Hkv);
@@ -275,8 +304,8 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
         int n = p->ntok ? p->ntok[b] : 0;
         if (n > p->n_max) p->n_max = n;
         for (int h = 0; h < Hkv && p->score_off; h++) {
-            p->score_off[b * Hkv + h] = total;
-            total += (int64_t)p->G * n;
+            p->score_off[(int64_t)b * Hkv + h] = total;
+            total += (int64_t)p->G * n; /* <= 2^54 over the batch (KVT_MAX_ROWS x KVT_MAX_TOKENS) */
         }
         n_items += (int64_t)Hkv * ((n + chunk - 1) / chunk);
     }
@@ -306,18 +335,15 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
         !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||
         !p->q16s || !p->qerr) {
         kvt_plan_free(p);
-        pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing scratch for %lld logits",
                        (long long)total);
     }
     if (plan_split(p, s) != KVT_OK) {
         kvt_plan_free(p);
-        pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing the split select + attend buffers");
     }
     if (p->residual && plan_residual(p, s) != KVT_OK) {
         kvt_plan_free(p);
-        pthread_mutex_unlock(&e->mu);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing the residual's buffers");
     }
     int64_t it = 0;
@@ -333,6 +359,5 @@ int32_t kvt_plan(int32_t eh, int32_t sh, const kvt_plan_desc *d) {
     p->item_off[B * Hkv] = it;
     p->n_items = it;
     p->valid = 1;
-    pthread_mutex_unlock(&e->mu);
     return KVT_OK;
 }

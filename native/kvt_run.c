@@ -8,15 +8,40 @@
 #include <time.h>
 #include "kvt_run_internal.h"
 
-static int32_t check_ready(kvt_engine *e, int32_t layer, const char *fn) {
+/* Under e->mu: a plan whose store is still open (held in *held until the caller's
+ * kvt_store_release), the caller's batch shape equal to the plan's, and a layer of the
+ * store. The buffers a call is handed were sized by its caller from a plan: when
+ * another thread planned again in between, the shapes differ and the call is refused
+ * before anything is written. */
+static int32_t begin(kvt_engine *e, int32_t layer, int32_t B, int32_t Hq, int32_t D, const char *fn,
+                     kvt_store **held) {
     kvt_plan_state *p = &e->plan;
+    *held = NULL;
     if (!p->valid) return kvt_err(KVT_ERR_STATE, "%s: expected a plan (call kvt_plan first)", fn);
-    kvt_store *s = kvt_store_get(p->store_h);
-    if (!s || s != p->store || s->serial != p->serial)
-        return kvt_err(KVT_ERR_STATE, "%s: the planned store (handle %d) was closed", fn, p->store_h);
+    kvt_store *s = kvt_store_acquire(p->store_h);
+    if (s && (s != p->store || s->serial != p->serial)) {
+        kvt_store_release(s);
+        s = NULL;
+    }
+    if (!s) return kvt_err(KVT_ERR_STATE, "%s: the planned store (handle %d) was closed", fn, p->store_h);
+    *held = s;
+    if (B != p->B || Hq != p->Hq || D != p->D)
+        return kvt_err(KVT_ERR_STATE, "%s: the buffers are for batch %d x %d query heads x head_dim %d, the "
+                       "engine's plan is for %d x %d x %d: it was planned again after they were sized", fn, B, Hq,
+                       D, p->B, p->Hq, p->D);
     if (layer < 0 || layer >= s->d.n_layers)
         return kvt_err(KVT_ERR_RANGE, "%s: expected layer in [0, %d), got %d", fn, s->d.n_layers, layer);
     return KVT_OK;
+}
+
+/* KVT_ERR_VALUE naming the first NaN or infinity of x [B, Hq, D]: one bad query head
+ * would otherwise decide its whole group's selection (the group max of a NaN). */
+static int32_t check_finite(const char *fn, const char *what, const float *x, int B, int Hq, int D) {
+    const int64_t i = kvt_first_nonfinite_f32(x, (int64_t)B * Hq * D);
+    if (i < 0) return KVT_OK;
+    return kvt_err(KVT_ERR_VALUE, "%s: expected finite %s values, got %g at [%lld, %lld, %lld] (request %lld, "
+                   "query head %lld)", fn, what, (double)x[i], (long long)(i / D / Hq), (long long)(i / D % Hq),
+                   (long long)(i % D), (long long)(i / D / Hq), (long long)(i / D % Hq));
 }
 
 enum { ITEMS_COLLECT, ITEMS_EXACT, ITEMS_ATTEND };
@@ -46,7 +71,7 @@ static int use_q16(const kvt_plan_state *p, int for_run) {
            : d->key_format == KVT_KEY_INT4 ? kvt_k->score_i4_q16 && kvt_i4_q16_ok(d->head_dim, d->key_group)
            : 0;
     if (!ok) return 0;
-    return !for_run || ((p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS) && p->prefilter == 0.f);
+    return !for_run || ((p->mode == KVT_SELECT_TOPK || p->mode == KVT_SELECT_MASS) && p->prefilter == 0.0);
 }
 
 static int64_t now_ns(void) {
@@ -62,16 +87,16 @@ static void phase(kvt_engine *e, int which, int64_t n_items, kvt_task_fn fn, run
     if (e->trace) e->phase_ns[which] += now_ns() - t0;
 }
 
-int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *lse,
-                int32_t *n_selected, int32_t *sel_index, int32_t sel_cap) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
+int32_t kvt_run_held(kvt_engine *e, int32_t layer, int32_t B, int32_t Hq, int32_t D, const float *q, float *out,
+                     float *lse, int32_t *n_selected, int32_t *sel_index, int32_t sel_cap) {
     if (!q || !out || !lse) return kvt_err(KVT_ERR_VALUE, "kvt_run: expected q, out and lse buffers, got NULL");
     if (sel_index && sel_cap <= 0)
         return kvt_err(KVT_ERR_VALUE, "kvt_run: expected sel_cap > 0 with sel_index, got %d", sel_cap);
     const int64_t t_call = now_ns();
     pthread_mutex_lock(&e->mu);
-    int32_t rc = check_ready(e, layer, "kvt_run");
+    kvt_store *held;
+    int32_t rc = begin(e, layer, B, Hq, D, "kvt_run", &held);
+    if (rc == KVT_OK) rc = check_finite("kvt_run", "query", q, B, Hq, D);
     if (rc == KVT_OK) {
         kvt_plan_state *p = &e->plan;
         run_ctx r = {p, layer, q, out, lse, n_selected, sel_index, sel_index ? sel_cap : 0,
@@ -86,10 +111,10 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
                                           memory_order_relaxed);
             if (e->trace) e->phase_ns[KVT_PHASE_QUERY] += now_ns() - t0;
             phase(e, KVT_PHASE_SCORE, p->n_items, kvtr_score_task_q16, &r);
-        } else if (p->mode != KVT_SELECT_BLOCKS && p->prefilter == 0.f) {
+        } else if (p->mode != KVT_SELECT_BLOCKS && p->prefilter == 0.0) {
             phase(e, KVT_PHASE_SCORE, p->n_items, kvtr_score_task, &r);
         }
-        if (p->prefilter > 0.f && p->split) {
+        if (p->prefilter > 0.0 && p->split) {
             phase(e, KVT_PHASE_BOUND, p->n_pf_items, kvtr_bound_task, &r);
             phase(e, KVT_PHASE_SELECT, p->n_sets, kvtr_select_task, &r);
             phase(e, KVT_PHASE_EXACT, split_items(p, ITEMS_EXACT), kvtr_exact_task, &r);
@@ -115,11 +140,24 @@ int32_t kvt_run(int32_t eh, int32_t layer, const float *q, float *out, float *ls
         e->traced_runs++;
     }
     pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    return rc;
+}
+
+int32_t kvt_run(int32_t eh, int32_t layer, int32_t batch, int32_t num_q_heads, int32_t head_dim, const float *q,
+                float *out, float *lse, int32_t *n_selected, int32_t *sel_index, int32_t sel_cap) {
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
+    const int32_t rc = kvt_run_held(e, layer, batch, num_q_heads, head_dim, q, out, lse, n_selected, sel_index,
+                                    sel_cap);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
     return rc;
 }
 
 int32_t kvt_engine_trace(int32_t eh, int32_t on) {
-    kvt_engine *e = kvt_engine_get(eh);
+    kvt_engine *e = kvt_engine_acquire(eh, 0);
     if (!e) return KVT_ERR_HANDLE;
     pthread_mutex_lock(&e->mu);
     if (on) {
@@ -128,32 +166,38 @@ int32_t kvt_engine_trace(int32_t eh, int32_t on) {
     }
     e->trace = on != 0;
     pthread_mutex_unlock(&e->mu);
+    kvt_engine_release(e, 0);
     return KVT_OK;
 }
 
 int32_t kvt_engine_phase_times(int32_t eh, int64_t *ns, int32_t n, int64_t *runs) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
     if (!ns || !runs || n < 0 || n > KVT_N_PHASES)
         return kvt_err(KVT_ERR_VALUE, "kvt_engine_phase_times: expected ns, runs and n in [0, %d], got n=%d",
                        KVT_N_PHASES, n);
+    kvt_engine *e = kvt_engine_acquire(eh, 0);
+    if (!e) return KVT_ERR_HANDLE;
     pthread_mutex_lock(&e->mu);
     memcpy(ns, e->phase_ns, sizeof(int64_t) * (size_t)n);
     *runs = e->traced_runs;
     pthread_mutex_unlock(&e->mu);
+    kvt_engine_release(e, 0);
     return KVT_OK;
 }
 
-int32_t kvt_score(int32_t eh, int32_t layer, const float *q, float *scores, int32_t n_max) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
+int32_t kvt_score(int32_t eh, int32_t layer, int32_t B, int32_t Hq, int32_t D, const float *q, float *scores,
+                  int32_t n_max) {
     if (!q || !scores) return kvt_err(KVT_ERR_VALUE, "kvt_score: expected q and scores buffers, got NULL");
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
-    int32_t rc = check_ready(e, layer, "kvt_score");
+    kvt_store *held;
+    int32_t rc = begin(e, layer, B, Hq, D, "kvt_score", &held);
     kvt_plan_state *p = &e->plan;
     if (rc == KVT_OK && n_max < p->n_max)
         rc = kvt_err(KVT_ERR_VALUE, "kvt_score: expected n_max >= %d (longest planned request), got %d",
                      p->n_max, n_max);
+    if (rc == KVT_OK) rc = check_finite("kvt_score", "query", q, B, Hq, D);
     if (rc == KVT_OK) {
         run_ctx r = {p, layer, q, NULL, NULL, NULL, NULL, 0, use_q16(p, 0), 0, scores, n_max};
         if (r.q16) {
@@ -166,6 +210,9 @@ int32_t kvt_score(int32_t eh, int32_t layer, const float *q, float *scores, int3
             for (int t = p->ntok[i / p->Hq]; t < n_max; t++) scores[i * n_max + t] = -INFINITY;
     }
     pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
     return rc;
 }
 
@@ -193,14 +240,16 @@ static void wv_task(void *c, int64_t item, int tid) {
             kvt_accum_token(s, kvt_lph(s, w->layer, pages[ix[j] / T], h), ix[j] % T, pr + j, 0, 1, o);
 }
 
-int32_t kvt_weighted_values(int32_t eh, int32_t sh, int32_t layer, const int32_t *idx,
-                            const float *pr, int32_t m, float *out) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
+int32_t kvt_weighted_values(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D,
+                            const int32_t *idx, const float *pr, int32_t m, float *out) {
     if (m < 0 || !out || (m > 0 && (!idx || !pr)))
         return kvt_err(KVT_ERR_VALUE, "kvt_weighted_values: expected m >= 0 and idx, p, out buffers, got m=%d", m);
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
-    int32_t rc = check_ready(e, layer, "kvt_weighted_values");
+    kvt_store *held;
+    int32_t rc = begin(e, layer, B, Hq, D, "kvt_weighted_values", &held);
     kvt_plan_state *p = &e->plan;
     if (rc == KVT_OK && sh != p->store_h)
         rc = kvt_err(KVT_ERR_VALUE, "kvt_weighted_values: expected the planned store (handle %d), got %d",
@@ -211,11 +260,15 @@ int32_t kvt_weighted_values(int32_t eh, int32_t sh, int32_t layer, const int32_t
             rc = kvt_err(KVT_ERR_RANGE, "kvt_weighted_values: request %d: expected token index in [-1, %d), got %d",
                          b, p->ntok[b], idx[i]);
     }
+    if (rc == KVT_OK) rc = check_finite("kvt_weighted_values", "weight", pr, B, Hq, m);
     if (rc == KVT_OK) {
         wv_ctx w = {p, layer, m, idx, pr, out};
         kvt_pool_run(e->pool, (int64_t)p->B * p->Hq, wv_task, &w);
     }
     pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
     return rc;
 }
 
@@ -257,14 +310,16 @@ static void ai_task(void *c, int64_t item, int tid) {
     kvtr_attend(&r, b, h, qh - h * p->G, 1, E, tok, cnt, prob, acc, rows, vscale, tid);
 }
 
-int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, const float *q, const int32_t *idx,
-                           int32_t m, float *out, float *lse) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
+int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D, const float *q,
+                           const int32_t *idx, int32_t m, float *out, float *lse) {
     if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
         return kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected m >= 0 and q, idx, out, lse buffers, got m=%d", m);
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
-    int32_t rc = check_ready(e, layer, "kvt_attend_indices");
+    kvt_store *held;
+    int32_t rc = begin(e, layer, B, Hq, D, "kvt_attend_indices", &held);
     kvt_plan_state *p = &e->plan;
     if (rc == KVT_OK && sh != p->store_h)
         rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected the planned store (handle %d), got %d",
@@ -286,10 +341,14 @@ int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, const float *q
             rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: request %d: expected unique token indices, got %d "
                          "of its %d tokens in one row", b, valid, p->ntok[b]);
     }
+    if (rc == KVT_OK) rc = check_finite("kvt_attend_indices", "query", q, B, Hq, D);
     if (rc == KVT_OK) {
         ai_ctx a = {p, layer, m, q, idx, out, lse};
         kvt_pool_run(e->pool, (int64_t)p->B * p->Hq, ai_task, &a);
     }
     pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
     return rc;
 }

@@ -75,7 +75,7 @@ static void chunk_bounds(const kvt_plan_state *p, int layer, int b, int h, const
  * the whole request (then every token is a candidate and no bound is needed). */
 static int prefilter_chunks(const kvt_plan_state *p, int64_t bh) {
     const int S = p->store->d.summary_tokens, nc = (p->ntok[bh / p->Hkv] + S - 1) / S;
-    const double want = ceil((double)p->prefilter * p->budget[bh] / S);
+    const double want = ceil(p->prefilter * p->budget[bh] / S);
     return want < nc ? (int)want : 0;
 }
 

@@ -94,7 +94,7 @@ void kvtr_attend_task(void *c, int64_t item, int tid) {
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
     float *L = p->scores + p->score_off[item];
     const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
-    if (p->prefilter > 0.f) {
+    if (p->prefilter > 0.0) {
         for (int g0 = 0; g0 < G; g0 += m) kvtr_select_attend_prefilter(r, item, g0, m, sc, tid);
         return;
     }
@@ -246,7 +246,7 @@ void kvtr_select_task(void *c, int64_t s, int tid) {
     const int cap = p->set_cap[s];
     int cnt = 0;
     float cut = -INFINITY;
-    if (p->prefilter > 0.f) { /* candidates from the chunk bounds; MASS over them (cut = -inf) */
+    if (p->prefilter > 0.0) { /* candidates from the chunk bounds; MASS over them (cut = -inf) */
         cnt = kvtr_prefilter_pick(p, bh, m, p->pf_ub + p->pf_off[s], sc, sc + n, (int32_t *)(sc + 2 * (int64_t)n),
                                   sb.cand);
     } else if (k >= n) {

@@ -75,6 +75,7 @@ float kvt_kth_value(const float *r, int n, int k, float *vals) {
 }
 
 int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out) {
+    if (k <= 0) return 0; /* plans clamp budgets to [1, n]; never a negative rank below */
     if (k >= n) {
         for (int t = 0; t < n; t++) out[t] = t;
         return n;

@@ -61,20 +61,36 @@ static int wait_job(const kvt_serve_desc *d, int slot, int32_t seq, int64_t j) {
     }
 }
 
+static int32_t serve_held(kvt_engine *e, const kvt_serve_desc *d);
+
+/* The loop holds the engine (kvt_engine_destroy and kvt_plan are refused until it
+ * returns; a second loop too) and the ISA lock; its jobs run on the held engine. */
 int32_t kvt_serve(int32_t eh, const kvt_serve_desc *d) {
-    kvt_engine *e = kvt_engine_get(eh);
-    if (!e) return KVT_ERR_HANDLE;
     if (!d || !d->layer || !d->q || !d->far || !d->q_ready || !d->far_ready || !d->stop || !d->done ||
         !d->engine_seconds)
         return kvt_err(KVT_ERR_VALUE, "kvt_serve: expected a descriptor with every buffer set, got NULL");
     if (d->n_slots <= 0 || d->timeout_ms <= 0)
         return kvt_err(KVT_ERR_VALUE, "kvt_serve: expected n_slots > 0 and timeout_ms > 0, got %d and %d",
                        d->n_slots, d->timeout_ms);
+    kvt_engine *e = kvt_engine_acquire(eh, 0);
+    if (!e) return KVT_ERR_HANDLE;
+    int32_t rc = kvt_engine_serving(e, 1);
+    if (rc == KVT_OK) {
+        kvt_isa_hold();
+        rc = serve_held(e, d);
+        kvt_isa_drop();
+        kvt_engine_serving(e, 0);
+    }
+    kvt_engine_release(e, 0);
+    return rc;
+}
+
+static int32_t serve_held(kvt_engine *e, const kvt_serve_desc *d) {
     pthread_mutex_lock(&e->mu);
-    int valid = e->plan.valid;
-    int64_t rows = valid ? (int64_t)e->plan.B * e->plan.Hq : 0;
-    int64_t dim = valid ? e->plan.store->d.head_dim : 0;
+    const int valid = e->plan.valid;
+    const int32_t B = valid ? e->plan.B : 0, Hq = valid ? e->plan.Hq : 0, D = valid ? e->plan.D : 0;
     pthread_mutex_unlock(&e->mu);
+    const int64_t rows = (int64_t)B * Hq, dim = D;
     if (!valid) return kvt_err(KVT_ERR_STATE, "kvt_serve: expected a plan (call kvt_plan first)");
     if (d->q_stride < rows * dim || d->far_stride < rows * (dim + 1))
         return kvt_err(KVT_ERR_VALUE,
@@ -101,7 +117,7 @@ int32_t kvt_serve(int32_t eh, const kvt_serve_desc *d) {
         float *out = d->far + slot * d->far_stride;
         float *lse = out + rows * dim;
         double t0 = now_s();
-        int32_t rc = kvt_run(eh, d->layer[slot], d->q + slot * d->q_stride, out, lse, NULL, NULL, 0);
+        int32_t rc = kvt_run_held(e, d->layer[slot], B, Hq, D, d->q + slot * d->q_stride, out, lse, NULL, NULL, 0);
         *d->engine_seconds += now_s() - t0;
         if (rc != KVT_OK) {
             if (first_rc == KVT_OK) {

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -16,18 +17,58 @@
 #define MAX_STORES 1024
 
 static kvt_store *g_stores[MAX_STORES];
+/* handles as the engine's: slot + 1 + MAX_STORES * (the slot's use count, wrapped) */
+static int32_t g_store_uses[MAX_STORES];
 static int64_t g_serial;
 static pthread_mutex_t g_store_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_store_released = PTHREAD_COND_INITIALIZER; /* a hold ended */
 
-kvt_store *kvt_store_get(int32_t h) {
-    kvt_store *s = NULL;
-    if (h >= 1 && h <= MAX_STORES) {
-        pthread_mutex_lock(&g_store_mu);
-        s = g_stores[h - 1];
-        pthread_mutex_unlock(&g_store_mu);
-    }
+/* the store of handle h (NULL if not open); under g_store_mu */
+static kvt_store *store_at(int32_t h) {
+    if (h < 1) return NULL;
+    kvt_store *s = g_stores[(h - 1) % MAX_STORES];
+    return s && s->handle == h ? s : NULL;
+}
+
+kvt_store *kvt_store_acquire(int32_t h) {
+    pthread_mutex_lock(&g_store_mu);
+    kvt_store *s = store_at(h);
+    if (s) s->holds++;
+    pthread_mutex_unlock(&g_store_mu);
     if (!s) kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
     return s;
+}
+
+void kvt_store_release(kvt_store *s) {
+    pthread_mutex_lock(&g_store_mu);
+    if (--s->holds == 0) pthread_cond_broadcast(&g_store_released);
+    pthread_mutex_unlock(&g_store_mu);
+}
+
+/* Non-finite floats have every exponent bit set; the loops only OR flags, so they vectorize. */
+int64_t kvt_first_nonfinite_f32(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        uint32_t bad = 0;
+        for (int64_t i = i0; i < i1; i++) bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+        if (bad)
+            for (int64_t i = i0; i < i1; i++)
+                if ((u[i] & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return -1;
+}
+
+int64_t kvt_first_nonfinite_bf16(const uint16_t *x, int64_t n) {
+    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        uint32_t bad = 0;
+        for (int64_t i = i0; i < i1; i++) bad |= (uint32_t)((x[i] & 0x7f80u) == 0x7f80u);
+        if (bad)
+            for (int64_t i = i0; i < i1; i++)
+                if ((x[i] & 0x7f80u) == 0x7f80u) return i;
+    }
+    return -1;
 }
 
 static int32_t validate_desc(const kvt_store_desc *d) {
@@ -54,6 +95,17 @@ static int32_t validate_desc(const kvt_store_desc *d) {
     if (d->summary_tokens <= 0 || d->page_tokens % d->summary_tokens != 0)
         return kvt_err(KVT_ERR_VALUE, "store desc: expected summary_tokens dividing page_tokens %d, got %d",
                        d->page_tokens, d->summary_tokens);
+    if (d->page_tokens > KVT_MAX_PAGE_TOKENS || d->kv_heads > KVT_MAX_Q_HEADS)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected page_tokens <= %d and kv_heads <= %d, got %d and %d",
+                       KVT_MAX_PAGE_TOKENS, KVT_MAX_Q_HEADS, d->page_tokens, d->kv_heads);
+    /* the largest buffer, f32 chunk sums or keys of 4 bytes a channel at most, must be addressable */
+    int64_t elems = 8;
+    const int32_t dims[5] = {d->n_layers, d->n_pages, d->kv_heads, d->page_tokens, d->head_dim};
+    for (int i = 0; i < 5; i++)
+        if (__builtin_mul_overflow(elems, (int64_t)dims[i], &elems) || elems > ((int64_t)1 << 62))
+            return kvt_err(KVT_ERR_VALUE, "store desc: %d layers x %d pages x %d kv heads x %d tokens x %d "
+                           "channels do not fit a 64-bit byte count", d->n_layers, d->n_pages, d->kv_heads,
+                           d->page_tokens, d->head_dim);
     if (!d->keys || !d->values || !d->summary)
         return kvt_err(KVT_ERR_VALUE, "store desc: expected non-NULL keys, values and summary buffers");
     if (d->key_format != KVT_KEY_BF16 && !d->key_scales)
@@ -84,21 +136,28 @@ int32_t kvt_store_open(const kvt_store_desc *desc, int32_t *handle) {
     int slot = -1;
     for (int i = 0; i < MAX_STORES; i++)
         if (!g_stores[i]) { slot = i; break; }
-    if (slot >= 0) { s->serial = ++g_serial; g_stores[slot] = s; }
+    if (slot >= 0) {
+        s->serial = ++g_serial;
+        g_store_uses[slot] = (g_store_uses[slot] + 1) % (INT32_MAX / MAX_STORES);
+        s->handle = g_store_uses[slot] * MAX_STORES + slot + 1;
+        g_stores[slot] = s;
+    }
     pthread_mutex_unlock(&g_store_mu);
     if (slot < 0) {
         free(s);
         return kvt_err(KVT_ERR_NOMEM, "kvt_store_open: all %d store handles are in use", MAX_STORES);
     }
-    *handle = slot + 1;
+    *handle = s->handle;
     return KVT_OK;
 }
 
+/* The handle closes at once (no new call finds it); the store is freed once the calls
+ * in flight that hold it (runs, plans, appends) have returned. */
 int32_t kvt_store_close(int32_t h) {
-    if (h < 1 || h > MAX_STORES) return kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
     pthread_mutex_lock(&g_store_mu);
-    kvt_store *s = g_stores[h - 1];
-    g_stores[h - 1] = NULL;
+    kvt_store *s = store_at(h);
+    if (s) g_stores[(h - 1) % MAX_STORES] = NULL;
+    while (s && s->holds > 0) pthread_cond_wait(&g_store_released, &g_store_mu);
     pthread_mutex_unlock(&g_store_mu);
     if (!s) return kvt_err(KVT_ERR_HANDLE, "store handle %d is not open", (int)h);
     free(s);
@@ -184,7 +243,23 @@ typedef struct {
     int32_t layer, src;
     const int32_t *ids;
     const void *k, *v;
+    atomic_llong bad; /* scan: 2 * (first non-finite element) + (1 if in v), or INT64_MAX */
 } append_ctx;
+
+/* scan one (page position, head) block of k and v for NaN and infinities */
+static void scan_task(void *c, int64_t item, int tid) {
+    (void)tid;
+    append_ctx *a = c;
+    const int64_t len = (int64_t)a->s->d.page_tokens * a->s->d.head_dim, off = item * len;
+    for (int which = 0; which < 2; which++) {
+        const void *x = which ? a->v : a->k;
+        const int64_t j = a->src == KVT_SRC_F32 ? kvt_first_nonfinite_f32((const float *)x + off, len)
+                                                : kvt_first_nonfinite_bf16((const uint16_t *)x + off, len);
+        if (j < 0) continue;
+        long long want = 2 * (off + j) + which, cur = atomic_load(&a->bad);
+        while (want < cur && !atomic_compare_exchange_weak(&a->bad, &cur, want)) {}
+    }
+}
 
 /* quantize + summarize the T tokens of (page ids[i], head hh) */
 static void append_block(const append_ctx *a, int32_t i, int hh) {
@@ -276,36 +351,85 @@ static kvt_pool *append_pool(void) {
 /* blocks of at least this many elements (k and v together) go through the pool */
 #define APPEND_POOL_MIN_ELEMS (1 << 17)
 
-int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, const void *k,
-                   const void *v, int32_t src_dtype) {
-    kvt_store *s = kvt_store_get(h);
-    if (!s) return KVT_ERR_HANDLE;
+static int cmp_i32(const void *x, const void *y) {
+    const int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* KVT_ERR_VALUE if a page id repeats (two blocks would write one page at once) */
+static int32_t check_unique(const int32_t *ids, int32_t n) {
+    if (n < 2) return KVT_OK;
+    int32_t *c = malloc(sizeof(int32_t) * (size_t)n);
+    if (!c) return kvt_err(KVT_ERR_NOMEM, "kvt_append: out of memory checking %d page ids", n);
+    memcpy(c, ids, sizeof(int32_t) * (size_t)n);
+    qsort(c, (size_t)n, sizeof(int32_t), cmp_i32);
+    int32_t dup = -1;
+    for (int32_t i = 1; i < n && dup < 0; i++)
+        if (c[i] == c[i - 1]) dup = c[i];
+    free(c);
+    if (dup >= 0) return kvt_err(KVT_ERR_VALUE, "kvt_append: expected distinct page ids, got page %d twice", dup);
+    return KVT_OK;
+}
+
+/* Runs fn over the append's items, on the append pool when the blocks are large and
+ * the pool is free, else on this thread. */
+static void append_items(append_ctx *a, int64_t items, kvt_task_fn fn) {
+    if (items > 1 && 2 * items * a->s->d.page_tokens * a->s->d.head_dim >= APPEND_POOL_MIN_ELEMS) {
+        if (pthread_mutex_trylock(&g_append_mu) == 0) {
+            kvt_pool *pool = append_pool();
+            if (pool) kvt_pool_run(pool, items, fn, a);
+            pthread_mutex_unlock(&g_append_mu);
+            if (pool) return;
+        }
+    }
+    for (int64_t it = 0; it < items; it++) fn(a, it, 0);
+}
+
+/* k and v are checked whole before anything is written: a refused append changes nothing. */
+static int32_t append_held(kvt_store *s, int32_t layer, int32_t n, const int32_t *ids, const void *k,
+                           const void *v, int32_t src_dtype) {
     int32_t rc = check_pages(s, layer, n, ids, "kvt_append");
     if (rc) return rc;
     if (src_dtype != KVT_SRC_F32 && src_dtype != KVT_SRC_BF16)
         return kvt_err(KVT_ERR_VALUE, "kvt_append: expected src_dtype 0 (f32) or 1 (bf16), got %d", src_dtype);
     if (n > 0 && (!k || !v)) return kvt_err(KVT_ERR_VALUE, "kvt_append: expected k and v, got NULL");
-    append_ctx a = {s, layer, src_dtype, ids, k, v};
+    if ((rc = check_unique(ids, n))) return rc;
+    append_ctx a = {s, layer, src_dtype, ids, k, v, INT64_MAX};
     const int64_t items = (int64_t)n * s->d.kv_heads;
-    if (items > 1 && 2 * items * s->d.page_tokens * s->d.head_dim >= APPEND_POOL_MIN_ELEMS) {
-        if (pthread_mutex_trylock(&g_append_mu) == 0) {
-            kvt_pool *pool = append_pool();
-            if (pool) kvt_pool_run(pool, items, append_task, &a);
-            pthread_mutex_unlock(&g_append_mu);
-            if (pool) return KVT_OK;
-        }
+    append_items(&a, items, scan_task);
+    const long long bad = atomic_load(&a.bad);
+    if (bad != INT64_MAX) {
+        const int64_t e = bad / 2, D = s->d.head_dim, T = s->d.page_tokens, H = s->d.kv_heads;
+        const int64_t blk = e / (T * D);
+        return kvt_err(KVT_ERR_VALUE, "kvt_append: expected finite keys and values, got a NaN or infinity in %s "
+                       "at [%lld, %lld, %lld, %lld] (page %d, kv head %lld, token %lld, channel %lld); nothing "
+                       "was written", bad % 2 ? "v" : "k", (long long)(blk / H), (long long)(blk % H),
+                       (long long)(e / D % T), (long long)(e % D), ids[blk / H], (long long)(blk % H),
+                       (long long)(e / D % T), (long long)(e % D));
     }
-    for (int64_t it = 0; it < items; it++) append_task(&a, it, 0);
+    append_items(&a, items, append_task);
     return KVT_OK;
+}
+
+int32_t kvt_append(int32_t h, int32_t layer, int32_t n, const int32_t *ids, const void *k,
+                   const void *v, int32_t src_dtype) {
+    kvt_store *s = kvt_store_acquire(h);
+    if (!s) return KVT_ERR_HANDLE;
+    const int32_t rc = append_held(s, layer, n, ids, k, v, src_dtype);
+    kvt_store_release(s);
+    return rc;
 }
 
 static int32_t dequant(int32_t h, int32_t layer, int32_t n, const int32_t *ids, float *out, int keys) {
     const char *fn = keys ? "kvt_dequant_keys" : "kvt_dequant_values";
-    kvt_store *s = kvt_store_get(h);
+    kvt_store *s = kvt_store_acquire(h);
     if (!s) return KVT_ERR_HANDLE;
     int32_t rc = check_pages(s, layer, n, ids, fn);
-    if (rc) return rc;
-    if (n > 0 && !out) return kvt_err(KVT_ERR_VALUE, "%s: expected an output buffer, got NULL", fn);
+    if (!rc && n > 0 && !out) rc = kvt_err(KVT_ERR_VALUE, "%s: expected an output buffer, got NULL", fn);
+    if (rc) {
+        kvt_store_release(s);
+        return rc;
+    }
     const int H = s->d.kv_heads, T = s->d.page_tokens, D = s->d.head_dim;
     for (int32_t i = 0; i < n; i++)
         for (int hh = 0; hh < H; hh++) {
@@ -316,6 +440,7 @@ static int32_t dequant(int32_t h, int32_t layer, int32_t n, const int32_t *ids, 
                 else kvt_dequant_value_row(s, lph, t, o);
             }
         }
+    kvt_store_release(s);
     return KVT_OK;
 }
 

@@ -1,6 +1,7 @@
 /* Engine entry points: errors, ISA selection, handles, plan and the
  * score -> select -> attend pipeline. Kernels live in kvt_kernels.c, the store
  * in kvt_store.c, the pool in kvt_pool.c; the selection code in kvt_select.c. */
+#define _POSIX_C_SOURCE 200809L /* pthread_rwlock_t */
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -71,7 +72,17 @@ const char *kvt_active_isa(void) {
 
 int32_t kvt_isa_supported(const char *name) { return kvt_kernels_for(name) != NULL; }
 
-/* Test hook: switch variants within one process. Not thread-safe against runs in flight. */
+/* The kernel table is process-wide: every call that runs kernels holds this lock
+ * shared for its whole length, and kvt_set_isa takes it exclusively or refuses, so
+ * a run never mixes two variants (the q16 path checks for a kernel once, then calls
+ * it many times). The default rwlock prefers readers, so a reader may take it again
+ * (kvt_serve holds it, and so do the runs it makes). */
+static pthread_rwlock_t g_isa_lock = PTHREAD_RWLOCK_INITIALIZER;
+
+void kvt_isa_hold(void) { pthread_rwlock_rdlock(&g_isa_lock); }
+void kvt_isa_drop(void) { pthread_rwlock_unlock(&g_isa_lock); }
+
+/* Switch variants within one process (tests, benchmarks); refused while any call runs kernels. */
 int32_t kvt_set_isa(const char *name) {
     pthread_once(&g_once, init_once);
     if (!kvt_isa_name_known(name))
@@ -79,24 +90,69 @@ int32_t kvt_set_isa(const char *name) {
                        name ? name : "(null)");
     const kvt_kernels *k = kvt_kernels_for(name);
     if (!k) return kvt_err(KVT_ERR_UNSUPPORTED, "kvt_set_isa: '%s' is not supported by this CPU", name);
+    if (pthread_rwlock_trywrlock(&g_isa_lock) != 0)
+        return kvt_err(KVT_ERR_STATE, "kvt_set_isa: a run, serve loop or stream read is in flight on another "
+                       "thread; switch to '%s' between runs", name);
     kvt_k = k;
+    pthread_rwlock_unlock(&g_isa_lock);
     return KVT_OK;
 }
 
 /* ------------------------------------------------------------------ engines */
 #define MAX_ENGINES 256
 static kvt_engine *g_engines[MAX_ENGINES];
+/* Handles are slot + 1 + MAX_ENGINES * (the slot's use count, wrapped): a handle kept after
+ * its engine was destroyed does not name the next engine in that slot. */
+static int32_t g_engine_uses[MAX_ENGINES];
+
+/* the engine of handle h (NULL if not open); under g_eng_mu */
+static kvt_engine *engine_at(int32_t h) {
+    if (h < 1) return NULL;
+    kvt_engine *e = g_engines[(h - 1) % MAX_ENGINES];
+    return e && e->handle == h ? e : NULL;
+}
 static pthread_mutex_t g_eng_mu = PTHREAD_MUTEX_INITIALIZER;
 
-kvt_engine *kvt_engine_get(int32_t h) {
+kvt_engine *kvt_engine_acquire(int32_t h, int run) {
     kvt_engine *e = NULL;
-    if (h >= 1 && h <= MAX_ENGINES) {
-        pthread_mutex_lock(&g_eng_mu);
-        e = g_engines[h - 1];
-        pthread_mutex_unlock(&g_eng_mu);
+    pthread_mutex_lock(&g_eng_mu);
+    e = engine_at(h);
+    if (e) {
+        e->calls++;
+        e->runs += run;
     }
+    pthread_mutex_unlock(&g_eng_mu);
     if (!e) kvt_err(KVT_ERR_HANDLE, "engine handle %d is not open", (int)h);
     return e;
+}
+
+void kvt_engine_release(kvt_engine *e, int run) {
+    pthread_mutex_lock(&g_eng_mu);
+    e->calls--;
+    e->runs -= run;
+    pthread_mutex_unlock(&g_eng_mu);
+}
+
+int32_t kvt_engine_check_idle(kvt_engine *e, const char *fn) {
+    pthread_mutex_lock(&g_eng_mu);
+    const int runs = e->runs, serving = e->serving;
+    pthread_mutex_unlock(&g_eng_mu);
+    if (serving)
+        return kvt_err(KVT_ERR_STATE, "%s: the engine is serving (kvt_serve); stop the loop first", fn);
+    if (runs)
+        return kvt_err(KVT_ERR_STATE, "%s: %d run(s) over the current plan are in flight on other threads; "
+                       "plan again once they return", fn, runs);
+    return KVT_OK;
+}
+
+int32_t kvt_engine_serving(kvt_engine *e, int on) {
+    pthread_mutex_lock(&g_eng_mu);
+    const int was = e->serving;
+    if (on && !was) e->serving = 1;
+    if (!on) e->serving = 0;
+    pthread_mutex_unlock(&g_eng_mu);
+    if (on && was) return kvt_err(KVT_ERR_STATE, "kvt_serve: the engine is already serving; one loop at a time");
+    return KVT_OK;
 }
 
 int32_t kvt_engine_create(int32_t n_threads, int32_t *handle) {
@@ -117,27 +173,38 @@ int32_t kvt_engine_create(int32_t n_threads, int32_t *handle) {
     pthread_mutex_lock(&g_eng_mu);
     int slot = -1;
     for (int i = 0; i < MAX_ENGINES; i++)
-        if (!g_engines[i]) { slot = i; g_engines[i] = e; break; }
+        if (!g_engines[i]) {
+            slot = i;
+            g_engine_uses[i] = (g_engine_uses[i] + 1) % (INT32_MAX / MAX_ENGINES);
+            e->handle = g_engine_uses[i] * MAX_ENGINES + i + 1;
+            g_engines[i] = e;
+            break;
+        }
     pthread_mutex_unlock(&g_eng_mu);
     if (slot < 0) {
         kvt_pool_destroy(e->pool);
         free(e);
         return kvt_err(KVT_ERR_NOMEM, "kvt_engine_create: all %d engine handles are in use", MAX_ENGINES);
     }
-    *handle = slot + 1;
+    *handle = e->handle;
     return KVT_OK;
 }
 
 int32_t kvt_engine_destroy(int32_t h) {
-    if (h < 1 || h > MAX_ENGINES) return kvt_err(KVT_ERR_HANDLE, "engine handle %d is not open", (int)h);
     pthread_mutex_lock(&g_eng_mu);
-    kvt_engine *e = g_engines[h - 1];
-    g_engines[h - 1] = NULL;
+    kvt_engine *e = engine_at(h);
+    const int serving = e ? e->serving : 0, calls = e ? e->calls : 0;
+    if (e && !serving && !calls) g_engines[(h - 1) % MAX_ENGINES] = NULL;
     pthread_mutex_unlock(&g_eng_mu);
     if (!e) return kvt_err(KVT_ERR_HANDLE, "engine handle %d is not open", (int)h);
-    pthread_mutex_lock(&e->mu); /* wait for a call in flight on another thread */
+    if (serving)
+        return kvt_err(KVT_ERR_STATE, "kvt_engine_destroy: engine %d is serving (kvt_serve); stop the loop first",
+                       (int)h);
+    if (calls)
+        return kvt_err(KVT_ERR_STATE, "kvt_engine_destroy: %d call(s) on engine %d are in flight on other threads",
+                       calls, (int)h);
+    /* out of the table with no call holding it: nothing else can reach it now */
     kvt_plan_free(&e->plan);
-    pthread_mutex_unlock(&e->mu);
     kvt_pool_destroy(e->pool);
     pthread_mutex_destroy(&e->mu);
     free(e);
@@ -145,14 +212,21 @@ int32_t kvt_engine_destroy(int32_t h) {
 }
 
 int32_t kvt_engine_threads(int32_t h) {
-    kvt_engine *e = kvt_engine_get(h);
-    return e ? kvt_pool_size(e->pool) : -KVT_ERR_HANDLE;
+    kvt_engine *e = kvt_engine_acquire(h, 0);
+    if (!e) return -KVT_ERR_HANDLE;
+    const int32_t n = kvt_pool_size(e->pool);
+    kvt_engine_release(e, 0);
+    return n;
 }
 
 int32_t kvt_plan_max_tokens(int32_t h) {
-    kvt_engine *e = kvt_engine_get(h);
+    kvt_engine *e = kvt_engine_acquire(h, 0);
     if (!e) return -KVT_ERR_HANDLE;
-    return e->plan.valid ? e->plan.n_max : 0;
+    pthread_mutex_lock(&e->mu);
+    const int32_t n = e->plan.valid ? e->plan.n_max : 0;
+    pthread_mutex_unlock(&e->mu);
+    kvt_engine_release(e, 0);
+    return n;
 }
 
 /* -------------------------------------------------------------- stream read */
@@ -171,19 +245,22 @@ static void stream_task(void *c, int64_t item, int tid) {
 }
 
 int32_t kvt_stream_read(int32_t h, const void *buf, int64_t nbytes, uint64_t *checksum) {
-    kvt_engine *e = kvt_engine_get(h);
-    if (!e) return KVT_ERR_HANDLE;
     if (nbytes < 0 || (nbytes > 0 && !buf))
         return kvt_err(KVT_ERR_VALUE, "kvt_stream_read: expected a buffer and nbytes >= 0, got %p, %lld",
                        buf, (long long)nbytes);
+    kvt_engine *e = kvt_engine_acquire(h, 0);
+    if (!e) return KVT_ERR_HANDLE;
     stream_ctx s = {.buf = buf, .nbytes = nbytes};
     atomic_init(&s.sum, 0);
     int64_t parts = (int64_t)kvt_pool_size(e->pool) * 8;
     s.chunk = ((nbytes + parts - 1) / parts + 4095) & ~(int64_t)4095;
     if (s.chunk == 0) s.chunk = 4096;
+    kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
     kvt_pool_run(e->pool, (nbytes + s.chunk - 1) / s.chunk, stream_task, &s);
     pthread_mutex_unlock(&e->mu);
+    kvt_isa_drop();
+    kvt_engine_release(e, 0);
     if (checksum) *checksum = atomic_load(&s.sum);
     return KVT_OK;
 }

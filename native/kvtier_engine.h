@@ -17,7 +17,8 @@ enum {
     KVT_ERR_VALUE = 1,       /* bad size, format, mode, budget */
     KVT_ERR_RANGE = 2,       /* page id, layer, token index out of range */
     KVT_ERR_HANDLE = 3,      /* unknown or closed handle */
-    KVT_ERR_STATE = 4,       /* no plan, plan's store closed */
+    KVT_ERR_STATE = 4,       /* no plan, plan's store closed, buffers sized for another plan, refused
+                                while a run or serve loop is in flight */
     KVT_ERR_NOMEM = 5,
     KVT_ERR_UNSUPPORTED = 6, /* ISA not available on this CPU */
     KVT_ERR_INTERNAL = 7,
@@ -63,14 +64,14 @@ typedef struct kvt_plan_desc {
     const int32_t *n_tokens;      /* [batch] */
     int32_t mode;
     int32_t group_reduce;
-    const int32_t *budget_tokens; /* [batch * kv_heads] */
+    const int32_t *budget_tokens; /* [batch * kv_heads], > 0; clamped to each request's host tokens */
     const int32_t *block_tokens;  /* [kv_heads], BLOCKS mode only */
     float mass_threshold;
     float sm_scale;
     float soft_cap;
-    float prefilter;              /* TOPK/MASS: >= 1 token-scores only the summary chunks
-                                     with the best key upper bounds, holding prefilter x
-                                     budget tokens; 0 scores every host token */
+    double prefilter;             /* TOPK/MASS: >= 1 token-scores only the summary chunks
+                                     with the best key upper bounds, ceil(prefilter x budget /
+                                     summary_tokens) of them (in double); 0 scores every host token */
     int32_t residual;             /* 1: the host tokens a selection leaves out join its softmax
                                      as one pseudo-token per summary chunk (their mean key and
                                      value, weighted by their count); needs chunk_sums */
@@ -122,19 +123,24 @@ int32_t kvt_engine_destroy(int32_t engine);
 int32_t kvt_engine_threads(int32_t engine);
 int32_t kvt_plan(int32_t engine, int32_t store, const kvt_plan_desc *desc);
 int32_t kvt_plan_max_tokens(int32_t engine);
-int32_t kvt_run(int32_t engine, int32_t layer, const float *q, float *out, float *lse,
-                int32_t *n_selected, int32_t *sel_index, int32_t sel_cap);
-int32_t kvt_score(int32_t engine, int32_t layer, const float *q, float *scores,
-                  int32_t n_max);
-int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, const int32_t *idx,
-                            const float *p, int32_t m, float *out);
+/* The calls over a plan take the batch shape their buffers were sized for (batch,
+ * num_q_heads, head_dim) and refuse (KVT_ERR_STATE) when it is not the plan's: the
+ * engine owns the plan, and another thread may have planned again. */
+int32_t kvt_run(int32_t engine, int32_t layer, int32_t batch, int32_t num_q_heads, int32_t head_dim,
+                const float *q, float *out, float *lse, int32_t *n_selected, int32_t *sel_index,
+                int32_t sel_cap);
+int32_t kvt_score(int32_t engine, int32_t layer, int32_t batch, int32_t num_q_heads, int32_t head_dim,
+                  const float *q, float *scores, int32_t n_max);
+int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, int32_t batch, int32_t num_q_heads,
+                            int32_t head_dim, const int32_t *idx, const float *p, int32_t m, float *out);
 /* Exact attention over given host tokens, per (request, query head): idx [B, Hq, m]
  * (token indices of the planned request, -1 = none; unique within a row), q [B, Hq, D].
  * The logits come from the store's keys, scaled and soft-capped as the plan says;
  * out [B, Hq, D] = softmax . V over the row's tokens, lse [B, Hq] (natural log; an
  * empty row gives out 0, lse -inf). */
-int32_t kvt_attend_indices(int32_t engine, int32_t store, int32_t layer, const float *q, const int32_t *idx,
-                           int32_t m, float *out, float *lse);
+int32_t kvt_attend_indices(int32_t engine, int32_t store, int32_t layer, int32_t batch, int32_t num_q_heads,
+                           int32_t head_dim, const float *q, const int32_t *idx, int32_t m, float *out,
+                           float *lse);
 int32_t kvt_serve(int32_t engine, const kvt_serve_desc *desc);
 int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
 /* Profiling: while on, every kvt_run adds the wall time of each of its phases (ns)

@@ -54,7 +54,8 @@ def flat(x, n):  # [np, H, T, D] -> [H, n, D]
 def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
     """Tokens the prefilter keeps: those of the summary chunks with the best key upper bound."""
     S, D = store.summary_tokens, qs.shape[-1]
-    nc, want = -(-n // S), math.ceil(prefilter * k / S)
+    nc = -(-n // S)
+    want = math.ceil(prefilter * min(k, n) / S)  # a budget past n covers every chunk either way
     if prefilter == 0 or want >= nc:
         return torch.arange(n)
     summ = store.summary[layer, h, pages.long()].double().reshape(-1, 2, D)[:nc]  # [nc, 2, D]

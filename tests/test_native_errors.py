@@ -133,11 +133,12 @@ def test_closed_and_bogus_handles(eng, store):
         eng.run(0, torch.randn(1, 4, 32))
     with pytest.raises(N.NativeValueError, match="closed"):
         store.append(0, torch.tensor([0]), torch.randn(1, 2, 16, 32), torch.randn(1, 2, 16, 32))
+    q = ffi.new("float[]", 128)
     for bad in (0, -1, 99999):
         with pytest.raises(N.NativeHandleError, match="not open"):
             check(lib.kvt_store_close(bad))
         with pytest.raises(N.NativeHandleError, match="not open"):
-            check(lib.kvt_run(bad, 0, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0))
+            check(lib.kvt_run(bad, 0, 1, 4, 32, q, q, q, ffi.NULL, ffi.NULL, 0))
     eng.close()
     with pytest.raises(N.NativeValueError, match="closed"):
         eng.run(0, torch.randn(1, 4, 32))
@@ -146,11 +147,12 @@ def test_closed_and_bogus_handles(eng, store):
 def test_c_checks_null_buffers(eng, store):
     plan(eng, store)
     with pytest.raises(N.NativeValueError, match="NULL"):
-        check(lib.kvt_run(eng.handle, 0, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0))
+        check(lib.kvt_run(eng.handle, 0, 1, 4, 32, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0))
     with pytest.raises(N.NativeValueError, match="n_max"):
         q = torch.randn(1, 4, 32)
         s = torch.empty(1, 4, 8)
-        check(lib.kvt_score(eng.handle, 0, ffi.cast("float *", q.data_ptr()), ffi.cast("float *", s.data_ptr()), 8))
+        check(lib.kvt_score(eng.handle, 0, 1, 4, 32, ffi.cast("float *", q.data_ptr()),
+                            ffi.cast("float *", s.data_ptr()), 8))
 
 
 def test_errors_are_the_documented_bases():

@@ -13,8 +13,8 @@ import torch
 
 from ..config import env
 from . import _checks as C
-from ._loader import (NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check, ffi,
-                      isa_supported, lib, set_isa)
+from ._loader import (NativeIndexError, NativeStateError, NativeUnsupportedError, NativeValueError, active_isa, check,
+                      ffi, isa_supported, lib, set_isa)
 from ._store import HostStoreView
 
 log = logging.getLogger("kvtier")
@@ -94,6 +94,18 @@ def _enum(cls, v, name):
         raise NativeValueError(f"{name}: expected one of {[m.value for m in cls]}, got {v!r}") from None
 
 
+def _clamp_budgets(budget: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Budgets [B, Hkv] of any integer dtype, each positive one clamped to its request's host tokens
+    (at least 1): a larger budget selects the same tokens, and every budget then fits int32. Zero and
+    negative budgets pass through for the engine to refuse."""
+    if budget.dtype not in C._INT_DTYPES:
+        got = str(budget.dtype).replace("torch.", "")
+        raise NativeValueError(f"budget_tokens: expected an integer dtype, got {got}")
+    b = budget.to(torch.int64)
+    cap = n_tokens.to(torch.int64).clamp(min=1)[:, None]
+    return torch.where(b > 0, torch.minimum(b, cap), b)
+
+
 def _finite(name: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise NativeValueError(f"{name}: expected a finite number, got {v!r}")
@@ -135,6 +147,16 @@ def use_isa(name: str) -> str:
 
 
 class Engine:
+    """A native thread pool and the one plan it runs (`plan` once per batch, `run` per layer).
+
+    The C engine owns the plan: `run`, `score`, `weighted_values` and `attend_indices` size their
+    buffers from the plan this object last made and pass that shape to C, which refuses it
+    (NativeStateError) when another thread has planned again since. Calls from several threads
+    are serialized; `plan` is refused while a run or the serving loop is in flight, `close`
+    while any call is, and a second `server` while one serves. A query with a NaN or infinity is
+    refused (NativeValueError naming request and head). native/README.md, "Ownership".
+    """
+
     def __init__(self, n_threads: int = 0):
         if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 0:
             raise NativeValueError(f"n_threads: expected an int >= 0 (0 = all CPUs), got {n_threads!r}")
@@ -197,7 +219,7 @@ class Engine:
             if not isinstance(budget_tokens, torch.Tensor) or tuple(budget_tokens.shape) != (B, Hkv):
                 got = tuple(budget_tokens.shape) if isinstance(budget_tokens, torch.Tensor) else type(budget_tokens).__name__
                 raise NativeValueError(f"budget_tokens: expected shape ({B}, {Hkv}), got {got}")
-            budget = C.int32_vector("budget_tokens", budget_tokens.reshape(-1))
+            budget = C.int32_vector("budget_tokens", _clamp_budgets(budget_tokens, n_tok).reshape(-1))
         blocks = None
         if mode is SelectMode.BLOCKS:
             if block_tokens is None:
@@ -251,7 +273,7 @@ class Engine:
             C.tensor("lse", lse, (torch.float32,), (B, Hq))
         nsel = torch.empty((B, Hq), dtype=torch.int32)
         sel = torch.empty((B, Hq, p["sel_cap"]), dtype=torch.int32) if return_selection else None
-        check(lib.kvt_run(h, self._layer(layer), C.ptr("float *", q), C.ptr("float *", out),
+        check(lib.kvt_run(h, self._layer(layer), B, Hq, D, C.ptr("float *", q), C.ptr("float *", out),
                           C.ptr("float *", lse), C.ptr("int32_t *", nsel), C.ptr("int32_t *", sel),
                           p["sel_cap"]))
         return EngineResult(out, lse, nsel, sel)
@@ -270,6 +292,8 @@ class Engine:
         """
         h = self._h()
         p = self._planned()
+        if self._serving:
+            raise NativeStateError("Engine.server: a serving loop of this engine is already out; one at a time")
         if not isinstance(buf, ServeBuffers):
             raise NativeValueError(f"buf: expected ServeBuffers, got {type(buf).__name__}")
         n = buf.n_slots
@@ -308,6 +332,8 @@ class Engine:
     def _layer(layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        if not -2**31 <= layer < 2**31:
+            raise NativeIndexError(f"layer: expected a layer of the store, got {layer}")
         return layer
 
     def score(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -321,7 +347,8 @@ class Engine:
         q = self._q(q)
         n_max = max(p["n_max"], 1)
         scores = torch.empty((p["B"], p["Hq"], n_max), dtype=torch.float32)
-        check(lib.kvt_score(h, self._layer(layer), C.ptr("float *", q), C.ptr("float *", scores), n_max))
+        check(lib.kvt_score(h, self._layer(layer), p["B"], p["Hq"], p["D"], C.ptr("float *", q),
+                            C.ptr("float *", scores), n_max))
         return scores
 
     def weighted_values(self, store: HostStoreView, layer: int, idx: torch.Tensor, p: torch.Tensor,
@@ -337,7 +364,7 @@ class Engine:
         C.tensor("p", p, (torch.float32,), (B, Hq, m))
         out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
             C.tensor("out", out, (torch.float32,), (B, Hq, D))
-        check(lib.kvt_weighted_values(h, store._handle(), self._layer(layer), C.ptr("int32_t *", idx),
+        check(lib.kvt_weighted_values(h, store._handle(), self._layer(layer), B, Hq, D, C.ptr("int32_t *", idx),
                                       C.ptr("float *", p), m, C.ptr("float *", out)))
         return out
 
@@ -358,7 +385,7 @@ class Engine:
             C.tensor("out", out, (torch.float32,), (B, Hq, D))
         lse = torch.empty((B, Hq), dtype=torch.float32) if lse is None else \
             C.tensor("lse", lse, (torch.float32,), (B, Hq))
-        check(lib.kvt_attend_indices(h, store._handle(), self._layer(layer), C.ptr("float *", q),
+        check(lib.kvt_attend_indices(h, store._handle(), self._layer(layer), B, Hq, D, C.ptr("float *", q),
                                      C.ptr("int32_t *", idx), idx.shape[2], C.ptr("float *", out),
                                      C.ptr("float *", lse)))
         return out, lse

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as C
-from ._loader import NativeValueError, check, ffi, lib
+from ._loader import NativeIndexError, NativeMemoryError, NativeValueError, check, ffi, lib
 
 
 class KeyFormat(str, enum.Enum):
@@ -50,6 +50,59 @@ def _enum(cls, v, name):
         raise NativeValueError(f"{name}: expected one of {[m.value for m in cls]}, got {v!r}") from None
 
 
+def _dims(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format, value_format, key_group, summary_tokens):
+    """The store's sizes and formats checked (as the C store checks them, before any shape is derived
+    from them): (key format, value format)."""
+    for name, v in (("n_layers", n_layers), ("n_pages", n_pages), ("kv_heads", kv_heads),
+                    ("page_tokens", page_tokens), ("head_dim", head_dim),
+                    ("key_group", key_group), ("summary_tokens", summary_tokens)):
+        C.positive_int(name, v)
+    kf = _enum(KeyFormat, key_format, "key_format")
+    vf = _enum(ValueFormat, value_format, "value_format")
+    if head_dim % 16:
+        raise NativeValueError(f"head_dim: expected a multiple of 16, got {head_dim}")
+    if kf is KeyFormat.INT4 and (head_dim % key_group or key_group % 2):
+        raise NativeValueError(f"key_group: expected an even divisor of head_dim {head_dim}, got {key_group}")
+    if page_tokens % summary_tokens:
+        raise NativeValueError(
+            f"summary_tokens: expected a divisor of page_tokens {page_tokens}, got {summary_tokens}")
+    return kf, vf
+
+
+def buffer_specs(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format, value_format, key_group,
+                 summary_tokens, chunk_sums: bool) -> "StoreBuffers":
+    """The (shape, dtype) of each buffer of a store, None where it has none."""
+    kf, vf = _dims(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format, value_format, key_group,
+                   summary_tokens)
+    base = (n_layers, n_pages, kv_heads, page_tokens)
+    if kf is KeyFormat.BF16:
+        keys, kscales = (base + (head_dim,), torch.bfloat16), None
+    elif kf is KeyFormat.INT8:
+        keys, kscales = (base + (head_dim,), torch.int8), (base, torch.float32)
+    else:
+        keys, kscales = (base + (head_dim // 2,), torch.uint8), (base + (head_dim // key_group,), torch.float32)
+    if vf is ValueFormat.BF16:
+        values, vscales = (base + (head_dim,), torch.bfloat16), None
+    else:
+        values, vscales = (base + (head_dim,), torch.int8), (base, torch.float32)
+    chunks = (n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim)
+    summary = (chunks, torch.bfloat16)
+    sums = (chunks, torch.float32) if chunk_sums else None
+    return StoreBuffers(keys, kscales, values, vscales, summary, sums)
+
+
+def store_nbytes(specs: "StoreBuffers") -> int:
+    """Bytes of every buffer of `buffer_specs`."""
+    total = 0
+    for spec in specs:
+        if spec is not None:
+            n = 1
+            for d in spec[0]:
+                n *= d
+            total += n * torch.empty((), dtype=spec[1]).element_size()
+    return total
+
+
 class StoreBuffers(NamedTuple):
     keys: torch.Tensor
     key_scales: torch.Tensor | None
@@ -72,11 +125,30 @@ class HostStoreView:
 
     All six are in ``.buffers``; ``keys``, ``key_scales``, ``value_scales`` and
     ``summary`` are also attributes, while ``values(layer, page_ids)`` dequantizes.
+
+    Built directly, every buffer must be a contiguous CPU tensor of exactly that
+    shape and dtype (None where the format has none), or NativeValueError says
+    which is not: the C store writes through their pointers. They must stay as
+    they are (not resized) while the store is open; `close` waits for the engine
+    calls in flight over the store to return.
     """
 
     def __init__(self, *, n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format,
                  value_format, key_group, summary_tokens, keys, key_scales, values, value_scales,
                  summary, chunk_sums=None):
+        self.handle = None
+        specs = buffer_specs(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format, value_format,
+                             key_group, summary_tokens, chunk_sums is not None)
+        key_format, value_format = _enum(KeyFormat, key_format, "key_format"), _enum(ValueFormat, value_format,
+                                                                                      "value_format")
+        given = StoreBuffers(keys, key_scales, values, value_scales, summary, chunk_sums)
+        for name, t, spec in zip(StoreBuffers._fields, given, specs):
+            if spec is None:
+                if t is not None:
+                    raise NativeValueError(f"{name}: expected None with {key_format.value} keys and "
+                                           f"{value_format.value} values, got a {type(t).__name__}")
+            else:
+                C.tensor(name, t, (spec[1],), spec[0])
         self.n_layers, self.n_pages, self.kv_heads = n_layers, n_pages, kv_heads
         self.page_tokens, self.head_dim = page_tokens, head_dim
         self.key_format, self.value_format = key_format, value_format
@@ -98,6 +170,7 @@ class HostStoreView:
         h = ffi.new("int32_t *")
         check(lib.kvt_store_open(desc, h))
         self.handle = int(h[0])
+        self._opened = tuple((t.data_ptr(), t.numel()) if t is not None else None for t in self.buffers)
 
     @classmethod
     def allocate(cls, *, n_layers: int, n_pages: int, kv_heads: int, page_tokens: int, head_dim: int,
@@ -106,50 +179,47 @@ class HostStoreView:
                  summary_tokens: int = 16, chunk_sums: bool = False,
                  pin_memory: bool = False) -> "HostStoreView":
         """Zeroed buffers for a store; chunk_sums=True adds the per-chunk key and value sums that
-        residual plans read (8 * head_dim bytes per summary chunk and kv-head)."""
-        for name, v in (("n_layers", n_layers), ("n_pages", n_pages), ("kv_heads", kv_heads),
-                        ("page_tokens", page_tokens), ("head_dim", head_dim),
-                        ("key_group", key_group), ("summary_tokens", summary_tokens)):
-            C.positive_int(name, v)
-        kf = _enum(KeyFormat, key_format, "key_format")
-        vf = _enum(ValueFormat, value_format, "value_format")
-        if head_dim % 16:
-            raise NativeValueError(f"head_dim: expected a multiple of 16, got {head_dim}")
-        if kf is KeyFormat.INT4 and (head_dim % key_group or key_group % 2):
-            raise NativeValueError(f"key_group: expected an even divisor of head_dim {head_dim}, got {key_group}")
-        if page_tokens % summary_tokens:
-            raise NativeValueError(
-                f"summary_tokens: expected a divisor of page_tokens {page_tokens}, got {summary_tokens}")
-        base = (n_layers, n_pages, kv_heads, page_tokens)
+        residual plans read (8 * head_dim bytes per summary chunk and kv-head). A buffer that cannot
+        be allocated raises NativeMemoryError naming its size and the store's."""
+        if not isinstance(chunk_sums, bool):
+            raise NativeValueError(f"chunk_sums: expected a bool, got {chunk_sums!r}")
+        specs = buffer_specs(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format, value_format,
+                             key_group, summary_tokens, chunk_sums)
+        kf, vf = _enum(KeyFormat, key_format, "key_format"), _enum(ValueFormat, value_format, "value_format")
+        total = store_nbytes(specs)
 
-        def z(shape, dtype):
-            if pin_memory:
-                return torch.zeros(shape, dtype=dtype, pin_memory=True)
-            t = torch.empty(shape, dtype=dtype)
+        def z(name, spec):
+            if spec is None:
+                return None
+            shape, dtype = spec
+            try:
+                if pin_memory:
+                    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+                t = torch.empty(shape, dtype=dtype)
+            except RuntimeError as exc:  # torch's allocators raise RuntimeError, not MemoryError
+                one = store_nbytes(StoreBuffers(spec, None, None, None, None))
+                kind = ", page-locked" if pin_memory else ""
+                raise NativeMemoryError(
+                    f"HostStoreView.allocate: cannot allocate {name} {tuple(shape)} "
+                    f"{str(dtype).replace('torch.', '')} ({one / 2**30:.3f} GiB{kind}) "
+                    f"of a store of {total / 2**30:.3f} GiB: {exc}") from exc
             if t.numel() * t.element_size() >= HUGE_ADVICE_BYTES:  # huge pages before the first touch
                 advise_hugepages(t)
             return t.zero_()
 
-        if kf is KeyFormat.BF16:
-            keys, kscales = z(base + (head_dim,), torch.bfloat16), None
-        elif kf is KeyFormat.INT8:
-            keys, kscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
-        else:
-            keys = z(base + (head_dim // 2,), torch.uint8)
-            kscales = z(base + (head_dim // key_group,), torch.float32)
-        if vf is ValueFormat.BF16:
-            values, vscales = z(base + (head_dim,), torch.bfloat16), None
-        else:
-            values, vscales = z(base + (head_dim,), torch.int8), z(base, torch.float32)
-        summary = z((n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim), torch.bfloat16)
-        if not isinstance(chunk_sums, bool):
-            raise NativeValueError(f"chunk_sums: expected a bool, got {chunk_sums!r}")
-        sums = (z((n_layers, kv_heads, n_pages, page_tokens // summary_tokens, 2, head_dim), torch.float32)
-                if chunk_sums else None)
+        bufs = StoreBuffers(*(z(name, spec) for name, spec in zip(StoreBuffers._fields, specs)))
         return cls(n_layers=n_layers, n_pages=n_pages, kv_heads=kv_heads, page_tokens=page_tokens,
                    head_dim=head_dim, key_format=kf, value_format=vf, key_group=key_group,
-                   summary_tokens=summary_tokens, keys=keys, key_scales=kscales, values=values,
-                   value_scales=vscales, summary=summary, chunk_sums=sums)
+                   summary_tokens=summary_tokens, keys=bufs.keys, key_scales=bufs.key_scales, values=bufs.values,
+                   value_scales=bufs.value_scales, summary=bufs.summary, chunk_sums=bufs.chunk_sums)
+
+    @staticmethod
+    def bytes_for(*, n_layers: int, n_pages: int, kv_heads: int, page_tokens: int, head_dim: int,
+                  key_format: KeyFormat | str = KeyFormat.INT8, value_format: ValueFormat | str = ValueFormat.BF16,
+                  key_group: int = 32, summary_tokens: int = 16, chunk_sums: bool = False) -> int:
+        """Bytes of every buffer `allocate` would make for these arguments (nothing is allocated)."""
+        return store_nbytes(buffer_specs(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format,
+                                         value_format, key_group, summary_tokens, chunk_sums))
 
     @property
     def nbytes(self) -> int:
@@ -158,11 +228,18 @@ class HostStoreView:
     def _handle(self) -> int:
         if self.handle is None:
             raise NativeValueError("HostStoreView: the store is closed")
+        now = tuple((t.data_ptr(), t.numel()) if t is not None else None for t in self.buffers)
+        if now != self._opened:
+            moved = [n for n, a, b in zip(StoreBuffers._fields, now, self._opened) if a != b]
+            raise NativeValueError(f"HostStoreView: {', '.join(moved)} moved or resized since the store was "
+                                   f"opened over them; the C store still points at the old memory")
         return self.handle
 
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise NativeValueError(f"layer: expected an int, got {layer!r}")
+        if not -2**31 <= layer < 2**31:
+            raise NativeIndexError(f"layer: expected a layer of the store, got {layer}")
         return layer
 
     def append(self, layer: int, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -217,6 +294,8 @@ class HostStoreView:
                             pick(self.value_scales), None)
 
     def close(self) -> None:
+        """Close the C store: new calls over it are refused at once; this returns once the engine calls
+        in flight over it (runs, plans, appends) have returned. Idempotent."""
         if getattr(self, "handle", None) is not None:
             check(lib.kvt_store_close(self.handle))
             self.handle = None

@@ -32,7 +32,7 @@ SOURCES = "sources.json"
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 KINDS = {"decode": "Decode (`kvtier bench decode`)", "engine": "Engine (`kvtier bench engine`)",
          "prefill": "Prefill (`kvtier bench prefill`)", "serve": "Serving (`kvtier_sglang.serve_check`)",
-         "eval": "Accuracy (`kvtier eval`)"}
+         "eval": "Accuracy (`kvtier eval`)", "compare": "Comparison (`kvtier bench compare`)"}
 
 
 class Row(NamedTuple):

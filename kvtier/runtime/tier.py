@@ -287,7 +287,7 @@ class TierManager:
             hk = k[plan.sinks: plan.sinks + plan.host_tokens]
             hv = v[plan.sinks: plan.sinks + plan.host_tokens]
             pages_k = _to_pages(hk, self.config.window.page_tokens)
-            self.store.write(layer, plan.page_ids, pages_k, _to_pages(hv, self.config.window.page_tokens))
+            self.store.write(plan.rid, layer, plan.page_ids, pages_k, _to_pages(hv, self.config.window.page_tokens))
             for listener in self.key_listeners:
                 listener(layer, torch.as_tensor(plan.page_ids, dtype=torch.long), pages_k)
             self._d2h += 2 * hk.numel() * hk.element_size() if k.device.type == "cuda" else 0
@@ -382,7 +382,7 @@ class TierManager:
             if st is None:
                 continue  # released meanwhile; its pages were freed with it
             for layer in range(self.shape.n_layers):
-                self.store.write(layer, p.page_ids, p.k[layer], p.v[layer])
+                self.store.write(p.rid, layer, p.page_ids, p.k[layer], p.v[layer])
             n = p.slots.numel()
             del st.recent_slots[:n]
             st.in_flight -= n

@@ -1,6 +1,7 @@
 """The host store: a (pinned) arena of quantized KV pages with page tables."""
 
-from .errors import CapacityError, UnknownRequestError
+from .errors import CapacityError, HostMemoryError, PageOwnerError, UnknownRequestError
 from .host_store import HostStore, PageTable, StoreStats
 
-__all__ = ["CapacityError", "HostStore", "PageTable", "StoreStats", "UnknownRequestError"]
+__all__ = ["CapacityError", "HostMemoryError", "HostStore", "PageOwnerError", "PageTable", "StoreStats",
+           "UnknownRequestError"]

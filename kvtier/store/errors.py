@@ -18,5 +18,28 @@ class CapacityError(RuntimeError):
         )
 
 
+class HostMemoryError(CapacityError):
+    """The host store's arena cannot be allocated: more bytes than this machine can give."""
+
+    def __init__(self, n_pages: int, page_bytes: int, nbytes: int, available: int | None, detail: str = ""):
+        self.needed_pages = n_pages
+        self.free_pages = 0
+        self.page_bytes = page_bytes
+        self.nbytes = nbytes
+        self.available = available
+        gib = 1 << 30
+        have = f"{available / gib:.3f} GiB of host memory is available" if available is not None else \
+            "the allocation failed"
+        RuntimeError.__init__(
+            self,
+            f"host store: {n_pages} pages of {page_bytes} bytes ({nbytes / gib:.3f} GiB in all buffers) cannot be "
+            f"allocated: {have}; lower host_store.capacity_gib" + (f" ({detail})" if detail else "")
+        )
+
+
+class PageOwnerError(ValueError):
+    """A write to a page that is not in the writing request's table (released, evicted, or never its own)."""
+
+
 class UnknownRequestError(KeyError):
     """A request id the store has never admitted, or already released."""

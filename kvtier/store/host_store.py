@@ -27,9 +27,9 @@ from typing import Callable, Dict, Hashable, Iterable, List, NamedTuple, Optiona
 
 import torch
 
-from .._native import HostStoreView
+from .._native import HostStoreView, NativeMemoryError
 from ..config import GIB_BYTES, ModelShape, OnFull, TierConfig
-from .errors import CapacityError, UnknownRequestError
+from .errors import CapacityError, HostMemoryError, PageOwnerError, UnknownRequestError
 
 
 @dataclass
@@ -77,6 +77,16 @@ def capacity_pages(config: TierConfig, shape: ModelShape) -> int:
     return int(config.host_store.capacity_gib * GIB_BYTES // page_bytes(config, shape))
 
 
+def available_bytes() -> int | None:
+    """Host memory a new allocation can get (Linux: MemAvailable + SwapFree), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class HostStore:
     """Pages of quantized KV for every layer, shared by all requests."""
 
@@ -90,12 +100,19 @@ class HostStore:
             n_pages = capacity_pages(config, shape)
         if n_pages <= 0:
             raise CapacityError("one page", 1, 0, self.page_bytes)
-        self.view = HostStoreView.allocate(
-            n_layers=shape.n_layers, n_pages=n_pages, kv_heads=shape.kv_heads, page_tokens=self.page_tokens,
-            head_dim=shape.head_dim, key_format=store.key_format.value, value_format=store.value_format.value,
-            key_group=store.key_group_channels, summary_tokens=store.summary_tokens,
-            chunk_sums=config.chunk_sums, pin_memory=pin_memory,
-        )
+        dims = dict(n_layers=shape.n_layers, n_pages=n_pages, kv_heads=shape.kv_heads, page_tokens=self.page_tokens,
+                    head_dim=shape.head_dim, key_format=store.key_format.value,
+                    value_format=store.value_format.value, key_group=store.key_group_channels,
+                    summary_tokens=store.summary_tokens)
+        # Checked up front: an arena past the memory there is fails in the allocator, or (Linux
+        # overcommits) later, at the first touch, as the OOM killer.
+        nbytes, avail = HostStoreView.bytes_for(**dims, chunk_sums=config.chunk_sums), available_bytes()
+        if avail is not None and nbytes > avail:
+            raise HostMemoryError(n_pages, self.page_bytes, nbytes, avail)
+        try:
+            self.view = HostStoreView.allocate(**dims, chunk_sums=config.chunk_sums, pin_memory=pin_memory)
+        except NativeMemoryError as exc:
+            raise HostMemoryError(n_pages, self.page_bytes, nbytes, avail, str(exc)) from exc
         self.n_pages = n_pages
         self._free: List[int] = list(range(n_pages - 1, -1, -1))  # stack: low ids first
         self._refs: List[int] = [0] * n_pages  # tables and cache holds keeping each page
@@ -250,9 +267,26 @@ class HostStore:
             table.first_pos = table.starts[0]
         return freed
 
-    def write(self, layer: int, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer."""
+    def write(self, rid: Hashable, layer: int, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize K, V [n, Hkv, T, D] (f32/bf16, CPU) into pages of one layer of request rid.
+
+        Every page must be in rid's table: a page released or evicted since it was allocated
+        may belong to another request now, and writing it would overwrite that request's
+        tokens (PageOwnerError). NaN or infinite keys and values are refused (NativeValueError).
+        """
+        self._check_owner(rid, page_ids)
         self.view.append(layer, torch.tensor(page_ids, dtype=torch.int32), k, v)
+
+    def _check_owner(self, rid: Hashable, page_ids: List[int]) -> None:
+        pages = self.table(rid).pages
+        n = len(page_ids)
+        if n == 0 or pages[-n:] == list(page_ids):  # the usual case: its newest pages, as allocated
+            return
+        held = set(pages)
+        stray = [p for p in page_ids if p not in held]
+        if stray:
+            raise PageOwnerError(f"HostStore.write: pages {stray[:8]} are not in the table of request {rid!r} "
+                                 f"(released, evicted or never allocated to it); nothing was written")
 
     def _evict_for(self, n: int, *, protect: Hashable) -> None:
         """Drop oldest pages, largest request first, until n pages are free.

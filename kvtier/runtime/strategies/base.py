@@ -77,6 +77,7 @@ class HostStrategy(ABC):
     attends_host: ClassVar[bool] = True
     needs_engine: ClassVar[bool] = False
     copies_pages_to_device: ClassVar[bool] = False
+    attends_every_host_token: ClassVar[bool] = False  # detail() names no selection: it attends them all
 
     def __init__(self, ctx: StrategyContext):
         if self.needs_engine and ctx.engine is None and ctx.policy.offloads:
@@ -130,6 +131,30 @@ class HostStrategy(ABC):
     def report(self) -> Dict[str, object]:
         """Diagnostics since the strategy was built, JSON-able (default: none)."""
         return {}
+
+    def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
+        """Host-store bytes this layer's host part reads for the current plan, given the selection
+        `detail` returned for it (keys scanned, values of the selected tokens, copies to the device),
+        counted from the plan and the store's formats; None where the strategy does not count them.
+        For benchmarks: never called on the decode path."""
+        return None
+
+    def token_bytes(self):
+        """The host store's bytes per token at one layer and kv-head, by part (`config.TokenBytes`)."""
+        from ...config import token_bytes
+
+        cfg = self.ctx.policy.config
+        return token_bytes(cfg.host_store, self.ctx.shape.head_dim, chunk_sums=cfg.chunk_sums)
+
+    def distinct_selected(self, selection: torch.Tensor) -> int:
+        """Distinct (request, kv-head, token) triples of a [B, Hq, cap] selection (-1 padded): the
+        rows a kv-head's query heads read once between them."""
+        s = self.ctx.shape
+        b, hq, cap = selection.shape
+        per_kv = selection.reshape(b * s.kv_heads, (hq // s.kv_heads) * cap).long()
+        rows = torch.arange(per_kv.shape[0])[:, None].expand_as(per_kv)
+        keep = per_kv >= 0
+        return int(torch.unique(rows[keep] * (1 << 40) + per_kv[keep]).numel())
 
     def stop(self) -> None:
         """End anything still reading the host store (raising its error, if any)."""

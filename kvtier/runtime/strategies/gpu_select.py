@@ -233,6 +233,13 @@ class GpuSelect(HostStrategy):
         self._cpu_s += time.perf_counter() - c0
         return AttnPart(self.out_host.to(q.device, non_blocking=True), self._lse_dev)
 
+    def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
+        """The selected tokens' values, and their keys with exact logits; every host token with budget all."""
+        tb = self.token_bytes()
+        if self.all or selection is None:
+            return float(sum(self.batch.host_tokens)) * self.ctx.shape.kv_heads * (tb.key + tb.value)
+        return self.distinct_selected(selection.cpu()) * (tb.value + (tb.key if self.exact else 0.0))
+
     def detail(self, q: torch.Tensor, layer: int):
         if self.all:
             res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
