@@ -291,3 +291,11 @@ def test_split_finishing_times_are_within_one_block_of_each_other(seed):
     assert abs(float(t_gpu - t_cpu)) <= float(worst)
     if on.any() and (~on).any():
         assert prio[on].min() >= prio[~on].max()  # a priority prefix
+
+
+def test_gpu_share_off_unquoted_is_off_and_other_booleans_are_refused():
+    from kvtier.config import ConfigError, loads
+
+    assert loads("policy: fluxion\nfluxion: {gpu_share: off}\n", "<t>").fluxion.gpu_share == "off"
+    with pytest.raises(ConfigError, match="fluxion.gpu_share: expected 'auto' or 'off', found True"):
+        loads("policy: fluxion\nfluxion: {gpu_share: on}\n", "<t>")

@@ -198,6 +198,12 @@ class FluxionKnobs(Frozen):
     output_epsilon: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False, description="Output-aware budgeting: smallest budget whose estimated relative output change stays under this (0 < epsilon < 1).")
     gpu_share: Literal["auto", "off"] = Field("auto", description="Priority scheduler: auto splits selected blocks between CPU compute and GPU (after a PCIe fetch); off keeps all on the CPU.")
 
+    @field_validator("gpu_share", mode="before")
+    @classmethod
+    def _off(cls, value):
+        # YAML 1.1 reads an unquoted `off` as false: that is the setting a user wrote
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _check(self) -> "FluxionKnobs":
         names = [c.name for c in self.head_classes]
