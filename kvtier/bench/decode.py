@@ -34,9 +34,12 @@ POLICIES = ("dense", "offload_all", "hgca")
 # keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
 # (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none")
+         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
 # fetches the misses before attending; sparda_none (SparDA's own) leaves them out
+# fluxion: head classes with their own blocks and budgets (the default classes, their mean capped at the
+# hgca budget; 64-token pages), output-aware trimming, the blocks split between the CPU engine and the
+# GPU at measured rates; fluxion_cpu: the same with gpu_share off (every block on the CPU: no scheduler)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +107,11 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
                                "host_store": {"key_format": key_format, "value_format": value_format},
                                "sparda": {"correction": correction}})
            for name, correction in (("sparda", "cpu"), ("sparda_fetch", "fetch"), ("sparda_none", "none"))},
+        **{name: from_mapping({"policy": "fluxion", "window": {**win, "page_tokens": 64},
+                               "budget": {"kind": "tokens", "tokens": budget},
+                               "host_store": {"key_format": key_format, "value_format": value_format},
+                               "fluxion": {"gpu_share": share}})
+           for name, share in (("fluxion", "auto"), ("fluxion_cpu", "off"))},
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -371,6 +379,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
                   "left", file=sys.stderr, flush=True)
         h2d_timed = st.tier.stats().bytes_h2d
         blocks = _block_stats(st, steps)  # the timed steps' (before a probe step adds to them)
+        split = _split_stats(st, steps, shape.n_layers)
         probed = {}
         if probe:
             step(False, probing=True)
@@ -393,6 +402,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "device_index_gib": st.attn.host.device_bytes / 2**30,
             **_host_reads(st, last_q, shape, batch),
             **blocks,
+            **split,
             **probed,
         }
     finally:
@@ -466,6 +476,25 @@ def _block_stats(st, steps: int) -> Dict[str, float]:
             "forecast_recall": s.hits / (s.hits + s.misses) if s.hits + s.misses else None}
 
 
+def _split_stats(st, steps: int, n_layers: int) -> Dict[str, object]:
+    """The split strategy's per step: blocks and bytes on each side, the host tokens a head kept
+    against its cap, the modelled time each side takes and waits per layer (from the rates measured
+    at start), and the head classes found."""
+    take = getattr(st.attn.host, "take_split_stats", None)
+    if take is None:
+        return {}
+    s, per = take(), steps + 1  # the warm-up step too
+    rep = st.attn.host.report()
+    return {"cpu_blocks_per_step": s.cpu_blocks / per, "gpu_blocks_per_step": s.gpu_blocks / per,
+            "cpu_mib_per_step": s.cpu_bytes / per / 2**20, "gpu_mib_per_step": s.gpu_bytes / per / 2**20,
+            "kept_tokens_per_head": s.kept_tokens / max(s.heads, 1), "cap_tokens_per_head": s.cap_tokens / max(s.heads, 1),
+            "model_cpu_ms_per_layer": 1e3 * s.model_cpu_s / (per * n_layers),
+            "model_gpu_ms_per_layer": 1e3 * s.model_gpu_s / (per * n_layers),
+            "model_idle_ms_per_layer": 1e3 * s.model_idle_s / (per * n_layers),
+            "rates_gbps": {k: v / 1e9 for k, v in rep["rates"].items()},
+            "head_classes": {name: [sum(layer) for layer in per_layer] for name, per_layer in rep["head_classes"].items()}}
+
+
 def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay=None) -> float:
     """Relative error of the tier's attention output against dense over the full context."""
     from ..runtime import dense_attention
@@ -531,6 +560,12 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
         c, b = both[-1]
         summary.update(serial_context=c, serial_batch=b,
                        hgca_vs_serial=ok[("hgca_serial", c, b)]["ms_per_step"] / ok[("hgca", c, b)]["ms_per_step"])
+    # fluxion over hgca at the same mean budget, and over itself without the scheduler, at each shape both ran
+    for other in ("hgca", "fluxion_cpu"):
+        pairs = {f"{c}x{b}": round(ok[(other, c, b)]["ms_per_step"] / r["ms_per_step"], 4)
+                 for (p, c, b), r in ok.items() if p == "fluxion" and (other, c, b) in ok}
+        if pairs:
+            summary[f"fluxion_vs_{other}"] = pairs
     # every policy against dense with CUDA graphs, at each shape both ran (> 1: faster than dense_graph)
     vs_graph = {f"{p}@{c}x{b}": round(ok[("dense_graph", c, b)]["ms_per_step"] / r["ms_per_step"], 4)
                 for (p, c, b), r in ok.items() if p != "dense_graph" and ("dense_graph", c, b) in ok}
@@ -548,6 +583,9 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
               ", ".join(f"{name} {v['largest_batch_ran']}/{v['batch_that_fits']}" for name, v in by_policy.items()))
     for key, ratio in summary.get("vs_dense_graph", {}).items():
         print(f"vs_dense_graph {key}={ratio:.3f}")
+    for other in ("hgca", "fluxion_cpu"):
+        for key, ratio in summary.get(f"fluxion_vs_{other}", {}).items():
+            print(f"fluxion_vs_{other} {key}={ratio:.3f}")
     if "hgca_vs_serial" in summary:
         print(f"hgca_vs_serial={summary['hgca_vs_serial']:.3f} (overlap on over off, context "
               f"{summary['serial_context']} batch {summary['serial_batch']})")

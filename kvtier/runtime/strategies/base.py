@@ -19,7 +19,9 @@ Who calls what, and when (all on the decoding thread):
 - `stop()` ends anything still reading the host store; it is registered with the
   tier (`TierManager.host_readers`), which calls it before the store changes, and
   called before every plan. `take_cpu_s()` returns the host-side seconds since the
-  last call. `close()` releases the strategy's threads.
+  last call. `report()` returns the strategy's own diagnostics since it was built (a
+  JSON-able dict; reports such as the evaluation's record it). `close()` releases the
+  strategy's threads.
 
 Class attributes tell the assembly (`kvtier.runtime.assembly`) what a strategy needs:
 `needs_engine` (the native CPU engine), `copies_pages_to_device` (page-locked host
@@ -125,6 +127,10 @@ class HostStrategy(ABC):
         """The host part without overlap, and the selection ([B, Hq, cap] int32, -1 padded) if any."""
         self.submit(q, layer)
         return self.collect(q, layer), None
+
+    def report(self) -> Dict[str, object]:
+        """Diagnostics since the strategy was built, JSON-able (default: none)."""
+        return {}
 
     def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
         """Host-store bytes this layer's host part reads for the current plan, given the selection
