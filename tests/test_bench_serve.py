@@ -256,13 +256,18 @@ def test_plot_draws_throughput_and_tpot(tmp_path):
 
 # --- servers, policies and the model directory ------------------------------------------------
 
-def test_plan_servers_skips_what_does_not_build_and_says_why(tmp_path):
+def test_plan_servers_skips_what_does_not_build_and_says_why(tmp_path, monkeypatch):
+    from kvtier.policies import REGISTRY
+
+    monkeypatch.delitem(REGISTRY, "sparda")  # as a version without its runtime
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: hgca\nwindow: {page_tokens: -1}\n")
-    plans = {p.name: p for p in matrix.plan_servers(["dense", "hgca", "fluxion", "nope", str(bad)], ROOT / "policies")}
+    plans = {p.name: p for p in matrix.plan_servers(["dense", "hgca", "fluxion", "sparda", "nope", str(bad)],
+                                                    ROOT / "policies")}
     assert plans["dense"] == matrix.ServerPlan("dense", None, None)
     assert plans["hgca"].skipped is None and plans["hgca"].source.endswith("hgca.yaml")
-    assert "no runtime in this version" in plans["fluxion"].skipped
+    assert plans["fluxion"].skipped is None
+    assert "no runtime in this version" in plans["sparda"].skipped
     assert plans["nope"].skipped == "no policy file nope.yaml"
     assert "does not validate" in plans["bad"].skipped and "window.page_tokens" in plans["bad"].skipped
 
@@ -331,11 +336,11 @@ def test_dry_run_prints_every_server_and_level(capsys):
     lines = cap.out.splitlines()
     assert lines[0] == "# dense"
     launches = [ln for ln in lines if "sglang.launch_server" in ln]
-    assert len(launches) == 2 and launches[0].endswith("--tp 1") and "--kv-tier" not in launches[0]
+    assert len(launches) == 3 and launches[0].endswith("--tp 1") and "--kv-tier" not in launches[0]
     assert "--kv-tier WORK/policy-hgca-prefilter.yaml" in launches[1]
-    assert sum("sglang.bench_serving" in ln for ln in lines) == 2 * 2 * 2  # servers x inputs x levels
+    assert "--kv-tier WORK/policy-fluxion.yaml" in launches[2]
+    assert sum("sglang.bench_serving" in ln for ln in lines) == 3 * 2 * 2  # servers x inputs x levels
     assert any(ln.startswith("# hgca-prefilter: the host store holds 16 requests") for ln in lines)
-    assert any(ln.startswith("# fluxion: skipped (") for ln in lines)
 
 
 @pytest.mark.parametrize("argv, match", [(["--input-lens", "131072"], "the longest input is 130816"),
