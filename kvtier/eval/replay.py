@@ -133,9 +133,9 @@ def replay(cap: KvCapture, config: TierConfig, *, threads: int = 0, layers: Opti
                 host = (res.out[0].double(), res.lse[0].double())
                 o, _ = _merge(win, host)
                 worst = max(worst, float((o - full).norm() / full.norm()))
-                sel = res.sel_index[0].long()  # [Hq, cap], -1 padded
-                picked = torch.zeros(hq, max(nh, 1), dtype=torch.bool)
-                picked.scatter_(1, torch.where(sel >= 0, sel, 0), sel >= 0)
+                sel = res.sel_index[0].long()  # [Hq, cap], -1 padded: the padding lands in a column past the end
+                picked = torch.zeros(hq, nh + 1, dtype=torch.bool)
+                picked.scatter_(1, torch.where(sel >= 0, sel, nh), True)
                 picked = picked[:, :nh]
                 if nh:
                     logits = torch.einsum("hd,nhd->hn", q, kh.repeat_interleave(g, dim=1)) * cap.sm_scale
