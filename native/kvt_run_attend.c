@@ -25,8 +25,14 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
     uint8_t *gk = (uint8_t *)(p->scratch + (int64_t)tid * p->scratch_floats + p->gather_off);
     float *gs = (float *)(gk + ((KVT_GATHER * kb + 3) & ~(int64_t)3));
     int pf = 0; /* candidates below pf are prefetched (key row and scales) */
-    for (int j0 = 0; j0 < cnt; j0 += KVT_GATHER) {
-        const int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+    for (int j0 = 0; j0 < cnt;) {
+        int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+        if (s->chan_scales) { /* a call per page: its rows share the page's channel scales */
+            const int64_t page = tok_lph(&L, tok[j0]);
+            int same = 1;
+            while (same < len && tok_lph(&L, tok[j0 + same]) == page) same++;
+            len = same;
+        }
         for (int i = 0; i < len; i++) {
             for (; pf < j0 + i + 16 && pf < cnt; pf++) {
                 const int64_t lph = tok_lph(&L, tok[pf]), o = tok_off(&L, tok[pf]);
@@ -40,7 +46,9 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
             if (ns == 1) gs[i] = kvt_kscale_ptr(s, lph)[o];
             else if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + o * ns, sizeof(float) * (size_t)ns);
         }
-        kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        if (s->chan_scales) kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
+        else kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        j0 += len;
     }
     for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);
 }

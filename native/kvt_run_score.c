@@ -18,6 +18,12 @@ void kvtr_score_range(const kvt_plan_state *p, int layer, int b, int h, int t0, 
     for (int t = t0; t < t1;) {
         int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
         int64_t lph = kvt_lph(s, layer, p->page_table[p->page_off[b] + t / T], h);
+        if (s->chan_scales && t + cnt < t1) { /* the next page's keys and channel scales (pages lie apart) */
+            const int64_t nx = kvt_lph(s, layer, p->page_table[p->page_off[b] + t / T + 1], h);
+            const char *a = (const char *)kvt_kchan_ptr(s, nx), *k = (const char *)kvt_key_ptr(s, nx);
+            for (int64_t o = 0; o < 4 * (int64_t)s->d.head_dim; o += 64) __builtin_prefetch(a + o);
+            for (int64_t o = 0; o < (int64_t)T * s->key_tok; o += 64) __builtin_prefetch(k + o);
+        }
         kvt_score_page(s, lph, off, cnt, q, G, dst + t, ds);
         t += cnt;
     }

@@ -32,6 +32,9 @@ def ref_keys(store, layer, pages):
         return store.keys[layer, pages].double()
     if store.key_format is N.KeyFormat.INT8:
         return store.keys[layer, pages].double() * store.key_scales[layer, pages].double()[..., None]
+    if store.key_format is N.KeyFormat.INT8_CHANNEL:  # a scale and a zero point per channel of each (page, head)
+        sc = store.key_scales[layer, pages].double()  # [np, H, 2, D]
+        return store.keys[layer, pages].double() * sc[:, :, None, 0] + sc[:, :, None, 1]
     b = store.keys[layer, pages].to(torch.int16)
     lo = ((b & 0xF) ^ 8) - 8
     hi = ((b >> 4) ^ 8) - 8

@@ -68,7 +68,7 @@ def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, laye
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
 @pytest.mark.parametrize("mode,reduce,cap", [("topk", "max", 0.0), ("topk", "mean", 5.0),
                                              ("topk", "per_qhead", 0.0), ("mass", "max", 0.0)])
-@pytest.mark.parametrize("kf", ["int8", "int4"])
+@pytest.mark.parametrize("kf", ["int8_channel", "int8", "int4"])
 def test_long_context_selection_matches_generic(isa, mode, reduce, cap, kf):
     """Long requests take the sampled k-th-value search and, on the int16-query path,
     the candidate band around the k-th selection score: the selection must still be
@@ -88,7 +88,9 @@ def test_long_context_selection_matches_generic(isa, mode, reduce, cap, kf):
                                                    ("mass", "per_qhead", 0.0, "bf16", "int8"),
                                                    ("topk", "max", 0.05, "bf16", "int8"),
                                                    ("topk", "max", 0.0, "bf16", "int4"),
-                                                   ("mass", "per_qhead", 0.0, "int8", "int4")])
+                                                   ("mass", "per_qhead", 0.0, "int8", "int4"),
+                                                   ("topk", "max", 0.0, "bf16", "int8_channel"),
+                                                   ("mass", "mean", 0.0, "bf16", "int8_channel")])
 def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf, kf):
     """Batch 1 x 8 kv-heads over 20K tokens with more threads than selection sets:
     the candidates' exact logits and the attend of each selection are split into

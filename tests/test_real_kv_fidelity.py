@@ -35,12 +35,10 @@ REDUCES = ("max", "mean", "per_qhead")
 # What issue 35 found, held to the bounds below until the fixes land (strict: an xfail that
 # passes fails, so each mark goes with the change that fixes it).
 KNOWN = {
-    ("budget_all", "qwen2.5-coder-0.5b"): "int8 keys with a per-token scale: layer 0's outlier channels",
     ("mass", "max", "smollm2-135m"): "mass over the softmax of the group's max logit, which is no head's",
     ("mass", "max", "qwen2.5-coder-0.5b"): "mass over the softmax of the group's max logit, which is no head's",
     ("mass", "mean", "smollm2-135m"): "mass over the softmax of the group's mean logit, which is no head's",
     ("mass", "mean", "qwen2.5-coder-0.5b"): "mass over the softmax of the group's mean logit, which is no head's",
-    ("mass", "per_qhead", "qwen2.5-coder-0.5b"): "per-token int8 keys: layer 0's masses are off",
     ("tokens", "per_qhead", "smollm2-135m"): "per_qhead applies the budget per query head",
     ("tokens", "per_qhead", "qwen2.5-coder-0.5b"): "per_qhead applies the budget per query head",
 }

@@ -87,7 +87,8 @@ class TierConfig(Frozen):
 
     def host_bytes_per_token(self, shape: ModelShape) -> float:
         """Host bytes one token of this policy's store occupies, across all layers and kv-heads."""
-        return host_bytes_per_token(self.host_store, shape, chunk_sums=self.chunk_sums)
+        return host_bytes_per_token(self.host_store, shape, chunk_sums=self.chunk_sums,
+                                    page_tokens=self.window.page_tokens)
 
 
 # --- HGCA -------------------------------------------------------------------

@@ -19,16 +19,20 @@ class ModelShape(NamedTuple):
     head_dim: int
 
 
-def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False) -> float:
+def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False,
+                         page_tokens: int = 16) -> float:
     """Host bytes one token occupies across all layers and kv-heads.
 
-    Counts keys with their scales, values with theirs, the key min/max summary
+    Counts keys with their scales (int8_channel's per page, amortised over its
+    page_tokens), values with theirs, the key min/max summary
     (bf16, amortised over a summary chunk) and, with chunk_sums, the chunk's
     float32 key and value sums (the residual estimate's).
     """
     d = shape.head_dim
     if store.key_format is KeyFormat.INT8:
         key = d + 4
+    elif store.key_format is KeyFormat.INT8_CHANNEL:
+        key = d + 4 * d / page_tokens  # bf16 scales and zero points per channel, one set per page
     elif store.key_format is KeyFormat.INT4:
         key = d / 2 + 4 * d / store.key_group_channels
     else:
