@@ -126,7 +126,8 @@ def case_attend(rng: random.Random, g: torch.Generator) -> str:
             again = eng.run(layer, q, return_selection=True)
             if not (torch.equal(again.out, res.out) and torch.equal(again.sel_index, res.sel_index)):
                 raise Mismatch("a second run over the same plan and query differs from the first")
-        case = dict(store=store, layer=layer, table=table, offs=offs, ntok=ntok, q=q, sm=sm, **o)
+        case = dict(store=store, layer=layer, table=table, offs=offs, ntok=ntok, q=q, sm=sm,
+                    sel_logits=eng.score(layer, q), **o)
         used = judge(case, res)
     return "tie: " + used[0] if used else "ok"
 

@@ -131,7 +131,7 @@ class TokensBudget(Frozen):
     """A fixed number of host tokens per (request, kv-head)."""
 
     kind: Literal["tokens"] = "tokens"
-    tokens: int = Field(2048, gt=0, le=MAX_TOKENS, description="Host tokens attended per (request, kv-head).")
+    tokens: int = Field(2048, gt=0, le=MAX_TOKENS, description="Distinct host tokens read per (request, kv-head), whatever the group reduction: its query heads share them.")
 
 
 class FractionBudget(Frozen):
@@ -150,11 +150,11 @@ class FractionBudget(Frozen):
 
 
 class MassBudget(Frozen):
-    """The smallest set of top tokens reaching softmax mass `threshold`, capped."""
+    """The smallest set of top tokens in which every query head holds `threshold` of its own softmax mass over the host tokens, capped."""
 
     kind: Literal["mass"] = "mass"
-    threshold: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="Cumulative softmax mass over the host tokens to reach.")
-    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Cap of the per-head selection.")
+    threshold: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="Share of each query head's own softmax mass over the host tokens that the selection must hold (every head, whatever the group reduction, which only orders the tokens).")
+    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Cap of the selection: distinct host tokens per (request, kv-head); a head that needs more stops short of the threshold.")
 
 
 Budget = Annotated[
