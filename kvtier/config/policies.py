@@ -96,7 +96,7 @@ class TierConfig(Frozen):
 
 class HgcaKnobs(Frozen):
     group_reduce: GroupReduce = Field(
-        GroupReduce.MAX, strict=False,
+        GroupReduce.PER_QHEAD, strict=False,
         description="How a kv-head ranks host tokens for the one selection its query heads share (the budget counts distinct tokens per kv-head either way): max or mean of their logits, or per_qhead: the max over heads of each head's logit less its log-sum-exp over the host tokens (its log-probability), so every head's own top tokens come first and no head crowds out the others by the size of its logits.",
     )
     overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently; false runs the engine "
