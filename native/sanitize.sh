@@ -19,6 +19,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-python3}"
+# the run changes directory into a scratch copy: a relative interpreter path (.venv/bin/python)
+# must be resolved against the caller's directory first
+if [[ "$py" == */* ]]; then py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"; fi
+command -v "$py" >/dev/null || { echo "sanitize: PYTHON=$py is not an executable" >&2; exit 2; }
 mode=full fuzz_cases=5000 seed=1 reports= only_isa=
 while [[ $# -gt 0 ]]; do
     case "$1" in

@@ -20,7 +20,15 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
     assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial",
-                        "hcattention", "hcattention_int4", "hcattention_exact", "sparda", "sparda_fetch", "sparda_none"}
+                        "hcattention", "hcattention_int4", "hcattention_exact", "sparda", "sparda_fetch", "sparda_none",
+                        "fluxion", "fluxion_cpu"}
+    # fluxion reports its split: some blocks attended, none on the GPU side with gpu_share off, and the
+    # host tokens a head kept within its cap
+    fx, fc = (next(r for r in payload["rows"] if r["policy"] == p) for p in ("fluxion", "fluxion_cpu"))
+    assert fx["cpu_blocks_per_step"] + fx["gpu_blocks_per_step"] > 0
+    assert fc["gpu_blocks_per_step"] == 0 and fc["cpu_blocks_per_step"] > 0
+    assert 0 < fx["kept_tokens_per_head"] <= fx["cap_tokens_per_head"] + 64
+    assert re.search(r"fluxion_vs_hgca 1024x1=[\d.]+", out)
     # the block cache reports what it held and fetched
     sp = next(r for r in payload["rows"] if r["policy"] == "sparda")
     assert sp["block_hits_per_step"] + sp["block_misses_per_step"] > 0 and sp["blocks_fetched_per_step"] > 0

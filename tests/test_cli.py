@@ -26,6 +26,23 @@ def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     assert f"{tmp_path / 'nope.yaml'}: expected a readable UTF-8 YAML file" in err
 
 
+@pytest.mark.parametrize("text, path, words", [
+    ("fluxion:\n  head_classes:\n    - {name: retrieval, block_tokens: 16, budget_tokens: 512}\n"
+     "    - {name: streaming, block_tokens: 64, budget_tokens: 128}\n", "fluxion.head_classes", "fall in no class"),
+    ("fluxion:\n  head_classes:\n    - {name: retrieval, block_tokens: 16, budget_tokens: 512}\n"
+     "    - {name: mixed, block_tokens: 32, budget_tokens: 256, far_entropy: [0.4, 1]}\n"
+     "    - {name: streaming, block_tokens: 64, budget_tokens: 128}\n", "fluxion.head_classes", "must not overlap"),
+    ("window: {page_tokens: 32}\n", "fluxion.head_classes.2.block_tokens", "must divide window.page_tokens"),
+    ("fluxion: {output_epsilon: 1.5}\n", "fluxion.output_epsilon", "less than 1"),
+])
+def test_validate_refuses_bad_fluxion_files_with_the_field_path(tmp_path, capsys, text, path, words):
+    bad = tmp_path / "fluxion.yaml"
+    bad.write_text("policy: fluxion\n" + text)
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: {path}: " in err and words in err, err
+
+
 def test_show_fills_defaults(tmp_path, capsys):
     f = tmp_path / "p.yaml"
     f.write_text("policy: hgca\nbudget: {tokens: 99}\n")

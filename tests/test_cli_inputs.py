@@ -73,7 +73,10 @@ def test_input_errors_are_the_projects_typed_errors():
     assert not input_error(RuntimeError("a bug")) and not input_error(KeyError("a bug"))
 
 
-def test_a_config_only_policy_ends_the_demo_with_one_line(root, capsys):
+def test_a_config_only_policy_ends_the_demo_with_one_line(root, capsys, monkeypatch):
+    from kvtier.policies import REGISTRY
+
+    monkeypatch.delitem(REGISTRY, "fluxion")  # as a version without its runtime
     assert main(["demo", "--policy", str(root / "policies" / "fluxion.yaml"), "--context", "2048", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvtier demo: ") and "fluxion" in err[0]

@@ -80,6 +80,26 @@ def test_unknown_policy_lists_the_known_ones():
     ("policy: hcattention\nhcattention: {key_bits: 3}", "hcattention", "key_bits must be 2, 4 or 8"),
     ("policy: hcattention\nhcattention: {key_bits: 4, codebook: {groups: 2}}", "hcattention", "exactly one"),
     ("policy: fluxion\nfluxion: {head_classes: []}", "fluxion", "at least one class"),
+    ("policy: fluxion\nfluxion: {output_epsilon: 1}", "fluxion.output_epsilon", "less than 1"),
+    ("policy: fluxion\nfluxion: {output_epsilon: 0}", "fluxion.output_epsilon", "greater than 0"),
+    ("policy: fluxion\nfluxion: {output_epsilon: -0.5}", "fluxion.output_epsilon", "greater than 0"),
+    ("policy: fluxion\nwindow: {page_tokens: 32}", "fluxion.head_classes.2.block_tokens",
+     "must divide window.page_tokens (32)"),
+    ("policy: fluxion\nwindow: {page_tokens: 64}\nhost_store: {summary_tokens: 32}",
+     "fluxion.head_classes.0.block_tokens", "multiple of host_store.summary_tokens (32)"),
+    ("policy: fluxion\nfluxion: {head_classes: [{name: retrieval, block_tokens: 16, budget_tokens: 64}, "
+     "{name: streaming, block_tokens: 64, budget_tokens: 64}]}", "fluxion.head_classes",
+     "window_mass in [0, 0.9) and far_entropy in [0.5, 1] fall in no class"),
+    ("policy: fluxion\nfluxion: {head_classes: [{name: retrieval, block_tokens: 16, budget_tokens: 64}, "
+     "{name: mixed, block_tokens: 32, budget_tokens: 64}, "
+     "{name: streaming, block_tokens: 64, budget_tokens: 64, window_mass: [0.8, 1]}]}", "fluxion.head_classes",
+     "window_mass in [0.8, 0.9) and far_entropy in [0, 0.5) fall in 'retrieval' and 'streaming'"),
+    ("policy: fluxion\nfluxion: {head_classes: [{name: wide, block_tokens: 16, budget_tokens: 64}]}",
+     "fluxion.head_classes.0", "expected window_mass or far_entropy ranges"),
+    ("policy: fluxion\nfluxion: {head_classes: [{name: a, block_tokens: 16, budget_tokens: 64, window_mass: [0.5, 0.2]}]}",
+     "fluxion.head_classes.0.window_mass", "0 <= lo < hi <= 1"),
+    ("policy: fluxion\nfluxion: {predictor: {streaming_window_mass: 1}}", "fluxion.predictor.streaming_window_mass",
+     "less than 1"),
 ])
 def test_cross_field_rules(text, path, words):
     probs, _ = _problems(text)
@@ -131,3 +151,23 @@ def test_residual_counts_its_chunk_sums_in_host_bytes():
     with pytest.raises(ConfigError, match="host_store.capacity_gib: expected at least"):
         check_capacity(loads("policy: hgca\nhost_store: {capacity_gib: 15}\nmax_context_tokens: 131072\n"
                              "hgca: {residual: true}"), shape, batch=1)
+
+
+def test_fluxion_classes_partition_the_statistics_and_default_to_64_token_pages():
+    config = loads("policy: fluxion\nwindow: {window_tokens: 512}\n")
+    assert config.window.page_tokens == 64 and config.chunk_sums  # blocks of 16, 32 and 64 divide it
+    knobs = config.fluxion
+    names = [c.name for c in knobs.head_classes]
+    cases = {(0.95, 0.1): "streaming", (0.9, 0.99): "streaming", (1.0, 1.0): "streaming", (0.5, 0.2): "retrieval",
+             (0.0, 0.0): "retrieval", (0.89, 0.5): "mixed", (0.2, 1.0): "mixed"}
+    for (wm, fe), want in cases.items():
+        assert names[knobs.classify(wm, fe)] == want, (wm, fe)
+    # custom ranges: two classes splitting the window mass at 0.5 cover everything
+    two = loads("policy: fluxion\nfluxion: {head_classes: [\n"
+                "  {name: far, block_tokens: 16, budget_tokens: 512, window_mass: [0, 0.5]},\n"
+                "  {name: near, block_tokens: 64, budget_tokens: 128, window_mass: [0.5, 1]}]}\n").fluxion
+    assert [two.classify(x, 0.3) for x in (0.0, 0.49, 0.5, 1.0)] == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="fluxion.head_classes: head classes must not overlap"):
+        loads("policy: fluxion\nfluxion: {head_classes: [\n"
+              "  {name: far, block_tokens: 16, budget_tokens: 512, window_mass: [0, 0.6]},\n"
+              "  {name: near, block_tokens: 64, budget_tokens: 128, window_mass: [0.5, 1]}]}\n")

@@ -59,7 +59,8 @@ def test_alias_bombs_in_known_fields_are_refused_before_they_are_built(policy, f
 
 def test_aliases_within_the_limit_still_work():
     config = loads("policy: fluxion\nfluxion:\n  head_classes:\n"
-                   "    - &c {name: a, block_tokens: 16, budget_tokens: 64}\n    - {<<: *c, name: b}\n")
+                   "    - &c {name: a, block_tokens: 16, budget_tokens: 64, window_mass: [0, 0.5]}\n"
+                   "    - {<<: *c, name: b, window_mass: [0.5, 1]}\n")
     assert [c.name for c in config.fluxion.head_classes] == ["a", "b"]
     assert config.fluxion.head_classes[1].budget_tokens == 64
 

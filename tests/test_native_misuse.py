@@ -501,7 +501,7 @@ def test_a_host_store_larger_than_memory_is_a_capacity_error(monkeypatch):
     from kvtier.store import host_store as hs
 
     shape = ModelShape(n_layers=32, num_q_heads=32, kv_heads=8, head_dim=128)
-    cfg = from_mapping({"policy": "hgca", "host_store": {"capacity_gib": 1e6}})
+    cfg = from_mapping({"policy": "hgca", "host_store": {"capacity_gib": 65536}})  # the schema's ceiling: far past this host
     with pytest.raises(CapacityError, match=r"host store: \d+ pages of \d+ bytes \(.* GiB in all buffers\) cannot "
                                             r"be allocated: .* GiB of host memory is available"):
         HostStore(cfg, shape)

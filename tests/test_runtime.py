@@ -20,6 +20,8 @@ def _config(policy="hgca", budget=None, **extra):
         data["budget"] = budget
     if policy == "quest":
         data.setdefault("host_store", {"key_format": "bf16"})
+    if policy == "fluxion":  # its head classes' blocks (up to 64 tokens) must divide the page
+        data["window"] = {**WINDOW, "page_tokens": 64}
     return from_mapping(data)
 
 
@@ -386,7 +388,8 @@ def test_adopt_attends_cached_host_pages_in_place_and_keeps_the_servers_slots(ge
         tier.close()
 
 
-def test_policy_without_runtime_is_refused_clearly():
+def test_policy_without_runtime_is_refused_clearly(monkeypatch):
+    monkeypatch.delitem(REGISTRY, "fluxion")  # as a version without its runtime
     with pytest.raises(PolicyUnavailableError, match="fluxion.*available: .*hgca"):
         policy_for(from_mapping({"policy": "fluxion"}))
 

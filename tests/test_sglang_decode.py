@@ -101,6 +101,37 @@ def test_sparda_attends_its_block_cache_and_the_cpus_misses_through_the_backend(
     assert n == distinct and alloc.available_size() == alloc.size
 
 
+@pytest.mark.parametrize("share", ["auto", "off"])
+def test_fluxion_splits_its_blocks_through_the_backend_and_matches_dense(share):
+    """Budget all, every head in one 16-token class: the split strategy attends every host block (on
+    the CPU engine, or part of them on the device side after a copy) and equals dense across steps and
+    evictions whose slots went back to sglang and were overwritten by another request."""
+    torch.manual_seed(5)
+    knobs = ("fluxion: {head_classes: [{name: all, block_tokens: 16, budget_tokens: 4096, window_mass: [0, 1]}], "
+             f"gpu_share: {share}}}\n")
+    backend, layer, runner = _stage2_backend(policy="fluxion", budget="{kind: all}", knobs=knobs)
+    alloc = runner.token_to_kv_pool_allocator
+    reqs = _Requests(runner, [300, 150])
+    filler = None
+    for _ in range(3):
+        out, ref = reqs.decode_step(backend, layer)
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        if filler is None:
+            filler = alloc.alloc(alloc.available_size() - 8)
+            runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
+            runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    host = backend.session.attn.host
+    st = host.take_split_stats()
+    assert host.name == "split" and st.cpu_blocks + st.gpu_blocks > 0 and backend.session.slots_released > 0
+    if share == "off":
+        assert st.gpu_blocks == 0
+    for row in reqs.rows:
+        _free_row(runner, row, reqs.k[row].shape[0])
+    alloc.free(filler)
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct and alloc.available_size() == alloc.size
+
+
 def test_sglang_attention_kit_at_the_default_budget_with_int8_keys(monkeypatch, tmp_path):
     _, host_seen = _run_kit(monkeypatch, _tier_yaml(tmp_path, keys="int8", budget="{kind: tokens, tokens: 2048}"))
     assert max(host_seen) > 0

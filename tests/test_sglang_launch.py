@@ -271,7 +271,8 @@ def test_launch_checks_int4_groups_against_a_local_models_head_dim(tmp_path):
 
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_attention_heads": 32}))
+    (model / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_attention_heads": 32,
+                                                         "num_hidden_layers": 32, "num_key_value_heads": 8}))
     config = load(_policy_file(tmp_path, "host_store: {key_format: int4, key_group_channels: 48}\n"))
     with pytest.raises(ConfigError) as info:
         launch.check_this_host(config, ranks_on_host=1, model_path=str(model), source="p.yaml")

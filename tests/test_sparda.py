@@ -48,11 +48,15 @@ def test_every_block_selected_equals_dense_once_the_cache_holds_them(gen, correc
                     assert err > 1e-2  # nothing resident yet: the host part is left out
                 else:
                     assert err < 5e-3, (step, layer, err)
+            recall = tier.attn.host.forecast_recall()
+            assert sorted(recall) == list(range(SHAPE.n_layers))
             st = tier.attn.host.take_stats()
+            assert tier.attn.host.forecast_recall() == {}  # taken with the stats
             if step == 0:
-                assert st.hits == 0 and st.fetched > 0
+                assert st.hits == 0 and st.fetched > 0 and set(recall.values()) == {0.0}
             else:  # the blocks stay resident; new tokens only complete their block
                 assert st.hits > 0 and st.misses <= 2 * SHAPE.n_layers * SHAPE.kv_heads
+                assert all(r > 0.5 for r in recall.values()), recall
             _steps(tier, gen, rids, full, 1)
     finally:
         tier.close()
@@ -138,5 +142,43 @@ def test_a_batch_past_the_device_block_cache_is_refused_with_the_numbers(gen):
         tier.tier.prefill(9, 600)
         with pytest.raises(CapacityError, match="device block cache"):
             tier.attn.plan([0, 9])  # two: 32 blocks
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("correction", ["cpu", "none"])
+def test_detail_names_the_host_tokens_attended(gen, correction):
+    """detail() returns the run's output and, as its selection, the tokens it attended: the resident
+    blocks' and (CPU correction) the chosen blocks' others. Attention restricted to those tokens in
+    float64 equals the host part; SparDA's own (none) names only what the cache held."""
+    budget = {"kind": "tokens", "tokens": 64}  # 2 of the blocks per kv-head
+    tier = StandaloneTier(_config(correction, budget), SHAPE, device="cpu", dtype=torch.float32,
+                          device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [700], steps=1)
+        for step in range(2):
+            tier.attn.plan(rids)
+            host = tier.attn.host
+            n = int(host.batch.n_tokens[0])
+            for layer in range(SHAPE.n_layers):
+                q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+                part, sel = host.detail(q, layer)
+                assert sel.shape[:2] == (1, SHAPE.num_q_heads)
+                g = SHAPE.num_q_heads // SHAPE.kv_heads
+                table, T = tier.store.table(0), WINDOW["page_tokens"]
+                starts = torch.tensor(table.starts, dtype=torch.long)
+                pos = starts[torch.arange(n) // T] + torch.arange(n) % T  # host token i's position
+                k_host, v_host = full[0][layer][0][pos], full[0][layer][1][pos]
+                for h in range(SHAPE.num_q_heads):
+                    idx = sel[0, h][sel[0, h] >= 0].long()
+                    if step == 0 and correction == "none":
+                        assert idx.numel() == 0  # nothing resident before the first fetch
+                        continue
+                    assert 0 < idx.numel() <= (64 if step == 0 else 128) and int(idx.max()) < n
+                    k, v = (x[idx, h // g].bfloat16().double() for x in (k_host, v_host))  # the store keeps bf16
+                    w = torch.softmax(k @ q[0, h].double() * SHAPE.head_dim ** -0.5, dim=0)
+                    assert torch.allclose(part.out[0, h].double(), w @ v, atol=1e-4), (step, layer, h)
+                assert host.read_bytes(layer, sel) > 0
+            _steps(tier, gen, rids, full, 1)
     finally:
         tier.close()

@@ -102,6 +102,7 @@ class KvTierAttnBackend(AttentionBackend):
         self._decode_break = _eager_break(self._decode_in_graph)
         self._extend_hybrid = False  # this extend batch runs through the tier (stage 3)
         self._extend_fb = None  # the extend batch whose tier bookkeeping waits for the first layer
+        self._checked = set()  # layers whose scale and soft-cap matched the tier's (_check_layer)
         lifecycle.track(self)
 
     # --- what the rest of the plugin asks (admission, lifecycle, the prefix cache) ---------
@@ -299,10 +300,14 @@ class KvTierAttnBackend(AttentionBackend):
                            use_flashinfer=self.device.type == "cuda")
 
     def _check_layer(self, layer) -> None:
+        """Each layer's scale and soft-cap against the tier's, once per layer object (they are fixed)."""
+        if layer in self._checked:
+            return
         try:
             self.session.check_layer(layer.layer_id, layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0))
         except ValueError as exc:
             raise KvTierLaunchError(str(exc)) from None
+        self._checked.add(layer)
 
     def _pool_shape(self) -> ModelShape:
         """The pool's shape (query heads do not count for host capacity), before the first layer."""
@@ -322,12 +327,15 @@ class KvTierAttnBackend(AttentionBackend):
         self._extend_hybrid = self.session.plan_extend(rows, list(prefix), list(new))
 
     def _plan(self, forward_batch, rows: Optional[int] = None) -> None:
-        """rows: how many of the batch's rows are requests (a replayed graph pads the rest)."""
+        """rows: how many of the batch's rows are requests (a replayed graph pads the rest).
+
+        Each row's new token sits in out_cache_loc (sglang wrote it into the row too): one copy
+        of the batch's locations instead of a read of each row."""
         count = forward_batch.batch_size if rows is None else rows
         rows = forward_batch.req_pool_indices[:count].tolist()
         lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
                 else forward_batch.seq_lens.cpu())[:count].tolist()
-        self.session.plan_decode(rows, lens)
+        self.session.plan_decode(rows, lens, new_slots=forward_batch.out_cache_loc[:count].tolist())
 
 
 def device_bound_tokens(backend) -> int:
@@ -346,13 +354,14 @@ def _eager_break(fn):
     return eager_on_graph(True)(fn)
 
 
+try:
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+except ImportError:  # releases before KVWriteLoc take the location itself
+    KVWriteLoc = None
+
+
 def _save_kv(pool, layer, loc, k, v) -> None:
-    try:
-        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-    except ImportError:  # releases before KVWriteLoc take the location itself
-        pool.set_kv_buffer(layer, loc, k, v)
-        return
-    pool.set_kv_buffer(layer, KVWriteLoc(loc, None), k, v)
+    pool.set_kv_buffer(layer, loc if KVWriteLoc is None else KVWriteLoc(loc, None), k, v)
 
 
 __all__: List[str] = ["KvTierAttnBackend", "stats_interval_s"]

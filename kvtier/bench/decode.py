@@ -34,9 +34,12 @@ POLICIES = ("dense", "offload_all", "hgca")
 # keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
 # (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none")
+         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
 # fetches the misses before attending; sparda_none (SparDA's own) leaves them out
+# fluxion: head classes with their own blocks and budgets (the default classes, their mean capped at the
+# hgca budget; 64-token pages), output-aware trimming, the blocks split between the CPU engine and the
+# GPU at measured rates; fluxion_cpu: the same with gpu_share off (every block on the CPU: no scheduler)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +107,11 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
                                "host_store": {"key_format": key_format, "value_format": value_format},
                                "sparda": {"correction": correction}})
            for name, correction in (("sparda", "cpu"), ("sparda_fetch", "fetch"), ("sparda_none", "none"))},
+        **{name: from_mapping({"policy": "fluxion", "window": {**win, "page_tokens": 64},
+                               "budget": {"kind": "tokens", "tokens": budget},
+                               "host_store": {"key_format": key_format, "value_format": value_format},
+                               "fluxion": {"gpu_share": share}})
+           for name, share in (("fluxion", "auto"), ("fluxion_cpu", "off"))},
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -111,8 +119,44 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
 
 
 def run(args: argparse.Namespace) -> int:
+    setup = _setup(args, "decode")
+    if isinstance(setup, int):
+        return setup
+    rows = _measure(setup, [(c, b, p) for c in setup.contexts for b in setup.batches for p in args.policies])
+    return _report(rows, setup.quick, setup.device, setup.shape, setup.budget, args.key_format, args.prefilter,
+                   setup.capacity(args.policies), setup.memory, setup.data, out_dir=args.results_dir)
+
+
+class Setup(argparse.Namespace):
+    """What every cell of a decode run shares: shape, weights, configs, memory limits, data."""
+
+    def need(self, name: str, batch: int, context: int):
+        """Device tokens, device bytes and host bytes a cell needs (the KV only)."""
+        cfg = self.configs[name]
+        dense = name in ("dense", "dense_graph")
+        dev_tokens = batch * (context + self.steps + 8) if dense else \
+            batch * (self.sinks + self.window + cfg.window.page_tokens + self.steps + 8)
+        need_dev = dev_tokens * device_bytes_per_token(self.shape, 2 if self.dtype == torch.bfloat16 else 4)
+        need_host = 0 if dense else batch * context * cfg.host_bytes_per_token(self.shape)
+        return dev_tokens, need_dev, need_host
+
+    def fits(self, name: str, context: int, limit: int = 4096) -> int:
+        """The largest batch whose KV fits the device and host memory left (accounting, not a run)."""
+        b = 0
+        while b < limit and all(x <= cap for x, cap in zip(self.need(name, b + 1, context)[1:],
+                                                           (self.dev_cap, self.host_cap))):
+            b += 1
+        return b
+
+    def capacity(self, policies) -> Dict[str, Dict[str, int]]:
+        return {str(c): {name: self.fits(name, c) for name in policies} for c in self.contexts}
+
+
+def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
+    """The run's shared state, or an exit code after printing why it cannot run. probe_steps: the
+    untimed steps after the timed ones that a capture must hold queries for too."""
     from ..runtime.ranks import host_memory_available
-    from ..runtime.standalone import StandaloneTier, resolve_device
+    from ..runtime.standalone import resolve_device
 
     device = resolve_device(args.device)
     quick = args.quick
@@ -128,19 +172,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             cap = load_capture(args.kv)
         except CaptureFileError as exc:
-            print(f"kvtier bench decode: --kv {exc}", file=sys.stderr)
+            print(f"kvtier bench {command}: --kv {exc}", file=sys.stderr)
             return 2
         L, hq, hkv, d = cap.n_layers, cap.q.shape[2], cap.k.shape[2], cap.k.shape[3]
         shape, hidden, replay = ModelShape(L, hq, hkv, d), hq * d, Replay(cap.k, cap.v, cap.q)
         why = None
         if args.contexts and args.contexts != [cap.context]:
             why = f"--contexts: a capture replays its own context, {cap.context} tokens; got {args.contexts}"
-        elif steps + 1 > cap.q.shape[1]:
-            why = f"--steps: the capture holds {cap.q.shape[1]} queries, for at most {cap.q.shape[1] - 1} timed steps"
+        elif steps + 1 + probe_steps > cap.q.shape[1]:
+            why = (f"--steps: the capture holds {cap.q.shape[1]} queries, for at most "
+                   f"{cap.q.shape[1] - 1 - probe_steps} timed steps")
         elif abs(cap.sm_scale - d ** -0.5) > 1e-6:
             why = f"the capture's softmax scale {cap.sm_scale} is not 1/sqrt({d}), which the bench's tiers use"
         if why:
-            print(f"kvtier bench decode: {why}", file=sys.stderr)
+            print(f"kvtier bench {command}: {why}", file=sys.stderr)
             return 2
         contexts = [cap.context]
     budget = args.budget_tokens or (256 if quick else 2048)
@@ -148,13 +193,13 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     unknown = sorted(set(args.policies) - set(POLICIES + EXTRA))
     if unknown:
-        print(f"kvtier bench decode: unknown policies {unknown}; expected some of {list(POLICIES + EXTRA)}",
+        print(f"kvtier bench {command}: unknown policies {unknown}; expected some of {list(POLICIES + EXTRA)}",
               file=sys.stderr)
         return 2
     configs = _configs(window, sinks, budget, args.key_format, args.prefilter, args.value_format)
     if args.threads is not None:
         if args.threads < 0:
-            print(f"kvtier bench decode: --threads expects an int >= 0, got {args.threads}", file=sys.stderr)
+            print(f"kvtier bench {command}: --threads expects an int >= 0, got {args.threads}", file=sys.stderr)
             return 2
         configs = {k: c.model_copy(update={"engine": c.engine.model_copy(update={"threads": args.threads})})
                    for k, c in configs.items()}
@@ -162,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device_gib:
         device_limit = _cap_device(device, args.device_gib)
         if isinstance(device_limit, str):
-            print(f"kvtier bench decode: --device-gib: {device_limit}", file=sys.stderr)
+            print(f"kvtier bench {command}: --device-gib: {device_limit}", file=sys.stderr)
             return 2
     mlp, vocab = ((4 * hidden, 8192) if quick else (LLAMA3_8B_MLP, LLAMA3_8B_VOCAB)) if args.full_model else (0, 0)
     weights = make_weights(shape, hidden, device=device, dtype=dtype, mlp=mlp, vocab=vocab)
@@ -174,80 +219,75 @@ def run(args: argparse.Namespace) -> int:
         dev_cap = int(free * 0.85)
     else:
         dev_cap = host_cap
-    print(f"kvtier bench decode: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
+    print(f"kvtier bench {command}: {shape.n_layers} layers, {shape.num_q_heads}q/{shape.kv_heads}kv heads, "
           f"head_dim {shape.head_dim}, hidden {hidden}, device {device}, steps {steps}, hgca budget {budget}; "
           f"weights {weights.nbytes() / 2**30:.2f} GiB{' (whole model)' if args.full_model else ''}; "
           f"KV may take {dev_cap / 2**30:.1f} GiB on the device"
           f"{f' (of a {args.device_gib:g} GiB GPU)' if args.device_gib else ''}, {host_cap / 2**30:.1f} GiB on the host")
 
-    def need(name: str, batch: int, context: int):
-        """Device tokens, device bytes and host bytes a cell needs (the KV only)."""
-        cfg = configs[name]
-        dev_tokens = batch * (context + steps + 8) if name in ("dense", "dense_graph") else \
-            batch * (sinks + window + cfg.window.page_tokens + steps + 8)
-        need_dev = dev_tokens * device_bytes_per_token(shape, 2 if dtype == torch.bfloat16 else 4)
-        need_host = 0 if name in ("dense", "dense_graph") else batch * context * cfg.host_bytes_per_token(shape)
-        return dev_tokens, need_dev, need_host
-
-    def fits(name: str, context: int) -> int:
-        """The largest batch whose KV fits the device and host memory left (accounting, not a run)."""
-        b = 0
-        while b < 4096 and all(x <= cap for x, cap in zip(need(name, b + 1, context)[1:], (dev_cap, host_cap))):
-            b += 1
-        return b
-
-    rows: List[Dict[str, object]] = []
-    for context in contexts:
-        for batch in batches:
-            for name in args.policies:
-                cfg = configs[name]
-                row = {"policy": name, "context": context, "batch": batch}
-                dev_tokens, need_dev, need_host = need(name, batch, context)
-                # past the host limit a run would be killed by the OS, not fail: never tried
-                if need_dev > dev_cap and not args.no_fit_check or need_host > host_cap:
-                    row["status"] = f"does not fit (device {need_dev / 2**30:.1f} GiB, host {need_host / 2**30:.1f} GiB)"
-                    print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
-                    rows.append(row)
-                    continue
-                if name == "dense_graph" and device.type != "cuda":
-                    row["status"] = "needs CUDA (a CUDA graph)"
-                    rows.append(row)
-                    continue
-                try:
-                    if need_dev > dev_cap:
-                        row["past_accounting"] = True
-                    if name == "dense_graph":
-                        row.update(run_dense_graph(weights, shape, hidden, context, batch, steps, device, dtype,
-                                                   sm_scale=shape.head_dim ** -0.5, replay=replay))
-                        row["status"] = "ok"
-                        print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
-                              f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  "
-                              f"{row['vs_byte_floor']:.2f}x its byte floor ({row['byte_floor_ms']:.2f} ms at "
-                              f"{row['hbm_gbps']:.0f} GB/s)", flush=True)
-                        rows.append(row)
-                        continue
-                    tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
-                                          host_tokens=batch * context)
-                    row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype, replay))
-                    row["status"] = "ok"
-                except (RuntimeError, MemoryError) as exc:  # allocation failures (pinned or device) end the cell only
-                    row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
-                    print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}", flush=True)
-                    rows.append(row)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
-                      f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
-                      f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
-                rows.append(row)
-    capacity = {str(c): {name: fits(name, c) for name in args.policies} for c in contexts}
+    data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else {"kind": "synthetic"}
     memory = {"full_model": args.full_model, "weights_gib": weights.nbytes() / 2**30,
               "device_gib": args.device_gib or None, "device_kv_cap_gib": dev_cap / 2**30,
               "host_kv_cap_gib": host_cap / 2**30, "value_format": args.value_format}
-    data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else {"kind": "synthetic"}
-    return _report(rows, quick, device, shape, budget, args.key_format, args.prefilter, capacity, memory, data,
-                   out_dir=args.results_dir)
+    return Setup(device=device, quick=quick, shape=shape, hidden=hidden, contexts=contexts, batches=batches,
+                 steps=steps, replay=replay, budget=budget, window=window, sinks=sinks, dtype=dtype, configs=configs,
+                 weights=weights, host_cap=host_cap, dev_cap=dev_cap, no_fit_check=args.no_fit_check, data=data,
+                 memory=memory)
+
+
+def _measure(su: Setup, cells, *, probe: bool = False) -> List[Dict[str, object]]:
+    """Run the (context, batch, policy) cells; probe: measure each cell's selection on one more,
+    untimed, step (top-k recall, mass captured, host bytes read: `_probe`)."""
+    from ..runtime.standalone import StandaloneTier
+
+    device, dtype, shape, configs, steps = su.device, su.dtype, su.shape, su.configs, su.steps
+    dev_cap, host_cap = su.dev_cap, su.host_cap
+    weights, hidden, replay = su.weights, su.hidden, su.replay
+    rows: List[Dict[str, object]] = []
+    for context, batch, name in cells:
+        cfg = configs[name]
+        row = {"policy": name, "context": context, "batch": batch}
+        dev_tokens, need_dev, need_host = su.need(name, batch, context)
+        # past the host limit a run would be killed by the OS, not fail: never tried
+        if need_dev > dev_cap and not su.no_fit_check or need_host > host_cap:
+            row["status"] = f"does not fit (device {need_dev / 2**30:.1f} GiB, host {need_host / 2**30:.1f} GiB)"
+            print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}")
+            rows.append(row)
+            continue
+        if name == "dense_graph" and device.type != "cuda":
+            row["status"] = "needs CUDA (a CUDA graph)"
+            rows.append(row)
+            continue
+        try:
+            if need_dev > dev_cap:
+                row["past_accounting"] = True
+            if name == "dense_graph":
+                row.update(run_dense_graph(weights, shape, hidden, context, batch, steps, device, dtype,
+                                           sm_scale=shape.head_dim ** -0.5, replay=replay))
+                row["status"] = "ok"
+                print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
+                      f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  "
+                      f"{row['vs_byte_floor']:.2f}x its byte floor ({row['byte_floor_ms']:.2f} ms at "
+                      f"{row['hbm_gbps']:.0f} GB/s)", flush=True)
+                rows.append(row)
+                continue
+            tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
+                                  host_tokens=batch * context)
+            row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype, replay,
+                                  probe=probe))
+            row["status"] = "ok"
+        except (RuntimeError, MemoryError) as exc:  # allocation failures (pinned or device) end the cell only
+            row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
+            print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}", flush=True)
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
+              f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
+              f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def _cap_device(device, gib: float):
@@ -267,7 +307,7 @@ def _cap_device(device, gib: float):
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
-              device, dtype, replay: Optional[Replay] = None) -> Dict[str, object]:
+              device, dtype, replay: Optional[Replay] = None, *, probe: bool = False) -> Dict[str, object]:
     rids = list(range(batch))
     n_step = 0  # decode steps run (a replay's step j takes the capture's j-th query and token)
     try:
@@ -286,7 +326,9 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
 
         host_side = []  # per step: seconds in extend + plan and in evict (the tier's own work)
 
-        def step(record: bool):
+        details = {}  # the probe step's per-layer HybridDetail at the sampled layers
+
+        def step(record: bool, probing: bool = False):
             nonlocal x, n_step
             h0 = time.perf_counter()
             slots = torch.cat([st.tier.extend(r, 1) for r in rids]).to(device)
@@ -300,7 +342,11 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
                 st.pool.v[layer, slots] = v
                 new_k[layer].append(k.float())
                 new_v[layer].append(v.float())
-                attn = st.attn.run(q, layer)
+                if probing and layer in sampled:  # run() without overlap, its parts and selection kept
+                    details[layer] = (q.float(), st.attn.run_detail(q, layer))
+                    attn = details[layer][1].out.to(q.dtype)
+                else:
+                    attn = st.attn.run(q, layer)
                 if record and layer in sampled:
                     last_q[layer] = (q.float(), attn.float())
                 x = output(x, attn, w, layer)
@@ -310,10 +356,13 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             st.tier.evict()
             host_side.append((h1 - h0, time.perf_counter() - h2))
 
-        step(False)  # warm-up: plans, FlashInfer JIT, engine threads
+        step(False)  # warm-up: plans, FlashInfer JIT, engine threads, a block cache's first fill
         _sync(device)
         st.attn.take_times()
+        if hasattr(st.attn.host, "take_stats"):
+            st.attn.host.take_stats()  # block stats count the timed steps only
         each = []  # per-step wall times (a sync per step: stalls show as outliers, not as a mean)
+        h2d0 = st.tier.stats().bytes_h2d
         t0 = time.perf_counter()
         for i in range(steps):
             s0 = time.perf_counter()
@@ -328,6 +377,14 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             err = float("nan")
             print("    attention error not measured: its float32 reference did not fit in the device memory "
                   "left", file=sys.stderr, flush=True)
+        h2d_timed = st.tier.stats().bytes_h2d
+        blocks = _block_stats(st, steps)  # the timed steps' (before a probe step adds to them)
+        split = _split_stats(st, steps, shape.n_layers)
+        probed = {}
+        if probe:
+            step(False, probing=True)
+            _sync(device)
+            probed = _probe(st, shape, w, details, new_k, new_v, context, device, replay)
         stats = st.tier.stats()
         return {
             "ms_per_step": dt * 1e3, "tokens_per_s": batch / dt, "rel_err": err,
@@ -338,15 +395,55 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             "device_kv_gib": st.device_kv_bytes() / 2**30, "host_kv_gib": st.host_kv_bytes() / 2**30,
             "device_tokens": stats.device_tokens, "host_tokens": stats.host_tokens,
             "h2d_gib_per_step": stats.bytes_h2d / (steps + 1) / 2**30,
+            "pcie_mib_per_step": (h2d_timed - h2d0) / steps / 2**20,
             "cpu_attn_ms_per_step": times.cpu_s / steps * 1e3, "gpu_attn_ms_per_step": times.gpu_s / steps * 1e3,
             "overlap_ms_per_step": times.overlap_s / steps * 1e3, "pipelined": st.attn.pipelined,
             "engine_threads": st.engine.n_threads if st.engine is not None else 0,
             "device_index_gib": st.attn.host.device_bytes / 2**30,
             **_host_reads(st, last_q, shape, batch),
-            **_block_stats(st, steps),
+            **blocks,
+            **split,
+            **probed,
         }
     finally:
         st.close()
+
+
+def _probe(st, shape: ModelShape, w: StackWeights, details, new_k, new_v, context: int, device,
+           replay: Optional[Replay]) -> Dict[str, object]:
+    """The probe step's selection at the sampled layers, against full attention over request 0's whole
+    context (float64): top-32 recall and attention mass captured (what the tier attended: device tokens
+    and the strategy's selection), and the host-store bytes the strategy reads per step (its own count
+    for the selection it made, times the layers; None where the strategy does not count)."""
+    from ..eval.fidelity import TOP_K, attended_mask
+
+    host = st.attn.host
+    recall, mass, read = [], [], []
+    for layer, (q, det) in details.items():
+        k, v = request_kv(shape, w, layer, context, seed=0, device="cpu", dtype=torch.float32, replay=replay)
+        k = torch.cat([k] + [s[:1].cpu() for s in new_k[layer]]).double()
+        n = k.shape[0]
+        if det.host is not None and det.selection is None and not getattr(host, "attends_every_host_token", False):
+            seen = None  # the strategy attends host tokens it does not name (no recall or mass to measure)
+        elif det.host is not None and det.selection is None:
+            seen = torch.ones(shape.num_q_heads, n, dtype=torch.bool)
+        else:
+            seen = attended_mask(st.tier, 0, det, n, shape.num_q_heads)
+        if seen is not None:
+            g = shape.num_q_heads // shape.kv_heads
+            logits = torch.einsum("hd,nhd->hn", q[0].cpu().double(), k.repeat_interleave(g, dim=1))
+            p = torch.softmax(logits * shape.head_dim ** -0.5, dim=-1)
+            top = logits.topk(min(TOP_K, n), dim=-1).indices
+            recall.append(float(seen.gather(1, top).float().mean()))
+            mass.append(float((p * seen).sum(-1).mean()))
+        nbytes = host.read_bytes(layer, det.selection) if det.host is not None else 0
+        read.append(nbytes)
+    out: Dict[str, object] = {}
+    if recall:
+        out.update(top32_recall=sum(recall) / len(recall), mass_captured=sum(mass) / len(mass))
+    if read and all(r is not None for r in read):
+        out["host_read_mib_per_step"] = sum(read) / len(read) * shape.n_layers / 2**20
+    return out
 
 
 def _host_reads(st, last_q, shape: ModelShape, batch: int) -> Dict[str, float]:
@@ -369,11 +466,33 @@ def _block_stats(st, steps: int) -> Dict[str, float]:
     take = getattr(st.attn.host, "take_stats", None)
     if take is None:
         return {}
+    recall = st.attn.host.forecast_recall()
     s = take()
-    per = steps + 1  # the warm-up step too
+    per = steps
     return {"block_hits_per_step": s.hits / per, "block_misses_per_step": s.misses / per,
             "blocks_fetched_per_step": s.fetched / per, "blocks_wasted_per_step": s.wasted / per,
-            "fetched_mib_per_step": s.fetched_bytes / per / 2**20}
+            "fetched_mib_per_step": s.fetched_bytes / per / 2**20,
+            "forecast_recall_per_layer": {str(k): round(v, 4) for k, v in recall.items()},
+            "forecast_recall": s.hits / (s.hits + s.misses) if s.hits + s.misses else None}
+
+
+def _split_stats(st, steps: int, n_layers: int) -> Dict[str, object]:
+    """The split strategy's per step: blocks and bytes on each side, the host tokens a head kept
+    against its cap, the modelled time each side takes and waits per layer (from the rates measured
+    at start), and the head classes found."""
+    take = getattr(st.attn.host, "take_split_stats", None)
+    if take is None:
+        return {}
+    s, per = take(), steps + 1  # the warm-up step too
+    rep = st.attn.host.report()
+    return {"cpu_blocks_per_step": s.cpu_blocks / per, "gpu_blocks_per_step": s.gpu_blocks / per,
+            "cpu_mib_per_step": s.cpu_bytes / per / 2**20, "gpu_mib_per_step": s.gpu_bytes / per / 2**20,
+            "kept_tokens_per_head": s.kept_tokens / max(s.heads, 1), "cap_tokens_per_head": s.cap_tokens / max(s.heads, 1),
+            "model_cpu_ms_per_layer": 1e3 * s.model_cpu_s / (per * n_layers),
+            "model_gpu_ms_per_layer": 1e3 * s.model_gpu_s / (per * n_layers),
+            "model_idle_ms_per_layer": 1e3 * s.model_idle_s / (per * n_layers),
+            "rates_gbps": {k: v / 1e9 for k, v in rep["rates"].items()},
+            "head_classes": {name: [sum(layer) for layer in per_layer] for name, per_layer in rep["head_classes"].items()}}
 
 
 def _attention_error(shape, w, last_q, new_k, new_v, context, batch, device, replay=None) -> float:
@@ -441,6 +560,12 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
         c, b = both[-1]
         summary.update(serial_context=c, serial_batch=b,
                        hgca_vs_serial=ok[("hgca_serial", c, b)]["ms_per_step"] / ok[("hgca", c, b)]["ms_per_step"])
+    # fluxion over hgca at the same mean budget, and over itself without the scheduler, at each shape both ran
+    for other in ("hgca", "fluxion_cpu"):
+        pairs = {f"{c}x{b}": round(ok[(other, c, b)]["ms_per_step"] / r["ms_per_step"], 4)
+                 for (p, c, b), r in ok.items() if p == "fluxion" and (other, c, b) in ok}
+        if pairs:
+            summary[f"fluxion_vs_{other}"] = pairs
     # every policy against dense with CUDA graphs, at each shape both ran (> 1: faster than dense_graph)
     vs_graph = {f"{p}@{c}x{b}": round(ok[("dense_graph", c, b)]["ms_per_step"] / r["ms_per_step"], 4)
                 for (p, c, b), r in ok.items() if p != "dense_graph" and ("dense_graph", c, b) in ok}
@@ -458,6 +583,9 @@ def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0
               ", ".join(f"{name} {v['largest_batch_ran']}/{v['batch_that_fits']}" for name, v in by_policy.items()))
     for key, ratio in summary.get("vs_dense_graph", {}).items():
         print(f"vs_dense_graph {key}={ratio:.3f}")
+    for other in ("hgca", "fluxion_cpu"):
+        for key, ratio in summary.get(f"fluxion_vs_{other}", {}).items():
+            print(f"fluxion_vs_{other} {key}={ratio:.3f}")
     if "hgca_vs_serial" in summary:
         print(f"hgca_vs_serial={summary['hgca_vs_serial']:.3f} (overlap on over off, context "
               f"{summary['serial_context']} batch {summary['serial_batch']})")

@@ -31,8 +31,8 @@ INDEX = "README.md"
 SOURCES = "sources.json"
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 KINDS = {"decode": "Decode (`kvtier bench decode`)", "engine": "Engine (`kvtier bench engine`)",
-         "prefill": "Prefill (`kvtier bench prefill`)", "serve": "Serving (`kvtier_sglang.serve_check`)",
-         "eval": "Accuracy (`kvtier eval`)"}
+         "prefill": "Prefill (`kvtier bench prefill`)", "serve": "Serving (`kvtier bench serve`, `kvtier_sglang.serve_check`)",
+         "eval": "Accuracy (`kvtier eval`)", "compare": "Comparison (`kvtier bench compare`)"}
 
 
 class Row(NamedTuple):
@@ -108,6 +108,8 @@ def derive_headline(data: Dict[str, Any]) -> str:
             if vs_dense:
                 parts.append(f"{policy} {1 / vs_dense:.2f}x dense's step")
         return "; ".join(parts)
+    if data.get("bench") == "serve":
+        return str(data.get("headline") or "")
     if "engine_vs_stream" in data:
         return (f"engine_vs_stream={data['engine_vs_stream']:.2f} engine_vs_torch={data['engine_vs_torch']:.1f} "
                 f"engine_vs_dram={data['engine_vs_dram']:.2f}")

@@ -24,7 +24,8 @@ COMMANDS = {
     "show": ("kvtier.cli.show", "print a policy with every default filled in"),
     "policies": ("kvtier.cli.policies", "print the policy reference (markdown)"),
     "demo": ("kvtier.cli.demo", "decode a synthetic long context through the tier and compare with dense"),
-    "bench": ("kvtier.cli.bench", "run a benchmark (engine, decode, prefill, random-checkpoint)"),
+    "bench": ("kvtier.cli.bench", "run a benchmark (engine, decode, compare, prefill, serve, capture-kv, codebooks, "
+                                  "random-checkpoint)"),
     "eval": ("kvtier.cli.eval", "accuracy of every policy against full attention on a real model, offline (RULER-style)"),
 }
 

@@ -12,11 +12,15 @@ import importlib
 BENCHES = {
     "engine": ("kvtier.bench.engine", "native engine vs a streaming read and vs torch on the CPU"),
     "decode": ("kvtier.bench.decode", "Llama-3-8B-shaped decode: dense vs offload_all vs hgca"),
+    "compare": ("kvtier.bench.compare", "every policy side by side on the same data: speed, bytes, recall, mass "
+                                        "captured and eval accuracy in one table"),
     "prefill": ("kvtier.bench.prefill", "a long prompt in chunks through the tier vs all on the device"),
     "capture-kv": ("kvtier.bench.capture_kv", "a model's real K, V and queries, replayed by decode --kv"),
     "codebooks": ("kvtier.bench.codebooks", "hcattention's codebooks trained offline from a capture's keys"),
     "random-checkpoint": ("kvtier.bench.random_checkpoint",
                           "a random-weight checkpoint from a model config, the same for every TP layout"),
+    "serve": ("kvtier.bench.serve", "sglang servers, dense and per policy, under sglang's bench_serving: "
+                                    "throughput, TPOT, TTFT, admitted requests, memory"),
 }
 
 

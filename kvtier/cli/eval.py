@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         f"(default {FULL['model']}; --quick: {QUICK['model']})")
     parser.add_argument("--quick", action="store_true", help="a small grid for CI (a few minutes on 2 CPU cores)")
     parser.add_argument("--contexts", help="comma-separated prompt lengths in tokens")
-    parser.add_argument("--policies", help="comma-separated: dense, window_only, budgeted policies (hgca, quest) or "
+    parser.add_argument("--policies", help="comma-separated: dense, window_only, budgeted policies (hgca, quest, fluxion) or "
                                            "policy YAML files (labelled by their stem; the grid sets window and budget)")
     parser.add_argument("--budgets", help="comma-separated fractions of the context attended from the host")
     parser.add_argument("--tasks", help="comma-separated task names")

@@ -37,7 +37,7 @@ from .sections import (
     WindowConfig,
     budget_tokens,
 )
-from .shape import GIB_BYTES, ModelShape, device_bytes_per_token, host_bytes_per_token
+from .shape import GIB_BYTES, ModelShape, TokenBytes, device_bytes_per_token, host_bytes_per_token, token_bytes
 
 __all__ = [
     "AllBudget", "Budget", "ConfigError", "GIB_BYTES", "DenseConfig", "EngineConfig", "FluxionConfig", "FractionBudget",
@@ -45,5 +45,5 @@ __all__ = [
     "ModelShape", "OffloadAllConfig", "OnFull", "POLICY_CLASSES", "PolicyConfig", "Problem", "QuestConfig",
     "SpardaConfig", "TierConfig", "TokensBudget", "ValueFormat", "WindowConfig", "WindowOnlyConfig", "budget_tokens",
     "HostFacts", "check_capacity", "check_host", "check_shape", "device_bytes_per_token", "dump", "from_mapping",
-    "host_bytes_per_token", "load", "loads", "shape_problems",
+    "host_bytes_per_token", "load", "loads", "shape_problems", "TokenBytes", "token_bytes",
 ]

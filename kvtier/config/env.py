@@ -6,7 +6,7 @@ Nothing else in kvtier calls os.environ; add a row here instead.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 
 class EnvVar(NamedTuple):
@@ -30,3 +30,8 @@ def get(var: EnvVar) -> Optional[str]:
     """The variable's value, or None when unset or empty."""
     value = os.environ.get(var.name, "")
     return value or None
+
+
+def child_environment(extra: Dict[str, str]) -> Dict[str, str]:
+    """This process's environment with extra set: for a child process (a server, a client) kvtier starts."""
+    return {**os.environ, **extra}

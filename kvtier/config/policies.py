@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Literal, Optional, Tuple, Union
 
@@ -127,11 +128,34 @@ class HgcaConfig(TierConfig):
 
 # --- Fluxion ----------------------------------------------------------------
 
+# The predictor's roles: a class named after one takes the role's region of (window_mass, far_entropy)
+# from the predictor's thresholds unless it gives its own ranges.
+ROLES = ("retrieval", "mixed", "streaming")
+# Fluxion's window pages: every class's block must divide the page, and 64 takes blocks of 16, 32 and 64.
+FLUXION_PAGE_TOKENS = 64
+
 
 class HeadClass(Frozen):
-    name: str = Field(description="Label of the class, e.g. retrieval or streaming.")
+    name: str = Field(max_length=64, description="Label of the class, e.g. retrieval or streaming.")
     block_tokens: int = Field(description="Block size scored by summary upper bound: 16, 32 or 64 tokens.")
     budget_tokens: int = Field(gt=0, le=MAX_TOKENS, description="Host tokens this class attends per (request, kv-head).")
+    window_mass: Optional[Tuple[float, float]] = Field(
+        None, strict=False,
+        description="[lo, hi]: heads whose window holds a share of the softmax mass in [lo, hi) (hi 1 included) "
+                    "belong here; null: the role's range (retrieval, mixed, streaming) or [0, 1].")
+    far_entropy: Optional[Tuple[float, float]] = Field(
+        None, strict=False,
+        description="[lo, hi]: heads whose normalized attention entropy over the host tokens is in [lo, hi) (hi 1 "
+                    "included) belong here; null: the role's range or [0, 1].")
+
+    @field_validator("window_mass", "far_entropy")
+    @classmethod
+    def _range(cls, value: Optional[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
+        if value is not None:
+            lo, hi = value
+            if not all(math.isfinite(x) for x in value) or not 0 <= lo < hi <= 1:
+                raise ValueError(f"expected [lo, hi] with 0 <= lo < hi <= 1, found [{lo}, {hi}]")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "HeadClass":
@@ -153,17 +177,33 @@ def _default_classes() -> Tuple[HeadClass, ...]:
 
 
 class PredictorKnobs(Frozen):
-    source: Literal["prefill", "early_decode"] = Field("prefill", description="Where head statistics come from.")
+    source: Literal["prefill", "early_decode"] = Field("prefill", description="Where head statistics come from: prefill, the query of a request's first decode step over its whole prompt (the row after the prompt's last), classified at once; early_decode, the mean over its first calibration_steps decode steps, during which its heads attend with the class of the largest budget.")
     calibration_steps: int = Field(8, gt=0, le=MAX_TOKENS, description="Decode steps observed when source is early_decode.")
-    streaming_window_mass: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="A head whose window holds at least this softmax mass is streaming.")
-    retrieval_entropy: float = Field(0.5, gt=0, le=1, allow_inf_nan=False, description="Normalized attention entropy below which a head is retrieval.")
+    streaming_window_mass: float = Field(0.9, gt=0, lt=1, allow_inf_nan=False, description="A head whose window holds at least this softmax mass is streaming.")
+    retrieval_entropy: float = Field(0.5, gt=0, lt=1, allow_inf_nan=False, description="Normalized attention entropy over the host tokens below which a head is retrieval (when not streaming); mixed otherwise.")
+
+    def role_ranges(self, role: str) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+        """The (window_mass, far_entropy) ranges of a role."""
+        w, e = self.streaming_window_mass, self.retrieval_entropy
+        return {"streaming": ((w, 1.0), (0.0, 1.0)), "retrieval": ((0.0, w), (0.0, e)),
+                "mixed": ((0.0, w), (e, 1.0))}[role]
+
+
+def _in(x: float, r: Tuple[float, float]) -> bool:
+    return r[0] <= x < r[1] or x == r[1] == 1.0
 
 
 class FluxionKnobs(Frozen):
-    head_classes: Tuple[HeadClass, ...] = Field(default_factory=_default_classes, strict=False, max_length=64, description="Block size and budget per head class.")
+    head_classes: Tuple[HeadClass, ...] = Field(default_factory=_default_classes, strict=False, max_length=64, description="Block size and budget per head class: each item {name, block_tokens (16, 32 or 64, dividing window.page_tokens), budget_tokens, window_mass, far_entropy}; the classes' ranges must cover every head exactly once.")
     predictor: PredictorKnobs = Field(default_factory=PredictorKnobs, description="Head-property predictor.")
-    output_epsilon: float = Field(0.02, gt=0, le=1, allow_inf_nan=False, description="Output-aware budgeting: smallest budget whose estimated relative output change stays under this.")
+    output_epsilon: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False, description="Output-aware budgeting: smallest budget whose estimated relative output change stays under this (0 < epsilon < 1).")
     gpu_share: Literal["auto", "off"] = Field("auto", description="Priority scheduler: auto splits selected blocks between CPU compute and GPU (after a PCIe fetch); off keeps all on the CPU.")
+
+    @field_validator("gpu_share", mode="before")
+    @classmethod
+    def _off(cls, value):
+        # YAML 1.1 reads an unquoted `off` as false: that is the setting a user wrote
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check(self) -> "FluxionKnobs":
@@ -172,14 +212,83 @@ class FluxionKnobs(Frozen):
             raise ValueError("head_classes must name at least one class, found none")
         if len(set(names)) != len(names):
             raise ValueError(f"head_classes names must be unique, found {names}")
+        for i, c in enumerate(self.head_classes):
+            if c.name not in ROLES and c.window_mass is None and c.far_entropy is None:
+                raise FieldError(f"head_classes.{i}", f"class '{c.name}' is not one of the predictor's roles "
+                                 f"({', '.join(ROLES)}): expected window_mass or far_entropy ranges, found neither")
+        self._check_partition()
         return self
+
+    def ranges(self, i: int) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+        """Class i's (window_mass, far_entropy) ranges, its own or its role's."""
+        c = self.head_classes[i]
+        role = self.predictor.role_ranges(c.name) if c.name in ROLES else ((0.0, 1.0), (0.0, 1.0))
+        return (c.window_mass or role[0], c.far_entropy or role[1])
+
+    def classify(self, window_mass: float, far_entropy: float) -> int:
+        """The index of the class whose ranges hold these statistics (the ranges partition [0, 1]^2)."""
+        x, y = min(max(window_mass, 0.0), 1.0), min(max(far_entropy, 0.0), 1.0)
+        for i in range(len(self.head_classes)):
+            wm, fe = self.ranges(i)
+            if _in(x, wm) and _in(y, fe):
+                return i
+        raise ValueError(f"no head class holds window_mass {window_mass} and far_entropy {far_entropy}")
+
+    def _check_partition(self) -> None:
+        """Every point of [0, 1]^2 in exactly one class: half-open ranges tile when every cell of the
+        grid their ends draw has exactly one class at its centre."""
+        boxes = [self.ranges(i) for i in range(len(self.head_classes))]
+        xs = sorted({0.0, 1.0} | {v for b in boxes for v in b[0]})
+        ys = sorted({0.0, 1.0} | {v for b in boxes for v in b[1]})
+        for x0, x1 in zip(xs, xs[1:]):
+            for y0, y1 in zip(ys, ys[1:]):
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                held = [i for i, (wm, fe) in enumerate(boxes) if _in(cx, wm) and _in(cy, fe)]
+                where = (f"heads with window_mass in [{x0:g}, {x1:g}{']' if x1 == 1 else ')'} and far_entropy in "
+                         f"[{y0:g}, {y1:g}{']' if y1 == 1 else ')'}")
+                if not held:
+                    raise FieldError("head_classes", f"head classes must cover every head: {where} fall in no "
+                                     f"class")
+                if len(held) > 1:
+                    both = " and ".join(f"'{self.head_classes[i].name}'" for i in held)
+                    raise FieldError("head_classes", f"head classes must not overlap: {where} fall in {both}")
+
+
+def _fluxion_window() -> WindowConfig:
+    return WindowConfig(page_tokens=FLUXION_PAGE_TOKENS)
 
 
 class FluxionConfig(TierConfig):
-    """Fluxion: per-head-class block-sparse attention with output-aware budgets."""
+    """Fluxion: per-head-class block-sparse attention with output-aware budgets.
+
+    The budget section caps the mean over a layer's kv-heads: the classes' budget_tokens set
+    the ratio between heads and are scaled down together when their mean is above it.
+    """
 
     policy: Literal["fluxion"] = "fluxion"
+    window: WindowConfig = Field(default_factory=_fluxion_window, description=f"Device window (page_tokens {FLUXION_PAGE_TOKENS} unless given: every head class's block must divide it).")
     fluxion: FluxionKnobs = Field(default_factory=FluxionKnobs)
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _page_default(cls, value: object) -> object:
+        if isinstance(value, dict) and "page_tokens" not in value:
+            return {**value, "page_tokens": FLUXION_PAGE_TOKENS}
+        return value
+
+    @model_validator(mode="after")
+    def _check_blocks(self) -> "FluxionConfig":
+        page, chunk = self.window.page_tokens, self.host_store.summary_tokens
+        for i, c in enumerate(self.fluxion.head_classes):
+            if page % c.block_tokens or c.block_tokens % chunk:
+                raise FieldError(f"fluxion.head_classes.{i}.block_tokens",
+                                 f"block_tokens must divide window.page_tokens ({page}) and be a multiple of "
+                                 f"host_store.summary_tokens ({chunk}), found {c.block_tokens}")
+        return self
+
+    @property
+    def chunk_sums(self) -> bool:
+        return True  # the output-aware budget estimates the unselected blocks from their mean key and value
 
 
 # --- SparDA -----------------------------------------------------------------

@@ -76,7 +76,7 @@ def policy_reference() -> str:
         out += ["", f"### `policy: {tag}`", "", (model.__doc__ or "").strip(), ""]
         own = [n for n in model.model_fields if n not in TierConfig.model_fields and n != "policy"]
         rows = [r for n in own for r in _rows(model, "", skip=tuple(x for x in model.model_fields if x != n))]
-        overrides = [n for n in ("host_store", "budget") if model.model_fields[n].default_factory is not TierConfig.model_fields[n].default_factory]
+        overrides = [n for n in ("window", "host_store", "budget") if model.model_fields[n].default_factory is not TierConfig.model_fields[n].default_factory]
         if overrides:
             rows.append(f"| (defaults) | | | overrides the default of: {', '.join(overrides)} |")
         out += [head] + rows if rows else ["No knobs beyond the common sections."]

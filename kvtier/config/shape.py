@@ -19,16 +19,19 @@ class ModelShape(NamedTuple):
     head_dim: int
 
 
-def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False,
-                         page_tokens: int = 16) -> float:
-    """Host bytes one token occupies across all layers and kv-heads.
+class TokenBytes(NamedTuple):
+    """Host bytes of one token at one layer and kv-head, by part."""
 
-    Counts keys with their scales (int8_channel's per page, amortised over its
-    page_tokens), values with theirs, the key min/max summary
-    (bf16, amortised over a summary chunk) and, with chunk_sums, the chunk's
-    float32 key and value sums (the residual estimate's).
-    """
-    d = shape.head_dim
+    key: float  # the quantized key with its scales (int8_channel's per page, amortised over its tokens)
+    value: float  # the value with its scales
+    summary: float  # the key min/max summary (bf16), amortised over a summary chunk
+    sums: float  # the chunk's float32 key and value sums (the residual estimate's), amortised; 0 without
+
+
+def token_bytes(store: HostStoreConfig, head_dim: int, *, chunk_sums: bool = False,
+                page_tokens: int = 16) -> TokenBytes:
+    """Host bytes one token takes at one layer and kv-head, by part (what a reader of each part reads)."""
+    d = head_dim
     if store.key_format is KeyFormat.INT8:
         key = d + 4
     elif store.key_format is KeyFormat.INT8_CHANNEL:
@@ -40,7 +43,20 @@ def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sum
     value = 2 * d if store.value_format is ValueFormat.BF16 else d + 4
     summary = 2 * 2 * d / store.summary_tokens
     sums = 2 * 4 * d / store.summary_tokens if chunk_sums else 0.0
-    return (key + value + summary + sums) * shape.kv_heads * shape.n_layers
+    return TokenBytes(key, value, summary, sums)
+
+
+def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False,
+                         page_tokens: int = 16) -> float:
+    """Host bytes one token occupies across all layers and kv-heads.
+
+    Counts keys with their scales (int8_channel's per page, amortised over its
+    page_tokens), values with theirs, the key min/max summary
+    (bf16, amortised over a summary chunk) and, with chunk_sums, the chunk's
+    float32 key and value sums (the residual estimate's).
+    """
+    tb = token_bytes(store, shape.head_dim, chunk_sums=chunk_sums, page_tokens=page_tokens)
+    return sum(tb) * shape.kv_heads * shape.n_layers
 
 
 def device_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:

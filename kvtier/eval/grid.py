@@ -149,6 +149,7 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
     records: List[dict] = []
     fid: Dict[tuple, List[List[tuple]]] = defaultdict(list)  # (ctx, label) -> per prompt, per layer
     usage: Dict[tuple, List[tuple]] = defaultdict(list)  # (ctx, label) -> (host_frac, device_tokens)
+    host_reports: Dict[tuple, dict] = {}  # (ctx, label) -> the host strategies' diagnostics, summed over prompts
     n_total = s["prompt_count"] if s.get("prompts") else len(s["contexts"]) * len(s["tasks"]) * s["samples"]
     done, t_prompts = 0, 0.0
     for ctx, task, i, p, rule in grid_items(s, tok, seed=seed):
@@ -178,13 +179,16 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
                 fid[(ctx, spec.label)].append([tuple(x) for x in layers])
                 host = sum(x.host_frac for x in layers) / len(layers)
             usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
+            if r.host_reports[j]:
+                key = (ctx, spec.label)
+                host_reports[key] = _add_reports(host_reports.get(key), r.host_reports[j])
         _checkpoint(out / _partial_name(s, quick), s, seed, records, done, n_total)
         eta = t_prompts / done * (n_total - done)
         log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
             f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
             + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
     report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start,
-                     device=str(device), out=out)
+                     device=str(device), out=out, host_reports=host_reports)
     (out / _partial_name(s, quick)).unlink(missing_ok=True)
     return report
 
@@ -219,8 +223,26 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _add_reports(a: Optional[dict], b: dict) -> dict:
+    """Two host strategies' reports summed leaf by leaf (numbers, nested lists and dicts); rates are
+    the last prompt's."""
+    if a is None:
+        return b
+    out = {}
+    for k, v in b.items():
+        if k == "rates" or k not in a:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _add_reports(a[k], v)
+        elif isinstance(v, list):
+            out[k] = [_add_reports({"x": x}, {"x": y})["x"] for x, y in zip(a[k], v)]
+        else:
+            out[k] = a[k] + v
+    return out
+
+
 def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, seconds, device: str,
-            out: pathlib.Path) -> Report:
+            out: pathlib.Path, host_reports: Optional[Dict[tuple, dict]] = None) -> Report:
     acc: Dict[tuple, List[float]] = defaultdict(list)
     for rec in records:
         acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
@@ -242,7 +264,8 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
                 device_tokens=_mean(u[1] for u in usage[(c, sp.label)]),
                 rel_err=_mean(x[0] for x in per_layer), lse_err=_mean(x[1] for x in per_layer),
                 topk_recall=_mean(x[2] for x in per_layer), per_layer=per_layer,
-                **times.get((c, sp.label), PolicyTime(*([float("nan")] * 4)))._asdict()))
+                **times.get((c, sp.label), PolicyTime(*([float("nan")] * 4)))._asdict(),
+                **({"host_report": host_reports[(c, sp.label)]} if (c, sp.label) in (host_reports or {}) else {})))
     at_gap = [x for x in cells if x["budget"] is not None and math.isclose(x["budget"], GAP_BUDGET)]
     worst = max((x["gap"] for x in at_gap), default=float("nan"))
     worst_task = max((ctx_acc_d - x["tasks"][t] for x in at_gap for t in s["tasks"]
@@ -308,6 +331,7 @@ def _markdown(s, specs, cells, summary) -> str:
             x = by[(c, sp.label)]
             lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x['tasks'][t]:.0f}" for t in s["tasks"]) + " |")
     lines += _timing_lines(s, specs, by, summary)
+    lines += _class_lines(s, specs, by)
     drops = summary.get("drops", [])
     if drops:
         lines += ["", f"Prompts a budgeted policy at {100 * GAP_BUDGET:g}% scored below dense, with dense's "
@@ -339,6 +363,31 @@ def _timing_lines(s, specs, by, summary) -> List[str]:
         for sp in specs:
             x = by[(c, sp.label)]
             lines.append(f"| {c} | {sp.label} | " + " | ".join(f"{x[k]:.2f}" for k in TIMES) + " |")
+    return lines
+
+
+def _class_lines(s, specs, by) -> List[str]:
+    """Head classes per layer and host tokens per class, for the policies whose strategy reports them."""
+    lines = []
+    for c in s["contexts"]:
+        for sp in specs:
+            rep = by[(c, sp.label)].get("host_report") or {}
+            classes, tokens = rep.get("head_classes"), rep.get("class_tokens")
+            if not classes:
+                continue
+            names = list(classes)
+            lines += ["", f"{sp.label} at {c} tokens: heads per class at each layer (kv-heads x prompts), and per "
+                      "class the host tokens a head kept per step against its cap (means over its (request, layer, "
+                      "kv-head) selections):", "", "| layer | " + " | ".join(names) + " |",
+                      "|" + "---|" * (1 + len(names))]
+            for layer in range(len(classes[names[0]])):
+                lines.append(f"| {layer} | " + " | ".join(str(sum(classes[n][layer])) for n in names) + " |")
+            if tokens:
+                lines += ["", "| class | selections | kept tokens | cap tokens |", "|---|---|---|---|"]
+                for n in names:
+                    t = tokens[n]
+                    k = max(t["selections"], 1)
+                    lines.append(f"| {n} | {t['selections']} | {t['kept_tokens'] / k:.0f} | {t['cap_tokens'] / k:.0f} |")
     return lines
 
 

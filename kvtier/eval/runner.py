@@ -53,6 +53,7 @@ class PromptResult(NamedTuple):
     decode_steps: int
     margins: List[List[float]]  # per spec, per answer token: top-1 minus top-2 logit (how near a tie)
     attention: List[AttentionTime]  # per spec, its own share of decode_s
+    host_reports: List[dict]  # per spec, its host strategy's diagnostics (`HostStrategy.report`)
 
 
 def is_policy_file(entry: str) -> bool:
@@ -86,6 +87,8 @@ def policy_specs(policies: Sequence[str], budgets: Sequence[float], *, window_to
             base = {"policy": entry}
             if entry == "quest":
                 base["host_store"] = {"key_format": "bf16"}
+            if entry == "fluxion":  # its head classes' blocks (up to 64 tokens) must divide the page
+                base["window"] = {"page_tokens": max(page_tokens, from_mapping(base).window.page_tokens)}
         label = entry_label(entry)
         name = base["policy"]
         if name in ("dense", "window_only"):
@@ -263,7 +266,8 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
         _sync(device)
         decode_s = time.perf_counter() - t1
         attention = [AttentionTime(x.wall_s, x.cpu_s, x.gpu_s) for x in (t.attn.take_times() for t in tiers)]
-        return PromptResult(out, fid, device_tokens, prefill_s, decode_s, steps, margins, attention)
+        reports = [t.attn.host.report() for t in tiers]
+        return PromptResult(out, fid, device_tokens, prefill_s, decode_s, steps, margins, attention, reports)
     finally:
         for t in tiers:
             t.close()

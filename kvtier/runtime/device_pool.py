@@ -21,8 +21,10 @@ class DevicePool:
     """K and V of every layer in token slots: k[layer] is [n_slots, Hkv, D]."""
 
     def __init__(self, n_layers: int, n_slots: int, kv_heads: int, head_dim: int, *, dtype, device):
-        self.k = torch.empty(n_layers, n_slots, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # zeroed: a slot evicted before anything wrote it (a caller that only moves positions, as
+        # tests do) must reach the host store as finite values, which the store insists on
+        self.k = torch.zeros(n_layers, n_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.n_slots = n_slots
         self._free: List[int] = list(range(n_slots - 1, -1, -1))
 

@@ -242,11 +242,21 @@ class TierSession:
 
     # --- plan ---------------------------------------------------------------
 
-    def plan_decode(self, rows: List[int], lens: List[int]) -> None:
-        """A decode batch: rows and their lengths (the new token's K, V included)."""
+    def plan_decode(self, rows: List[int], lens: List[int], new_slots: Optional[Sequence[int]] = None) -> None:
+        """A decode batch: rows and their lengths (the new token's K, V included).
+
+        new_slots: the device slot of each row's new token (the server's output locations),
+        when it has them on the host: a row one token longer than the tier's record takes its
+        slot from here instead of a read of the row table (on CUDA a copy and a wait per row).
+        """
         t0 = time.perf_counter()
-        for row, n in zip(rows, lens):
-            self.track(row, n)
+        tier = self.tier
+        for i, (row, n) in enumerate(zip(rows, lens)):
+            st = tier.requests.get(row)
+            if new_slots is not None and st is not None and st.length == n - 1:
+                tier.append(row, new_slots[i])
+            else:
+                self.track(row, n)
         self.evict()
         attn = self.attn
         attn.plan(rows)  # it waits for the previous step's window kernels

@@ -251,6 +251,16 @@ class TierManager:
         st.length += n
         return slots
 
+    def append(self, rid: Hashable, slot: int) -> None:
+        """extend(rid, 1, slots=...) for one decode token in the server's slot `slot`, without tensors."""
+        st = self.requests[rid]
+        if st.length < self.config.window.sink_tokens:
+            st.sink_slots.append(slot)
+            st.host_end = max(st.host_end, len(st.sink_slots))
+        else:
+            st.recent_slots.append(slot)
+        st.length += 1
+
     # --- prefill straight into the tiers -------------------------------------
 
     def prefill(self, rid: Hashable, n: int) -> "PrefillPlan":
@@ -381,8 +391,7 @@ class TierManager:
             st = self.requests.get(p.rid)
             if st is None:
                 continue  # released meanwhile; its pages were freed with it
-            for layer in range(self.shape.n_layers):
-                self.store.write(p.rid, layer, p.page_ids, p.k[layer], p.v[layer])
+            self.store.write_layers(p.rid, p.page_ids, p.k, p.v)
             n = p.slots.numel()
             del st.recent_slots[:n]
             st.in_flight -= n

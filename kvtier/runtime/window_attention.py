@@ -8,36 +8,46 @@ decode wrapper on CUDA when it is installed, and a torch path everywhere else
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from array import array
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from .merge import AttnPart, lse_from_base2
-from .tier import slot_tensor
 
 
 class WindowPlan(NamedTuple):
-    slots: torch.Tensor  # [B, W] long on the device, padded with 0
+    slots: Optional[torch.Tensor]  # [B, W] long on the device, padded with 0 (None: not built, FlashInfer plans)
     lens: torch.Tensor  # [B] long on the device
-    indptr: torch.Tensor  # [B+1] int32, for FlashInfer
-    indices: torch.Tensor  # [sum lens] int32 slot ids, for FlashInfer
+    indptr: Optional[torch.Tensor]  # [B+1] int32, for FlashInfer
+    indices: Optional[torch.Tensor]  # [sum lens] int32 slot ids, for FlashInfer
+    pad: Optional[torch.Tensor] = None  # [B, W] bool on the device, True past each request's slots (None: from lens)
 
 
-def plan_window(slot_lists: Sequence[Sequence[int]], device) -> WindowPlan:
-    """Per request, its device slots (int64 arrays from the tier, or any int sequences)."""
-    per = [slot_tensor(s) for s in slot_lists]
-    lens = torch.tensor([t.numel() for t in per], dtype=torch.long)
-    width = int(lens.max()) if per else 0
-    flat = torch.cat(per) if per else torch.zeros(0, dtype=torch.long)
-    if len(per) == 1 and width:
-        slots = flat.view(1, -1)
-    else:
-        slots = torch.zeros(len(per), max(width, 1), dtype=torch.long)
-        for i, t in enumerate(per):
-            slots[i, : t.numel()] = t
-    indptr = torch.zeros(len(per) + 1, dtype=torch.int32)
+def plan_window(slot_lists: Sequence[Sequence[int]], device, *, padded: bool = True) -> WindowPlan:
+    """Per request, its device slots (int64 arrays from the tier, or any int sequences).
+
+    Once per batch: the slots are concatenated as bytes (no Python int per slot) and moved
+    to the device once. padded: also build the [B, W] slot matrix and its padding mask,
+    which the torch path reads at every layer (FlashInfer reads indptr and indices only).
+    """
+    flat_ids = array("q")
+    lens_list = []
+    for s in slot_lists:
+        flat_ids += s if isinstance(s, array) and s.typecode == "q" else array("q", s)
+        lens_list.append(len(s))
+    flat = torch.frombuffer(flat_ids, dtype=torch.int64) if flat_ids else torch.zeros(0, dtype=torch.long)
+    lens = torch.tensor(lens_list, dtype=torch.long)
+    indptr = torch.zeros(len(lens_list) + 1, dtype=torch.int32)
     indptr[1:] = lens.cumsum(0)
-    return WindowPlan(slots.to(device), lens.to(device), indptr.to(device), flat.to(torch.int32).to(device))
+    slots = pad = None
+    if padded:
+        width = max(max(lens_list, default=0), 1)
+        pad = torch.arange(width)[None, :] >= lens[:, None]
+        slots = torch.zeros(len(lens_list), width, dtype=torch.long)
+        slots[~pad] = flat
+        slots, pad = slots.to(device), pad.to(device)
+    return WindowPlan(slots, lens.to(device), indptr.to(device), flat.to(torch.int32).to(device), pad)
 
 
 def torch_window_attention(q, k_layer, v_layer, plan: WindowPlan, *, sm_scale: float, soft_cap: float = 0.0) -> AttnPart:
@@ -50,8 +60,10 @@ def torch_window_attention(q, k_layer, v_layer, plan: WindowPlan, *, sm_scale: f
     s = torch.einsum("bhgd,bwhd->bhgw", qg, kp) * sm_scale
     if soft_cap:
         s = soft_cap * torch.tanh(s / soft_cap)
-    valid = torch.arange(plan.slots.shape[1], device=q.device)[None, :] < plan.lens[:, None]
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    pad = plan.pad
+    if pad is None:
+        pad = torch.arange(plan.slots.shape[1], device=q.device)[None, :] >= plan.lens[:, None]
+    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)
     out = torch.einsum("bhgw,bwhd->bhgd", p, vp)

@@ -22,6 +22,7 @@ or evicts.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, Iterable, List, NamedTuple, Optional
 
@@ -39,12 +40,22 @@ class PageTable:
     starts[i] is the sequence position of pages[i]'s first token. Pages are contiguous
     until a policy drops some from the middle (`HostStore.drop_pages`); the host tokens
     are then the pages' tokens, in order, with the dropped ones missing.
+
+    `ids` holds the same page ids as int32, for a decode plan to pass a batch's tables to
+    the engine as one tensor without a Python int per page per step (at 128K tokens a
+    request has thousands of pages). Only the store changes a table, through `_append`
+    and `_pop`, which keep the three lists in step.
     """
 
     first_pos: int  # sequence position of the first host token (where the first page starts)
     pages: List[int] = field(default_factory=list)
     dropped_tokens: int = 0  # tokens dropped from the host under pressure or by a policy
     starts: List[int] = field(default_factory=list)
+    ids: array = field(default_factory=lambda: array("i"), repr=False, compare=False)  # pages, int32
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.pages):
+            self.ids = array("i", self.pages)
 
     def hole_tokens(self, page_tokens: int) -> int:
         """Tokens between the first and the last page that no page holds (dropped from the middle)."""
@@ -55,7 +66,14 @@ class PageTable:
     def _append(self, pages: List[int], page_tokens: int) -> None:
         start = self.starts[-1] + page_tokens if self.starts else self.first_pos
         self.pages.extend(pages)
+        self.ids.extend(pages)
         self.starts.extend(start + i * page_tokens for i in range(len(pages)))
+
+    def _pop(self, i: int) -> int:
+        """Remove page i of the table (its start with it); its id."""
+        del self.ids[i]
+        self.starts.pop(i)
+        return self.pages.pop(i)
 
 
 class StoreStats(NamedTuple):
@@ -260,8 +278,7 @@ class HostStore:
                              f"{sorted(idx)[:8]}")
         freed = 0
         for i in idx:
-            freed += self._unref([table.pages.pop(i)])
-            table.starts.pop(i)
+            freed += self._unref([table._pop(i)])
         table.dropped_tokens += len(idx) * self.page_tokens
         if table.starts:
             table.first_pos = table.starts[0]
@@ -276,6 +293,14 @@ class HostStore:
         """
         self._check_owner(rid, page_ids)
         self.view.append(layer, torch.tensor(page_ids, dtype=torch.int32), k, v)
+
+    def write_layers(self, rid: Hashable, page_ids: List[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """write() of every layer of the pages at once, K, V [L, n, Hkv, T, D] (what eviction settles):
+        the owner is checked and the ids tensor built once, not at every layer."""
+        self._check_owner(rid, page_ids)
+        ids = torch.tensor(page_ids, dtype=torch.int32)
+        for layer in range(k.shape[0]):
+            self.view.append(layer, ids, k[layer], v[layer])
 
     def _check_owner(self, rid: Hashable, page_ids: List[int]) -> None:
         pages = self.table(rid).pages
@@ -317,8 +342,8 @@ class HostStore:
                     need -= self._refs[table.pages[i]] == 1
                 self.drop_pages(rid, taken)
             while need > 0 and table.pages:
-                need -= self._unref([table.pages.pop(0)])
-                start = table.starts.pop(0)
+                start = table.starts[0]
+                need -= self._unref([table._pop(0)])
                 table.first_pos = table.starts[0] if table.starts else start + self.page_tokens
                 table.dropped_tokens += self.page_tokens
             if need <= 0:

@@ -14,6 +14,7 @@ Which strategy answers the host part is the policy's choice (`Policy.strategy`,
 from __future__ import annotations
 
 import time
+from array import array
 from typing import Hashable, List, NamedTuple, Optional, Type
 
 import torch
@@ -99,7 +100,8 @@ class HybridAttention:
             self.host.prepare(self._rids)
         slot_lists = [tier.device_slots(r) for r in rids]
         self._window_empty = not any(slot_lists)  # decided here: no per-layer device sync
-        self._window = plan_window(slot_lists, self.device)
+        # FlashInfer reads the slots as indptr + indices; only the torch path reads a padded matrix
+        self._window = plan_window(slot_lists, self.device, padded=self.flashinfer is None)
         if self.flashinfer is not None:
             self.flashinfer.plan(self._window, shape.num_q_heads, shape.kv_heads, shape.head_dim,
                                  tier.k_pool[0].dtype, sm_scale=self.sm_scale, soft_cap=self.soft_cap)
@@ -109,11 +111,18 @@ class HybridAttention:
             self.host.plan(self._host_batch(rids, host))
 
     def _host_batch(self, rids: List[Hashable], host: List[int]) -> HostBatch:
+        """The batch's host page tables, concatenated from the store's int32 tables (a copy of their
+        bytes, no Python int per page)."""
         tier, T = self.tier, self.tier.config.window.page_tokens
-        tables = [tier.store.table(r).pages[: -(-h // T)] if h else [] for r, h in zip(rids, host)]
+        flat, counts = array("i"), []
+        for r, h in zip(rids, host):
+            n = -(-h // T) if h else 0
+            if n:
+                flat += tier.store.table(r).ids[:n]
+            counts.append(n)
         offsets = torch.zeros(len(rids) + 1, dtype=torch.int32)
-        offsets[1:] = torch.tensor([len(t) for t in tables]).cumsum(0)
-        page_table = torch.tensor([p for t in tables for p in t] or [0], dtype=torch.int32)
+        offsets[1:] = torch.tensor(counts, dtype=torch.int32).cumsum(0)
+        page_table = torch.frombuffer(flat, dtype=torch.int32) if flat else torch.zeros(1, dtype=torch.int32)
         return HostBatch(list(rids), host, [tier.requests[r].length for r in rids], page_table, offsets,
                          torch.tensor(host, dtype=torch.int32), self._window_empty)
 

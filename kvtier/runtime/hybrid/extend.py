@@ -64,7 +64,8 @@ class ExtendAttention:
                 raise ValueError(f"plan_extend: request {r!r}: expected a chunk of 1 to {most} tokens (its newest "
                                  f"tokens still on the device), got {n!r}")
             h = tier.host_tokens(r) if tier.offload and self.attends_host else 0
-            pages = torch.tensor(tier.store.table(r).pages[: -(-h // T)] if h else [], dtype=torch.int32)
+            ids = tier.store.table(r).ids[: -(-h // T)] if h else None
+            pages = torch.frombuffer(ids, dtype=torch.int32) if ids else torch.zeros(0, dtype=torch.int32)
             rows.append(_ExtendRow(slot_tensor(slots).to(tier.device), n, pages, h))
         self._rows = rows
 

@@ -19,7 +19,9 @@ Who calls what, and when (all on the decoding thread):
 - `stop()` ends anything still reading the host store; it is registered with the
   tier (`TierManager.host_readers`), which calls it before the store changes, and
   called before every plan. `take_cpu_s()` returns the host-side seconds since the
-  last call. `close()` releases the strategy's threads.
+  last call. `report()` returns the strategy's own diagnostics since it was built (a
+  JSON-able dict; reports such as the evaluation's record it). `close()` releases the
+  strategy's threads.
 
 Class attributes tell the assembly (`kvtier.runtime.assembly`) what a strategy needs:
 `needs_engine` (the native CPU engine), `copies_pages_to_device` (page-locked host
@@ -75,6 +77,7 @@ class HostStrategy(ABC):
     attends_host: ClassVar[bool] = True
     needs_engine: ClassVar[bool] = False
     copies_pages_to_device: ClassVar[bool] = False
+    attends_every_host_token: ClassVar[bool] = False  # detail() names no selection: it attends them all
 
     def __init__(self, ctx: StrategyContext):
         if self.needs_engine and ctx.engine is None and ctx.policy.offloads:
@@ -124,6 +127,35 @@ class HostStrategy(ABC):
         """The host part without overlap, and the selection ([B, Hq, cap] int32, -1 padded) if any."""
         self.submit(q, layer)
         return self.collect(q, layer), None
+
+    def report(self) -> Dict[str, object]:
+        """Diagnostics since the strategy was built, JSON-able (default: none)."""
+        return {}
+
+    def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
+        """Host-store bytes this layer's host part reads for the current plan, given the selection
+        `detail` returned for it (keys scanned, values of the selected tokens, copies to the device),
+        counted from the plan and the store's formats; None where the strategy does not count them.
+        For benchmarks: never called on the decode path."""
+        return None
+
+    def token_bytes(self):
+        """The host store's bytes per token at one layer and kv-head, by part (`config.TokenBytes`)."""
+        from ...config import token_bytes
+
+        cfg = self.ctx.policy.config
+        return token_bytes(cfg.host_store, self.ctx.shape.head_dim, chunk_sums=cfg.chunk_sums,
+                           page_tokens=cfg.window.page_tokens)
+
+    def distinct_selected(self, selection: torch.Tensor) -> int:
+        """Distinct (request, kv-head, token) triples of a [B, Hq, cap] selection (-1 padded): the
+        rows a kv-head's query heads read once between them."""
+        s = self.ctx.shape
+        b, hq, cap = selection.shape
+        per_kv = selection.reshape(b * s.kv_heads, (hq // s.kv_heads) * cap).long()
+        rows = torch.arange(per_kv.shape[0])[:, None].expand_as(per_kv)
+        keep = per_kv >= 0
+        return int(torch.unique(rows[keep] * (1 << 40) + per_kv[keep]).numel())
 
     def stop(self) -> None:
         """End anything still reading the host store (raising its error, if any)."""

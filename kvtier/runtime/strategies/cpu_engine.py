@@ -78,10 +78,11 @@ class CpuEngine(HostStrategy):
         ctx = self.ctx
         pin = ctx.device.type == "cuda"
         b, hq, d = len(batch.rids), ctx.shape.num_q_heads, ctx.shape.head_dim
-        far = torch.empty(b * hq * (d + 1), pin_memory=pin)
-        self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
-                              far[b * hq * d:].view(b, hq), far)
-        args = ctx.policy.engine_args(batch.host_tokens, batch.context_tokens, ctx.shape.kv_heads)
+        if self._bufs is None or self._bufs.q_host.shape[0] != b:  # a batch of another size: new buffers
+            far = torch.empty(b * hq * (d + 1), pin_memory=pin)
+            self._bufs = _Buffers(torch.empty(b, hq, d, pin_memory=pin), far[: b * hq * d].view(b, hq, d),
+                                  far[b * hq * d:].view(b, hq), far)
+        args = self._args = ctx.policy.engine_args(batch.host_tokens, batch.context_tokens, ctx.shape.kv_heads)
         # A cap past a request's host tokens selects all of them: clamped before it becomes int32.
         budgets = [[int(min(c, max(h, 1))) for c in row] for row, h in zip(args.budgets, batch.host_tokens)]
         ctx.engine.plan(
@@ -132,6 +133,29 @@ class CpuEngine(HostStrategy):
     def detail(self, q: torch.Tensor, layer: int):
         res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
         return AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
+
+    def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
+        """Keys scanned (every host token's; with the prefilter the summaries and the candidates'; in
+        blocks mode the summaries), the chunk sums with the residual, and the selected tokens' values
+        (and keys, in blocks mode)."""
+        tb, args, hkv = self.token_bytes(), self._args, self.ctx.shape.kv_heads
+        total = 0.0
+        for i, n in enumerate(self.batch.host_tokens):
+            cap = min(n, max(args.budgets[i]))
+            if args.mode == "all":
+                scanned, summary = n, 0.0
+            elif args.mode == "blocks":
+                scanned, summary = 0, n * tb.summary
+            elif args.prefilter:
+                scanned, summary = min(n, int(args.prefilter * cap)), n * tb.summary
+            else:
+                scanned, summary = n, 0.0
+            total += hkv * (scanned * tb.key + summary + (n * tb.sums if args.residual else 0.0))
+            if selection is None:
+                total += hkv * (n if args.mode == "all" else cap) * (tb.value + (tb.key if args.mode == "blocks" else 0))
+        if selection is not None:
+            total += self.distinct_selected(selection) * (tb.value + (tb.key if args.mode == "blocks" else 0))
+        return total
 
     def _run(self, layer: int) -> None:
         c0 = time.perf_counter()

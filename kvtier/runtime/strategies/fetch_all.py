@@ -18,6 +18,12 @@ from .base import HostStrategy, register_strategy
 class FetchAll(HostStrategy):
     name = "fetch_all"
     copies_pages_to_device = True
+    attends_every_host_token = True
+
+    def read_bytes(self, layer: int, selection):
+        """Every host token's key and value, read by the copies to the device."""
+        tb = self.token_bytes()
+        return float(sum(self.batch.host_tokens)) * self.ctx.shape.kv_heads * (tb.key + tb.value)
 
     def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
         ctx, batch = self.ctx, self.batch

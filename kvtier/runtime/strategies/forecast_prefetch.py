@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Hashable, List, NamedTuple, Optional
+from typing import Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ...store import CapacityError
-from ..._native import dequant_raw_keys, dequant_raw_values
+from ..._native import StoreBuffers, dequant_raw_keys, dequant_raw_values
 from ..merge import AttnPart, merge
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
 
@@ -97,9 +97,11 @@ class ForecastPrefetch(HostStrategy):
             ctx.tier.key_listeners.append(self.means.store)
         self.caches: Dict[Hashable, _Cache] = {}
         self.stats = StepStats(0, 0, 0, 0, 0)
+        self.layer_hits: Dict[int, Tuple[int, int]] = {}  # layer -> (hits, misses) since take_stats
         self._part: Optional[AttnPart] = None
         self._fetch_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
         self._fetched: Dict[int, torch.cuda.Event] = {}  # layer -> its last fetch's event (CUDA)
+        self._record: Optional[dict] = None  # detail() records what submit attends
 
     @property
     def device_bytes(self) -> int:
@@ -165,11 +167,16 @@ class ForecastPrefetch(HostStrategy):
 
     def _fetch(self, rid, i: int, layer: int, want: torch.Tensor) -> StepStats:
         """Make the cache of request i hold `want` [Hkv, nb] blocks of layer whole: resident blocks stay,
-        a block held in part is completed in its slot, the others go to slots of blocks not wanted."""
+        a block held in part is completed in its slot, the others go to slots of blocks not wanted.
+
+        The missing blocks of every kv-head move together: one gather on the host of each block's pages
+        for its head (the store's own format), one copy to the device, one dequantization there, one
+        scatter into the slots."""
         c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, int(self.batch.n_tokens[i])
-        view = self.ctx.tier.store.view
-        hits = misses = fetched = wasted = nbytes = 0
+        ppb = self.bt // T
+        hits = misses = wasted = 0
         have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
+        jobs = []  # (kv-head, slot, block, tokens)
         for h, blocks in enumerate(want.cpu().tolist()):
             full = {b: min(self.bt, n - b * self.bt) for b in blocks if b >= 0}
             slot = {b: j for j, b in enumerate(have[h]) if b >= 0}
@@ -179,22 +186,36 @@ class ForecastPrefetch(HostStrategy):
             wasted += sum(1 for b in slot if b not in full)
             spare = [j for j, b in enumerate(have[h]) if b not in full]
             for b in missing:
-                j = slot[b] if b in slot else spare.pop(0)
-                pages = self.tables[i][b * (self.bt // T): b * (self.bt // T) + -(-full[b] // T)]
-                raw = view.raw_pages(layer, pages.to(torch.int32))
-                one = type(raw)(*(None if t is None else t[:, h] for t in raw))  # head h of the pages
-                nbytes += sum(t.numel() * t.element_size() for t in one if t is not None)
-                one = type(one)(*(None if t is None else t.to(self.ctx.device, non_blocking=True) for t in one))
-                d = c.k.shape[-1]
-                c.k[layer, h, j, : full[b]] = dequant_raw_keys(one, view.key_format, view.key_group).reshape(-1, d)[
-                    : full[b]].to(c.k.dtype)
-                c.v[layer, h, j, : full[b]] = dequant_raw_values(one, view.value_format).reshape(-1, d)[
-                    : full[b]].to(c.v.dtype)
-                c.block[layer, h, j] = b
-                c.filled[layer, h, j] = full[b]
-                fetched += 1
-        self.ctx.tier.count_h2d(nbytes if self.ctx.device.type == "cuda" else 0)
-        return StepStats(hits, misses, fetched, wasted, nbytes)
+                jobs.append((h, slot[b] if b in slot else spare.pop(0), b, full[b]))
+        if not jobs:
+            self.ctx.tier.count_h2d(0)
+            return StepStats(hits, misses, 0, wasted, 0)
+        heads, slots, blocks, sizes = (torch.tensor(x, dtype=torch.long) for x in zip(*jobs))
+        table = self.tables[i]
+        # each block's pages (a block past the table's end repeats its last page: masked by `filled`)
+        pos = (blocks[:, None] * ppb + torch.arange(ppb)[None, :]).clamp(max=table.numel() - 1)
+        pages, rows = table[pos].reshape(-1), heads.repeat_interleave(ppb)
+        view = self.ctx.tier.store.view
+
+        def pick(t):
+            return None if t is None else t[layer][pages, rows].unsqueeze(1)  # [J * ppb, 1, T, ...]
+
+        raw = StoreBuffers(pick(view.keys), pick(view.key_scales), pick(view.buffers.values),
+                           pick(view.value_scales), None)
+        nbytes = sum(t.numel() * t.element_size() for t in raw if t is not None)
+        dev = self.ctx.device
+        if dev.type == "cuda":
+            raw = StoreBuffers(*(None if t is None else t.pin_memory().to(dev, non_blocking=True) for t in raw))
+        d = c.k.shape[-1]
+        k = dequant_raw_keys(raw, view.key_format, view.key_group).reshape(len(jobs), self.bt, d)
+        v = dequant_raw_values(raw, view.value_format).reshape(len(jobs), self.bt, d)
+        heads, slots = heads.to(dev), slots.to(dev)
+        c.k[layer][heads, slots] = k.to(c.k.dtype)
+        c.v[layer][heads, slots] = v.to(c.v.dtype)
+        c.block[layer][heads, slots] = blocks.to(dev)
+        c.filled[layer][heads, slots] = sizes.to(dev)
+        self.ctx.tier.count_h2d(nbytes if dev.type == "cuda" else 0)
+        return StepStats(hits, misses, len(jobs), wasted, nbytes)
 
     # --- run ----------------------------------------------------------------
 
@@ -207,8 +228,12 @@ class ForecastPrefetch(HostStrategy):
         missed = []
         for i, rid in enumerate(self.batch.rids):
             if correction == "fetch":
-                self._add(self._fetch(rid, i, layer, chosen[i]))
+                self._add(self._fetch(rid, i, layer, chosen[i]), layer)
             missed.append(self._missed(rid, layer, chosen[i], int(self.batch.n_tokens[i])))
+        if self._record is not None:  # detail(): what is attended, as the cache holds it now
+            self._record.update(chosen=chosen, missed=missed, resident=[
+                (self.caches[rid].block[layer].cpu().clone(), self.caches[rid].filled[layer].cpu().clone())
+                for rid in self.batch.rids])
         self._part = self._attend_cached(q, layer)
         self._cpu_part = None
         if correction == "cpu" and any(m.numel() for m in missed):
@@ -219,7 +244,7 @@ class ForecastPrefetch(HostStrategy):
                 stream.wait_stream(torch.cuda.current_stream(q.device))
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for i, rid in enumerate(self.batch.rids):
-                    self._add(self._fetch(rid, i, layer, chosen[i]))
+                    self._add(self._fetch(rid, i, layer, chosen[i]), layer)
                 if stream is not None:
                     event = torch.cuda.Event()
                     event.record(stream)
@@ -277,9 +302,54 @@ class ForecastPrefetch(HostStrategy):
         self._cpu_s += time.perf_counter() - c0
         return AttnPart(out.to(q.device), lse.to(q.device))
 
-    def _add(self, st: StepStats) -> None:
+    def detail(self, q: torch.Tensor, layer: int):
+        """The host part, and as its selection the host tokens attended: the resident blocks' tokens as
+        the cache held them when it attended, and with the CPU correction the chosen blocks' others."""
+        self._record, before = {}, self.stats
+        try:
+            self.submit(q, layer)
+            part = self.collect(q, layer)
+            rec = self._record
+        finally:
+            self._record = None
+        s = self.ctx.shape
+        g = s.num_q_heads // s.kv_heads
+        rows = []
+        for i in range(len(self.batch.rids)):
+            block, filled = rec["resident"][i]
+            for h in range(s.kv_heads):
+                toks = {b * self.bt + t for b, f in zip(block[h].tolist(), filled[h].tolist()) if b >= 0
+                        for t in range(f)}
+                if self.knobs.correction == "cpu":
+                    toks.update(t for t in rec["missed"][i][h].tolist() if t >= 0)
+                rows.append(sorted(toks))
+        cap = max(1, max(len(r) for r in rows))
+        sel = torch.full((len(rows), cap), -1, dtype=torch.int32)
+        for j, r in enumerate(rows):
+            sel[j, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        sel = sel.view(len(self.batch.rids), s.kv_heads, 1, cap).expand(-1, -1, g, -1).reshape(
+            len(self.batch.rids), s.num_q_heads, cap)
+        step = StepStats(*(a - b for a, b in zip(self.stats, before)))
+        missed = sum(int((m >= 0).sum()) for m in rec["missed"]) if self.knobs.correction == "cpu" else 0
+        tb = self.token_bytes()
+        self._detail_read = step.fetched_bytes + missed * (tb.key + tb.value)
+        return part, sel
+
+    def read_bytes(self, layer: int, selection) -> Optional[float]:
+        """The last detail()'s copies into the block cache and the CPU correction's keys and values."""
+        return getattr(self, "_detail_read", None)
+
+    def _add(self, st: StepStats, layer: int) -> None:
         self.stats = StepStats(*(a + b for a, b in zip(self.stats, st)))
+        hits, misses = self.layer_hits.get(layer, (0, 0))
+        self.layer_hits[layer] = (hits + st.hits, misses + st.misses)
+
+    def forecast_recall(self) -> Dict[int, float]:
+        """Per layer since the last `take_stats`: the share of the blocks the real query selected
+        that the forecast had made resident (hits over hits and misses)."""
+        return {layer: h / (h + m) for layer, (h, m) in sorted(self.layer_hits.items()) if h + m}
 
     def take_stats(self) -> StepStats:
         st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
+        self.layer_hits = {}
         return st

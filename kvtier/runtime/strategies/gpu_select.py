@@ -142,6 +142,7 @@ class GpuSelect(HostStrategy):
         self._event: Optional[torch.cuda.Event] = None  # this layer's: the host's inputs have landed
         self._ready: Optional[torch.cuda.Event] = None  # reused every layer
         self.last_idx: Optional[torch.Tensor] = None  # the last layer's selection (for detail)
+        self._buffers = {}  # host buffers by name, kept across plans of one shape
 
     @property
     def device_bytes(self) -> int:
@@ -161,24 +162,32 @@ class GpuSelect(HostStrategy):
         caps = policy.selection_caps(batch.host_tokens, batch.context_tokens)
         self.m = min(max(caps), max(batch.host_tokens))
         self.caps = torch.tensor(caps, dtype=torch.int64, device=ctx.device)
+        # [B, 1, m]: selection slots past each request's cap, once per step rather than at every layer
+        self._beyond = torch.arange(self.m, device=ctx.device) >= self.caps[:, None, None]
         off = batch.page_offsets.tolist()
         table = torch.zeros(b, max(max(off[i + 1] - off[i] for i in range(b)), 1), dtype=torch.int32)
         for i in range(b):
             table[i, : off[i + 1] - off[i]] = batch.page_table[off[i]: off[i + 1]]
         self.table = table.to(ctx.device)  # [B, pages] padded: the scoring kernels' page tables
         self.n_tokens = batch.n_tokens.to(ctx.device)
-        pin = ctx.device.type == "cuda"
-        self.q_host = torch.empty(b, hq, d, pin_memory=pin)
-        self.out_host = torch.empty(b, hq, d, pin_memory=pin)
-        self.lse_host = torch.empty(b, hq, pin_memory=pin)
-        self.idx_host = torch.empty(b, hq, self.m, dtype=torch.int32, pin_memory=pin)
-        self.p_host = torch.empty(b, hq, self.m, pin_memory=pin)
+        self.q_host = self._host_buffer("q", (b, hq, d))
+        self.out_host = self._host_buffer("out", (b, hq, d))
+        self.lse_host = self._host_buffer("lse", (b, hq))
+        self.idx_host = self._host_buffer("idx", (b, hq, self.m), torch.int32)
+        self.p_host = self._host_buffer("p", (b, hq, self.m))
         # The engine serves the batch's page tables: weighted values (or, for budget all, the
         # exact attention over every host token).
         ctx.engine.plan(ctx.tier.store.view, batch.page_table, batch.page_offsets, batch.n_tokens, hq,
                         mode="all" if self.all else "topk", group_reduce="max",
                         budget_tokens=torch.ones(b, ctx.shape.kv_heads, dtype=torch.int32),
                         sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
+
+    def _host_buffer(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
+        """A host buffer of this shape (page-locked on CUDA), reused from the last plan when it has the shape."""
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, pin_memory=self.ctx.device.type == "cuda")
+        return buf
 
     # --- run ----------------------------------------------------------------
 
@@ -189,9 +198,11 @@ class GpuSelect(HostStrategy):
         ctx = self.ctx
         scores = self.index.scores(layer, q, self.table, self.n_tokens, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap)
         idx, logits, lse_all = select_mass(scores, ctx.policy.mass_threshold, self.m, with_lse=True)
-        within = torch.arange(idx.shape[-1], device=idx.device) < self.caps[:, None, None]
-        idx = torch.where(within, idx, torch.full_like(idx, -1))
-        logits = torch.where(within, logits, torch.full_like(logits, float("-inf")))
+        beyond = self._beyond
+        if beyond.shape[-1] != idx.shape[-1]:  # fewer candidates than the plan's m (not when the tables are whole)
+            beyond = torch.arange(idx.shape[-1], device=idx.device) >= self.caps[:, None, None]
+        idx = idx.masked_fill(beyond, -1)
+        logits = logits.masked_fill(beyond, float("-inf"))
         if record and self.eviction is not None:  # each kept token's share of the whole host softmax
             self.eviction.add(self.table, idx, torch.exp(logits - lse_all[..., None]).nan_to_num(0.0))
         return idx, logits
@@ -232,6 +243,13 @@ class GpuSelect(HostStrategy):
         engine.weighted_values(view, layer, self.idx_host, self.p_host, out=self.out_host)
         self._cpu_s += time.perf_counter() - c0
         return AttnPart(self.out_host.to(q.device, non_blocking=True), self._lse_dev)
+
+    def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
+        """The selected tokens' values, and their keys with exact logits; every host token with budget all."""
+        tb = self.token_bytes()
+        if self.all or selection is None:
+            return float(sum(self.batch.host_tokens)) * self.ctx.shape.kv_heads * (tb.key + tb.value)
+        return self.distinct_selected(selection.cpu()) * (tb.value + (tb.key if self.exact else 0.0))
 
     def detail(self, q: torch.Tensor, layer: int):
         if self.all:
