@@ -14,7 +14,7 @@
 /* exact logits of scattered candidates: rows gathered per kernel call */
 #define KVT_GATHER 64
 
-/* One selection set (request, kv-head, head group) of the split path. */
+/* One selection set (request, kv-head: the kv-head's query heads share one selection) of the split path. */
 typedef struct kvt_set_state {
     int32_t cnt, count; /* candidates, selected */
     int32_t nce, nca;   /* exact-logit chunks, attend chunks (0: the set is done) */
@@ -23,9 +23,6 @@ typedef struct kvt_set_state {
     int32_t nlo;        /* over this many token ranges, collected in parallel (0: none) */
     int32_t nlo_found[KVT_SPLIT_MAX]; /* tokens >= lo of each range (-1: its share of cand overflowed) */
     atomic_int left;    /* chunks of the current phase not yet finished */
-    float cm[KVT_SPLIT_MAX];          /* MASS: max exact logit of each candidate chunk, */
-    double cs[KVT_SPLIT_MAX];         /* sum exp(logit - cm) over it, */
-    double ns[KVT_SPLIT_MAX];         /* sum exp(x - cut) over its token range's non-candidates */
 } kvt_set_state;
 
 typedef struct kvt_plan_state {
@@ -51,7 +48,8 @@ typedef struct kvt_plan_state {
     float *res_part;
     int32_t *page_table, *page_off, *ntok, *block; /* copies of the desc arrays */
     int32_t *budget;      /* the desc's budgets clamped to [1, the request's host tokens] */
-    int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores */
+    int64_t *score_off;   /* [B*Hkv]: start of (b, h)'s [G, n_b] logits in scores (per_qhead: then its
+                           * reduced logits [n_b]) */
     float *scores;
     int n_max;
     /* score work items: (b, h, t0, t1) */
@@ -59,6 +57,13 @@ typedef struct kvt_plan_state {
     int32_t *items;
     int64_t *item_off;    /* [B*Hkv + 1]: first score item of (b, h) */
     float *item_ksmax;    /* [n_items]: largest key scale seen by the item (q16 path) */
+    /* need_lse (per_qhead, or MASS): each query head's log-sum-exp over its set's host tokens
+     * (prefilter: over the candidates), lse_sel [B*Hq], from the selection-stage logits; on the
+     * q16 path each score item's running max item_lm and sum of exp(x - max) item_ls, per head
+     * ([n_items, G]), merged per set */
+    int need_lse;
+    float *lse_sel, *item_lm;
+    double *item_ls;
     /* selection-stage query (q16 path): per query head int16 q, sm_scale * q scale,
      * and the error term sum|q - scale*q16| + D*2^-20*sum|q| */
     int16_t *q16;         /* rows of q16_stride (int4 keys: the kernel's layout) */
@@ -68,7 +73,7 @@ typedef struct kvt_plan_state {
      * logits of the candidates and the attend of the selection are split into
      * chunks across threads; attend chunks merge by log-sum-exp. Per set s:
      * cand, pos, sel (int32) and re (float), set_cap[s] each, then E [m, set_cap[s]]. */
-    int split, nsub, split_want;
+    int split, split_want;
     int64_t n_sets;
     int64_t *set_off;
     int32_t *set_cap;
@@ -130,11 +135,11 @@ int kvt_sampled_floor(const float *r, int n, int k, float *vals, float *lo);
 float kvt_kth_value(const float *r, int n, int k, float *vals);
 /* Writes the indices of the k largest r[0..n) in ascending order; returns the count. */
 int kvt_topk_indices(const float *r, int n, int k, float *tmp, int32_t *out);
-/* Keeps the smallest prefix (by descending r) of sel whose softmax mass over all n
- * tokens reaches tau; sel stays ascending. pairs needs 2*count floats. */
-int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs);
-/* The same cut given the maximum m and the mass z = sum exp(r - m) over every token:
- * keeps the smallest prefix (by descending r[idx[j]]) of idx whose mass reaches
- * tau * z; idx stays ascending. */
-int kvt_mass_keep(const float *r, int32_t *idx, int count, float tau, float m, double z, float *pairs);
+/* The mass cut of every query head at once: P[g * ps + j] is head g's share of its own
+ * host softmax mass on token idx[j] (j < count); keeps the smallest prefix (by
+ * descending r[idx[j]]) of idx that holds at least tau of every head's mass, or all of
+ * idx when some head never does; idx stays ascending. pairs: 2*count floats, acc: 2*G
+ * doubles of scratch. Expected O(G * count). */
+int kvt_mass_keep_heads(const float *r, int32_t *idx, int count, const float *P, int64_t ps, int G, float tau,
+                        float *pairs, double *acc);
 #endif

@@ -146,6 +146,7 @@ typedef struct kvt_store {
     int32_t handle;
     int64_t key_tok;     /* bytes of one token's key */
     int64_t kscale_tok;  /* key scales per token (0, 1 or D/G) */
+    int chan_scales;     /* INT8_CHANNEL: D bf16 scales per (page, head), none per token */
     int64_t val_tok;     /* bytes of one token's value */
     int64_t n_chunks;    /* summary chunks per page */
 } kvt_store;
@@ -163,8 +164,15 @@ static inline const uint8_t *kvt_key_ptr(const kvt_store *s, int64_t lph) {
     return (const uint8_t *)s->d.keys + lph * s->d.page_tokens * s->key_tok;
 }
 static inline const float *kvt_kscale_ptr(const kvt_store *s, int64_t lph) {
-    return s->d.key_scales ? s->d.key_scales + lph * s->d.page_tokens * s->kscale_tok : NULL;
+    return s->d.key_scales && s->kscale_tok ? (const float *)s->d.key_scales + lph * s->d.page_tokens * s->kscale_tok
+                                            : NULL;
 }
+/* INT8_CHANNEL: the D channel scales, then the D zero points (bf16), of one (layer, page,
+ * head) block: a key is scale * k + zero point per channel */
+static inline const uint16_t *kvt_kchan_ptr(const kvt_store *s, int64_t lph) {
+    return (const uint16_t *)s->d.key_scales + lph * 2 * s->d.head_dim;
+}
+
 static inline const uint8_t *kvt_val_ptr(const kvt_store *s, int64_t lph) {
     return (const uint8_t *)s->d.values + lph * s->d.page_tokens * s->val_tok;
 }
@@ -194,9 +202,16 @@ void kvt_dequant_value_row(const kvt_store *s, int64_t lph, int t, float *o);
 void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
                     float *out, int64_t ostride);
 /* The same for n key rows laid out as a page's (key_tok bytes each) with their scales
- * (kscale_tok each), wherever they are. */
+ * (kscale_tok each), wherever they are; not for INT8_CHANNEL keys (kvt_score_rows_chan). */
 void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int n, const float *q, int G,
                     float *out, int64_t ostride);
+/* Unit token scales, for calls of the int8 kernels over INT8_CHANNEL rows (n <= KVT_ONES). */
+#define KVT_ONES 256
+extern const float kvt_ones[KVT_ONES];
+/* INT8_CHANNEL: n int8 key rows (D bytes each) of one page whose channel scales and zero
+ * points are c (kvt_kchan_ptr). */
+void kvt_score_rows_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *c, int n, const float *q, int G,
+                         float *out, int64_t ostride);
 /* acc[g*D+d] += p[g*pstride] * v_t[d] for token t of one page/head. */
 void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t pstride,
                      int G, float *acc);

@@ -623,10 +623,51 @@ T_AVX2 static void score_i4_q16_avx2(const uint8_t *k, const float *ks, int n, i
     }
 }
 
+/* exp(x) for x <= 0 as exp_neg_512 computes it (2^n * p(r), |r| <= ln2/2, degree-7 Taylor);
+ * 2^n is put into the exponent bits (n >= -104 + rounding: x is clamped at -87, below which
+ * every term is under 2^-125 of the largest, 1: counted as 0 by the float sums either way) */
+T_AVX2 static inline __m256 exp_neg_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* sum_exp in float over 8 lanes, two partial sums combined in double (as sum_exp_512) */
+T_AVX2 static double sum_exp_avx2(const float *x, int n, float ref, float below) {
+    const __m256 vr = _mm256_set1_ps(ref), vb = _mm256_set1_ps(below);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+        s0 = _mm256_add_ps(s0, _mm256_and_ps(_mm256_cmp_ps(a, vb, _CMP_LT_OQ), exp_neg_avx2(_mm256_sub_ps(a, vr))));
+        s1 = _mm256_add_ps(s1, _mm256_and_ps(_mm256_cmp_ps(b, vb, _CMP_LT_OQ), exp_neg_avx2(_mm256_sub_ps(b, vr))));
+    }
+    for (; j + 8 <= n; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j);
+        s0 = _mm256_add_ps(s0, _mm256_and_ps(_mm256_cmp_ps(a, vb, _CMP_LT_OQ), exp_neg_avx2(_mm256_sub_ps(a, vr))));
+    }
+    double z = (double)hsum256(s0) + (double)hsum256(s1);
+    for (; j < n; j++)
+        if (x[j] < below) z += exp((double)(x[j] - ref));
+    return z;
+}
+
 static const kvt_kernels K_AVX2 = {
     "avx2", score_bf16_avx2, score_i8_avx2, score_i4_avx2,
     accum_bf16_avx2, accum_i8_avx2, sum_bytes_avx2, accum_rows_avx2,
-    softmax_generic, score_i8_q16_avx2, score_i4_q16_avx2, soft_cap_generic, sum_exp_generic, bound_bf16_avx2,
+    softmax_generic, score_i8_q16_avx2, score_i4_q16_avx2, soft_cap_generic, sum_exp_avx2, bound_bf16_avx2,
     dot_f32_avx2, axpy_f32_avx2,
 };
 

@@ -12,7 +12,7 @@
 void kvt_plan_free(kvt_plan_state *p) {
     free(p->page_table); free(p->page_off); free(p->ntok); free(p->budget); free(p->block);
     free(p->score_off); free(p->scores); free(p->items); free(p->scratch);
-    free(p->item_off); free(p->item_ksmax); free(p->q16); free(p->q16s); free(p->qerr);
+    free(p->item_off); free(p->item_ksmax); free(p->lse_sel); free(p->item_lm); free(p->item_ls); free(p->q16); free(p->q16s); free(p->qerr);
     free(p->set_off); free(p->set_cap); free(p->set_buf); free(p->sets); free(p->bh_left); free(p->part); free(p->work);
     free(p->pf_off); free(p->pf_ub); free(p->pf_items);
     free(p->res_bits_off); free(p->res_item_off); free(p->res_bits); free(p->res_items); free(p->res_part);
@@ -151,7 +151,7 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
     int64_t total = 0, items = 0;
     const int64_t parts_want = (2 * (int64_t)p->n_threads + p->n_sets - 1) / p->n_sets;
     for (int64_t i = 0; i < p->n_sets; i++) {
-        int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
+        int n = p->ntok[i / p->Hkv], np = (n + T - 1) / T;
         p->pf_off[i] = total;
         total += (int64_t)m * ((n + S - 1) / S);
         items += bound_parts(np, parts_want);
@@ -161,7 +161,7 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
     if (!p->pf_ub || !p->pf_items) return KVT_ERR_NOMEM;
     int64_t it = 0;
     for (int64_t i = 0; i < p->n_sets; i++) {
-        int n = p->ntok[i / p->nsub / p->Hkv], np = (n + T - 1) / T;
+        int n = p->ntok[i / p->Hkv], np = (n + T - 1) / T;
         const int64_t parts = bound_parts(np, parts_want);
         for (int64_t j = 0; j < parts; j++) {
             int32_t *w = p->pf_items + 3 * it++;
@@ -180,7 +180,7 @@ static int32_t plan_prefilter_bounds(kvt_plan_state *p, const kvt_store *s, int 
 /* Residual buffers and work items: each set's chunks in parts, about four
  * items per thread in all, at least KVT_RES_MIN_CHUNKS chunks each. */
 static int32_t plan_residual(kvt_plan_state *p, const kvt_store *s) {
-    const int S = s->d.summary_tokens, D = s->d.head_dim, m = p->nsub > 1 ? 1 : p->G;
+    const int S = s->d.summary_tokens, D = s->d.head_dim, m = p->G;
     const int64_t ns = p->n_sets;
     p->res_bits_off = malloc(sizeof(int64_t) * (size_t)(ns + 1));
     p->res_item_off = malloc(sizeof(int64_t) * (size_t)(ns + 1));
@@ -188,7 +188,7 @@ static int32_t plan_residual(kvt_plan_state *p, const kvt_store *s) {
     const int64_t want = (4 * (int64_t)p->n_threads + ns - 1) / (ns > 0 ? ns : 1);
     int64_t words = 0, items = 0;
     for (int64_t i = 0; i < ns; i++) {
-        const int n = p->ntok[i / p->nsub / p->Hkv], nc = (n + S - 1) / S;
+        const int n = p->ntok[i / p->Hkv], nc = (n + S - 1) / S;
         int64_t parts = nc / KVT_RES_MIN_CHUNKS < want ? nc / KVT_RES_MIN_CHUNKS : want;
         if (parts < 1) parts = nc > 0;
         p->res_bits_off[i] = words;
@@ -204,7 +204,7 @@ static int32_t plan_residual(kvt_plan_state *p, const kvt_store *s) {
     p->res_part = malloc(sizeof(float) * (size_t)((items > 0 ? items : 1) * p->res_part_floats));
     if (!p->res_bits || !p->res_items || !p->res_part) return KVT_ERR_NOMEM;
     for (int64_t i = 0; i < ns; i++) {
-        const int n = p->ntok[i / p->nsub / p->Hkv], nc = (n + S - 1) / S;
+        const int n = p->ntok[i / p->Hkv], nc = (n + S - 1) / S;
         const int64_t parts = p->res_item_off[i + 1] - p->res_item_off[i];
         for (int64_t j = 0; j < parts; j++) {
             int32_t *w = p->res_items + 3 * (p->res_item_off[i] + j);
@@ -218,9 +218,8 @@ static int32_t plan_residual(kvt_plan_state *p, const kvt_store *s) {
 }
 
 static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
-    const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : p->G, D = s->d.head_dim;
-    p->nsub = per_q ? p->G : 1;
-    p->n_sets = (int64_t)p->B * p->Hkv * p->nsub;
+    const int m = p->G, D = s->d.head_dim;
+    p->n_sets = (int64_t)p->B * p->Hkv;
     const int q16_keys = s->d.key_format == KVT_KEY_INT8 ||
                          (s->d.key_format == KVT_KEY_INT4 && kvt_i4_q16_ok(D, s->d.key_group));
     const int pf = p->prefilter > 0.0;
@@ -238,7 +237,7 @@ static int32_t plan_split(kvt_plan_state *p, const kvt_store *s) {
     if (!p->set_off || !p->set_cap || !p->sets || !p->part || !p->work || !p->bh_left) return KVT_ERR_NOMEM;
     int64_t total = 0;
     for (int64_t i = 0; i < p->n_sets; i++) {
-        int64_t bh = i / p->nsub, n = p->ntok[bh / p->Hkv], cap = 2 * (int64_t)p->budget[bh] + 4096;
+        int64_t bh = i, n = p->ntok[bh / p->Hkv], cap = 2 * (int64_t)p->budget[bh] + 4096;
         p->set_cap[i] = (int32_t)(pf ? prefilter_cap(p, s, bh) : cap < n ? cap : n);
         p->set_off[i] = total;
         total += (int64_t)p->set_cap[i] * (4 + m);
@@ -277,7 +276,11 @@ static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan
     const int B = d->batch, Hkv = s->d.kv_heads, T = s->d.page_tokens;
     p->store = s; p->store_h = sh; p->serial = s->serial;
     p->B = B; p->Hq = d->num_q_heads; p->Hkv = Hkv; p->G = d->num_q_heads / Hkv; p->D = s->d.head_dim;
-    p->mode = d->mode; p->reduce = d->group_reduce;
+    p->mode = d->mode;
+    /* one query head per kv-head: its own ranking is the group's (per_qhead's shift changes no order) */
+    p->reduce = d->group_reduce == KVT_PER_QHEAD && p->G == 1 ? KVT_REDUCE_MAX : d->group_reduce;
+    p->need_lse = (d->mode == KVT_SELECT_TOPK || d->mode == KVT_SELECT_MASS) &&
+                  (p->reduce == KVT_PER_QHEAD || d->mode == KVT_SELECT_MASS);
     p->tau = d->mass_threshold; p->sm_scale = d->sm_scale; p->soft_cap = d->soft_cap;
     p->prefilter = d->prefilter;
     p->residual = d->residual;
@@ -305,7 +308,8 @@ static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan
         if (n > p->n_max) p->n_max = n;
         for (int h = 0; h < Hkv && p->score_off; h++) {
             p->score_off[(int64_t)b * Hkv + h] = total;
-            total += (int64_t)p->G * n; /* <= 2^54 over the batch (KVT_MAX_ROWS x KVT_MAX_TOKENS) */
+            /* <= 2^54 over the batch (KVT_MAX_ROWS x KVT_MAX_TOKENS); per_qhead's reduced row after */
+            total += ((int64_t)p->G + (p->reduce == KVT_PER_QHEAD)) * n;
         }
         n_items += (int64_t)Hkv * ((n + chunk - 1) / chunk);
     }
@@ -313,6 +317,9 @@ static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan
     p->items = malloc(sizeof(int32_t) * 4 * (size_t)(n_items > 0 ? n_items : 1));
     p->item_off = malloc(sizeof(int64_t) * ((size_t)B * Hkv + 1));
     p->item_ksmax = malloc(sizeof(float) * (size_t)(n_items > 0 ? n_items : 1));
+    p->lse_sel = malloc(sizeof(float) * (size_t)B * p->Hq);
+    p->item_lm = malloc(sizeof(float) * (size_t)(n_items > 0 ? n_items : 1) * p->G);
+    p->item_ls = malloc(sizeof(double) * (size_t)(n_items > 0 ? n_items : 1) * p->G);
     p->q16_stride = s->d.key_format == KVT_KEY_INT4 ? kvt_i4_q16_dp(s->d.head_dim) : s->d.head_dim;
     p->q16 = malloc(sizeof(int16_t) * (size_t)B * p->Hq * p->q16_stride);
     p->q16s = malloc(sizeof(float) * (size_t)B * p->Hq);
@@ -332,7 +339,8 @@ static int32_t plan_held(kvt_engine *e, kvt_store *s, int32_t sh, const kvt_plan
     p->scratch_floats += ((KVT_GATHER * (s->key_tok + 4 * s->kscale_tok) + 3) / 4 + 15) & ~(int64_t)15;
     p->scratch = reuse(p->scratch, &p->scratch_cap, p->scratch_floats * p->n_threads);
     if (!p->page_table || !p->page_off || !p->ntok || !p->budget || !p->block || !p->score_off ||
-        !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->q16 ||
+        !p->scores || !p->items || !p->scratch || !p->item_off || !p->item_ksmax || !p->lse_sel || !p->item_lm ||
+        !p->item_ls || !p->q16 ||
         !p->q16s || !p->qerr) {
         kvt_plan_free(p);
         return kvt_err(KVT_ERR_NOMEM, "kvt_plan: out of memory sizing scratch for %lld logits",

@@ -62,7 +62,7 @@ static int64_t split_items(kvt_plan_state *p, int phase_items) {
     return w;
 }
 
-/* The int16-query path applies to int8 keys, and int4 keys whose groups are whole
+/* The int16-query path applies to int8 keys with per-token scales, and int4 keys whose groups are whole
  * 4-channel lanes, on an ISA that has the kernel; the modes that attend to every
  * token or score blocks use exact logits only. */
 static int use_q16(const kvt_plan_state *p, int for_run) {

@@ -25,8 +25,14 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
     uint8_t *gk = (uint8_t *)(p->scratch + (int64_t)tid * p->scratch_floats + p->gather_off);
     float *gs = (float *)(gk + ((KVT_GATHER * kb + 3) & ~(int64_t)3));
     int pf = 0; /* candidates below pf are prefetched (key row and scales) */
-    for (int j0 = 0; j0 < cnt; j0 += KVT_GATHER) {
-        const int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+    for (int j0 = 0; j0 < cnt;) {
+        int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+        if (s->chan_scales) { /* a call per page: its rows share the page's channel scales */
+            const int64_t page = tok_lph(&L, tok[j0]);
+            int same = 1;
+            while (same < len && tok_lph(&L, tok[j0 + same]) == page) same++;
+            len = same;
+        }
         for (int i = 0; i < len; i++) {
             for (; pf < j0 + i + 16 && pf < cnt; pf++) {
                 const int64_t lph = tok_lph(&L, tok[pf]), o = tok_off(&L, tok[pf]);
@@ -40,7 +46,9 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
             if (ns == 1) gs[i] = kvt_kscale_ptr(s, lph)[o];
             else if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + o * ns, sizeof(float) * (size_t)ns);
         }
-        kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        if (s->chan_scales) kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
+        else kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        j0 += len;
     }
     for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);
 }
@@ -88,27 +96,25 @@ void kvtr_write_empty(run_ctx *r, int64_t qh0, int m) {
     }
 }
 
+/* The last exact chunk of a set: the top k by the reduced logit, MASS's cut of every head's
+ * mass. With the prefilter the heads' log-sum-exp comes from the candidates (and per_qhead's
+ * reduce waits for it here); otherwise it came from the score phase. */
 static void finalize_set(run_ctx *r, int64_t s, int tid) {
     kvt_plan_state *p = r->p;
-    const int m = p->nsub > 1 ? 1 : p->G;
+    const int m = p->G;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
     kvt_set_state *st = &p->sets[s];
     set_bufs sb = set_buffers(p, s);
-    float *sc = p->scratch + (int64_t)tid * p->scratch_floats, *pairs = sc + p->ntok[b];
+    const int n = p->ntok[b];
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats, *pairs = sc + n, *P = sc + 3 * (int64_t)n;
+    double *acc = (double *)(P + (((int64_t)m * n + 1) & ~(int64_t)1));
     const int cnt = st->cnt;
+    if (p->prefilter > 0.0 && p->need_lse) kvtr_lse_rows(p, bh, sb.E, cnt, m, cnt);
+    if (p->prefilter > 0.0 && p->reduce == KVT_PER_QHEAD) kvtr_group_reduce(p, sb.E, cnt, m, cnt, sb.re, p->lse_sel + qh0);
     int count = kvt_topk_indices(sb.re, cnt, p->budget[bh], sc, sb.pos);
-    if (p->mode == KVT_SELECT_MASS) {
-        float M = -INFINITY;
-        for (int i = 0; i < st->nce; i++) M = kvt_maxf(M, st->cm[i]);
-        double z = 0.0;
-        for (int i = 0; i < st->nce; i++) {
-            z += st->cs[i] * exp((double)st->cm[i] - (double)M);
-            if (st->ns[i] > 0.0) z += st->ns[i] * exp((double)st->cut - (double)M);
-        }
-        count = kvt_mass_keep(sb.re, sb.pos, count, p->tau, M, z, pairs);
-    }
+    if (p->mode == KVT_SELECT_MASS) count = kvtr_mass_cut(p, bh, m, sb.E, cnt, sb.re, sb.pos, count, P, pairs, acc);
     for (int j = 0; j < count; j++) sb.sel[j] = sb.cand[sb.pos[j]];
     /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
     for (int g = 0; g < m; g++)
@@ -122,33 +128,25 @@ void kvtr_exact_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
     const int64_t s = p->work[2 * item];
-    const int ci = p->work[2 * item + 1], m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    const int ci = p->work[2 * item + 1], m = p->G, D = p->store->d.head_dim;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
     kvt_set_state *st = &p->sets[s];
     set_bufs sb = set_buffers(p, s);
-    const int cnt = st->cnt, n = p->ntok[b];
+    const int cnt = st->cnt;
     const int c0 = (int)((int64_t)ci * cnt / st->nce), c1 = (int)((int64_t)(ci + 1) * cnt / st->nce);
     const int len = c1 - c0;
     kvtr_exact_logits(p, r->layer, b, h, sb.cand + c0, len, r->q + qh0 * D, m, sb.E + c0, cnt, tid);
-    if (m > 1) kvtr_group_reduce(p, sb.E + c0, cnt, m, len, sb.re + c0);
-    else memcpy(sb.re + c0, sb.E + c0, sizeof(float) * (size_t)len);
-    if (p->mode == KVT_SELECT_MASS) {
-        float cm = -INFINITY;
-        for (int j = c0; j < c1; j++) cm = kvt_maxf(cm, sb.re[j]);
-        st->cm[ci] = cm;
-        st->cs[ci] = len > 0 ? kvt_k->sum_exp(sb.re + c0, len, cm, INFINITY) : 0.0;
-        const int t0 = (int)((int64_t)ci * n / st->nce), t1 = (int)((int64_t)(ci + 1) * n / st->nce);
-        st->ns[ci] = st->cut > -INFINITY ? kvt_k->sum_exp(set_logits(p, bh, g0, n) + t0, t1 - t0, st->cut, st->cut)
-                                         : 0.0;
-    }
+    if (m == 1) memcpy(sb.re + c0, sb.E + c0, sizeof(float) * (size_t)len);
+    else if (!(p->prefilter > 0.0 && p->reduce == KVT_PER_QHEAD)) /* that one waits for the candidates' lse */
+        kvtr_group_reduce(p, sb.E + c0, cnt, m, len, sb.re + c0, p->lse_sel + qh0);
     if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) finalize_set(r, s, tid);
 }
 
 static void merge_set(run_ctx *r, int64_t s, int tid) {
     kvt_plan_state *p = r->p;
-    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    const int m = p->G, D = p->store->d.head_dim;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
@@ -186,7 +184,7 @@ void kvtr_attend_chunk_task(void *c, int64_t item, int tid) {
     kvt_plan_state *p = r->p;
     const kvt_store *st_ = p->store;
     const int64_t s = p->work[2 * item];
-    const int ci = p->work[2 * item + 1], m = p->nsub > 1 ? 1 : p->G, D = st_->d.head_dim;
+    const int ci = p->work[2 * item + 1], m = p->G, D = st_->d.head_dim;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);

@@ -4,8 +4,10 @@
 #include <math.h>
 #include "kvt_run_internal.h"
 
-/* Block upper bounds from the min/max summaries: q.k <= sum_d max(q_d mn_d, q_d mx_d). */
-int kvtr_block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *rb, float *mnmx) {
+/* Block upper bounds from the min/max summaries: q.k <= sum_d max(q_d mn_d, q_d mx_d), per
+ * head into ubh [m, nb], reduced over the heads into rb (per_qhead: each head less its own
+ * largest block bound). */
+int kvtr_block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *rb, float *mnmx, float *ubh) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int T = s->d.page_tokens, S = s->d.summary_tokens, D = s->d.head_dim, n = p->ntok[b];
@@ -24,16 +26,14 @@ int kvtr_block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *rb
             }
             first = 0;
         }
-        float red = p->reduce == KVT_REDUCE_MEAN ? 0.f : -INFINITY;
         for (int g = 0; g < m; g++) {
             const float *qg = q + (int64_t)g * D;
             float ub = 0.f;
             for (int d = 0; d < D; d++) ub += kvt_maxf(qg[d] * mn[d], qg[d] * mx[d]);
-            ub *= p->sm_scale;
-            red = p->reduce == KVT_REDUCE_MEAN ? red + ub / (float)m : kvt_maxf(red, ub);
+            ubh[(int64_t)g * nb + bi] = ub * p->sm_scale;
         }
-        rb[bi] = red;
     }
+    kvtr_bound_reduce(p, ubh, nb, m, nb, rb);
     return nb;
 }
 
@@ -79,8 +79,8 @@ static int prefilter_chunks(const kvt_plan_state *p, int64_t bh) {
     return want < nc ? (int)want : 0;
 }
 
-/* Candidates from the chunk bounds ub [m, nc] (reduced over the set like the
- * logits, into red): the tokens of the best chunks, ascending. Returns their count. */
+/* Candidates from the chunk bounds ub [m, nc] (reduced over the set's heads into red, as
+ * kvtr_bound_reduce does): the tokens of the best chunks, ascending. Returns their count. */
 int kvtr_prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const float *ub, float *red, float *tmp,
                         int32_t *pos, int32_t *cand) {
     const int S = p->store->d.summary_tokens, n = p->ntok[bh / p->Hkv], nc = (n + S - 1) / S;
@@ -90,7 +90,7 @@ int kvtr_prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const float 
         for (int t = 0; t < n; t++) cand[t] = t;
         return n;
     }
-    if (m > 1) { kvtr_group_reduce(p, ub, nc, m, nc, red); ub = red; }
+    if (m > 1) { kvtr_bound_reduce(p, ub, nc, m, nc, red); ub = red; }
     int nsel = kvt_topk_indices(ub, nc, want, tmp, pos);
     for (int i = 0; i < nsel; i++)
         for (int t = pos[i] * S; t < (pos[i] + 1) * S && t < n; t++) cand[cnt++] = t;
@@ -113,7 +113,7 @@ void kvtr_select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float *
         chunk_bounds(p, r->layer, b, h, z.w, m, 0, (n + T - 1) / T, z.E);
     }
     int cnt = kvtr_prefilter_pick(p, bh, m, z.E, z.re, z.tmp, z.pos, z.cand);
-    kvtr_decide_attend(r, bh, g0, m, cnt, NULL, z, tid);
+    kvtr_decide_attend(r, bh, g0, m, cnt, 1, z, tid);
 }
 
 /* split prefilter: the chunk bounds of a part of a set's pages */
@@ -121,7 +121,7 @@ void kvtr_bound_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
     const int32_t *w = p->pf_items + 3 * item;
-    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    const int m = p->G, D = p->store->d.head_dim;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);

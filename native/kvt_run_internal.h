@@ -97,19 +97,21 @@ static inline int split_chunks(const kvt_plan_state *p, int len) {
     return nc < 1 ? 1 : nc;
 }
 
-/* set s -> (b, h, g0), its kv item bh and its first query head */
+/* set s (one per kv item: the kv-head's query heads share a selection) -> (b, h), its
+ * kv item bh and its first query head; g0 is 0 */
 static inline void set_coords(const kvt_plan_state *p, int64_t s, int *b, int *h, int *g0, int64_t *bh,
                               int64_t *qh0) {
-    const int m = p->nsub > 1 ? 1 : p->G;
-    *bh = s / p->nsub;
+    *bh = s;
     *b = (int)(*bh / p->Hkv);
     *h = (int)(*bh % p->Hkv);
-    *g0 = (int)(s % p->nsub) * m;
-    *qh0 = (int64_t)*b * p->Hq + (int64_t)*h * p->G + *g0;
+    *g0 = 0;
+    *qh0 = (int64_t)*b * p->Hq + (int64_t)*h * p->G;
 }
 
-static inline float *set_logits(const kvt_plan_state *p, int64_t bh, int g0, int n) {
-    return p->scores + p->score_off[bh] + (p->nsub > 1 ? (int64_t)g0 * n : 0);
+/* The selection-stage logits a set ranks by (q16 path): the group-reduced row, which per_qhead
+ * keeps after its heads' rows */
+static inline float *set_logits(const kvt_plan_state *p, int64_t bh, int n) {
+    return p->scores + p->score_off[bh] + (p->reduce == KVT_PER_QHEAD ? (int64_t)p->G * n : 0);
 }
 
 /* ---- kvt_run_score.c ---- */
@@ -122,15 +124,30 @@ void kvtr_prepare_q16(kvt_plan_state *p, const float *q);
 float kvtr_q16_bound(const kvt_plan_state *p, int64_t bh, int64_t qh, int m, float theta);
 
 /* ---- kvt_run_bounds.c ---- */
-int kvtr_block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *rb, float *mnmx);
+int kvtr_block_scores(run_ctx *r, int b, int h, int g0, int m, int bt, float *rb, float *mnmx, float *ubh);
 int kvtr_prefilter_pick(const kvt_plan_state *p, int64_t bh, int m, const float *ub, float *red, float *tmp,
                         int32_t *pos, int32_t *cand);
 void kvtr_select_attend_prefilter(run_ctx *r, int64_t bh, int g0, int m, float *sc, int tid);
 void kvtr_bound_task(void *c, int64_t item, int tid);
 
 /* ---- kvt_run_select.c ---- */
-void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr);
-void kvtr_decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z, int tid);
+/* rr[t] over the heads g < m of x[g * xs + t]: their max, their mean, or per_qhead the max of
+ * x - shift[g] (each head's logit less its log-sum-exp: its log-probability) */
+void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr,
+                       const float *shift);
+/* the same over summary upper bounds ub [m, n] (blocks or prefilter chunks): per_qhead shifts
+ * each head by its own largest bound */
+void kvtr_bound_reduce(const kvt_plan_state *p, const float *ub, int64_t us, int m, int n, float *red);
+/* lse_sel of kv item bh's heads from rows x [m, xs] of n logits, or from its score items' partials */
+void kvtr_lse_rows(const kvt_plan_state *p, int64_t bh, const float *x, int64_t xs, int m, int n);
+void kvtr_lse_items(const kvt_plan_state *p, int64_t bh);
+/* MASS: keeps the smallest prefix of pos[0..count) (candidates, by descending re[pos]) holding tau
+ * of every head's host mass, E [m, es] the candidates' exact logits; P: m * count floats, acc:
+ * 2m doubles of scratch */
+int kvtr_mass_cut(const kvt_plan_state *p, int64_t bh, int m, const float *E, int64_t es, const float *re,
+                  int32_t *pos, int count, float *P, float *pairs, double *acc);
+void kvtr_decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, int over_candidates, set_scratch z,
+                        int tid);
 void kvtr_attend_task(void *c, int64_t item, int tid);
 void kvtr_select_collect_task(void *c, int64_t item, int tid);
 void kvtr_kv_item_scored(run_ctx *r, int64_t bh, int tid);

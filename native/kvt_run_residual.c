@@ -17,7 +17,8 @@ static int is_set(const uint64_t *bits, int t) { return (int)((bits[t >> 6] >> (
 /* The residual's record of a set's selection (query heads g0.. of (b, h)): its
  * bitmap, which the residual work items read once every set is attended. */
 void kvtr_mark_selection(const kvt_plan_state *p, int b, int h, int g0, const int32_t *sel, int count) {
-    const int64_t set = ((int64_t)b * p->Hkv + h) * p->nsub + (p->nsub > 1 ? g0 : 0);
+    (void)g0;
+    const int64_t set = (int64_t)b * p->Hkv + h;
     uint64_t *bits = p->res_bits + p->res_bits_off[set];
     memset(bits, 0, sizeof(uint64_t) * (size_t)(p->res_bits_off[set + 1] - p->res_bits_off[set]));
     for (int j = 0; j < count; j++) bits[sel[j] >> 6] |= (uint64_t)1 << (sel[j] & 63);
@@ -53,7 +54,7 @@ void kvtr_residual_task(void *c, int64_t item, int tid) {
     kvt_plan_state *p = r->p;
     const kvt_store *s = p->store;
     const int32_t *w = p->res_items + 3 * item;
-    const int m = p->nsub > 1 ? 1 : p->G;
+    const int m = p->G;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, w[0], &b, &h, &g0, &bh, &qh0);
@@ -115,7 +116,7 @@ void kvtr_residual_merge_task(void *c, int64_t set, int tid) {
     (void)tid;
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
-    const int m = p->nsub > 1 ? 1 : p->G, D = p->store->d.head_dim;
+    const int m = p->G, D = p->store->d.head_dim;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, set, &b, &h, &g0, &bh, &qh0);

@@ -18,6 +18,12 @@ void kvtr_score_range(const kvt_plan_state *p, int layer, int b, int h, int t0, 
     for (int t = t0; t < t1;) {
         int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
         int64_t lph = kvt_lph(s, layer, p->page_table[p->page_off[b] + t / T], h);
+        if (s->chan_scales && t + cnt < t1) { /* the next page's keys and channel scales (pages lie apart) */
+            const int64_t nx = kvt_lph(s, layer, p->page_table[p->page_off[b] + t / T + 1], h);
+            const char *a = (const char *)kvt_kchan_ptr(s, nx), *k = (const char *)kvt_key_ptr(s, nx);
+            for (int64_t o = 0; o < 4 * (int64_t)s->d.head_dim; o += 64) __builtin_prefetch(a + o);
+            for (int64_t o = 0; o < (int64_t)T * s->key_tok; o += 64) __builtin_prefetch(k + o);
+        }
         kvt_score_page(s, lph, off, cnt, q, G, dst + t, ds);
         t += cnt;
     }
@@ -84,8 +90,18 @@ static void reduce_group(float *restrict o, const float *restrict loc, int G, in
     }
 }
 
+/* running log-sum-exp of head logits y[0..n): max *m, sum of exp(y - *m) *s */
+static inline void lse_acc(float *m, double *s, const float *y, int n) {
+    float mx = *m;
+    for (int i = 0; i < n; i++) mx = kvt_maxf(mx, y[i]);
+    if (mx == -INFINITY) return;
+    *s = *s * exp((double)*m - (double)mx) + kvt_k->sum_exp(y, n, mx, INFINITY);
+    *m = mx;
+}
+
 /* Selection-stage scores (int16 query): per-head logits, or with `reduced` the
- * group max/mean, of tokens [t0, t1). Records the largest key scale seen. */
+ * group max/mean, of tokens [t0, t1). Records the largest key scale seen, and
+ * where the plan needs them each head's running log-sum-exp (item_lm, item_ls). */
 void kvtr_score_task_q16(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -100,7 +116,10 @@ void kvtr_score_task_q16(void *c, int64_t item, int tid) {
     float *loc = p->scratch + (int64_t)tid * p->scratch_floats; /* [G, KVT_SEG] */
     int64_t ds = 0;
     float *dst = r->reduced ? p->scores + p->score_off[b * p->Hkv + h] : dst_rows(r, b, h, &ds);
-    float ksmax = 0.f;
+    float ksmax = 0.f, *lm = p->item_lm + item * G;
+    double *ls = p->item_ls + item * G;
+    const int want_lse = p->need_lse && !r->dst_stride;
+    for (int g = 0; g < G && want_lse; g++) { lm[g] = -INFINITY; ls[g] = 0.0; }
     for (int t = w[2]; t < t1;) {
         int off = t % T, cnt = T - off < t1 - t ? T - off : t1 - t;
         if (cnt > KVT_SEG) cnt = KVT_SEG;
@@ -128,9 +147,11 @@ void kvtr_score_task_q16(void *c, int64_t item, int tid) {
         else
             kvt_k->score_i8_q16((const int8_t *)kp, ks, cnt, D, q, qs, G, od, ods, (const int8_t *)next,
                                 next_bytes);
+        if (!direct && cap > 0.f)
+            for (int g = 0; g < G; g++) kvt_k->soft_cap(loc + g * KVT_SEG, cnt, cap);
+        if (want_lse)
+            for (int g = 0; g < G; g++) lse_acc(lm + g, ls + g, od + g * ods, cnt);
         if (!direct) {
-            if (cap > 0.f)
-                for (int g = 0; g < G; g++) kvt_k->soft_cap(loc + g * KVT_SEG, cnt, cap);
             if (!r->reduced) {
                 for (int g = 0; g < G; g++)
                     memcpy(dst + g * ds + t, loc + g * KVT_SEG, sizeof(float) * (size_t)cnt);

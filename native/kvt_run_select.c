@@ -6,8 +6,17 @@
 #include <string.h>
 #include "kvt_run_internal.h"
 
-/* rr[t] = max or mean over g < m of x[g * xs + t] (the order of operations is fixed) */
-void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr) {
+void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int m, int n, float *rr,
+                       const float *shift) {
+    if (p->reduce == KVT_PER_QHEAD) {
+        const float s0 = shift[0];
+        for (int t = 0; t < n; t++) rr[t] = x[t] - s0;
+        for (int g = 1; g < m; g++) {
+            const float *y = x + (int64_t)g * xs, sg = shift[g];
+            for (int t = 0; t < n; t++) rr[t] = kvt_maxf(rr[t], y[t] - sg);
+        }
+        return;
+    }
     for (int t = 0; t < n; t++) rr[t] = x[t];
     for (int g = 1; g < m; g++) {
         const float *y = x + (int64_t)g * xs;
@@ -20,35 +29,76 @@ void kvtr_group_reduce(const kvt_plan_state *p, const float *x, int64_t xs, int 
         for (int t = 0; t < n; t++) rr[t] /= (float)m;
 }
 
-static int find_i32(const int32_t *a, int n, int32_t v) {
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-        int mid = (lo + hi) / 2;
-        if (a[mid] < v) lo = mid + 1; else hi = mid;
-    }
-    return lo;
+void kvtr_bound_reduce(const kvt_plan_state *p, const float *ub, int64_t us, int m, int n, float *red) {
+    float shift[KVT_MAX_Q_HEADS];
+    if (p->reduce == KVT_PER_QHEAD)
+        for (int g = 0; g < m; g++) {
+            float mx = -INFINITY;
+            for (int c = 0; c < n; c++) mx = kvt_maxf(mx, ub[(int64_t)g * us + c]);
+            shift[g] = mx;
+        }
+    kvtr_group_reduce(p, ub, us, m, n, red, shift);
 }
 
-/* The exact logits of the candidates z.cand[0..cnt) (ascending) decide the top k;
- * MASS then keeps the smallest part of it reaching tau of the softmax mass, over
- * every host token when x holds their selection logits, else over the candidates. */
-void kvtr_decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, float *x, set_scratch z, int tid) {
+/* natural log of sum exp over x[0..n) (n >= 1), in the ISA's sum_exp */
+static float lse_of(const float *x, int n) {
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) mx = kvt_maxf(mx, x[t]);
+    return mx + (float)log(kvt_k->sum_exp(x, n, mx, INFINITY));
+}
+
+void kvtr_lse_rows(const kvt_plan_state *p, int64_t bh, const float *x, int64_t xs, int m, int n) {
+    float *o = p->lse_sel + (bh / p->Hkv) * p->Hq + (bh % p->Hkv) * p->G;
+    for (int g = 0; g < m; g++) o[g] = n > 0 ? lse_of(x + (int64_t)g * xs, n) : -INFINITY;
+}
+
+void kvtr_lse_items(const kvt_plan_state *p, int64_t bh) {
+    const int G = p->G;
+    float *o = p->lse_sel + (bh / p->Hkv) * p->Hq + (bh % p->Hkv) * G;
+    for (int g = 0; g < G; g++) {
+        float M = -INFINITY;
+        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++) M = kvt_maxf(M, p->item_lm[i * G + g]);
+        double S = 0.0;
+        for (int64_t i = p->item_off[bh]; i < p->item_off[bh + 1]; i++)
+            if (p->item_lm[i * G + g] > -INFINITY) S += p->item_ls[i * G + g] * exp((double)p->item_lm[i * G + g] - M);
+        o[g] = M > -INFINITY ? M + (float)log(S) : -INFINITY;
+    }
+}
+
+/* per_qhead on the q16 path: kv item bh's reduced row (set_logits) from its heads' rows, once
+ * its lse_sel is in */
+static void qhead_row(const kvt_plan_state *p, int64_t bh) {
+    const int n = p->ntok[bh / p->Hkv];
+    const float *x = p->scores + p->score_off[bh];
+    kvtr_group_reduce(p, x, n, p->G, n, (float *)set_logits(p, bh, n),
+                      p->lse_sel + (bh / p->Hkv) * p->Hq + (bh % p->Hkv) * p->G);
+}
+
+int kvtr_mass_cut(const kvt_plan_state *p, int64_t bh, int m, const float *E, int64_t es, const float *re,
+                  int32_t *pos, int count, float *P, float *pairs, double *acc) {
+    const float *l = p->lse_sel + (bh / p->Hkv) * p->Hq + (bh % p->Hkv) * p->G;
+    for (int g = 0; g < m; g++)
+        for (int j = 0; j < count; j++) P[(int64_t)g * count + j] = expf(E[(int64_t)g * es + pos[j]] - l[g]);
+    return kvt_mass_keep_heads(re, pos, count, P, count, m, p->tau, pairs, acc);
+}
+
+/* The exact logits of the candidates z.cand[0..cnt) (ascending) decide the top k by the
+ * group's reduced logit; MASS then keeps the smallest part of it holding tau of every
+ * query head's mass (each head's softmax over every host token, or over the candidates
+ * when over_candidates: the prefilter's). */
+void kvtr_decide_attend(run_ctx *r, int64_t bh, int g0, int m, int cnt, int over_candidates, set_scratch z,
+                        int tid) {
     kvt_plan_state *p = r->p;
-    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv), n = p->ntok[b];
+    const int b = (int)(bh / p->Hkv), h = (int)(bh % p->Hkv);
     const int D = p->store->d.head_dim;
     const int64_t qh0 = (int64_t)b * p->Hq + (int64_t)h * p->G;
     kvtr_exact_logits(p, r->layer, b, h, z.cand, cnt, r->q + (qh0 + g0) * D, m, z.E, cnt, tid);
+    if (over_candidates && p->need_lse) kvtr_lse_rows(p, bh, z.E, cnt, m, cnt);
     float *ex = z.E;
-    if (m > 1) { kvtr_group_reduce(p, z.E, cnt, m, cnt, z.re); ex = z.re; }
+    if (m > 1) { kvtr_group_reduce(p, z.E, cnt, m, cnt, z.re, p->lse_sel + qh0 + g0); ex = z.re; }
     int count = kvt_topk_indices(ex, cnt, p->budget[bh], z.tmp, z.pos);
-    if (p->mode == KVT_SELECT_MASS && x) {
-        for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
-        for (int j = 0; j < cnt; j++) x[z.cand[j]] = ex[j];
-        count = kvt_mass_cut(x, n, z.sel, count, p->tau, z.pairs);
-        for (int j = 0; j < count; j++) z.pos[j] = find_i32(z.cand, cnt, z.sel[j]);
-    } else if (p->mode == KVT_SELECT_MASS) {
-        count = kvt_mass_cut(ex, cnt, z.pos, count, p->tau, z.pairs);
-    }
+    if (p->mode == KVT_SELECT_MASS)
+        count = kvtr_mass_cut(p, bh, m, z.E, cnt, ex, z.pos, count, z.prob, z.pairs, (double *)z.acc);
     for (int j = 0; j < count; j++) z.sel[j] = z.cand[z.pos[j]];
     /* compact the exact logits of the selection in place (pos ascending, count <= cnt) */
     for (int g = 0; g < m; g++)
@@ -77,10 +127,10 @@ static void select_attend_q16(run_ctx *r, int64_t bh, int g0, int m, float *x, f
         for (int t = 0; t < n; t++)
             if (x[t] >= cut) z.cand[cnt++] = t;
     }
-    kvtr_decide_attend(r, bh, g0, m, cnt, x, z, tid);
+    kvtr_decide_attend(r, bh, g0, m, cnt, 0, z, tid);
 }
 
-/* The one-item path: every selection set of kv item `item` on this thread. */
+/* The one-item path: kv item `item`'s selection set (all of its query heads) on this thread. */
 void kvtr_attend_task(void *c, int64_t item, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
@@ -93,47 +143,47 @@ void kvtr_attend_task(void *c, int64_t item, int tid) {
     }
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
     float *L = p->scores + p->score_off[item];
-    const int per_q = p->reduce == KVT_PER_QHEAD, m = per_q ? 1 : G;
     if (p->prefilter > 0.0) {
-        for (int g0 = 0; g0 < G; g0 += m) kvtr_select_attend_prefilter(r, item, g0, m, sc, tid);
+        kvtr_select_attend_prefilter(r, item, 0, G, sc, tid);
         return;
     }
     if (r->q16) {
-        for (int g0 = 0; g0 < G; g0 += m) select_attend_q16(r, item, g0, m, per_q ? L + (int64_t)g0 * n : L, sc, tid);
+        if (p->need_lse) kvtr_lse_items(p, item);
+        if (p->reduce == KVT_PER_QHEAD) qhead_row(p, item);
+        select_attend_q16(r, item, 0, G, set_logits(p, item, n), sc, tid);
         return;
     }
     float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
     int32_t *sel = (int32_t *)(prob + (int64_t)G * n);
     float *acc = (float *)(sel + n), *mnmx = acc + (int64_t)G * D, *X = mnmx + 2 * D;
     const int k = p->mode == KVT_SELECT_ALL ? n : p->budget[item];
-    for (int g0 = 0; g0 < G; g0 += m) {
-        int count;
-        if (p->mode == KVT_SELECT_ALL) {
-            for (int t = 0; t < n; t++) sel[t] = t;
-            count = n;
-        } else if (p->mode == KVT_SELECT_BLOCKS) {
-            int bt = p->block[h];
-            int nb = kvtr_block_scores(r, b, h, g0, m, bt, rr, mnmx);
-            int32_t *bsel = (int32_t *)pairs;
-            int nsb = kvt_topk_indices(rr, nb, (k + bt - 1) / bt, tmp, bsel);
-            count = 0;
-            const float *qs = r->q + (qh0 + g0) * D;
-            for (int i = 0; i < nsb; i++) {
-                int t0 = bsel[i] * bt, t1 = t0 + bt < n ? t0 + bt : n;
-                kvtr_score_range(p, r->layer, b, h, t0, t1, qs, m, L + (int64_t)g0 * n, n);
-                for (int t = t0; t < t1; t++) sel[count++] = t;
-            }
-        } else {
-            const float *x = L + (int64_t)g0 * n;
-            if (m > 1) { kvtr_group_reduce(p, x, n, m, n, rr); x = rr; }
-            count = kvt_topk_indices(x, n, k, tmp, sel);
-            if (p->mode == KVT_SELECT_MASS) count = kvt_mass_cut(x, n, sel, count, p->tau, pairs);
+    int count;
+    if (p->mode == KVT_SELECT_ALL) {
+        for (int t = 0; t < n; t++) sel[t] = t;
+        count = n;
+    } else if (p->mode == KVT_SELECT_BLOCKS) {
+        int bt = p->block[h];
+        int nb = kvtr_block_scores(r, b, h, 0, G, bt, rr, mnmx, prob);
+        int32_t *bsel = (int32_t *)pairs;
+        int nsb = kvt_topk_indices(rr, nb, (k + bt - 1) / bt, tmp, bsel);
+        count = 0;
+        const float *qs = r->q + qh0 * D;
+        for (int i = 0; i < nsb; i++) {
+            int t0 = bsel[i] * bt, t1 = t0 + bt < n ? t0 + bt : n;
+            kvtr_score_range(p, r->layer, b, h, t0, t1, qs, G, L, n);
+            for (int t = t0; t < t1; t++) sel[count++] = t;
         }
-        for (int g = 0; g < m; g++)
-            for (int j = 0; j < count; j++)
-                X[(int64_t)g * count + j] = L[(int64_t)(g0 + g) * n + sel[j]];
-        kvtr_attend(r, b, h, g0, m, X, sel, count, prob, acc, (const void **)pairs, tmp, tid);
+    } else {
+        const float *x = L;
+        if (p->need_lse) kvtr_lse_rows(p, item, L, n, G, n);
+        if (G > 1) { kvtr_group_reduce(p, L, n, G, n, rr, p->lse_sel + qh0); x = rr; }
+        count = kvt_topk_indices(x, n, k, tmp, sel);
+        if (p->mode == KVT_SELECT_MASS) count = kvtr_mass_cut(p, item, G, L, n, x, sel, count, prob, pairs, (double *)acc);
     }
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < count; j++)
+            X[(int64_t)g * count + j] = L[(int64_t)g * n + sel[j]];
+    kvtr_attend(r, b, h, 0, G, X, sel, count, prob, acc, (const void **)pairs, tmp, tid);
 }
 
 /* ---- the candidate band of a long set, in parallel (q16 split path) ----
@@ -155,7 +205,7 @@ static void select_lo_task(void *c, int64_t s, int tid) {
     kvt_set_state *st = &p->sets[s];
     st->nlo = 0;
     const int n = p->ntok[b];
-    if (!kvt_sampled_floor(set_logits(p, bh, g0, n), n, p->budget[bh], p->scratch + (int64_t)tid * p->scratch_floats,
+    if (!kvt_sampled_floor(set_logits(p, bh, n), n, p->budget[bh], p->scratch + (int64_t)tid * p->scratch_floats,
                            &st->lo))
         return;
     const int nr = n / KVT_LO_RANGE; /* >= 2: the floor needs n >= 4096 */
@@ -174,7 +224,7 @@ void kvtr_select_collect_task(void *c, int64_t item, int tid) {
     kvt_set_state *st = &p->sets[s];
     const int n = p->ntok[b], share = p->set_cap[s] / st->nlo;
     const int t0 = (int)((int64_t)ri * n / st->nlo), t1 = (int)((int64_t)(ri + 1) * n / st->nlo);
-    const float *x = set_logits(p, bh, g0, n), lo = st->lo;
+    const float *x = set_logits(p, bh, n), lo = st->lo;
     int32_t *dst = set_buffers(p, s).cand + (int64_t)ri * share;
     int found = 0;
     for (int t = t0; t < t1; t++) {
@@ -187,17 +237,18 @@ void kvtr_select_collect_task(void *c, int64_t item, int tid) {
         kvtr_select_task(r, s, tid); /* the set's last range: its band */
 }
 
-/* Fused select (q16 split path), once every logit of kv item bh is in: each of its
- * sets' sampled floor; a set with ranges to collect is selected by the last of them
- * (st->left counts them), any other at once. */
+/* Fused select (q16 split path), once every logit of kv item bh is in: its heads' log-sum-exp
+ * and per_qhead's reduced row where the plan needs them, then its set's sampled floor; a set
+ * with ranges to collect is selected by the last of them (st->left counts them), any other at
+ * once. */
 void kvtr_kv_item_scored(run_ctx *r, int64_t bh, int tid) {
     kvt_plan_state *p = r->p;
-    for (int64_t s = bh * p->nsub; s < (bh + 1) * p->nsub; s++) {
-        kvt_set_state *st = &p->sets[s];
-        select_lo_task(r, s, tid);
-        if (st->nlo == 0) kvtr_select_task(r, s, tid);
-        else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
-    }
+    if (p->need_lse) kvtr_lse_items(p, bh);
+    if (p->reduce == KVT_PER_QHEAD) qhead_row(p, bh);
+    kvt_set_state *st = &p->sets[bh];
+    select_lo_task(r, bh, tid);
+    if (st->nlo == 0) kvtr_select_task(r, bh, tid);
+    else atomic_store_explicit(&st->left, st->nlo, memory_order_relaxed);
 }
 
 /* The band from the tokens kvtr_select_collect_task found: their count, or -1 when the
@@ -230,7 +281,7 @@ static int band_from_collected(kvt_plan_state *p, int64_t s, const float *x, int
 void kvtr_select_task(void *c, int64_t s, int tid) {
     run_ctx *r = c;
     kvt_plan_state *p = r->p;
-    const int m = p->nsub > 1 ? 1 : p->G;
+    const int m = p->G;
     int b, h, g0;
     int64_t bh, qh0;
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
@@ -241,7 +292,7 @@ void kvtr_select_task(void *c, int64_t s, int tid) {
         kvtr_write_empty(r, qh0, m);
         return;
     }
-    float *x = set_logits(p, bh, g0, n), *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    float *x = set_logits(p, bh, n), *sc = p->scratch + (int64_t)tid * p->scratch_floats;
     set_bufs sb = set_buffers(p, s);
     const int cap = p->set_cap[s];
     int cnt = 0;

@@ -1,5 +1,5 @@
 /* Token selection: quickselect-based top-k (O(n), no full sort, branch-free
- * partitions) and the softmax-mass cut. */
+ * partitions) and the softmax-mass cut of every query head of a set. */
 #include <math.h>
 #include <stdlib.h>
 #include "kvt_engine_internal.h"
@@ -115,57 +115,60 @@ static int partition_pairs(pair_t *pr, int lo, int hi, float pv, int ge) {
     return j;
 }
 
-static double mass_of(const pair_t *pr, int lo, int hi, float m) {
-    double s = 0.0;
-    for (int i = lo; i < hi; i++) s += exp((double)(pr[i].v - m));
-    return s;
+/* acc[g] += sum of P[g * ps + pr[i].i] over i in [lo, hi) */
+static void add_heads(const pair_t *pr, int lo, int hi, const float *P, int64_t ps, int G, double *acc) {
+    for (int g = 0; g < G; g++) {
+        const float *pg = P + (int64_t)g * ps;
+        double a = 0.0;
+        for (int i = lo; i < hi; i++) a += pg[pr[i].i];
+        acc[g] += a;
+    }
 }
 
-/* The largest values of r[idx[0..count)], fewest first reaching tau * z of the mass
- * exp(r - m), stay in idx (in their order). A selection by mass, not a sort: each
- * round splits the range at a pivot; the part above it either reaches the mass (the
- * answer is inside it) or is kept whole and the search goes on below. Values equal
- * to the pivot count one by one. Expected O(count). */
-int kvt_mass_keep(const float *r, int32_t *idx, int count, float tau, float m, double z, float *pairs) {
+static int all_reach(const double *acc, const double *add, int G, double need) {
+    for (int g = 0; g < G; g++)
+        if (acc[g] + (add ? add[g] : 0.0) < need) return 0;
+    return 1;
+}
+
+/* A selection by mass, not a sort, as a quickselect: each round splits the range at a
+ * pivot; the part above it either brings every head to tau (the answer is inside it) or
+ * is kept whole and the search goes on below. Values equal to the pivot count one by
+ * one. Expected O(G * count). */
+int kvt_mass_keep_heads(const float *r, int32_t *idx, int count, const float *P, int64_t ps, int G, float tau,
+                        float *pairs, double *acc2) {
     if (count == 0) return 0;
     pair_t *pr = (pair_t *)pairs;
     for (int j = 0; j < count; j++) { pr[j].v = r[idx[j]]; pr[j].i = j; }
-    const double need = (double)tau * z;
-    double acc = 0.0; /* mass of pr[0..lo), all kept */
+    double *acc = acc2, *above = acc2 + G; /* mass of pr[0..lo) per head, all kept; of the part above the pivot */
+    for (int g = 0; g < G; g++) acc[g] = 0.0;
+    const double need = (double)tau;
     int lo = 0, hi = count, keep = -1;
     while (hi - lo > 16) {
         const float pv = med3(pr[lo].v, pr[lo + (hi - lo) / 2].v, pr[hi - 1].v);
         const int gt = partition_pairs(pr, lo, hi, pv, 0);
-        const double above = mass_of(pr, lo, gt, m);
-        if (acc + above >= need) { hi = gt; continue; }
+        for (int g = 0; g < G; g++) above[g] = 0.0;
+        add_heads(pr, lo, gt, P, ps, G, above);
+        if (all_reach(acc, above, G, need)) { hi = gt; continue; }
         const int eq = partition_pairs(pr, gt, hi, pv, 1);
         if (eq == gt) break; /* a NaN pivot: the sort below decides */
-        acc += above;
-        const double w = exp((double)(pv - m));
+        for (int g = 0; g < G; g++) acc[g] += above[g];
         int j = gt;
-        while (j < eq && acc < need) { acc += w; j++; }
-        if (acc >= need) { keep = j; break; }
+        while (j < eq && !all_reach(acc, NULL, G, need)) { add_heads(pr, j, j + 1, P, ps, G, acc); j++; }
+        if (all_reach(acc, NULL, G, need)) { keep = j; break; }
         lo = eq;
     }
     if (keep < 0) { /* a short range (or NaNs): sorted, then summed in order */
         qsort(pr + lo, (size_t)(hi - lo), sizeof(pair_t), by_value_desc);
         keep = hi;
         for (int j = lo; j < hi; j++) {
-            acc += exp((double)(pr[j].v - m));
-            if (acc >= need) { keep = j + 1; break; }
+            add_heads(pr, j, j + 1, P, ps, G, acc);
+            if (all_reach(acc, NULL, G, need)) { keep = j + 1; break; }
         }
     }
-    /* mark the kept positions, then compact idx in its own order */
     for (int j = 0; j < keep; j++) idx[pr[j].i] = -idx[pr[j].i] - 1;
     int c = 0;
     for (int j = 0; j < count; j++)
         if (idx[j] < 0) idx[c++] = -idx[j] - 1;
     return c;
-}
-
-int kvt_mass_cut(const float *r, int n, int32_t *sel, int count, float tau, float *pairs) {
-    if (count == 0) return 0;
-    float m = -INFINITY;
-    for (int t = 0; t < n; t++) m = kvt_maxf(m, r[t]);
-    return kvt_mass_keep(r, sel, count, tau, m, kvt_k->sum_exp(r, n, m, INFINITY), pairs);
 }

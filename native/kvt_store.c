@@ -82,9 +82,9 @@ static int32_t validate_desc(const kvt_store_desc *d) {
     if (d->head_dim % 16 != 0 || d->head_dim > 1024)
         return kvt_err(KVT_ERR_VALUE, "store desc: expected head_dim a multiple of 16 and <= 1024, got %d",
                        d->head_dim);
-    if (d->key_format < KVT_KEY_BF16 || d->key_format > KVT_KEY_INT4)
-        return kvt_err(KVT_ERR_VALUE, "store desc: expected key_format 0 (bf16), 1 (int8) or 2 (int4), got %d",
-                       d->key_format);
+    if (d->key_format < KVT_KEY_BF16 || d->key_format > KVT_KEY_INT8_CHANNEL)
+        return kvt_err(KVT_ERR_VALUE, "store desc: expected key_format 0 (bf16), 1 (int8), 2 (int4) or 3 "
+                       "(int8_channel), got %d", d->key_format);
     if (d->value_format < KVT_VAL_BF16 || d->value_format > KVT_VAL_INT8)
         return kvt_err(KVT_ERR_VALUE, "store desc: expected value_format 0 (bf16) or 1 (int8), got %d",
                        d->value_format);
@@ -127,6 +127,7 @@ int32_t kvt_store_open(const kvt_store_desc *desc, int32_t *handle) {
     switch (desc->key_format) {
     case KVT_KEY_BF16: s->key_tok = 2 * D; s->kscale_tok = 0; s->d.key_scales = NULL; break;
     case KVT_KEY_INT8: s->key_tok = D; s->kscale_tok = 1; break;
+    case KVT_KEY_INT8_CHANNEL: s->key_tok = D; s->kscale_tok = 0; s->chan_scales = 1; break;
     default: s->key_tok = D / 2; s->kscale_tok = D / desc->key_group; break;
     }
     s->val_tok = desc->value_format == KVT_VAL_BF16 ? 2 * D : D;
@@ -198,6 +199,30 @@ static float quant_sym(const float *x, int n, int qmax, int8_t *q) {
     return scale;
 }
 
+/* int8_channel, one (page, head) block from each channel's min and max over its tokens:
+ * the zero point z = bf16((min + max) / 2) and the scale max|x - z| / 127 rounded up to
+ * bf16 (so that every |x - z| / scale <= 127, up to float rounding), written to c as
+ * [scales | zero points]; cinv the scales' float inverse (0 where a channel is constant). */
+static void chan_scales(const float *mn, const float *mx, int D, uint16_t *c, float *cinv) {
+    for (int d = 0; d < D; d++) {
+        c[D + d] = kvt_f32_to_bf16(0.5f * mn[d] + 0.5f * mx[d]);
+        const float z = kvt_bf16_to_f32(c[D + d]);
+        c[d] = kvt_f32_to_bf16_up(kvt_maxf(mx[d] - z, z - mn[d]) / 127.f);
+        const float sc = kvt_bf16_to_f32(c[d]);
+        cinv[d] = sc > 0.f ? 1.f / sc : 0.f;
+    }
+}
+
+/* q = round((x - z) * cinv) per channel (half to even, as quant_sym), clamped to
+ * [-127, 127]: the clamp only absorbs float rounding. */
+static void quant_chan(const float *x, int D, const float *z, const float *cinv, int8_t *q) {
+    for (int d = 0; d < D; d++) {
+        float r = ((x[d] - z[d]) * cinv[d] + 12582912.f) - 12582912.f;
+        r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+        q[d] = (int8_t)(int)r;
+    }
+}
+
 static void load_row(const void *src, int32_t src_dtype, int64_t off, int D, float *dst) {
     if (src_dtype == KVT_SRC_F32) {
         memcpy(dst, (const float *)src + off, (size_t)D * sizeof(float));
@@ -215,6 +240,10 @@ void kvt_dequant_key_row(const kvt_store *s, int64_t lph, int t, float *o) {
         for (int d = 0; d < D; d++) o[d] = kvt_bf16_to_f32(((const uint16_t *)kp)[d]);
     } else if (s->d.key_format == KVT_KEY_INT8) {
         for (int d = 0; d < D; d++) o[d] = (float)((const int8_t *)kp)[d] * ks[t];
+    } else if (s->chan_scales) {
+        const uint16_t *c = kvt_kchan_ptr(s, lph);
+        for (int d = 0; d < D; d++)
+            o[d] = (float)((const int8_t *)kp)[d] * kvt_bf16_to_f32(c[d]) + kvt_bf16_to_f32(c[D + d]);
     } else {
         int grp = s->d.key_group;
         const float *sc = ks + (int64_t)t * (D / grp);
@@ -274,6 +303,19 @@ static void append_block(const append_ctx *a, int32_t i, int hh) {
     float *vsp = (float *)kvt_vscale_ptr(s, lph);
     uint16_t *sum = (uint16_t *)kvt_summary_ptr(s, a->layer, a->ids[i], hh);
     float mn[1024], mx[1024];
+    float cinv[1024], zp[1024]; /* int8_channel: 1 / each channel's scale, and its zero point */
+    if (s->chan_scales) {
+        uint16_t *c = (uint16_t *)kvt_kchan_ptr(s, lph);
+        for (int t = 0; t < T; t++) {
+            load_row(a->k, a->src, (((int64_t)i * H + hh) * T + t) * D, D, x);
+            for (int d = 0; d < D; d++) {
+                mn[d] = t ? kvt_minf(mn[d], x[d]) : x[d];
+                mx[d] = t ? kvt_maxf(mx[d], x[d]) : x[d];
+            }
+        }
+        chan_scales(mn, mx, D, c, cinv);
+        for (int d = 0; d < D; d++) zp[d] = kvt_bf16_to_f32(c[D + d]);
+    }
     for (int t = 0; t < T; t++) {
         int64_t off = (((int64_t)i * H + hh) * T + t) * D;
         load_row(a->k, a->src, off, D, x);
@@ -290,6 +332,8 @@ static void append_block(const append_ctx *a, int32_t i, int hh) {
             for (int d = 0; d < D; d++) o[d] = kvt_f32_to_bf16(x[d]);
         } else if (s->d.key_format == KVT_KEY_INT8) {
             ksp[t] = quant_sym(x, D, 127, (int8_t *)kp + (int64_t)t * D);
+        } else if (s->chan_scales) {
+            quant_chan(x, D, zp, cinv, (int8_t *)kp + (int64_t)t * D);
         } else {
             int grp = s->d.key_group;
             for (int g0 = 0; g0 < D; g0 += grp)
@@ -452,6 +496,48 @@ int32_t kvt_dequant_values(int32_t h, int32_t layer, int32_t n, const int32_t *i
     return dequant(h, layer, n, ids, out, 0);
 }
 
+/* int8_channel rows of one page, whose channel scales and zero points are c: the scores
+ * are q'.k + q.z with q' = q * scale per channel, from the int8 kernel with unit token
+ * scales, in blocks of KVT_CHAN_HEADS query heads and KVT_ONES tokens */
+#define KVT_CHAN_HEADS 8
+const float kvt_ones[KVT_ONES] = {[0 ... KVT_ONES - 1] = 1.f};
+
+/* o[d] = bf16 c[d] as float: a shift, in a loop that vectorizes */
+static inline void bf16_row(const uint16_t *restrict c, int D, float *restrict o) {
+    for (int d = 0; d < D; d++) {
+        const uint32_t u = (uint32_t)c[d] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        o[d] = f;
+    }
+}
+
+static inline void mul_row(const float *restrict a, const float *restrict b, int D, float *restrict o) {
+    for (int d = 0; d < D; d++) o[d] = a[d] * b[d];
+}
+
+void kvt_score_rows_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *c, int n, const float *q, int G,
+                         float *out, int64_t os) {
+    const int D = s->d.head_dim;
+    float cf[1024], zf[1024], qc[KVT_CHAN_HEADS * 1024], off[KVT_CHAN_HEADS];
+    bf16_row(c, D, cf);
+    bf16_row(c + D, D, zf);
+    for (int g0 = 0; g0 < G; g0 += KVT_CHAN_HEADS) {
+        const int gn = G - g0 < KVT_CHAN_HEADS ? G - g0 : KVT_CHAN_HEADS;
+        const float *qg = q + (int64_t)g0 * D;
+        for (int g = 0; g < gn; g++) mul_row(qg + (int64_t)g * D, cf, D, qc + g * D);
+        kvt_k->dot_f32(zf, D, qg, gn, 1.f, off); /* q . z per head */
+        for (int t0 = 0; t0 < n; t0 += KVT_ONES) {
+            const int tn = n - t0 < KVT_ONES ? n - t0 : KVT_ONES;
+            kvt_k->score_i8((const int8_t *)kp + (int64_t)t0 * D, kvt_ones, tn, D, qc, gn, out + g0 * os + t0, os);
+        }
+        for (int g = 0; g < gn; g++) {
+            float *o = out + (g0 + g) * os;
+            for (int t = 0; t < n; t++) o[t] += off[g];
+        }
+    }
+}
+
 void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int n, const float *q, int G,
                     float *out, int64_t os) {
     const int D = s->d.head_dim;
@@ -464,6 +550,11 @@ void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int 
 
 void kvt_score_page(const kvt_store *s, int64_t lph, int t0, int n, const float *q, int G,
                     float *out, int64_t os) {
+    if (s->chan_scales) {
+        kvt_score_rows_chan(s, kvt_key_ptr(s, lph) + (int64_t)t0 * s->key_tok, kvt_kchan_ptr(s, lph), n, q, G, out,
+                            os);
+        return;
+    }
     const float *ks = kvt_kscale_ptr(s, lph);
     kvt_score_rows(s, kvt_key_ptr(s, lph) + (int64_t)t0 * s->key_tok, ks ? ks + (int64_t)t0 * s->kscale_tok : NULL,
                    n, q, G, out, os);

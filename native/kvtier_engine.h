@@ -25,7 +25,9 @@ enum {
     KVT_ERR_TIMEOUT = 8      /* kvt_serve: a job's query never arrived */
 };
 
-enum { KVT_KEY_BF16 = 0, KVT_KEY_INT8 = 1, KVT_KEY_INT4 = 2 };
+/* INT8_CHANNEL: int8 keys with one scale per channel of each (page, kv-head), as KIVI
+ * quantizes keys: an outlier channel no longer takes the int8 range of the others */
+enum { KVT_KEY_BF16 = 0, KVT_KEY_INT8 = 1, KVT_KEY_INT4 = 2, KVT_KEY_INT8_CHANNEL = 3 };
 enum { KVT_VAL_BF16 = 0, KVT_VAL_INT8 = 1 };
 enum { KVT_SRC_F32 = 0, KVT_SRC_BF16 = 1 };
 enum { KVT_SELECT_TOPK = 0, KVT_SELECT_MASS = 1, KVT_SELECT_BLOCKS = 2, KVT_SELECT_ALL = 3 };
@@ -48,7 +50,8 @@ typedef struct kvt_store_desc {
     int32_t key_group;      /* INT4 keys: channels per scale */
     int32_t summary_tokens; /* tokens per min/max summary chunk */
     void *keys;             /* see native/README.md for shapes */
-    float *key_scales;      /* NULL for BF16 keys */
+    void *key_scales;       /* NULL for BF16 keys; f32 per token (INT8) or per token and group (INT4);
+                               bf16 [L, P, H, D] (INT8_CHANNEL) */
     void *values;
     float *value_scales;    /* NULL for BF16 values */
     uint16_t *summary;      /* bf16 [L, H, P, T/S, 2, D] */

@@ -32,6 +32,9 @@ def ref_keys(store, layer, pages):
         return store.keys[layer, pages].double()
     if store.key_format is N.KeyFormat.INT8:
         return store.keys[layer, pages].double() * store.key_scales[layer, pages].double()[..., None]
+    if store.key_format is N.KeyFormat.INT8_CHANNEL:  # a scale and a zero point per channel of each (page, head)
+        sc = store.key_scales[layer, pages].double()  # [np, H, 2, D]
+        return store.keys[layer, pages].double() * sc[:, :, None, 0] + sc[:, :, None, 1]
     b = store.keys[layer, pages].to(torch.int16)
     lo = ((b & 0xF) ^ 8) - 8
     hi = ((b >> 4) ^ 8) - 8
@@ -51,6 +54,41 @@ def flat(x, n):  # [np, H, T, D] -> [H, n, D]
     return x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[3])[:, :n]
 
 
+def ref_reduce(x, lse, reduce):
+    """The group's ranking of tokens from its heads' logits x [G, n]: their max or mean, or
+    per_qhead the max of each head's logit less its log-sum-exp lse [G] (with one head, its
+    own logits: the engine plans per_qhead of one head as max)."""
+    if reduce == "mean":
+        return x.mean(0)
+    if reduce == "per_qhead" and x.shape[0] > 1:
+        return (x - lse[:, None]).amax(0)
+    return x.amax(0)
+
+
+def ref_bound_reduce(ub, reduce):
+    """The same over upper bounds ub [G, m] (blocks, prefilter chunks): per_qhead shifts each head
+    by its own largest bound."""
+    if reduce == "per_qhead" and ub.shape[0] > 1:
+        return (ub - ub.amax(1, keepdim=True)).amax(0)
+    return ub.mean(0) if reduce == "mean" else ub.amax(0)
+
+
+def ref_topk(v, k):
+    """Indices of the k largest of v, ties taken in index order as the engine takes them (per_qhead's
+    shifted bounds tie at 0 for each head's best block or chunk)."""
+    return torch.sort(-v, stable=True).indices[:k]
+
+
+def ref_mass_keep(sel, r, P, tau):
+    """MASS: of the top tokens sel (their ranking values r[sel]), the smallest prefix by descending r
+    holding tau of every head's mass; P [G, len(sel)] each head's probability of each of sel. All of
+    sel when a head never reaches tau."""
+    order = torch.argsort(r[sel], descending=True, stable=True)
+    ok = (torch.cumsum(P[:, order], 1) >= tau).all(0)
+    keep = int(ok.nonzero()[0]) + 1 if bool(ok.any()) else len(sel)
+    return sel[order[:keep]]
+
+
 def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
     """Tokens the prefilter keeps: those of the summary chunks with the best key upper bound."""
     S, D = store.summary_tokens, qs.shape[-1]
@@ -60,8 +98,8 @@ def ref_candidates(store, layer, pages, h, qs, n, k, prefilter, reduce):
         return torch.arange(n)
     summ = store.summary[layer, h, pages.long()].double().reshape(-1, 2, D)[:nc]  # [nc, 2, D]
     ub = torch.maximum(qs[:, None] * summ[None, :, 0], qs[:, None] * summ[None, :, 1]).sum(-1)  # [m, nc]
-    ub = ub.mean(0) if reduce == "mean" else ub.amax(0)
-    chosen = torch.sort(torch.topk(ub, want).indices).values
+    ub = ref_bound_reduce(ub, reduce)
+    chosen = torch.sort(ref_topk(ub, want)).values
     return torch.cat([torch.arange(c * S, min((c + 1) * S, n)) for c in chosen.tolist()])
 
 
@@ -85,7 +123,12 @@ def ref_residual(K, V, qg, sel, n, S, sm, cap):
 
 
 def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, blocks, tau, sm, cap,
-                  prefilter=0.0, residual=False):
+                  prefilter=0.0, residual=False, sel_logits=None):
+    """Float64 attention of the engine's selection rule: one selection per (request, kv-head),
+    shared by its query heads. A head's log-sum-exp (per_qhead's shift, MASS's normalizer) is
+    over every host token of sel_logits [B, Hq, n_max] when given (the engine's selection-stage
+    logits, `Engine.score`), else of the exact logits; with the prefilter, of the candidates'
+    exact logits."""
     B, Hq, D = q.shape
     Hkv = store.kv_heads
     G = Hq // Hkv
@@ -105,47 +148,44 @@ def ref_attention(store, layer, table, offs, ntok, q, *, mode, reduce, budget, b
             logit = (qg @ K[h].T) * sm
             if cap > 0:
                 logit = cap * torch.tanh(logit / cap)
-            sets = [(g, g + 1) for g in range(G)] if reduce == "per_qhead" else [(0, G)]
             k = n if mode == "all" else int(budget[b, h])
-            for g0, g1 in sets:
-                r = logit[g0:g1].amax(0) if reduce != "mean" else logit[g0:g1].mean(0)
-                if mode == "all":
-                    sel = torch.arange(n)
-                elif mode == "blocks":
-                    bt = int(blocks[h])
-                    S = store.summary_tokens
-                    summ = store.summary[layer, h, pages.long()].double()  # [np, T/S, 2, D]
-                    summ = summ.reshape(-1, 2, D)[: (n + S - 1) // S]
-                    nb = (n + bt - 1) // bt
-                    ub = []
-                    for bi in range(nb):
-                        c = summ[bi * bt // S: min((bi + 1) * bt, n + S - 1) // S]
-                        mn, mx = c[:, 0].amin(0), c[:, 1].amax(0)
-                        u = torch.maximum(qg[g0:g1] * mn, qg[g0:g1] * mx).sum(-1) * sm
-                        ub.append(u.mean() if reduce == "mean" else u.max())
-                    ub = torch.stack(ub)
-                    chosen = torch.topk(ub, min(nb, -(-k // bt))).indices
-                    sel = torch.cat([torch.arange(c * bt, min((c + 1) * bt, n)) for c in chosen.tolist()])
+            if mode == "all":
+                sel = torch.arange(n)
+            elif mode == "blocks":
+                bt = int(blocks[h])
+                S = store.summary_tokens
+                summ = store.summary[layer, h, pages.long()].double()  # [np, T/S, 2, D]
+                summ = summ.reshape(-1, 2, D)[: (n + S - 1) // S]
+                nb = (n + bt - 1) // bt
+                ub = []
+                for bi in range(nb):
+                    c = summ[bi * bt // S: min((bi + 1) * bt, n + S - 1) // S]
+                    mn, mx = c[:, 0].amin(0), c[:, 1].amax(0)
+                    ub.append(torch.maximum(qg * mn, qg * mx).sum(-1) * sm)
+                ub = ref_bound_reduce(torch.stack(ub, 1), reduce)
+                chosen = ref_topk(ub, min(nb, -(-k // bt)))
+                sel = torch.cat([torch.arange(c * bt, min((c + 1) * bt, n)) for c in chosen.tolist()])
+            else:
+                cand = ref_candidates(store, layer, pages, h, qg, n, k, prefilter, reduce)
+                if prefilter > 0:
+                    ls = torch.logsumexp(logit[:, cand], 1)
+                elif sel_logits is not None:
+                    ls = torch.logsumexp(sel_logits[b, h * G:(h + 1) * G, :n].double(), 1)
                 else:
-                    cand = ref_candidates(store, layer, pages, h, qg[g0:g1], n, k, prefilter, reduce)
-                    # without the prefilter, mass is normalized over every host token
-                    probs = torch.softmax(r[cand], 0)
-                    pick = torch.topk(r[cand], min(k, len(cand))).indices
-                    sel = cand[pick]
-                    if mode == "mass":
-                        p = probs[pick]
-                        order = torch.argsort(p, descending=True)
-                        cum = torch.cumsum(p[order], 0)
-                        keep = int((cum < tau).sum()) + 1
-                        sel = sel[order[: min(keep, len(sel))]]
-                sel = torch.sort(sel).values
-                rx, rv = ref_residual(K[h], V[h], qg[g0:g1], sel, n, store.summary_tokens, sm, cap) \
-                    if residual else (torch.zeros(g1 - g0, 0, dtype=torch.float64), V[h, :0])
-                for g in range(g0, g1):
-                    x = torch.cat([logit[g, sel], rx[g - g0]])
-                    lse[b, h * G + g] = torch.logsumexp(x, 0)
-                    out[b, h * G + g] = torch.softmax(x, 0) @ torch.cat([V[h, sel], rv])
-                    sels[b][h * G + g] = sel.tolist()
+                    ls = torch.logsumexp(logit, 1)
+                r = ref_reduce(logit, ls, reduce)
+                pick = ref_topk(r[cand], min(k, len(cand)))
+                sel = cand[pick]
+                if mode == "mass":
+                    sel = ref_mass_keep(sel, r, torch.exp(logit[:, sel] - ls[:, None]), tau)
+            sel = torch.sort(sel).values
+            rx, rv = ref_residual(K[h], V[h], qg, sel, n, store.summary_tokens, sm, cap) \
+                if residual else (torch.zeros(G, 0, dtype=torch.float64), V[h, :0])
+            for g in range(G):
+                x = torch.cat([logit[g, sel], rx[g]])
+                lse[b, h * G + g] = torch.logsumexp(x, 0)
+                out[b, h * G + g] = torch.softmax(x, 0) @ torch.cat([V[h, sel], rv])
+                sels[b][h * G + g] = sel.tolist()
     return out, lse, sels
 
 
@@ -182,8 +222,10 @@ def run_both(store, table, offs, ntok, q, *, mode="topk", reduce="max", budget=N
                  block_tokens=blocks, mass_threshold=tau, sm_scale=sm, soft_cap=cap, prefilter=prefilter,
                  residual=residual)
         res = eng.run(layer, q, return_selection=True)
+        scores = eng.score(layer, q)  # the selection-stage logits the run ranked by
     ref = ref_attention(store, layer, table, offs, ntok, q, mode=mode, reduce=reduce, budget=budget,
-                        blocks=blocks, tau=tau, sm=sm, cap=cap, prefilter=prefilter, residual=residual)
+                        blocks=blocks, tau=tau, sm=sm, cap=cap, prefilter=prefilter, residual=residual,
+                        sel_logits=scores)
     return res, ref
 
 

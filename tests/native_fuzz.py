@@ -39,7 +39,7 @@ HUGE = (2**31 - 1, 2**31, 2**63 - 1)
 
 def draw_store(rng: random.Random, g: torch.Generator, *, tokens: int, layers: int | None = None):
     """A store of random format holding `tokens` host tokens (plus spare pages), every page written."""
-    kf = rng.choice(("bf16", "int8", "int8", "int4", "int4"))
+    kf = rng.choice(("bf16", "int8", "int8", "int8_channel", "int8_channel", "int4", "int4"))
     vf = rng.choice(("bf16", "int8"))
     D = rng.choice((16, 32, 48, 64, 64, 128, 256) if tokens < 3000 else (16, 32, 64))
     T = rng.choice((4, 8, 16, 16, 32, 64))
@@ -126,7 +126,8 @@ def case_attend(rng: random.Random, g: torch.Generator) -> str:
             again = eng.run(layer, q, return_selection=True)
             if not (torch.equal(again.out, res.out) and torch.equal(again.sel_index, res.sel_index)):
                 raise Mismatch("a second run over the same plan and query differs from the first")
-        case = dict(store=store, layer=layer, table=table, offs=offs, ntok=ntok, q=q, sm=sm, **o)
+        case = dict(store=store, layer=layer, table=table, offs=offs, ntok=ntok, q=q, sm=sm,
+                    sel_logits=eng.score(layer, q), **o)
         used = judge(case, res)
     return "tie: " + used[0] if used else "ok"
 

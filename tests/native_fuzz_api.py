@@ -39,6 +39,10 @@ def _quant_ok(store, layer, ids, k, v) -> str | None:
     kf, G = store.key_format.value, store.key_group
     if kf == "int8":
         bound = k.abs().amax(-1, keepdim=True) / 127 / 2
+    elif kf == "int8_channel":  # per channel of each page: half its range around the bf16 zero point, / 127
+        mn, mx = k.amin(-2, keepdim=True), k.amax(-2, keepdim=True)
+        z = ((mn + mx) / 2).bfloat16().float()
+        bound = torch.maximum(mx - z, z - mn) / 127 * (1 + 2.0**-7) / 2
     elif kf == "int4":
         bound = (k.unflatten(-1, (-1, G)).abs().amax(-1) / 7 / 2).repeat_interleave(G, -1)
     else:
@@ -60,7 +64,7 @@ def case_store(rng: random.Random, g: torch.Generator) -> str:
     """Appends (valid, NaN/Inf, repeated or bad ids, bad layers) and dequantization."""
     D = rng.choice((16, 32, 64, 128))
     T = rng.choice((4, 8, 16))
-    kf = rng.choice(("bf16", "int8", "int4"))
+    kf = rng.choice(("bf16", "int8", "int8_channel", "int4"))
     store = N.HostStoreView.allocate(
         n_layers=rng.choice((1, 2)), n_pages=rng.randint(2, 9), kv_heads=rng.choice((1, 2, 3)), page_tokens=T,
         head_dim=D, key_format=kf, value_format=rng.choice(("bf16", "int8")),
@@ -305,7 +309,7 @@ def case_handbuilt(rng: random.Random, g: torch.Generator) -> str:
     """HostStoreView(...) over given buffers: a wrong one is refused by name, right ones work."""
     D = rng.choice((16, 32, 64))
     T = rng.choice((8, 16))
-    kf, vf = rng.choice(("bf16", "int8", "int4")), rng.choice(("bf16", "int8"))
+    kf, vf = rng.choice(("bf16", "int8", "int8_channel", "int4")), rng.choice(("bf16", "int8"))
     dims = dict(n_layers=rng.choice((1, 2)), n_pages=rng.randint(1, 5), kv_heads=rng.choice((1, 2)), page_tokens=T,
                 head_dim=D, key_format=kf, value_format=vf, key_group=rng.choice((2, 8, D)) if kf == "int4" else 32,
                 summary_tokens=rng.choice((4, 8)))

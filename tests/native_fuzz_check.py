@@ -5,7 +5,8 @@ where float32 and float64 rounding may order things differently, and its out and
 must equal float64 attention over the engine's own selection. The explanations
 admitted, each at its own cut and within the float rounding of the sums involved
 (`tol_*`), are the ones native/README.md states: two tokens a few ulp apart at the
-k-th logit, the mass cut landing on the other side of tau, two blocks (BLOCKS) or two
+k-th logit, the mass cut landing on the other side of tau (every head's mass as the engine
+normalizes it: over its selection-stage logits, `Engine.score`), two blocks (BLOCKS) or two
 summary chunks (prefilter) whose upper bounds tie at the cut. `judge` returns the
 explanations it used; anything else raises Mismatch.
 """
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from native_cases import flat, ref_keys, ref_values
+from native_cases import flat, ref_bound_reduce, ref_keys, ref_mass_keep, ref_reduce, ref_topk, ref_values
 
 
 class Mismatch(AssertionError):
@@ -38,7 +39,11 @@ def request_kv(case: dict, b: int):
 
 
 class SetRef:
-    """Float64 quantities of one selection set: query heads g0..g1 of request b, kv-head h."""
+    """Float64 quantities of one selection set: query heads g0..g1 of request b, kv-head h (every
+    head of the kv-head: they share one selection). A head's log-sum-exp, per_qhead's shift and
+    MASS's normalizer, is over its selection-stage logits (`case["sel_logits"]`, the engine's
+    `score`) when the case has them, else its exact ones; with the prefilter, over the
+    candidates' exact logits (`select` sets `r` and `lse` to what ranked them)."""
 
     def __init__(self, case: dict, b: int, h: int, g0: int, g1: int, KV=None):
         """KV: the request's float64 (keys, values) [H, n, D], if already at hand."""
@@ -54,7 +59,10 @@ class SetRef:
         if self.cap > 0:
             x = self.cap * torch.tanh(x / self.cap)
         self.x = x  # [m, n] exact logits
-        self.r = x.mean(0) if case["reduce"] == "mean" else x.amax(0)
+        sel_logits = case.get("sel_logits")
+        self.lse = torch.logsumexp(sel_logits[b, h * G + g0:h * G + g1, :self.n].double(), 1) \
+            if sel_logits is not None else torch.logsumexp(x, 1)
+        self.r = ref_reduce(x, self.lse, case["reduce"])
         self.tol = _tol_dot(self.qg, self.K, self.sm)
         self.summ = store.summary[layer, h, pages.long()].double().reshape(-1, 2, self.D) if len(pages) else None
         self.reduce = case["reduce"]
@@ -99,7 +107,7 @@ class SetRef:
         ub = torch.maximum(self.qg[:, None] * s[None, :, 0], self.qg[:, None] * s[None, :, 1]).sum(-1)
         terms = torch.maximum((self.qg[:, None] * s[None, :, 0]).abs(), (self.qg[:, None] * s[None, :, 1]).abs())
         tol = 4 * math.sqrt(2 * self.D) * 2.0**-24 * terms.sum(-1).amax(0) + 1e-12
-        return (ub.mean(0) if self.reduce == "mean" else ub.amax(0)), tol
+        return ref_bound_reduce(ub, self.reduce), tol
 
     def block_bounds(self, bt: int):
         """(ub [nb], tolerance) of BLOCKS: min/max over each block's summary chunks, sm-scaled, reduced."""
@@ -113,30 +121,33 @@ class SetRef:
         u = torch.maximum(self.qg[:, None] * mn, self.qg[:, None] * mx).sum(-1) * self.sm  # [m, nb]
         mag = (self.qg.abs()[:, None] * torch.maximum(mn.abs(), mx.abs())).sum(-1).amax(0)
         tol = 2 * self.D * 2.0**-24 * self.sm * mag + 1e-12
-        return (u.mean(0) if self.reduce == "mean" else u.amax(0)), tol
+        return ref_bound_reduce(u, self.reduce), tol
 
     def select(self, case: dict, k: int, h: int) -> list[int]:
         """The reference selection, as native_cases.ref_attention makes it (the same torch calls, so
         ties break alike), from this set's logits and summaries."""
-        n, r = self.n, self.r
+        n = self.n
         if case["mode"] == "all":
             return list(range(n))
         if case["mode"] == "blocks":
             bt = int(case["blocks"][h])
             ub, _ = self.block_bounds(bt)
-            chosen = torch.topk(ub, min(ub.numel(), -(-k // bt))).indices
+            chosen = ref_topk(ub, min(ub.numel(), -(-k // bt)))
             return sorted(t for c in chosen.tolist() for t in range(c * bt, min((c + 1) * bt, n)))
         cand = torch.tensor(_prefilter_candidates(self, k, case["prefilter"], loose=False)) \
             if case["prefilter"] > 0 else torch.arange(n)
-        probs = torch.softmax(r[cand], 0)
-        pick = torch.topk(r[cand], min(k, len(cand))).indices
-        sel = cand[pick]
+        if case["prefilter"] > 0:
+            self.lse = torch.logsumexp(self.x[:, cand], 1)
+            self.r = ref_reduce(self.x, self.lse, self.reduce)
+        r = self.r
+        sel = cand[ref_topk(r[cand], min(k, len(cand)))]
         if case["mode"] == "mass":
-            p = probs[pick]
-            order = torch.argsort(p, descending=True)
-            keep = int((torch.cumsum(p[order], 0) < case["tau"]).sum()) + 1
-            sel = sel[order[: min(keep, len(sel))]]
+            sel = ref_mass_keep(sel, r, torch.exp(self.x[:, sel] - self.lse[:, None]), case["tau"])
         return sorted(sel.tolist())
+
+    def mass_held(self, sel) -> float:
+        """The smallest share of a head's mass (as `lse` normalizes it) that sel holds."""
+        return float(torch.exp(self.x[:, sorted(sel)] - self.lse[:, None]).sum(1).min())
 
 
 def _token_tie(ref: SetRef, a: set, c: set) -> bool:
@@ -167,15 +178,17 @@ def _explain(case: dict, ref: SetRef, got: list[int], want: list[int], k: int, h
         return "tie at the k-th logit"
     if mode == "mass" and a != c:
         small, big = (a, c) if len(a) < len(c) else (c, a)
-        if small < big:
-            if pf > 0:
-                cand = _prefilter_candidates(ref, k, pf, loose=False)
-                p = torch.softmax(ref.r[cand], 0)
-                mass = float(p[[cand.index(t) for t in small]].sum()) if set(small) <= set(cand) else -1.0
-            else:
-                mass = float(torch.softmax(ref.r, 0)[list(small)].sum())
-            if abs(mass - case["tau"]) < 1e-3:
-                return "the mass cut on the other side of tau"
+        if small < big and abs(ref.mass_held(small) - case["tau"]) < 1e-3:
+            return "the mass cut on the other side of tau"
+        # tokens whose ranking values tie at the cut (duplicate keys, saturated soft caps) are taken in
+        # either order, and their heads' masses differ: both are cuts if every differing token ranks at
+        # the tail and each selection holds tau of every head (or is the whole top k)
+        common = a & c
+        floor = min(float(ref.r[t]) for t in common) if common else math.inf
+        tail = all(float(ref.r[t]) <= floor + 2 * float(ref.tol.max()) for t in a ^ c)
+        full = min(k, ref.n)
+        if tail and all(ref.mass_held(x) >= case["tau"] - 1e-3 or len(x) == full for x in (a, c)):
+            return "tokens tied at the mass cut"
     if mode == "blocks":
         bt = int(case["blocks"][h])
         ub, tol = ref.block_bounds(bt)
@@ -220,13 +233,12 @@ def judge(case: dict, res) -> list[str]:
     B, Hq, D = q.shape
     Hkv = store.kv_heads
     G = Hq // Hkv
-    per_q = case["reduce"] == "per_qhead"
     used = []
     for b in range(B):
         n = int(case["ntok"][b])
         KV = request_kv(case, b) if n else None
         for h in range(Hkv):
-            sets = [(g, g + 1) for g in range(G)] if per_q else [(0, G)]
+            sets = [(0, G)]  # a kv-head's query heads share one selection
             k = n if case["mode"] == "all" else min(int(case["budget"][b, h]), max(n, 1))
             for g0, g1 in sets:
                 qh = h * G + g0

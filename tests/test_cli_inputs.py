@@ -121,7 +121,7 @@ def test_validate_warns_when_the_stores_exceed_this_hosts_memory(root, capsys):
 
 
 def test_demo_refuses_what_the_policys_capacity_cannot_hold(tmp_path, capsys):
-    f = _policy(tmp_path, "host_store: {capacity_gib: 0.001}\n")
+    f = _policy(tmp_path, "host_store: {capacity_gib: 0.001, key_format: int8}\n")
     assert main(["demo", "--policy", f, "--context", "4096", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "host_store.capacity_gib 0.001 GiB holds 19 pages" in err
@@ -129,7 +129,7 @@ def test_demo_refuses_what_the_policys_capacity_cannot_hold(tmp_path, capsys):
 
 
 def test_demo_evicts_under_on_full_evict(tmp_path, capsys):
-    f = _policy(tmp_path, "host_store: {capacity_gib: 0.01, on_full: evict}\n")
+    f = _policy(tmp_path, "host_store: {capacity_gib: 0.01, on_full: evict, key_format: int8}\n")
     assert main(["demo", "--policy", f, "--context", "4096", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "host 3184 tokens" in out  # 199 pages of 16: what 0.01 GiB holds, not the 5920 asked

@@ -28,6 +28,44 @@ def test_int8_keys_per_token_bound(src):
     assert (err <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7).all()
 
 
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_int8_channel_keys_per_channel_bound(src):
+    """Per channel of each (page, kv-head) a bf16 zero point, the middle of the channel's range
+    over the page's tokens, and a bf16 scale, half that range / 127 rounded up: no key integer
+    passes 127 and each element is within half its channel's scale of the key."""
+    store, ids, k, _ = fill("int8_channel", "bf16", src=src)
+    sc = store.key_scales[1, ids.long()]  # [n, H, 2, D] bf16: scales, zero points
+    assert sc.dtype == torch.bfloat16 and sc.shape == (3, 2, 2, 128)
+    mn, mx = k.amin(2), k.amax(2)  # over the page's tokens
+    zero = sc[:, :, 1].float()
+    assert torch.equal(sc[:, :, 1], ((mn + mx) / 2).bfloat16())
+    want = torch.maximum(mx - zero, zero - mn) / 127
+    scale = sc[:, :, 0].float()
+    assert (scale >= want * (1 - 1e-6)).all() and (scale <= want * (1 + 2 ** -7) + 1e-30).all()
+    err = (store.dequant_keys(1, ids) - k).abs()
+    assert (err <= scale[:, :, None, :] / 2 * (1 + 1e-5) + 1e-6).all()
+    assert int(store.keys[1, ids.long()].abs().max()) <= 127
+    assert int(store.keys[1, ids.long()].abs().max()) >= 120  # the range is used
+
+
+def test_int8_channel_keeps_an_outlier_channel_from_flattening_the_rest():
+    """A channel 30x the others' range: per-token int8 spends its scale on it, per-channel
+    scales keep every channel's own resolution."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(4, 2, 16, 64, generator=g)
+    k[..., 7] = 30.0 + torch.randn(4, 2, 16, generator=g)
+    v = torch.randn(4, 2, 16, 64, generator=g)
+    errs = {}
+    for kf in ("int8", "int8_channel"):
+        store = N.HostStoreView.allocate(n_layers=1, n_pages=4, kv_heads=2, page_tokens=16, head_dim=64,
+                                         key_format=kf)
+        ids = torch.arange(4, dtype=torch.int32)
+        store.append(0, ids, k, v)
+        rest = [d for d in range(64) if d != 7]
+        errs[kf] = float((store.dequant_keys(0, ids) - k)[..., rest].abs().mean())
+    assert errs["int8_channel"] < errs["int8"] / 10
+
+
 @pytest.mark.parametrize("G", [16, 32, 64])
 def test_int4_keys_per_group_bound(G):
     store, ids, k, _ = fill("int4", "bf16", G=G)
@@ -96,7 +134,7 @@ def test_nbytes_and_buffers():
 
 
 @pytest.mark.parametrize("kf,vf,G", [("int8", "bf16", 32), ("int4", "int8", 32), ("int4", "bf16", 16),
-                                     ("bf16", "int8", 32), ("int8", "int8", 32)])
+                                     ("bf16", "int8", 32), ("int8", "int8", 32), ("int8_channel", "bf16", 32)])
 def test_raw_pages_dequantized_in_torch_equal_the_c_store(kf, vf, G):
     """The fast path of chunked prefill moves stored bytes and dequantizes them in torch;
     the C store's dequant is its reference, on fresh random pages of every format."""

@@ -13,8 +13,9 @@ from ._loader import NativeIndexError, NativeMemoryError, NativeValueError, chec
 
 class KeyFormat(str, enum.Enum):
     BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
+    INT8 = "int8"  # a scale per token
+    INT4 = "int4"  # a scale per token and group of key_group channels
+    INT8_CHANNEL = "int8_channel"  # a scale and a zero point per channel of each (page, kv-head), bf16
 
 
 class ValueFormat(str, enum.Enum):
@@ -22,7 +23,8 @@ class ValueFormat(str, enum.Enum):
     INT8 = "int8"
 
 
-_KEY_CODE = {KeyFormat.BF16: lib.KVT_KEY_BF16, KeyFormat.INT8: lib.KVT_KEY_INT8, KeyFormat.INT4: lib.KVT_KEY_INT4}
+_KEY_CODE = {KeyFormat.BF16: lib.KVT_KEY_BF16, KeyFormat.INT8: lib.KVT_KEY_INT8, KeyFormat.INT4: lib.KVT_KEY_INT4,
+             KeyFormat.INT8_CHANNEL: lib.KVT_KEY_INT8_CHANNEL}
 _VAL_CODE = {ValueFormat.BF16: lib.KVT_VAL_BF16, ValueFormat.INT8: lib.KVT_VAL_INT8}
 
 
@@ -79,6 +81,8 @@ def buffer_specs(n_layers, n_pages, kv_heads, page_tokens, head_dim, key_format,
         keys, kscales = (base + (head_dim,), torch.bfloat16), None
     elif kf is KeyFormat.INT8:
         keys, kscales = (base + (head_dim,), torch.int8), (base, torch.float32)
+    elif kf is KeyFormat.INT8_CHANNEL:
+        keys, kscales = (base + (head_dim,), torch.int8), (base[:3] + (2, head_dim), torch.bfloat16)
     else:
         keys, kscales = (base + (head_dim // 2,), torch.uint8), (base + (head_dim // key_group,), torch.float32)
     if vf is ValueFormat.BF16:
@@ -115,8 +119,9 @@ class StoreBuffers(NamedTuple):
 class HostStoreView:
     """A per-layer paged KV store. Buffers (layer-major, contiguous):
 
-    keys        bf16 [L,P,H,T,D] | int8 [L,P,H,T,D] | uint8 [L,P,H,T,D/2] (int4 pairs)
-    key_scales  None | f32 [L,P,H,T] | f32 [L,P,H,T,D/key_group]
+    keys        bf16 [L,P,H,T,D] | int8 [L,P,H,T,D] | uint8 [L,P,H,T,D/2] (int4 pairs) | int8 [L,P,H,T,D]
+    key_scales  None | f32 [L,P,H,T] | f32 [L,P,H,T,D/key_group] | bf16 [L,P,H,2,D] (int8_channel: per
+                channel of each page and kv-head a scale, then a zero point; key = scale * k + zero)
     values      bf16 [L,P,H,T,D] | int8 [L,P,H,T,D];  value_scales None | f32 [L,P,H,T]
     summary     bf16 [L,H,P,T/summary_tokens,2,D] (per-channel min rounded down and max rounded
                 up of the keys; head-major)
@@ -162,7 +167,7 @@ class HostStoreView:
         desc.key_format, desc.value_format = _KEY_CODE[key_format], _VAL_CODE[value_format]
         desc.key_group, desc.summary_tokens = key_group, summary_tokens
         desc.keys = C.ptr("void *", keys)
-        desc.key_scales = C.ptr("float *", key_scales)
+        desc.key_scales = C.ptr("void *", key_scales)
         desc.values = C.ptr("void *", values)
         desc.value_scales = C.ptr("float *", value_scales)
         desc.summary = C.ptr("uint16_t *", summary)
@@ -321,6 +326,9 @@ def dequant_raw_keys(raw: StoreBuffers, key_format: KeyFormat | str, key_group: 
         return k.float()
     if kf is KeyFormat.INT8:
         return k.float() * raw.key_scales.unsqueeze(-1)
+    if kf is KeyFormat.INT8_CHANNEL:  # [n, H, 2, D] (or [n, 2, D] for one head): scales, zero points
+        sc = raw.key_scales.float()
+        return k.float() * sc.select(-2, 0).unsqueeze(-2) + sc.select(-2, 1).unsqueeze(-2)
     b = k.view(torch.int8)
     low = torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4)  # sign-extended low nibble: channel 2i
     high = torch.bitwise_right_shift(b, 4)  # channel 2i + 1

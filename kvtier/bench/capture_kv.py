@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=9, help="queries of the prompt's last tokens kept (steps + 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda")
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated model layers to keep (default: every layer); the real-KV fidelity "
+                             "fixtures in tests/data keep a few, layer 0 among them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +34,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier bench capture-kv: --queries: expected 1 to --context - 1 ({args.context - 1}), found "
               f"{args.queries}", file=sys.stderr)
         return 2
-    cap = capture(args.model, task=args.task, context=args.context, queries=args.queries, seed=args.seed,
-                  device=str(resolve_device(args.device)))
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in str(args.layers).split(",")]
+        except ValueError:
+            print(f"kvtier bench capture-kv: --layers: expected comma-separated layer numbers, found "
+                  f"{str(args.layers)[:100]!r}", file=sys.stderr)
+            return 2
+    try:
+        cap = capture(args.model, task=args.task, context=args.context, queries=args.queries, seed=args.seed,
+                      device=str(resolve_device(args.device)), layers=layers)
+    except ValueError as exc:
+        print(f"kvtier bench capture-kv: {exc}", file=sys.stderr)
+        return 2
     cap.save(args.out)
     L, n, hkv, d = cap.k.shape
-    print(f"captured {args.model} {args.task}: {L} layers, {n} tokens ({cap.context} context + {cap.q.shape[1]} "
+    print(f"captured {args.model} {args.task}: {L} layers ({cap.meta['layers']}), {n} tokens ({cap.context} context + {cap.q.shape[1]} "
           f"queries), {cap.q.shape[2]} q / {hkv} kv heads, head_dim {d} -> {args.out}")
     return 0

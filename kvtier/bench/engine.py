@@ -3,8 +3,9 @@ streaming read of the same bytes through the same thread pool (the bandwidth
 ceiling) and (b) the same computation in torch on the CPU.
 
 Bytes the op must touch = keys + key scales of every host token (in the
-`--key-format` given: int8 with one scale per token, int4 with one per
-`--key-group` channels, or bf16) + the values of the selected tokens. The native engine is imported lazily so the CLI
+`--key-format` given: int8_channel with a bf16 scale per channel of each page,
+int8 with one scale per token, int4 with one per `--key-group` channels, or
+bf16) + the values of the selected tokens. The native engine is imported lazily so the CLI
 parser works without a build.
 """
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--topk", type=int, default=2048)
     parser.add_argument("--page-tokens", type=int, default=64)
-    parser.add_argument("--key-format", choices=("int8", "int4", "bf16"), default="int8",
+    parser.add_argument("--key-format", choices=("int8_channel", "int8", "int4", "bf16"), default="int8_channel",
                         help="host key format (values are bf16)")
     parser.add_argument("--key-group", type=int, default=32, help="channels per int4 key scale")
     parser.add_argument("--threads", type=int, default=0, help="0 = all online CPUs")
@@ -45,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_results_dir_argument(parser, "--out-dir")
 
 
-def key_bytes_per_token(key_format, head_dim, key_group=32):
+def key_bytes_per_token(key_format, head_dim, key_group=32, page_tokens=16):
     """Bytes of one token's key in the host store, scales included."""
+    if key_format == "int8_channel":
+        return head_dim + 4 * head_dim / page_tokens
     if key_format == "int8":
         return head_dim + 4
     if key_format == "int4":
@@ -97,6 +100,9 @@ def dequant_keys(store, pages):
 
     if store.key_format is KeyFormat.INT8:
         return store.keys[0, pages].float() * store.key_scales[0, pages][..., None]
+    if store.key_format is KeyFormat.INT8_CHANNEL:
+        sc = store.key_scales[0, pages].float()  # [np, H, 2, D]: scales, zero points
+        return store.keys[0, pages].float() * sc[:, :, None, 0] + sc[:, :, None, 1]
     if store.key_format is KeyFormat.INT4:
         b = store.keys[0, pages].to(torch.int16)
         q = torch.stack([((b & 0xF) ^ 8) - 8, ((b >> 4) ^ 8) - 8], dim=-1).flatten(-2).float()
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     torch_repeats = 3 if args.quick else 10
     n, H, G, D, k = args.tokens, args.kv_heads, args.group, args.head_dim, args.topk
     kf, kg = args.key_format, args.key_group
-    kbytes = key_bytes_per_token(kf, D, kg)
+    kbytes = key_bytes_per_token(kf, D, kg, args.page_tokens)
     store, table, q, budget = build_case(n, H, G, D, args.page_tokens, k, key_format=kf, key_group=kg)
     sm = 1.0 / math.sqrt(D)
     eng = Engine(args.threads)
@@ -186,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan_one(store, table, n, budget)
     sel = min(k, n)
-    bytes_touched = H * n * kbytes + H * sel * D * 2
+    bytes_touched = int(H * n * kbytes + H * sel * D * 2)
     buf = torch.randint(0, 255, (bytes_touched,), dtype=torch.uint8)
 
     def phase_means(q, runs):
@@ -230,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         phases[str(nl)] = phase_means(q_l, rl)
         plan_one(store_l, table_l, nl, budget_l, residual=True)
         t_lr = timeit(lambda: eng.run(0, q_l), rl)
-        bl = H * nl * kbytes + H * min(k, nl) * D * 2
+        bl = int(H * nl * kbytes + H * min(k, nl) * D * 2)
         ml = {"score": statistics.median(t_ls), "engine": statistics.median(t_le),
               "engine_residual": statistics.median(t_lr)}
         gl = {name: bl / t / 1e9 for name, t in ml.items()}

@@ -1,7 +1,8 @@
 """`kvtier eval`: RULER-style accuracy of every policy against full attention, on a real model, offline.
 
 Grid: tasks x context lengths x policies (dense, window_only, and each
-budgeted policy at each budget). Every policy sees the same seeded prompts.
+budgeted policy at each budget), or the prompts of a JSONL file (--prompts)
+x policies. Every policy sees the same prompts.
 Per cell: accuracy, the KV budget actually used and per-layer attention
 fidelity at the first question token. Writes JSON, a markdown table and a
 PNG under --results-dir (default: $KVTIER_RESULTS_DIR, else
@@ -38,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "policy YAML files (labelled by their stem; the grid sets window and budget)")
     parser.add_argument("--budgets", help="comma-separated fractions of the context attended from the host")
     parser.add_argument("--tasks", help="comma-separated task names")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="a JSONL file of your own prompts with their expected answers and scoring rule "
+                             "(exact, contains, or first_line: whole tokens in the answer's first line), run "
+                             "through every policy instead of the built-in tasks (see kvtier.eval.user_prompts); "
+                             "--contexts, --tasks and --samples do not apply")
     parser.add_argument("--samples", type=int, help="prompts per task and context")
     parser.add_argument("--window", type=int, help="device window tokens (sinks: 64)")
     parser.add_argument("--seed", type=int, default=0)
@@ -74,6 +80,7 @@ def _settings(args: argparse.Namespace) -> dict:
     out["name"] = getattr(args, "name", None)
     out["prefill_chunk"] = getattr(args, "prefill_chunk", None)
     out["keep_budget"] = bool(getattr(args, "keep_budget", False))
+    out["prompts"] = getattr(args, "prompts", None)
     out["device"] = getattr(args, "device", None) or "auto"
     return out
 

@@ -88,7 +88,8 @@ class TierConfig(Frozen):
 
     def host_bytes_per_token(self, shape: ModelShape) -> float:
         """Host bytes one token of this policy's store occupies, across all layers and kv-heads."""
-        return host_bytes_per_token(self.host_store, shape, chunk_sums=self.chunk_sums)
+        return host_bytes_per_token(self.host_store, shape, chunk_sums=self.chunk_sums,
+                                    page_tokens=self.window.page_tokens)
 
 
 # --- HGCA -------------------------------------------------------------------
@@ -96,8 +97,8 @@ class TierConfig(Frozen):
 
 class HgcaKnobs(Frozen):
     group_reduce: GroupReduce = Field(
-        GroupReduce.MAX, strict=False,
-        description="How a kv-head ranks tokens from its query heads: max or mean of logits, or per_qhead (each query head selects its own set).",
+        GroupReduce.PER_QHEAD, strict=False,
+        description="How a kv-head ranks host tokens for the one selection its query heads share (the budget counts distinct tokens per kv-head either way): max or mean of their logits, or per_qhead: the max over heads of each head's logit less its log-sum-exp over the host tokens (its log-probability), so every head's own top tokens come first and no head crowds out the others by the size of its logits.",
     )
     overlap: bool = Field(True, description="Run CPU sparse and GPU dense attention concurrently; false runs the engine "
                           "after the window, one after the other (to measure what overlap saves).")

@@ -37,6 +37,7 @@ class Frozen(BaseModel):
 
 
 class KeyFormat(str, Enum):
+    INT8_CHANNEL = "int8_channel"
     INT8 = "int8"
     INT4 = "int4"
     BF16 = "bf16"
@@ -98,7 +99,7 @@ class HostStoreConfig(Frozen):
     """The host tier: a (pinned) arena of pages with compressed keys."""
 
     capacity_gib: float = Field(16.0, gt=0, le=MAX_CAPACITY_GIB, allow_inf_nan=False, description="Size of the host arena in GiB, shared by all requests (per rank under tensor parallelism). Checked against the memory this host has available: `kvtier validate` warns, a launch refuses.")
-    key_format: KeyFormat = Field(KeyFormat.INT8, strict=False, description="Key storage: int8 (per-token scale), int4 (per-group scale) or bf16 (exact).")
+    key_format: KeyFormat = Field(KeyFormat.INT8_CHANNEL, strict=False, description="Key storage: int8_channel (int8 with a bf16 scale and zero point per channel of each page and kv-head, as KIVI quantizes keys: an outlier channel keeps its own range; 4 * head_dim / page_tokens more bytes per token and kv-head than the keys, 25% at 16-token pages), int8 (a scale per token: outlier channels flatten the others), int4 (a scale per token and group of key_group_channels) or bf16 (exact).")
     key_group_channels: int = Field(32, gt=0, le=1024, description="Channels per int4 scale group: even (two channels a byte) and a divisor of head_dim (checked when the tier is built for a model).")
     value_format: ValueFormat = Field(ValueFormat.BF16, strict=False, description="Value storage: bf16 or int8 (per-token scale).")
     pinned: Union[Literal["auto"], StrictBool] = Field("auto", description="Page-locked host memory for fast PCIe copies, on CUDA machines only: true, false, or auto (pin when the policy's host strategy copies host pages to the GPU, as offload_all does; a store that only the CPU engine reads gains nothing from it).")
@@ -130,7 +131,7 @@ class TokensBudget(Frozen):
     """A fixed number of host tokens per (request, kv-head)."""
 
     kind: Literal["tokens"] = "tokens"
-    tokens: int = Field(2048, gt=0, le=MAX_TOKENS, description="Host tokens attended per (request, kv-head).")
+    tokens: int = Field(2048, gt=0, le=MAX_TOKENS, description="Distinct host tokens read per (request, kv-head), whatever the group reduction: its query heads share them.")
 
 
 class FractionBudget(Frozen):
@@ -149,11 +150,11 @@ class FractionBudget(Frozen):
 
 
 class MassBudget(Frozen):
-    """The smallest set of top tokens reaching softmax mass `threshold`, capped."""
+    """The smallest set of top tokens in which every query head holds `threshold` of its own softmax mass over the host tokens, capped."""
 
     kind: Literal["mass"] = "mass"
-    threshold: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="Cumulative softmax mass over the host tokens to reach.")
-    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Cap of the per-head selection.")
+    threshold: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="Share of each query head's own softmax mass over the host tokens that the selection must hold (every head, whatever the group reduction, which only orders the tokens).")
+    max_tokens: int = Field(4096, gt=0, le=MAX_TOKENS, description="Cap of the selection: distinct host tokens per (request, kv-head); a head that needs more stops short of the threshold.")
 
 
 Budget = Annotated[

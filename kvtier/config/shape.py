@@ -22,17 +22,20 @@ class ModelShape(NamedTuple):
 class TokenBytes(NamedTuple):
     """Host bytes of one token at one layer and kv-head, by part."""
 
-    key: float  # the quantized key with its scales
+    key: float  # the quantized key with its scales (int8_channel's per page, amortised over its tokens)
     value: float  # the value with its scales
     summary: float  # the key min/max summary (bf16), amortised over a summary chunk
     sums: float  # the chunk's float32 key and value sums (the residual estimate's), amortised; 0 without
 
 
-def token_bytes(store: HostStoreConfig, head_dim: int, *, chunk_sums: bool = False) -> TokenBytes:
+def token_bytes(store: HostStoreConfig, head_dim: int, *, chunk_sums: bool = False,
+                page_tokens: int = 16) -> TokenBytes:
     """Host bytes one token takes at one layer and kv-head, by part (what a reader of each part reads)."""
     d = head_dim
     if store.key_format is KeyFormat.INT8:
         key = d + 4
+    elif store.key_format is KeyFormat.INT8_CHANNEL:
+        key = d + 4 * d / page_tokens  # bf16 scales and zero points per channel, one set per page
     elif store.key_format is KeyFormat.INT4:
         key = d / 2 + 4 * d / store.key_group_channels
     else:
@@ -43,14 +46,17 @@ def token_bytes(store: HostStoreConfig, head_dim: int, *, chunk_sums: bool = Fal
     return TokenBytes(key, value, summary, sums)
 
 
-def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False) -> float:
+def host_bytes_per_token(store: HostStoreConfig, shape: ModelShape, *, chunk_sums: bool = False,
+                         page_tokens: int = 16) -> float:
     """Host bytes one token occupies across all layers and kv-heads.
 
-    Counts keys with their scales, values with theirs, the key min/max summary
+    Counts keys with their scales (int8_channel's per page, amortised over its
+    page_tokens), values with theirs, the key min/max summary
     (bf16, amortised over a summary chunk) and, with chunk_sums, the chunk's
     float32 key and value sums (the residual estimate's).
     """
-    return sum(token_bytes(store, shape.head_dim, chunk_sums=chunk_sums)) * shape.kv_heads * shape.n_layers
+    tb = token_bytes(store, shape.head_dim, chunk_sums=chunk_sums, page_tokens=page_tokens)
+    return sum(tb) * shape.kv_heads * shape.n_layers
 
 
 def device_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:

@@ -14,8 +14,8 @@ SGLang's pool does). What it does depends on the `TierStep` passed as the
   tier i (prefill as SGLang's stage 3 does it): the chunk's K, V go to its
   device slots and q to `HybridAttention.run_extend`, which attends the host
   part exactly and the device tokens causally;
-- `CaptureStep`: plain SDPA attention; each layer's q, k, v (after RoPE) are handed
-  to a recorder (`capture.py`: real K/V for the benches);
+- `CaptureStep`: plain SDPA attention; each layer's q, k, v (after RoPE) and the
+  attention output are handed to a recorder (`capture.py`: real K/V for the benches);
 - `DecodeStep`: batch row i is one request in tier i. The new token's K, V
   are written to its device slot and q goes to `HybridAttention.run`; the
   tier, not any transformers cache, is the source of truth.
@@ -43,8 +43,9 @@ class ExtendStep(NamedTuple):
 
 
 class CaptureStep(NamedTuple):
-    # (layer, q [Hq, S, D], k [Hkv, S, D], v [Hkv, S, D]) of batch row 0, after RoPE; attention stays SDPA
-    record: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    # (layer, q [Hq, S, D], k [Hkv, S, D], v [Hkv, S, D], out [S, Hq, D]) of batch row 0, after RoPE;
+    # attention stays SDPA and out is its output
+    record: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class DecodeStep(NamedTuple):
@@ -71,8 +72,9 @@ def kvtier_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         kvtier_step.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if isinstance(kvtier_step, CaptureStep):
-        kvtier_step.record(layer, query[0], key[0], value[0])
-        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        out = _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        kvtier_step.record(layer, query[0], key[0], value[0], out[0][0])
+        return out
     if isinstance(kvtier_step, ExtendStep):
         return kvtier_step.attend(layer, query, key, value).to(query.dtype), None
     if not isinstance(kvtier_step, DecodeStep):

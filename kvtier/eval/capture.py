@@ -8,14 +8,17 @@ N - S tokens (the context), and decode step j appends token N - S + j's K, V and
 attends with its query, exactly the model's causal attention, so a policy's speed and
 its error against full attention are measured on the same real data.
 
-The file is a torch archive of bf16 tensors (k, v [L, N, Hkv, D]; q [L, S, Hq, D]) and
-the model's shape, softmax scale and provenance.
+The file is a torch archive of bf16 tensors (k, v [L, N, Hkv, D]; q [L, S, Hq, D]), the
+model's own attention output for those queries (o [L, S, Hq, D] float32, from its SDPA
+over the same keys and values: what a replay's float64 reference must agree with), and
+the model's shape, softmax scale and provenance. `layers` keeps a subset of the model's
+layers (`meta["layers"]` names them), for small fixtures.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -24,20 +27,24 @@ class KvCapture(NamedTuple):
     k: torch.Tensor  # [L, N, Hkv, D] bf16: every token's key after RoPE
     v: torch.Tensor  # [L, N, Hkv, D] bf16
     q: torch.Tensor  # [L, S, Hq, D] bf16: the queries of the prompt's last S tokens
+    sm_scale: float
+    meta: dict  # model, task, context tokens, seed, layers (the model's, one per captured layer)
+    o: Optional[torch.Tensor] = None  # [L, S, Hq, D] f32: the model's attention output for those queries
 
     @property
     def context(self) -> int:
         """Tokens before the captured queries."""
         return self.k.shape[1] - self.q.shape[1]
-    sm_scale: float
-    meta: dict  # model, task, context tokens, seed
 
     @property
     def n_layers(self) -> int:
         return self.k.shape[0]
 
     def save(self, path: Union[str, pathlib.Path]) -> None:
-        torch.save({"k": self.k, "v": self.v, "q": self.q, "sm_scale": self.sm_scale, "meta": self.meta}, path)
+        data = {"k": self.k, "v": self.v, "q": self.q, "sm_scale": self.sm_scale, "meta": self.meta}
+        if self.o is not None:
+            data["o"] = self.o
+        torch.save(data, path)
 
 
 class CaptureFileError(ValueError):
@@ -59,12 +66,22 @@ def load_capture(path: Union[str, pathlib.Path]) -> KvCapture:
             or q.shape[2] % k.shape[2] or not 0 < q.shape[1] < k.shape[1]:
         raise CaptureFileError(f"{path}: expected k, v [L, N, Hkv, D] and q [L, S, Hq, D] with Hq a multiple of "
                                f"Hkv and 0 < S < N, found k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}")
-    return KvCapture(k, v, q, float(data["sm_scale"]), dict(data["meta"]))
+    o = data.get("o")
+    if o is not None and (not isinstance(o, torch.Tensor) or o.shape != q.shape):
+        raise CaptureFileError(f"{path}: expected o of q's shape {tuple(q.shape)}, found "
+                               f"{tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__}")
+    meta = dict(data["meta"])
+    layers = meta.get("layers", list(range(k.shape[0])))
+    if not isinstance(layers, list) or len(layers) != k.shape[0]:
+        raise CaptureFileError(f"{path}: expected meta['layers'] to name the {k.shape[0]} captured layers, found "
+                               f"{layers!r}")
+    return KvCapture(k, v, q, float(data["sm_scale"]), meta, o)
 
 
 def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed: int = 0,
-            device: str = "cpu") -> KvCapture:
-    """K, V of a `context`-token prompt of `task` and the queries of its last `queries` tokens."""
+            device: str = "cpu", layers: Optional[Sequence[int]] = None) -> KvCapture:
+    """K, V of a `context`-token prompt of `task`, the queries of its last `queries` tokens and the
+    model's attention output for them; every layer, or the model's `layers` in that order."""
     from . import models
     from .attention import CaptureStep, model_shape
     from .tasks import build
@@ -78,19 +95,26 @@ def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed:
     if n <= 0:
         raise ValueError(f"capture: expected a prompt longer than {queries} tokens, found {len(ids)}")
     L = shape.n_layers
-    ks, vs, qs = [None] * L, [None] * L, [None] * L
+    keep = list(range(L)) if layers is None else [int(x) for x in layers]
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= x < L for x in keep):
+        raise ValueError(f"capture: layers: expected distinct layers of the model's {L}, found {list(layers)}")
+    ks, vs, qs, os_ = {}, {}, {}, {}
 
-    def record(layer, q, k, v):  # q [Hq, S, D], k/v [Hkv, S, D]
+    def record(layer, q, k, v, out):  # q [Hq, S, D], k/v [Hkv, S, D], out [S, Hq, D]
+        if layer not in keep:
+            return
         ks[layer] = k.transpose(0, 1).to("cpu", torch.bfloat16)
         vs[layer] = v.transpose(0, 1).to("cpu", torch.bfloat16)
         qs[layer] = q[:, n:].transpose(0, 1).to("cpu", torch.bfloat16)
+        os_[layer] = out[n:].to("cpu", torch.float32)
 
     with torch.no_grad():
         model(input_ids=torch.tensor([ids], device=device), use_cache=False, kvtier_step=CaptureStep(record),
               logits_to_keep=1)
     meta = {"model": model_name, "task": task, "context": n, "queries": queries, "seed": seed,
-            "shape": [L, shape.num_q_heads, shape.kv_heads, shape.head_dim]}
-    return KvCapture(torch.stack(ks), torch.stack(vs), torch.stack(qs), shape.sm_scale, meta)
+            "shape": [L, shape.num_q_heads, shape.kv_heads, shape.head_dim], "layers": keep}
+    return KvCapture(torch.stack([ks[x] for x in keep]), torch.stack([vs[x] for x in keep]),
+                     torch.stack([qs[x] for x in keep]), shape.sm_scale, meta, torch.stack([os_[x] for x in keep]))
 
 
 __all__ = ["CaptureFileError", "KvCapture", "capture", "load_capture"]

@@ -8,7 +8,7 @@ import pathlib
 import re
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 
@@ -16,9 +16,11 @@ from ..bench import results
 from ..config import ConfigError, load
 from ..policies import REGISTRY
 from ..runtime.standalone import resolve_device
-from . import models
+from . import models, user_prompts
 from .runner import PolicySpec, entry_label, is_policy_file, policy_specs, run_prompt
 from .tasks import TASKS, build, score
+
+PROMPTS_CONTEXT = "prompts"  # the context label of a grid over the user's own prompts
 
 GAP_BUDGET = 0.1
 TIMES = ("attn_ms_per_step", "engine_ms_per_step", "window_ms_per_step")  # per policy, summed over layers
@@ -32,8 +34,17 @@ class Report(NamedTuple):
 
 
 def check_settings(s: dict) -> None:
+    """Checks the grid's settings; with `prompts` (a JSONL file) it reads the file and sets the
+    grid's tasks (the prompts' labels), contexts and samples from it."""
+    if s.get("prompts"):
+        read = user_prompts.read(s["prompts"])
+        counts: Dict[str, int] = defaultdict(int)
+        for up in read:
+            counts[up.task] += 1
+        s["tasks"], s["contexts"], s["samples"] = sorted(counts), [PROMPTS_CONTEXT], max(counts.values())
+        s["prompt_count"] = len(read)
     for t in s["tasks"]:
-        if t not in TASKS:
+        if t not in TASKS and not s.get("prompts"):
             raise ValueError(f"--tasks: expected names from {sorted(TASKS)}, found {t!r}")
     runnable = sorted(set(REGISTRY) - {"offload_all"})
     for p in s["policies"]:
@@ -67,7 +78,8 @@ def check_settings(s: dict) -> None:
     chunk = s.get("prefill_chunk")
     if chunk is not None and chunk < 1:
         raise ValueError(f"--prefill-chunk: expected a token count >= 1, found {chunk}")
-    if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"]) or s["samples"] <= 0:
+    if any(not 0 < b <= 1 for b in s["budgets"]) or any(c <= 0 for c in s["contexts"] if c != PROMPTS_CONTEXT) \
+            or s["samples"] <= 0:
         raise ValueError(f"expected budgets in (0, 1], positive contexts and samples, found {s['budgets']}, "
                          f"{s['contexts']}, {s['samples']}")
     # The grid's policies, built before any model loads: a bad --window fails here, with its field.
@@ -78,6 +90,49 @@ def _stop_ids(tok, model) -> List[int]:
     ids = model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
     return sorted({int(i) for i in ids + [tok.eos_token_id] if i is not None})
+
+
+class PolicyTime(NamedTuple):
+    """One policy's own decode attention per step, summed over the model's layers (ms), mean over prompts."""
+
+    attn_ms_per_step: float  # the decoding thread's time in the tier's attention
+    engine_ms_per_step: float  # the host part (the CPU engine's time over host tokens)
+    window_ms_per_step: float  # the device window's kernels
+    n_prompts: float  # prompts averaged
+
+
+def policy_times(records: List[dict]) -> Dict[tuple, PolicyTime]:
+    """Per (context, policy label) of a grid's records (`run_grid`'s JSON `records`): its timing.
+
+    Every policy of a prompt decodes in one batch, so these are each policy's own shares of a
+    step (`run_prompt`'s `attention`), not serving speed."""
+    timed: Dict[tuple, List[dict]] = defaultdict(list)
+    for rec in records:
+        if all(k in rec for k in TIMES):
+            timed[(rec["context"], rec["policy"])].append(rec)
+    return {key: PolicyTime(*(_mean(r[k] for r in rs) for k in TIMES), float(len(rs))) for key, rs in timed.items()}
+
+
+class GridItem(NamedTuple):
+    context: object  # the prompt length asked for, or PROMPTS_CONTEXT
+    task: str
+    sample: int
+    prompt: object  # tasks.Prompt
+    scoring: Optional[user_prompts.Scoring]  # None: RULER's string match of the built-in tasks
+
+
+def grid_items(s: dict, tok, *, seed: int) -> Iterator[GridItem]:
+    """The grid's prompts in order: the built-in tasks at each context, or the user's file."""
+    if s.get("prompts"):
+        seen: Dict[str, int] = defaultdict(int)
+        for up in user_prompts.read(s["prompts"]):
+            yield GridItem(PROMPTS_CONTEXT, up.task, seen[up.task], user_prompts.build(up, tok), up.score)
+            seen[up.task] += 1
+        return
+    for ctx in s["contexts"]:
+        for task in s["tasks"]:
+            for i in range(s["samples"]):
+                yield GridItem(ctx, task, i, build(task, tok, ctx, seed=seed, sample=i), None)
 
 
 def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[str], None],
@@ -95,44 +150,43 @@ def run_grid(s: dict, *, seed: int, quick: bool, fidelity: bool, log: Callable[[
     fid: Dict[tuple, List[List[tuple]]] = defaultdict(list)  # (ctx, label) -> per prompt, per layer
     usage: Dict[tuple, List[tuple]] = defaultdict(list)  # (ctx, label) -> (host_frac, device_tokens)
     host_reports: Dict[tuple, dict] = {}  # (ctx, label) -> the host strategies' diagnostics, summed over prompts
-    n_total = len(s["contexts"]) * len(s["tasks"]) * s["samples"]
+    n_total = s["prompt_count"] if s.get("prompts") else len(s["contexts"]) * len(s["tasks"]) * s["samples"]
     done, t_prompts = 0, 0.0
-    for ctx in s["contexts"]:
-        for task in s["tasks"]:
-            for i in range(s["samples"]):
-                p = build(task, tok, ctx, seed=seed, sample=i)
-                t0 = time.perf_counter()
-                r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=p.max_new_tokens,
-                               stop_ids=stops, fidelity=fidelity, prefill_chunk=s.get("prefill_chunk"))
-                t_prompts += time.perf_counter() - t0
-                done += 1
-                scores = []
-                for j, spec in enumerate(specs):
-                    text = tok.decode(r.generations[j], skip_special_tokens=True)
-                    sc = score(text, p.answers)
-                    scores.append(sc)
-                    at = r.attention[j]
-                    records.append(dict(context=ctx, task=task, sample=i, policy=spec.label, score=sc,
-                                        answer=text.strip()[:200], expected=list(p.answers),
-                                        min_margin=min(r.margins[j], default=float("nan")),
-                                        prefill_s=r.prefill_s, decode_s=r.decode_s, decode_steps=r.decode_steps,
-                                        attn_ms_per_step=1e3 * at.wall_s / max(r.decode_steps, 1),
-                                        engine_ms_per_step=1e3 * at.cpu_s / max(r.decode_steps, 1),
-                                        window_ms_per_step=1e3 * at.gpu_s / max(r.decode_steps, 1)))
-                    host = float("nan")  # measured with the fidelity (the engine's selection at that step)
-                    if r.fidelity is not None:
-                        layers = r.fidelity[j]
-                        fid[(ctx, spec.label)].append([tuple(x) for x in layers])
-                        host = sum(x.host_frac for x in layers) / len(layers)
-                    usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
-                    if r.host_reports[j]:
-                        key = (ctx, spec.label)
-                        host_reports[key] = _add_reports(host_reports.get(key), r.host_reports[j])
-                _checkpoint(out / _partial_name(s, quick), s, seed, records, done, n_total)
-                eta = t_prompts / done * (n_total - done)
-                log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
-                    f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
-                    + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
+    for ctx, task, i, p, rule in grid_items(s, tok, seed=seed):
+        t0 = time.perf_counter()
+        r = run_prompt(model, specs, p.context_ids, p.tail_ids, max_new_tokens=p.max_new_tokens,
+                       stop_ids=stops, fidelity=fidelity, prefill_chunk=s.get("prefill_chunk"))
+        t_prompts += time.perf_counter() - t0
+        done += 1
+        scores = []
+        for j, spec in enumerate(specs):
+            text = tok.decode(r.generations[j], skip_special_tokens=True)
+            sc = score(text, p.answers) if rule is None else user_prompts.score(text, p.answers, rule)
+            scores.append(sc)
+            at = r.attention[j]
+            records.append(dict(context=ctx, task=task, sample=i, policy=spec.label, score=sc,
+                                answer=text.strip()[:200], expected=list(p.answers), tokens=p.length,
+                                min_margin=min(r.margins[j], default=float("nan")),
+                                prefill_s=r.prefill_s, decode_s=r.decode_s, decode_steps=r.decode_steps,
+                                attn_ms_per_step=1e3 * at.wall_s / max(r.decode_steps, 1),
+                                engine_ms_per_step=1e3 * at.cpu_s / max(r.decode_steps, 1),
+                                window_ms_per_step=1e3 * at.gpu_s / max(r.decode_steps, 1)))
+            if rule is not None:
+                records[-1]["scoring"] = rule.value
+            host = float("nan")  # measured with the fidelity (the engine's selection at that step)
+            if r.fidelity is not None:
+                layers = r.fidelity[j]
+                fid[(ctx, spec.label)].append([tuple(x) for x in layers])
+                host = sum(x.host_frac for x in layers) / len(layers)
+            usage[(ctx, spec.label)].append((host, r.device_tokens[j]))
+            if r.host_reports[j]:
+                key = (ctx, spec.label)
+                host_reports[key] = _add_reports(host_reports.get(key), r.host_reports[j])
+        _checkpoint(out / _partial_name(s, quick), s, seed, records, done, n_total)
+        eta = t_prompts / done * (n_total - done)
+        log(f"[{done}/{n_total}] {task} {ctx} #{i}: prefill {r.prefill_s:.1f}s, {r.decode_steps} steps "
+            f"{r.decode_s:.1f}s, eta {eta / 60:.1f} min | "
+            + " ".join(f"{sp.label}={sc:.2f}" for sp, sc in zip(specs, scores)))
     report = _report(s, specs, records, fid, usage, seed=seed, quick=quick, seconds=time.perf_counter() - t_start,
                      device=str(device), out=out, host_reports=host_reports)
     (out / _partial_name(s, quick)).unlink(missing_ok=True)
@@ -193,10 +247,7 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
     for rec in records:
         acc[(rec["context"], rec["task"], rec["policy"])].append(100.0 * rec["score"])
     task_acc = {k: _mean(v) for k, v in acc.items()}
-    timed: Dict[tuple, List[dict]] = defaultdict(list)
-    for rec in records:
-        if all(k in rec for k in TIMES):
-            timed[(rec["context"], rec["policy"])].append(rec)
+    times = policy_times(records)
     ctx_acc = {(c, sp.label): _mean(task_acc[(c, t, sp.label)] for t in s["tasks"])
                for c in s["contexts"] for sp in specs}
     cells = []
@@ -213,7 +264,7 @@ def _report(s, specs: List[PolicySpec], records, fid, usage, *, seed, quick, sec
                 device_tokens=_mean(u[1] for u in usage[(c, sp.label)]),
                 rel_err=_mean(x[0] for x in per_layer), lse_err=_mean(x[1] for x in per_layer),
                 topk_recall=_mean(x[2] for x in per_layer), per_layer=per_layer,
-                **{k: _mean(r[k] for r in timed.get((c, sp.label), [])) for k in TIMES},
+                **times.get((c, sp.label), PolicyTime(*([float("nan")] * 4)))._asdict(),
                 **({"host_report": host_reports[(c, sp.label)]} if (c, sp.label) in (host_reports or {}) else {})))
     at_gap = [x for x in cells if x["budget"] is not None and math.isclose(x["budget"], GAP_BUDGET)]
     worst = max((x["gap"] for x in at_gap), default=float("nan"))
@@ -249,10 +300,16 @@ def _drops(records: List[dict], specs: List[PolicySpec]) -> List[dict]:
 def _markdown(s, specs, cells, summary) -> str:
     by = {(x["context"], x["policy"]): x for x in cells}
     ctxs = s["contexts"]
+    what = (f"Prompts of {pathlib.Path(s['prompts']).name} ({s.get('prompt_count', '?')}, labelled "
+            f"{', '.join(s['tasks'])}; scored by each prompt's rule)" if s.get("prompts") else
+            f"Tasks {', '.join(s['tasks'])}; {s['samples']} prompts per task and context")
+    budgets = ("policy files keep their own budgets, named policies attend fractions of the context from the "
+               "host" if s.get("keep_budget") else "budgets are fractions of the context attended from the host")
+    scoring = "each prompt's rule" if s.get("prompts") else "RULER string match"
     lines = [f"# kvtier eval: {s['model']}", "",
-             f"Tasks {', '.join(s['tasks'])}; {s['samples']} prompts per task and context; device window "
-             f"{s['window']} + 64 sinks; budgets are fractions of the context attended from the host. "
-             f"Accuracy in points (RULER string match, averaged over tasks); fidelity at the first question token, "
+             f"{what}; device window "
+             f"{s['window']} + 64 sinks; {budgets}. "
+             f"Accuracy in points ({scoring}, averaged over tasks); fidelity at the first question token, "
              f"averaged over layers: relative output error and LSE error against full attention, recall of the "
              f"true top-32 tokens. " + (f"Context prefilled in chunks of {s['prefill_chunk']} tokens through each "
                                        "policy's tier." if s.get("prefill_chunk") else
@@ -390,4 +447,5 @@ def _plot(s, specs, cells, path: pathlib.Path) -> Optional[pathlib.Path]:
     return path
 
 
-__all__ = ["GAP_BUDGET", "Report", "check_settings", "run_grid"]
+__all__ = ["GAP_BUDGET", "PROMPTS_CONTEXT", "GridItem", "PolicyTime", "Report", "check_settings", "grid_items",
+           "policy_times", "run_grid"]

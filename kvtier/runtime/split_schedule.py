@@ -30,10 +30,12 @@ class Rates(NamedTuple):
     gpu_bytes_per_s: float  # copy to the device, dequantize and attend there, per stored byte; 0: no GPU part
 
 
-def token_bytes(view: HostStoreView) -> int:
-    """Stored bytes of one token of one kv-head at one layer: key, value and their scales."""
+def token_bytes(view: HostStoreView) -> float:
+    """Stored bytes of one token of one kv-head at one layer: key, value and their scales (int8_channel's
+    bf16 scale and zero point per channel of a page, amortised over its tokens)."""
     d = view.head_dim
-    key = {KeyFormat.BF16: 2 * d, KeyFormat.INT8: d + 4, KeyFormat.INT4: d // 2 + 4 * (d // view.key_group)}
+    key = {KeyFormat.BF16: 2 * d, KeyFormat.INT8: d + 4, KeyFormat.INT4: d // 2 + 4 * (d // view.key_group),
+           KeyFormat.INT8_CHANNEL: d + 4 * d / view.page_tokens}
     value = {ValueFormat.BF16: 2 * d, ValueFormat.INT8: d + 4}
     return key[view.key_format] + value[view.value_format]
 

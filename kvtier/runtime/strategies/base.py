@@ -144,7 +144,8 @@ class HostStrategy(ABC):
         from ...config import token_bytes
 
         cfg = self.ctx.policy.config
-        return token_bytes(cfg.host_store, self.ctx.shape.head_dim, chunk_sums=cfg.chunk_sums)
+        return token_bytes(cfg.host_store, self.ctx.shape.head_dim, chunk_sums=cfg.chunk_sums,
+                           page_tokens=cfg.window.page_tokens)
 
     def distinct_selected(self, selection: torch.Tensor) -> int:
         """Distinct (request, kv-head, token) triples of a [B, Hq, cap] selection (-1 padded): the
