@@ -110,13 +110,15 @@ def test_policy_files_keep_their_knobs_under_the_grids_window_and_budget():
     from kvtier.eval.runner import policy_specs
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    specs = policy_specs(["dense", str(root / "policies/hgca-per-qhead.yaml"), "hgca"], [0.05, 0.1],
+    specs = policy_specs(["dense", str(root / "policies/hgca-token-scales.yaml"), "hgca"], [0.05, 0.1],
                          window_tokens=512)
-    assert [s.label for s in specs] == ["dense", "hgca-per-qhead@5%", "hgca-per-qhead@10%", "hgca@5%", "hgca@10%"]
-    per_q = specs[2].config
-    assert per_q.policy == "hgca" and per_q.hgca.group_reduce.value == "per_qhead"
-    assert per_q.window.window_tokens == 512 and per_q.budget.kind == "fraction" and per_q.budget.fraction == 0.1
-    assert specs[4].config.hgca.group_reduce.value == "max"
+    assert [s.label for s in specs] == ["dense", "hgca-token-scales@5%", "hgca-token-scales@10%", "hgca@5%",
+                                        "hgca@10%"]
+    old = specs[2].config  # the file's knobs: the group's max logit, int8 keys with a scale per token
+    assert old.policy == "hgca" and old.hgca.group_reduce.value == "max" and old.host_store.key_format.value == "int8"
+    assert old.window.window_tokens == 512 and old.budget.kind == "fraction" and old.budget.fraction == 0.1
+    new = specs[4].config  # a name: the defaults
+    assert new.hgca.group_reduce.value == "per_qhead" and new.host_store.key_format.value == "int8_channel"
     # a file's page size and summary chunks stay (the prefilter needs chunks that divide its pages)
     pf = policy_specs([str(root / "policies/hgca-prefilter.yaml")], [0.02], window_tokens=512)[0].config
     assert pf.window.page_tokens == 64 and pf.host_store.summary_tokens == 32 and pf.hgca.prefilter == 4

