@@ -109,7 +109,8 @@ static void finalize_set(run_ctx *r, int64_t s, int tid) {
     set_bufs sb = set_buffers(p, s);
     const int n = p->ntok[b];
     float *sc = p->scratch + (int64_t)tid * p->scratch_floats, *pairs = sc + n, *P = sc + 3 * (int64_t)n;
-    double *acc = (double *)(P + (((int64_t)m * n + 1) & ~(int64_t)1));
+    /* the doubles start at an even float offset from the (aligned) thread scratch */
+    double *acc = (double *)(sc + ((3 * (int64_t)n + (int64_t)m * n + 1) & ~(int64_t)1));
     const int cnt = st->cnt;
     if (p->prefilter > 0.0 && p->need_lse) kvtr_lse_rows(p, bh, sb.E, cnt, m, cnt);
     if (p->prefilter > 0.0 && p->reduce == KVT_PER_QHEAD) kvtr_group_reduce(p, sb.E, cnt, m, cnt, sb.re, p->lse_sel + qh0);

@@ -67,7 +67,7 @@ static inline set_scratch set_scratch_at(const kvt_plan_state *p, float *sc, int
     o.cand = (int32_t *)(o.prob + G * n);
     o.pos = o.cand + n;
     o.sel = o.pos + n;
-    o.acc = (float *)(o.sel + n);
+    o.acc = (float *)(o.sel + n + (n & 1)); /* 8-byte aligned: MASS keeps per-head sums in doubles here */
     o.w = o.acc + G * D;
     return o;
 }

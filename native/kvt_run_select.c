@@ -155,7 +155,8 @@ void kvtr_attend_task(void *c, int64_t item, int tid) {
     }
     float *rr = sc, *tmp = rr + n, *pairs = tmp + n, *prob = pairs + 2 * (int64_t)n;
     int32_t *sel = (int32_t *)(prob + (int64_t)G * n);
-    float *acc = (float *)(sel + n), *mnmx = acc + (int64_t)G * D, *X = mnmx + 2 * D;
+    /* acc holds MASS's per-head sums as doubles: an even float offset from the (aligned) thread scratch */
+    float *acc = (float *)(sel + n + (((int64_t)n * (5 + G)) & 1)), *mnmx = acc + (int64_t)G * D, *X = mnmx + 2 * D;
     const int k = p->mode == KVT_SELECT_ALL ? n : p->budget[item];
     int count;
     if (p->mode == KVT_SELECT_ALL) {
