@@ -145,6 +145,11 @@ def test_raw_pages_dequantized_in_torch_equal_the_c_store(kf, vf, G):
     assert torch.equal(N.dequant_raw_keys(raw, kf, G), store.dequant_keys(1, pick))
     assert torch.equal(N.dequant_raw_values(raw, vf), store.values(1, pick))
     assert torch.count_nonzero(store.dequant_keys(1, pick)) > 0  # not a comparison of zeros
+    heads = torch.tensor([1, 0, 1, 0])  # one kv-head per page: that head's bytes, its head dimension kept
+    one = store.raw_pages(1, pick, heads)
+    rows = torch.arange(4)
+    assert torch.equal(N.dequant_raw_keys(one, kf, G), store.dequant_keys(1, pick)[rows, heads].unsqueeze(1))
+    assert torch.equal(N.dequant_raw_values(one, vf), store.values(1, pick)[rows, heads].unsqueeze(1))
 
 
 def test_raw_pages_reject_bad_pages_and_layers():
@@ -157,6 +162,10 @@ def test_raw_pages_reject_bad_pages_and_layers():
         store.raw_pages(0, torch.tensor([0.0]))
     with pytest.raises(N.NativeValueError, match="key_format"):
         N.dequant_raw_keys(store.raw_pages(0, torch.tensor([0])), "fp8", 32)
+    with pytest.raises(N.NativeValueError, match=r"heads: expected one kv-head in \[0, 2\) per page id"):
+        store.raw_pages(0, torch.tensor([0, 1]), torch.tensor([0, 2]))
+    with pytest.raises(N.NativeValueError, match="heads: expected one kv-head"):
+        store.raw_pages(0, torch.tensor([0, 1]), torch.tensor([0]))
 
 
 def _thp_mode() -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -276,8 +276,9 @@ class HostStoreView:
 
     dequant_values = values
 
-    def raw_pages(self, layer: int, page_ids: torch.Tensor) -> "StoreBuffers":
-        """The stored keys, values and scales of page_ids in layer, as stored (no summary).
+    def raw_pages(self, layer: int, page_ids: torch.Tensor, heads: Optional[torch.Tensor] = None) -> "StoreBuffers":
+        """The stored keys, values and scales of page_ids in layer, as stored (no summary); with
+        heads (one kv-head per page id), only that head of each page, its head dimension kept (1).
 
         A gather on the CPU, for copying the quantized bytes elsewhere and dequantizing there
         with `dequant_raw_keys` / `dequant_raw_values`: fewer bytes to move than float32.
@@ -291,9 +292,15 @@ class HostStoreView:
             raise NativeValueError(f"raw_pages: page_ids: expected ids in [0, {self.n_pages}), got "
                                    f"{int(ids.min())}..{int(ids.max())}")
         idx = ids.long()
+        if heads is not None:
+            hd = heads.long()
+            if hd.shape != idx.shape or (hd.numel() and (int(hd.min()) < 0 or int(hd.max()) >= self.kv_heads)):
+                raise NativeValueError(f"raw_pages: heads: expected one kv-head in [0, {self.kv_heads}) per page id")
 
         def pick(t):
-            return None if t is None else t[layer].index_select(0, idx)
+            if t is None:
+                return None
+            return t[layer].index_select(0, idx) if heads is None else t[layer][idx, hd].unsqueeze(1)
 
         return StoreBuffers(pick(self.keys), pick(self.key_scales), pick(self.buffers.values),
                             pick(self.value_scales), None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 from .sections import HostStoreConfig, KeyFormat, ValueFormat
 
@@ -28,19 +28,27 @@ class TokenBytes(NamedTuple):
     sums: float  # the chunk's float32 key and value sums (the residual estimate's), amortised; 0 without
 
 
+def kv_bytes(key_format: KeyFormat, value_format: ValueFormat, head_dim: int, *, key_group: int,
+             page_tokens: int) -> Tuple[float, float]:
+    """(key, value) bytes of one stored token at one layer and kv-head, each with its scales."""
+    d = head_dim
+    if key_format is KeyFormat.INT8:
+        key = d + 4
+    elif key_format is KeyFormat.INT8_CHANNEL:
+        key = d + 4 * d / page_tokens  # bf16 scales and zero points per channel, one set per page
+    elif key_format is KeyFormat.INT4:
+        key = d / 2 + 4 * d / key_group
+    else:
+        key = 2 * d
+    return key, 2 * d if value_format is ValueFormat.BF16 else d + 4
+
+
 def token_bytes(store: HostStoreConfig, head_dim: int, *, chunk_sums: bool = False,
                 page_tokens: int = 16) -> TokenBytes:
     """Host bytes one token takes at one layer and kv-head, by part (what a reader of each part reads)."""
     d = head_dim
-    if store.key_format is KeyFormat.INT8:
-        key = d + 4
-    elif store.key_format is KeyFormat.INT8_CHANNEL:
-        key = d + 4 * d / page_tokens  # bf16 scales and zero points per channel, one set per page
-    elif store.key_format is KeyFormat.INT4:
-        key = d / 2 + 4 * d / store.key_group_channels
-    else:
-        key = 2 * d
-    value = 2 * d if store.value_format is ValueFormat.BF16 else d + 4
+    key, value = kv_bytes(store.key_format, store.value_format, d, key_group=store.key_group_channels,
+                          page_tokens=page_tokens)
     summary = 2 * 2 * d / store.summary_tokens
     sums = 2 * 4 * d / store.summary_tokens if chunk_sums else 0.0
     return TokenBytes(key, value, summary, sums)

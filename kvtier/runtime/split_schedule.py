@@ -20,7 +20,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._native import Engine, HostStoreView, KeyFormat, StoreBuffers, ValueFormat, dequant_raw_keys, dequant_raw_values
+from .._native import Engine, HostStoreView, StoreBuffers, dequant_raw_keys, dequant_raw_values
+from ..config.sections import KeyFormat, ValueFormat
+from ..config.shape import kv_bytes
 from .merge import AttnPart
 from .window_attention import empty_part
 
@@ -31,13 +33,10 @@ class Rates(NamedTuple):
 
 
 def token_bytes(view: HostStoreView) -> float:
-    """Stored bytes of one token of one kv-head at one layer: key, value and their scales (int8_channel's
-    bf16 scale and zero point per channel of a page, amortised over its tokens)."""
-    d = view.head_dim
-    key = {KeyFormat.BF16: 2 * d, KeyFormat.INT8: d + 4, KeyFormat.INT4: d // 2 + 4 * (d // view.key_group),
-           KeyFormat.INT8_CHANNEL: d + 4 * d / view.page_tokens}
-    value = {ValueFormat.BF16: 2 * d, ValueFormat.INT8: d + 4}
-    return key[view.key_format] + value[view.value_format]
+    """Stored bytes of one token of one kv-head at one layer: key, value and their scales (the store
+    formats' sizes as the config counts them, `config.shape.kv_bytes`)."""
+    return sum(kv_bytes(KeyFormat(view.key_format.value), ValueFormat(view.value_format.value),
+                        view.head_dim, key_group=view.key_group, page_tokens=view.page_tokens))
 
 
 def split_point(priority: torch.Tensor, nbytes: torch.Tensor, rates: Rates) -> torch.Tensor:

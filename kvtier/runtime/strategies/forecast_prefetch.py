@@ -194,14 +194,8 @@ class ForecastPrefetch(HostStrategy):
         table = self.tables[i]
         # each block's pages (a block past the table's end repeats its last page: masked by `filled`)
         pos = (blocks[:, None] * ppb + torch.arange(ppb)[None, :]).clamp(max=table.numel() - 1)
-        pages, rows = table[pos].reshape(-1), heads.repeat_interleave(ppb)
         view = self.ctx.tier.store.view
-
-        def pick(t):
-            return None if t is None else t[layer][pages, rows].unsqueeze(1)  # [J * ppb, 1, T, ...]
-
-        raw = StoreBuffers(pick(view.keys), pick(view.key_scales), pick(view.buffers.values),
-                           pick(view.value_scales), None)
+        raw = view.raw_pages(layer, table[pos].reshape(-1), heads.repeat_interleave(ppb))  # [J * ppb, 1, T, ...]
         nbytes = sum(t.numel() * t.element_size() for t in raw if t is not None)
         dev = self.ctx.device
         if dev.type == "cuda":

@@ -123,12 +123,12 @@ class Split(HostStrategy):
         self.knobs = policy.config.fluxion
         self.group = s.num_q_heads // s.kv_heads
         self.meta: Optional[ChunkMeta] = None
-        self.rates = Rates(1.0, 0.0)
+        self.rates, self.kv_bytes = Rates(1.0, 0.0), 0.0
         if policy.offloads and ctx.tier.store is not None:
             view = ctx.tier.store.view
             self.meta = ChunkMeta(view, ctx.device)
             ctx.tier.key_listeners.append(self.meta.touched)
-            self.token_bytes = token_bytes(view)
+            self.kv_bytes = token_bytes(view)  # key and value bytes of a stored token
             self.rates = measure_rates(ctx.engine, view, s.num_q_heads, ctx.device,
                                        gpu=self.knobs.gpu_share == "auto")
         self.heads: Dict[Hashable, _Heads] = {}
@@ -261,7 +261,7 @@ class Split(HostStrategy):
                   if not self.batch.window_empty else empty_part(*q.shape, q.device))
         picks, kept, caps = self._select(q, layer, window)
         share = torch.cat([p[4] for p in picks]) if picks else torch.zeros(0)
-        nbytes = torch.cat([torch.full((p[2].numel(),), float(p[3] * self.token_bytes)) for p in picks]) \
+        nbytes = torch.cat([torch.full((p[2].numel(),), float(p[3] * self.kv_bytes)) for p in picks]) \
             if picks else torch.zeros(0)
         on_gpu = split_point(share, nbytes, self.rates)
         cpu_tokens, gpu_tokens = self._tokens(picks, on_gpu)
