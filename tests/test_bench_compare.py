@@ -88,3 +88,15 @@ def test_eval_files_and_labels_are_checked(tmp_path, capsys):
     acc = compare._eval_accuracy([str(EVAL)])
     assert acc["dense"][0] == pytest.approx(93.75, abs=0.1) and acc["hc-int4"][0] < acc["dense"][0]
     assert not math.isnan(acc["window_only"][0])
+
+
+def test_eval_accuracy_reads_the_current_eval_cells():
+    """`kvtier eval` now writes its rows as 'cells' (accuracy in points) and a dict summary: both are read."""
+    f = EVAL.with_name("eval-qwen2.5-coder-0.5b-8k-channel-keys.json")
+    data = json.loads(f.read_text())
+    assert isinstance(data["summary"], dict) and isinstance(data["cells"], list)
+    acc = compare._eval_accuracy([str(f)])
+    cells = {c["policy"]: c["accuracy"] for c in data["cells"]}
+    assert set(acc) == set(cells)
+    for label, points in cells.items():
+        assert acc[label][0] == pytest.approx(points) and acc[label][2] == [8192]

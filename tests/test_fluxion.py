@@ -43,7 +43,7 @@ def _rel(a, b):
 # --- budget all: equal to dense -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key_format, tol", [("bf16", 5e-3), ("int8", 2e-2)])
+@pytest.mark.parametrize("key_format, tol", [("bf16", 5e-3), ("int8", 2e-2), ("int8_channel", 2e-2), ("int4", 0.25)])
 @pytest.mark.parametrize("rates", [None, Rates(1e9, 1e9), Rates(1e9, 3e9)])
 def test_every_block_equals_dense_on_the_cpu_and_split_with_a_gpu_part(gen, key_format, tol, rates):
     """Budget all, across evictions: the CPU engine alone (no CUDA: the measured GPU rate is 0) and

@@ -113,10 +113,14 @@ def _eval_accuracy(files: List[str]):
             data = json.loads(Path(f).read_text())
         except (OSError, ValueError) as exc:
             return f"cannot read {f}: {exc}"
-        summary = data.get("summary") if isinstance(data, dict) else None
-        if not isinstance(summary, list) or not all(isinstance(r, dict) and "policy" in r and "accuracy" in r
-                                                    for r in summary):
-            return f"{f} is not a `kvtier eval` result (expected a 'summary' list of rows with policy and accuracy)"
+        # `kvtier eval` writes its rows as 'cells' (accuracy in points); older result sets as 'summary'
+        summary = None
+        if isinstance(data, dict):
+            summary = data.get("cells") if isinstance(data.get("cells"), list) else data.get("summary")
+        if not isinstance(summary, list) or not summary or not all(
+                isinstance(r, dict) and "policy" in r and "accuracy" in r for r in summary):
+            return (f"{f} is not a `kvtier eval` result (expected a 'cells' or 'summary' list of rows with "
+                    "policy and accuracy)")
         by: Dict[str, List[Tuple[Optional[int], float]]] = {}
         for r in summary:
             by.setdefault(r["policy"], []).append((r.get("context"), float(r["accuracy"])))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from typing import Dict, List, Optional
 
 import torch
@@ -34,9 +35,10 @@ POLICIES = ("dense", "offload_all", "hgca")
 # keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
 # (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu")
+         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu", "hgca_token_scales")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
 # fetches the misses before attending; sparda_none (SparDA's own) leaves them out
+# hgca_token_scales: hgca with a scale per token of int8 keys (the former default; faster band scoring)
 # fluxion: head classes with their own blocks and budgets (the default classes, their mean capped at the
 # hgca budget; 64-token pages), output-aware trimming, the blocks split between the CPU engine and the
 # GPU at measured rates; fluxion_cpu: the same with gpu_share off (every block on the CPU: no scheduler)
@@ -52,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hgca_prefilter's candidates as a multiple of the budget (default 4)")
     parser.add_argument("--steps", type=int, default=0, help="timed decode steps per cell")
     parser.add_argument("--budget-tokens", type=int, default=0, help="hgca per-head budget (default 2048, quick 256)")
-    parser.add_argument("--key-format", default="int8", choices=("int8", "int4", "bf16"),
-                        help="hgca's host key format (default int8)")
+    parser.add_argument("--key-format", default="int8_channel", choices=("int8_channel", "int8", "int4", "bf16"),
+                        help="the host key format of every policy but offload_all and hgca_token_scales (default "
+                             "int8_channel, the policies' own default)")
     parser.add_argument("--value-format", default="bf16", choices=("bf16", "int8"),
                         help="hgca's host value format (default bf16; int8 holds more requests per GiB)")
     parser.add_argument("--threads", type=int, default=None,
@@ -75,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_results_dir_argument(parser)
 
 
-def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
+def _configs(window: int, sinks: int, budget: int, key_format: str = "int8_channel",
              prefilter: float = 4.0, value_format: str = "bf16") -> Dict[str, object]:
     win = {"sink_tokens": sinks, "window_tokens": window, "page_tokens": 16}
     hc_budget = {"kind": "mass", "threshold": 0.9, "max_tokens": budget}
@@ -112,6 +115,9 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8",
                                "host_store": {"key_format": key_format, "value_format": value_format},
                                "fluxion": {"gpu_share": share}})
            for name, share in (("fluxion", "auto"), ("fluxion_cpu", "off"))},
+        "hgca_token_scales": from_mapping({
+            "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
+            "host_store": {"key_format": "int8", "value_format": value_format}}),
         "hgca_serial": from_mapping({
             "policy": "hgca", "window": win, "budget": {"kind": "tokens", "tokens": budget},
             "host_store": {"key_format": key_format, "value_format": value_format}, "hgca": {"overlap": False}}),
@@ -276,9 +282,10 @@ def _measure(su: Setup, cells, *, probe: bool = False) -> List[Dict[str, object]
             row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype, replay,
                                   probe=probe))
             row["status"] = "ok"
-        except (RuntimeError, MemoryError) as exc:  # allocation failures (pinned or device) end the cell only
+        except Exception as exc:  # allocation failures (pinned or device), or a bug: the cell ends, the run goes on
             row["status"] = f"failed: {str(exc).splitlines()[0][:120]}"
             print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['status']}", flush=True)
+            traceback.print_exc(file=sys.stderr)  # where, for a failure that is not an allocation
             rows.append(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -420,8 +427,9 @@ def _probe(st, shape: ModelShape, w: StackWeights, details, new_k, new_v, contex
     host = st.attn.host
     recall, mass, read = [], [], []
     for layer, (q, det) in details.items():
-        k, v = request_kv(shape, w, layer, context, seed=0, device="cpu", dtype=torch.float32, replay=replay)
-        k = torch.cat([k] + [s[:1].cpu() for s in new_k[layer]]).double()
+        # regenerated where the fill made it (a device's generator draws other numbers than the CPU's)
+        k, _ = request_kv(shape, w, layer, context, seed=0, device=device, dtype=torch.float32, replay=replay)
+        k = torch.cat([k.cpu()] + [s[:1].cpu() for s in new_k[layer]]).double()
         n = k.shape[0]
         if det.host is not None and det.selection is None and not getattr(host, "attends_every_host_token", False):
             seen = None  # the strategy attends host tokens it does not name (no recall or mass to measure)
@@ -528,7 +536,7 @@ def _capacity(rows, fit) -> Dict[str, Dict[str, Dict[str, int]]]:
     return out
 
 
-def _report(rows, quick, device, shape, budget, key_format="int8", prefilter=4.0, fit=None, memory=None,
+def _report(rows, quick, device, shape, budget, key_format="int8_channel", prefilter=4.0, fit=None, memory=None,
             data=None, *, out_dir=None) -> int:
     name = f"decode-{'quick-' if quick else ''}{device.type}"
     cols = ["policy", "context", "batch", "ms_per_step", "ms_per_step_median", "ms_per_step_max", "tokens_per_s",

@@ -82,31 +82,43 @@ def gpu_part(view: HostStoreView, layer: int, q: torch.Tensor, tables: List[torc
     hkv, T = view.kv_heads, view.page_tokens
     group, dev = hq // hkv, q.device
     width = max([t.numel() for per in tokens for t in per] + [1])
-    rows, slots = [], []
+    rows, page_rows, slots = [], [], []
     for i, per in enumerate(tokens):
         table = tables[i].long()
         for h, t in enumerate(per):
             if t.numel():
-                rows.append((table[t // T] * hkv + h) * T + t % T)
+                ph = table[t // T] * hkv + h  # the token's (page, kv-head) row
+                page_rows.append(ph)
+                rows.append(ph * T + t % T)
                 slots.append((i * hkv + h) * width + torch.arange(t.numel()))
     if not rows:
         return empty_part(b, hq, d, dev)
     rows_t, slots_t = torch.cat(rows), torch.cat(slots).to(dev)
     pin = dev.type == "cuda"
+    channel = str(getattr(view.key_format, "value", view.key_format)) == "int8_channel"
 
-    def take(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def take(t: Optional[torch.Tensor], per_page: bool = False) -> Optional[torch.Tensor]:
+        """The rows of `t` (a store buffer [L, P, H, T, ...] or, per_page, [L, P, H, ...]) that the
+        tokens name, gathered into (page-locked) host memory and copied to the device."""
         if t is None:
             return None
-        src = t[layer].reshape(-1, *t.shape[4:]) if t.dim() > 4 else t[layer].reshape(-1)
-        out = torch.empty((rows_t.numel(),) + tuple(src.shape[1:]), dtype=src.dtype, pin_memory=pin)
-        torch.index_select(src, 0, rows_t, out=out)
+        idx = torch.cat(page_rows) if per_page else rows_t
+        lead = 3 if per_page else 4
+        src = t[layer].reshape(-1, *t.shape[lead:]) if t.dim() > lead else t[layer].reshape(-1)
+        out = torch.empty((idx.numel(),) + tuple(src.shape[1:]), dtype=src.dtype, pin_memory=pin)
+        torch.index_select(src, 0, idx, out=out)
         return out.to(dev, non_blocking=True)
 
-    raw = StoreBuffers(take(view.keys), take(view.key_scales), take(view.buffers.values), take(view.value_scales),
-                       None)
     k = torch.zeros(b * hkv * width, d, device=dev)
     v = torch.zeros_like(k)
-    k[slots_t] = dequant_raw_keys(raw, view.key_format, view.key_group)
+    if channel:  # int8 keys with a scale and zero point per channel of each (page, kv-head): [n, 2, D] per token
+        sz = take(view.key_scales, per_page=True).float()
+        k[slots_t] = take(view.keys).float() * sz[:, 0] + sz[:, 1]
+        raw = StoreBuffers(None, None, take(view.buffers.values), take(view.value_scales), None)
+    else:
+        raw = StoreBuffers(take(view.keys), take(view.key_scales), take(view.buffers.values),
+                           take(view.value_scales), None)
+        k[slots_t] = dequant_raw_keys(raw, view.key_format, view.key_group)
     v[slots_t] = dequant_raw_values(raw, view.value_format)
     valid = torch.zeros(b * hkv * width, dtype=torch.bool, device=dev)
     valid[slots_t] = True
