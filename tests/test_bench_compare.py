@@ -100,3 +100,41 @@ def test_eval_accuracy_reads_the_current_eval_cells():
     assert set(acc) == set(cells)
     for label, points in cells.items():
         assert acc[label][0] == pytest.approx(points) and acc[label][2] == [8192]
+
+
+def test_rejoin_merges_runs_of_one_machine_and_joins_accuracy_measured_elsewhere(tmp_path, capsys):
+    """Batch 1 and a larger batch run apart, then joined with an eval file: the rows of both, the
+    accuracies by label, the summary over the merged rows; runs of other setups refuse to merge."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["bench", "compare", "--quick", "--contexts", "1024", "--steps", "1", "--policies", "dense,hgca"]
+    assert main(base + ["--batches", "1", "--results-dir", str(a)]) == 0
+    assert main(base + ["--batches", "2", "--results-dir", str(b)]) == 0
+    capsys.readouterr()
+    ev = EVAL.with_name("eval-qwen2.5-coder-0.5b-8k-channel-keys.json")
+    rc = main(["bench", "compare", "--rejoin", str(a / "compare-quick-cpu.json"), "--rejoin",
+               str(b / "compare-quick-cpu.json"), "--eval", str(ev), "--accuracy-label", "hgca=hgca@10%",
+               "--results-dir", str(tmp_path), "--name", "merged"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    m = LAST.fullmatch(out.strip().splitlines()[-1])
+    payload = json.loads((tmp_path / "merged.json").read_text())
+    rows = {(r["policy"], r["batch"]): r for r in payload["rows"]}
+    assert set(rows) == {("dense", 1), ("dense", 2), ("hgca", 1), ("hgca", 2)}
+    assert [Path(m["file"]).parent.name for m in payload["merged_from"]] == ["a", "b"]
+    acc = {c["policy"]: c["accuracy"] for c in json.loads(ev.read_text())["cells"]}
+    assert rows[("hgca", 2)]["accuracy"] == pytest.approx(acc["hgca@10%"])
+    assert rows[("hgca", 2)]["accuracy_gap"] == pytest.approx(acc["dense"] - acc["hgca@10%"])
+    # dense's best over both runs is the baseline of every row
+    best = max(rows[("dense", 1)]["tokens_per_s"], rows[("dense", 2)]["tokens_per_s"])
+    assert rows[("hgca", 1)]["vs_dense"] == pytest.approx(rows[("hgca", 1)]["tokens_per_s"] / best)
+    fastest = max(rows[("hgca", 1)]["tokens_per_s"], rows[("hgca", 2)]["tokens_per_s"])
+    assert m and float(m.group(1)) == pytest.approx(fastest / best, rel=1e-3)
+    # another setup (here: another budget) does not merge; a file that is not a compare result is refused
+    c = tmp_path / "c"
+    assert main(base + ["--batches", "1", "--budget-tokens", "128", "--results-dir", str(c)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "compare", "--rejoin", str(a / "compare-quick-cpu.json"), "--rejoin",
+                 str(c / "compare-quick-cpu.json"), "--results-dir", str(tmp_path)]) == 2
+    assert "differs from" in capsys.readouterr().err
+    assert main(["bench", "compare", "--rejoin", str(ev), "--results-dir", str(tmp_path)]) == 2
+    assert "is not a `kvtier bench compare` result" in capsys.readouterr().err

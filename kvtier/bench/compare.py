@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap-points", type=float, default=1.0,
                         help="the accuracy gap to dense, in points, within which a policy may be the best "
                              "(default 1)")
+    parser.add_argument("--rejoin", action="append", default=[], metavar="COMPARE.json",
+                        help="run nothing: take the rows of earlier compare results (repeatable: runs of one "
+                             "machine, e.g. batch 1 and the largest batches, merged) and join them with --eval "
+                             "again, for accuracy measured elsewhere or later; writes compare-rejoined (--name)")
+    parser.add_argument("--name", default=None, help="the result files' name (default compare-<device>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(accuracy, str):
         print(f"kvtier bench compare: --eval: {accuracy}", file=sys.stderr)
         return 2
+    if args.rejoin:
+        return _rejoin(args, accuracy, labels)
     if args.max_batch < 0:
         print(f"kvtier bench compare: --max-batch expects an int >= 0, got {args.max_batch}", file=sys.stderr)
         return 2
@@ -79,8 +86,53 @@ def run(args: argparse.Namespace) -> int:
                "eval_files": [str(p) for p in args.eval], "gap_points": args.gap_points, "rows": rows,
                "summary": summary, "memory": su.memory,
                "configs": {name: json.loads(su.configs[name].model_dump_json()) for name in args.policies}}
-    name = f"compare-{'quick-' if su.quick else ''}{su.device.type}"
+    name = args.name or f"compare-{'quick-' if su.quick else ''}{su.device.type}"
     path = write(name, payload, markdown_table(rows, COLUMNS), out_dir=args.results_dir)
+    _plot(rows, summary, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    print(last_line(summary))
+    return 0
+
+
+JOINED = ("vs_dense", "vs_dense_of", "accuracy", "accuracy_gap", "eval_label", "eval_file", "eval_contexts")
+
+
+def _rejoin(args: argparse.Namespace, accuracy, labels) -> int:
+    """Rows of earlier compare runs of one machine, joined with the eval files given: no cell runs."""
+    runs = []
+    for f in args.rejoin:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"kvtier bench compare: --rejoin: cannot read {f}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(data, dict) or data.get("bench") != "compare" or not isinstance(data.get("rows"), list):
+            print(f"kvtier bench compare: --rejoin: {f} is not a `kvtier bench compare` result (expected "
+                  "bench 'compare' and a list of rows)", file=sys.stderr)
+            return 2
+        runs.append((f, data))
+    first = runs[0][1]
+    for f, data in runs[1:]:
+        for key in ("machine", "shape", "data", "budget_tokens", "key_format"):
+            if data.get(key) != first.get(key):
+                print(f"kvtier bench compare: --rejoin: {f} differs from {runs[0][0]} in {key!r} "
+                      f"({data.get(key)!r} against {first.get(key)!r}); only runs of one machine and setup "
+                      "merge", file=sys.stderr)
+                return 2
+    rows = [{k: v for k, v in r.items() if k not in JOINED} for _, d in runs for r in d["rows"]]
+    rows = _join(rows, accuracy, labels)
+    summary = _summary(rows, args.gap_points)
+    configs = {}
+    for _, d in runs:
+        configs.update(d.get("configs") or {})
+    payload = {"bench": "compare", "quick": first.get("quick"), "device": first.get("device"),
+               "machine": first.get("machine"), "data": first.get("data"), "shape": first.get("shape"),
+               "budget_tokens": first.get("budget_tokens"), "key_format": first.get("key_format"),
+               "merged_from": [{"file": f, "date": d.get("date"), "command": d.get("command"),
+                                "commit": d.get("commit")} for f, d in runs],
+               "eval_files": [str(p) for p in args.eval], "gap_points": args.gap_points, "rows": rows,
+               "summary": summary, "memory": first.get("memory"), "configs": configs}
+    path = write(args.name or "compare-rejoined", payload, markdown_table(rows, COLUMNS), out_dir=args.results_dir)
     _plot(rows, summary, path.with_suffix(".png"))
     print(f"wrote {path}")
     print(last_line(summary))
