@@ -212,6 +212,12 @@ extern const float kvt_ones[KVT_ONES];
  * points are c (kvt_kchan_ptr). */
 void kvt_score_rows_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *c, int n, const float *q, int G,
                          float *out, int64_t ostride);
+/* INT8_CHANNEL: one int8 key row of a page whose channel scales and zero points are c,
+ * dequantized to floats (k * scale + zero) and scored: out[g * ostride] for G query heads.
+ * For scattered tokens, where a call of kvt_score_rows_chan per page would scale the
+ * queries for a row or two. */
+void kvt_score_row_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *c, const float *q, int G,
+                        float *out, int64_t ostride);
 /* acc[g*D+d] += p[g*pstride] * v_t[d] for token t of one page/head. */
 void kvt_accum_token(const kvt_store *s, int64_t lph, int t, const float *p, int64_t pstride,
                      int G, float *acc);

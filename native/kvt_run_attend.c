@@ -6,6 +6,9 @@
 #include <string.h>
 #include "kvt_run_internal.h"
 
+/* int8_channel: page runs shorter than this score row by row (kvt_score_row_chan) */
+#define KVT_CHAN_RUN 4
+
 /* n bytes (a multiple of 8) in 16- and 8-byte moves, inline */
 static inline void copy_row(uint8_t *d, const uint8_t *src, int64_t n) {
     int64_t o = 0;
@@ -26,12 +29,14 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
     float *gs = (float *)(gk + ((KVT_GATHER * kb + 3) & ~(int64_t)3));
     int pf = 0; /* candidates below pf are prefetched (key row and scales) */
     for (int j0 = 0; j0 < cnt;) {
-        int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER;
+        int len = cnt - j0 < KVT_GATHER ? cnt - j0 : KVT_GATHER, scattered = 0;
         if (s->chan_scales) { /* a call per page: its rows share the page's channel scales */
             const int64_t page = tok_lph(&L, tok[j0]);
             int same = 1;
             while (same < len && tok_lph(&L, tok[j0 + same]) == page) same++;
             len = same;
+            /* a run of a few rows: each row dequantized and scored alone, not the queries scaled */
+            scattered = len < KVT_CHAN_RUN;
         }
         for (int i = 0; i < len; i++) {
             for (; pf < j0 + i + 16 && pf < cnt; pf++) {
@@ -39,15 +44,25 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
                 const char *a = (const char *)kvt_key_ptr(s, lph) + o * kb;
                 for (int64_t x = 0; x < kb; x += 64) __builtin_prefetch(a + x);
                 if (ns) __builtin_prefetch(kvt_kscale_ptr(s, lph) + o * ns);
+                if (s->chan_scales) { /* the page's scales and zero points: 2 x D bf16 */
+                    const char *c = (const char *)kvt_kchan_ptr(s, lph);
+                    for (int64_t x = 0; x < 4 * (int64_t)s->d.head_dim; x += 64) __builtin_prefetch(c + x);
+                }
             }
             const int t = tok[j0 + i];
             const int64_t lph = tok_lph(&L, t), o = tok_off(&L, t);
+            if (scattered) {
+                kvt_score_row_chan(s, kvt_key_ptr(s, lph) + o * kb, kvt_kchan_ptr(s, lph), q, G, E + j0 + i, es);
+                continue;
+            }
             copy_row(gk + i * kb, kvt_key_ptr(s, lph) + o * kb, kb);
             if (ns == 1) gs[i] = kvt_kscale_ptr(s, lph)[o];
             else if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + o * ns, sizeof(float) * (size_t)ns);
         }
-        if (s->chan_scales) kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
-        else kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        if (s->chan_scales && !scattered)
+            kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
+        else if (!s->chan_scales)
+            kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
         j0 += len;
     }
     for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);

@@ -538,6 +538,21 @@ void kvt_score_rows_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *
     }
 }
 
+void kvt_score_row_chan(const kvt_store *s, const uint8_t *kp, const uint16_t *c, const float *q, int G,
+                        float *out, int64_t os) {
+    const int D = s->d.head_dim;
+    float cf[1024], zf[1024], x[1024], r[KVT_CHAN_HEADS];
+    bf16_row(c, D, cf);
+    bf16_row(c + D, D, zf);
+    const int8_t *k8 = (const int8_t *)kp;
+    for (int d = 0; d < D; d++) x[d] = (float)k8[d] * cf[d] + zf[d];
+    for (int g0 = 0; g0 < G; g0 += KVT_CHAN_HEADS) {
+        const int gn = G - g0 < KVT_CHAN_HEADS ? G - g0 : KVT_CHAN_HEADS;
+        kvt_k->dot_f32(x, D, q + (int64_t)g0 * D, gn, 1.f, r);
+        for (int g = 0; g < gn; g++) out[(int64_t)(g0 + g) * os] = r[g];
+    }
+}
+
 void kvt_score_rows(const kvt_store *s, const uint8_t *kp, const float *ks, int n, const float *q, int G,
                     float *out, int64_t os) {
     const int D = s->d.head_dim;

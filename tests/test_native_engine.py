@@ -33,7 +33,8 @@ def test_weighted_values_matches_reference():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kf, cap", [("int8", 0.0), ("bf16", 0.0), ("int4", 30.0)])
+@pytest.mark.parametrize("kf, cap", [("int8", 0.0), ("bf16", 0.0), ("int4", 30.0), ("int8_channel", 0.0),
+                                     ("int8_channel", 30.0)])
 def test_attend_indices_matches_exact_attention_over_each_rows_tokens(isa, kf, cap):
     """Fresh random inputs: each (request, query head) attends exactly the tokens its row names."""
     N.set_isa(isa)
@@ -46,6 +47,8 @@ def test_attend_indices_matches_exact_attention_over_each_rows_tokens(isa, kf, c
         for qh in range(8):
             k = int(torch.randint(0, min(m, int(ntok[b])) + 1, (1,), generator=g))
             idx[b, qh, :k] = torch.randperm(int(ntok[b]), generator=g)[:k].to(torch.int32)
+            if qh == 0:  # a run of consecutive tokens (pages' rows together) besides the scattered ones
+                idx[b, qh, :k] = torch.arange(k, dtype=torch.int32)
             idx[b, qh] = idx[b, qh, torch.randperm(m, generator=g)]  # -1s anywhere in the row
     sm = 0.125
     with N.Engine(2) as eng:
