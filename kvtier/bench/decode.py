@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv", metavar="FILE",
                         help="replay a capture's real K, V and queries (kvtier bench capture-kv) instead of synthetic "
                              "ones: the model's shape and context, one captured query per step")
+    parser.add_argument("--synthetic", default="runs", choices=("runs", "scattered"),
+                        help="the synthetic contexts (without --kv): runs, calibrated against a real model's capture "
+                             "(default), or scattered, the former generator (single salient tokens, i.i.d. values)")
     parser.add_argument("--no-fit-check", action="store_true",
                         help="also run the cells whose device KV the accounting rejects, to see whether they really "
                              "fail (host limits still apply)")
@@ -217,7 +220,7 @@ def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
             print(f"kvtier bench {command}: --device-gib: {device_limit}", file=sys.stderr)
             return 2
     mlp, vocab = ((4 * hidden, 8192) if quick else (LLAMA3_8B_MLP, LLAMA3_8B_VOCAB)) if args.full_model else (0, 0)
-    weights = make_weights(shape, hidden, device=device, dtype=dtype, mlp=mlp, vocab=vocab)
+    weights = make_weights(shape, hidden, device=device, dtype=dtype, mlp=mlp, vocab=vocab, synthetic=args.synthetic)
     host_cap = int(args.host_gib * (1 << 30)) if args.host_gib else int(0.9 * (host_memory_available() or 16 << 30))
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -232,7 +235,8 @@ def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
           f"KV may take {dev_cap / 2**30:.1f} GiB on the device"
           f"{f' (of a {args.device_gib:g} GiB GPU)' if args.device_gib else ''}, {host_cap / 2**30:.1f} GiB on the host")
 
-    data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else {"kind": "synthetic"}
+    data = {"kind": "capture", "file": str(args.kv), **cap.meta} if replay is not None else \
+        {"kind": "synthetic", "generator": args.synthetic}
     memory = {"full_model": args.full_model, "weights_gib": weights.nbytes() / 2**30,
               "device_gib": args.device_gib or None, "device_kv_cap_gib": dev_cap / 2**30,
               "host_kv_cap_gib": host_cap / 2**30, "value_format": args.value_format}
