@@ -142,3 +142,26 @@ def test_per_query_head_selection_recalls_more_at_the_same_budget(name):
     for a, b in zip(per_q, by_max):
         assert a.recall >= b.recall, f"layer {a.layer}: per_qhead recall {a.recall:.3f} < max's {b.recall:.3f}"
     assert sum(a.recall for a in per_q) / len(per_q) >= 0.85
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_fluxion_output_change_estimate_tracks_the_truth_on_real_kv(fixture):
+    """Fluxion keeps the shortest prefix of ranked blocks whose estimated output change is <= epsilon;
+    on the fixtures' real keys (every layer, kv-head, 16- and 64-token blocks, prefixes of the ranking)
+    the estimate follows the true change (log-log correlation), is not biased by 2x at the median,
+    and where it says 0.02 the true change is within 0.04 for at least 90% of prefixes.
+    (Qwen2.5-Coder-0.5B: correlation 0.95, median true/estimate 0.77, 97% of 66; SmolLM2-135M: 0.94,
+    0.78, 100% of 70; on the Qwen model's 4K capture,
+    every layer, 0.96, 0.76 and 98.9% of 565, layer 0 alone 83%.)"""
+    from test_fluxion_real import _layer_curves
+
+    cap = load_capture(DATA / f"kv-{fixture}.pt")
+    rows = [r for layer in range(cap.n_layers) for qi in range(cap.q.shape[1]) for r in _layer_curves(cap, layer, qi)]
+    est, true = torch.tensor([r[0] for r in rows]).double(), torch.tensor([r[1] for r in rows]).double()
+    ok = (est > 1e-6) & (true > 1e-6)
+    corr = float(torch.corrcoef(torch.stack([est[ok].log(), true[ok].log()]))[0, 1])
+    ratio = float((true[ok] / est[ok]).median())
+    within = est <= 0.02
+    assert int(within.sum()) >= 20, int(within.sum())
+    frac = float((true[within] <= 0.04).double().mean())
+    assert corr > 0.8 and 0.5 < ratio < 2.0 and frac >= 0.9, (corr, ratio, frac)
