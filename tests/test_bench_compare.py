@@ -138,3 +138,34 @@ def test_rejoin_merges_runs_of_one_machine_and_joins_accuracy_measured_elsewhere
     assert "differs from" in capsys.readouterr().err
     assert main(["bench", "compare", "--rejoin", str(ev), "--results-dir", str(tmp_path)]) == 2
     assert "is not a `kvtier bench compare` result" in capsys.readouterr().err
+
+
+def test_a_stopped_run_keeps_the_cells_it_ran_and_rejoins(tmp_path, monkeypatch, capsys):
+    """After every cell the rows so far are in <name>.partial.json; a run stopped midway (here an
+    interrupt in its second cell) leaves them there for --rejoin, and a finished run removes it."""
+    from kvtier.bench import decode
+
+    base = ["bench", "compare", "--quick", "--contexts", "1024", "--steps", "1", "--batches", "1",
+            "--policies", "dense,hgca,offload_all", "--results-dir", str(tmp_path)]
+    real, calls = decode._run_cell, []
+
+    def stop_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode, "_run_cell", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(base)
+    part = tmp_path / "compare-quick-cpu.partial.json"
+    data = json.loads(part.read_text())
+    assert data["partial"] is True and data["cells_done"] == 1 and data["cells_total"] == 3
+    assert [r["policy"] for r in data["rows"]] == ["dense"] and data["rows"][0]["status"] == "ok"
+    assert not (tmp_path / "compare-quick-cpu.json").exists()
+    capsys.readouterr()
+    assert main(["bench", "compare", "--rejoin", str(part), "--results-dir", str(tmp_path), "--name", "kept"]) == 0
+    assert [r["policy"] for r in json.loads((tmp_path / "kept.json").read_text())["rows"]] == ["dense"]
+    monkeypatch.setattr(decode, "_run_cell", real)
+    assert main(base) == 0
+    assert not part.exists() and (tmp_path / "compare-quick-cpu.json").exists()

@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 1)")
     parser.add_argument("--rejoin", action="append", default=[], metavar="COMPARE.json",
                         help="run nothing: take the rows of earlier compare results (repeatable: runs of one "
-                             "machine, e.g. batch 1 and the largest batches, merged) and join them with --eval "
-                             "again, for accuracy measured elsewhere or later; writes compare-rejoined (--name)")
+                             "machine, e.g. batch 1 and the largest batches, merged; a stopped run's "
+                             "<name>.partial.json too) and join them with --eval again, for accuracy measured "
+                             "elsewhere or later; writes compare-rejoined (--name)")
     parser.add_argument("--name", default=None, help="the result files' name (default compare-<device>)")
 
 
@@ -78,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
         for name in args.policies:
             batches = args.batches or sorted({1, max(1, min(su.fits(name, context, max_batch), max_batch))})
             cells += [(context, b, name) for b in batches]
-    rows = decode._measure(su, cells, probe=True)
+    name = args.name or f"compare-{'quick-' if su.quick else ''}{su.device.type}"
+    partial = decode.PartialResults(name, args.results_dir,
+                                    {"bench": "compare", "quick": su.quick, "device": str(su.device),
+                                     "machine": machine(), "data": su.data, "shape": su.shape._asdict(),
+                                     "budget_tokens": su.budget, "key_format": args.key_format,
+                                     "memory": su.memory}, len(cells))
+    rows = list(decode._measure(su, cells, probe=True, on_row=partial))
     rows = _join(rows, accuracy, labels)
     summary = _summary(rows, args.gap_points)
     payload = {"bench": "compare", "quick": su.quick, "device": str(su.device), "machine": machine(),
@@ -86,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
                "eval_files": [str(p) for p in args.eval], "gap_points": args.gap_points, "rows": rows,
                "summary": summary, "memory": su.memory,
                "configs": {name: json.loads(su.configs[name].model_dump_json()) for name in args.policies}}
-    name = args.name or f"compare-{'quick-' if su.quick else ''}{su.device.type}"
     path = write(name, payload, markdown_table(rows, COLUMNS), out_dir=args.results_dir)
+    partial.done()
     _plot(rows, summary, path.with_suffix(".png"))
     print(f"wrote {path}")
     print(last_line(summary))

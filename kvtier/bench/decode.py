@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 import traceback
@@ -22,7 +23,7 @@ import torch
 from ..config import ModelShape, from_mapping
 from ..config.shape import device_bytes_per_token
 from .arguments import positive_ints
-from .results import add_results_dir_argument, machine, markdown_table, write
+from .results import add_results_dir_argument, machine, markdown_table, provenance, results_dir, write
 from .dense_graph import run_dense_graph
 from .stack import (HIDDEN, LLAMA3_8B, LLAMA3_8B_MLP, LLAMA3_8B_VOCAB, Replay, StackWeights, fill_context,
                     make_weights, next_input, output, project_qkv, request_kv)
@@ -132,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
     setup = _setup(args, "decode")
     if isinstance(setup, int):
         return setup
-    rows = _measure(setup, [(c, b, p) for c in setup.contexts for b in setup.batches for p in args.policies])
+    cells = [(c, b, p) for c in setup.contexts for b in setup.batches for p in args.policies]
+    partial = PartialResults(f"decode-{'quick-' if setup.quick else ''}{setup.device.type}", args.results_dir,
+                             {"bench": "decode", "device": str(setup.device), "machine": machine(),
+                              "data": setup.data, "shape": setup.shape._asdict()}, len(cells))
+    rows = list(_measure(setup, cells, on_row=partial))
+    partial.done()
     return _report(rows, setup.quick, setup.device, setup.shape, setup.budget, args.key_format, args.prefilter,
                    setup.capacity(args.policies), setup.memory, setup.data, out_dir=args.results_dir)
 
@@ -246,15 +252,49 @@ def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
                  memory=memory)
 
 
-def _measure(su: Setup, cells, *, probe: bool = False) -> List[Dict[str, object]]:
+class _Rows(list):
+    """The rows so far, handed to `on_row` after each append (a long run's partial results)."""
+
+    def __init__(self, on_row=None):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(list(self))
+
+
+class PartialResults:
+    """`<name>.partial.json` beside a run's results, rewritten after every cell and removed once the
+    run writes its own: a run stopped midway (a time limit, a crash, Ctrl-C) keeps the cells it ran."""
+
+    def __init__(self, name: str, out_dir, header: Dict[str, object], total: int):
+        self.path = results_dir(out_dir) / f"{name}.partial.json"
+        self.header, self.total = header, total
+        print(f"partial results after each cell: {self.path}", file=sys.stderr, flush=True)
+
+    def __call__(self, rows) -> None:
+        payload = {**provenance(), **self.header, "partial": True, "cells_done": len(rows),
+                   "cells_total": self.total, "rows": rows}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _measure(su: Setup, cells, *, probe: bool = False, on_row=None) -> List[Dict[str, object]]:
     """Run the (context, batch, policy) cells; probe: measure each cell's selection on one more,
-    untimed, step (top-k recall, mass captured, host bytes read: `_probe`)."""
+    untimed, step (top-k recall, mass captured, host bytes read: `_probe`); on_row: called with
+    the rows so far after each cell."""
     from ..runtime.standalone import StandaloneTier
 
     device, dtype, shape, configs, steps = su.device, su.dtype, su.shape, su.configs, su.steps
     dev_cap, host_cap = su.dev_cap, su.host_cap
     weights, hidden, replay = su.weights, su.hidden, su.replay
-    rows: List[Dict[str, object]] = []
+    rows: List[Dict[str, object]] = _Rows(on_row)
     for context, batch, name in cells:
         cfg = configs[name]
         row = {"policy": name, "context": context, "batch": batch}
