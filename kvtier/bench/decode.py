@@ -40,7 +40,7 @@ EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcatt
          "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu", "hgca_token_scales")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
 # fetches the misses before attending; sparda_none (SparDA's own) leaves them out
-# hgca_token_scales: hgca with a scale per token of int8 keys (the former default; faster band scoring)
+# hgca_token_scales: hgca with a scale per token of int8 keys (the former default; int16 band scoring)
 # fluxion: head classes with their own blocks and budgets (the default classes, their mean capped at the
 # hgca budget; 64-token pages), output-aware trimming, the blocks split between the CPU engine and the
 # GPU at measured rates; fluxion_cpu: the same with gpu_share off (every block on the CPU: no scheduler)
