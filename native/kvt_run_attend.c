@@ -59,10 +59,12 @@ void kvtr_exact_logits(const kvt_plan_state *p, int layer, int b, int h, const i
             if (ns == 1) gs[i] = kvt_kscale_ptr(s, lph)[o];
             else if (ns) memcpy(gs + i * ns, kvt_kscale_ptr(s, lph) + o * ns, sizeof(float) * (size_t)ns);
         }
-        if (s->chan_scales && !scattered)
-            kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
-        else if (!s->chan_scales)
-            kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        if (!scattered) { /* the gathered rows, in one call */
+            if (s->chan_scales)
+                kvt_score_rows_chan(s, gk, kvt_kchan_ptr(s, tok_lph(&L, tok[j0])), len, q, G, E + j0, es);
+            else
+                kvt_score_rows(s, gk, ns ? gs : NULL, len, q, G, E + j0, es);
+        }
         j0 += len;
     }
     for (int g = 0; g < G; g++) apply_scale(E + (int64_t)g * es, cnt, p->sm_scale, p->soft_cap);

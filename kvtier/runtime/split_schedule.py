@@ -95,7 +95,8 @@ def gpu_part(view: HostStoreView, layer: int, q: torch.Tensor, tables: List[torc
         return empty_part(b, hq, d, dev)
     rows_t, slots_t = torch.cat(rows), torch.cat(slots).to(dev)
     pin = dev.type == "cuda"
-    channel = str(getattr(view.key_format, "value", view.key_format)) == "int8_channel"
+    # int8_channel keys share a scale and zero point per channel of each (page, kv-head): gathered per page row
+    channel = KeyFormat(view.key_format.value) is KeyFormat.INT8_CHANNEL
 
     def take(t: Optional[torch.Tensor], per_page: bool = False) -> Optional[torch.Tensor]:
         """The rows of `t` (a store buffer [L, P, H, T, ...] or, per_page, [L, P, H, ...]) that the
@@ -109,16 +110,14 @@ def gpu_part(view: HostStoreView, layer: int, q: torch.Tensor, tables: List[torc
         torch.index_select(src, 0, idx, out=out)
         return out.to(dev, non_blocking=True)
 
+    keys = take(view.keys)
+    if channel:  # each token a one-row "page" [n, 1, D] beside its page's [n, 2, D] scales
+        keys = keys.unsqueeze(1)
+    raw = StoreBuffers(keys, take(view.key_scales, per_page=channel), take(view.buffers.values),
+                       take(view.value_scales), None)
     k = torch.zeros(b * hkv * width, d, device=dev)
     v = torch.zeros_like(k)
-    if channel:  # int8 keys with a scale and zero point per channel of each (page, kv-head): [n, 2, D] per token
-        sz = take(view.key_scales, per_page=True).float()
-        k[slots_t] = take(view.keys).float() * sz[:, 0] + sz[:, 1]
-        raw = StoreBuffers(None, None, take(view.buffers.values), take(view.value_scales), None)
-    else:
-        raw = StoreBuffers(take(view.keys), take(view.key_scales), take(view.buffers.values),
-                           take(view.value_scales), None)
-        k[slots_t] = dequant_raw_keys(raw, view.key_format, view.key_group)
+    k[slots_t] = dequant_raw_keys(raw, view.key_format, view.key_group).reshape(-1, d)
     v[slots_t] = dequant_raw_values(raw, view.value_format)
     valid = torch.zeros(b * hkv * width, dtype=torch.bool, device=dev)
     valid[slots_t] = True
