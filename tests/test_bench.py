@@ -266,3 +266,30 @@ def test_the_calibrated_generator_puts_attention_in_runs_as_a_real_model_does():
     assert scat_blocks < 0.5, scat_blocks
     with pytest.raises(ValueError, match="synthetic: expected one of"):
         make_weights(shape, 64, device="cpu", dtype=torch.float32, synthetic="flat")
+
+
+def test_decode_bench_profile_says_where_a_step_goes(tmp_path, monkeypatch, capsys):
+    """--profile N: N untimed steps under torch's profiler; the row carries each phase's time per
+    step and the top operators, the tables go beside the results, and the ranges are off after."""
+    from kvtier.runtime.hybrid import timing
+
+    monkeypatch.setenv("KVTIER_RESULTS_DIR", str(tmp_path))
+    rc = main(["bench", "decode", "--quick", "--contexts", "1024", "--batches", "1", "--steps", "1",
+               "--policies", "hgca,dense", "--profile", "2"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1), out  # 1: no offload_all for the summary line
+    payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
+    for name in ("hgca", "dense"):
+        row = next(r for r in payload["rows"] if r["policy"] == name)
+        prof = row["profile"]
+        assert prof["steps"] == 2
+        spans = prof["spans_ms_per_step"]
+        assert {"plan", "window", "merge"} <= set(spans) and all(v >= 0 for v in spans.values())
+        # one window range per layer and step, whatever the policy
+        assert prof["span_calls_per_step"]["window"] == 2  # the quick shape's 2 layers
+        assert ("host_collect" in spans) == (name == "hgca")
+        assert prof["top_host_self_ms_per_step"] and all(ms >= 0 for _, ms, _ in prof["top_host_self_ms_per_step"])
+        assert (tmp_path / prof["tables"]).read_text().count("Self CPU") >= 1
+    assert "profile, ms per step: plan" in out
+    assert timing._SPANS is False
+    assert main(["bench", "decode", "--quick", "--profile", "-1"]) == 2

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fit-check", action="store_true",
                         help="also run the cells whose device KV the accounting rejects, to see whether they really "
                              "fail (host limits still apply)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each cell's timed steps, N more under torch's profiler: the row gets where a "
+                             "step's time goes (the tier's phases, the top operators and kernels) and the tables "
+                             "go to <results>/<run>-profile-<policy>-<context>-b<batch>.txt (default 0: off)")
     add_results_dir_argument(parser)
 
 
@@ -195,15 +199,19 @@ def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
         why = None
         if args.contexts and args.contexts != [cap.context]:
             why = f"--contexts: a capture replays its own context, {cap.context} tokens; got {args.contexts}"
-        elif steps + 1 + probe_steps > cap.q.shape[1]:
+        elif steps + 1 + probe_steps + getattr(args, "profile", 0) > cap.q.shape[1]:
             why = (f"--steps: the capture holds {cap.q.shape[1]} queries, for at most "
-                   f"{cap.q.shape[1] - 1 - probe_steps} timed steps")
+                   f"{cap.q.shape[1] - 1 - probe_steps - getattr(args, 'profile', 0)} timed steps")
         elif abs(cap.sm_scale - d ** -0.5) > 1e-6:
             why = f"the capture's softmax scale {cap.sm_scale} is not 1/sqrt({d}), which the bench's tiers use"
         if why:
             print(f"kvtier bench {command}: {why}", file=sys.stderr)
             return 2
         contexts = [cap.context]
+    profile = getattr(args, "profile", 0) or 0
+    if profile < 0:
+        print(f"kvtier bench {command}: --profile expects an int >= 0, got {profile}", file=sys.stderr)
+        return 2
     budget = args.budget_tokens or (256 if quick else 2048)
     window, sinks = (256, 16) if quick else (1024, 64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -249,7 +257,8 @@ def _setup(args: argparse.Namespace, command: str, probe_steps: int = 0):
     return Setup(device=device, quick=quick, shape=shape, hidden=hidden, contexts=contexts, batches=batches,
                  steps=steps, replay=replay, budget=budget, window=window, sinks=sinks, dtype=dtype, configs=configs,
                  weights=weights, host_cap=host_cap, dev_cap=dev_cap, no_fit_check=args.no_fit_check, data=data,
-                 memory=memory)
+                 memory=memory, profile=profile, profile_dir=results_dir(args.results_dir) if profile else None,
+                 run_name=f"{command}-{'quick-' if quick else ''}{device.type}")
 
 
 class _Rows(list):
@@ -325,8 +334,10 @@ def _measure(su: Setup, cells, *, probe: bool = False, on_row=None) -> List[Dict
             tier = StandaloneTier(cfg, shape, device=device, dtype=dtype, device_tokens=dev_tokens,
                                   host_tokens=batch * context)
             try:
+                prof_path = None if not su.profile else \
+                    su.profile_dir / f"{su.run_name}-profile-{name}-{context}-b{batch}.txt"
                 row.update(_run_cell(tier, weights, shape, hidden, context, batch, steps, device, dtype, replay,
-                                      probe=probe))
+                                      probe=probe, profile=su.profile, profile_path=prof_path))
             finally:
                 del tier
                 _release_host_cache(device)
@@ -342,8 +353,19 @@ def _measure(su: Setup, cells, *, probe: bool = False, on_row=None) -> List[Dict
         print(f"  {name:12s} ctx {context:>7d} batch {batch:>3d}: {row['ms_per_step']:9.2f} ms/step "
               f"{row['tokens_per_s']:9.1f} tok/s  device KV {row['device_kv_gib']:.3f} GiB  host KV "
               f"{row['host_kv_gib']:.3f} GiB  rel err {row['rel_err']:.2e}", flush=True)
+        if "profile" in row:
+            _print_profile(row["profile"])
         rows.append(row)
     return rows
+
+
+def _print_profile(prof: Dict[str, object]) -> None:
+    spans = "  ".join(f"{k} {v:.2f}" for k, v in prof["spans_ms_per_step"].items())
+    print(f"      profile, ms per step: {spans}"
+          + (f"  device busy {prof['device_busy_ms_per_step']:.2f}" if "device_busy_ms_per_step" in prof else ""))
+    for key, label in (("top_host_self_ms_per_step", "host"), ("top_device_self_ms_per_step", "device")):
+        if key in prof:
+            print(f"      top {label}: " + "; ".join(f"{n} {ms:.2f} ({c:g}x)" for n, ms, c in prof[key][:8]))
 
 
 def _cap_device(device, gib: float):
@@ -363,7 +385,8 @@ def _cap_device(device, gib: float):
 
 
 def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int, batch: int, steps: int,
-              device, dtype, replay: Optional[Replay] = None, *, probe: bool = False) -> Dict[str, object]:
+              device, dtype, replay: Optional[Replay] = None, *, probe: bool = False, profile: int = 0,
+              profile_path=None) -> Dict[str, object]:
     rids = list(range(batch))
     n_step = 0  # decode steps run (a replay's step j takes the capture's j-th query and token)
     try:
@@ -436,6 +459,11 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
         h2d_timed = st.tier.stats().bytes_h2d
         blocks = _block_stats(st, steps)  # the timed steps' (before a probe step adds to them)
         split = _split_stats(st, steps, shape.n_layers)
+        profiled = {}
+        if profile:  # after the timed steps and their error: neither is the profiler's
+            from .profile import profile_steps
+
+            profiled = {"profile": profile_steps(lambda: step(False), profile, device, profile_path)}
         probed = {}
         if probe:
             step(False, probing=True)
@@ -460,6 +488,7 @@ def _run_cell(st, w: StackWeights, shape: ModelShape, hidden: int, context: int,
             **blocks,
             **split,
             **probed,
+            **profiled,
         }
     finally:
         st.close()

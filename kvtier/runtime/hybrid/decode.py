@@ -31,7 +31,7 @@ from ..window_attention import (
     FlashInferWindow, WindowPlan, empty_part, flashinfer_available, plan_window, torch_window_attention,
 )
 from .extend import ExtendAttention
-from .timing import StepTimes, WindowTimer
+from .timing import StepTimes, WindowTimer, span
 
 
 class HybridDetail(NamedTuple):
@@ -91,6 +91,10 @@ class HybridAttention:
     # --- plan ---------------------------------------------------------------
 
     def plan(self, rids: List[Hashable]) -> None:
+        with span("plan"):
+            self._plan(rids)
+
+    def _plan(self, rids: List[Hashable]) -> None:
         tier, shape = self.tier, self.shape
         self.host.stop()
         tier.settle()
@@ -134,23 +138,30 @@ class HybridAttention:
         t0 = time.perf_counter()
         host = self.host if self._host_planned else None
         if host is not None:
-            host.submit(q, layer)
+            with span("host_submit"):
+                host.submit(q, layer)
         fused = self.fused and not self._window_empty
-        self._timer.start(q.device.type == "cuda")
-        if fused:
-            win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
+        with span("window"):
+            self._timer.start(q.device.type == "cuda")
+            if fused:
+                win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
+            else:
+                dev = self._window_part(q, layer)
+            self._timer.end()
+        if host is not None:
+            with span("host_collect"):
+                far = host.collect(q, layer)
         else:
-            dev = self._window_part(q, layer)
-        self._timer.end()
-        far = host.collect(q, layer) if host is not None else None
-        if fused:
-            out = win_out
-            if far is not None:
-                # shapes and devices are this plan's (checked above); no second check per layer
-                out = fused_merge.merge_into(torch.empty(q.shape, dtype=q.dtype, device=q.device), win_out,
-                                             win_lse2, far.out, far.lse, a_lse_base2=True, check=False)
-        else:
-            out = (dev if far is None else merge(dev, far)).out.to(q.dtype)
+            far = None
+        with span("merge"):
+            if fused:
+                out = win_out
+                if far is not None:
+                    # shapes and devices are this plan's (checked above); no second check per layer
+                    out = fused_merge.merge_into(torch.empty(q.shape, dtype=q.dtype, device=q.device), win_out,
+                                                 win_lse2, far.out, far.lse, a_lse_base2=True, check=False)
+            else:
+                out = (dev if far is None else merge(dev, far)).out.to(q.dtype)
         self._wall_s += time.perf_counter() - t0
         return out
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import List, NamedTuple, Tuple
 
 import torch
+
+_SPANS = False  # profiler ranges on (a profiling run turns them on; off they cost a flag test)
+
+
+def profile_spans(on: bool) -> None:
+    """Mark the decode step's phases (plan, host submit, window, host collect, merge) as
+    profiler ranges (`torch.profiler.record_function`), for `kvtier bench decode --profile`."""
+    global _SPANS
+    _SPANS = bool(on)
+
+
+def span(name: str):
+    """A profiler range named `kvtier.<name>` while spans are on, else a no-op context."""
+    return torch.profiler.record_function(f"kvtier.{name}") if _SPANS else contextlib.nullcontext()
 
 
 class StepTimes(NamedTuple):
