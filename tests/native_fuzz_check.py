@@ -30,6 +30,14 @@ def _tol_dot(qg: torch.Tensor, K: torch.Tensor, sm: float) -> torch.Tensor:
     return 4 * math.sqrt(D) * 2.0**-24 * sm * (qg.abs() @ K.abs().T).amax(0) + 1e-12
 
 
+def _tol_rank(r: torch.Tensor, lse: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Per token: the float32 rounding of the ranking value itself, 2^-23·(|r| + max|lse| for
+    per_qhead): the engine ranks by float32 values (per_qhead: a logit less a log-sum-exp, each
+    rounded), so two tokens a few ulp of r apart may trade places (seen at |r| 4.4: 1.4e-7 apart)."""
+    shift = float(lse.abs().max()) if reduce == "per_qhead" and lse.numel() > 1 else 0.0
+    return 2.0**-23 * (r.abs() + shift)
+
+
 def request_kv(case: dict, b: int):
     """Float64 (keys, values) [H, n, D] of request b's host tokens."""
     n = int(case["ntok"][b])
@@ -63,7 +71,8 @@ class SetRef:
         self.lse = torch.logsumexp(sel_logits[b, h * G + g0:h * G + g1, :self.n].double(), 1) \
             if sel_logits is not None else torch.logsumexp(x, 1)
         self.r = ref_reduce(x, self.lse, case["reduce"])
-        self.tol = _tol_dot(self.qg, self.K, self.sm)
+        self.tol_dot = _tol_dot(self.qg, self.K, self.sm)
+        self.tol = self.tol_dot + _tol_rank(self.r, self.lse, case["reduce"])
         self.summ = store.summary[layer, h, pages.long()].double().reshape(-1, 2, self.D) if len(pages) else None
         self.reduce = case["reduce"]
 
@@ -139,6 +148,7 @@ class SetRef:
         if case["prefilter"] > 0:
             self.lse = torch.logsumexp(self.x[:, cand], 1)
             self.r = ref_reduce(self.x, self.lse, self.reduce)
+            self.tol = self.tol_dot + _tol_rank(self.r, self.lse, self.reduce)
         r = self.r
         sel = cand[ref_topk(r[cand], min(k, len(cand)))]
         if case["mode"] == "mass":
@@ -202,8 +212,10 @@ def _explain(case: dict, ref: SetRef, got: list[int], want: list[int], k: int, h
         loose = set(_prefilter_candidates(ref, k, pf, loose=True))
         sure = set(_prefilter_candidates(ref, k, pf, loose=False, sure=True))
         if loose != sure and a <= loose:
-            worst = min(float(ref.r[t] - ref.tol[t]) for t in a) if a else math.inf
-            left_out = [t for t in sure - a if float(ref.r[t] + ref.tol[t]) > worst]
+            # a token of a chunk surely kept but not selected must not be clearly above (beyond both
+            # tokens' rounding) a token that was: ties, duplicate keys included, go either way
+            worst = min(float(ref.r[t] + ref.tol[t]) for t in a) if a else math.inf
+            left_out = [t for t in sure - a if float(ref.r[t] - ref.tol[t]) > worst]
             if not left_out or mode == "mass":
                 return "tie at the prefilter's chunk cut"
     return None

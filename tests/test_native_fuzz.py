@@ -93,3 +93,18 @@ def test_the_judges_reference_selects_as_native_cases_does(seed):
                 got = SetRef(case, b, h, 0, G, KV).select(case, k, h)  # one selection per kv-head
                 assert got == sels[b][h * G], (b, h, o["mode"], o["reduce"], o["prefilter"])
         store.close()
+
+
+@pytest.mark.parametrize("case,isa,why", [
+    # per_qhead ranks by a float32 logit less a float32 log-sum-exp: two tokens 1.4e-7 apart at |r| 4.4
+    ("101:19877", "avx2", "tie: tie at the k-th logit"),
+    # a repeated page: two prefilter chunks with equal bounds at the cut, and tokens with duplicate keys
+    # inside a chunk kept surely, taken in either order
+    ("101:31661", "generic", "tie: tie at the prefilter's chunk cut"),
+])
+def test_ties_found_by_the_long_fuzz_run_are_admitted(case, isa, why):
+    if not N.isa_supported(isa) or os.environ.get("KVTIER_ISA", isa) != isa:
+        pytest.skip(f"this CPU (or KVTIER_ISA) does not run {isa}")
+    seed, i = map(int, case.split(":"))
+    N.set_isa(isa)
+    assert F.run_case(seed, i, None) == ("attend", why)
