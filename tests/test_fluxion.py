@@ -151,8 +151,15 @@ def test_class_caps_keep_their_ratio_under_the_budget_section():
     policy = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16,
                                         "max_tokens": 100000}))
     r, m, s = (policy.class_names.index(x) for x in ("retrieval", "mixed", "streaming"))
-    # 64K context: the mean cap is 3277 tokens, above the classes' mean: their own budgets
-    assert policy.head_caps([r, m, s], 60000, 65536) == [2048, 1024, 256]
+    # 64K context: the mean cap is 3277 tokens, above the classes' mean (1109): scaled up to it, ratio kept
+    caps = policy.head_caps([r, m, s], 60000, 65536)
+    assert 3 * 3277 - 3 <= sum(caps) <= 3 * 3277 and abs(caps[0] - 2 * caps[1]) <= 1 and abs(caps[1] - 4 * caps[2]) <= 3
+    # class_budgets cap: their own budgets there
+    capped = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16, "max_tokens": 100000},
+                                class_budgets="cap"))
+    assert capped.head_caps([r, m, s], 60000, 65536) == [2048, 1024, 256]
+    assert capped.head_caps([r, m, s], 1500, 65536) == [1500, 1024, 256]  # never past the host tokens
+    assert max(policy.head_caps([r, r, r], 2000, 65536)) == 2000
     # 4K context: 205 tokens a head on average, the classes' 2048 : 1024 : 256 kept
     caps = policy.head_caps([r, m, s], 3000, 4096)
     assert sum(caps) <= 3 * 205 and abs(caps[0] - 2 * caps[1]) <= 1 and caps[2] == 64  # one 64-token block at least

@@ -196,6 +196,7 @@ def _in(x: float, r: Tuple[float, float]) -> bool:
 class FluxionKnobs(Frozen):
     head_classes: Tuple[HeadClass, ...] = Field(default_factory=_default_classes, strict=False, max_length=64, description="Block size and budget per head class: each item {name, block_tokens (16, 32 or 64, dividing window.page_tokens), budget_tokens, window_mass, far_entropy}; the classes' ranges must cover every head exactly once.")
     predictor: PredictorKnobs = Field(default_factory=PredictorKnobs, description="Head-property predictor.")
+    class_budgets: Literal["share", "cap"] = Field("share", description="How the classes' budget_tokens meet the budget section: share, they are the heads' ratio and a layer's kv-heads' caps are scaled up or down together so that their mean is the budget section's tokens; cap, each head's cap is its class's budget_tokens, scaled down together only where their mean is above the budget section's.")
     output_epsilon: float = Field(0.02, gt=0, lt=1, allow_inf_nan=False, description="Output-aware budgeting: smallest budget whose estimated relative output change stays under this (0 < epsilon < 1).")
     gpu_share: Literal["auto", "off"] = Field("auto", description="Priority scheduler: auto splits selected blocks between CPU compute and GPU (after a PCIe fetch); off keeps all on the CPU.")
 
@@ -261,8 +262,10 @@ def _fluxion_window() -> WindowConfig:
 class FluxionConfig(TierConfig):
     """Fluxion: per-head-class block-sparse attention with output-aware budgets.
 
-    The budget section caps the mean over a layer's kv-heads: the classes' budget_tokens set
-    the ratio between heads and are scaled down together when their mean is above it.
+    The budget section sets the mean cap over a layer's kv-heads: the classes' budget_tokens set
+    the ratio between heads and are scaled together to meet it (`fluxion.class_budgets: share`),
+    or scaled down only when their mean is above it (`cap`). Output-aware trimming then keeps
+    each head's shortest prefix within its cap.
     """
 
     policy: Literal["fluxion"] = "fluxion"

@@ -52,18 +52,24 @@ class Fluxion(Policy):
     def head_caps(self, classes: Sequence[int], host_tokens: int, context_tokens: int) -> List[int]:
         """Token caps of one request's kv-heads at one layer, given their classes.
 
-        Each head's cap is its class's budget_tokens; when their mean over the layer's kv-heads is
-        above the budget section's cap for this request, they are scaled down by one factor (the
-        classes keep their ratio) so that the mean meets it, a head never below one block of its
-        class (the others then share what is left). Budget all: every host token.
+        The classes' budget_tokens are scaled by one factor (they keep their ratio) so that the
+        caps' mean over the layer's kv-heads is the budget section's cap for this request:
+        up or down with `class_budgets: share`, only down with `cap` (each head's cap is then
+        its class's budget_tokens where their mean is within the budget). A head is never
+        below one block of its class (the others then share what is left), and no cap goes
+        past the request's host tokens. Budget all: every host token.
         """
         if self.attends_everything:
             return [max(host_tokens, 1)] * len(classes)
         total = budget_tokens(self.config.budget, host_tokens=host_tokens, context_tokens=context_tokens) * len(classes)
         own = [self.knobs.head_classes[c].budget_tokens for c in classes]
         floor = [self.block_tokens(c) for c in classes]
+        ceiling = max(host_tokens, 1)
         if sum(own) <= total:
-            return own
+            if self.knobs.class_budgets == "cap":
+                return [min(b, ceiling) for b in own]
+            scale = total / max(sum(own), 1)
+            return [min(max(f, int(b * scale)), ceiling) for b, f in zip(own, floor)]
         # scale the heads above their one-block floor so that the sum meets the total
         fixed = [False] * len(own)
         while True:
@@ -72,5 +78,5 @@ class Fluxion(Policy):
             caps = [f if x else max(f, int(b * scale)) for b, f, x in zip(own, floor, fixed)]
             newly = [not x and int(b * scale) < f for b, f, x in zip(own, floor, fixed)]
             if not any(newly):
-                return caps
+                return [min(c, ceiling) for c in caps]
             fixed = [x or y for x, y in zip(fixed, newly)]
