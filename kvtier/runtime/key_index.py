@@ -27,7 +27,7 @@ Shapes: k [pages, Hkv, T, D]; q [B, Hq, D] float32; scores [B, Hq, N] float32 wi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -58,16 +58,18 @@ class KeyIndex(ABC):
         """Unscaled q·k~ [Hq, len(pages) * T] of one request's q [Hq, D] over whole pages."""
 
     def scores(self, layer: int, q: torch.Tensor, table: torch.Tensor, n_tokens: torch.Tensor, *,
-               sm_scale: float, soft_cap: float = 0.0) -> torch.Tensor:
+               sm_scale: float, soft_cap: float = 0.0, counts: Optional[List[int]] = None) -> torch.Tensor:
         """Approximate logits [B, Hq, max(n_tokens)] of each request's host tokens.
 
         table [B, P] int32 on the device: request b's host pages, padded; n_tokens [B] int32 on
-        the device. Scaled and soft-capped as the exact logits are; -inf past a request's tokens.
-        On CUDA with Triton one kernel scores the batch (`key_index_triton`); elsewhere torch
-        does, a request and SCORE_TOKENS_AT_ONCE tokens at a time (the reference).
+        the device; counts: the same as Python ints where the caller has them (a plan's), else
+        they are read from n_tokens (a device sync). Scaled and soft-capped as the exact logits
+        are; -inf past a request's tokens. On CUDA with Triton one kernel scores the batch
+        (`key_index_triton`); elsewhere torch does, a request and SCORE_TOKENS_AT_ONCE tokens at
+        a time (the reference).
         """
         b, hq = q.shape[0], q.shape[1]
-        counts = [int(n) for n in n_tokens.tolist()]
+        counts = [int(n) for n in n_tokens.tolist()] if counts is None else counts
         n_max = max(counts, default=0)
         out = torch.full((b, hq, n_max), float("-inf"), dtype=torch.float32, device=self.device)
         qf = q.to(self.device, torch.float32)
