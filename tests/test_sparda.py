@@ -182,3 +182,80 @@ def test_detail_names_the_host_tokens_attended(gen, correction):
             _steps(tier, gen, rids, full, 1)
     finally:
         tier.close()
+
+
+# --- the block cache's diff, against the per-head loop it replaced -------------------------------
+
+
+def _ref_fetch(have, filled, want, n, bt):
+    """The per-head loop: (jobs [(head, slot, block, tokens)], hits, misses, wasted)."""
+    hits = misses = wasted = 0
+    jobs = []
+    for h, blocks in enumerate(want.tolist()):
+        full = {b: min(bt, n - b * bt) for b in blocks if b >= 0}
+        slot = {b: j for j, b in enumerate(have[h].tolist()) if b >= 0}
+        missing = [b for b in full if b not in slot or filled[h][slot[b]] < full[b]]
+        hits += len(full) - len(missing)
+        misses += len(missing)
+        wasted += sum(1 for b in slot if b not in full)
+        spare = [j for j, b in enumerate(have[h].tolist()) if b not in full]
+        for b in missing:
+            jobs.append((h, slot[b] if b in slot else spare.pop(0), b, full[b]))
+    return jobs, hits, misses, wasted
+
+
+def _ref_missed(have, filled, chosen, n, bt):
+    rows = []
+    for h, blocks in enumerate(chosen.tolist()):
+        held = {b: int(filled[h][j]) for j, b in enumerate(have[h].tolist()) if b >= 0}
+        rows.append([t for b in blocks if b >= 0 for t in range(b * bt + held.get(b, 0), min((b + 1) * bt, n))])
+    m = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.int32).view(len(rows), m)
+
+
+def _slots_case(gen, heads, slots, n, bt):
+    """A cache's slots (distinct blocks per head, some empty, some part-filled) and a wanted set (distinct
+    blocks best first, -1 padded past the request's blocks)."""
+    nblocks = -(-n // bt)
+    have = torch.full((heads, slots), -1, dtype=torch.long)
+    filled = torch.zeros(heads, slots, dtype=torch.long)
+    want = torch.full((heads, slots), -1, dtype=torch.long)
+    for h in range(heads):
+        held = torch.randperm(nblocks, generator=gen)[: int(torch.randint(0, slots + 1, (1,), generator=gen))]
+        at = torch.randperm(slots, generator=gen)[: held.numel()]
+        have[h, at] = held
+        full = (n - held * bt).clamp(max=bt)
+        part = torch.rand(held.numel(), generator=gen) < 0.2
+        filled[h, at] = torch.where(part, (full * torch.rand(held.numel(), generator=gen)).long(), full)
+        k = min(slots, nblocks)
+        # wanted: mostly blocks held (a forecast that often hits), the rest drawn at random
+        pool = torch.cat([held[torch.randperm(held.numel(), generator=gen)], torch.randperm(nblocks, generator=gen)])
+        seen = []
+        for b in pool.tolist():
+            if b not in seen:
+                seen.append(b)
+        want[h, :k] = torch.tensor(seen[:k])
+        if torch.rand(1, generator=gen) < 0.3:  # a short request's padding
+            want[h, int(torch.randint(1, k + 1, (1,), generator=gen)):] = -1
+    return have, filled, want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_block_cache_diff_is_the_per_head_loops(seed):
+    """plan_fetch and missed_tokens (tensor ops, one read back) equal the per-head loops they replaced
+    on fresh random slots: resident, part-filled and empty slots, a last block shorter than the rest."""
+    from kvtier.runtime.strategies.forecast_prefetch import missed_tokens, plan_fetch
+
+    base = int(torch.randint(0, 2**31, (1,))) + seed
+    gen = torch.Generator().manual_seed(base)
+    for case in range(25):
+        heads, slots = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
+        bt = (16, 64)[int(torch.randint(0, 2, (1,), generator=gen))]
+        n = int(torch.randint(1, 40 * bt, (1,), generator=gen))
+        have, filled, want = _slots_case(gen, heads, slots, n, bt)
+        plan = plan_fetch(have, filled, want, n, bt)
+        jobs, hits, misses, wasted = _ref_fetch(have, filled, want, n, bt)
+        where = f"generator seed {base}, case {case}"
+        assert [tuple(j) for j in plan.jobs.tolist()] == jobs, where
+        assert (plan.hits, plan.misses, plan.wasted) == (hits, misses, wasted), where
+        assert torch.equal(missed_tokens(have, filled, want, n, bt), _ref_missed(have, filled, want, n, bt)), where

@@ -73,6 +73,59 @@ class StepStats(NamedTuple):
     fetched_bytes: int
 
 
+class FetchPlan(NamedTuple):
+    """What one (request, layer)'s block slots need for a wanted set (`plan_fetch`), on the host."""
+
+    jobs: torch.Tensor  # [J, 4] long: (kv-head, slot, block, tokens) of each block to copy in
+    hits: int
+    misses: int
+    wasted: int
+
+
+def _match(have: torch.Tensor, want: torch.Tensor):
+    """have [H, S] slot blocks (-1 none), want [H, W] blocks (-1 padding): (match [H, W, S], each wanted
+    block's slot where resident [H, W], resident [H, W])."""
+    match = (have[:, None, :] == want[:, :, None]) & (want >= 0)[:, :, None]
+    return match, match.int().argmax(-1), match.any(-1)
+
+
+def plan_fetch(have: torch.Tensor, filled: torch.Tensor, want: torch.Tensor, n: int, bt: int) -> FetchPlan:
+    """The diff that makes slots holding `have` [H, S] (tokens `filled`) hold `want` [H, W] whole
+    (blocks of bt tokens of a request with n host tokens; -1: no block). A resident block stays; one
+    held in part is completed in its slot; a missing one takes the first free slot (one whose block is
+    not wanted), in the order `want` lists them. Computed where the tensors are, read back at once
+    (one device sync), in the order of the per-head reference loop (`tests/test_sparda.py`)."""
+    match, slot_of, resident = _match(have, want)
+    valid = want >= 0
+    size = (n - want.clamp(min=0) * bt).clamp(max=bt)
+    hit = resident & (filled.gather(1, slot_of) >= size)
+    miss = valid & ~hit
+    spare = ~match.any(1)  # [H, S]: slots whose block is not wanted (empty ones too)
+    rank = ((valid & ~resident).long().cumsum(1) - 1).clamp(min=0)
+    free = torch.argsort((~spare).int(), dim=1, stable=True)  # spare slots first, in slot order
+    slot = torch.where(resident, slot_of, free.gather(1, rank))
+    heads = torch.arange(want.shape[0], device=want.device)[:, None].expand_as(want)
+    jobs = torch.stack([heads, slot, want, size], dim=-1)[miss]
+    counts = torch.stack([hit.sum(), miss.sum(), ((have >= 0) & spare).sum()])
+    out = torch.cat([counts, jobs.flatten()]).cpu()
+    return FetchPlan(out[3:].view(-1, 4), int(out[0]), int(out[1]), int(out[2]))
+
+
+def missed_tokens(have: torch.Tensor, filled: torch.Tensor, chosen: torch.Tensor, n: int, bt: int) -> torch.Tensor:
+    """Token indices [H, m] int32 on the host (-1 padded) of the chosen blocks' tokens that slots holding
+    `have` (tokens `filled`) lack: a block held in part misses only its tokens past what its slot holds.
+    Blocks in `chosen` order, tokens ascending within a block; one device sync."""
+    _, slot_of, resident = _match(have, chosen)
+    held = torch.where(resident, filled.gather(1, slot_of), torch.zeros_like(slot_of))
+    j = torch.arange(bt, device=chosen.device)
+    t = chosen.clamp(min=0)[..., None] * bt + j  # [H, W, bt]
+    ok = ((chosen >= 0)[..., None] & (j >= held[..., None]) & (t < n)).flatten(1)
+    first = torch.argsort((~ok).int(), dim=1, stable=True)  # a head's missed tokens first, in order
+    packed = torch.where(ok, t.flatten(1), -1).gather(1, first).cpu()
+    m = int((packed >= 0).sum(1).max()) if packed.numel() else 0
+    return packed[:, :m].to(torch.int32).contiguous()
+
+
 @register_strategy
 class ForecastPrefetch(HostStrategy):
     name = "forecast_prefetch"
@@ -126,6 +179,9 @@ class ForecastPrefetch(HostStrategy):
                                 self.bt * s.kv_heads * s.head_dim * 4)
         off = batch.page_offsets.tolist()
         self.tables = [batch.page_table[off[i]: off[i + 1]].to(torch.long) for i in range(len(batch.rids))]
+        self.counts = [int(n) for n in batch.host_tokens]
+        # the pages' ids on the device once per plan, not per layer
+        self.dev_tables = [t.to(ctx.device) for t in self.tables]
         dtype = ctx.tier.k_pool[0].dtype
         for i, rid in enumerate(batch.rids):
             c = self.caches.get(rid)
@@ -150,8 +206,8 @@ class ForecastPrefetch(HostStrategy):
         g = s.num_q_heads // s.kv_heads
         out = []
         for i, pages in enumerate(self.tables):
-            n_pages = -(-int(self.batch.n_tokens[i]) // self.ctx.tier.config.window.page_tokens)
-            means = self.means.mean[layer, pages[:n_pages].to(q.device)]  # [P, Hkv, D]
+            n_pages = -(-self.counts[i] // self.ctx.tier.config.window.page_tokens)
+            means = self.means.mean[layer, self.dev_tables[i][:n_pages]]  # [P, Hkv, D]
             qg = q[i].float().view(s.kv_heads, g, s.head_dim)
             page_score = torch.einsum("hgd,phd->hgp", qg, means).amax(1)  # [Hkv, P]
             n_blocks = -(-n_pages // ppb)
@@ -172,25 +228,14 @@ class ForecastPrefetch(HostStrategy):
         The missing blocks of every kv-head move together: one gather on the host of each block's pages
         for its head (the store's own format), one copy to the device, one dequantization there, one
         scatter into the slots."""
-        c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, int(self.batch.n_tokens[i])
+        c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, self.counts[i]
         ppb = self.bt // T
-        hits = misses = wasted = 0
-        have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
-        jobs = []  # (kv-head, slot, block, tokens)
-        for h, blocks in enumerate(want.cpu().tolist()):
-            full = {b: min(self.bt, n - b * self.bt) for b in blocks if b >= 0}
-            slot = {b: j for j, b in enumerate(have[h]) if b >= 0}
-            missing = [b for b in full if b not in slot or filled[h][slot[b]] < full[b]]
-            hits += len(full) - len(missing)
-            misses += len(missing)
-            wasted += sum(1 for b in slot if b not in full)
-            spare = [j for j, b in enumerate(have[h]) if b not in full]
-            for b in missing:
-                jobs.append((h, slot[b] if b in slot else spare.pop(0), b, full[b]))
-        if not jobs:
+        plan = plan_fetch(c.block[layer], c.filled[layer], want.to(c.block.device), n, self.bt)
+        hits, misses, wasted, jobs = plan.hits, plan.misses, plan.wasted, plan.jobs
+        if not len(jobs):
             self.ctx.tier.count_h2d(0)
             return StepStats(hits, misses, 0, wasted, 0)
-        heads, slots, blocks, sizes = (torch.tensor(x, dtype=torch.long) for x in zip(*jobs))
+        heads, slots, blocks, sizes = jobs.unbind(1)
         table = self.tables[i]
         # each block's pages (a block past the table's end repeats its last page: masked by `filled`)
         pos = (blocks[:, None] * ppb + torch.arange(ppb)[None, :]).clamp(max=table.numel() - 1)
@@ -223,7 +268,7 @@ class ForecastPrefetch(HostStrategy):
         for i, rid in enumerate(self.batch.rids):
             if correction == "fetch":
                 self._add(self._fetch(rid, i, layer, chosen[i]), layer)
-            missed.append(self._missed(rid, layer, chosen[i], int(self.batch.n_tokens[i])))
+            missed.append(self._missed(rid, layer, chosen[i], self.counts[i]))
         if self._record is not None:  # detail(): what is attended, as the cache holds it now
             self._record.update(chosen=chosen, missed=missed, resident=[
                 (self.caches[rid].block[layer].cpu().clone(), self.caches[rid].filled[layer].cpu().clone())
@@ -254,14 +299,7 @@ class ForecastPrefetch(HostStrategy):
         """Token indices [Hkv, m] (-1 padded) of the chosen blocks' tokens the cache does not hold (a
         block held in part misses only its tokens past what its slot holds)."""
         c = self.caches[rid]
-        have, filled = c.block[layer].cpu().tolist(), c.filled[layer].cpu().tolist()
-        rows = []
-        for h, blocks in enumerate(chosen.cpu().tolist()):
-            held = {b: filled[h][j] for j, b in enumerate(have[h]) if b >= 0}
-            rows.append([t for b in blocks if b >= 0
-                         for t in range(b * self.bt + held.get(b, 0), min((b + 1) * self.bt, n))])
-        m = max((len(r) for r in rows), default=0)
-        return torch.tensor([r + [-1] * (m - len(r)) for r in rows], dtype=torch.int32).view(len(rows), m)
+        return missed_tokens(c.block[layer], c.filled[layer], chosen.to(c.block.device), n, self.bt)
 
     def _attend_cached(self, q: torch.Tensor, layer: int) -> AttnPart:
         """Attention of each request's query heads over its resident blocks of layer."""
