@@ -13,6 +13,7 @@
 #define KVT_SPLIT_MIN 32
 /* exact logits of scattered candidates: rows gathered per kernel call */
 #define KVT_GATHER 64
+#define KVT_KV_CHUNK_MIN 256 /* kvt_attend_kv_indices: fewest tokens of a set per chunk */
 
 /* One selection set (request, kv-head: the kv-head's query heads share one selection) of the split path. */
 typedef struct kvt_set_state {

@@ -4,6 +4,7 @@
  * This file sequences the phases; their tasks are in kvt_run_score.c,
  * kvt_run_bounds.c, kvt_run_select.c, kvt_run_attend.c and kvt_run_residual.c. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include "kvt_run_internal.h"
@@ -308,6 +309,148 @@ static void ai_task(void *c, int64_t item, int tid) {
     }
     kvtr_exact_logits(p, a->layer, b, h, tok, cnt, a->q + item * D, 1, E, cnt, tid);
     kvtr_attend(&r, b, h, qh - h * p->G, 1, E, tok, cnt, prob, acc, rows, vscale, tid);
+}
+
+/* Shared sets: one (request, kv-head, chunk of its set) per item; every query head of the
+ * kv-head attends the set's tokens, so each key and value row is read once for the G heads.
+ * A chunk's G partial results (softmax . V over its tokens, and their lse) go to `part`;
+ * kvt_attend_kv_indices merges the chunks of a set by LSE on the calling thread.
+ * Scratch: the set's tokens (n), logits and weights (2 G n), scales (n), G D sums and 2 n
+ * row pointers: within the plan's n (7 + 2 G) + D (3 G + 2). */
+typedef struct {
+    kvt_plan_state *p;
+    int layer, m, chunks;
+    const float *q;
+    const int32_t *idx;
+    float *part; /* [B, Hkv, chunks, G, D + 1] */
+} akv_ctx;
+
+static void akv_task(void *c, int64_t item, int tid) {
+    akv_ctx *a = c;
+    kvt_plan_state *p = a->p;
+    const kvt_store *s = p->store;
+    const int D = s->d.head_dim, G = p->G, Hkv = p->Hq / p->G;
+    const int64_t set = item / a->chunks;
+    const int ci = (int)(item % a->chunks), b = (int)(set / Hkv), h = (int)(set % Hkv);
+    const int64_t n = p->n_max > 0 ? p->n_max : 1;
+    float *sc = p->scratch + (int64_t)tid * p->scratch_floats;
+    int32_t *tok = (int32_t *)sc;
+    float *E = sc + n, *prob = E + (int64_t)G * n, *vscale = prob + (int64_t)G * n, *acc = vscale + n;
+    const void **rows = (const void **)(acc + (((int64_t)G * D + 1) & ~(int64_t)1)); /* 8-byte aligned */
+    const int32_t *ix = a->idx + set * a->m;
+    int cnt = 0;
+    for (int j = 0; j < a->m; j++)
+        if (ix[j] >= 0) tok[cnt++] = ix[j];
+    const int j0 = (int)((int64_t)ci * cnt / a->chunks), j1 = (int)((int64_t)(ci + 1) * cnt / a->chunks);
+    const int len = j1 - j0;
+    float *part = a->part + item * (int64_t)G * (D + 1);
+    if (len == 0) {
+        for (int g = 0; g < G; g++) {
+            memset(part + (int64_t)g * (D + 1), 0, sizeof(float) * (size_t)D);
+            part[(int64_t)g * (D + 1) + D] = -INFINITY;
+        }
+        return;
+    }
+    const int32_t *sel = tok + j0;
+    kvtr_exact_logits(p, a->layer, b, h, sel, len, a->q + ((int64_t)b * p->Hq + (int64_t)h * G) * D, G, E, len,
+                      tid);
+    for (int g = 0; g < G; g++)
+        part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(E + (int64_t)g * len, len, prob + (int64_t)g * len);
+    memset(acc, 0, sizeof(float) * (size_t)G * D);
+    const tok_loc L = tok_locator(p, a->layer, b, h);
+    const int is_i8 = s->d.value_format == KVT_VAL_INT8;
+    for (int j = 0; j < len; j++) {
+        const int64_t lph = tok_lph(&L, sel[j]), o = tok_off(&L, sel[j]);
+        rows[j] = kvt_val_ptr(s, lph) + o * s->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(s, lph)[o];
+    }
+    kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, G, acc);
+    for (int g = 0; g < G; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
+}
+
+int32_t kvt_attend_kv_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D,
+                              const float *q, const int32_t *idx, int32_t m, float *out, float *lse) {
+    if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
+        return kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: expected m >= 0 and q, idx, out, lse buffers, got m=%d",
+                       m);
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
+    pthread_mutex_lock(&e->mu);
+    kvt_store *held;
+    int32_t rc = begin(e, layer, B, Hq, D, "kvt_attend_kv_indices", &held);
+    kvt_plan_state *p = &e->plan;
+    if (rc == KVT_OK && sh != p->store_h)
+        rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: expected the planned store (handle %d), got %d",
+                     p->store_h, sh);
+    if (rc == KVT_OK && p->residual)
+        rc = kvt_err(KVT_ERR_STATE, "kvt_attend_kv_indices: expected a plan without the residual");
+    const int Hkv = rc == KVT_OK ? p->Hq / p->G : 0;
+    int64_t most = 0; /* the largest set: how finely the sets are chunked */
+    for (int64_t row = 0; rc == KVT_OK && row < (int64_t)p->B * Hkv; row++) {
+        const int b = (int)(row / Hkv);
+        int valid = 0;
+        for (int j = 0; rc == KVT_OK && j < m; j++) {
+            const int32_t t = idx[row * m + j];
+            if (t < -1 || t >= p->ntok[b])
+                rc = kvt_err(KVT_ERR_RANGE, "kvt_attend_kv_indices: request %d: expected token index in [-1, %d), "
+                             "got %d", b, p->ntok[b], t);
+            valid += t >= 0;
+        }
+        if (rc == KVT_OK && valid > p->ntok[b])
+            rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: request %d: expected unique token indices, got %d "
+                         "of its %d tokens in one row", b, valid, p->ntok[b]);
+        if (valid > most) most = valid;
+    }
+    if (rc == KVT_OK) rc = check_finite("kvt_attend_kv_indices", "query", q, B, Hq, D);
+    float *part = NULL;
+    int chunks = 1;
+    if (rc == KVT_OK) {
+        /* enough items for every worker twice over, no chunk under KVT_KV_CHUNK_MIN tokens */
+        const int64_t sets = (int64_t)p->B * Hkv, want = (2 * (int64_t)p->n_threads + sets - 1) / sets;
+        const int64_t room = most / KVT_KV_CHUNK_MIN > 1 ? most / KVT_KV_CHUNK_MIN : 1;
+        chunks = (int)(want < room ? want : room);
+        if (chunks > KVT_SPLIT_MAX) chunks = KVT_SPLIT_MAX;
+        part = malloc(sizeof(float) * (size_t)(sets * chunks * p->G * (D + 1)));
+        if (!part) rc = kvt_err(KVT_ERR_NOMEM, "kvt_attend_kv_indices: expected %lld bytes of partial results",
+                                (long long)(sizeof(float) * (size_t)(sets * chunks * p->G * (D + 1))));
+    }
+    if (rc == KVT_OK) {
+        akv_ctx a = {p, layer, m, chunks, q, idx, part};
+        kvt_pool_run(e->pool, (int64_t)p->B * Hkv * chunks, akv_task, &a);
+        for (int64_t qh = 0; qh < (int64_t)p->B * p->Hq; qh++) { /* merge each head's chunks by LSE */
+            const int64_t set = qh / p->G;
+            const int g = (int)(qh % p->G);
+            float mx = -INFINITY;
+            for (int ci = 0; ci < chunks; ci++) {
+                const float l = part[((set * chunks + ci) * p->G + g) * (D + 1) + D];
+                if (l > mx) mx = l;
+            }
+            float *o = out + qh * D;
+            memset(o, 0, sizeof(float) * (size_t)D);
+            if (mx == -INFINITY) {
+                lse[qh] = -INFINITY;
+                continue;
+            }
+            double wsum = 0.0;
+            for (int ci = 0; ci < chunks; ci++) {
+                const float *pc = part + ((set * chunks + ci) * p->G + g) * (D + 1);
+                if (pc[D] == -INFINITY) continue;
+                const float w = expf(pc[D] - mx);
+                wsum += w;
+                for (int d = 0; d < D; d++) o[d] += w * pc[d];
+            }
+            const float inv = (float)(1.0 / wsum);
+            for (int d = 0; d < D; d++) o[d] *= inv;
+            lse[qh] = mx + (float)log(wsum);
+        }
+    }
+    free(part);
+    pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
+    return rc;
 }
 
 int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D, const float *q,

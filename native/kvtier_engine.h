@@ -144,6 +144,11 @@ int32_t kvt_weighted_values(int32_t engine, int32_t store, int32_t layer, int32_
 int32_t kvt_attend_indices(int32_t engine, int32_t store, int32_t layer, int32_t batch, int32_t num_q_heads,
                            int32_t head_dim, const float *q, const int32_t *idx, int32_t m, float *out,
                            float *lse);
+/* The same with one set per (request, kv-head): idx [B, Hkv, m]; every query head of
+ * the kv-head attends the set (each key and value row read once for them all). */
+int32_t kvt_attend_kv_indices(int32_t engine, int32_t store, int32_t layer, int32_t batch, int32_t num_q_heads,
+                              int32_t head_dim, const float *q, const int32_t *idx, int32_t m, float *out,
+                              float *lse);
 int32_t kvt_serve(int32_t engine, const kvt_serve_desc *desc);
 int32_t kvt_stream_read(int32_t engine, const void *buf, int64_t nbytes, uint64_t *checksum);
 /* Profiling: while on, every kvt_run adds the wall time of each of its phases (ns)

@@ -10,7 +10,7 @@ Every case draws its inputs from its own seed, so one replays alone. From the re
 Kinds (weights in KINDS): attend (plan + run against the reference: every mode, group
 reduce, prefilter, residual, soft cap, key and value format; batches with empty, short
 and long requests, shared and repeated pages, duplicate keys, huge budgets), ops (score,
-attend_indices and weighted_values against float64), store, tables, edges and threads
+attend_indices, attend_kv_indices and weighted_values against float64), store, tables, edges and threads
 (`native_fuzz_api`). A case passes, is refused with the typed error its input calls for,
 or fails: a Mismatch the reference's rounding does not explain, or any other exception.
 A crash or a sanitizer report ends the process: `--progress FILE` names the case it was in.
@@ -149,12 +149,14 @@ def case_ops(rng: random.Random, g: torch.Generator) -> str:
             perm = torch.randperm(m, generator=g)
             idx[b, h] = idx[b, h][perm]
     p = torch.rand(B, Hq, m, generator=g)
-    with store, N.Engine(rng.choice((1, 2, 3))) as eng:
+    kv_idx = idx[:, ::G].contiguous()  # one set per kv-head: its first query head's row
+    with store, N.Engine(rng.choice((1, 2, 3, 8))) as eng:
         eng.plan(store, table, offs, ntok, Hq, mode="topk", budget_tokens=torch.ones(B, Hkv, dtype=torch.int32),
                  sm_scale=sm, soft_cap=cap)
         scores = eng.score(layer, q)
         out, lse = eng.attend_indices(store, layer, q, idx)
         wv = eng.weighted_values(store, layer, idx, p)
+        kv_out, kv_lse = eng.attend_kv_indices(store, layer, q, kv_idx)
     for b in range(B):
         n = int(ntok[b])
         pages = table[int(offs[b]):int(offs[b + 1])]
@@ -179,6 +181,15 @@ def case_ops(rng: random.Random, g: torch.Generator) -> str:
             if not (torch.allclose(out[b, qh].double(), want_out, atol=2e-4, rtol=1e-4)
                     and math.isclose(float(lse[b, qh]), float(want_lse), rel_tol=1e-4, abs_tol=2e-4)):
                 raise Mismatch(f"attend_indices: request {b} head {qh} differs from float64")
+            sel = kv_idx[b, h][kv_idx[b, h] >= 0].long()
+            if len(sel):
+                want_lse = torch.logsumexp(x[sel], 0)
+                want_out = torch.softmax(x[sel], 0) @ V[h, sel]
+            else:
+                want_lse, want_out = torch.tensor(-math.inf, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+            if not (torch.allclose(kv_out[b, qh].double(), want_out, atol=2e-4, rtol=1e-4)
+                    and math.isclose(float(kv_lse[b, qh]), float(want_lse), rel_tol=1e-4, abs_tol=2e-4)):
+                raise Mismatch(f"attend_kv_indices: request {b} head {qh} differs from float64")
             keep = idx[b, qh] >= 0
             want_wv = (p[b, qh][keep].double()[:, None] * V[h, idx[b, qh][keep].long()]).sum(0)
             if not torch.allclose(wv[b, qh].double(), want_wv, atol=2e-4, rtol=1e-4):

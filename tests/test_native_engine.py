@@ -73,6 +73,74 @@ def test_attend_indices_matches_exact_attention_over_each_rows_tokens(isa, kf, c
                                        rtol=1e-4, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kf, vf, cap", [("int8", "bf16", 0.0), ("int8_channel", "bf16", 0.0), ("int4", "int8", 30.0),
+                                         ("bf16", "bf16", 0.0)])
+def test_attend_kv_indices_every_head_of_a_kv_head_attends_its_set(isa, kf, vf, cap):
+    """Fresh random inputs: one set per (request, kv-head), attended by each of its query heads; sets long
+    enough to be split in chunks across the pool (merged by LSE), short ones, empty ones."""
+    N.set_isa(isa)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    store, table, offs, ntok, q = make_case(lengths=(1500, 37, 1, 700), kf=kf, vf=vf, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    B, Hq = q.shape[0], q.shape[1]
+    Hkv, G = store.kv_heads, Hq // store.kv_heads
+    m = 1200
+    idx = torch.full((B, Hkv, m), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(ntok[b])
+            k = 0 if (b, h) == (3, 1) else int(torch.randint(0, min(m, n) + 1, (1,), generator=g))
+            idx[b, h, :k] = torch.randperm(n, generator=g)[:k].to(torch.int32)
+            idx[b, h] = idx[b, h, torch.randperm(m, generator=g)]
+    sm = 0.125
+    # 12 workers for 8 sets: each set of >= 512 tokens is split in 2 or 3 chunks (KVT_KV_CHUNK_MIN 256)
+    with N.Engine(12) as eng:
+        eng.plan(store, table, offs, ntok, Hq, mode="topk", budget_tokens=torch.ones(B, Hkv, dtype=torch.int32),
+                 sm_scale=sm, soft_cap=cap)
+        out, lse = eng.attend_kv_indices(store, 1, q, idx)
+        # the same sets handed to every query head one by one: the same attention
+        per_head, per_lse = eng.attend_indices(store, 1, q, idx.repeat_interleave(G, dim=1))
+    torch.testing.assert_close(out, per_head, atol=1e-5, rtol=1e-4, msg=f"seed {seed}")
+    torch.testing.assert_close(lse, per_lse, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    for b in range(B):
+        pages = table[offs[b]:offs[b + 1]]
+        K = flat(ref_keys(store, 1, pages), int(ntok[b]))
+        V = flat(ref_values(store, 1, pages), int(ntok[b]))
+        for qh in range(Hq):
+            keep = idx[b, qh // G][idx[b, qh // G] >= 0].long()
+            if keep.numel() == 0:
+                assert lse[b, qh] == float("-inf") and not out[b, qh].any(), (seed, b, qh)
+                continue
+            x = (K[qh // G, keep] @ q[b, qh].double()) * sm
+            if cap:
+                x = cap * torch.tanh(x / cap)
+            torch.testing.assert_close(lse[b, qh].double(), torch.logsumexp(x, 0), atol=2e-4, rtol=1e-5,
+                                       msg=f"seed {seed}")
+            torch.testing.assert_close(out[b, qh].double(), torch.softmax(x, 0) @ V[qh // G, keep], atol=2e-4,
+                                       rtol=1e-4, msg=f"seed {seed}")
+
+
+def test_attend_kv_indices_refuses_bad_rows_and_shapes():
+    store, table, offs, ntok, q = make_case(lengths=(10,), seed=3)
+    with N.Engine(1) as eng:
+        eng.plan(store, table, offs, ntok, 8, mode="topk", budget_tokens=torch.ones(1, 2, dtype=torch.int32),
+                 sm_scale=0.1)
+        bad = torch.full((1, 2, 12), -1, dtype=torch.int32)
+        bad[0, 1, 0] = 10
+        with pytest.raises(N.NativeIndexError, match=r"expected token index in \[-1, 10\), got 10"):
+            eng.attend_kv_indices(store, 0, q, bad)
+        bad[0, 1] = torch.tensor([1] * 11 + [-1], dtype=torch.int32)
+        with pytest.raises(N.NativeValueError, match="expected unique token indices, got 11 of its 10 tokens"):
+            eng.attend_kv_indices(store, 0, q, bad)
+        with pytest.raises(N.NativeValueError, match="idx"):  # a row per query head is not a set per kv-head
+            eng.attend_kv_indices(store, 0, q, torch.full((1, 8, 12), -1, dtype=torch.int32))
+        nan = q.clone()
+        nan[0, 5, 2] = float("nan")
+        with pytest.raises(N.NativeValueError, match="query"):
+            eng.attend_kv_indices(store, 0, nan, torch.full((1, 2, 12), -1, dtype=torch.int32))
+
+
 def test_attend_indices_refuses_out_of_range_and_repeated_rows():
     store, table, offs, ntok, q = make_case(lengths=(10,), seed=3)
     with N.Engine(1) as eng:
