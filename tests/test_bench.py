@@ -20,7 +20,7 @@ def test_decode_bench_quick_reports_all_policies(tmp_path, monkeypatch, capsys):
     payload = json.loads((tmp_path / "decode-quick-cpu.json").read_text())
     policies = {r["policy"] for r in payload["rows"] if r["status"] == "ok"}
     assert policies == {"dense", "offload_all", "hgca", "hgca_prefilter", "hgca_residual", "hgca_serial",
-                        "hcattention", "hcattention_int4", "hcattention_exact", "sparda", "sparda_fetch", "sparda_none",
+                        "hcattention", "hcattention_int4", "hcattention_exact", "hcattention_kv", "sparda", "sparda_fetch", "sparda_none",
                         "fluxion", "fluxion_cpu", "hgca_token_scales"}
     # fluxion reports its split: some blocks attended, none on the GPU side with gpu_share off, and the
     # host tokens a head kept within its cap

@@ -237,6 +237,47 @@ def test_exact_logits_weigh_the_selection_with_the_host_stores_keys(gen):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_union_per_kv_is_each_groups_distinct_tokens(gen):
+    from kvtier.runtime.key_index import union_per_kv
+
+    idx = torch.randint(-1, 30, (3, 8, 12), generator=gen, dtype=torch.int32)
+    got = union_per_kv(idx, 4)
+    assert got.shape == (3, 2, 48) and got.dtype == torch.int32
+    for b in range(3):
+        for h in range(2):
+            want = sorted({t for t in idx[b, h * 4:(h + 1) * 4].flatten().tolist() if t >= 0})
+            assert got[b, h].tolist() == want + [-1] * (48 - len(want))
+
+
+def test_kv_head_sets_attend_each_groups_union_with_exact_logits(gen):
+    """exact_sets: kv_head: every query head attends the union of its kv-head's selections, logits and
+    values from the host store's keys (float64 reference), a superset of its own selection."""
+    cfg = _config(key_bits=2, logits="exact", exact_sets="kv_head", budget={"kind": "tokens", "tokens": 64})
+    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
+    try:
+        rids, full = _decode(tier, gen, [1400], steps=1)
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        detail = tier.attn.run_detail(q, 1)
+        own, _ = tier.attn.host.select(q, 1)
+        torch.testing.assert_close(detail.out.float(), tier.attn.run(q, 1).float(), atol=1e-5, rtol=1e-5)
+    finally:
+        tier.close()
+    sel, g = detail.selection, SHAPE.num_q_heads // SHAPE.kv_heads
+    assert sel.shape[:2] == (1, SHAPE.num_q_heads)
+    k, v = (t.bfloat16().double() for t in full[0][1])
+    first = WINDOW["sink_tokens"]
+    for h in range(SHAPE.num_q_heads):
+        union = {t for t in own[0, (h // g) * g:(h // g + 1) * g].flatten().tolist() if t >= 0}
+        mine = sel[0, h][sel[0, h] >= 0]
+        assert set(mine.tolist()) == union and set(own[0, h].tolist()) <= union
+        keep = mine.long() + first
+        x = (k[keep, h // g] @ q[0, h].double()) * SHAPE.head_dim ** -0.5
+        torch.testing.assert_close(detail.host.lse[0, h].double(), torch.logsumexp(x, 0), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(detail.host.out[0, h].double(), torch.softmax(x, 0) @ v[keep, h // g],
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_low_attention_eviction_keeps_the_attended_pages_and_the_cap(gen):
     """A request past capacity_tokens drops its least-attended pages (never the newest window's);
     what remains is attended exactly (every kept host token, exact logits): equal to dense attention

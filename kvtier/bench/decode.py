@@ -35,9 +35,11 @@ POLICIES = ("dense", "offload_all", "hgca")
 # dense with the whole step in one CUDA graph (the strongest dense: dense_graph.py);
 # hcattention: the GPU selects per query head from compressed keys (codebook head_dim/4 x 256, or 4-bit
 # keys), mass 0.9 capped at the budget, the host sums the selected values at the approximate logits
-# (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default)
+# (the paper); hcattention_exact recomputes their logits from the host keys (the policy's default);
+# hcattention_kv does so over one set per kv-head, its query heads' union (exact_sets: kv_head)
 EXTRA = ("hgca_prefilter", "hgca_residual", "hgca_serial", "dense_graph", "hcattention", "hcattention_int4",
-         "hcattention_exact", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu", "hgca_token_scales")
+         "hcattention_exact", "hcattention_kv", "sparda", "sparda_fetch", "sparda_none", "fluxion", "fluxion_cpu",
+         "hgca_token_scales")
 # sparda: a device cache of 64-token blocks chosen a step ahead (reuse), the misses on the CPU; sparda_fetch
 # fetches the misses before attending; sparda_none (SparDA's own) leaves them out
 # hgca_token_scales: hgca with a scale per token of int8 keys (the former default; int16 band scoring)
@@ -114,6 +116,10 @@ def _configs(window: int, sinks: int, budget: int, key_format: str = "int8_chann
             "host_store": {"key_format": key_format, "value_format": value_format}}),
         "hcattention_exact": from_mapping({
             "policy": "hcattention", "window": win, "budget": hc_budget, "hcattention": {"logits": "exact"},
+            "host_store": {"key_format": key_format, "value_format": value_format}}),
+        "hcattention_kv": from_mapping({
+            "policy": "hcattention", "window": win, "budget": hc_budget,
+            "hcattention": {"logits": "exact", "exact_sets": "kv_head"},
             "host_store": {"key_format": key_format, "value_format": value_format}}),
         **{name: from_mapping({"policy": "sparda", "window": win, "budget": {"kind": "tokens", "tokens": budget},
                                "host_store": {"key_format": key_format, "value_format": value_format},

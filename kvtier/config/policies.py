@@ -355,6 +355,7 @@ class HcattentionKnobs(Frozen):
     key_bits: Optional[int] = Field(None, description="Scalar quantization of the device-resident keys: 2, 4 or 8 bits with a scale per token and kv-head; null to use the codebook.")
     codebook: Optional[CodebookKnobs] = Field(default_factory=CodebookKnobs, description="Grouped vector quantization of the device-resident keys (the paper's form); null when key_bits is set.")
     logits: Literal["approximate", "exact"] = Field("exact", description="exact: the CPU recomputes the selected tokens' logits from the host store's keys (the default: at 4K on Qwen2.5-Coder-0.5B it matched dense where the approximate logits of the same codebook lost 2 of 8 prompts, eval-qwen2.5-coder-0.5b-4k-hcattention-cpu); approximate: the host part is weighted by the compressed keys' logits (the paper), reading only the selected values on the CPU.")
+    exact_sets: Literal["query_head", "kv_head"] = Field("query_head", description="With exact logits, the host tokens each query head attends on the CPU: query_head, its own selection; kv_head, the union of its kv-head's query heads' selections (each host key and value row is then read once for the group, and every head attends at least its own tokens).")
     eviction: EvictionKnobs = Field(default_factory=EvictionKnobs)
 
     @model_validator(mode="before")

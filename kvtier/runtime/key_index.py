@@ -355,5 +355,18 @@ def select_mass(scores: torch.Tensor, tau: float, cap: int, *, with_lse: bool = 
     return out + (lse[..., 0],) if with_lse else out
 
 
+def union_per_kv(idx: torch.Tensor, group: int) -> torch.Tensor:
+    """idx [B, Hq, m] int32 token indices (-1: none) -> [B, Hq / group, group * m] int32: each kv-head's
+    union of its `group` query heads' tokens, ascending, -1 padded; on idx's device, no sync."""
+    b, hq, m = idx.shape
+    big = torch.iinfo(torch.int32).max
+    x = idx.reshape(b, hq // group, group * m)
+    x = torch.where(x < 0, torch.full_like(x, big), x).sort(dim=-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = x.masked_fill(dup, big).sort(dim=-1).values
+    return torch.where(x == big, torch.full_like(x, -1), x)
+
+
 __all__ = ["CodebookFileError", "KeyIndex", "ScalarKeys", "VqKeys", "assign", "kmeans", "load_codebooks",
-           "save_codebooks", "select_mass", "train_codebooks"]
+           "save_codebooks", "select_mass", "train_codebooks", "union_per_kv"]

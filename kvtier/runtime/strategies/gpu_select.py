@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import torch
 
-from ..key_index import KeyIndex, ScalarKeys, VqKeys, load_codebooks, select_mass
+from ..key_index import KeyIndex, ScalarKeys, VqKeys, load_codebooks, select_mass, union_per_kv
 from ..merge import AttnPart
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
 
@@ -139,6 +139,9 @@ class GpuSelect(HostStrategy):
             if knobs.eviction.rule == "low_attention":
                 self.eviction = LowAttention(ctx, knobs.eviction)
         self.exact = knobs.logits == "exact"
+        # exact logits over one set per kv-head: the union of its query heads' selections
+        self.kv_sets = self.exact and knobs.exact_sets == "kv_head"
+        self.group = ctx.shape.num_q_heads // ctx.shape.kv_heads
         self._event: Optional[torch.cuda.Event] = None  # this layer's: the host's inputs have landed
         self._ready: Optional[torch.cuda.Event] = None  # reused every layer
         self.last_idx: Optional[torch.Tensor] = None  # the last layer's selection (for detail)
@@ -174,7 +177,8 @@ class GpuSelect(HostStrategy):
         self.q_host = self._host_buffer("q", (b, hq, d))
         self.out_host = self._host_buffer("out", (b, hq, d))
         self.lse_host = self._host_buffer("lse", (b, hq))
-        self.idx_host = self._host_buffer("idx", (b, hq, self.m), torch.int32)
+        self.idx_host = self._host_buffer("idx", (b, ctx.shape.kv_heads, self.group * self.m) if self.kv_sets
+                                          else (b, hq, self.m), torch.int32)
         self.p_host = self._host_buffer("p", (b, hq, self.m))
         # The engine serves the batch's page tables: weighted values (or, for budget all, the
         # exact attention over every host token).
@@ -214,6 +218,8 @@ class GpuSelect(HostStrategy):
             self.q_host.copy_(q, non_blocking=True)
         if self.exact and not self.all:
             self.last_idx = self.select(q, layer)[0]
+            if self.kv_sets:
+                self.last_idx = union_per_kv(self.last_idx, self.group)  # [B, Hkv, G * m]
             self.idx_host.copy_(self.last_idx, non_blocking=True)
         elif not self.all:
             idx, logits = self.select(q, layer)
@@ -238,6 +244,8 @@ class GpuSelect(HostStrategy):
         if self.all or self.exact:
             if self.all:
                 engine.run(layer, self.q_host, out=self.out_host, lse=self.lse_host)
+            elif self.kv_sets:  # the union of each kv-head's selections, its rows read once for the group
+                engine.attend_kv_indices(view, layer, self.q_host, self.idx_host, out=self.out_host, lse=self.lse_host)
             else:  # the selected tokens' logits recomputed from the host store's keys
                 engine.attend_indices(view, layer, self.q_host, self.idx_host, out=self.out_host, lse=self.lse_host)
             self._cpu_s += time.perf_counter() - c0
@@ -247,15 +255,22 @@ class GpuSelect(HostStrategy):
         return AttnPart(self.out_host.to(q.device, non_blocking=True), self._lse_dev)
 
     def read_bytes(self, layer: int, selection: Optional[torch.Tensor]) -> Optional[float]:
-        """The selected tokens' values, and their keys with exact logits; every host token with budget all."""
+        """The selected tokens' values, and their keys with exact logits (a row per query head that
+        selected it, or once per kv-head with `exact_sets: kv_head`); every host token with budget all."""
         tb = self.token_bytes()
         if self.all or selection is None:
             return float(sum(self.batch.host_tokens)) * self.ctx.shape.kv_heads * (tb.key + tb.value)
-        return self.distinct_selected(selection.cpu()) * (tb.value + (tb.key if self.exact else 0.0))
+        sel = selection.cpu()
+        # one set per kv-head reads each row once for the group; per query head, each head reads its own
+        rows = self.distinct_selected(sel) if self.kv_sets else int((sel >= 0).sum())
+        return rows * (tb.value + (tb.key if self.exact else 0.0))
 
     def detail(self, q: torch.Tensor, layer: int):
         if self.all:
             res = self.ctx.engine.run(layer, q.float().cpu(), return_selection=True)
             return AttnPart(res.out.to(q.device), res.lse.to(q.device)), res.sel_index
         self.submit(q, layer)
-        return self.collect(q, layer), self.last_idx
+        part = self.collect(q, layer)
+        if self.kv_sets:  # every query head attended its kv-head's set
+            return part, self.last_idx.repeat_interleave(self.group, dim=1)
+        return part, self.last_idx
