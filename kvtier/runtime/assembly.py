@@ -8,9 +8,13 @@ the SGLang backend's session alike, so the choices below are made once:
   (pinning tens of GiB that only the CPU engine reads costs start-up time and gains
   nothing, and the driver may refuse it);
 - the engine exists when the strategy needs one; its threads are `engine.threads`, or this
-  rank's share of the cores (`ranks.rank_share`), less one when the strategy pipelines
-  (the decoding thread keeps queueing while the engine runs); under tensor parallelism
+  rank's share of the cores (`ranks.rank_share`), less one (of more than two) when the
+  strategy pipelines or runs beside the window on the CPU (the decoding thread keeps
+  queueing, or computes the window, while the engine runs); under tensor parallelism
   its pool is pinned to the rank's cores;
+- on the CPU, where the engine runs beside the window, the window's torch ops run on the
+  cores the engine leaves, at least one (`ranks.core_split`; `engine.window_threads`
+  overrides): the split is logged and kept as `HybridAttention.core_split`;
 - the policy's `engine.isa` is applied before the engine starts;
 - the policy's group sizes are checked against the model's head_dim before the store or
   the engine is built (`config.check_shape`: a ConfigError naming the field).
@@ -18,6 +22,7 @@ the SGLang backend's session alike, so the choices below are made once:
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, NamedTuple, Optional, Sequence, Type, Union
 
 import torch
@@ -27,9 +32,11 @@ from ..config import ModelShape, TierConfig, check_shape
 from ..policies import Policy, policy_for
 from ..store import HostStore
 from .hybrid import HybridAttention
-from .ranks import RankShare, pinned_to, rank_share
+from .ranks import CoreSplit, RankShare, core_split, pinned_to, rank_share
 from .strategies import HostStrategy, strategy_class
 from .tier import TierManager
+
+log = logging.getLogger("kvtier")
 
 
 class TierParts(NamedTuple):
@@ -50,10 +57,13 @@ def pin_host_store(config: TierConfig, strategy: Type[HostStrategy], device: tor
     return pinned is True or strategy.copies_pages_to_device
 
 
-def engine_threads(config: TierConfig, share: RankShare, pipelined: bool) -> int:
-    """Engine threads for this rank: the configured count, or its cores less one when pipelined."""
+def engine_threads(config: TierConfig, share: RankShare, leaves_core: bool) -> int:
+    """Engine threads for this rank: the configured count, or its cores less one (of more than two)
+    when the decoding thread keeps working while the engine runs (pipelined, or the window beside it
+    on the CPU). On two cores the engine keeps both: with one it was slower than sharing a core with
+    the window's one torch thread (docs/design.md, "Threads on the CPU path")."""
     threads = share.threads
-    if not config.engine.threads and pipelined and threads > 2:
+    if not config.engine.threads and leaves_core and threads > 2:
         threads -= 1
     return threads
 
@@ -77,6 +87,7 @@ def assemble(config: TierConfig, shape: ModelShape, *, k_pool: Union[torch.Tenso
     strategy = strategy_class(policy.strategy) if strategy is None else strategy
     offload = policy.offloads
     store = engine = tier = None
+    split = CoreSplit(0, 0, 0)
     try:
         if offload:
             store = HostStore(config, shape, pin_memory=pin_host_store(config, strategy, device),
@@ -85,14 +96,18 @@ def assemble(config: TierConfig, shape: ModelShape, *, k_pool: Union[torch.Tenso
             if rank is None:
                 rank = rank_share(config, tp_size=1, tp_rank=0, total_kv_heads=shape.kv_heads)
             pipelined = use_flashinfer is not False and strategy.pipelines(policy, device, pipeline_default)
-            threads = engine_threads(config, rank, pipelined)
+            beside = strategy.runs_beside_window(policy, device)
+            threads = engine_threads(config, rank, pipelined or beside)
             use_isa(config.engine.isa.value)
             with pinned_to(rank.cores[:threads] if rank.tp_size > 1 else ()):
                 engine = Engine(threads)
+            split = core_split(config, rank, engine.n_threads, beside)
+            log.info("kvtier: %s", split.describe())
         tier = TierManager(config, shape, k_pool, v_pool, store, alloc_slots=alloc_slots, free_slots=free_slots,
                            offload=offload, lockstep=lockstep)
         attn = HybridAttention(policy, shape, tier, engine=engine, sm_scale=sm_scale, soft_cap=soft_cap,
-                               use_flashinfer=use_flashinfer, pipeline_default=pipeline_default, strategy=strategy)
+                               use_flashinfer=use_flashinfer, pipeline_default=pipeline_default, strategy=strategy,
+                               core_split=split)
     except BaseException:
         if engine is not None:
             engine.close()

@@ -373,7 +373,8 @@ class TierSession:
                 "evictions_refused": self.evictions_refused,
                 "cached_host_tokens": 0 if store is None else store.cache_holds,
                 "prefix_hit_host_tokens": self.prefix_hit_host_tokens,
-                "tail_tokens_demoted": self.tail_tokens_demoted}
+                "tail_tokens_demoted": self.tail_tokens_demoted,
+                "engine_threads": self.attn.core_split.engine, "window_threads": self.attn.core_split.window}
 
     def _log_stats(self) -> None:
         tier = self.tier

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequenc
 import torch
 
 from ..config import ModelShape, TierConfig
-from ..store import HostStore
+from ..store import HostStore, UnknownRequestError
 from .split import host_pages
 
 
@@ -133,7 +133,14 @@ class TierManager:
         through `free_slots` only when this manager allocated them; a server
         that allocates its own (`alloc_slots=None`) frees them itself, and
         only evicted slots ever reach `free_slots` then.
+
+        A request the tier does not track (never added, or released already) raises
+        `UnknownRequestError` and changes nothing: a second release would free its slots
+        and pages twice.
         """
+        if rid not in self.requests:
+            raise UnknownRequestError(f"release: request {rid!r} is not tracked by the tier (never added, or "
+                                      "released already)")
         self._quiesce()
         st = self.requests.pop(rid)
         self._pending = [p for p in self._pending if p.rid != rid]

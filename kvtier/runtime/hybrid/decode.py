@@ -9,6 +9,11 @@ host has lse = -inf on that side, which the merge ignores.
 
 Which strategy answers the host part is the policy's choice (`Policy.strategy`,
 `kvtier.runtime.strategies`); nothing here depends on which one it is.
+
+On the CPU, a strategy that runs its host part beside the window
+(`HostStrategy.runs_beside_window`) shares the cores with torch: while it runs, the
+window's torch ops use `core_split.window` threads (the cores the engine leaves), and
+torch's own count everywhere else (the merge, the model around the attention).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ...policies import Policy
 from .. import fused_merge
 from ..merge import AttnPart, merge
 from ..pipeline import pipeline_setting
+from ..ranks import CoreSplit, torch_threads
 from ..strategies import HostBatch, HostStrategy, StrategyContext, strategy_class
 from ..tier import TierManager
 from ..window_attention import (
@@ -54,9 +60,12 @@ class HybridAttention:
 
     def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
                  sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None,
-                 pipeline_default: bool = True, strategy: Optional[Type[HostStrategy]] = None):
+                 pipeline_default: bool = True, strategy: Optional[Type[HostStrategy]] = None,
+                 core_split: Optional[CoreSplit] = None):
         """pipeline_default: whether a strategy that can pipeline does so when $KVTIER_PIPELINE is
-        unset (the variable wins). strategy: the host strategy class (default: the policy's)."""
+        unset (the variable wins). strategy: the host strategy class (default: the policy's).
+        core_split: the cores of the engine and of the window's torch ops (`ranks.core_split`;
+        None: torch's own count, as when nothing runs beside the window)."""
         want_pipe = pipeline_setting(pipeline_default)  # a bad setting fails before anything starts
         self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
         self.sm_scale, self.soft_cap = sm_scale, soft_cap
@@ -72,6 +81,9 @@ class HybridAttention:
             tier.host_readers.append(self.host.stop)
         self.extend = ExtendAttention(shape, tier, attends_host=cls.attends_host, sm_scale=sm_scale,
                                       soft_cap=soft_cap, flash=self.flashinfer is not None)
+        self.core_split = core_split or CoreSplit(0, 0 if engine is None else engine.n_threads, 0)
+        # torch threads for the window while the host part runs beside it (0: leave torch's count)
+        self._beside_threads = self.core_split.window if cls.runs_beside_window(policy, self.device) else 0
         self._timer = WindowTimer()
         self._rids: List[Hashable] = []
         self._window: Optional[WindowPlan] = None
@@ -146,7 +158,8 @@ class HybridAttention:
             if fused:
                 win_out, win_lse2 = self.flashinfer.run_raw(q, self.tier.k_pool[layer], self.tier.v_pool[layer])
             else:
-                dev = self._window_part(q, layer)
+                with torch_threads(self._beside_threads if host is not None else 0):
+                    dev = self._window_part(q, layer)
             self._timer.end()
         if host is not None:
             with span("host_collect"):

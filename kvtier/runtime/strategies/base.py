@@ -25,7 +25,8 @@ Who calls what, and when (all on the decoding thread):
 
 Class attributes tell the assembly (`kvtier.runtime.assembly`) what a strategy needs:
 `needs_engine` (the native CPU engine), `copies_pages_to_device` (page-locked host
-memory pays), `attends_host` (False: evicted tokens are never attended). A strategy
+memory pays), `attends_host` (False: evicted tokens are never attended); and two
+class methods how it shares the cores: `pipelines` and `runs_beside_window`. A strategy
 registers itself by name (`@register_strategy`); a policy names its strategy
 (`Policy.strategy`) and `strategy_class` finds it, importing
 `kvtier.runtime.strategies.<name>` on first use, so adding a strategy adds a file
@@ -91,6 +92,13 @@ class HostStrategy(ABC):
     def pipelines(cls, policy: Policy, device: torch.device, default: bool = True) -> bool:
         """Whether this strategy would hand its host part to a serving loop fed by the GPU stream
         (then the decoding thread leaves a core to the loop: `default_engine_threads`)."""
+        return False
+
+    @classmethod
+    def runs_beside_window(cls, policy: Policy, device: torch.device) -> bool:
+        """Whether, on this device, the host part runs on another thread of this host between
+        `submit` and `collect` while the decoding thread computes the window with torch (the CPU
+        path): then the two pools share the cores (`ranks.core_split`)."""
         return False
 
     @property

@@ -66,6 +66,10 @@ class CpuEngine(HostStrategy):
         return (pipeline_setting(default) and policy.overlap and policy.offloads and device.type == "cuda"
                 and flashinfer_available(device) and fused_merge.available(device) and stream_ops.available(device))
 
+    @classmethod
+    def runs_beside_window(cls, policy, device: torch.device) -> bool:
+        return device.type != "cuda" and policy.overlap and policy.offloads
+
     @property
     def pipelined(self) -> bool:
         return self._pipelined

@@ -142,6 +142,10 @@ class Split(HostStrategy):
         self._gpu: Optional[AttnPart] = None
         self.last_selection: Optional[torch.Tensor] = None
 
+    @classmethod
+    def runs_beside_window(cls, policy, device: torch.device) -> bool:
+        return device.type != "cuda" and policy.offloads
+
     @property
     def device_bytes(self) -> int:
         return 0 if self.meta is None else self.meta.nbytes
