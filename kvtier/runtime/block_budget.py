@@ -41,6 +41,7 @@ class ChunkStats(NamedTuple):
     bound: torch.Tensor  # [Hkv, G, C] f32: upper bound of a token's logit in the chunk
     log_mass: torch.Tensor  # [Hkv, G, C] f32: log of the chunk's estimated softmax mass (unnormalized)
     vmean: torch.Tensor  # [Hkv, C, D] f32: the chunk's mean value
+    mean_logit: torch.Tensor  # [Hkv, G, C] f32: the logit of the chunk's mean key (scaled, soft-capped)
 
 
 class HeadStats(NamedTuple):
@@ -78,7 +79,7 @@ def chunk_stats(q: torch.Tensor, summary: torch.Tensor, sums: torch.Tensor, coun
     spread = torch.einsum("hgd,hcd->hgc", q * q, (mx - mn) ** 2 / 12) * sm_scale ** 2
     bound = _cap(bound, soft_cap)
     log_mass = torch.minimum(_cap(logit + spread / 2, soft_cap), bound) + torch.log(n)
-    return ChunkStats(bound, log_mass, vmean)
+    return ChunkStats(bound, log_mass, vmean, _cap(logit, soft_cap))
 
 
 def _blocks(x: torch.Tensor, per: int, fill: float) -> torch.Tensor:
@@ -96,13 +97,19 @@ class PrefixCurve(NamedTuple):
     share: torch.Tensor  # [Hh, K] f32: each block's estimated share of the softmax mass (max over G)
 
 
+RANKS = ("mean_key", "bound")
+
+
 def prefix_curve(stats: ChunkStats, heads: torch.Tensor, chunks_per_block: int, k: int, window_lse: torch.Tensor,
-                 window_out: torch.Tensor) -> PrefixCurve:
-    """The best k blocks of kv-heads `heads` [Hh] (blocks of chunks_per_block chunks, ranked by their
-    chunks' largest logit bound over the query heads) and, for each prefix of them, the estimated
+                 window_out: torch.Tensor, rank: str = "mean_key") -> PrefixCurve:
+    """The best k blocks of kv-heads `heads` [Hh] (blocks of chunks_per_block chunks, ranked by the
+    largest over their chunks and the query heads of `rank`: mean_key, the logit of a chunk's mean
+    key; bound, its upper bound of any token's logit) and, for each prefix of them, the estimated
     relative change of the layer's output against attending every host token. window_lse [Hkv, G]
     (-inf: no window) and window_out [Hkv, G, D] are the device window's exact part."""
-    bound = stats.bound[heads]  # [Hh, G, C]
+    if rank not in RANKS:
+        raise ValueError(f"rank: expected one of {RANKS}, got {rank!r}")
+    bound = (stats.mean_logit if rank == "mean_key" else stats.bound)[heads]  # [Hh, G, C]
     lm = stats.log_mass[heads].double()
     vmean = stats.vmean[heads].double()  # [Hh, C, D]
     hh, g, c = lm.shape
@@ -134,11 +141,12 @@ def prefix_curve(stats: ChunkStats, heads: torch.Tensor, chunks_per_block: int, 
 
 
 def choose_blocks(stats: ChunkStats, heads: torch.Tensor, chunks_per_block: int, caps: torch.Tensor,
-                  window_lse: torch.Tensor, window_out: torch.Tensor, *, epsilon: float) -> BlockChoice:
+                  window_lse: torch.Tensor, window_out: torch.Tensor, *, epsilon: float,
+                  rank: str = "mean_key") -> BlockChoice:
     """The ranked blocks of kv-heads `heads` [Hh] and how many each keeps: the shortest prefix whose
     estimated relative output change is <= epsilon, within [1, caps[h]] blocks (caps [Hh]; a
     negative epsilon keeps the cap). See `prefix_curve` for the other arguments."""
-    curve = prefix_curve(stats, heads, chunks_per_block, int(caps.max()), window_lse, window_out)
+    curve = prefix_curve(stats, heads, chunks_per_block, int(caps.max()), window_lse, window_out, rank)
     k = curve.blocks.shape[1]
     change = curve.change
     cap = caps.to(change.device).clamp(min=1, max=k)

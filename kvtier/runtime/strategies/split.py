@@ -230,7 +230,8 @@ class Split(HostStrategy):
                 # a cap in whole blocks: rounded down (at least one), or up for budget all
                 cap_blocks = torch.tensor([-(-caps[h] // bt) if eps < 0 else max(1, caps[h] // bt) for h in heads])
                 choice = choose_blocks(stats, torch.tensor(heads, device=summary.device), bt // S, cap_blocks,
-                                       wl.to(summary.device), wo.to(summary.device), epsilon=eps)
+                                       wl.to(summary.device), wo.to(summary.device), epsilon=eps,
+                                       rank=policy.knobs.block_rank)
                 blocks, keep, share = choice.blocks.cpu(), choice.keep.cpu().tolist(), choice.share.cpu()
                 for j, h in enumerate(heads):
                     picks.append((i, h, blocks[j, : keep[j]], bt, share[j, : keep[j]]))
