@@ -47,11 +47,27 @@ def test_a_written_result_carries_its_provenance_into_the_index(tmp_path, monkey
     results.write("decode-x", {"bench": "decode", "machine": {"gpu": "NVIDIA H200", "cpu_cores": 16}}, "| t |\n")
     payload = json.loads((tmp_path / "decode-x.json").read_text())
     assert payload["command"] == "kvtier bench decode --quick"
-    assert payload["date"][:4].isdigit() and payload["commit"] in (None, results.source_commit())
+    assert payload["date"][:4].isdigit() and payload["commit"] in (None, results.started_commit())
     (row,) = index.build_rows(tmp_path, {})
     assert (row.date, row.command, row.machine) == (payload["date"][:10], "kvtier bench decode --quick",
                                                     "H200, 16 cores")
     assert f"[decode-x](decode-x.md) (json) | {payload['date'][:10]} | H200, 16 cores" in index.render([row])
+
+
+def test_a_result_names_the_commit_its_run_started_from(monkeypatch):
+    """A run writes at its end: the commit recorded is the one taken when it started (the checkout may
+    have moved on meanwhile), and a start from uncommitted code says so."""
+    monkeypatch.setattr(results, "_STARTED", {})
+    calls = iter(["abc123", "def456+dirty"])
+    monkeypatch.setattr(results, "source_commit", lambda: next(calls))
+    assert results.provenance()["commit"] == "abc123"
+    assert results.provenance()["commit"] == "abc123"  # not re-read at the end of a run
+    monkeypatch.setattr(results, "_STARTED", {})
+    assert results.started_commit() == "def456+dirty"
+    real = results._git("rev-parse", "HEAD")
+    if real:  # in a checkout: the commit, marked when kvtier/ or native/ differ from it
+        monkeypatch.undo()
+        assert results.source_commit().split("+")[0] == real
 
 
 def test_command_line_drops_the_machines_directories():

@@ -87,21 +87,41 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return shlex.join(head + args[1:])
 
 
-def source_commit() -> Optional[str]:
-    """The commit of the kvtier checkout this code runs from, or None (no git, not a checkout)."""
+def _git(*args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).resolve().parent,
+        out = subprocess.run(["git", *args], cwd=pathlib.Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    head = out.stdout.strip()
-    return head if out.returncode == 0 and head else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_commit() -> Optional[str]:
+    """The commit of the kvtier checkout this code runs from, or None (no git, not a checkout);
+    `<commit>+dirty` where kvtier/ or native/ had changes that were not committed."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "../../kvtier", "../../native")
+    return f"{head}+dirty" if dirty else head
+
+
+# The code a run executes is the code it imported when it started: a long run records the commit
+# of its start, not of the checkout when it ends (which may have moved on meanwhile).
+_STARTED: Dict[str, Optional[str]] = {}
+
+
+def started_commit() -> Optional[str]:
+    """source_commit() as of this process's first call (this module is imported as a command starts)."""
+    if "commit" not in _STARTED:
+        _STARTED["commit"] = source_commit()
+    return _STARTED["commit"]
 
 
 def provenance() -> Dict[str, Optional[str]]:
-    """When, by which command and at which commit a result is being written."""
+    """When and by which command a result is being written, and the commit its run started from."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    return {"date": now.isoformat(), "command": command_line(), "commit": source_commit()}
+    return {"date": now.isoformat(), "command": command_line(), "commit": started_commit()}
 
 
 def write(name: str, payload: Dict[str, object], table: str, *,

@@ -78,6 +78,10 @@ def input_error(exc: BaseException) -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(chosen_command(argv)).parse_args(argv)
+    if hasattr(args, "results_dir"):  # a command that writes results: they name the commit it starts from
+        from ..bench.results import started_commit
+
+        started_commit()
     try:
         return int(args._run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - sorted just below: anything else keeps its traceback
