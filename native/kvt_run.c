@@ -273,6 +273,41 @@ int32_t kvt_weighted_values(int32_t eh, int32_t sh, int32_t layer, int32_t B, in
     return rc;
 }
 
+/* Under e->mu, for the calls over given token indices: begin()'s checks, the planned store,
+ * a plan without the residual. */
+static int32_t begin_indices(kvt_engine *e, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D,
+                             const char *fn, kvt_store **held) {
+    int32_t rc = begin(e, layer, B, Hq, D, fn, held);
+    const kvt_plan_state *p = &e->plan;
+    if (rc == KVT_OK && sh != p->store_h)
+        rc = kvt_err(KVT_ERR_VALUE, "%s: expected the planned store (handle %d), got %d", fn, p->store_h, sh);
+    if (rc == KVT_OK && p->residual) rc = kvt_err(KVT_ERR_STATE, "%s: expected a plan without the residual", fn);
+    return rc;
+}
+
+/* idx [B, per_b, m]: every index in [-1, ntok[b]), and no row naming more tokens than its request
+ * has (more means repeats, and more than the scratch holds). *most: the most tokens of a row. */
+static int32_t check_index_rows(const kvt_plan_state *p, const char *fn, const int32_t *idx, int per_b, int m,
+                                int64_t *most) {
+    *most = 0;
+    for (int64_t row = 0; row < (int64_t)p->B * per_b; row++) {
+        const int b = (int)(row / per_b);
+        int valid = 0;
+        for (int j = 0; j < m; j++) {
+            const int32_t t = idx[row * m + j];
+            if (t < -1 || t >= p->ntok[b])
+                return kvt_err(KVT_ERR_RANGE, "%s: request %d: expected token index in [-1, %d), got %d", fn, b,
+                               p->ntok[b], t);
+            valid += t >= 0;
+        }
+        if (valid > p->ntok[b])
+            return kvt_err(KVT_ERR_VALUE, "%s: request %d: expected unique token indices, got %d of its %d tokens "
+                           "in one row", fn, b, valid, p->ntok[b]);
+        if (valid > *most) *most = valid;
+    }
+    return KVT_OK;
+}
+
 typedef struct {
     kvt_plan_state *p;
     int layer, m;
@@ -378,30 +413,11 @@ int32_t kvt_attend_kv_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, 
     kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
     kvt_store *held;
-    int32_t rc = begin(e, layer, B, Hq, D, "kvt_attend_kv_indices", &held);
+    int32_t rc = begin_indices(e, sh, layer, B, Hq, D, "kvt_attend_kv_indices", &held);
     kvt_plan_state *p = &e->plan;
-    if (rc == KVT_OK && sh != p->store_h)
-        rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: expected the planned store (handle %d), got %d",
-                     p->store_h, sh);
-    if (rc == KVT_OK && p->residual)
-        rc = kvt_err(KVT_ERR_STATE, "kvt_attend_kv_indices: expected a plan without the residual");
     const int Hkv = rc == KVT_OK ? p->Hq / p->G : 0;
     int64_t most = 0; /* the largest set: how finely the sets are chunked */
-    for (int64_t row = 0; rc == KVT_OK && row < (int64_t)p->B * Hkv; row++) {
-        const int b = (int)(row / Hkv);
-        int valid = 0;
-        for (int j = 0; rc == KVT_OK && j < m; j++) {
-            const int32_t t = idx[row * m + j];
-            if (t < -1 || t >= p->ntok[b])
-                rc = kvt_err(KVT_ERR_RANGE, "kvt_attend_kv_indices: request %d: expected token index in [-1, %d), "
-                             "got %d", b, p->ntok[b], t);
-            valid += t >= 0;
-        }
-        if (rc == KVT_OK && valid > p->ntok[b])
-            rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: request %d: expected unique token indices, got %d "
-                         "of its %d tokens in one row", b, valid, p->ntok[b]);
-        if (valid > most) most = valid;
-    }
+    if (rc == KVT_OK) rc = check_index_rows(p, "kvt_attend_kv_indices", idx, Hkv, m, &most);
     if (rc == KVT_OK) rc = check_finite("kvt_attend_kv_indices", "query", q, B, Hq, D);
     float *part = NULL;
     int chunks = 1;
@@ -462,28 +478,10 @@ int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int
     kvt_isa_hold();
     pthread_mutex_lock(&e->mu);
     kvt_store *held;
-    int32_t rc = begin(e, layer, B, Hq, D, "kvt_attend_indices", &held);
+    int32_t rc = begin_indices(e, sh, layer, B, Hq, D, "kvt_attend_indices", &held);
     kvt_plan_state *p = &e->plan;
-    if (rc == KVT_OK && sh != p->store_h)
-        rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected the planned store (handle %d), got %d",
-                     p->store_h, sh);
-    if (rc == KVT_OK && p->residual)
-        rc = kvt_err(KVT_ERR_STATE, "kvt_attend_indices: expected a plan without the residual");
-    for (int64_t row = 0; rc == KVT_OK && row < (int64_t)p->B * p->Hq; row++) {
-        const int b = (int)(row / p->Hq);
-        int valid = 0;
-        for (int j = 0; rc == KVT_OK && j < m; j++) {
-            const int32_t t = idx[row * m + j];
-            if (t < -1 || t >= p->ntok[b])
-                rc = kvt_err(KVT_ERR_RANGE, "kvt_attend_indices: request %d: expected token index in [-1, %d), "
-                             "got %d", b, p->ntok[b], t);
-            valid += t >= 0;
-        }
-        /* more tokens than the request has means repeats (and more than the scratch holds) */
-        if (rc == KVT_OK && valid > p->ntok[b])
-            rc = kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: request %d: expected unique token indices, got %d "
-                         "of its %d tokens in one row", b, valid, p->ntok[b]);
-    }
+    int64_t most;
+    if (rc == KVT_OK) rc = check_index_rows(p, "kvt_attend_indices", idx, p->Hq, m, &most);
     if (rc == KVT_OK) rc = check_finite("kvt_attend_indices", "query", q, B, Hq, D);
     if (rc == KVT_OK) {
         ai_ctx a = {p, layer, m, q, idx, out, lse};

@@ -132,6 +132,16 @@ def case_attend(rng: random.Random, g: torch.Generator) -> str:
     return "tie: " + used[0] if used else "ok"
 
 
+def _attends(out: torch.Tensor, lse: torch.Tensor, x: torch.Tensor, V: torch.Tensor, sel: torch.Tensor) -> bool:
+    """Whether (out, lse) is float64 attention of logits x over V's rows sel (empty: out 0, lse -inf)."""
+    if len(sel):
+        want_lse, want_out = torch.logsumexp(x[sel], 0), torch.softmax(x[sel], 0) @ V[sel]
+    else:
+        want_lse, want_out = torch.tensor(-math.inf, dtype=torch.float64), torch.zeros(V.shape[-1], dtype=torch.float64)
+    return torch.allclose(out.double(), want_out, atol=2e-4, rtol=1e-4) and \
+        math.isclose(float(lse), float(want_lse), rel_tol=1e-4, abs_tol=2e-4)
+
+
 def case_ops(rng: random.Random, g: torch.Generator) -> str:
     """score, attend_indices and weighted_values of a random plan against float64."""
     store, table, offs, ntok, q = draw_batch(rng, g)
@@ -172,24 +182,10 @@ def case_ops(rng: random.Random, g: torch.Generator) -> str:
             # the int16-query selection logits are within the README's bound; 1e-2 of the largest covers it
             if n and not torch.allclose(s[:n].double(), x, atol=1e-2 * (1 + float(x.abs().max())), rtol=0):
                 raise Mismatch(f"score: request {b} head {qh}: off by {float((s[:n].double() - x).abs().max()):.3g}")
-            sel = idx[b, qh][idx[b, qh] >= 0].long()
-            if len(sel):
-                want_lse = torch.logsumexp(x[sel], 0)
-                want_out = torch.softmax(x[sel], 0) @ V[h, sel]
-            else:
-                want_lse, want_out = torch.tensor(-math.inf, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
-            if not (torch.allclose(out[b, qh].double(), want_out, atol=2e-4, rtol=1e-4)
-                    and math.isclose(float(lse[b, qh]), float(want_lse), rel_tol=1e-4, abs_tol=2e-4)):
-                raise Mismatch(f"attend_indices: request {b} head {qh} differs from float64")
-            sel = kv_idx[b, h][kv_idx[b, h] >= 0].long()
-            if len(sel):
-                want_lse = torch.logsumexp(x[sel], 0)
-                want_out = torch.softmax(x[sel], 0) @ V[h, sel]
-            else:
-                want_lse, want_out = torch.tensor(-math.inf, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
-            if not (torch.allclose(kv_out[b, qh].double(), want_out, atol=2e-4, rtol=1e-4)
-                    and math.isclose(float(kv_lse[b, qh]), float(want_lse), rel_tol=1e-4, abs_tol=2e-4)):
-                raise Mismatch(f"attend_kv_indices: request {b} head {qh} differs from float64")
+            for name, row, o, l in (("attend_indices", idx[b, qh], out, lse),
+                                    ("attend_kv_indices", kv_idx[b, h], kv_out, kv_lse)):
+                if not _attends(o[b, qh], l[b, qh], x, V[h], row[row >= 0].long()):
+                    raise Mismatch(f"{name}: request {b} head {qh} differs from float64")
             keep = idx[b, qh] >= 0
             want_wv = (p[b, qh][keep].double()[:, None] * V[h, idx[b, qh][keep].long()]).sum(0)
             if not torch.allclose(wv[b, qh].double(), want_wv, atol=2e-4, rtol=1e-4):

@@ -374,41 +374,29 @@ class Engine:
         (-1 = none; unique within a row), over the planned batch: (out [B, Hq, D], lse [B, Hq]),
         logits from the store's keys, scaled and soft-capped as planned; lse in natural log,
         -inf for an empty row."""
-        h = self._h()
-        pl = self._planned()
-        if not isinstance(store, HostStoreView):
-            raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
-        B, Hq, D = pl["B"], pl["Hq"], pl["D"]
-        q = self._q(q)
-        C.tensor("idx", idx, (torch.int32,), (B, Hq, None))
-        out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
-            C.tensor("out", out, (torch.float32,), (B, Hq, D))
-        lse = torch.empty((B, Hq), dtype=torch.float32) if lse is None else \
-            C.tensor("lse", lse, (torch.float32,), (B, Hq))
-        check(lib.kvt_attend_indices(h, store._handle(), self._layer(layer), B, Hq, D, C.ptr("float *", q),
-                                     C.ptr("int32_t *", idx), idx.shape[2], C.ptr("float *", out),
-                                     C.ptr("float *", lse)))
-        return out, lse
+        return self._attend_given(lib.kvt_attend_indices, store, layer, q, idx, out, lse, per_kv=False)
 
     def attend_kv_indices(self, store: HostStoreView, layer: int, q: torch.Tensor, idx: torch.Tensor, *,
                           out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
         """`attend_indices` with one set per (request, kv-head): idx [B, Hkv, m] (-1 = none; unique
         within a row), attended by every query head of the kv-head, each key and value row read
         once for them all. (out [B, Hq, D], lse [B, Hq])."""
+        return self._attend_given(lib.kvt_attend_kv_indices, store, layer, q, idx, out, lse, per_kv=True)
+
+    def _attend_given(self, fn, store, layer, q, idx, out, lse, *, per_kv: bool):
         h = self._h()
         pl = self._planned()
         if not isinstance(store, HostStoreView):
             raise NativeValueError(f"store: expected a HostStoreView, got {type(store).__name__}")
         B, Hq, D = pl["B"], pl["Hq"], pl["D"]
         q = self._q(q)
-        C.tensor("idx", idx, (torch.int32,), (B, store.kv_heads, None))
+        C.tensor("idx", idx, (torch.int32,), (B, store.kv_heads if per_kv else Hq, None))
         out = torch.empty((B, Hq, D), dtype=torch.float32) if out is None else \
             C.tensor("out", out, (torch.float32,), (B, Hq, D))
         lse = torch.empty((B, Hq), dtype=torch.float32) if lse is None else \
             C.tensor("lse", lse, (torch.float32,), (B, Hq))
-        check(lib.kvt_attend_kv_indices(h, store._handle(), self._layer(layer), B, Hq, D, C.ptr("float *", q),
-                                        C.ptr("int32_t *", idx), idx.shape[2], C.ptr("float *", out),
-                                        C.ptr("float *", lse)))
+        check(fn(h, store._handle(), self._layer(layer), B, Hq, D, C.ptr("float *", q), C.ptr("int32_t *", idx),
+                 idx.shape[2], C.ptr("float *", out), C.ptr("float *", lse)))
         return out, lse
 
     def stream_read(self, buf: torch.Tensor) -> int:
