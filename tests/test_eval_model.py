@@ -273,3 +273,21 @@ def test_a_capture_replays_through_the_decode_bench_on_real_attention(tmp_path, 
     bad.write_bytes(b"not a capture")
     assert main(["bench", "decode", "--kv", str(bad)]) == 2
     assert "expected a torch archive" in capsys.readouterr().err
+
+
+def test_a_capture_with_forecasts_holds_each_layers_next_query():
+    """capture(forecast=True): layer l's q_proj and RoPE of layer l-1's input hidden state. With a lag of
+    0 the same arithmetic over layer l's own input must give back the captured queries (the projection,
+    norm and RoPE are the model's); with the lag of 1, layer 0 holds its own query and the deeper
+    layers a forecast close to the real query but not equal to it."""
+    from kvtier.eval.capture import capture
+
+    own = capture("smollm2-135m", task="niah_single", context=600, queries=3, forecast=True, forecast_lag=0)
+    rel = float((own.q_next.float() - own.q.float()).norm() / own.q.float().norm())
+    assert rel < 1e-3, rel
+    cap = capture("smollm2-135m", task="niah_single", context=600, queries=3, forecast=True, layers=[0, 5, 20])
+    assert cap.q_next.shape == cap.q.shape and cap.meta["q_next"].startswith("layer l's q_proj")
+    assert torch.equal(cap.q_next[0], cap.q[0])
+    for i in (1, 2):
+        cos = torch.nn.functional.cosine_similarity(cap.q_next[i].float().flatten(1), cap.q[i].float().flatten(1), -1)
+        assert 0.5 < float(cos.mean()) < 0.9999, float(cos.mean())

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=9, help="queries of the prompt's last tokens kept (steps + 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda")
+    parser.add_argument("--forecast", action="store_true",
+                        help="also keep each layer's next_query forecast of the queries (its query projection of "
+                             "the previous layer's input hidden state), for benchmarks/sparda_forecast.py")
     parser.add_argument("--layers", default=None,
                         help="comma-separated model layers to keep (default: every layer); the real-KV fidelity "
                              "fixtures in tests/data keep a few, layer 0 among them")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         cap = capture(args.model, task=args.task, context=args.context, queries=args.queries, seed=args.seed,
-                      device=str(resolve_device(args.device)), layers=layers)
+                      device=str(resolve_device(args.device)), layers=layers, forecast=args.forecast)
     except ValueError as exc:
         print(f"kvtier bench capture-kv: {exc}", file=sys.stderr)
         return 2

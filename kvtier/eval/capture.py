@@ -30,6 +30,10 @@ class KvCapture(NamedTuple):
     sm_scale: float
     meta: dict  # model, task, context tokens, seed, layers (the model's, one per captured layer)
     o: Optional[torch.Tensor] = None  # [L, S, Hq, D] f32: the model's attention output for those queries
+    # [L, S, Hq, D] bf16 (with forecast): layer l's query as forecast one layer early, layer l's query
+    # projection (and RoPE) of layer l-1's input hidden state (InfiniGen's, SparDA's training-free
+    # `next_query`); layer 0, which has no layer before it, holds its own query
+    q_next: Optional[torch.Tensor] = None
 
     @property
     def context(self) -> int:
@@ -44,6 +48,8 @@ class KvCapture(NamedTuple):
         data = {"k": self.k, "v": self.v, "q": self.q, "sm_scale": self.sm_scale, "meta": self.meta}
         if self.o is not None:
             data["o"] = self.o
+        if self.q_next is not None:
+            data["q_next"] = self.q_next
         torch.save(data, path)
 
 
@@ -70,18 +76,69 @@ def load_capture(path: Union[str, pathlib.Path]) -> KvCapture:
     if o is not None and (not isinstance(o, torch.Tensor) or o.shape != q.shape):
         raise CaptureFileError(f"{path}: expected o of q's shape {tuple(q.shape)}, found "
                                f"{tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__}")
+    q_next = data.get("q_next")
+    if q_next is not None and (not isinstance(q_next, torch.Tensor) or q_next.shape != q.shape):
+        raise CaptureFileError(f"{path}: expected q_next of q's shape {tuple(q.shape)}, found "
+                               f"{tuple(q_next.shape) if isinstance(q_next, torch.Tensor) else type(q_next).__name__}")
     meta = dict(data["meta"])
     layers = meta.get("layers", list(range(k.shape[0])))
     if not isinstance(layers, list) or len(layers) != k.shape[0]:
         raise CaptureFileError(f"{path}: expected meta['layers'] to name the {k.shape[0]} captured layers, found "
                                f"{layers!r}")
-    return KvCapture(k, v, q, float(data["sm_scale"]), meta, o)
+    return KvCapture(k, v, q, float(data["sm_scale"]), meta, o, q_next)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _next_query_hooks(model, n: int, shape, lag: int = 1):
+    """Forward pre-hooks that keep each decoder layer's input hidden state and RoPE (cos, sin) at the
+    query positions; and the function that turns them into every layer's query forecast from the input
+    of the layer `lag` before it (1: next_query; 0: the layer's own input, its own query again)."""
+    try:
+        decoder = list(model.model.layers)
+        parts = [(lay.input_layernorm, lay.self_attn.q_proj) for lay in decoder]
+    except AttributeError:
+        raise ValueError("capture: forecast: expected a decoder whose layers have input_layernorm and "
+                         "self_attn.q_proj (Llama, Qwen2 and their kind)") from None
+    inputs, rope = {}, {}
+
+    def hook(i):
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            inputs[i] = h[:, n:].detach()
+            if "position_embeddings" in kwargs and i == 0:
+                cos, sin = kwargs["position_embeddings"]
+                rope["cos"], rope["sin"] = cos[:, n:], sin[:, n:]
+        return pre
+
+    handles = [lay.register_forward_pre_hook(hook(i), with_kwargs=True) for i, lay in enumerate(decoder)]
+
+    def forecasts(own_q: dict) -> dict:
+        if "cos" not in rope:
+            raise ValueError("capture: forecast: the decoder layers were not given position_embeddings (cos, sin)")
+        out = {i: own_q.get(i) for i in range(lag)}
+        for i in range(lag, len(decoder)):
+            norm, proj = parts[i]
+            x = proj(norm(inputs[i - lag]))  # [1, S, Hq * D]
+            qf = x.view(1, x.shape[1], shape.num_q_heads, shape.head_dim).transpose(1, 2)  # [1, Hq, S, D]
+            cos, sin = rope["cos"][:, None], rope["sin"][:, None]
+            qf = qf * cos + _rotate_half(qf) * sin
+            out[i] = qf[0].transpose(0, 1).to("cpu", torch.bfloat16)
+        return out
+
+    return handles, forecasts
 
 
 def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed: int = 0,
-            device: str = "cpu", layers: Optional[Sequence[int]] = None) -> KvCapture:
+            device: str = "cpu", layers: Optional[Sequence[int]] = None, forecast: bool = False,
+            forecast_lag: int = 1) -> KvCapture:
     """K, V of a `context`-token prompt of `task`, the queries of its last `queries` tokens and the
-    model's attention output for them; every layer, or the model's `layers` in that order."""
+    model's attention output for them; every layer, or the model's `layers` in that order. forecast:
+    also each layer's next_query forecast of those queries (`KvCapture.q_next`), from the input of
+    the layer `forecast_lag` before (0 recomputes each layer's own query: a check of the projection)."""
     from . import models
     from .attention import CaptureStep, model_shape
     from .tasks import build
@@ -108,13 +165,22 @@ def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed:
         qs[layer] = q[:, n:].transpose(0, 1).to("cpu", torch.bfloat16)
         os_[layer] = out[n:].to("cpu", torch.float32)
 
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids], device=device), use_cache=False, kvtier_step=CaptureStep(record),
-              logits_to_keep=1)
+    handles, forecasts = _next_query_hooks(model, n, shape, forecast_lag) if forecast else ([], None)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False, kvtier_step=CaptureStep(record),
+                  logits_to_keep=1)
+            q_next = forecasts(qs) if forecast else None
+    finally:
+        for h in handles:
+            h.remove()
     meta = {"model": model_name, "task": task, "context": n, "queries": queries, "seed": seed,
             "shape": [L, shape.num_q_heads, shape.kv_heads, shape.head_dim], "layers": keep}
+    if forecast:
+        meta["q_next"] = "layer l's q_proj and RoPE of layer l-1's input hidden state; layer 0 its own query"
     return KvCapture(torch.stack([ks[x] for x in keep]), torch.stack([vs[x] for x in keep]),
-                     torch.stack([qs[x] for x in keep]), shape.sm_scale, meta, torch.stack([os_[x] for x in keep]))
+                     torch.stack([qs[x] for x in keep]), shape.sm_scale, meta, torch.stack([os_[x] for x in keep]),
+                     torch.stack([q_next[x] for x in keep]) if forecast else None)
 
 
 __all__ = ["CaptureFileError", "KvCapture", "capture", "load_capture"]
