@@ -213,28 +213,42 @@ def test_detail_reports_each_query_heads_selection_within_its_cap(gen):
         tier.close()
 
 
-def test_exact_logits_weigh_the_selection_with_the_host_stores_keys(gen):
-    """logits: exact keeps the compressed keys' choice of tokens and recomputes their weights
-    (and the LSE) from the host store's keys (bf16 here: the reference rounds k and v alike)."""
-    cfg = _config(key_bits=2, logits="exact", budget={"kind": "tokens", "tokens": 64})
+def _exact_detail(gen, **knobs):
+    """run_detail at layer 1 of an exact-logits tier over one 1,400-token request (bf16 host keys):
+    (detail, each query head's own selection [1, Hq, m], q, the request's full k, v)."""
+    cfg = _config(key_bits=2, logits="exact", budget={"kind": "tokens", "tokens": 64}, **knobs)
     tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
     try:
         rids, full = _decode(tier, gen, [1400], steps=1)
         tier.attn.plan(rids)
         q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
         detail = tier.attn.run_detail(q, 1)
-        idx, _ = tier.attn.host.select(q, 1)
-        assert torch.equal(detail.selection, idx) and bool((idx >= 0).all())
+        own, _ = tier.attn.host.select(q, 1)
+        torch.testing.assert_close(detail.out.float(), tier.attn.run(q, 1).float(), atol=1e-5, rtol=1e-5)
     finally:
         tier.close()
-    k, v = (t.bfloat16().double() for t in full[0][1])
-    first = WINDOW["sink_tokens"]
+    return detail, own, q, full[0][1]
+
+
+def _assert_exact_over(detail, q, kv, head_tokens):
+    """The host part of each query head is float64 attention over head_tokens(h) with the host store's
+    (bf16) keys and values."""
+    k, v = (t.bfloat16().double() for t in kv)
+    g = SHAPE.num_q_heads // SHAPE.kv_heads
     for h in range(SHAPE.num_q_heads):
-        keep = idx[0, h].long() + first
-        x = (k[keep, h // 4] @ q[0, h].double()) * SHAPE.head_dim ** -0.5
+        keep = head_tokens(h) + WINDOW["sink_tokens"]
+        x = (k[keep, h // g] @ q[0, h].double()) * SHAPE.head_dim ** -0.5
         torch.testing.assert_close(detail.host.lse[0, h].double(), torch.logsumexp(x, 0), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(detail.host.out[0, h].double(), torch.softmax(x, 0) @ v[keep, h // 4],
+        torch.testing.assert_close(detail.host.out[0, h].double(), torch.softmax(x, 0) @ v[keep, h // g],
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_exact_logits_weigh_the_selection_with_the_host_stores_keys(gen):
+    """logits: exact keeps the compressed keys' choice of tokens and recomputes their weights
+    (and the LSE) from the host store's keys (bf16 here: the reference rounds k and v alike)."""
+    detail, idx, q, kv = _exact_detail(gen)
+    assert torch.equal(detail.selection, idx) and bool((idx >= 0).all())
+    _assert_exact_over(detail, q, kv, lambda h: idx[0, h].long())
 
 
 def test_union_per_kv_is_each_groups_distinct_tokens(gen):
@@ -252,30 +266,13 @@ def test_union_per_kv_is_each_groups_distinct_tokens(gen):
 def test_kv_head_sets_attend_each_groups_union_with_exact_logits(gen):
     """exact_sets: kv_head: every query head attends the union of its kv-head's selections, logits and
     values from the host store's keys (float64 reference), a superset of its own selection."""
-    cfg = _config(key_bits=2, logits="exact", exact_sets="kv_head", budget={"kind": "tokens", "tokens": 64})
-    tier = StandaloneTier(cfg, SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096)
-    try:
-        rids, full = _decode(tier, gen, [1400], steps=1)
-        tier.attn.plan(rids)
-        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
-        detail = tier.attn.run_detail(q, 1)
-        own, _ = tier.attn.host.select(q, 1)
-        torch.testing.assert_close(detail.out.float(), tier.attn.run(q, 1).float(), atol=1e-5, rtol=1e-5)
-    finally:
-        tier.close()
+    detail, own, q, kv = _exact_detail(gen, exact_sets="kv_head")
     sel, g = detail.selection, SHAPE.num_q_heads // SHAPE.kv_heads
     assert sel.shape[:2] == (1, SHAPE.num_q_heads)
-    k, v = (t.bfloat16().double() for t in full[0][1])
-    first = WINDOW["sink_tokens"]
     for h in range(SHAPE.num_q_heads):
         union = {t for t in own[0, (h // g) * g:(h // g + 1) * g].flatten().tolist() if t >= 0}
-        mine = sel[0, h][sel[0, h] >= 0]
-        assert set(mine.tolist()) == union and set(own[0, h].tolist()) <= union
-        keep = mine.long() + first
-        x = (k[keep, h // g] @ q[0, h].double()) * SHAPE.head_dim ** -0.5
-        torch.testing.assert_close(detail.host.lse[0, h].double(), torch.logsumexp(x, 0), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(detail.host.out[0, h].double(), torch.softmax(x, 0) @ v[keep, h // g],
-                                   atol=1e-4, rtol=1e-4)
+        assert set(sel[0, h][sel[0, h] >= 0].tolist()) == union and set(own[0, h].tolist()) <= union
+    _assert_exact_over(detail, q, kv, lambda h: sel[0, h][sel[0, h] >= 0].long())
 
 
 def test_low_attention_eviction_keeps_the_attended_pages_and_the_cap(gen):

@@ -121,40 +121,30 @@ def test_attend_kv_indices_every_head_of_a_kv_head_attends_its_set(isa, kf, vf, 
                                        rtol=1e-4, msg=f"seed {seed}")
 
 
-def test_attend_kv_indices_refuses_bad_rows_and_shapes():
+@pytest.mark.parametrize("call, rows", [("attend_indices", 8), ("attend_kv_indices", 2)])
+def test_given_token_rows_are_refused_out_of_range_repeated_and_misshapen(call, rows):
+    """A row per query head (attend_indices) or per kv-head (attend_kv_indices): an index past the
+    request, more tokens than it has (repeats), the wrong dtype or row count, a NaN query."""
     store, table, offs, ntok, q = make_case(lengths=(10,), seed=3)
     with N.Engine(1) as eng:
         eng.plan(store, table, offs, ntok, 8, mode="topk", budget_tokens=torch.ones(1, 2, dtype=torch.int32),
                  sm_scale=0.1)
-        bad = torch.full((1, 2, 12), -1, dtype=torch.int32)
+        attend = getattr(eng, call)
+        bad = torch.full((1, rows, 12), -1, dtype=torch.int32)
         bad[0, 1, 0] = 10
         with pytest.raises(N.NativeIndexError, match=r"expected token index in \[-1, 10\), got 10"):
-            eng.attend_kv_indices(store, 0, q, bad)
+            attend(store, 0, q, bad)
         bad[0, 1] = torch.tensor([1] * 11 + [-1], dtype=torch.int32)
         with pytest.raises(N.NativeValueError, match="expected unique token indices, got 11 of its 10 tokens"):
-            eng.attend_kv_indices(store, 0, q, bad)
-        with pytest.raises(N.NativeValueError, match="idx"):  # a row per query head is not a set per kv-head
-            eng.attend_kv_indices(store, 0, q, torch.full((1, 8, 12), -1, dtype=torch.int32))
+            attend(store, 0, q, bad)
+        with pytest.raises(N.NativeValueError, match="idx"):
+            attend(store, 0, q, bad.long())
+        with pytest.raises(N.NativeValueError, match="idx"):  # the other call's row count
+            attend(store, 0, q, torch.full((1, 10 - rows, 12), -1, dtype=torch.int32))
         nan = q.clone()
         nan[0, 5, 2] = float("nan")
         with pytest.raises(N.NativeValueError, match="query"):
-            eng.attend_kv_indices(store, 0, nan, torch.full((1, 2, 12), -1, dtype=torch.int32))
-
-
-def test_attend_indices_refuses_out_of_range_and_repeated_rows():
-    store, table, offs, ntok, q = make_case(lengths=(10,), seed=3)
-    with N.Engine(1) as eng:
-        eng.plan(store, table, offs, ntok, 8, mode="topk", budget_tokens=torch.ones(1, 2, dtype=torch.int32),
-                 sm_scale=0.1)
-        bad = torch.full((1, 8, 12), -1, dtype=torch.int32)
-        bad[0, 3, 0] = 10
-        with pytest.raises(N.NativeIndexError, match=r"expected token index in \[-1, 10\), got 10"):
-            eng.attend_indices(store, 0, q, bad)
-        bad[0, 3] = torch.tensor([1] * 11 + [-1], dtype=torch.int32)
-        with pytest.raises(N.NativeValueError, match="expected unique token indices, got 11 of its 10 tokens"):
-            eng.attend_indices(store, 0, q, bad)
-        with pytest.raises(N.NativeValueError, match="idx"):
-            eng.attend_indices(store, 0, q, bad.long())
+            attend(store, 0, nan, torch.full((1, rows, 12), -1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("isa", ISAS)
