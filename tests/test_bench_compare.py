@@ -38,8 +38,10 @@ def test_compare_quick_table_columns_and_last_line(tmp_path, monkeypatch, capsys
     # dense attends everything; the sparse hybrid less, and what it reads follows its selection
     assert d["top32_recall"] == 1 and d["mass_captured"] == pytest.approx(1.0) and d["host_read_mib_per_step"] == 0
     assert h["mass_captured"] < 1 and h["host_read_mib_per_step"] > 0
-    # offload_all reads and copies every host token: the most host bytes, all of them over the copy
-    assert o["host_read_mib_per_step"] > h["host_read_mib_per_step"] > hc["host_read_mib_per_step"] > 0
+    # offload_all reads and copies every host token: the most host bytes, all of them over the copy; hgca's
+    # kv-head reads a row once for its query heads, hcattention's query heads (query_head sets) each their own
+    assert o["host_read_mib_per_step"] > max(h["host_read_mib_per_step"], hc["host_read_mib_per_step"])
+    assert min(h["host_read_mib_per_step"], hc["host_read_mib_per_step"]) > 0
     assert o["pcie_mib_per_step"] > 0 and h["pcie_mib_per_step"] == 0
     # offload_all's bf16 keys and values: 2 x 128 x 2 bytes per token, kv-head and layer (8 kv-heads, 2 layers);
     # the probe step's host tokens are those after the timed steps' evictions
