@@ -348,8 +348,8 @@ static void ai_task(void *c, int64_t item, int tid) {
 
 /* Shared sets: one (request, kv-head, chunk of its set) per item; every query head of the
  * kv-head attends the set's tokens, so each key and value row is read once for the G heads.
- * A chunk's G partial results (softmax . V over its tokens, and their lse) go to `part`;
- * kvt_attend_kv_indices merges the chunks of a set by LSE on the calling thread.
+ * A chunk's G partial results go to `part` (kvtr_attend_part); kvt_attend_kv_indices merges
+ * the chunks of a set by LSE (kvtr_merge_parts) on the calling thread.
  * Scratch: the set's tokens (n), logits and weights (2 G n), scales (n), G D sums and 2 n
  * row pointers: within the plan's n (7 + 2 G) + D (3 G + 2). */
 typedef struct {
@@ -363,8 +363,7 @@ typedef struct {
 static void akv_task(void *c, int64_t item, int tid) {
     akv_ctx *a = c;
     kvt_plan_state *p = a->p;
-    const kvt_store *s = p->store;
-    const int D = s->d.head_dim, G = p->G, Hkv = p->Hq / p->G;
+    const int D = p->store->d.head_dim, G = p->G, Hkv = p->Hq / p->G;
     const int64_t set = item / a->chunks;
     const int ci = (int)(item % a->chunks), b = (int)(set / Hkv), h = (int)(set % Hkv);
     const int64_t n = p->n_max > 0 ? p->n_max : 1;
@@ -379,117 +378,68 @@ static void akv_task(void *c, int64_t item, int tid) {
     const int j0 = (int)((int64_t)ci * cnt / a->chunks), j1 = (int)((int64_t)(ci + 1) * cnt / a->chunks);
     const int len = j1 - j0;
     float *part = a->part + item * (int64_t)G * (D + 1);
-    if (len == 0) {
-        for (int g = 0; g < G; g++) {
-            memset(part + (int64_t)g * (D + 1), 0, sizeof(float) * (size_t)D);
-            part[(int64_t)g * (D + 1) + D] = -INFINITY;
-        }
+    if (len == 0) { /* an empty chunk: lse -inf, its sums unread by the merge */
+        for (int g = 0; g < G; g++) part[(int64_t)g * (D + 1) + D] = -INFINITY;
         return;
     }
-    const int32_t *sel = tok + j0;
-    kvtr_exact_logits(p, a->layer, b, h, sel, len, a->q + ((int64_t)b * p->Hq + (int64_t)h * G) * D, G, E, len,
-                      tid);
-    for (int g = 0; g < G; g++)
-        part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(E + (int64_t)g * len, len, prob + (int64_t)g * len);
-    memset(acc, 0, sizeof(float) * (size_t)G * D);
-    const tok_loc L = tok_locator(p, a->layer, b, h);
-    const int is_i8 = s->d.value_format == KVT_VAL_INT8;
-    for (int j = 0; j < len; j++) {
-        const int64_t lph = tok_lph(&L, sel[j]), o = tok_off(&L, sel[j]);
-        rows[j] = kvt_val_ptr(s, lph) + o * s->val_tok;
-        if (is_i8) vscale[j] = kvt_vscale_ptr(s, lph)[o];
+    kvtr_exact_logits(p, a->layer, b, h, tok + j0, len, a->q + ((int64_t)b * p->Hq + (int64_t)h * G) * D, G, E,
+                      len, tid);
+    kvtr_attend_part(p, a->layer, b, h, G, E, len, tok + j0, len, prob, acc, rows, vscale, part);
+}
+
+/* The calls over given token indices: idx [B, rows per request, m], a row per query head
+ * (attend_indices: each head its own tokens) or, per_kv, per kv-head (attend_kv_indices). */
+static int32_t attend_given(const char *fn, int per_kv, int32_t eh, int32_t sh, int32_t layer, int32_t B,
+                            int32_t Hq, int32_t D, const float *q, const int32_t *idx, int32_t m, float *out,
+                            float *lse) {
+    if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
+        return kvt_err(KVT_ERR_VALUE, "%s: expected m >= 0 and q, idx, out, lse buffers, got m=%d", fn, m);
+    kvt_engine *e = kvt_engine_acquire(eh, 1);
+    if (!e) return KVT_ERR_HANDLE;
+    kvt_isa_hold();
+    pthread_mutex_lock(&e->mu);
+    kvt_store *held;
+    int32_t rc = begin_indices(e, sh, layer, B, Hq, D, fn, &held);
+    kvt_plan_state *p = &e->plan;
+    const int rows = rc == KVT_OK ? (per_kv ? p->Hq / p->G : p->Hq) : 0;
+    int64_t most = 0; /* the longest row: how finely the kv-heads' sets are chunked */
+    if (rc == KVT_OK) rc = check_index_rows(p, fn, idx, rows, m, &most);
+    if (rc == KVT_OK) rc = check_finite(fn, "query", q, B, Hq, D);
+    if (rc == KVT_OK && !per_kv) {
+        ai_ctx a = {p, layer, m, q, idx, out, lse};
+        kvt_pool_run(e->pool, (int64_t)p->B * p->Hq, ai_task, &a);
+    } else if (rc == KVT_OK) {
+        /* enough items for every worker twice over, no chunk under KVT_KV_CHUNK_MIN tokens */
+        const int64_t sets = (int64_t)p->B * rows, want = (2 * (int64_t)p->n_threads + sets - 1) / sets;
+        const int64_t room = most / KVT_KV_CHUNK_MIN > 1 ? most / KVT_KV_CHUNK_MIN : 1;
+        int chunks = (int)(want < room ? want : room);
+        if (chunks > KVT_SPLIT_MAX) chunks = KVT_SPLIT_MAX;
+        const size_t bytes = sizeof(float) * (size_t)(sets * chunks * p->G * (D + 1));
+        float *part = malloc(bytes);
+        if (!part) {
+            rc = kvt_err(KVT_ERR_NOMEM, "%s: expected %zu bytes of partial results", fn, bytes);
+        } else {
+            akv_ctx a = {p, layer, m, chunks, q, idx, part};
+            kvt_pool_run(e->pool, sets * chunks, akv_task, &a);
+            for (int64_t s = 0; s < sets; s++)
+                kvtr_merge_parts(part + s * chunks * p->G * (D + 1), chunks, p->G, D, out + s * p->G * D,
+                                 lse + s * p->G);
+            free(part);
+        }
     }
-    kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, G, acc);
-    for (int g = 0; g < G; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
+    pthread_mutex_unlock(&e->mu);
+    if (held) kvt_store_release(held);
+    kvt_isa_drop();
+    kvt_engine_release(e, 1);
+    return rc;
 }
 
 int32_t kvt_attend_kv_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D,
                               const float *q, const int32_t *idx, int32_t m, float *out, float *lse) {
-    if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
-        return kvt_err(KVT_ERR_VALUE, "kvt_attend_kv_indices: expected m >= 0 and q, idx, out, lse buffers, got m=%d",
-                       m);
-    kvt_engine *e = kvt_engine_acquire(eh, 1);
-    if (!e) return KVT_ERR_HANDLE;
-    kvt_isa_hold();
-    pthread_mutex_lock(&e->mu);
-    kvt_store *held;
-    int32_t rc = begin_indices(e, sh, layer, B, Hq, D, "kvt_attend_kv_indices", &held);
-    kvt_plan_state *p = &e->plan;
-    const int Hkv = rc == KVT_OK ? p->Hq / p->G : 0;
-    int64_t most = 0; /* the largest set: how finely the sets are chunked */
-    if (rc == KVT_OK) rc = check_index_rows(p, "kvt_attend_kv_indices", idx, Hkv, m, &most);
-    if (rc == KVT_OK) rc = check_finite("kvt_attend_kv_indices", "query", q, B, Hq, D);
-    float *part = NULL;
-    int chunks = 1;
-    if (rc == KVT_OK) {
-        /* enough items for every worker twice over, no chunk under KVT_KV_CHUNK_MIN tokens */
-        const int64_t sets = (int64_t)p->B * Hkv, want = (2 * (int64_t)p->n_threads + sets - 1) / sets;
-        const int64_t room = most / KVT_KV_CHUNK_MIN > 1 ? most / KVT_KV_CHUNK_MIN : 1;
-        chunks = (int)(want < room ? want : room);
-        if (chunks > KVT_SPLIT_MAX) chunks = KVT_SPLIT_MAX;
-        part = malloc(sizeof(float) * (size_t)(sets * chunks * p->G * (D + 1)));
-        if (!part) rc = kvt_err(KVT_ERR_NOMEM, "kvt_attend_kv_indices: expected %lld bytes of partial results",
-                                (long long)(sizeof(float) * (size_t)(sets * chunks * p->G * (D + 1))));
-    }
-    if (rc == KVT_OK) {
-        akv_ctx a = {p, layer, m, chunks, q, idx, part};
-        kvt_pool_run(e->pool, (int64_t)p->B * Hkv * chunks, akv_task, &a);
-        for (int64_t qh = 0; qh < (int64_t)p->B * p->Hq; qh++) { /* merge each head's chunks by LSE */
-            const int64_t set = qh / p->G;
-            const int g = (int)(qh % p->G);
-            float mx = -INFINITY;
-            for (int ci = 0; ci < chunks; ci++) {
-                const float l = part[((set * chunks + ci) * p->G + g) * (D + 1) + D];
-                if (l > mx) mx = l;
-            }
-            float *o = out + qh * D;
-            memset(o, 0, sizeof(float) * (size_t)D);
-            if (mx == -INFINITY) {
-                lse[qh] = -INFINITY;
-                continue;
-            }
-            double wsum = 0.0;
-            for (int ci = 0; ci < chunks; ci++) {
-                const float *pc = part + ((set * chunks + ci) * p->G + g) * (D + 1);
-                if (pc[D] == -INFINITY) continue;
-                const float w = expf(pc[D] - mx);
-                wsum += w;
-                for (int d = 0; d < D; d++) o[d] += w * pc[d];
-            }
-            const float inv = (float)(1.0 / wsum);
-            for (int d = 0; d < D; d++) o[d] *= inv;
-            lse[qh] = mx + (float)log(wsum);
-        }
-    }
-    free(part);
-    pthread_mutex_unlock(&e->mu);
-    if (held) kvt_store_release(held);
-    kvt_isa_drop();
-    kvt_engine_release(e, 1);
-    return rc;
+    return attend_given("kvt_attend_kv_indices", 1, eh, sh, layer, B, Hq, D, q, idx, m, out, lse);
 }
 
 int32_t kvt_attend_indices(int32_t eh, int32_t sh, int32_t layer, int32_t B, int32_t Hq, int32_t D, const float *q,
                            const int32_t *idx, int32_t m, float *out, float *lse) {
-    if (m < 0 || !q || !out || !lse || (m > 0 && !idx))
-        return kvt_err(KVT_ERR_VALUE, "kvt_attend_indices: expected m >= 0 and q, idx, out, lse buffers, got m=%d", m);
-    kvt_engine *e = kvt_engine_acquire(eh, 1);
-    if (!e) return KVT_ERR_HANDLE;
-    kvt_isa_hold();
-    pthread_mutex_lock(&e->mu);
-    kvt_store *held;
-    int32_t rc = begin_indices(e, sh, layer, B, Hq, D, "kvt_attend_indices", &held);
-    kvt_plan_state *p = &e->plan;
-    int64_t most;
-    if (rc == KVT_OK) rc = check_index_rows(p, "kvt_attend_indices", idx, p->Hq, m, &most);
-    if (rc == KVT_OK) rc = check_finite("kvt_attend_indices", "query", q, B, Hq, D);
-    if (rc == KVT_OK) {
-        ai_ctx a = {p, layer, m, q, idx, out, lse};
-        kvt_pool_run(e->pool, (int64_t)p->B * p->Hq, ai_task, &a);
-    }
-    pthread_mutex_unlock(&e->mu);
-    if (held) kvt_store_release(held);
-    kvt_isa_drop();
-    kvt_engine_release(e, 1);
-    return rc;
+    return attend_given("kvt_attend_indices", 0, eh, sh, layer, B, Hq, D, q, idx, m, out, lse);
 }

@@ -162,6 +162,31 @@ void kvtr_exact_task(void *c, int64_t item, int tid) {
     if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) finalize_set(r, s, tid);
 }
 
+void kvtr_merge_parts(const float *part, int nparts, int m, int D, float *out, float *lse) {
+    for (int g = 0; g < m; g++) {
+        float L = -INFINITY, w[KVT_SPLIT_MAX];
+        for (int i = 0; i < nparts; i++) L = kvt_maxf(L, part[((int64_t)i * m + g) * (D + 1) + D]);
+        float *o = out + (int64_t)g * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        if (L == -INFINITY) { /* every part empty */
+            lse[g] = -INFINITY;
+            continue;
+        }
+        double S = 0.0;
+        for (int i = 0; i < nparts; i++) {
+            w[i] = expf(part[((int64_t)i * m + g) * (D + 1) + D] - L); /* an empty part weighs 0 */
+            S += w[i];
+        }
+        const float inv = (float)(1.0 / S);
+        for (int i = 0; i < nparts; i++) {
+            if (w[i] == 0.f) continue; /* its sums are not read: an empty part's are not written */
+            const float *a = part + ((int64_t)i * m + g) * (D + 1), wi = w[i] * inv;
+            for (int d = 0; d < D; d++) o[d] += wi * a[d];
+        }
+        lse[g] = L + (float)log(S);
+    }
+}
+
 static void merge_set(run_ctx *r, int64_t s, int tid) {
     kvt_plan_state *p = r->p;
     const int m = p->G, D = p->store->d.head_dim;
@@ -170,22 +195,8 @@ static void merge_set(run_ctx *r, int64_t s, int tid) {
     set_coords(p, s, &b, &h, &g0, &bh, &qh0);
     const kvt_set_state *st = &p->sets[s];
     set_bufs sb = set_buffers(p, s);
-    const float *part = p->part + s * KVT_SPLIT_MAX * m * (D + 1);
+    kvtr_merge_parts(p->part + s * KVT_SPLIT_MAX * m * (D + 1), st->nca, m, D, r->out + qh0 * D, r->lse + qh0);
     for (int g = 0; g < m; g++) {
-        float L = -INFINITY, w[KVT_SPLIT_MAX];
-        for (int i = 0; i < st->nca; i++) L = kvt_maxf(L, part[((int64_t)i * m + g) * (D + 1) + D]);
-        double S = 0.0;
-        for (int i = 0; i < st->nca; i++) {
-            w[i] = expf(part[((int64_t)i * m + g) * (D + 1) + D] - L);
-            S += w[i];
-        }
-        float inv = (float)(1.0 / S), *o = r->out + (qh0 + g) * D;
-        for (int d = 0; d < D; d++) o[d] = 0.f;
-        for (int i = 0; i < st->nca; i++) {
-            const float *a = part + ((int64_t)i * m + g) * (D + 1), wi = w[i] * inv;
-            for (int d = 0; d < D; d++) o[d] += wi * a[d];
-        }
-        r->lse[qh0 + g] = L + (float)log(S);
         if (r->nsel) r->nsel[qh0 + g] = st->count;
         if (r->sel_index && r->sel_cap > 0) {
             int32_t *os = r->sel_index + (qh0 + g) * r->sel_cap;
@@ -195,6 +206,25 @@ static void merge_set(run_ctx *r, int64_t s, int tid) {
         }
     }
     if (p->residual) kvtr_mark_selection(p, b, h, g0, sb.sel, st->count);
+}
+
+void kvtr_attend_part(const kvt_plan_state *p, int layer, int b, int h, int m, const float *X, int64_t xs,
+                      const int32_t *sel, int len, float *prob, float *acc, const void **rows, float *vscale,
+                      float *part) {
+    const kvt_store *st_ = p->store;
+    const int D = st_->d.head_dim;
+    for (int g = 0; g < m; g++)
+        part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(X + (int64_t)g * xs, len, prob + (int64_t)g * len);
+    const tok_loc L = tok_locator(p, layer, b, h);
+    const int is_i8 = st_->d.value_format == KVT_VAL_INT8;
+    for (int j = 0; j < len; j++) {
+        const int64_t lph = tok_lph(&L, sel[j]), o = tok_off(&L, sel[j]);
+        rows[j] = kvt_val_ptr(st_, lph) + o * st_->val_tok;
+        if (is_i8) vscale[j] = kvt_vscale_ptr(st_, lph)[o];
+    }
+    memset(acc, 0, sizeof(float) * (size_t)m * D);
+    kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, m, acc);
+    for (int g = 0; g < m; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
 }
 
 void kvtr_attend_chunk_task(void *c, int64_t item, int tid) {
@@ -217,20 +247,7 @@ void kvtr_attend_chunk_task(void *c, int64_t item, int tid) {
         return;
     }
     const int j0 = (int)((int64_t)ci * count / st->nca), j1 = (int)((int64_t)(ci + 1) * count / st->nca);
-    const int len = j1 - j0;
-    float *part = p->part + ((s * KVT_SPLIT_MAX + ci) * m) * (D + 1);
-    for (int g = 0; g < m; g++)
-        part[(int64_t)g * (D + 1) + D] = kvt_k->softmax(sb.E + (int64_t)g * count + j0, len, prob + (int64_t)g * len);
-    const tok_loc L = tok_locator(p, r->layer, b, h);
-    const int is_i8 = st_->d.value_format == KVT_VAL_INT8;
-    for (int j = 0; j < len; j++) {
-        const int tok = sb.sel[j0 + j];
-        const int64_t lph = tok_lph(&L, tok), o = tok_off(&L, tok);
-        rows[j] = kvt_val_ptr(st_, lph) + o * st_->val_tok;
-        if (is_i8) vscale[j] = kvt_vscale_ptr(st_, lph)[o];
-    }
-    memset(acc, 0, sizeof(float) * (size_t)m * D);
-    kvt_k->accum_rows(rows, vscale, is_i8, len, D, prob, len, m, acc);
-    for (int g = 0; g < m; g++) memcpy(part + (int64_t)g * (D + 1), acc + (int64_t)g * D, sizeof(float) * (size_t)D);
+    kvtr_attend_part(p, r->layer, b, h, m, sb.E + j0, count, sb.sel + j0, j1 - j0, prob, acc, rows, vscale,
+                     p->part + ((s * KVT_SPLIT_MAX + ci) * m) * (D + 1));
     if (atomic_fetch_sub_explicit(&st->left, 1, memory_order_acq_rel) == 1) merge_set(r, s, tid);
 }

@@ -161,6 +161,14 @@ void kvtr_attend(run_ctx *r, int b, int h, int g0, int m, const float *X, const 
 void kvtr_write_empty(run_ctx *r, int64_t qh0, int m);
 void kvtr_exact_task(void *c, int64_t item, int tid);
 void kvtr_attend_chunk_task(void *c, int64_t item, int tid);
+/* Softmax . V of m query heads over `len` tokens sel of (b, kv-head h), from their logits X (head g's
+ * at X + g xs), into part [m, D + 1]: each head's normalized sums and, at [D], its lse. */
+void kvtr_attend_part(const kvt_plan_state *p, int layer, int b, int h, int m, const float *X, int64_t xs,
+                      const int32_t *sel, int len, float *prob, float *acc, const void **rows, float *vscale,
+                      float *part);
+/* Merge nparts (<= KVT_SPLIT_MAX) parts [nparts, m, D + 1] of m heads by LSE into out [m, D] and lse
+ * [m]; a part of lse -inf (no tokens) weighs nothing, and with every part empty out is 0, lse -inf. */
+void kvtr_merge_parts(const float *part, int nparts, int m, int D, float *out, float *lse);
 
 /* ---- kvt_run_residual.c ---- */
 void kvtr_mark_selection(const kvt_plan_state *p, int b, int h, int g0, const int32_t *sel, int count);
