@@ -23,25 +23,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
 from kvtier._native import Engine
-from kvtier.bench.engine import build_case
+from kvtier.bench.engine import build_case, timeit
 from kvtier.runtime.key_index import union_per_kv
 
 FORMATS = ("int8", "int8_channel", "bf16")
 
 
 def _median_ms(fn, runs: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[runs // 2] * 1e3
+    return sorted(timeit(fn, runs))[runs // 2] * 1e3
 
 
 def _selections(n: int, H: int, G: int, m: int, shared: float, g: torch.Generator) -> torch.Tensor:

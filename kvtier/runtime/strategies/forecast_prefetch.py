@@ -179,7 +179,6 @@ class ForecastPrefetch(HostStrategy):
                                 self.bt * s.kv_heads * s.head_dim * 4)
         off = batch.page_offsets.tolist()
         self.tables = [batch.page_table[off[i]: off[i + 1]].to(torch.long) for i in range(len(batch.rids))]
-        self.counts = [int(n) for n in batch.host_tokens]
         # the pages' ids on the device once per plan, not per layer
         self.dev_tables = [t.to(ctx.device) for t in self.tables]
         dtype = ctx.tier.k_pool[0].dtype
@@ -206,7 +205,7 @@ class ForecastPrefetch(HostStrategy):
         g = s.num_q_heads // s.kv_heads
         out = []
         for i, pages in enumerate(self.tables):
-            n_pages = -(-self.counts[i] // self.ctx.tier.config.window.page_tokens)
+            n_pages = -(-self.batch.host_tokens[i] // self.ctx.tier.config.window.page_tokens)
             means = self.means.mean[layer, self.dev_tables[i][:n_pages]]  # [P, Hkv, D]
             qg = q[i].float().view(s.kv_heads, g, s.head_dim)
             page_score = torch.einsum("hgd,phd->hgp", qg, means).amax(1)  # [Hkv, P]
@@ -228,7 +227,7 @@ class ForecastPrefetch(HostStrategy):
         The missing blocks of every kv-head move together: one gather on the host of each block's pages
         for its head (the store's own format), one copy to the device, one dequantization there, one
         scatter into the slots."""
-        c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, self.counts[i]
+        c, T, n = self.caches[rid], self.ctx.tier.config.window.page_tokens, self.batch.host_tokens[i]
         ppb = self.bt // T
         plan = plan_fetch(c.block[layer], c.filled[layer], want.to(c.block.device), n, self.bt)
         hits, misses, wasted, jobs = plan.hits, plan.misses, plan.wasted, plan.jobs
@@ -268,7 +267,7 @@ class ForecastPrefetch(HostStrategy):
         for i, rid in enumerate(self.batch.rids):
             if correction == "fetch":
                 self._add(self._fetch(rid, i, layer, chosen[i]), layer)
-            missed.append(self._missed(rid, layer, chosen[i], self.counts[i]))
+            missed.append(self._missed(rid, layer, chosen[i], self.batch.host_tokens[i]))
         if self._record is not None:  # detail(): what is attended, as the cache holds it now
             self._record.update(chosen=chosen, missed=missed, resident=[
                 (self.caches[rid].block[layer].cpu().clone(), self.caches[rid].filled[layer].cpu().clone())

@@ -173,7 +173,6 @@ class GpuSelect(HostStrategy):
             table[i, : off[i + 1] - off[i]] = batch.page_table[off[i]: off[i + 1]]
         self.table = table.to(ctx.device)  # [B, pages] padded: the scoring kernels' page tables
         self.n_tokens = batch.n_tokens.to(ctx.device)
-        self.counts = [int(n) for n in batch.host_tokens]  # the same on the host: no device read per layer
         self.q_host = self._host_buffer("q", (b, hq, d))
         self.out_host = self._host_buffer("out", (b, hq, d))
         self.lse_host = self._host_buffer("lse", (b, hq))
@@ -202,7 +201,7 @@ class GpuSelect(HostStrategy):
         record: count the kept tokens' attention toward eviction (off for a look that is not a step)."""
         ctx = self.ctx
         scores = self.index.scores(layer, q, self.table, self.n_tokens, sm_scale=ctx.sm_scale, soft_cap=ctx.soft_cap,
-                                   counts=self.counts)
+                                   counts=self.batch.host_tokens)  # the plan's: no device read per layer
         idx, logits, lse_all = select_mass(scores, ctx.policy.mass_threshold, self.m, with_lse=True)
         beyond = self._beyond
         if beyond.shape[-1] != idx.shape[-1]:  # fewer candidates than the plan's m (not when the tables are whole)
