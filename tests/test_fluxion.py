@@ -213,6 +213,69 @@ def test_the_estimate_is_exact_where_each_chunk_holds_one_key():
             assert float(curve.change[hh, k - 1]) == pytest.approx(true, rel=1e-4, abs=1e-7), (hh, k)
 
 
+def _reference_curve(q, summary, sums, counts, heads, per, k, wl, wo, sm, cap, rank):
+    """The estimate's definition in float64, every chunk's mean formed: (blocks, change, share)."""
+    q, mn, mx = q.double(), summary[:, :, 0].double(), summary[:, :, 1].double()
+    n = counts.double()
+    kmean, vmean = sums[:, :, 0].double() / n[:, None], sums[:, :, 1].double() / n[:, None]
+    capf = (lambda x: cap * torch.tanh(x / cap)) if cap > 0 else (lambda x: x)
+    bound = capf((torch.einsum("hgd,hcd->hgc", q.clamp(min=0), mx) + torch.einsum("hgd,hcd->hgc", q.clamp(max=0), mn))
+                 * sm)
+    logit = torch.einsum("hgd,hcd->hgc", q, kmean) * sm
+    spread = torch.einsum("hgd,hcd->hgc", q * q, (mx - mn) ** 2 / 12) * sm ** 2
+    lm = torch.minimum(capf(logit + spread / 2), bound) + torch.log(n)
+    rankv = (capf(logit) if rank == "mean_key" else bound)[heads]
+    lm, vmean, wl, wo = lm[heads], vmean[heads], wl[heads].double(), wo[heads].double()
+    c = lm.shape[-1]
+    nb = -(-c // per)
+    pad = nb * per - c
+    prio = torch.nn.functional.pad(rankv, (0, pad), value=float("-inf")).view(*rankv.shape[:2], nb, per)
+    order = torch.topk(prio.amax(-1).amax(1), min(k, nb), dim=-1).indices
+    m0 = torch.maximum(lm.amax(-1), wl)
+    w, big_w = torch.exp(lm - m0[..., None]), torch.exp(wl - m0)
+    full = (big_w[..., None] * wo + torch.einsum("hgc,hcd->hgd", w, vmean)) / (big_w + w.sum(-1))[..., None]
+    changes, shares = [], []
+    for h in range(len(heads)):
+        cm, cs = big_w[h].clone(), big_w[h][:, None] * wo[h]
+        ch, sh = [], []
+        for b in order[h].tolist():
+            ids = [x for x in range(b * per, (b + 1) * per) if x < c]
+            bm = w[h][:, ids].sum(-1)
+            cm, cs = cm + bm, cs + torch.einsum("gc,cd->gd", w[h][:, ids], vmean[h][ids])
+            part = cs / cm[:, None]
+            ch.append(float(((full[h] - part).norm(dim=-1) / full[h].norm(dim=-1)).max()))
+            sh.append(float((bm / (big_w[h] + w[h].sum(-1))).max()))
+        changes.append(ch)
+        shares.append(sh)
+    return order, torch.tensor(changes, dtype=torch.float64), torch.tensor(shares, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("per, cap, rank", [(1, 0.0, "mean_key"), (2, 0.0, "bound"), (4, 30.0, "mean_key"),
+                                            (3, 0.0, "mean_key")])
+def test_the_estimate_matches_its_float64_definition(per, cap, rank):
+    """chunk_stats and prefix_curve (one product per pass over the chunks, no mean formed) against
+    the estimate written out in float64 with every chunk's mean key and value, on fresh random
+    chunks with a partial last block, a window, and some heads only."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    h, gq, d, c = 3, 4, 32, 37
+    x = torch.randn(h, c, 16, d, generator=g) + torch.randn(h, c, 1, d, generator=g)
+    summary = torch.stack([x.amin(2), x.amax(2)], 2).bfloat16()
+    counts = torch.randint(1, 17, (c,), generator=g)
+    mask = (torch.arange(16)[None, :, None] < counts[:, None, None]).float()
+    sums = torch.stack([(x * mask).sum(2), (torch.randn(h, c, 16, d, generator=g) * mask).sum(2)], 2)
+    q = 1.5 * torch.randn(h, gq, d, generator=g)
+    wl, wo = torch.randn(h, gq, generator=g), torch.randn(h, gq, d, generator=g)
+    heads = torch.tensor([2, 0])
+    sm = d ** -0.5
+    st = chunk_stats(q, summary, sums, counts, sm_scale=sm, soft_cap=cap)
+    curve = prefix_curve(st, heads, per, 7, wl, wo, rank)
+    order, change, share = _reference_curve(q, summary.float(), sums, counts, heads, per, 7, wl, wo, sm, cap, rank)
+    assert torch.equal(curve.blocks, order)
+    assert torch.allclose(curve.change, change, rtol=1e-4, atol=1e-6), (curve.change, change)
+    assert torch.allclose(curve.share.double(), share, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(st.vmean, sums[:, :, 1] / counts[:, None], rtol=1e-6, atol=1e-7)
+
+
 def test_the_budget_is_the_shortest_prefix_under_epsilon_within_the_cap():
     g = torch.Generator().manual_seed(6)
     h, gq, d, n, S = 2, 4, 64, 1024, 16

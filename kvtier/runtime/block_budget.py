@@ -40,8 +40,19 @@ class ChunkStats(NamedTuple):
 
     bound: torch.Tensor  # [Hkv, G, C] f32: upper bound of a token's logit in the chunk
     log_mass: torch.Tensor  # [Hkv, G, C] f32: log of the chunk's estimated softmax mass (unnormalized)
-    vmean: torch.Tensor  # [Hkv, C, D] f32: the chunk's mean value
+    vsum: torch.Tensor  # [Hkv, C, D] f32: the chunk's value sum (a view of the store's sums)
+    n: torch.Tensor  # [C] f32: tokens per chunk
     mean_logit: torch.Tensor  # [Hkv, G, C] f32: the logit of the chunk's mean key (scaled, soft-capped)
+    # the estimated host part over every chunk, per (kv-head, query head): m1 the largest log-mass,
+    # mass1 = sum_c exp(log_mass_c - m1), out1 = sum_c exp(log_mass_c - m1) * vmean_c
+    m1: torch.Tensor  # [Hkv, G] f32
+    mass1: torch.Tensor  # [Hkv, G] f32
+    out1: torch.Tensor  # [Hkv, G, D] f32
+
+    @property
+    def vmean(self) -> torch.Tensor:
+        """[Hkv, C, D] f32: each chunk's mean value (computed on demand)."""
+        return self.vsum / self.n[None, :, None]
 
 
 class HeadStats(NamedTuple):
@@ -67,19 +78,31 @@ def _cap(x: torch.Tensor, soft_cap: float) -> torch.Tensor:
 def chunk_stats(q: torch.Tensor, summary: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
                 sm_scale: float, soft_cap: float = 0.0) -> ChunkStats:
     """q [Hkv, G, D]; summary [Hkv, C, 2, D] (key min, max); sums [Hkv, C, 2, D] (key sum, value sum);
-    counts [C] tokens per chunk (> 0). All on one device; f32 results there."""
+    counts [C] tokens per chunk (> 0). All on one device; f32 results there.
+
+    Each pass over the chunks' [C, D] rows is one matrix product or one elementwise op: the
+    bound is q's negative part against the minima plus its positive part against the maxima
+    (one product over the [min | max] row), the mean-key logit and the host estimate are
+    products over the sums divided per chunk afterwards, and no [C, D] mean is formed."""
     q = q.float()
-    mn, mx = summary[:, :, 0].float(), summary[:, :, 1].float()
-    pos, neg = q.clamp(min=0), q.clamp(max=0)
-    bound = (torch.einsum("hgd,hcd->hgc", pos, mx) + torch.einsum("hgd,hcd->hgc", neg, mn)) * sm_scale
+    hkv, c, _, d = summary.shape
+    s = summary.float()  # [Hkv, C, 2, D]
+    qq = torch.cat([q.clamp(max=0), q.clamp(min=0)], dim=-1)  # [Hkv, G, 2D] against [min | max]
+    bound = torch.bmm(qq, s.reshape(hkv, c, 2 * d).transpose(1, 2)) * sm_scale
+    r = s[:, :, 1] - s[:, :, 0]
+    r.square_()
+    spread = torch.bmm(q * q, r.transpose(1, 2)) * (sm_scale ** 2 / 12)
+    del r, s
     n = counts.to(q.device, torch.float32)
-    kmean = sums[:, :, 0].float() / n[None, :, None]
-    vmean = sums[:, :, 1].float() / n[None, :, None]
-    logit = torch.einsum("hgd,hcd->hgc", q, kmean) * sm_scale
-    spread = torch.einsum("hgd,hcd->hgc", q * q, (mx - mn) ** 2 / 12) * sm_scale ** 2
+    sums = sums.float()
+    logit = torch.bmm(q, sums[:, :, 0].transpose(1, 2)) * (sm_scale / n)
     bound = _cap(bound, soft_cap)
     log_mass = torch.minimum(_cap(logit + spread / 2, soft_cap), bound) + torch.log(n)
-    return ChunkStats(bound, log_mass, vmean, _cap(logit, soft_cap))
+    m1 = log_mass.amax(-1)  # [Hkv, G]
+    w = torch.exp(log_mass - m1[..., None])
+    vsum = sums[:, :, 1]
+    out1 = torch.bmm(w / n, vsum)  # [Hkv, G, D]: sum of w * vmean
+    return ChunkStats(bound, log_mass, vsum, n, _cap(logit, soft_cap), m1, w.sum(-1), out1)
 
 
 def _blocks(x: torch.Tensor, per: int, fill: float) -> torch.Tensor:
@@ -111,25 +134,28 @@ def prefix_curve(stats: ChunkStats, heads: torch.Tensor, chunks_per_block: int, 
         raise ValueError(f"rank: expected one of {RANKS}, got {rank!r}")
     bound = (stats.mean_logit if rank == "mean_key" else stats.bound)[heads]  # [Hh, G, C]
     lm = stats.log_mass[heads].double()
-    vmean = stats.vmean[heads].double()  # [Hh, C, D]
     hh, g, c = lm.shape
-    k = min(k, -(-c // chunks_per_block))
+    nb = -(-c // chunks_per_block)
+    k = min(k, nb)
     prio = _blocks(bound, chunks_per_block, float("-inf")).amax(-1).amax(1)  # [Hh, nb]
     order = torch.topk(prio, k, dim=-1).indices  # [Hh, K], best first
     wl, wo = window_lse[heads].double(), window_out[heads].double()
     m0 = torch.maximum(lm.amax(-1), wl)  # [Hh, G]
-    w = torch.exp(lm - m0[..., None])  # chunk masses
     big_w = torch.exp(wl - m0)  # window mass (0 without a window)
-    total_m = w.sum(-1)
-    total_s = torch.einsum("hgc,hcd->hgd", w, vmean)
-    # per block of the ranked prefix: its mass and mass-weighted value
-    bw = _blocks(w, chunks_per_block, 0.0)  # [Hh, G, nb, per]
-    bv = _blocks(vmean.transpose(1, 2), chunks_per_block, 0.0)  # [Hh, D, nb, per]
-    pick = order[:, None, :, None]
-    sel_w = bw.gather(2, pick.expand(hh, g, k, chunks_per_block))  # [Hh, G, K, per]
-    sel_v = bv.gather(2, pick.expand(hh, bv.shape[1], k, chunks_per_block))  # [Hh, D, K, per]
+    # the whole host part, from chunk_stats' totals rescaled from its max m1 to m0
+    rescale = torch.exp(stats.m1[heads].double() - m0)
+    total_m = stats.mass1[heads].double() * rescale
+    total_s = stats.out1[heads].double() * rescale[..., None]
+    # per block of the ranked prefix: its chunks (past the last chunk: weight 0), their masses and values
+    chunk = order[:, :, None] * chunks_per_block + torch.arange(chunks_per_block, device=order.device)
+    real = chunk < c
+    chunk = chunk.clamp(max=c - 1).reshape(hh, -1)  # [Hh, K * per]
+    sel_w = torch.exp(lm.gather(2, chunk[:, None].expand(hh, g, -1)) - m0[..., None])  # [Hh, G, K * per]
+    sel_w = (sel_w * real.reshape(hh, 1, -1)).view(hh, g, k, chunks_per_block)
+    n = stats.n.double()[chunk].view(hh, 1, k, chunks_per_block)
+    sel_v = stats.vsum[heads[:, None], chunk].double().view(hh, k, chunks_per_block, -1)  # [Hh, K, per, D]
     block_m = sel_w.sum(-1)  # [Hh, G, K]
-    block_s = torch.einsum("hgkp,hdkp->hgkd", sel_w, sel_v)
+    block_s = torch.einsum("hgkp,hkpd->hgkd", sel_w / n, sel_v)
     cum_m, cum_s = block_m.cumsum(-1), block_s.cumsum(2)
     base = big_w[..., None] * wo  # [Hh, G, D]
     full = (base + total_s) / (big_w + total_m)[..., None]
