@@ -119,3 +119,13 @@ def test_the_cli_refuses_a_bad_prompts_file_before_loading_a_model(tmp_path, cap
     assert main(["eval", "--prompts", str(f), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("eval: ") and f"{f}:1: score:" in err
+
+
+def test_built_in_prompts_come_sample_by_sample(monkeypatch):
+    """Every task's first prompt, then every task's second: a run stopped early holds each task alike."""
+    monkeypatch.setattr(grid, "build", lambda task, tok, ctx, *, seed, sample: (task, ctx, sample))
+    s = dict(contexts=[4096, 8192], tasks=["a", "b", "c"], samples=2)
+    items = list(grid.grid_items(s, None, seed=0))
+    assert [(i.context, i.task, i.sample) for i in items] == [
+        (ctx, t, k) for ctx in (4096, 8192) for k in (0, 1) for t in ("a", "b", "c")]
+    assert all(i.prompt == (i.task, i.context, i.sample) for i in items)

@@ -122,7 +122,8 @@ class GridItem(NamedTuple):
 
 
 def grid_items(s: dict, tok, *, seed: int) -> Iterator[GridItem]:
-    """The grid's prompts in order: the built-in tasks at each context, or the user's file."""
+    """The grid's prompts in order: the built-in tasks at each context (every task's first prompt,
+    then every task's second, ...: a run stopped early holds each task alike), or the user's file."""
     if s.get("prompts"):
         seen: Dict[str, int] = defaultdict(int)
         for up in user_prompts.read(s["prompts"]):
@@ -130,8 +131,8 @@ def grid_items(s: dict, tok, *, seed: int) -> Iterator[GridItem]:
             seen[up.task] += 1
         return
     for ctx in s["contexts"]:
-        for task in s["tasks"]:
-            for i in range(s["samples"]):
+        for i in range(s["samples"]):
+            for task in s["tasks"]:
                 yield GridItem(ctx, task, i, build(task, tok, ctx, seed=seed, sample=i), None)
 
 
