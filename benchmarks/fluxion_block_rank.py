@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from kvtier.bench.results import add_results_dir_argument, machine, markdown_table, write
+from kvtier.bench.results import add_results_dir_argument, machine, markdown_table, started_commit, write
 from kvtier.eval.capture import load_capture
 from kvtier.runtime.block_budget import chunk_stats
 
@@ -70,6 +70,7 @@ def recall(cap, block: int, fraction: float) -> dict:
 
 
 def main(argv=None) -> int:
+    started_commit()  # the commit this run starts from, recorded before a long run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("capture")
     ap.add_argument("--name", default="fluxion-block-rank")

@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from kvtier.bench.results import add_results_dir_argument, machine, markdown_table, write
+from kvtier.bench.results import add_results_dir_argument, machine, markdown_table, started_commit, write
 from kvtier.eval.capture import load_capture
 
 SINKS, WINDOW, PAGE, BLOCK = 64, 1024, 16, 64
@@ -85,6 +85,7 @@ def _mean(rows, key, first=1):
 
 
 def main(argv=None) -> int:
+    started_commit()  # the commit this run starts from, recorded before a long run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("capture")
     ap.add_argument("--budget", type=float, default=0.1, help="the selection's share of the context")
