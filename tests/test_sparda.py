@@ -137,6 +137,15 @@ def test_forecasts_a_caller_cannot_run_are_refused_when_the_tier_is_built(knobs,
                        forecasts=forecasts)
 
 
+def test_the_demo_refuses_next_query_with_exit_2(tmp_path, capsys):
+    from kvtier.cli import main
+
+    path = tmp_path / "next_query.yaml"
+    path.write_text("policy: sparda\nsparda: {forecast: {source: next_query}}\n")
+    assert main(["demo", "--policy", str(path), "--context", "2048"]) == 2
+    assert "sparda.forecast.source: next_query needs the model's hidden states" in capsys.readouterr().err
+
+
 def test_a_servers_session_refuses_next_query():
     """The sglang backend's TierSession sees each layer's q, k, v only: next_query is refused when it is
     built, and by the launch's check before any model loads (the same reason, no sglang needed)."""
