@@ -196,13 +196,14 @@ def _attend_blocks(tier, full, q, layer, blocks, bt=32):
     return out
 
 
-def test_next_query_attends_the_blocks_its_forecast_selected(gen):
-    """next_query, no correction (SparDA's own): a layer's forecast query selects its blocks (the exact
-    top blocks by page-mean score) and fetches them before the layer runs; the layer then attends
-    exactly those. A forecast equal to the real query attends the real query's own top blocks (no
-    miss); another query's forecast attends the forecast's blocks, and the real query's others are
-    counted as misses."""
-    tier = StandaloneTier(_config("none", {"kind": "tokens", "tokens": 128}, forecast={"source": "next_query"}),
+@pytest.mark.parametrize("correction", ["none", "cpu"])
+def test_next_query_attends_the_blocks_its_forecast_selected(gen, correction):
+    """next_query: a layer's forecast query selects its blocks (the exact top blocks by page-mean score)
+    and fetches them before the layer runs; the layer then attends exactly those (no correction,
+    SparDA's own) or those and the real query's others on the CPU. A forecast equal to the real query
+    attends the real query's own top blocks (no miss); another query's forecast attends the
+    forecast's blocks, and the real query's others are counted as misses."""
+    tier = StandaloneTier(_config(correction, {"kind": "tokens", "tokens": 128}, forecast={"source": "next_query"}),
                           SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096,
                           forecasts=True)
     try:
@@ -229,7 +230,8 @@ def test_next_query_attends_the_blocks_its_forecast_selected(gen):
                 else:
                     assert st.misses > 0
                 assert [set(b) for b in host.caches[0].block[layer].tolist()] == want  # nothing fetched after
-                torch.testing.assert_close(got[0].double(), _attend_blocks(tier, full, q, layer, want),
+                attended = want if correction == "none" else [w | r for w, r in zip(want, real)]
+                torch.testing.assert_close(got[0].double(), _attend_blocks(tier, full, q, layer, attended),
                                            atol=1e-3, rtol=1e-3)
             _steps(tier, gen, rids, full, 1)
         assert host.report()["forecast_layer_steps"] == {"forecast": 4 * SHAPE.n_layers, "reuse": 0}
