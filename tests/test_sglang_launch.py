@@ -187,6 +187,20 @@ def test_launch_refuses_mixed_chunks(tmp_path, tiny_model):
     assert r.returncode == 2 and "--enable-mixed-chunk" in r.stderr
 
 
+def test_launch_refuses_the_next_query_forecast(tmp_path, tiny_model):
+    """The backend sees each layer's q, k, v, not the model's hidden states: sparda's next_query stops the
+    launch (exit 2) with the field and what it needs; reuse passes."""
+    import argparse
+
+    reuse = load(_tier_yaml(tmp_path, policy="sparda", knobs="sparda: {block_tokens: 32}\n"))
+    assert launch.tier_refusals(argparse.Namespace(), reuse) is None
+    bad = _tier_yaml(tmp_path, policy="sparda", knobs="sparda: {block_tokens: 32, forecast: {source: next_query}}\n")
+    why = launch.tier_refusals(argparse.Namespace(), load(bad))
+    assert "sparda.forecast.source: next_query needs the model's hidden states" in why
+    r = _launch("--model-path", str(tiny_model), "--kv-tier", str(bad))
+    assert r.returncode == 2 and "next_query needs the model's hidden states" in r.stderr
+
+
 def test_launch_chooses_breakable_decode_graphs_where_they_can_run(tmp_path, monkeypatch, capsys):
     import argparse
     import importlib.machinery

@@ -121,13 +121,190 @@ def test_block_selection_is_the_best_page_mean_score_per_block(gen):
         tier.close()
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"forecast": {"source": "next_query"}}, "sparda.forecast.source: next_query needs the model's hidden states"),
-    ({"prefetch_depth": 2}, "sparda.prefetch_depth: expected 1"),
+@pytest.mark.parametrize("knobs, forecasts, message", [
+    ({"forecast": {"source": "next_query"}}, False,
+     "sparda.forecast.source: next_query needs the model's hidden states: expected a caller that hands"),
+    ({"forecast": {"source": "trained", "weights_path": "w.safetensors"}}, True,
+     "sparda.forecast.source: trained .* is not built yet; expected next_query or reuse"),
+    ({"prefetch_depth": 2}, True, "sparda.prefetch_depth: expected 1"),
 ])
-def test_forecasts_not_built_are_refused_when_the_tier_is_built(knobs, message):
-    with pytest.raises(ValueError, match=message):
-        StandaloneTier(_config(**knobs), SHAPE, device="cpu", dtype=torch.float32, device_tokens=64, host_tokens=64)
+def test_forecasts_a_caller_cannot_run_are_refused_when_the_tier_is_built(knobs, forecasts, message):
+    """next_query without a caller that hands forecasts (the benches, a server), and what is not built."""
+    from kvtier.runtime.strategies import StrategyUnavailable
+
+    with pytest.raises(StrategyUnavailable, match=message):
+        StandaloneTier(_config(**knobs), SHAPE, device="cpu", dtype=torch.float32, device_tokens=64, host_tokens=64,
+                       forecasts=forecasts)
+
+
+def test_the_demo_refuses_next_query_with_exit_2(tmp_path, capsys):
+    from kvtier.cli import main
+
+    path = tmp_path / "next_query.yaml"
+    path.write_text("policy: sparda\nsparda: {forecast: {source: next_query}}\n")
+    assert main(["demo", "--policy", str(path), "--context", "2048"]) == 2
+    assert "sparda.forecast.source: next_query needs the model's hidden states" in capsys.readouterr().err
+
+
+def test_a_servers_session_refuses_next_query():
+    """The sglang backend's TierSession sees each layer's q, k, v only: next_query is refused when it is
+    built, and by the launch's check before any model loads (the same reason, no sglang needed)."""
+    from kvtier.policies import policy_for
+    from kvtier.runtime.session import TierSession
+    from kvtier.runtime.strategies import StrategyUnavailable, strategy_class
+
+    cfg = _config(forecast={"source": "next_query"})
+    k = [torch.zeros(256, SHAPE.kv_heads, SHAPE.head_dim) for _ in range(SHAPE.n_layers)]
+    session = TierSession(cfg, rows=None, free_slots=None)
+    with pytest.raises(StrategyUnavailable, match="next_query needs the model's hidden states"):
+        session.build(SHAPE, k, k, sm_scale=0.125, soft_cap=0.0, use_flashinfer=False)
+    assert not session.built
+    policy = policy_for(cfg)
+    assert "next_query needs" in strategy_class(policy.strategy).refusal(policy, forecasts=False)
+    assert strategy_class(policy.strategy).refusal(policy, forecasts=True) is None
+    reuse = policy_for(_config())
+    assert strategy_class(reuse.strategy).refusal(reuse, forecasts=False) is None
+
+
+def _exact_blocks(full, layer, q, n, blocks, first=4, page=16, bt=32):
+    """Per kv-head, the top `blocks` 32-token blocks by the best page-mean score of the group's query
+    heads, from the float keys (the selection the strategy must make), as sets."""
+    k = full[0][layer][0].double()
+    pages = k[first: first + n].view(n // page, page, SHAPE.kv_heads, SHAPE.head_dim).mean(1)
+    g, ppb = SHAPE.num_q_heads // SHAPE.kv_heads, bt // page
+    out = []
+    for h in range(SHAPE.kv_heads):
+        score = (pages[:, h] @ q[0, h * g: (h + 1) * g].double().T).amax(1)
+        score = torch.cat([score, score.new_full((-score.numel() % ppb,), float("-inf"))]).view(-1, ppb).amax(1)
+        out.append(set(torch.topk(score, blocks).indices.tolist()))
+    return out
+
+
+def _attend_blocks(tier, full, q, layer, blocks, bt=32):
+    """float64 attention of q over sinks, window and the given blocks per kv-head (host keys bf16)."""
+    first, host_end = tier.store.table(0).first_pos, tier.tier.requests[0].host_end
+    k, v = (x.double() for x in full[0][layer])
+    k[first:host_end], v[first:host_end] = (x[first:host_end].bfloat16().double() for x in (k, v))
+    g = SHAPE.num_q_heads // SHAPE.kv_heads
+    out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
+    for h in range(SHAPE.kv_heads):
+        host = [first + t for b in sorted(blocks[h]) for t in range(b * bt, min((b + 1) * bt, host_end - first))]
+        pos = torch.cat([torch.arange(first), torch.tensor(host, dtype=torch.long), torch.arange(host_end, k.shape[0])])
+        for j in range(g):
+            x = (k[pos, h] @ q[0, h * g + j].double()) * SHAPE.head_dim ** -0.5
+            out[h * g + j] = torch.softmax(x, 0) @ v[pos, h]
+    return out
+
+
+@pytest.mark.parametrize("correction", ["none", "cpu"])
+def test_next_query_attends_the_blocks_its_forecast_selected(gen, correction):
+    """next_query: a layer's forecast query selects its blocks (the exact top blocks by page-mean score)
+    and fetches them before the layer runs; the layer then attends exactly those (no correction,
+    SparDA's own) or those and the real query's others on the CPU. A forecast equal to the real query
+    attends the real query's own top blocks (no miss); another query's forecast attends the
+    forecast's blocks, and the real query's others are counted as misses."""
+    tier = StandaloneTier(_config(correction, {"kind": "tokens", "tokens": 128}, forecast={"source": "next_query"}),
+                          SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096,
+                          forecasts=True)
+    try:
+        assert tier.attn.takes_forecasts
+        rids, full = _decode(tier, gen, [1200], steps=1)
+        host = tier.attn.host
+        for step in range(4):
+            tier.attn.plan(rids)
+            n = tier.tier.host_tokens(0)
+            for layer in range(SHAPE.n_layers):
+                q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+                qf = q if step % 2 == 0 else torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+                want = _exact_blocks(full, layer, qf, n, 4)
+                tier.attn.forecast(qf, layer)
+                held = [set(b) for b in host.caches[0].block[layer].tolist()]
+                assert held == want, (step, layer)  # fetched before the layer runs
+                host.take_stats()
+                got = tier.attn.run(q, layer)
+                st = host.take_stats()
+                real = _exact_blocks(full, layer, q, n, 4)
+                assert st.misses == sum(len(r - w) for r, w in zip(real, want)), (step, layer)
+                if step % 2 == 0:
+                    assert st.misses == 0 and st.hits == 4 * SHAPE.kv_heads
+                else:
+                    assert st.misses > 0
+                assert [set(b) for b in host.caches[0].block[layer].tolist()] == want  # nothing fetched after
+                attended = want if correction == "none" else [w | r for w, r in zip(want, real)]
+                torch.testing.assert_close(got[0].double(), _attend_blocks(tier, full, q, layer, attended),
+                                           atol=1e-3, rtol=1e-3)
+            _steps(tier, gen, rids, full, 1)
+        assert host.report()["forecast_layer_steps"] == {"forecast": 4 * SHAPE.n_layers, "reuse": 0}
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("correction", ["cpu", "none"])
+def test_a_layer_without_a_forecast_falls_back_to_reuse(gen, correction):
+    """next_query where the caller hands layer 1 its forecast and layer 0 none (as for the first layer,
+    which has no layer before it): layer 0 attends exactly what the reuse forecast attends on the same
+    data and queries, step after step, and its real selection is fetched for the next step; layer 1
+    attends its forecast's blocks."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    budget = {"kind": "tokens", "tokens": 96}
+    tiers = {src: StandaloneTier(_config(correction, budget, forecast={"source": src}), SHAPE, device="cpu",
+                                 dtype=torch.float32, device_tokens=2048, host_tokens=4096, forecasts=True)
+             for src in ("reuse", "next_query")}
+    try:
+        data = {src: _decode(t, torch.Generator().manual_seed(seed), [1000], steps=1) for src, t in tiers.items()}
+        qgen = torch.Generator().manual_seed(seed + 1)
+        nq = tiers["next_query"].attn
+        for step in range(3):
+            for src, t in tiers.items():
+                t.attn.plan([0])
+            qs = [torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=qgen) for _ in range(SHAPE.n_layers)]
+            nq.forecast(qs[1], 1)  # layer 1's, handed while layer 0 runs; layer 0 gets none
+            out = {src: [t.attn.run(qs[layer], layer) for layer in range(SHAPE.n_layers)] for src, t in tiers.items()}
+            torch.testing.assert_close(out["next_query"][0], out["reuse"][0], atol=0, rtol=0)
+            for src in tiers:
+                blocks = tiers[src].attn.host.caches[0].block[0].sort(-1).values
+                assert torch.equal(blocks, nq.host.select(qs[0], 0)[0].sort(-1).values), (src, step)
+            n = tiers["next_query"].tier.host_tokens(0)
+            held = [set(b) for b in nq.host.caches[0].block[1].tolist()]
+            assert held == _exact_blocks(data["next_query"][1], 1, qs[1], n, 3), step
+            for src, t in tiers.items():
+                _steps(t, torch.Generator().manual_seed(seed + 2 + step), [0], data[src][1], 1)
+        assert nq.host.report()["forecast_layer_steps"] == {"forecast": 3, "reuse": 3}
+        assert "forecast_layer_steps" not in tiers["reuse"].attn.host.report()
+    finally:
+        for t in tiers.values():
+            t.close()
+
+
+def test_forecast_misuse_is_refused(gen):
+    """A forecast after the layer ran in this plan, twice for one layer, of the wrong shape, or to a
+    tier whose strategy takes none."""
+    tier = StandaloneTier(_config(forecast={"source": "next_query"}), SHAPE, device="cpu", dtype=torch.float32,
+                          device_tokens=2048, host_tokens=4096, forecasts=True)
+    reuse = StandaloneTier(_config(), SHAPE, device="cpu", dtype=torch.float32, device_tokens=2048,
+                           host_tokens=4096, forecasts=True)
+    try:
+        rids, _ = _decode(tier, gen, [600], steps=1)
+        tier.attn.plan(rids)
+        q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+        tier.attn.forecast(q, 1)
+        with pytest.raises(ValueError, match="layer 1 was forecast already in this plan"):
+            tier.attn.forecast(q, 1)
+        tier.attn.run(q, 0)
+        with pytest.raises(ValueError, match="layer 0 already ran in this plan"):
+            tier.attn.forecast(q, 0)
+        with pytest.raises(ValueError, match="q must be"):
+            tier.attn.forecast(q[:, :4], 1)
+        with pytest.raises(ValueError, match=r"expected a layer in \[0, 2\), found 2"):
+            tier.attn.forecast(q, 2)
+        assert not reuse.attn.takes_forecasts
+        _decode(reuse, gen, [600], steps=1)
+        reuse.attn.plan([0])
+        with pytest.raises(ValueError, match="host strategy 'forecast_prefetch' .* takes no forecast queries"):
+            reuse.attn.forecast(q, 1)
+    finally:
+        tier.close()
+        reuse.close()
 
 
 def test_a_batch_past_the_device_block_cache_is_refused_with_the_numbers(gen):

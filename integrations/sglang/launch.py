@@ -4,7 +4,9 @@ The YAML is validated while the arguments are parsed; a bad file stops the
 launch with exit code 2 and kvtier's `FILE: field.path: ...` message before
 any model loads. So does a policy this host or model cannot run: threads
 beyond the cores, a SIMD variant the CPU lacks, stores beyond the memory
-available, group sizes that do not divide a local model's head_dim. The resolved policy rides on the ServerArgs record (which
+available, group sizes that do not divide a local model's head_dim, a host-strategy setting
+that needs what the attention backend does not see (sparda's next_query forecast needs the
+model's hidden states). The resolved policy rides on the ServerArgs record (which
 is pickled to the scheduler processes) and in KVTIER_CONFIG for processes
 built from the Python API.
 """
@@ -56,11 +58,16 @@ def refusals(values: Any) -> Optional[str]:
 def tier_refusals(values: Any, config: TierConfig) -> Optional[str]:
     """Why this policy cannot serve this launch, or None."""
     from kvtier.policies import PolicyUnavailableError, policy_for
+    from kvtier.runtime.strategies import strategy_class
 
     try:
-        policy_for(config)
+        policy = policy_for(config)
     except PolicyUnavailableError as exc:
         return f"--kv-tier: {exc}"
+    # the backend sees each layer's q, k, v only: no forecast queries (the tier is built without them)
+    why = strategy_class(policy.strategy).refusal(policy, forecasts=False)
+    if why:
+        return f"--kv-tier: {why}"
     if serving.can_release_slots(config) and getattr(values, "enable_mixed_chunk", False):
         return ("--kv-tier with an offloading policy frees evicted device slots, and --enable-mixed-chunk "
                 "would prefill decode requests over them; drop --enable-mixed-chunk")

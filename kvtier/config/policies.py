@@ -301,7 +301,7 @@ class FluxionConfig(TierConfig):
 class ForecastKnobs(Frozen):
     source: Literal["trained", "next_query", "reuse"] = Field(
         "reuse",
-        description="reuse: each layer's blocks are the ones its query selected at the previous step (fetched during that step); next_query: the next layer's query projection on the current hidden state; trained: a per-layer forecast projection from weights_path. next_query and trained need the model's hidden states, which the attention layer does not see: not built yet (refused when the tier is built).",
+        description="reuse: each layer's blocks are the ones its query selected at the previous step (fetched during that step); next_query: layer l+1's input norm, query projection and RoPE over layer l's input hidden state select its blocks while layer l runs (layer 0, which has none before it, and any layer given no forecast fall back to reuse); trained: a per-layer forecast projection from weights_path (not built yet). next_query needs the model's hidden states: `kvtier eval` hands them; the sglang server, the demo and the benches see attention inputs only and refuse it (at launch, or when the tier is built).",
     )
     weights_path: Optional[str] = Field(None, max_length=4096, description="safetensors file of forecast projections (source: trained).")
 

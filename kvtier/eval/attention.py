@@ -18,7 +18,9 @@ SGLang's pool does). What it does depends on the `TierStep` passed as the
   attention output are handed to a recorder (`capture.py`: real K/V for the benches);
 - `DecodeStep`: batch row i is one request in tier i. The new token's K, V
   are written to its device slot and q goes to `HybridAttention.run`; the
-  tier, not any transformers cache, is the source of truth.
+  tier, not any transformers cache, is the source of truth. With its
+  `forecast` set and `forecast.QueryForecast.decode_hooks` open, each layer's
+  forecast query arrives there one layer early (sparda's `next_query`).
 
 Transformers' own cache is never used (``use_cache=False``); positions are
 passed explicitly.
@@ -51,6 +53,9 @@ class CaptureStep(NamedTuple):
 class DecodeStep(NamedTuple):
     # (layer, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D]) -> attention output [B, Hq, D]
     attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # (layer, q [B, Hq, D] after RoPE): a forecast of layer's query, handed before layer runs by the
+    # decoder layers' pre-hooks (`forecast.QueryForecast.decode_hooks`); None: no forecasts asked
+    forecast: Optional[Callable[[int, torch.Tensor], None]] = None
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs):

@@ -17,6 +17,7 @@ layers (`meta["layers"]` names them), for small fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -88,50 +89,6 @@ def load_capture(path: Union[str, pathlib.Path]) -> KvCapture:
     return KvCapture(k, v, q, float(data["sm_scale"]), meta, o, q_next)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _next_query_hooks(model, n: int, shape, lag: int = 1):
-    """Forward pre-hooks that keep each decoder layer's input hidden state and RoPE (cos, sin) at the
-    query positions; and the function that turns them into every layer's query forecast from the input
-    of the layer `lag` before it (1: next_query; 0: the layer's own input, its own query again)."""
-    try:
-        decoder = list(model.model.layers)
-        parts = [(lay.input_layernorm, lay.self_attn.q_proj) for lay in decoder]
-    except AttributeError:
-        raise ValueError("capture: forecast: expected a decoder whose layers have input_layernorm and "
-                         "self_attn.q_proj (Llama, Qwen2 and their kind)") from None
-    inputs, rope = {}, {}
-
-    def hook(i):
-        def pre(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            inputs[i] = h[:, n:].detach()
-            if "position_embeddings" in kwargs and i == 0:
-                cos, sin = kwargs["position_embeddings"]
-                rope["cos"], rope["sin"] = cos[:, n:], sin[:, n:]
-        return pre
-
-    handles = [lay.register_forward_pre_hook(hook(i), with_kwargs=True) for i, lay in enumerate(decoder)]
-
-    def forecasts(own_q: dict) -> dict:
-        if "cos" not in rope:
-            raise ValueError("capture: forecast: the decoder layers were not given position_embeddings (cos, sin)")
-        out = {i: own_q.get(i) for i in range(lag)}
-        for i in range(lag, len(decoder)):
-            norm, proj = parts[i]
-            x = proj(norm(inputs[i - lag]))  # [1, S, Hq * D]
-            qf = x.view(1, x.shape[1], shape.num_q_heads, shape.head_dim).transpose(1, 2)  # [1, Hq, S, D]
-            cos, sin = rope["cos"][:, None], rope["sin"][:, None]
-            qf = qf * cos + _rotate_half(qf) * sin
-            out[i] = qf[0].transpose(0, 1).to("cpu", torch.bfloat16)
-        return out
-
-    return handles, forecasts
-
-
 def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed: int = 0,
             device: str = "cpu", layers: Optional[Sequence[int]] = None, forecast: bool = False,
             forecast_lag: int = 1) -> KvCapture:
@@ -141,6 +98,7 @@ def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed:
     the layer `forecast_lag` before (0 recomputes each layer's own query: a check of the projection)."""
     from . import models
     from .attention import CaptureStep, model_shape
+    from .forecast import QueryForecast
     from .tasks import build
 
     tok, model = models.load(models.resolve(model_name))
@@ -165,15 +123,12 @@ def capture(model_name: str, *, task: str, context: int, queries: int = 8, seed:
         qs[layer] = q[:, n:].transpose(0, 1).to("cpu", torch.bfloat16)
         os_[layer] = out[n:].to("cpu", torch.float32)
 
-    handles, forecasts = _next_query_hooks(model, n, shape, forecast_lag) if forecast else ([], None)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids], device=device), use_cache=False, kvtier_step=CaptureStep(record),
-                  logits_to_keep=1)
-            q_next = forecasts(qs) if forecast else None
-    finally:
-        for h in handles:
-            h.remove()
+    keep_inputs = QueryForecast(model, shape, lag=forecast_lag).keep_inputs(n) if forecast else \
+        contextlib.nullcontext()
+    with keep_inputs as forecasts, torch.no_grad():
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False, kvtier_step=CaptureStep(record),
+              logits_to_keep=1)
+        q_next = forecasts(qs) if forecast else None
     meta = {"model": model_name, "task": task, "context": n, "queries": queries, "seed": seed,
             "shape": [L, shape.num_q_heads, shape.kv_heads, shape.head_dim], "layers": keep}
     if forecast:

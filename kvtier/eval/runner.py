@@ -12,11 +12,15 @@ The prompt's tail
 (the question, the chat template's turn switch and the answer prefix) and the
 answer are then decoded token by token, batch row i through tier i, so the
 question's tokens already read the context through the tier: the first
-answer token is not a product of dense prefill.
+answer token is not a product of dense prefill. The model sees its hidden
+states, so the tiers are built with forecasts: where a policy uses them
+(sparda's `next_query`), each decode step hands its tier every layer's
+forecast query one layer early (`forecast.QueryForecast`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 from typing import List, NamedTuple, Optional, Sequence
@@ -27,6 +31,7 @@ from ..config import ModelShape, TierConfig, from_mapping, load
 from ..runtime.standalone import StandaloneTier
 from .attention import DecodeStep, ExtendStep, ModelShapeInfo, PrefillStep, model_shape
 from .fidelity import LayerFidelity, attended_mask, layer_fidelity
+from .forecast import QueryForecast
 
 
 class PolicySpec(NamedTuple):
@@ -114,7 +119,7 @@ def _tier(spec: PolicySpec, shape: ModelShapeInfo, total: int, chunk: int = 0, *
     # FlashInfer's kernels take fp16/bf16 KV; a float32 model's window runs in torch
     flash = None if dtype in (torch.float16, torch.bfloat16) else False
     return StandaloneTier(spec.config, ms, device=device, dtype=dtype, device_tokens=slots,
-                          host_tokens=total, sm_scale=shape.sm_scale, use_flashinfer=flash)
+                          host_tokens=total, sm_scale=shape.sm_scale, use_flashinfer=flash, forecasts=True)
 
 
 def _shared_prefill(model, tiers, context_ids, n_layers: int, fidelity: bool, device: torch.device):
@@ -196,7 +201,17 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
     device, dtype = weight.device, weight.dtype  # the tiers' device pools live beside the model
     n, m, B = len(context_ids), len(tail_ids), len(specs)
     tiers = [_tier(s, shape, n + m + max_new_tokens, prefill_chunk or 0, device=device, dtype=dtype) for s in specs]
+    hooks = contextlib.ExitStack()
     try:
+        wants = [t.attn.takes_forecasts for t in tiers]
+        forecast = None
+        if any(wants):  # each layer's next_query forecast, computed only for policies that use it
+            hooks.enter_context(QueryForecast(model, shape).decode_hooks())
+
+            def forecast(layer, q):
+                for i, t in enumerate(tiers):
+                    if wants[i]:
+                        t.attn.forecast(q[i: i + 1], layer)
         for t in tiers:
             t.tier.add(0)
         t0 = time.perf_counter()
@@ -244,7 +259,7 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
 
             pos = torch.full((B, 1), n + step, dtype=torch.long, device=device)
             logits = model(input_ids=torch.tensor(feed, device=device)[:, None], position_ids=pos, use_cache=False,
-                           kvtier_step=DecodeStep(attend), logits_to_keep=1).logits[:, -1]
+                           kvtier_step=DecodeStep(attend, forecast), logits_to_keep=1).logits[:, -1]
             steps += 1
             for t in tiers:
                 t.tier.evict()
@@ -269,6 +284,7 @@ def run_prompt(model, specs: Sequence[PolicySpec], context_ids: Sequence[int], t
         reports = [t.attn.host.report() for t in tiers]
         return PromptResult(out, fid, device_tokens, prefill_s, decode_s, steps, margins, attention, reports)
     finally:
+        hooks.close()
         for t in tiers:
             t.close()
 

@@ -73,18 +73,22 @@ def assemble(config: TierConfig, shape: ModelShape, *, k_pool: Union[torch.Tenso
              alloc_slots: Optional[Callable[[int], torch.Tensor]], free_slots: Callable[[torch.Tensor], None],
              sm_scale: float, soft_cap: float = 0.0, host_pages: Optional[int] = None, lockstep: bool = False,
              use_flashinfer: Optional[bool] = None, pipeline_default: bool = True, rank: Optional[RankShare] = None,
-             policy: Optional[Policy] = None, strategy: Optional[Type[HostStrategy]] = None) -> TierParts:
+             policy: Optional[Policy] = None, strategy: Optional[Type[HostStrategy]] = None,
+             forecasts: bool = False) -> TierParts:
     """Build the tier over a device pool (k_pool/v_pool: per layer [n_slots, Hkv, D]).
 
     host_pages: pages of the host store (None: as many as `host_store.capacity_gib` holds).
     alloc_slots/free_slots/lockstep: see `TierManager`. rank: this process's share of the
     host under tensor parallelism (None: the whole host, one rank). policy/strategy: override
-    the config's (tests, experiments).
+    the config's (tests, experiments). forecasts: the caller hands layers' forecast queries
+    (`HybridAttention.forecast`; only a caller that sees the model's hidden states can); a
+    strategy that needs them and is not promised them is refused before anything is built.
     """
     device = k_pool[0].device
     check_shape(config, shape)
     policy = policy_for(config) if policy is None else policy
     strategy = strategy_class(policy.strategy) if strategy is None else strategy
+    strategy.check(policy, forecasts=forecasts)
     offload = policy.offloads
     store = engine = tier = None
     split = CoreSplit(0, 0, 0)
@@ -107,7 +111,7 @@ def assemble(config: TierConfig, shape: ModelShape, *, k_pool: Union[torch.Tenso
                            offload=offload, lockstep=lockstep)
         attn = HybridAttention(policy, shape, tier, engine=engine, sm_scale=sm_scale, soft_cap=soft_cap,
                                use_flashinfer=use_flashinfer, pipeline_default=pipeline_default, strategy=strategy,
-                               core_split=split)
+                               core_split=split, forecasts=forecasts)
     except BaseException:
         if engine is not None:
             engine.close()

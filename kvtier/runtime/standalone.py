@@ -29,14 +29,15 @@ class StandaloneTier:
 
     The host store is sized to `host_tokens` (the workload's host part), not to the
     policy's capacity, so that a small run takes small memory; `host_pages`, when given,
-    sizes it instead (the demo passes what the policy's capacity holds).
+    sizes it instead (the demo passes what the policy's capacity holds). forecasts: the caller
+    hands layers' forecast queries (`HybridAttention.forecast`), as the evaluation's model does.
     """
 
     def __init__(self, config: TierConfig, shape: ModelShape, *, device, dtype=torch.bfloat16,
                  device_tokens: int, host_tokens: int = 0, host_pages: Optional[int] = None,
                  sm_scale: Optional[float] = None,
                  soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None, policy: Optional[Policy] = None,
-                 strategy=None):
+                 strategy=None, forecasts: bool = False):
         device = torch.device(device)
         pipeline_setting()  # a bad $KVTIER_PIPELINE fails before any memory is taken
         self.config, self.shape = config, shape
@@ -45,7 +46,7 @@ class StandaloneTier:
         self.parts = assemble(config, shape, k_pool=self.pool.k, v_pool=self.pool.v, alloc_slots=self.pool.alloc,
                               free_slots=self.pool.free, sm_scale=scale, soft_cap=soft_cap,
                               host_pages=host_pages or -(-max(host_tokens, 1) // config.window.page_tokens) + 1,
-                              use_flashinfer=use_flashinfer, policy=policy, strategy=strategy)
+                              use_flashinfer=use_flashinfer, policy=policy, strategy=strategy, forecasts=forecasts)
         self.policy, self.store, self.engine = self.parts.policy, self.parts.store, self.parts.engine
         self.tier, self.attn = self.parts.tier, self.parts.attn
 

@@ -10,6 +10,10 @@ host has lse = -inf on that side, which the merge ignores.
 Which strategy answers the host part is the policy's choice (`Policy.strategy`,
 `kvtier.runtime.strategies`); nothing here depends on which one it is.
 
+A caller that sees the model's hidden states (built with `forecasts=True`: the evaluation's
+transformers model) may hand a layer's forecast query before that layer runs,
+`forecast(q, layer)`, where the strategy `takes_forecasts` (sparda's `next_query`).
+
 On the CPU, a strategy that runs its host part beside the window
 (`HostStrategy.runs_beside_window`) shares the cores with torch: while it runs, the
 window's torch ops use `core_split.window` threads (the cores the engine leaves), and
@@ -61,11 +65,12 @@ class HybridAttention:
     def __init__(self, policy: Policy, shape: ModelShape, tier: TierManager, *, engine: Optional[Engine],
                  sm_scale: float, soft_cap: float = 0.0, use_flashinfer: Optional[bool] = None,
                  pipeline_default: bool = True, strategy: Optional[Type[HostStrategy]] = None,
-                 core_split: Optional[CoreSplit] = None):
+                 core_split: Optional[CoreSplit] = None, forecasts: bool = False):
         """pipeline_default: whether a strategy that can pipeline does so when $KVTIER_PIPELINE is
         unset (the variable wins). strategy: the host strategy class (default: the policy's).
         core_split: the cores of the engine and of the window's torch ops (`ranks.core_split`;
-        None: torch's own count, as when nothing runs beside the window)."""
+        None: torch's own count, as when nothing runs beside the window). forecasts: the caller
+        hands forecast queries (`forecast`); a strategy that needs them refuses to be built without."""
         want_pipe = pipeline_setting(pipeline_default)  # a bad setting fails before anything starts
         self.policy, self.shape, self.tier, self.engine = policy, shape, tier, engine
         self.sm_scale, self.soft_cap = sm_scale, soft_cap
@@ -76,7 +81,7 @@ class HybridAttention:
         self.fused = self.flashinfer is not None and fused_merge.available(self.device)
         cls = strategy_class(policy.strategy) if strategy is None else strategy
         self.host: HostStrategy = cls(StrategyContext(policy, shape, tier, engine, sm_scale, soft_cap, self.device,
-                                                      pipeline=self.fused and want_pipe))
+                                                      pipeline=self.fused and want_pipe, forecasts=forecasts))
         if self.host.reads_in_background:
             tier.host_readers.append(self.host.stop)
         self.extend = ExtendAttention(shape, tier, attends_host=cls.attends_host, sm_scale=sm_scale,
@@ -99,6 +104,11 @@ class HybridAttention:
     @property
     def overlap(self) -> bool:
         return self.policy.overlap
+
+    @property
+    def takes_forecasts(self) -> bool:
+        """Whether the host strategy uses forecast queries (`forecast`); compute them only then."""
+        return self.host.takes_forecasts
 
     # --- plan ---------------------------------------------------------------
 
@@ -177,6 +187,19 @@ class HybridAttention:
                 out = (dev if far is None else merge(dev, far)).out.to(q.dtype)
         self._wall_s += time.perf_counter() - t0
         return out
+
+    def forecast(self, q: torch.Tensor, layer: int) -> None:
+        """q [B, Hq, D] on the device, after RoPE: a forecast of layer's query for this plan, handed
+        before `run(q, layer)` (while an earlier layer runs). The strategy may start fetching for it."""
+        if not self.host.takes_forecasts:
+            raise ValueError(f"forecast: host strategy '{self.host.name}' (policy '{self.policy.name}') takes no "
+                             "forecast queries; expected a caller that checks takes_forecasts")
+        self._check_q(q, "forecast")
+        if not 0 <= layer < self.shape.n_layers:
+            raise ValueError(f"forecast: expected a layer in [0, {self.shape.n_layers}), found {layer}")
+        if self._host_planned:
+            with span("host_forecast"):
+                self.host.forecast(q, layer)
 
     def run_detail(self, q: torch.Tensor, layer: int) -> HybridDetail:
         """run() without overlap, keeping both parts, the merged LSE and the strategy's selection."""

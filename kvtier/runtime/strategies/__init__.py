@@ -5,8 +5,9 @@ imported by its name (`kvtier.runtime.strategies.<name>`).
 """
 
 from .base import (
-    STRATEGIES, HostBatch, HostStrategy, StrategyContext, UnknownStrategyError, register_strategy, strategy_class,
+    STRATEGIES, HostBatch, HostStrategy, StrategyContext, StrategyUnavailable, UnknownStrategyError, register_strategy,
+    strategy_class,
 )
 
-__all__ = ["STRATEGIES", "HostBatch", "HostStrategy", "StrategyContext", "UnknownStrategyError",
+__all__ = ["STRATEGIES", "HostBatch", "HostStrategy", "StrategyContext", "StrategyUnavailable", "UnknownStrategyError",
            "register_strategy", "strategy_class"]

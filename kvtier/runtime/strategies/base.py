@@ -14,6 +14,10 @@ Who calls what, and when (all on the decoding thread):
 - per layer, `submit(q, layer)` before the window's kernels are queued and
   `collect(q, layer)` after them; what runs between the two overlaps the window.
   `collect` returns the host part on q's device.
+- `forecast(q, layer)`, only where the tier was built by a caller that sees the model's
+  hidden states (`StrategyContext.forecasts`, `kvtier eval`) and only to a strategy that
+  `takes_forecasts`: a forecast of layer's query, handed after `plan` and before that
+  layer's `submit` of the same batch (while an earlier layer runs). A layer may get none.
 - `detail(q, layer)`: the same part computed without overlap, with the host-token
   selection where the strategy selects tokens (diagnostics and evaluation).
 - `stop()` ends anything still reading the host store; it is registered with the
@@ -25,8 +29,9 @@ Who calls what, and when (all on the decoding thread):
 
 Class attributes tell the assembly (`kvtier.runtime.assembly`) what a strategy needs:
 `needs_engine` (the native CPU engine), `copies_pages_to_device` (page-locked host
-memory pays), `attends_host` (False: evicted tokens are never attended); and two
-class methods how it shares the cores: `pipelines` and `runs_beside_window`. A strategy
+memory pays), `attends_host` (False: evicted tokens are never attended); two class
+methods how it shares the cores: `pipelines` and `runs_beside_window`; and `refusal`
+what it cannot run for its caller (a server's launch asks it before building). A strategy
 registers itself by name (`@register_strategy`); a policy names its strategy
 (`Policy.strategy`) and `strategy_class` finds it, importing
 `kvtier.runtime.strategies.<name>` on first use, so adding a strategy adds a file
@@ -57,6 +62,10 @@ class StrategyContext(NamedTuple):
     soft_cap: float
     device: torch.device
     pipeline: bool  # the window runs fused on FlashInfer and the caller allows a pipelined host part
+    # the caller hands layers' forecast queries before they run (`HostStrategy.forecast`): it sees the
+    # model's hidden states (the evaluation's transformers model does; a server's attention backend and
+    # the benches' stacks do not)
+    forecasts: bool = False
 
 
 class HostBatch(NamedTuple):
@@ -69,6 +78,10 @@ class HostBatch(NamedTuple):
     page_offsets: torch.Tensor  # int32 [B + 1], CPU: request i's pages are page_table[off[i]:off[i+1]]
     n_tokens: torch.Tensor  # int32 [B], CPU: host_tokens as a tensor
     window_empty: bool  # no request has a token on the device
+
+
+class StrategyUnavailable(ValueError):
+    """A policy setting its host strategy cannot run for the caller that builds it (`HostStrategy.refusal`)."""
 
 
 class HostStrategy(ABC):
@@ -84,6 +97,7 @@ class HostStrategy(ABC):
         if self.needs_engine and ctx.engine is None and ctx.policy.offloads:
             raise ValueError(f"host strategy '{self.name}' (policy '{ctx.policy.name}') attends the host with "
                              "the native engine; pass engine=")
+        self.check(ctx.policy, forecasts=ctx.forecasts)
         self.ctx = ctx
         self.batch: Optional[HostBatch] = None
         self._cpu_s = 0.0
@@ -101,9 +115,28 @@ class HostStrategy(ABC):
         path): then the two pools share the cores (`ranks.core_split`)."""
         return False
 
+    @classmethod
+    def refusal(cls, policy: Policy, *, forecasts: bool) -> Optional[str]:
+        """Why this strategy cannot answer `policy` for a caller that hands forecast queries
+        (`forecasts`) or not, naming the field and what is expected; None when it can. The
+        constructor raises it; a server's launch asks before any model loads."""
+        return None
+
+    @classmethod
+    def check(cls, policy: Policy, *, forecasts: bool) -> None:
+        """Raise StrategyUnavailable with `refusal`'s reason, if there is one."""
+        why = cls.refusal(policy, forecasts=forecasts)
+        if why:
+            raise StrategyUnavailable(why)
+
     @property
     def pipelined(self) -> bool:
         """Whether this strategy's plans run pipelined when they can."""
+        return False
+
+    @property
+    def takes_forecasts(self) -> bool:
+        """Whether `forecast` is used (the caller computes forecast queries only for such a strategy)."""
         return False
 
     @property
@@ -126,6 +159,10 @@ class HostStrategy(ABC):
 
     def submit(self, q: torch.Tensor, layer: int) -> None:
         """Start the host part of layer for q [B, Hq, D] (on the device); default: nothing yet."""
+
+    def forecast(self, q: torch.Tensor, layer: int) -> None:
+        """A forecast q [B, Hq, D] (on the device, after RoPE) of layer's query, before its `submit` in
+        this plan; only called where `takes_forecasts`."""
 
     @abstractmethod
     def collect(self, q: torch.Tensor, layer: int) -> AttnPart:

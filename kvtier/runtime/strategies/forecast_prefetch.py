@@ -13,6 +13,16 @@ selected that are not resident are fetched into the slots of resident ones it di
 select (a diff: resident blocks stay), for the next step. So the fetch of step t-1 has a
 whole step to land (on CUDA it runs on a side stream; the layer's next use waits for it).
 
+With the `next_query` forecast (InfiniGen's, SparDA's training-free one) the caller, which
+sees the model's hidden states, hands layer l+1's forecast query while layer l runs
+(`forecast`: layer l+1's input norm, query projection and RoPE over layer l's input
+hidden state); its blocks are selected as the real query's would be and fetched by the
+same diff at once, so the fetch has one layer to land. A layer that gets no forecast at
+a step (layer 0 always, having no layer before it; any layer the caller gave none) falls
+back to `reuse`: it attends what its slots hold, and its real selection is fetched for
+the next step. Only a tier whose caller promised forecasts (`StrategyContext.forecasts`)
+runs `next_query`; any other is refused when built.
+
 At step t a layer attends the resident blocks (dequantized from the host store's bytes
 when fetched) and, by `sparda.correction`, the blocks its real query selected but the
 cache misses: `cpu` attends them exactly on the CPU engine over the host store and
@@ -32,10 +42,6 @@ from ...store import CapacityError
 from ..._native import StoreBuffers, dequant_raw_keys, dequant_raw_values
 from ..merge import AttnPart, merge
 from .base import HostBatch, HostStrategy, StrategyContext, register_strategy
-
-
-class ForecastUnavailable(ValueError):
-    """A forecast setting this strategy does not run."""
 
 
 class PageMeans:
@@ -66,7 +72,7 @@ class _Cache(NamedTuple):
 
 
 class StepStats(NamedTuple):
-    hits: int  # selected blocks that were resident
+    hits: int  # blocks the real query selected that were resident when the layer attended
     misses: int  # selected blocks that were not
     fetched: int  # blocks copied host -> device
     wasted: int  # resident blocks the real query did not select
@@ -132,16 +138,24 @@ class ForecastPrefetch(HostStrategy):
     needs_engine = True  # the CPU correction
     copies_pages_to_device = True
 
+    @classmethod
+    def refusal(cls, policy, *, forecasts: bool) -> Optional[str]:
+        knobs = policy.config.sparda
+        source = knobs.forecast.source
+        if source == "trained":
+            return ("sparda.forecast.source: trained (forecast projections from weights_path) is not built yet; "
+                    "expected next_query or reuse")
+        if source == "next_query" and not forecasts:
+            return ("sparda.forecast.source: next_query needs the model's hidden states: expected a caller that "
+                    "hands each layer's forecast query before the layer runs (kvtier eval); this one does not (the "
+                    "sglang backend, the demo and the benches see attention inputs only); expected reuse here")
+        if knobs.prefetch_depth != 1:
+            return f"sparda.prefetch_depth: expected 1 (one step ahead), found {knobs.prefetch_depth} (not built yet)"
+        return None
+
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
         knobs = ctx.policy.config.sparda
-        if knobs.forecast.source != "reuse":
-            raise ForecastUnavailable(f"sparda.forecast.source: {knobs.forecast.source} needs the model's hidden "
-                                      "states, which the attention layer does not see; expected reuse (not built "
-                                      "yet)")
-        if knobs.prefetch_depth != 1:
-            raise ForecastUnavailable(f"sparda.prefetch_depth: expected 1 (one step ahead), found "
-                                      f"{knobs.prefetch_depth} (not built yet)")
         self.knobs = knobs
         self.bt = knobs.block_tokens
         self.means: Optional[PageMeans] = None
@@ -150,7 +164,11 @@ class ForecastPrefetch(HostStrategy):
             ctx.tier.key_listeners.append(self.means.store)
         self.caches: Dict[Hashable, _Cache] = {}
         self.stats = StepStats(0, 0, 0, 0, 0)
+        self.totals = StepStats(0, 0, 0, 0, 0)  # since built (`report`)
         self.layer_hits: Dict[int, Tuple[int, int]] = {}  # layer -> (hits, misses) since take_stats
+        self._forecast_now: set = set()  # layers forecast in this plan, before their submit
+        self._submitted: set = set()  # layers submitted in this plan
+        self.forecast_layers = [0, 0]  # layer-steps attended after a forecast, and fallen back to reuse
         self._part: Optional[AttnPart] = None
         self._fetch_stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
         self._fetched: Dict[int, torch.cuda.Event] = {}  # layer -> its last fetch's event (CUDA)
@@ -163,6 +181,10 @@ class ForecastPrefetch(HostStrategy):
 
     # --- plan ---------------------------------------------------------------
 
+    @property
+    def takes_forecasts(self) -> bool:
+        return self.knobs.forecast.source == "next_query"
+
     def prepare(self, rids) -> None:
         live = self.ctx.tier.requests
         for rid in [r for r in self.caches if r not in live]:  # finished requests give their slots back
@@ -170,6 +192,8 @@ class ForecastPrefetch(HostStrategy):
 
     def plan(self, batch: HostBatch) -> None:
         super().plan(batch)
+        self._forecast_now.clear()
+        self._submitted.clear()
         ctx, s = self.ctx, self.ctx.shape
         self.nb = ctx.policy.block_budget(batch.host_tokens, batch.context_tokens)
         need = len(batch.rids) * s.n_layers * s.kv_heads * self.nb
@@ -220,9 +244,10 @@ class ForecastPrefetch(HostStrategy):
 
     # --- fetch ---------------------------------------------------------------
 
-    def _fetch(self, rid, i: int, layer: int, want: torch.Tensor) -> StepStats:
+    def _fetch(self, rid, i: int, layer: int, want: torch.Tensor, *, copy: bool = True) -> StepStats:
         """Make the cache of request i hold `want` [Hkv, nb] blocks of layer whole: resident blocks stay,
         a block held in part is completed in its slot, the others go to slots of blocks not wanted.
+        copy=False only counts: want's hits and misses against the slots as they are.
 
         The missing blocks of every kv-head move together: one gather on the host of each block's pages
         for its head (the store's own format), one copy to the device, one dequantization there, one
@@ -231,7 +256,7 @@ class ForecastPrefetch(HostStrategy):
         ppb = self.bt // T
         plan = plan_fetch(c.block[layer], c.filled[layer], want.to(c.block.device), n, self.bt)
         hits, misses, wasted, jobs = plan.hits, plan.misses, plan.wasted, plan.jobs
-        if not len(jobs):
+        if not copy or not len(jobs):
             self.ctx.tier.count_h2d(0)
             return StepStats(hits, misses, 0, wasted, 0)
         heads, slots, blocks, sizes = jobs.unbind(1)
@@ -257,16 +282,48 @@ class ForecastPrefetch(HostStrategy):
 
     # --- run ----------------------------------------------------------------
 
+    def forecast(self, q: torch.Tensor, layer: int) -> None:
+        """next_query: layer's blocks chosen from its forecast query q [B, Hq, D] and fetched now (on
+        CUDA on the side stream, which layer's submit waits for). The fetch counts blocks and bytes;
+        hits and misses are counted when the real query comes."""
+        if layer in self._submitted:
+            raise ValueError(f"forecast: layer {layer} already ran in this plan; expected its forecast before "
+                             "its submit")
+        if layer in self._forecast_now:
+            raise ValueError(f"forecast: layer {layer} was forecast already in this plan")
+        self._forecast_now.add(layer)
+        self._prefetch(self.select(q, layer), layer, q.device, count_hits=False)
+
+    def _prefetch(self, chosen: List[torch.Tensor], layer: int, device: torch.device, *, count_hits: bool) -> None:
+        """Fetch each request's `chosen` blocks of layer into its slots (the diff), on CUDA on the side
+        stream after what the current stream has queued; layer's next submit waits for it."""
+        stream = self._fetch_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, rid in enumerate(self.batch.rids):
+                st = self._fetch(rid, i, layer, chosen[i])
+                self._add(st if count_hits else st._replace(hits=0, misses=0, wasted=0), layer)
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._fetched[layer] = event
+
     def submit(self, q: torch.Tensor, layer: int) -> None:
-        ctx = self.ctx
         if layer in self._fetched:  # the slots this layer's last fetch filled have landed
             torch.cuda.current_stream(q.device).wait_event(self._fetched.pop(layer))
+        self._submitted.add(layer)
+        forecast = layer in self._forecast_now  # else reuse: the slots hold the real selection of before
+        if self.takes_forecasts:
+            self.forecast_layers[0 if forecast else 1] += 1
         chosen = self.select(q, layer)
         correction = self.knobs.correction
         missed = []
         for i, rid in enumerate(self.batch.rids):
             if correction == "fetch":
                 self._add(self._fetch(rid, i, layer, chosen[i]), layer)
+            elif forecast:  # the forecast's fetch counted no hits: count them against the real query
+                self._add(self._fetch(rid, i, layer, chosen[i], copy=False), layer)
             missed.append(self._missed(rid, layer, chosen[i], self.batch.host_tokens[i]))
         if self._record is not None:  # detail(): what is attended, as the cache holds it now
             self._record.update(chosen=chosen, missed=missed, resident=[
@@ -276,17 +333,8 @@ class ForecastPrefetch(HostStrategy):
         self._cpu_part = None
         if correction == "cpu" and any(m.numel() for m in missed):
             self._cpu_part = self._attend_missed(q, layer, missed)
-        if correction != "fetch":  # the real selection becomes the next step's resident set
-            stream = self._fetch_stream
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(q.device))
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for i, rid in enumerate(self.batch.rids):
-                    self._add(self._fetch(rid, i, layer, chosen[i]), layer)
-                if stream is not None:
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    self._fetched[layer] = event
+        if correction != "fetch" and not forecast:  # reuse: the real selection is the next step's resident set
+            self._prefetch(chosen, layer, q.device, count_hits=True)
 
     def collect(self, q: torch.Tensor, layer: int) -> AttnPart:
         part = self._part
@@ -372,6 +420,7 @@ class ForecastPrefetch(HostStrategy):
 
     def _add(self, st: StepStats, layer: int) -> None:
         self.stats = StepStats(*(a + b for a, b in zip(self.stats, st)))
+        self.totals = StepStats(*(a + b for a, b in zip(self.totals, st)))
         hits, misses = self.layer_hits.get(layer, (0, 0))
         self.layer_hits[layer] = (hits + st.hits, misses + st.misses)
 
@@ -379,6 +428,14 @@ class ForecastPrefetch(HostStrategy):
         """Per layer since the last `take_stats`: the share of the blocks the real query selected
         that the forecast had made resident (hits over hits and misses)."""
         return {layer: h / (h + m) for layer, (h, m) in sorted(self.layer_hits.items()) if h + m}
+
+    def report(self) -> Dict[str, object]:
+        """Since built: the block counts (`StepStats`) and, with next_query, the layer-steps attended
+        after a forecast and those that fell back to reuse."""
+        out: Dict[str, object] = {"blocks": self.totals._asdict()}
+        if self.takes_forecasts:
+            out["forecast_layer_steps"] = {"forecast": self.forecast_layers[0], "reuse": self.forecast_layers[1]}
+        return out
 
     def take_stats(self) -> StepStats:
         st, self.stats = self.stats, StepStats(0, 0, 0, 0, 0)
