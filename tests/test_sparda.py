@@ -436,3 +436,34 @@ def test_the_block_cache_diff_is_the_per_head_loops(seed):
         assert [tuple(j) for j in plan.jobs.tolist()] == jobs, where
         assert (plan.hits, plan.misses, plan.wasted) == (hits, misses, wasted), where
         assert torch.equal(missed_tokens(have, filled, want, n, bt), _ref_missed(have, filled, want, n, bt)), where
+
+
+@pytest.mark.parametrize("source", ["next_query", "reuse"])
+def test_a_growing_request_attends_its_cache_and_its_real_selection_exactly(gen, source):
+    """Twelve steps of five tokens each (pages leave the window, the last block fills across steps):
+    with the CPU correction a layer attends exactly its cached blocks (next_query: its forecast's,
+    from a query off by noise; reuse: the previous step's) and the real query's others."""
+    tier = StandaloneTier(_config("cpu", {"kind": "tokens", "tokens": 128}, forecast={"source": source}), SHAPE,
+                          device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096,
+                          forecasts=source == "next_query")
+    try:
+        rids, full = _decode(tier, gen, [1200], steps=1)
+        host = tier.attn.host
+        sizes = set()
+        for step in range(12):
+            tier.attn.plan(rids)
+            n = tier.tier.host_tokens(0)
+            sizes.add(n)
+            for layer in range(SHAPE.n_layers):
+                q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
+                if source == "next_query":
+                    tier.attn.forecast(q + 0.7 * torch.randn(q.shape, generator=gen), layer)
+                cached = [set(b) - {-1} for b in host.caches[0].block[layer].tolist()]
+                got = tier.attn.run(q, layer)
+                attended = [c | r for c, r in zip(cached, _exact_blocks(full, layer, q, n, 4))]
+                torch.testing.assert_close(got[0].double(), _attend_blocks(tier, full, q, layer, attended),
+                                           atol=1e-4, rtol=1e-4)
+            _steps(tier, gen, rids, full, 5)
+        assert len(sizes) > 2  # the host part grew
+    finally:
+        tier.close()
