@@ -273,7 +273,7 @@ def test_the_estimate_matches_its_float64_definition(per, cap, rank):
     assert torch.equal(curve.blocks, order)
     assert torch.allclose(curve.change, change, rtol=1e-4, atol=1e-6), (curve.change, change)
     assert torch.allclose(curve.share.double(), share, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(st.vmean, sums[:, :, 1] / counts[:, None], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(st.vsum / st.n[None, :, None], sums[:, :, 1] / counts[:, None], rtol=1e-6, atol=1e-7)
 
 
 def test_the_budget_is_the_shortest_prefix_under_epsilon_within_the_cap():

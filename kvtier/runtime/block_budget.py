@@ -49,11 +49,6 @@ class ChunkStats(NamedTuple):
     mass1: torch.Tensor  # [Hkv, G] f32
     out1: torch.Tensor  # [Hkv, G, D] f32
 
-    @property
-    def vmean(self) -> torch.Tensor:
-        """[Hkv, C, D] f32: each chunk's mean value (computed on demand)."""
-        return self.vsum / self.n[None, :, None]
-
 
 class HeadStats(NamedTuple):
     """The predictor's statistics of each kv-head (means over its query heads)."""

@@ -237,8 +237,8 @@ class Split(HostStrategy):
         if not groups:
             return [], 0, 0
         # one read-back: every group's [blocks | keep | share] rows, flattened
-        flat = torch.cat([torch.cat([g[6].blocks.double(), g[6].keep.double()[:, None], g[6].share.double()], 1)
-                          .flatten() for g in groups]).cpu()
+        flat = torch.cat([torch.cat([c.blocks.double(), c.keep.double()[:, None], c.share.double()], 1).flatten()
+                          for *_, c in groups]).cpu()
         picks = []  # (i, h, block ids [k], block tokens, share [k])
         kept = caps_sum = 0
         at = 0
