@@ -182,13 +182,20 @@ def _exact_blocks(full, layer, q, n, blocks, first=4, page=16, bt=32):
 
 def _attend_blocks(tier, full, q, layer, blocks, bt=32):
     """float64 attention of q over sinks, window and the given blocks per kv-head (host keys bf16)."""
+    tokens = [{t for b in bs for t in range(b * bt, (b + 1) * bt)} for bs in blocks]
+    return _attend_tokens(tier, full, q, layer, tokens)
+
+
+def _attend_tokens(tier, full, q, layer, tokens):
+    """float64 attention of q over sinks, window and the given host tokens per kv-head (host keys bf16;
+    tokens past the host part are left out)."""
     first, host_end = tier.store.table(0).first_pos, tier.tier.requests[0].host_end
     k, v = (x.double() for x in full[0][layer])
     k[first:host_end], v[first:host_end] = (x[first:host_end].bfloat16().double() for x in (k, v))
     g = SHAPE.num_q_heads // SHAPE.kv_heads
     out = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim, dtype=torch.float64)
     for h in range(SHAPE.kv_heads):
-        host = [first + t for b in sorted(blocks[h]) for t in range(b * bt, min((b + 1) * bt, host_end - first))]
+        host = [first + t for t in sorted(tokens[h]) if t < host_end - first]
         pos = torch.cat([torch.arange(first), torch.tensor(host, dtype=torch.long), torch.arange(host_end, k.shape[0])])
         for j in range(g):
             x = (k[pos, h] @ q[0, h * g + j].double()) * SHAPE.head_dim ** -0.5
@@ -441,8 +448,9 @@ def test_the_block_cache_diff_is_the_per_head_loops(seed):
 @pytest.mark.parametrize("source", ["next_query", "reuse"])
 def test_a_growing_request_attends_its_cache_and_its_real_selection_exactly(gen, source):
     """Twelve steps of five tokens each (pages leave the window, the last block fills across steps):
-    with the CPU correction a layer attends exactly its cached blocks (next_query: its forecast's,
-    from a query off by noise; reuse: the previous step's) and the real query's others."""
+    with the CPU correction a layer attends exactly the tokens its slots hold (next_query: its
+    forecast's blocks, from a query off by noise; reuse: the previous step's, a block that has grown
+    since held in part) and the real query's blocks whole."""
     tier = StandaloneTier(_config("cpu", {"kind": "tokens", "tokens": 128}, forecast={"source": source}), SHAPE,
                           device="cpu", dtype=torch.float32, device_tokens=2048, host_tokens=4096,
                           forecasts=source == "next_query")
@@ -458,10 +466,13 @@ def test_a_growing_request_attends_its_cache_and_its_real_selection_exactly(gen,
                 q = torch.randn(1, SHAPE.num_q_heads, SHAPE.head_dim, generator=gen)
                 if source == "next_query":
                     tier.attn.forecast(q + 0.7 * torch.randn(q.shape, generator=gen), layer)
-                cached = [set(b) - {-1} for b in host.caches[0].block[layer].tolist()]
+                cache = host.caches[0]
+                held = [{b * 32 + j for b, f in zip(bs, fs) if b >= 0 for j in range(f)}
+                        for bs, fs in zip(cache.block[layer].tolist(), cache.filled[layer].tolist())]
                 got = tier.attn.run(q, layer)
-                attended = [c | r for c, r in zip(cached, _exact_blocks(full, layer, q, n, 4))]
-                torch.testing.assert_close(got[0].double(), _attend_blocks(tier, full, q, layer, attended),
+                real = [{b * 32 + j for b in bs for j in range(32)} for bs in _exact_blocks(full, layer, q, n, 4)]
+                attended = [c | r for c, r in zip(held, real)]
+                torch.testing.assert_close(got[0].double(), _attend_tokens(tier, full, q, layer, attended),
                                            atol=1e-4, rtol=1e-4)
             _steps(tier, gen, rids, full, 5)
         assert len(sizes) > 2  # the host part grew
