@@ -49,7 +49,7 @@ def selection_lse(case, isa, layer=1, cap=0.0):
     return torch.logsumexp(sc, -1)
 
 
-def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, layer=1):
+def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, layer=1, budget=None):
     """A SIMD variant selects the generic path's tokens, except at a near tie at the cut.
     The exact logits' summation order differs between the paths (a few ulp); and a head's
     log-sum-exp, per_qhead's shift and MASS's normalizer, comes from each path's
@@ -59,7 +59,9 @@ def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, laye
     every such token of the other, in float64 ranking values. MASS: the tokens in one but not
     the other all rank at the tail (no higher than the lowest shared token, within that
     tolerance), and both selections hold at least tau - (1e-3 + 2 delta) of every head's exact
-    mass. A band that wrongly dropped a token fails unless that token too sits at the cut.
+    mass, unless the selection is at its cap: the (request, kv-head)'s budget (`budget`, as the
+    engine was given it) or the request's length; without `budget`, the largest selection of
+    the batch. A band that wrongly dropped a token fails unless that token too sits at the cut.
     Rows with equal selections match in output too."""
     store = case[0]
     G = case[4].shape[1] // store.kv_heads
@@ -90,9 +92,10 @@ def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, laye
         high = [t for t in a ^ c if float(r[t]) > floor + 2 * float(tol.max()) + slack]
         assert not high, f"request {b} head {qh}: selections differ above the mass cut at {high[:4]}"
         p = torch.softmax(x, 1)
+        limit = int(base.n_selected.max()) if budget is None else min(int(budget[b, h]), int(case[3][b]))
         for name, sel in (("got", a), ("generic", c)):
             held = float(p[:, sorted(sel)].sum(1).min())
-            assert held >= tau - 1e-3 - 2 * d or len(sel) == int(base.n_selected.max()), \
+            assert held >= tau - 1e-3 - 2 * d or len(sel) >= limit, \
                 f"request {b} head {qh}: {name} holds {held:.4f} of a head's mass, tau {tau}"
     torch.testing.assert_close(got.out[same], base.out[same], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.lse[same], base.lse[same], atol=1e-5, rtol=1e-5)
@@ -201,6 +204,37 @@ def test_near_tie_check_rejects_a_swap_far_from_the_cut():
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
+def test_mass_selection_at_its_own_cap_is_admitted(isa):
+    """A case fresh random inputs found on an AVX-512 host: int4 keys in groups of 32, MASS
+    per_qhead at tau 0.7; request 1's kv-head 0 has a budget of 32 tokens, and both paths stop
+    there (holding 0.66 of a head's mass). The judge admits a selection below tau at its own
+    (request, kv-head)'s cap, not at the batch's largest selection (43 here), and still
+    rejects one cut below tau short of its cap."""
+    case = make_case(D=64, T=32, G=8, Hkv=2, lengths=(101, 63, 1, 0), kf="int4", vf="int8",
+                     seed=149317507, grp=32)
+    budget = torch.tensor([[17, 10_000], [32, 3], [1, 5], [4, 4]], dtype=torch.int32)
+    kw = dict(mode="mass", reduce="per_qhead", budget=budget, tau=0.7)
+    N.set_isa("generic")
+    base = run_engine(*case, **kw)
+    N.set_isa(isa)
+    got = run_engine(*case, **kw)
+    assert base.n_selected[1, :8].tolist() == [32] * 8  # at the cap, short of tau
+    assert_same_or_near_tie(got, base, case, mode="mass", reduce="per_qhead", cap=0.0, tau=0.7, budget=budget)
+    # request 0, kv-head 1 (budget 10,000): generic's selection less its lowest-ranked token, short of tau
+    bad = base._replace(sel_index=base.sel_index.clone(), n_selected=base.n_selected.clone())
+    n = int(bad.n_selected[0, 8])
+    assert 1 < n < 101
+    r, _, _ = ref_selection_logits(case, 0, 8, reduce="per_qhead", cap=0.0)
+    sel = bad.sel_index[0, 8, :n]
+    kept = sel[torch.arange(n) != int(r[sel.long()].argmin())].clone()
+    bad.sel_index[0, 8, : n - 1] = kept
+    bad.sel_index[0, 8, n - 1] = -1
+    bad.n_selected[0, 8] = n - 1
+    with pytest.raises(AssertionError, match="of a head's mass"):
+        assert_same_or_near_tie(bad, base, case, mode="mass", reduce="per_qhead", cap=0.0, tau=0.7, budget=budget)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
 def test_int4_near_tie_found_by_fresh_inputs_is_admitted(isa):
     """A case that fresh random inputs found when per_qhead gave each query head its own set:
     int4 keys in groups of 32; tokens 97 and 125 of request 0 have float64 logits 7.2e-7
@@ -236,7 +270,8 @@ def check_int4_vs_generic(isa, gen, *, D, T, G, grps, reduce, cap=0.0):
             N.set_isa(isa)
             got = run_engine(*case, **kw)
             try:
-                assert_same_or_near_tie(got, base, case, mode=mode, tau=kw["tau"], reduce=reduce, cap=cap)
+                assert_same_or_near_tie(got, base, case, mode=mode, tau=kw["tau"], reduce=reduce, cap=cap,
+                                            budget=budget)
             except AssertionError as e:
                 raise AssertionError(f"make_case(seed={seed}, grp={grp}), {mode}: {e}") from None
             assert (got.n_selected[3] == 0).all() and torch.isneginf(got.lse[3]).all()
