@@ -32,7 +32,10 @@ def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     ("fluxion:\n  head_classes:\n    - {name: retrieval, block_tokens: 16, budget_tokens: 512}\n"
      "    - {name: mixed, block_tokens: 32, budget_tokens: 256, far_entropy: [0.4, 1]}\n"
      "    - {name: streaming, block_tokens: 64, budget_tokens: 128}\n", "fluxion.head_classes", "must not overlap"),
-    ("window: {page_tokens: 32}\n", "fluxion.head_classes.2.block_tokens", "must divide window.page_tokens"),
+    ("window: {page_tokens: 32}\nfluxion:\n  head_classes:\n    - {name: retrieval, block_tokens: 16, budget_tokens: 512}\n"
+     "    - {name: mixed, block_tokens: 32, budget_tokens: 256}\n"
+     "    - {name: streaming, block_tokens: 64, budget_tokens: 128}\n", "fluxion.head_classes.2.block_tokens",
+     "must divide window.page_tokens"),
     ("fluxion: {output_epsilon: 1.5}\n", "fluxion.output_epsilon", "less than 1"),
 ])
 def test_validate_refuses_bad_fluxion_files_with_the_field_path(tmp_path, capsys, text, path, words):

@@ -83,8 +83,9 @@ def test_unknown_policy_lists_the_known_ones():
     ("policy: fluxion\nfluxion: {output_epsilon: 1}", "fluxion.output_epsilon", "less than 1"),
     ("policy: fluxion\nfluxion: {output_epsilon: 0}", "fluxion.output_epsilon", "greater than 0"),
     ("policy: fluxion\nfluxion: {output_epsilon: -0.5}", "fluxion.output_epsilon", "greater than 0"),
-    ("policy: fluxion\nwindow: {page_tokens: 32}", "fluxion.head_classes.2.block_tokens",
-     "must divide window.page_tokens (32)"),
+    ("policy: fluxion\nwindow: {page_tokens: 32}\nfluxion: {head_classes: [{name: retrieval, block_tokens: 16, "
+     "budget_tokens: 2048}, {name: mixed, block_tokens: 32, budget_tokens: 1024}, {name: streaming, block_tokens: 64, "
+     "budget_tokens: 256}]}", "fluxion.head_classes.2.block_tokens", "must divide window.page_tokens (32)"),
     ("policy: fluxion\nwindow: {page_tokens: 64}\nhost_store: {summary_tokens: 32}",
      "fluxion.head_classes.0.block_tokens", "multiple of host_store.summary_tokens (32)"),
     ("policy: fluxion\nfluxion: {head_classes: [{name: retrieval, block_tokens: 16, budget_tokens: 64}, "

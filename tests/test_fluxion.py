@@ -162,7 +162,14 @@ def test_class_caps_keep_their_ratio_under_the_budget_section():
     assert max(policy.head_caps([r, r, r], 2000, 65536)) == 2000
     # 4K context: 205 tokens a head on average, the classes' 2048 : 1024 : 256 kept
     caps = policy.head_caps([r, m, s], 3000, 4096)
-    assert sum(caps) <= 3 * 205 and abs(caps[0] - 2 * caps[1]) <= 1 and caps[2] == 64  # one 64-token block at least
+    assert sum(caps) <= 3 * 205 and abs(caps[0] - 2 * caps[1]) <= 1 and abs(caps[1] - 4 * caps[2]) <= 3
+    # a class of 64-token blocks gets one block at least, below its share
+    coarse = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16, "max_tokens": 100000},
+                                head_classes=[{"name": "retrieval", "block_tokens": 16, "budget_tokens": 2048},
+                                              {"name": "mixed", "block_tokens": 32, "budget_tokens": 1024},
+                                              {"name": "streaming", "block_tokens": 64, "budget_tokens": 256}]))
+    caps = coarse.head_caps([r, m, s], 3000, 4096)
+    assert sum(caps) <= 3 * 205 + 64 and abs(caps[0] - 2 * caps[1]) <= 1 and caps[2] == 64
     assert policy_for(_config()).head_caps([r, s], 777, 1000) == [777, 777]  # budget all
     assert policy.calibrating_class == r
 

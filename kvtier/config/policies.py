@@ -169,10 +169,12 @@ class HeadClass(Frozen):
 
 
 def _default_classes() -> Tuple[HeadClass, ...]:
+    # 16-token blocks for every class: coarser blocks for the mixed and streaming classes lost
+    # needle digits on a real model at 4K (docs/accuracy.md, "Fluxion's block sizes")
     return (
         HeadClass(name="retrieval", block_tokens=16, budget_tokens=2048),
-        HeadClass(name="mixed", block_tokens=32, budget_tokens=1024),
-        HeadClass(name="streaming", block_tokens=64, budget_tokens=256),
+        HeadClass(name="mixed", block_tokens=16, budget_tokens=1024),
+        HeadClass(name="streaming", block_tokens=16, budget_tokens=256),
     )
 
 
