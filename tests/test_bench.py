@@ -268,6 +268,22 @@ def test_the_calibrated_generator_puts_attention_in_runs_as_a_real_model_does():
         make_weights(shape, 64, device="cpu", dtype=torch.float32, synthetic="flat")
 
 
+def test_profile_spans_keep_a_range_s_host_time_when_it_is_listed_twice():
+    """On CUDA torch's averaged events list each `kvtier.*` range twice, its host range and its
+    device annotation (no host time), in either order; the phase keeps the host one's time and
+    calls (an H100 run reported every phase as 0 ms before)."""
+    from types import SimpleNamespace as E
+
+    from kvtier.bench.profile import span_times
+
+    host = E(key="kvtier.host_submit", cpu_time_total=92006.0, count=64)
+    device = E(key="kvtier.host_submit", cpu_time_total=0.0, count=64)
+    other = E(key="aten::topk", cpu_time_total=13046.0, count=64)
+    for avg in ([host, device, other], [device, host, other]):
+        spans, calls = span_times(avg, 2)
+        assert spans == {"host_submit": 46.003} and calls == {"host_submit": 32.0}
+
+
 def test_decode_bench_profile_says_where_a_step_goes(tmp_path, monkeypatch, capsys):
     """--profile N: N untimed steps under torch's profiler; the row carries each phase's time per
     step and the top operators, the tables go beside the results, and the ranges are off after."""

@@ -29,6 +29,21 @@ def _device_self_us(evt) -> float:
     return 0.0
 
 
+def span_times(avg, n: int):
+    """({phase: host ms per step}, {phase: calls per step}) of the tier's `kvtier.*` ranges among the
+    profiler's averaged events. With CUDA on, torch lists a range twice under one key: its host range
+    and its annotation on the device, which has no host time; the host one is kept."""
+    spans: Dict[str, float] = {}
+    calls: Dict[str, float] = {}
+    for e in avg:
+        if not e.key.startswith("kvtier."):
+            continue
+        name, ms = e.key[len("kvtier."):], round(e.cpu_time_total * 1e-3 / n, 3)
+        if name not in spans or ms > spans[name]:
+            spans[name], calls[name] = ms, e.count / n
+    return spans, calls
+
+
 def profile_steps(step: Callable[[], None], n: int, device: torch.device, path: Optional[Path] = None) -> Dict[str, object]:
     """Run `step` n times under the profiler; the per-step summary (ms), and the tables to `path`."""
     from torch.profiler import ProfilerActivity, profile
@@ -48,8 +63,7 @@ def profile_steps(step: Callable[[], None], n: int, device: torch.device, path: 
         profile_spans(False)
     avg = prof.key_averages()
     per = 1e-3 / n  # microseconds summed over n steps -> milliseconds per step
-    spans = {e.key[len("kvtier."):]: round(e.cpu_time_total * per, 3) for e in avg if e.key.startswith("kvtier.")}
-    calls = {e.key[len("kvtier."):]: e.count / n for e in avg if e.key.startswith("kvtier.")}
+    spans, calls = span_times(avg, n)
     ops = [e for e in avg if not e.key.startswith("kvtier.")]
 
     def top(key) -> List[List[object]]:
@@ -81,4 +95,4 @@ def profile_steps(step: Callable[[], None], n: int, device: torch.device, path: 
     return summary
 
 
-__all__ = ["profile_steps"]
+__all__ = ["profile_steps", "span_times"]
