@@ -148,15 +148,14 @@ def test_head_stats_on_constructed_logits():
 
 
 def test_class_caps_keep_their_ratio_under_the_budget_section():
-    policy = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16,
-                                        "max_tokens": 100000}))
+    fraction = {"kind": "fraction", "fraction": 0.05, "min_tokens": 16, "max_tokens": 100000}
+    policy = policy_for(_config(budget=fraction))
     r, m, s = (policy.class_names.index(x) for x in ("retrieval", "mixed", "streaming"))
     # 64K context: the mean cap is 3277 tokens, above the classes' mean (1109): scaled up to it, ratio kept
     caps = policy.head_caps([r, m, s], 60000, 65536)
     assert 3 * 3277 - 3 <= sum(caps) <= 3 * 3277 and abs(caps[0] - 2 * caps[1]) <= 1 and abs(caps[1] - 4 * caps[2]) <= 3
     # class_budgets cap: their own budgets there
-    capped = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16, "max_tokens": 100000},
-                                class_budgets="cap"))
+    capped = policy_for(_config(budget=fraction, class_budgets="cap"))
     assert capped.head_caps([r, m, s], 60000, 65536) == [2048, 1024, 256]
     assert capped.head_caps([r, m, s], 1500, 65536) == [1500, 1024, 256]  # never past the host tokens
     assert max(policy.head_caps([r, r, r], 2000, 65536)) == 2000
@@ -164,7 +163,7 @@ def test_class_caps_keep_their_ratio_under_the_budget_section():
     caps = policy.head_caps([r, m, s], 3000, 4096)
     assert sum(caps) <= 3 * 205 and abs(caps[0] - 2 * caps[1]) <= 1 and abs(caps[1] - 4 * caps[2]) <= 3
     # a class of 64-token blocks gets one block at least, below its share
-    coarse = policy_for(_config(budget={"kind": "fraction", "fraction": 0.05, "min_tokens": 16, "max_tokens": 100000},
+    coarse = policy_for(_config(budget=fraction,
                                 head_classes=[{"name": "retrieval", "block_tokens": 16, "budget_tokens": 2048},
                                               {"name": "mixed", "block_tokens": 32, "budget_tokens": 1024},
                                               {"name": "streaming", "block_tokens": 64, "budget_tokens": 256}]))

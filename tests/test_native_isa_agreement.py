@@ -49,7 +49,7 @@ def selection_lse(case, isa, layer=1, cap=0.0):
     return torch.logsumexp(sc, -1)
 
 
-def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, layer=1, budget=None):
+def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, budget, tau=1.0, layer=1):
     """A SIMD variant selects the generic path's tokens, except at a near tie at the cut.
     The exact logits' summation order differs between the paths (a few ulp); and a head's
     log-sum-exp, per_qhead's shift and MASS's normalizer, comes from each path's
@@ -59,10 +59,9 @@ def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, laye
     every such token of the other, in float64 ranking values. MASS: the tokens in one but not
     the other all rank at the tail (no higher than the lowest shared token, within that
     tolerance), and both selections hold at least tau - (1e-3 + 2 delta) of every head's exact
-    mass, unless the selection is at its cap: the (request, kv-head)'s budget (`budget`, as the
-    engine was given it) or the request's length; without `budget`, the largest selection of
-    the batch. A band that wrongly dropped a token fails unless that token too sits at the cut.
-    Rows with equal selections match in output too."""
+    mass, unless the selection is at its cap: the (request, kv-head)'s budget (`budget` [B, Hkv],
+    as the engine was given it) or the request's length. A band that wrongly dropped a token
+    fails unless that token too sits at the cut. Rows with equal selections match in output too."""
     store = case[0]
     G = case[4].shape[1] // store.kv_heads
     same = (got.sel_index == base.sel_index).all(-1)
@@ -92,7 +91,7 @@ def assert_same_or_near_tie(got, base, case, *, mode, reduce, cap, tau=1.0, laye
         high = [t for t in a ^ c if float(r[t]) > floor + 2 * float(tol.max()) + slack]
         assert not high, f"request {b} head {qh}: selections differ above the mass cut at {high[:4]}"
         p = torch.softmax(x, 1)
-        limit = int(base.n_selected.max()) if budget is None else min(int(budget[b, h]), int(case[3][b]))
+        limit = min(int(budget[b, h]), int(case[3][b]))
         for name, sel in (("got", a), ("generic", c)):
             held = float(p[:, sorted(sel)].sum(1).min())
             assert held >= tau - 1e-3 - 2 * d or len(sel) >= limit, \
@@ -116,7 +115,7 @@ def test_long_context_selection_matches_generic(isa, mode, reduce, cap, kf):
     assert_matches(base, ref)
     assert_matches(got, got_ref)  # the reference with the ISA's own selection-stage log-sum-exp
     if reduce == "per_qhead" or mode == "mass":
-        assert_same_or_near_tie(got, base, case, mode=mode, reduce=reduce, cap=cap, tau=0.5)
+        assert_same_or_near_tie(got, base, case, mode=mode, reduce=reduce, cap=cap, budget=kw["budget"], tau=0.5)
     else:
         assert_same_as_generic(got, base)
 
@@ -144,7 +143,8 @@ def test_batch1_long_many_threads_matches_generic(isa, mode, reduce, cap, vf, kf
         assert_matches(base, ref)
         assert_matches(got, got_ref)
     if reduce == "per_qhead" or mode == "mass":
-        assert_same_or_near_tie(got, base, case, mode=mode, reduce=reduce, cap=cap, tau=0.5, layer=0)
+        assert_same_or_near_tie(got, base, case, mode=mode, reduce=reduce, cap=cap, budget=budget, tau=0.5,
+                                layer=0)
     else:
         assert_same_as_generic(got, base)
 
@@ -166,7 +166,8 @@ def test_split_batch_with_empty_short_and_long_requests_matches_generic(isa, mod
     if mode == "topk":
         assert_same_as_generic(got, base)
     else:
-        assert_same_or_near_tie(got, base, case, mode=mode, tau=0.6, reduce=reduce, cap=0.0, layer=0)
+        assert_same_or_near_tie(got, base, case, mode=mode, tau=0.6, reduce=reduce, cap=0.0, budget=budget,
+                                layer=0)
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
@@ -182,7 +183,7 @@ def test_isa_variants_match_generic(isa, kf, vf, mode):
     got, ref = run_both(*case, **kw)
     assert_matches(got, ref)
     if mode == "mass":
-        assert_same_or_near_tie(got, base, case, mode=mode, reduce="max", cap=0.0, tau=0.8)
+        assert_same_or_near_tie(got, base, case, mode=mode, reduce="max", cap=0.0, budget=kw["budget"], tau=0.8)
     else:
         assert_same_as_generic(got, base, counts=False)
 
@@ -198,9 +199,9 @@ def test_near_tie_check_rejects_a_swap_far_from_the_cut():
     sel = bad.sel_index[0, 0, :17]
     rest = torch.tensor([t for t in range(53) if t not in set(sel.tolist())])
     sel[r[sel.long()].argmax()] = rest[r[rest].argmin()]
-    assert_same_or_near_tie(base, base, case, mode="topk", reduce="mean", cap=0.0)
+    assert_same_or_near_tie(base, base, case, mode="topk", reduce="mean", cap=0.0, budget=kw["budget"])
     with pytest.raises(AssertionError, match="no near tie"):
-        assert_same_or_near_tie(bad, base, case, mode="topk", reduce="mean", cap=0.0)
+        assert_same_or_near_tie(bad, base, case, mode="topk", reduce="mean", cap=0.0, budget=kw["budget"])
 
 
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "generic"])
@@ -250,7 +251,7 @@ def test_int4_near_tie_found_by_fresh_inputs_is_admitted(isa):
     got = run_engine(*case, **kw)
     _, tol, x = ref_selection_logits(case, 0, 5, reduce="per_qhead", cap=0.0)
     assert 0 < float(x[5, 125] - x[5, 97]) < float(tol[125] + tol[97]) / 10  # the tie in head 5, not the engine
-    assert_same_or_near_tie(got, base, case, mode="topk", reduce="per_qhead", cap=0.0)
+    assert_same_or_near_tie(got, base, case, mode="topk", reduce="per_qhead", cap=0.0, budget=budget)
 
 
 def check_int4_vs_generic(isa, gen, *, D, T, G, grps, reduce, cap=0.0):
@@ -271,7 +272,7 @@ def check_int4_vs_generic(isa, gen, *, D, T, G, grps, reduce, cap=0.0):
             got = run_engine(*case, **kw)
             try:
                 assert_same_or_near_tie(got, base, case, mode=mode, tau=kw["tau"], reduce=reduce, cap=cap,
-                                            budget=budget)
+                                        budget=budget)
             except AssertionError as e:
                 raise AssertionError(f"make_case(seed={seed}, grp={grp}), {mode}: {e}") from None
             assert (got.n_selected[3] == 0).all() and torch.isneginf(got.lse[3]).all()
